@@ -1,0 +1,107 @@
+"""The admission report: what a candidate expert's gates would do, measured before it is plugged.
+
+- false_positive_rate: on base-domain calibration text, the share of (token, layer) decisions on the
+  layers the candidate covers where its gate passes (score > threshold). Those tokens would leave the
+  base route, so old skills would change.
+- steal_rates[name]: for each plugged expert, of the (token, layer) decisions its own example prompts
+  send to it today, the share the candidate would win once plugged.
+
+Both are measured on the backbone's own MLP inputs (mode `off`, as sequence mode's prompt scoring is),
+with the router's own scoring code; nothing is plugged and the plugged set is not touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe.expert import Expert
+from moe.plugged import PluggedSet
+from moe.routed import RoutedModel
+from moe.router import RoutingSpec, choose_experts, gate_scores
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
+
+
+@dataclass
+class AdmissionReport:
+    expert: str
+    false_positive_rate: float
+    base_decisions: int
+    steal_rates: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_calibration_texts(path: str | Path | None = None, limit: int = 200) -> list[str]:
+    """One passage per non-empty line of the calibration file (default: the general text shipped here)."""
+    lines = Path(path or DEFAULT_CALIBRATION).read_text(encoding="utf-8").splitlines()
+    return [line for line in (raw.strip() for raw in lines) if line][:limit]
+
+
+@torch.no_grad()
+def _mlp_inputs(model: RoutedModel, tokenizer, texts: list[str], max_tokens: int) -> list[torch.Tensor]:
+    """Per layer, the unit-norm MLP inputs of every real token of `texts`: [N, H] each."""
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
+        out = model(ids, routing=[RoutingSpec("off")], capture_mlp_inputs=True)
+        for layer, x in enumerate(out.mlp_inputs):
+            per_layer[layer].append(F.normalize(x.reshape(-1, x.shape[-1]), dim=-1))
+    return [torch.cat(chunks) if chunks else torch.empty(0, model.hidden_size) for chunks in per_layer]
+
+
+def _top_choice(plugged: PluggedSet, layer: int, x_unit: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Slot-0 expert index per token [N] (-1 = base) under `plugged`, token mode, everything allowed."""
+    n, count = x_unit.shape[0], len(plugged)
+    scores = gate_scores(x_unit, plugged.keys[layer], plugged.offsets[layer])
+    allowed = torch.ones(n, count, dtype=torch.bool, device=x_unit.device)
+    forced = torch.full((n,), -1, dtype=torch.long, device=x_unit.device)
+    return choose_experts(scores, plugged.thresholds[layer], allowed, forced, plugged.covers[layer], top_k)[:, 0]
+
+
+@torch.no_grad()
+def admission_report(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    calibration_texts: list[str],
+    max_tokens: int = 128,
+) -> AdmissionReport:
+    candidate = expert.to(model.device, model.dtype)
+    current = model.plugged
+    with_candidate = current.plugging(candidate, replace=True)
+    slot = with_candidate.index(candidate.name)
+
+    passes, decisions = 0, 0
+    for layer, x_unit in enumerate(_mlp_inputs(model, tokenizer, calibration_texts, max_tokens)):
+        if not with_candidate.covers[layer, slot] or x_unit.shape[0] == 0:
+            continue
+        key = with_candidate.keys[layer, slot : slot + 1]
+        score = gate_scores(x_unit, key, with_candidate.offsets[layer, slot : slot + 1])[:, 0]
+        passes += int((score > with_candidate.thresholds[layer, slot]).sum())
+        decisions += x_unit.shape[0]
+
+    steal_rates: dict[str, float] = {}
+    for other in current.experts:
+        if other.name == candidate.name or not other.examples:
+            continue
+        before_idx, after_idx = current.index(other.name), with_candidate.index(other.name)
+        owned, stolen = 0, 0
+        for layer, x_unit in enumerate(_mlp_inputs(model, tokenizer, list(other.examples), max_tokens)):
+            mine = _top_choice(current, layer, x_unit, model.router.top_k) == before_idx
+            after = _top_choice(with_candidate, layer, x_unit, model.router.top_k)
+            owned += int(mine.sum())
+            stolen += int((mine & (after == slot)).sum())
+            assert not bool((mine & (after != slot) & (after != after_idx)).any()), "scores are independent"
+        steal_rates[other.name] = stolen / owned if owned else 0.0
+    return AdmissionReport(
+        expert=candidate.name,
+        false_positive_rate=passes / decisions if decisions else 0.0,
+        base_decisions=decisions,
+        steal_rates=steal_rates,
+    )

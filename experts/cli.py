@@ -1,0 +1,299 @@
+"""The experts' command-line tools: `train-expert`, `distill` and `eval`.
+
+`add_subcommands(subparsers)` registers them on an argparse subparsers object (the `plugmoe` console
+script does so); `python -m experts <subcommand> ...` runs them without the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from experts.data import (
+    DEFAULT_TEMPLATE,
+    DataFormatError,
+    Template,
+    get_extractor,
+    load_examples,
+    read_records,
+    split_heldout,
+    to_examples,
+    write_jsonl,
+)
+from experts.file import ExpertFile
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_NAME = "calibration_general.txt"
+
+
+def _seed(seed: int, threads: int | None) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _load_model(path: str, device: str, dtype: str = "float32"):
+    from moe import RoutedModel, load_backbone
+
+    backbone, tokenizer = load_backbone(path, device=device, dtype=dtype)
+    return RoutedModel(backbone), tokenizer
+
+
+def default_calibration(model_path: str | Path) -> Path:
+    """The general calibration text: beside the model, in its sibling `data/` (the demo's layout), or
+    shipped with plugmoe."""
+    model_path = Path(model_path)
+    candidates = [
+        model_path / CALIBRATION_NAME,
+        model_path.parent / "data" / CALIBRATION_NAME,
+        Path(__file__).parent / CALIBRATION_NAME,
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataFormatError(
+        f"no general calibration text found (looked for {[str(c) for c in candidates]}); pass --calibration FILE"
+    )
+
+
+def load_experts_dir(directory: str | Path, fingerprint) -> list:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataFormatError(f"experts directory {str(directory)!r} does not exist")
+    return [ExpertFile.load(path, fingerprint) for path in sorted(directory.glob("*.safetensors"))]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF model directory or hub id of the backbone")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (repeatable runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
+                        help="question/answer template with {question} and {answer} (answer last)")
+    parser.add_argument("--extractor", default="gsm8k",
+                        help="final-answer extractor: gsm8k (#### N), last-number, or module:function")
+    parser.add_argument("--log-level", default="INFO")
+
+
+# --- train-expert ---------------------------------------------------------------------------------------
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train-expert", help="train an expert (adapter, gate, thresholds, offsets)")
+    _common(p)
+    p.add_argument("--data", required=True, help='JSONL of {"text"} or {"question", "answer"} records')
+    p.add_argument("--name", required=True, help="the expert's name (and routing id)")
+    p.add_argument("--out", required=True, help="path of the .safetensors expert file to write")
+    p.add_argument("--heldout", default=None, help="held-out JSONL (default: a seeded split of --data)")
+    p.add_argument("--heldout-fraction", type=float, default=0.1)
+    p.add_argument("--heldout-limit", type=int, default=200)
+    p.add_argument("--calibration", default=None,
+                   help="base-domain text: the gate rejects it and thresholds cap its false positives "
+                        "(default: the general calibration text)")
+    p.add_argument("--negatives", nargs="+", default=None,
+                   help="other domains' text the gate must also reject (default: the calibration text alone)")
+    p.add_argument("--with-experts", default=None,
+                   help="directory of experts already plugged beside this one (their examples are negatives)")
+    p.add_argument("--description", default="")
+    p.add_argument("--examples", nargs="+", default=None, help="3-5 example prompts to store (default: held-out)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-examples", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--gate-steps", type=int, default=100)
+    p.add_argument("--threshold-rule", choices=("cap", "max"), default="cap",
+                   help="cap: at most --fp-cap of negative decisions pass; max: highest negative score + margin")
+    p.add_argument("--fp-cap", type=float, default=1e-3)
+    p.add_argument("--threshold-margin", type=float, default=0.0)
+    p.add_argument("--balance-steps", type=int, default=50)
+    p.add_argument("--balance-rate", type=float, default=1e-3)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from experts.train import TrainConfig, train_expert
+
+    _setup(args)
+    started = time.perf_counter()
+    template, extractor = Template(args.template), get_extractor(args.extractor)
+    records = read_records(args.data)
+    if args.heldout:
+        train_records, held_records = records, read_records(args.heldout)
+    else:
+        train_records, held_records = split_heldout(records, args.heldout_fraction, args.heldout_limit, args.seed)
+    train, heldout = to_examples(train_records, template, extractor), to_examples(held_records, template, extractor)
+    calibration_file = args.calibration or str(default_calibration(args.model))
+    cal_train, cal_held = split_heldout(read_records(calibration_file), 0.2, 200, args.seed)
+    negative_files = args.negatives or []
+    negative_records = [r for f in negative_files for r in read_records(f)]
+    random.Random(f"{args.seed}/negatives").shuffle(negative_records)  # files mixed: token caps take from all
+    model, tokenizer = _load_model(args.model, args.device)
+    others, other_examples = [], []
+    if args.with_experts:
+        others = load_experts_dir(args.with_experts, model.fingerprint)
+        for other in others:
+            other_examples.extend(load_examples_from_expert(other, template, extractor))
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    config = TrainConfig(
+        name=args.name, rank=args.rank, layers=layers, steps=args.steps, batch_size=args.batch_size,
+        max_tokens=args.max_tokens, lr=args.lr, eval_every=args.eval_every, eval_examples=args.eval_examples,
+        max_new_tokens=args.max_new_tokens, gate_steps=args.gate_steps, threshold_rule=args.threshold_rule,
+        fp_cap=args.fp_cap, threshold_margin=args.threshold_margin, balance_steps=args.balance_steps,
+        balance_rate=args.balance_rate, seed=args.seed,
+    )
+    provenance = {
+        "tool": "plugmoe train-expert", "args": _args_dict(args), "model": args.model, "data": args.data,
+        "heldout": args.heldout, "calibration": calibration_file, "negatives": negative_files,
+        "with_experts": [o.name for o in others],
+        "template": args.template, "extractor": args.extractor, "seed": args.seed,
+        "train_records": len(train), "heldout_records": len(heldout), "device": str(model.device),
+    }
+    expert = train_expert(
+        model, tokenizer, config, train, heldout, to_examples(cal_train, template, extractor),
+        to_examples(cal_held, template, extractor), extractor, to_examples(negative_records, template, extractor),
+        others, other_examples, description=args.description, examples=args.examples or (), provenance=provenance,
+    )
+    ExpertFile.save(expert, args.out, model.fingerprint)
+    evals = expert.metadata["evals"]
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.0f} s")
+    print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
+    print(f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
+          f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}")
+    print(f"routing check (sequence mode): {evals['routing']}")
+    return 0
+
+
+def load_examples_from_expert(expert, template: Template, extractor) -> list:
+    """Another expert's stored example prompts, as text examples (negatives for this expert's gate)."""
+    return to_examples([{"text": text} for text in expert.examples], template, extractor)
+
+
+# --- distill --------------------------------------------------------------------------------------------
+
+
+def add_distill(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("distill", help="self-distil: keep the model's own correct solutions as QA data")
+    _common(p)
+    p.add_argument("--problems", required=True, help='JSONL of {"question", "answer"} with gold final answers')
+    p.add_argument("--out", required=True, help="question/answer JSONL to write")
+    p.add_argument("--k", type=int, default=4, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-per-problem", type=int, default=None, help="distinct solutions kept per problem")
+    p.add_argument("--limit", type=int, default=None, help="use the first N problems")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--report", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from experts.distill import distill
+
+    _setup(args)
+    started = time.perf_counter()
+    problems = [r for r in read_records(args.problems) if "question" in r][: args.limit]
+    if not problems:
+        raise DataFormatError(f"{args.problems} holds no question/answer records")
+    model, tokenizer = _load_model(args.model, args.device)
+    records, report = distill(
+        model, tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, template=Template(args.template),
+        extractor=get_extractor(args.extractor), seed=args.seed, max_per_problem=args.max_per_problem,
+        batch_size=args.batch_size,
+    )
+    write_jsonl(args.out, records)
+    seconds = time.perf_counter() - started
+    print(f"{report.summary()}; wrote {args.out} in {seconds:.0f} s")
+    if args.report:
+        summary = {**vars(report), "solve_rate": report.solve_rate, "seconds": round(seconds, 1),
+                   "k": args.k, "temperature": args.temperature, "seed": args.seed}
+        Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+# --- eval -----------------------------------------------------------------------------------------------
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate plugged experts per domain; markdown table and JSON")
+    _common(p)
+    p.add_argument("--experts", required=True, help="directory of .safetensors experts to plug")
+    p.add_argument("--data", nargs="+", required=True, metavar="NAME=FILE",
+                   help="domains; a domain's target is the expert of the same name")
+    p.add_argument("--base", default="general", help="the base domain (target: the base route)")
+    p.add_argument("--out", default=None, help="JSON report path")
+    p.add_argument("--limit", type=int, default=200, help="sequences per domain")
+    p.add_argument("--behaviour-limit", type=int, default=100, help="QA records per domain for accuracy")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from experts.evaluate import EvalConfig, evaluate, render_table
+
+    _setup(args)
+    template, extractor = Template(args.template), get_extractor(args.extractor)
+    domains = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DataFormatError(f"--data takes NAME=FILE, got {item!r}")
+        domains[name] = load_examples(path, template, extractor)
+    model, tokenizer = _load_model(args.model, args.device)
+    for expert in load_experts_dir(args.experts, model.fingerprint):
+        model.plug(expert)
+    config = EvalConfig(base=args.base, limit=args.limit, behaviour_limit=args.behaviour_limit,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    report = evaluate(model, tokenizer, domains, config, extractor)
+    report["args"] = _args_dict(args)
+    table = render_table(report)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**report, "table": table}, indent=2) + "\n")
+    return 0
+
+
+# --- wiring ---------------------------------------------------------------------------------------------
+
+
+def _args_dict(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _seed(args.seed, args.threads)
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    add_train(subparsers)
+    add_distill(subparsers)
+    add_eval(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experts", description="train, distil and evaluate experts")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

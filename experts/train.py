@@ -1,0 +1,517 @@
+"""Training an expert: the adapter (stage 1), its gate (stage 2), thresholds and offsets.
+
+    stage 1  adapter   backbone frozen, the expert pinned on every token: AdamW on `down`/`up` only; loss on
+                       every token of text records, on the answer tokens of question/answer records. Every
+                       `eval_every` steps the held-out split is scored (greedy accuracy for QA, loss for
+                       text) and the best step is kept, not the last.
+    stage 2  gate      adapter frozen. Per layer, the MLP inputs the router scores are captured, each as it
+                       flows when routed right: domain tokens with the expert pinned (token mode) and on the
+                       backbone alone (what sequence mode observes: a QA record's prompt, a text), negative
+                       tokens on the backbone alone. A key per layer is trained as a logistic classifier
+                       sigmoid(tau * (cos(x, key) - b)) (PHATGOOSE: ~100 steps), from the difference of
+                       class means.
+             threshold per layer, the score that at most `fp_cap` of the base-domain calibration tokens exceed
+                       ("cap"), or their highest score plus a margin ("max", stricter). Other domains'
+                       negatives train the key but do not set the threshold: the cap is about base text.
+             offsets   the loss-free rule (moe.balance) over mixed batches routed in token mode, target load =
+                       the domain's share of the batch's tokens; clamped so the negatives' false-positive
+                       rate stays within the cap.
+
+Everything runs through RoutedModel.forward: gradients reach the adapter through the pinned dispatch path.
+Shapes: L = backbone layers, Lx = layers the expert covers, H = hidden, r = rank, N = tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from experts.data import Example, Extractor, gsm8k_answer
+from experts.evaluate import (
+    TokenBatch,
+    batches,
+    forward,
+    generate,
+    sequence_decisions,
+    token_nll,
+)
+from moe.balance import clamp_offsets, loss_free_update
+from moe.expert import BASE_ROUTE, Expert
+from moe.plugged import PluggedSet
+from moe.routed import RoutedModel
+from moe.router import RoutingSpec
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on as configured (no data, no gradient, non-finite weights)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one `train-expert` run (defaults fit the demo backbone on 2 CPU cores)."""
+
+    name: str
+    rank: int = 16
+    layers: tuple[int, ...] | None = None  # None: every layer
+    steps: int = 300
+    batch_size: int = 16
+    max_tokens: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_examples: int = 64  # held-out examples scored at each evaluation
+    max_new_tokens: int = 96  # greedy generation for behavioural validation (QA)
+    gate_steps: int = 100
+    gate_lr: float = 0.05
+    gate_temperature: float = 20.0  # tau in sigmoid(tau * (cos - b))
+    gate_max_tokens: int = 12_000  # per class and layer
+    threshold_rule: Literal["cap", "max"] = "cap"
+    fp_cap: float = 1e-3  # at most this share of negative (token, layer) decisions may pass a gate
+    threshold_margin: float = 0.0  # "max" rule: threshold = max negative score + margin
+    balance_steps: int = 50
+    balance_rate: float = 1e-3
+    balance_batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 0 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"rank {self.rank}, steps {self.steps}, batch size {self.batch_size} and eval_every "
+                f"{self.eval_every} must be positive (steps may be 0)"
+            )
+        if not 0.0 <= self.fp_cap < 1.0:
+            raise ValueError(f"fp_cap must be in [0, 1), got {self.fp_cap}")
+        if self.threshold_rule not in ("cap", "max"):
+            raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
+
+
+@dataclass
+class StageOneResult:
+    best_step: int
+    best_metric: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class GateResult:
+    """Per covered layer: recall on domain tokens, false-positive rate on negatives (after offsets)."""
+
+    recall: list[float]
+    false_positive: list[float]
+    offset_ceiling: list[float]
+    seconds: float = 0.0
+
+
+# --- stage 1: the adapter -------------------------------------------------------------------------------
+
+
+def trainable_expert(config: TrainConfig, hidden: int, num_layers: int, device: torch.device) -> Expert:
+    """A fresh expert (up = 0: changes nothing yet) whose down/up are leaves that require grad."""
+    layers = config.layers if config.layers is not None else tuple(range(num_layers))
+    generator = torch.Generator().manual_seed(config.seed)
+    expert = Expert.fresh(config.name, hidden, layers, config.rank, generator=generator)
+    expert.down = expert.down.to(device).requires_grad_(True)
+    expert.up = expert.up.to(device).requires_grad_(True)
+    expert.keys, expert.offsets, expert.thresholds = (
+        t.to(device) for t in (expert.keys, expert.offsets, expert.thresholds)
+    )
+    return expert
+
+
+def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
+    """A plugged set that holds references to these experts' tensors (no copy, gradients flow)."""
+    return PluggedSet.build(tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version)
+
+
+def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, held: list[TokenBatch]) -> float:
+    """Mean NLL per scored token over held-out batches."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in held:
+            out = forward(model, batch, [spec] * len(batch.ids), plugged)
+            nll, n = token_nll(out.logits, batch)
+            total, count = total + float(nll.sum()), count + int(n.sum())
+    return total / max(count, 1)
+
+
+def behaviour_accuracy(
+    model: RoutedModel, tokenizer, plugged: PluggedSet, spec: RoutingSpec, examples: Sequence[Example],
+    max_new_tokens: int, extractor: Extractor,
+) -> float:
+    """Share of QA examples whose greedy completion's extracted answer equals the gold one."""
+    outs = generate(model, tokenizer, [e.prompt for e in examples], spec, max_new_tokens, plugged=plugged)
+    hits = [e.gold is not None and extractor(o.text) == e.gold for o, e in zip(outs, examples, strict=True)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_adapter(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    train: Sequence[Example],
+    heldout: Sequence[Example],
+    config: TrainConfig,
+    extractor: Extractor = gsm8k_answer,
+) -> StageOneResult:
+    """Stage 1, in place on expert.down/up (left at the best step's values)."""
+    if not train:
+        raise TrainingError("no training examples")
+    started = time.perf_counter()
+    device = model.device
+    spec = RoutingSpec("pin", config.name)
+    rng = random.Random(f"{config.seed}/batches")
+    held = [b.to(device) for b in batches(tokenizer, list(heldout[: config.eval_examples]), 32, config.max_tokens)]
+    qa = [e for e in heldout[: config.eval_examples] if e.is_qa and e.gold is not None]
+    optimizer = torch.optim.AdamW([expert.down, expert.up], lr=config.lr, weight_decay=config.weight_decay)
+
+    def evaluate(step: int) -> dict[str, float]:
+        plugged = single_set(model, (expert,))
+        metric = {"step": step, "heldout_loss": heldout_loss(model, plugged, spec, held)}
+        if qa:
+            metric["heldout_accuracy"] = behaviour_accuracy(
+                model, tokenizer, plugged, spec, qa, config.max_new_tokens, extractor
+            )
+        return metric
+
+    def better(a: dict[str, float], b: dict[str, float]) -> bool:
+        """Behaviour first (QA), held-out loss for text and to break ties. Accuracies within one binomial
+        standard error of each other are a tie: on a few dozen problems one lucky answer is noise."""
+        if "heldout_accuracy" in a:
+            p = (a["heldout_accuracy"] + b["heldout_accuracy"]) / 2
+            noise = math.sqrt(max(p * (1 - p), 1 / len(qa)) / len(qa))
+            if abs(a["heldout_accuracy"] - b["heldout_accuracy"]) > noise:
+                return a["heldout_accuracy"] > b["heldout_accuracy"]
+        return a["heldout_loss"] < b["heldout_loss"]
+
+    best = evaluate(0)
+    history = [best]
+    logger.info("stage 1 step 0 (backbone alone): %s", _fmt(best))
+    best_weights = (expert.down.detach().clone(), expert.up.detach().clone())
+    order: list[int] = []
+    bar = tqdm(range(1, config.steps + 1), desc=f"stage 1 {config.name}", unit="step", leave=False)
+    for step in bar:
+        if len(order) < config.batch_size:
+            fresh = list(range(len(train)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        picked, order = order[: config.batch_size], order[config.batch_size :]
+        (batch,) = batches(tokenizer, [train[i] for i in picked], config.batch_size, config.max_tokens)
+        batch = batch.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step - 1, config)
+        plugged = single_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
+        out = forward(model, batch, [spec] * len(batch.ids), plugged)
+        nll, count = token_nll(out.logits, batch)
+        loss = nll.sum() / count.sum().clamp(min=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if expert.up.grad is None or expert.down.grad is None:
+            raise TrainingError("no gradient reached the adapter: is the expert pinned in a plugged set?")
+        torch.nn.utils.clip_grad_norm_([expert.down, expert.up], config.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % config.eval_every == 0 or step == config.steps:
+            metric = evaluate(step)
+            history.append(metric)
+            logger.info("stage 1 step %d: %s", step, _fmt(metric))
+            if better(metric, best):
+                best = metric
+                best_weights = (expert.down.detach().clone(), expert.up.detach().clone())
+    bar.close()
+    with torch.no_grad():
+        expert.down.copy_(best_weights[0])
+        expert.up.copy_(best_weights[1])
+    if not (torch.isfinite(expert.down).all() and torch.isfinite(expert.up).all()):
+        raise TrainingError("NaNs or infinities in the trained adapter; lower --lr")
+    logger.info("stage 1 kept step %d of %d: %s", best["step"], config.steps, _fmt(best))
+    return StageOneResult(int(best["step"]), best, history, time.perf_counter() - started)
+
+
+def _fmt(metric: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metric.items())
+
+
+# --- stage 2: the gate ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: RoutedModel,
+    tokenizer,
+    examples: Sequence[Example],
+    spec: RoutingSpec,
+    plugged: PluggedSet,
+    max_tokens: int,
+    limit: int,
+    batch_size: int = 32,
+) -> list[torch.Tensor]:
+    """Per backbone layer, the MLP inputs of the real tokens (the EOS prefix excluded: it is the same
+    token in the same place in every sequence, so no gate can tell domains apart on it) -> L x [N, H]."""
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
+    seen = 0
+    for batch in batches(tokenizer, list(examples), batch_size, max_tokens):
+        batch = batch.to(model.device)
+        out = forward(model, batch, [spec] * len(batch.ids), plugged, capture=True)
+        real = batch.mask.bool().clone()
+        real[:, 0] = False
+        for layer, x in enumerate(out.mlp_inputs):
+            per_layer[layer].append(x[real].float().cpu())
+        seen += int(real.sum())
+        if seen >= limit:
+            break
+    return [torch.cat(chunks)[:limit] for chunks in per_layer]
+
+
+def train_key(positives: torch.Tensor, negatives: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """A unit key [H] for one layer from positive [P, H] and negative [N, H] MLP inputs.
+
+    logit = tau * (cos(x, key) - b), trained with class-balanced BCE for gate_steps Adam steps (full batch),
+    starting from the normalised difference of the classes' mean unit inputs.
+    """
+    pos, neg = F.normalize(positives, dim=-1), F.normalize(negatives, dim=-1)
+    key = F.normalize(pos.mean(0) - neg.mean(0), dim=0).clone().requires_grad_(True)
+    bias = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.Adam([key, bias], lr=config.gate_lr)
+    x = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    weight = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))])
+    for _ in range(config.gate_steps):
+        logits = config.gate_temperature * (x @ F.normalize(key, dim=0) - bias)
+        loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return F.normalize(key.detach(), dim=0)
+
+
+def cap_threshold(scores: torch.Tensor, cap: float) -> float:
+    """The lowest threshold that at most floor(cap * N) of these scores exceed (strictly)."""
+    allowed = int(math.floor(cap * len(scores)))
+    ordered = scores.sort(descending=True).values
+    return float(ordered[min(allowed, len(ordered) - 1)])
+
+
+def offset_ceiling(negative_scores: torch.Tensor, threshold: float, cap: float) -> float:
+    """The highest offset with which at most floor(cap * N) negative scores still pass: score + offset >
+    threshold must stay rare, so offset <= threshold - cap_threshold(scores, cap). (With cap 0 no negative
+    passes: the stricter "max" rule uses that.)"""
+    return threshold - cap_threshold(negative_scores, cap)
+
+
+def train_gate(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    domain: Sequence[Example],
+    calibration: Sequence[Example],
+    config: TrainConfig,
+    negatives: Sequence[Example] = (),
+    others: Sequence[Expert] = (),
+    other_examples: Sequence[Example] = (),
+) -> GateResult:
+    """Stage 2 in place on expert.keys / thresholds / offsets (adapter frozen).
+
+    calibration: base-domain text; the key learns to reject it and the thresholds cap its false positives.
+    negatives, other_examples: other domains' text, which the key also learns to reject.
+    """
+    started = time.perf_counter()
+    plugged = single_set(model, (expert,))
+    limit = config.gate_max_tokens
+    # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
+    # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
+    pinned = capture_inputs(model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens,
+                            limit)
+    observed = [Example("", e.prompt or e.target) for e in domain]
+    plain = capture_inputs(model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit)
+    pos = [torch.cat([a, b]) for a, b in zip(pinned, plain, strict=True)]
+    off = RoutingSpec("off")
+    base_neg = capture_inputs(model, tokenizer, calibration, off, plugged, config.max_tokens, 2 * limit)
+    neg = base_neg
+    if negatives or other_examples:  # other domains are negatives for the key too (not for the threshold)
+        others_text = [*negatives, *other_examples]
+        extra = capture_inputs(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
+        neg = [torch.cat([b[:limit], x]) for b, x in zip(base_neg, extra, strict=True)]
+    logger.info("stage 2: %d domain and %d negative tokens per layer", len(pos[0]), len(neg[0]))
+    keys, thresholds, ceilings = [], [], []
+    for layer in tqdm(expert.layers, desc=f"stage 2 {expert.name} keys", unit="layer", leave=False):
+        key = train_key(pos[layer], neg[layer], config)
+        neg_scores = F.normalize(base_neg[layer], dim=-1) @ key  # [N]: what the threshold caps
+        if config.threshold_rule == "max":
+            threshold = float(neg_scores.max()) + config.threshold_margin
+        else:
+            threshold = cap_threshold(neg_scores, config.fp_cap)
+        keys.append(key)
+        thresholds.append(threshold)
+        # the "max" rule promises that no calibration token passes, so balancing may not open the gate further
+        cap = 0.0 if config.threshold_rule == "max" else config.fp_cap
+        ceilings.append(min(offset_ceiling(neg_scores, threshold, cap), offset_ceiling(neg_scores, threshold,
+                                                                                      config.fp_cap)))
+    device = expert.keys.device
+    expert.keys = torch.stack(keys).to(device)
+    expert.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
+    expert.offsets = torch.zeros(len(expert.layers), dtype=torch.float32, device=device)
+    ceiling = torch.tensor(ceilings, dtype=torch.float32, device=device)
+    balance_offsets(model, tokenizer, expert, domain, [*calibration, *negatives], config, ceiling, others,
+                    other_examples)
+    recall, false_positive = [], []
+    for i, layer in enumerate(expert.layers):
+        score = lambda x, i=i: F.normalize(x, dim=-1) @ expert.keys[i].cpu().float() + float(expert.offsets[i])  # noqa: E731
+        recall.append(float((score(pos[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
+        false_positive.append(float((score(base_neg[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
+    logger.info("stage 2 recall per layer %s, false positives %s",
+                [round(r, 3) for r in recall], [round(f, 5) for f in false_positive])
+    return GateResult(recall, false_positive, ceilings, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def balance_offsets(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    domain: Sequence[Example],
+    negatives: Sequence[Example],
+    config: TrainConfig,
+    ceiling: torch.Tensor,
+    others: Sequence[Expert] = (),
+    other_examples: Sequence[Example] = (),
+) -> None:
+    """The loss-free rule on expert.offsets over mixed batches routed in token mode (the server's path).
+
+    Each batch mixes domain, negative and other experts' examples; the target load is the domain's share
+    of the batch's real tokens, the observed load this expert's share of the (token, layer) decisions on
+    each layer it covers. Offsets are clamped to `ceiling` [Lx] after every update.
+    """
+    if config.balance_steps <= 0:
+        return
+    rng = random.Random(f"{config.seed}/balance")
+    pools = [("domain", list(domain)), ("negative", list(negatives)), ("other", list(other_examples))]
+    pools = [(kind, pool) for kind, pool in pools if pool]
+    per_kind = max(1, config.balance_batch // len(pools))
+    layer_index = {layer: i for i, layer in enumerate(expert.layers)}
+    for _ in tqdm(range(config.balance_steps), desc=f"stage 2 {expert.name} offsets", unit="batch", leave=False):
+        picked: list[Example] = []
+        is_domain: list[bool] = []
+        for kind, pool in pools:
+            chosen = rng.sample(pool, min(per_kind, len(pool)))
+            picked.extend(chosen)
+            is_domain.extend([kind == "domain"] * len(chosen))
+        (batch,) = batches(tokenizer, picked, len(picked), config.max_tokens)
+        batch = batch.to(model.device)
+        plugged = single_set(model, (*others, expert))
+        out = forward(model, batch, [RoutingSpec()] * len(picked), plugged)
+        tokens = batch.mask.sum(dim=1).float()  # [B]
+        target = float(tokens[torch.tensor(is_domain, device=tokens.device)].sum() / tokens.sum())
+        observed = torch.zeros(len(expert.layers), device=expert.offsets.device)
+        for layer, counts in enumerate(out.trace.layer_counts()):
+            if layer in layer_index:
+                observed[layer_index[layer]] = counts.get(expert.name, 0.0) / max(sum(counts.values()), 1.0)
+        updated = loss_free_update(expert.offsets, observed, torch.full_like(observed, target), config.balance_rate)
+        expert.offsets = clamp_offsets(updated, ceiling)
+    logger.info("offsets after %d balancing batches: %s", config.balance_steps,
+                [round(float(o), 4) for o in expert.offsets])
+
+
+# --- the whole pipeline ---------------------------------------------------------------------------------
+
+
+def train_expert(
+    model: RoutedModel,
+    tokenizer,
+    config: TrainConfig,
+    train: Sequence[Example],
+    heldout: Sequence[Example],
+    calibration: Sequence[Example],
+    calibration_heldout: Sequence[Example] = (),
+    extractor: Extractor = gsm8k_answer,
+    negatives: Sequence[Example] = (),
+    others: Sequence[Expert] = (),
+    other_examples: Sequence[Example] = (),
+    description: str = "",
+    examples: Sequence[str] = (),
+    provenance: dict | None = None,
+) -> Expert:
+    """Stage 1, stage 2 and a routing check; returns the trained expert (on CPU, float32, no grad).
+
+    calibration (and its held-out part, for the routing check) is base-domain text: the false-positive cap
+    applies to it. negatives are other domains' texts the gate must also reject.
+    """
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    expert = trainable_expert(config, model.hidden_size, model.num_layers, model.device)
+    stage1 = train_adapter(model, tokenizer, expert, train, heldout, config, extractor)
+    expert.down, expert.up = expert.down.detach(), expert.up.detach()
+    others = tuple(o.to(model.device, model.dtype) for o in others)
+    gate = train_gate(model, tokenizer, expert, train, calibration, config, negatives, others, other_examples)
+    routing = routing_check(model, tokenizer, expert, heldout, calibration_heldout or calibration, others)
+    logger.info("routing check: %s", _fmt(routing))
+    expert.description = description
+    expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+    expert.metadata = {
+        "provenance": {**(provenance or {}), "config": _jsonable(asdict(config))},
+        "evals": {
+            "stage1": {"best_step": stage1.best_step, "best": stage1.best_metric, "history": stage1.history,
+                       "seconds": round(stage1.seconds, 1)},
+            "gate": {"threshold_rule": config.threshold_rule, "fp_cap": config.fp_cap,
+                     "recall_per_layer": gate.recall, "false_positive_per_layer": gate.false_positive,
+                     "offset_ceiling": gate.offset_ceiling, "seconds": round(gate.seconds, 1)},
+            "routing": routing,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    return Expert(
+        name=expert.name, layers=expert.layers, description=expert.description, examples=expert.examples,
+        metadata=expert.metadata,
+        **{k: v.detach().to("cpu", torch.float32) for k, v in expert.tensors().items()},
+    )
+
+
+def routing_check(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    domain: Sequence[Example],
+    negatives: Sequence[Example],
+    others: Sequence[Expert] = (),
+    limit: int = 200,
+) -> dict[str, float]:
+    """Sequence-mode decisions on held-out prompts: share of domain prompts sent to the expert and of
+    negative texts sent to base (QA records: their prompt; text records: the whole text)."""
+    plugged = single_set(model, (*others, expert))
+    domain_texts = [e.prompt or e.target for e in domain[:limit]]
+    negative_texts = [e.prompt or e.target for e in negatives[:limit]]
+    to_expert = sequence_decisions(model, tokenizer, domain_texts, plugged)
+    to_base = sequence_decisions(model, tokenizer, negative_texts, plugged)
+    return {
+        "domain_to_expert": sum(r == expert.name for r in to_expert) / max(len(to_expert), 1),
+        "negatives_to_base": sum(r == BASE_ROUTE for r in to_base) / max(len(to_base), 1),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+

@@ -1,0 +1,253 @@
+"""The routed model: a frozen backbone whose MLP blocks are wrapped to add the experts the router picks.
+
+    RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
+      -> for each decoder layer l, RoutedMLP:
+           base   = mlp(x)                                  # the untouched backbone block
+           scores = cos(x, keys[l]) + offsets[l]            # [N, E], moe.router
+           choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
+           out    = base + grouped adapter deltas            # moe.dispatch, base rows untouched
+      -> logits, cache, and a routing trace counted on the device
+
+One forward reads the plugged set once at its start, so plugging during a step cannot mix two sets.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
+from moe.dispatch import grouped_dispatch
+from moe.expert import BASE_ROUTE, Expert
+from moe.plugged import PluggedSet
+from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores
+
+
+@dataclass
+class RoutingTrace:
+    """(token, layer) routing decisions of one forward, counted on the device; read once per step.
+
+    rows [B, E + 1]: per sequence, decisions per plugged expert, base last.
+    layers [L, E + 1]: per layer, summed over the batch.
+    """
+
+    names: tuple[str, ...]
+    rows: torch.Tensor
+    layers: torch.Tensor
+
+    def row_counts(self) -> list[dict[str, float]]:
+        """Per sequence {name: count, 'base': count}, one host read for the whole batch."""
+        keys = (*self.names, BASE_ROUTE)
+        return [dict(zip(keys, row, strict=True)) for row in self.rows.tolist()]
+
+    def layer_counts(self) -> list[dict[str, float]]:
+        keys = (*self.names, BASE_ROUTE)
+        return [dict(zip(keys, row, strict=True)) for row in self.layers.tolist()]
+
+
+@dataclass
+class RoutedOutput:
+    logits: torch.Tensor
+    past_key_values: object | None
+    trace: RoutingTrace
+    mlp_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] when captured
+
+
+@dataclass
+class _Step:
+    """What every RoutedMLP of one forward reads: the plugged set and per-token routing tensors."""
+
+    plugged: PluggedSet
+    top_k: int
+    allowed: torch.Tensor  # [N, E] bool
+    forced: torch.Tensor  # [N] long
+    apply: torch.Tensor  # [N] bool
+    valid: torch.Tensor  # [N] float, 0 for padding
+    flat_rows: torch.Tensor  # [N] long: the batch row of each token
+    trace_rows: torch.Tensor  # [B, E + 1]
+    trace_layers: torch.Tensor  # [L, E + 1]
+    route: bool  # False: no expert can win anything this step, skip routing work
+    capture: list[torch.Tensor] | None
+
+
+class _Context:
+    step: _Step | None = None
+
+
+class RoutedMLP(nn.Module):
+    """Wraps one decoder layer's frozen MLP block (PEFT's `base_layer` habit); the block is never edited."""
+
+    def __init__(self, base_layer: nn.Module, layer: int, context: _Context) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self._context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer(x)
+        step = self._context.step
+        if step is None:
+            return base
+        if step.capture is not None:
+            step.capture.append(x.detach())
+        if not step.route:
+            return base
+        hidden = x.shape[-1]
+        flat_x, flat_base = x.reshape(-1, hidden), base.reshape(-1, hidden)
+        plugged, layer = step.plugged, self.layer
+        scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
+        choice = choose_experts(
+            scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
+        )  # [N, k]
+        _count(step, choice, layer)
+        choice = choice.masked_fill(~(step.apply & (step.valid > 0))[:, None], -1)
+        out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
+        return out.view_as(base)
+
+
+def _count(step: _Step, choice: torch.Tensor, layer: int) -> None:
+    """Add this layer's decisions to the trace, on the device (no host read)."""
+    experts = step.trace_rows.shape[1] - 1
+    decided = choice >= 0  # [N, k]
+    weight = decided.to(step.trace_rows.dtype)
+    weight[:, 0] += (~decided.any(dim=1)).to(weight.dtype)  # base decisions land in slot 0's column
+    weight *= step.valid[:, None]
+    cols = torch.where(decided, choice, experts)  # base -> column E
+    flat = (step.flat_rows[:, None] * (experts + 1) + cols).reshape(-1)
+    step.trace_rows.view(-1).scatter_add_(0, flat, weight.reshape(-1))
+    step.trace_layers[layer].scatter_add_(0, cols.reshape(-1), weight.reshape(-1))
+
+
+class RoutedModel(nn.Module):
+    """A frozen causal LM with routed, hot-pluggable experts on its MLP blocks."""
+
+    def __init__(self, backbone: nn.Module, router: RouterConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = freeze(backbone)
+        self.router = router or RouterConfig()
+        self.fingerprint = fingerprint(backbone)  # before wrapping: hashes the plain backbone's names
+        layers = decoder_layers(backbone)
+        attr = mlp_attribute(backbone)
+        self._context = _Context()
+        self.mlps: list[RoutedMLP] = []
+        for index, layer in enumerate(layers):
+            wrapper = RoutedMLP(getattr(layer, attr), index, self._context)
+            setattr(layer, attr, wrapper)
+            self.mlps.append(wrapper)
+        param = next(backbone.parameters())
+        self._plugged = PluggedSet.empty(len(layers), self.hidden_size, param.device, param.dtype)
+        self._swap_lock = threading.Lock()
+
+    # --- the plugged set ------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mlps)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def plugged(self) -> PluggedSet:
+        """The current set; a reference taken once stays valid and unchanged for as long as it is held."""
+        return self._plugged
+
+    def plug(self, expert: Expert, replace: bool = False) -> PluggedSet:
+        """Add an expert (or swap one of the same name, with replace); applies from the next forward."""
+        expert = expert.to(self.device, self.dtype)
+        with self._swap_lock:
+            self._plugged = self._plugged.plugging(expert, replace=replace)
+            return self._plugged
+
+    def unplug(self, name: str) -> Expert:
+        with self._swap_lock:
+            expert = self._plugged.get(name)
+            self._plugged = self._plugged.unplugging(name)
+            return expert
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        routing: StepRouting | list[RoutingSpec] | None = None,
+        plugged: PluggedSet | None = None,
+        past_key_values: object | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+        capture_mlp_inputs: bool = False,
+    ) -> RoutedOutput:
+        """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token).
+
+        routing: one RoutingSpec per row (default: token mode for every row) or a prepared StepRouting.
+        plugged: the set to use (default: the current one, read once here).
+        """
+        plugged = plugged if plugged is not None else self._plugged
+        batch, length = input_ids.shape
+        token_mask = attention_mask[:, -length:].bool() if attention_mask is not None else None
+        if routing is None:
+            routing = [RoutingSpec()] * batch
+        if not isinstance(routing, StepRouting):
+            routing = StepRouting.from_specs(routing, plugged, token_mask)
+        self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs)
+        try:
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+        finally:
+            step, self._context.step = self._context.step, None
+        if not step.route:
+            # nothing could route: every real token took the base route on every layer
+            valid_per_row = step.valid.view(batch, length).sum(dim=1)
+            step.trace_rows[:, -1] = valid_per_row * self.num_layers
+            step.trace_layers[:, -1] = valid_per_row.sum()
+        trace = RoutingTrace(plugged.names, step.trace_rows, step.trace_layers)
+        return RoutedOutput(out.logits, out.past_key_values if use_cache else None, trace, step.capture or [])
+
+    def _prepare(
+        self,
+        plugged: PluggedSet,
+        routing: StepRouting,
+        token_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        capture: bool,
+    ) -> _Step:
+        device, experts = self.device, len(plugged)
+        rows = torch.arange(batch, device=device).repeat_interleave(length)  # [N]
+        valid = (
+            token_mask.reshape(-1).float()
+            if token_mask is not None
+            else torch.ones(batch * length, device=device)
+        )
+        return _Step(
+            plugged=plugged,
+            top_k=self.router.top_k,
+            allowed=routing.allowed[rows],
+            forced=routing.forced[rows],
+            apply=routing.apply[rows],
+            valid=valid,
+            flat_rows=rows,
+            trace_rows=torch.zeros(batch, experts + 1, device=device),
+            trace_layers=torch.zeros(self.num_layers, experts + 1, device=device),
+            route=routing.routes_anything,
+            capture=[] if capture else None,
+        )

@@ -1,0 +1,181 @@
+"""The router: each expert scored on its own, a threshold per expert, and a base route.
+
+For a token with MLP input x on layer l, expert e scores
+
+    score[e] = cos(x, key[l, e]) + offset[l, e]
+
+and is eligible only when score[e] > threshold[l, e]. The top-k eligible experts win; a token with no
+eligible expert takes the base route (the backbone's MLP alone, no expert work). Scores are never
+normalised across experts (no softmax), so plugging an expert cannot change another's score: it can
+only win tokens, and unplugging one sends its tokens to the next eligible expert or to base.
+
+Routing modes, chosen per sequence:
+    token     per token per layer (default)
+    sequence  one expert, or base, chosen from the prompt and kept for the whole sequence
+    pin       one named expert on every token of every layer it covers
+    off       backbone only
+An allow-list restricts which experts a token or sequence may use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moe.expert import BASE_ROUTE
+from moe.plugged import PluggedSet, UnknownExpertError
+
+RoutingMode = Literal["token", "sequence", "pin", "off"]
+MODES: tuple[str, ...] = ("token", "sequence", "pin", "off")
+
+
+class RoutingSpecError(ValueError):
+    """A routing request that cannot be served as written."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    top_k: int = 1
+    # sequence mode: the prompt's most-chosen expert wins the sequence when it took at least this share of
+    # the prompt's (token, layer) decisions; otherwise the sequence stays on base.
+    sequence_min_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if not 0.0 < self.sequence_min_share <= 1.0:
+            raise ValueError(f"sequence_min_share must be in (0, 1], got {self.sequence_min_share}")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How one sequence is routed. For `sequence` mode, `expert` holds the decision once made."""
+
+    mode: RoutingMode = "token"
+    expert: str | None = None
+    allow: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RoutingSpecError(f"routing mode {self.mode!r} is not one of {list(MODES)}")
+        if self.mode == "pin" and not self.expert:
+            raise RoutingSpecError("routing mode 'pin' needs an expert name")
+        if self.mode in ("token", "off") and self.expert:
+            raise RoutingSpecError(f"routing mode {self.mode!r} takes no expert; use mode 'pin' to force one")
+
+    def check_against(self, plugged: PluggedSet) -> None:
+        """Raise UnknownExpertError for a pinned or allowed name that is not plugged."""
+        names = set(self.allow or ()) | ({self.expert} if self.expert and self.expert != BASE_ROUTE else set())
+        for name in sorted(names):
+            plugged.index(name)
+
+
+@dataclass(frozen=True)
+class StepRouting:
+    """Per-row routing of one forward step, as tensors (B = batch rows, E = plugged experts, T = tokens).
+
+    allowed [B, E] bool     experts a row's tokens may win (all False: base only)
+    forced  [B] long        expert index a row is pinned to, -1 for none
+    apply   [B] bool        False: score and trace the row but run no expert on it (sequence-mode
+                            prompt scoring: its decisions are counted on the plain backbone)
+    token_mask [B, T] bool  real tokens (False for padding); None when there is no padding
+    """
+
+    allowed: torch.Tensor
+    forced: torch.Tensor
+    apply: torch.Tensor
+    token_mask: torch.Tensor | None = None
+
+    @property
+    def routes_anything(self) -> bool:
+        """Host-side: can any row use any expert this step? (Known without reading device tensors.)"""
+        return self._any
+
+    @classmethod
+    def from_specs(
+        cls,
+        specs: list[RoutingSpec],
+        plugged: PluggedSet,
+        token_mask: torch.Tensor | None = None,
+        observe: list[bool] | None = None,
+    ) -> StepRouting:
+        """Rows in `sequence` mode without a decision yet are scored like `token` mode; set observe[i] to
+        trace them without applying experts (how the prompt decision is made)."""
+        count = len(plugged)
+        allowed = torch.zeros(len(specs), count, dtype=torch.bool)
+        forced = torch.full((len(specs),), -1, dtype=torch.long)
+        apply = torch.tensor([not o for o in observe] if observe else [True] * len(specs), dtype=torch.bool)
+        for row, spec in enumerate(specs):
+            spec.check_against(plugged)
+            pinned = spec.expert if spec.mode in ("pin", "sequence") else None
+            if spec.mode == "off" or pinned == BASE_ROUTE:
+                continue
+            if pinned is not None:
+                forced[row] = plugged.index(pinned)
+                continue
+            if spec.allow is None:
+                allowed[row] = True
+            else:
+                for name in spec.allow:
+                    allowed[row, plugged.index(name)] = True
+        device = plugged.keys.device
+        step = cls(allowed.to(device), forced.to(device), apply.to(device), token_mask)
+        # decided on the host from the specs, so the model can skip all routing work without a device read
+        object.__setattr__(step, "_any", bool(count) and bool((allowed.any(1) | (forced >= 0)).any()))
+        return step
+
+
+def gate_scores(x_unit: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x_unit [N, H] unit-norm token inputs, keys [E, H] unit-norm, offsets [E] -> scores [N, E]."""
+    return (x_unit @ keys.T).float() + offsets
+
+
+def choose_experts(
+    scores: torch.Tensor,
+    thresholds: torch.Tensor,
+    allowed: torch.Tensor,
+    forced: torch.Tensor,
+    covers: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Pick each token's experts. Returns choice [N, k] of expert indices, -1 for an empty slot.
+
+    scores [N, E], thresholds [E], allowed [N, E] bool, forced [N] long (-1 none), covers [E] bool.
+    A token with every slot empty takes the base route.
+    """
+    k = min(top_k, scores.shape[1])
+    eligible = (scores > thresholds) & allowed
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    top_scores, choice = masked.topk(k, dim=1)  # [N, k]
+    choice = choice.masked_fill(top_scores == float("-inf"), -1)
+    # a pinned token takes its expert in slot 0 and nothing else, where the expert covers the layer
+    pinned = forced >= 0
+    pin_choice = torch.where(covers[forced.clamp(min=0)] & pinned, forced, torch.full_like(forced, -1))
+    choice = torch.where(pinned[:, None], torch.full_like(choice, -1), choice)
+    choice[:, 0] = torch.where(pinned, pin_choice, choice[:, 0])
+    return choice
+
+
+def decide_sequence(counts: list[float], names: tuple[str, ...], min_share: float) -> str:
+    """The route a `sequence`-mode request keeps, from its prompt's decision counts [E + 1] (base last)."""
+    total = sum(counts)
+    if total <= 0 or not names:
+        return BASE_ROUTE
+    best = max(range(len(names)), key=lambda e: counts[e])
+    return names[best] if counts[best] / total >= min_share and counts[best] > 0 else BASE_ROUTE
+
+
+__all__ = [
+    "MODES",
+    "RouterConfig",
+    "RoutingMode",
+    "RoutingSpec",
+    "RoutingSpecError",
+    "StepRouting",
+    "UnknownExpertError",
+    "choose_experts",
+    "decide_sequence",
+    "gate_scores",
+]

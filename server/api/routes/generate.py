@@ -1,0 +1,51 @@
+"""POST /generate: plugmoe's own generation endpoint, with routing and per-route shares."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.api.deps import EngineDep, TokenizerDep
+from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
+from server.auth import ApiKey, SettingsDep
+from server.engine import Finished, RequestHandle
+from server.schemas import GenerateRequest, GenerateResponse, Usage
+
+router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+
+
+def _response(done: Finished) -> GenerateResponse:
+    return GenerateResponse(
+        text=done.text,
+        finish_reason=done.reason,
+        message=done.message,
+        usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
+        experts=done.shares,
+        routing_entropy=done.routing_entropy,
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep,
+                   settings: SettingsDep):
+    prompt_ids = tokenizer.encode(body.prompt)
+    job = build_request(
+        engine, settings, prompt_ids, max_new_tokens=body.max_new_tokens, min_new_tokens=body.min_new_tokens,
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+        routing=body.routing,
+    )
+    handle = engine.submit(job)
+    if body.stream:
+        return StreamingResponse(_stream(handle), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _response(await wait_for_result(handle, request))
+
+
+async def _stream(handle: RequestHandle) -> AsyncIterator[str]:
+    """One event per token ({"text", "token_ids"}), then one with finish_reason, usage and shares."""
+    async for event in events_until_done(handle):
+        if event.text or event.token_ids:
+            yield sse({"text": event.text, "token_ids": event.token_ids})
+        if event.finished is not None:
+            yield sse(_response(event.finished).model_dump())

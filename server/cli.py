@@ -1,0 +1,76 @@
+"""`plugmoe` command line: `serve`, plus the experts tooling's subcommands when installed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def _flag_type(annotation: object) -> tuple[type | None, tuple | None]:
+    """(argparse type, choices) for a Settings field annotation."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _flag_type(inner[0]) if len(inner) == 1 else (str, None)
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, args
+    if annotation is bool:
+        return None, None
+    return (annotation if annotation in (int, float, str, Path) else str), None
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="serve the model and its experts over HTTP",
+                                  description="Every flag has a PLUGMOE_<FLAG> environment variable.")
+    for name, field in Settings.model_fields.items():
+        kind, choices = _flag_type(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        env = f"PLUGMOE_{name.upper()}"
+        help_text = f"{field.description or ''} (env {env})".strip()
+        if kind is None:
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            serve.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    serve.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.main import create_app
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    settings = Settings(**given)  # flags win over PLUGMOE_* env vars, which win over defaults
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plugmoe", description="plug routed domain experts into a frozen LM")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve(subparsers)
+    try:
+        experts_cli = importlib.import_module("experts.cli")
+    except ModuleNotFoundError as e:
+        if e.name not in ("experts.cli", "experts"):
+            raise
+    else:
+        if hasattr(experts_cli, "add_subcommands"):
+            experts_cli.add_subcommands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)

@@ -1,0 +1,94 @@
+"""Every exception the API can answer with, mapped to its HTTP status in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from experts import ExpertFileError
+from moe import (
+    ExpertNameTakenError,
+    IncompatibleExpertError,
+    InvalidExpertNameError,
+    RoutingSpecError,
+    UnknownExpertError,
+)
+from moe.sampling import SamplingParamsError
+from server.engine import ContextLimitError, EngineStoppedError, QueueFullError
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequestError(ValueError):
+    """A request the server cannot serve as written (400)."""
+
+
+class NotFoundError(LookupError):
+    """A model or resource that does not exist (404)."""
+
+
+class AdmissionRejectedError(ValueError):
+    """An expert whose admission report is over the configured limits (422)."""
+
+
+class ExpertSourceError(ValueError):
+    """An expert `source` that cannot be fetched (422)."""
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+STATUS: list[tuple[type[BaseException], int]] = [
+    (AuthError, 401),  # status taken from the exception
+    (BadRequestError, 400),
+    (ContextLimitError, 400),
+    (NotFoundError, 404),
+    (UnknownExpertError, 404),
+    (ExpertNameTakenError, 409),
+    (ExpertFileError, 422),
+    (InvalidExpertNameError, 422),
+    (IncompatibleExpertError, 422),
+    (AdmissionRejectedError, 422),
+    (ExpertSourceError, 422),
+    (RoutingSpecError, 422),
+    (SamplingParamsError, 422),
+    (QueueFullError, 503),
+    (EngineStoppedError, 503),
+]
+
+
+def status_for(exc: BaseException) -> int:
+    if isinstance(exc, AuthError):
+        return exc.status
+    for kind, status in STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
+    status = status_for(exc)
+    message = str(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, QueueFullError | EngineStoppedError):
+        headers["Retry-After"] = str(retry_after_s)
+    if isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = "Bearer"
+    kind = type(exc).__name__
+    # `detail` as FastAPI writes it; `error` as OpenAI clients read it
+    body = {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    def handle(request: Request, exc: Exception) -> JSONResponse:
+        settings = getattr(request.app.state, "settings", None)
+        return error_response(exc, settings.retry_after_s if settings else 1)
+
+    for kind, _ in STATUS:
+        app.add_exception_handler(kind, handle)

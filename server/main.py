@@ -1,0 +1,110 @@
+"""The FastAPI app: settings, the model loaded in lifespan, routers, error mapping, request metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server import errors
+from server.api.routes import experts, generate, health, openai
+from server.engine import Engine
+from server.expert_registry import ExpertRegistry
+from server.metrics import Metrics
+from server.settings import Settings, default_model_dir
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine(settings: Settings, metrics: Metrics) -> Engine:
+    """Load the backbone, wrap it, and build the engine (not started)."""
+    from moe import RoutedModel, RouterConfig, load_backbone
+
+    model_path = Path(settings.model)
+    if not model_path.exists() and (model_path == default_model_dir() or settings.model.startswith((".", "/"))):
+        raise FileNotFoundError(
+            f"model directory {settings.model} does not exist: pass --model (or set PLUGMOE_MODEL) to a model "
+            "directory or hub id, or build the demo model (see demo/__init__.py)"
+        )
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    backbone, tokenizer = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
+    model = RoutedModel(backbone, RouterConfig(top_k=settings.top_k, sequence_min_share=settings.sequence_min_share))
+    return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                  context_limit=settings.context_limit, metrics=metrics)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    engine: Engine | None = app.state.given_engine
+    if engine is None:
+        engine = await asyncio.to_thread(load_engine, settings, metrics)
+    elif engine.metrics is None:
+        engine.metrics = metrics
+    registry = ExpertRegistry(engine, engine.tokenizer, settings, metrics)
+    registry.plug_directory()
+    started_here = not engine.alive
+    if started_here:
+        engine.start()
+    app.state.engine, app.state.registry, app.state.tokenizer = engine, registry, engine.tokenizer
+    logger.info("serving %s with experts %s", settings.served_model_name(), list(engine.model.plugged.names))
+    try:
+        yield
+    finally:
+        if started_here:
+            await asyncio.to_thread(engine.stop)
+        app.state.engine = None
+
+
+class RequestMetrics:
+    """Counts requests by route template and status, and times them to the last byte (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+            if endpoint != "unmatched":
+                self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app; the model loads in lifespan (or `engine` is used as given, for tests)."""
+    settings = settings or Settings()
+    app = FastAPI(title="plugmoe", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.given_engine = engine
+    app.state.engine = None
+    errors.install(app)
+    for module in (health, generate, openai, experts):
+        app.include_router(module.router)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    return app

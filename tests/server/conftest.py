@@ -1,0 +1,139 @@
+"""Fixtures: the app in-process (TestClient inside `with`), a real uvicorn process, expert files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from experts import ExpertFile
+from moe import BackboneFingerprint, Expert, fingerprint, load_backbone
+from server.main import create_app
+from server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+LOOPBACK = ("127.0.0.1", 50000)
+
+
+@pytest.fixture(scope="session")
+def backbone_fingerprint(tiny_model_dir: Path) -> BackboneFingerprint:
+    model, _ = load_backbone(tiny_model_dir, device="cpu")
+    return fingerprint(model)
+
+
+def build_expert(name: str, hidden: int = 32, layers: tuple[int, ...] = (0, 1), open_gate: bool = True,
+                 seed: int = 0, rank: int = 4) -> Expert:
+    """A small expert; open_gate: eligible for every token (it wins everything in token mode)."""
+    generator = torch.Generator().manual_seed(seed)
+    expert = Expert.fresh(name, hidden, list(layers), rank=rank, generator=generator)
+    expert.up = torch.randn(expert.up.shape, generator=generator) * 0.3
+    if open_gate:
+        expert.thresholds = torch.full_like(expert.thresholds, -2.0)
+    expert.description = f"the {name} expert"
+    expert.examples = (f"an example for {name}",)
+    return expert
+
+
+@pytest.fixture
+def expert_bytes(backbone_fingerprint: BackboneFingerprint) -> Callable[..., bytes]:
+    def make(name: str, **kwargs) -> bytes:
+        return ExpertFile.to_bytes(build_expert(name, **kwargs), backbone_fingerprint)
+
+    return make
+
+
+def test_settings(model_dir: Path, tmp_path: Path, **overrides) -> Settings:
+    values = {
+        "model": str(model_dir),
+        "experts_dir": tmp_path / "experts",
+        "device": "cpu",
+        "max_false_positive_rate": -1,
+        "max_steal_rate": -1,
+        "max_new_tokens": 64,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def make_client(tiny_model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    """make_client(**settings) -> a started TestClient from a loopback address."""
+    clients: list[TestClient] = []
+
+    def make(client: tuple[str, int] = LOOPBACK, **overrides) -> TestClient:
+        app = create_app(test_settings(tiny_model_dir, tmp_path, **overrides))
+        test_client = TestClient(app, client=client)
+        test_client.__enter__()
+        clients.append(test_client)
+        return test_client
+
+    yield make
+    for test_client in reversed(clients):
+        test_client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model_dir: Path, experts_dir: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = {**os.environ, "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1", "PLUGMOE_MAX_STEAL_RATE": "-1",
+                   "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+        self.log = open(experts_dir.parent / f"server-{self.port}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(model_dir), "--experts-dir", str(experts_dir),
+             "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
+            cwd=REPO, env=environ, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.read_log()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not get ready: {self.read_log()}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A real `python -m server` on a free loopback port, shared by a test module."""
+    experts_dir = tmp_path_factory.mktemp("live") / "experts"
+    server = LiveServer(tiny_model_dir, experts_dir)
+    yield server
+    server.stop()

@@ -1,0 +1,198 @@
+"""/experts in-process: plug (upload, source), describe, unplug, persistence, access control, metrics, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from experts import ExpertFile
+from tests.server.conftest import build_expert
+
+
+def _upload(client: TestClient, data: bytes, headers: dict | None = None, **form) -> object:
+    return client.post("/experts", files={"file": ("upload.safetensors", data)},
+                       data={k: str(v).lower() if isinstance(v, bool) else v for k, v in form.items()},
+                       headers=headers or {})
+
+
+def _metric_lines(client: TestClient, name: str) -> list[str]:
+    return [line for line in client.get("/metrics").text.splitlines() if line.startswith(name)]
+
+
+def test_plug_describe_list_unplug(client: TestClient, expert_bytes, tmp_path: Path) -> None:
+    response = _upload(client, expert_bytes("math"))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "math" and body["replaced"] is False and body["admission"] is None
+    assert body["description"] == "the math expert" and body["examples"] == ["an example for math"]
+    assert body["kind"] == "bottleneck" and body["rank"] == 4 and body["layers"] == [0, 1]
+    assert body["size_bytes"] > 0 and body["plugged_at"] and body["tokens_routed"] == 0
+    assert (tmp_path / "experts" / "math.safetensors").is_file()
+
+    client.post("/generate", json={"prompt": "1 + 1 =", "max_new_tokens": 4})
+    listed = client.get("/experts").json()
+    assert [e["name"] for e in listed] == ["math"]
+    assert listed[0]["tokens_routed"] > 0
+    assert client.get("/experts/math").json()["tokens_routed"] == listed[0]["tokens_routed"]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]][1:] == ["math"]
+
+    response = client.delete("/experts/math")
+    assert response.status_code == 200 and response.json() == {"name": "math", "unplugged": True, "purged": False}
+    assert client.get("/experts").json() == []
+    assert (tmp_path / "experts" / "math.safetensors").is_file()  # kept without purge
+    assert client.get("/experts/math").status_code == 404
+    assert client.delete("/experts/math").status_code == 404
+
+
+def test_taken_name_is_409_and_replace_swaps(client: TestClient, expert_bytes) -> None:
+    assert _upload(client, expert_bytes("code")).status_code == 201
+    taken = _upload(client, expert_bytes("code", seed=3))
+    assert taken.status_code == 409 and "already plugged" in taken.json()["detail"]
+    replaced = _upload(client, expert_bytes("code", seed=3, rank=8), replace=True)
+    assert replaced.status_code == 201 and replaced.json()["replaced"] is True
+    assert client.get("/experts/code").json()["rank"] == 8
+    renamed = _upload(client, expert_bytes("code"), name="code2")
+    assert renamed.status_code == 201 and renamed.json()["name"] == "code2"
+    assert [e["name"] for e in client.get("/experts").json()] == ["code", "code2"]
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda b, fp: b"not a safetensors file at all", "not a safetensors file"),
+        (lambda b, fp: ExpertFile.to_bytes(build_expert("other"), dataclasses.replace(fp, weights_hash="0" * 16)),
+         "another backbone"),
+        (lambda b, fp: ExpertFile.to_bytes(build_expert("wide", hidden=64), dataclasses.replace(fp, hidden_size=64)),
+         "hidden_size"),
+    ],
+)
+def test_bad_files_are_422_with_the_reason(client: TestClient, expert_bytes, backbone_fingerprint, make,
+                                           needle: str) -> None:
+    response = _upload(client, make(expert_bytes, backbone_fingerprint))
+    assert response.status_code == 422
+    assert needle in response.json()["detail"]
+    assert client.get("/experts").json() == []
+
+
+def test_bad_name_is_422(client: TestClient, expert_bytes) -> None:
+    response = _upload(client, expert_bytes("fine"), name="Not OK")
+    assert response.status_code == 422 and "invalid" in response.json()["detail"]
+    assert _upload(client, expert_bytes("fine"), name="base").status_code == 422
+
+
+def test_plug_from_local_path_and_file_url(client: TestClient, expert_bytes, tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "local.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(expert_bytes("local"))
+    assert client.post("/experts", json={"source": str(path)}).status_code == 201
+    response = client.post("/experts", json={"source": path.as_uri(), "name": "viaurl"})
+    assert response.status_code == 201
+    # a renamed upload is written under its new name, with the new name inside
+    assert ExpertFile.load(tmp_path / "experts" / "viaurl.safetensors").name == "viaurl"
+    missing = client.post("/experts", json={"source": str(tmp_path / "nope.safetensors")})
+    assert missing.status_code == 422 and "nope.safetensors" in missing.json()["detail"]
+    assert client.post("/experts", json={"source": "ftp://example/x"}).status_code == 422
+
+
+def test_malformed_plug_requests_are_400(client: TestClient) -> None:
+    assert client.post("/experts", content=b"x", headers={"content-type": "text/plain"}).status_code == 400
+    assert client.post("/experts", json={"name": "no-source"}).status_code == 400
+    assert client.post("/experts", data={"name": "no-file"}, files={"other": ("a", b"b")}).status_code == 400
+
+
+def test_experts_survive_a_restart_and_purge_deletes(make_client, expert_bytes, tmp_path: Path) -> None:
+    first = make_client()
+    assert _upload(first, expert_bytes("keep")).status_code == 201
+    assert _upload(first, expert_bytes("gone", seed=2)).status_code == 201
+    assert first.delete("/experts/gone", params={"purge": "true"}).json()["purged"] is True
+    assert not (tmp_path / "experts" / "gone.safetensors").exists()
+    (tmp_path / "experts" / "broken.safetensors").write_bytes(b"garbage")  # skipped with a log line
+    second = make_client()
+    assert [e["name"] for e in second.get("/experts").json()] == ["keep"]
+
+
+def test_admin_token_guards_writes(make_client, expert_bytes) -> None:
+    client = make_client(admin_token="s3cret")
+    data = expert_bytes("guarded")
+    assert _upload(client, data).status_code == 401
+    assert _upload(client, data, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert _upload(client, data, headers={"Authorization": "Bearer s3cret"}).status_code == 201
+    assert client.delete("/experts/guarded").status_code == 401
+    assert client.delete("/experts/guarded", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.get("/experts").status_code == 200  # reading stays open
+    assert client.delete("/experts/guarded", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_without_admin_token_only_loopback_may_write(make_client, expert_bytes) -> None:
+    remote = make_client(client=("203.0.113.9", 4000))
+    response = _upload(remote, expert_bytes("remote"))
+    assert response.status_code == 403 and "loopback" in response.json()["detail"]
+    assert remote.get("/experts").status_code == 200
+    assert make_client(client=("::1", 4000)).post("/experts", json={"source": "/nope"}).status_code == 422
+
+
+def test_api_keys_guard_generation(make_client) -> None:
+    client = make_client(api_keys="k1,k2")
+    body = {"prompt": "hi", "max_new_tokens": 2}
+    assert client.post("/generate", json=body).status_code == 401
+    assert client.post("/generate", json=body, headers={"Authorization": "Bearer k3"}).status_code == 403
+    assert client.post("/generate", json=body, headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/health").status_code == 200
+
+
+def test_metrics_series_follow_the_plugged_set(client: TestClient, expert_bytes) -> None:
+    assert _upload(client, expert_bytes("tracked")).status_code == 201
+    routed = _metric_lines(client, 'plugmoe_routed_tokens_total{expert="tracked"')
+    assert len(routed) == 2 and all(line.endswith(" 0.0") for line in routed)  # one per layer, at 0
+    assert _metric_lines(client, 'plugmoe_expert_info{expert="tracked"} 1.0')
+    assert _metric_lines(client, "plugmoe_experts_plugged 1.0")
+    client.post("/generate", json={"prompt": "hi", "max_new_tokens": 3})
+    assert _metric_lines(client, 'plugmoe_request_expert_share_count{expert="tracked"} 1.0')
+    assert _metric_lines(client, "plugmoe_routing_entropy_bits_count 1.0")
+    assert _metric_lines(client, 'plugmoe_requests_total{endpoint="/generate",status="200"} 1.0')
+    assert _metric_lines(client, 'plugmoe_plug_operations_total{action="plug",result="ok"} 1.0')
+    for name in ("plugmoe_time_to_first_token_seconds_count", "plugmoe_inter_token_latency_seconds_count",
+                 "plugmoe_generated_tokens_total", "plugmoe_prompt_tokens_total", "plugmoe_batch_size_count",
+                 "plugmoe_queue_depth", "plugmoe_running_sequences", "plugmoe_request_duration_seconds_count"):
+        assert _metric_lines(client, name), name
+    client.delete("/experts/tracked")
+    assert not [line for line in client.get("/metrics").text.splitlines() if 'expert="tracked"' in line]
+    assert _metric_lines(client, 'plugmoe_plug_operations_total{action="unplug",result="ok"} 1.0')
+    assert _metric_lines(client, "plugmoe_experts_plugged 0.0")
+
+
+def test_health_and_ready(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_200_plug_unplug_cycles_keep_memory_flat(client: TestClient, backbone_fingerprint) -> None:
+    # rank 512 on 2 layers: ~260 KB of weights per expert, so a leak of every copy would add ~50 MB
+    data = ExpertFile.to_bytes(build_expert("cycle", rank=512), backbone_fingerprint)
+
+    def cycle() -> None:
+        assert _upload(client, data).status_code == 201
+        client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "routing": {"mode": "pin",
+                                                                                       "expert": "cycle"}})
+        assert client.delete("/experts/cycle", params={"purge": "true"}).status_code == 200
+
+    for _ in range(20):  # warm up allocator pools and caches
+        cycle()
+    before = _rss_bytes()
+    for _ in range(200):
+        cycle()
+    grown = _rss_bytes() - before
+    assert grown < 15 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 200 cycles"
+    assert client.get("/experts").json() == []
