@@ -49,13 +49,13 @@ def _load_model(path: str, device: str, dtype: str = "float32"):
 
 
 def default_calibration(model_path: str | Path) -> Path:
-    """The general calibration text: beside the model, in its sibling `data/` (the demo's layout), or
-    shipped with plugmoe."""
+    """The general calibration text: beside the model, in its sibling `data/` (the demo's layout), or the
+    copy shipped with plugmoe (`experts/calibration.txt`)."""
     model_path = Path(model_path)
     candidates = [
         model_path / CALIBRATION_NAME,
         model_path.parent / "data" / CALIBRATION_NAME,
-        Path(__file__).parent / CALIBRATION_NAME,
+        Path(__file__).with_name("calibration.txt"),  # shipped with plugmoe (experts.admission uses it too)
     ]
     for candidate in candidates:
         if candidate.is_file():
