@@ -228,3 +228,12 @@ def test_load_examples_reads_text_files_line_by_line(tmp_path: Path) -> None:
     path = tmp_path / "cal.txt"
     path.write_text("one line\n\ntwo line\n")
     assert [e.target for e in load_examples(path)] == ["one line", "two line"]
+
+
+def test_default_calibration_is_found_beside_the_model_or_shipped(tmp_path: Path) -> None:
+    from experts.cli import default_calibration
+
+    assert default_calibration(tmp_path / "model").name == "calibration.txt"  # the copy shipped in experts/
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "calibration_general.txt").write_text("general text\n")
+    assert default_calibration(tmp_path / "model") == tmp_path / "data" / "calibration_general.txt"

@@ -81,3 +81,16 @@ def test_limits_can_be_disabled(make_client, expert_bytes, admission) -> None:
     steal_off = make_client(max_false_positive_rate=0.05, max_steal_rate=-1)
     response = _upload(steal_off, expert_bytes("steals"))
     assert response.status_code == 201 and response.json()["admission"]["steal_rates"] == {"x": 0.99}
+
+
+def test_real_report_refuses_an_open_gate_and_admits_a_closed_one(make_client, expert_bytes) -> None:
+    """No stand-in: experts.admission's own maths on the shipped calibration text."""
+    client = make_client(max_false_positive_rate=0.05, max_steal_rate=0.5)
+    refused = _upload(client, expert_bytes("opengate", open_gate=True))
+    assert refused.status_code == 422
+    assert "false-positive rate 1.000 on general text is over the limit 0.05" in refused.json()["detail"]
+    admitted = _upload(client, expert_bytes("closedgate", open_gate=False))
+    assert admitted.status_code == 201, admitted.text
+    report = admitted.json()["admission"]
+    assert report["false_positive_rate"] == 0.0 and report["base_decisions"] > 0
+    assert [e["name"] for e in client.get("/experts").json()] == ["closedgate"]
