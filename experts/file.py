@@ -180,6 +180,7 @@ def write_atomically(path: Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a server run as another user must read them
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,8 +17,6 @@ positions are per row), within float tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +80,10 @@ class DecodeBatch:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, ... per row
         routing = StepRouting.from_specs(specs, plugged, mask.bool(), observe=observe)
-        with torch.inference_mode(), _last_position_logits(model):
+        with torch.inference_mode():
+            # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
             out = model(ids, attention_mask=mask, routing=routing, plugged=plugged,
-                        past_key_values=DynamicCache(), position_ids=positions, use_cache=True)
+                        past_key_values=DynamicCache(), position_ids=positions, use_cache=True, logits_to_keep=1)
         batch = cls(out.past_key_values, mask, mask.sum(dim=1))
         return batch, _step_output(out)
 
@@ -139,23 +138,6 @@ class DecodeBatch:
                         position_ids=self.positions[:, None], use_cache=True)
         self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
         return _step_output(out)
-
-
-@contextmanager
-def _last_position_logits(model: RoutedModel) -> Iterator[None]:
-    """Prefill needs only the last position's logits: feed the output head just that position ([B, T, H] ->
-    [B, 1, H]), as transformers' `logits_to_keep=1` does, instead of computing [B, T, V] and dropping most
-    of it (with a 50k vocabulary that is a fifth of a prefill's work). RoutedModel.forward does not pass
-    `logits_to_keep` through, so this uses a forward pre-hook on the head, removed on exit."""
-    head = model.backbone.get_output_embeddings()
-    if head is None:
-        yield
-        return
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][:, -1:, :], *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _step_output(out) -> StepOutput:

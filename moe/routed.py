@@ -190,11 +190,13 @@ class RoutedModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
         capture_mlp_inputs: bool = False,
+        logits_to_keep: int = 0,
     ) -> RoutedOutput:
         """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token).
 
         routing: one RoutingSpec per row (default: token mode for every row) or a prepared StepRouting.
         plugged: the set to use (default: the current one, read once here).
+        logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
         """
         plugged = plugged if plugged is not None else self._plugged
         batch, length = input_ids.shape
@@ -211,6 +213,7 @@ class RoutedModel(nn.Module):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
             )
         finally:
             step, self._context.step = self._context.step, None
