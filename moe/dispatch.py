@@ -29,6 +29,8 @@ def grouped_dispatch(
     adapters: tuple[LayerAdapter | None, ...],
 ) -> torch.Tensor:
     """x, base [N, H]; choice [N, k] expert indices or -1; adapters[e] for this layer -> out [N, H]."""
+    if choice.shape[1] == 1:
+        return _grouped_top1(x, base, choice[:, 0], adapters)
     valid = choice >= 0
     tokens, slots = valid.nonzero(as_tuple=True)  # one host sync per layer, only when something routes
     if tokens.numel() == 0:
@@ -37,9 +39,7 @@ def grouped_dispatch(
     order = torch.argsort(experts, stable=True)
     tokens, experts = tokens[order], experts[order]
     won, counts = torch.unique_consecutive(experts, return_counts=True)
-    weights = None
-    if choice.shape[1] > 1:
-        weights = (1.0 / valid.sum(dim=1).clamp(min=1)).to(base.dtype)[tokens, None]
+    weights = (1.0 / valid.sum(dim=1).clamp(min=1)).to(base.dtype)[tokens, None]
     out = base.clone()
     start = 0
     for e, count in zip(won.tolist(), counts.tolist(), strict=True):
@@ -47,10 +47,29 @@ def grouped_dispatch(
         start += count
         adapter = adapters[e]
         assert adapter is not None, f"expert {e} chosen on a layer it does not cover"
-        delta = adapter_delta(x.index_select(0, rows), adapter.down, adapter.up)
-        if weights is not None:
-            delta = delta * weights[start - count : start]
+        delta = adapter_delta(x.index_select(0, rows), adapter.down, adapter.up) * weights[start - count : start]
         out.index_add_(0, rows, delta.to(out.dtype))
+    return out
+
+
+def _grouped_top1(
+    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, adapters: tuple[LayerAdapter | None, ...]
+) -> torch.Tensor:
+    """Top-1 in few ops: one bincount read on the host, tokens sorted by expert (base first, skipped)."""
+    counts = torch.bincount(choice + 1, minlength=len(adapters) + 1).tolist()  # [base, e0, e1, ...]
+    if counts[0] == choice.shape[0]:
+        return base
+    order = torch.argsort(choice, stable=True)
+    out = base.clone()
+    start = counts[0]
+    for e, count in enumerate(counts[1:]):
+        if count == 0:
+            continue
+        rows = order[start : start + count]
+        start += count
+        adapter = adapters[e]
+        assert adapter is not None, f"expert {e} chosen on a layer it does not cover"
+        out.index_add_(0, rows, adapter_delta(x.index_select(0, rows), adapter.down, adapter.up).to(out.dtype))
     return out
 
 

@@ -63,15 +63,16 @@ class _Step:
 
     plugged: PluggedSet
     top_k: int
-    allowed: torch.Tensor  # [N, E] bool
-    forced: torch.Tensor  # [N] long
-    apply: torch.Tensor  # [N] bool
+    allowed: torch.Tensor | None  # [N, E] bool; None: every expert allowed on every token
+    forced: torch.Tensor | None  # [N] long; None: no pins
+    skip: torch.Tensor | None  # [N, 1] bool: scored but no expert run (observe rows, padding); None: none
     valid: torch.Tensor  # [N] float, 0 for padding
     flat_rows: torch.Tensor  # [N] long: the batch row of each token
     trace_rows: torch.Tensor  # [B, E + 1]
     trace_layers: torch.Tensor  # [L, E + 1]
     route: bool  # False: no expert can win anything this step, skip routing work
     capture: list[torch.Tensor] | None
+    choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
 
 
 class _Context:
@@ -103,23 +104,28 @@ class RoutedMLP(nn.Module):
         choice = choose_experts(
             scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
         )  # [N, k]
-        _count(step, choice, layer)
-        choice = choice.masked_fill(~(step.apply & (step.valid > 0))[:, None], -1)
+        step.choices.append(choice)
+        if step.skip is not None:
+            choice = choice.masked_fill(step.skip, -1)
         out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
         return out.view_as(base)
 
 
-def _count(step: _Step, choice: torch.Tensor, layer: int) -> None:
-    """Add this layer's decisions to the trace, on the device (no host read)."""
+def _count(step: _Step) -> None:
+    """Add every layer's decisions to the trace in one go, on the device (no host read)."""
+    if not step.choices:
+        return
     experts = step.trace_rows.shape[1] - 1
-    decided = choice >= 0  # [N, k]
+    choice = torch.stack(step.choices)  # [L, N, k]
+    decided = choice >= 0
     weight = decided.to(step.trace_rows.dtype)
-    weight[:, 0] += (~decided.any(dim=1)).to(weight.dtype)  # base decisions land in slot 0's column
-    weight *= step.valid[:, None]
+    weight[..., 0] += (~decided.any(dim=-1)).to(weight.dtype)  # base decisions land in slot 0's column
+    weight *= step.valid[None, :, None]
     cols = torch.where(decided, choice, experts)  # base -> column E
-    flat = (step.flat_rows[:, None] * (experts + 1) + cols).reshape(-1)
-    step.trace_rows.view(-1).scatter_add_(0, flat, weight.reshape(-1))
-    step.trace_layers[layer].scatter_add_(0, cols.reshape(-1), weight.reshape(-1))
+    rows = step.flat_rows[None, :, None] * (experts + 1) + cols
+    layers = torch.arange(choice.shape[0], device=choice.device)[:, None, None] * (experts + 1) + cols
+    step.trace_rows.view(-1).scatter_add_(0, rows.reshape(-1), weight.reshape(-1))
+    step.trace_layers.view(-1).scatter_add_(0, layers.reshape(-1), weight.reshape(-1))
 
 
 class RoutedModel(nn.Module):
@@ -217,6 +223,7 @@ class RoutedModel(nn.Module):
             )
         finally:
             step, self._context.step = self._context.step, None
+        _count(step)
         if not step.route:
             # nothing could route: every real token took the base route on every layer
             valid_per_row = step.valid.view(batch, length).sum(dim=1)
@@ -241,12 +248,16 @@ class RoutedModel(nn.Module):
             if token_mask is not None
             else torch.ones(batch * length, device=device)
         )
+        simple = routing.all_token_mode
+        skip = None
+        if token_mask is not None or not routing.applies_everywhere:
+            skip = ~(routing.apply[rows] & (valid > 0))[:, None]
         return _Step(
             plugged=plugged,
             top_k=self.router.top_k,
-            allowed=routing.allowed[rows],
-            forced=routing.forced[rows],
-            apply=routing.apply[rows],
+            allowed=None if simple else routing.allowed[rows],
+            forced=None if simple else routing.forced[rows],
+            skip=skip,
             valid=valid,
             flat_rows=rows,
             trace_rows=torch.zeros(batch, experts + 1, device=device),

@@ -91,7 +91,17 @@ class StepRouting:
     @property
     def routes_anything(self) -> bool:
         """Host-side: can any row use any expert this step? (Known without reading device tensors.)"""
-        return self._any
+        return getattr(self, "_any", True)
+
+    @property
+    def all_token_mode(self) -> bool:
+        """Host-side: no pins and every expert allowed on every row (the router's fast path)."""
+        return getattr(self, "_simple", False)
+
+    @property
+    def applies_everywhere(self) -> bool:
+        """Host-side: no row is observe-only."""
+        return getattr(self, "_all_apply", False)
 
     @classmethod
     def from_specs(
@@ -122,8 +132,10 @@ class StepRouting:
                     allowed[row, plugged.index(name)] = True
         device = plugged.keys.device
         step = cls(allowed.to(device), forced.to(device), apply.to(device), token_mask)
-        # decided on the host from the specs, so the model can skip all routing work without a device read
+        # decided on the host from the specs, so the model can skip routing work without a device read
         object.__setattr__(step, "_any", bool(count) and bool((allowed.any(1) | (forced >= 0)).any()))
+        object.__setattr__(step, "_simple", bool((forced < 0).all()) and bool(allowed.all()))
+        object.__setattr__(step, "_all_apply", bool(apply.all()))
         return step
 
 
@@ -135,16 +147,23 @@ def gate_scores(x_unit: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor)
 def choose_experts(
     scores: torch.Tensor,
     thresholds: torch.Tensor,
-    allowed: torch.Tensor,
-    forced: torch.Tensor,
+    allowed: torch.Tensor | None,
+    forced: torch.Tensor | None,
     covers: torch.Tensor,
     top_k: int,
 ) -> torch.Tensor:
     """Pick each token's experts. Returns choice [N, k] of expert indices, -1 for an empty slot.
 
-    scores [N, E], thresholds [E], allowed [N, E] bool, forced [N] long (-1 none), covers [E] bool.
-    A token with every slot empty takes the base route.
+    scores [N, E], thresholds [E], allowed [N, E] bool (None: all), forced [N] long (-1 none; None: no
+    pins), covers [E] bool. A token with every slot empty takes the base route.
     """
+    if top_k == 1 and allowed is None and forced is None:  # the common case in few ops: best eligible or base
+        best, choice = torch.where(scores > thresholds, scores, float("-inf")).max(dim=1)
+        return torch.where(best > float("-inf"), choice, -1)[:, None]
+    if allowed is None:
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+    if forced is None:
+        forced = torch.full(scores.shape[:1], -1, dtype=torch.long, device=scores.device)
     k = min(top_k, scores.shape[1])
     eligible = (scores > thresholds) & allowed
     masked = scores.masked_fill(~eligible, float("-inf"))
