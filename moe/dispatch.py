@@ -17,6 +17,7 @@ the number of experts plugged.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moe.expert import adapter_delta
 from moe.plugged import LayerAdapter
@@ -71,6 +72,22 @@ def _grouped_top1(
         assert adapter is not None, f"expert {e} chosen on a layer it does not cover"
         out.index_add_(0, rows, adapter_delta(x.index_select(0, rows), adapter.down, adapter.up).to(out.dtype))
     return out
+
+
+def gathered_dispatch(
+    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor:
+    """Top-1 for a few tokens (decode) with no host read: gather each token's adapter and run two bmm.
+
+    x, base [N, H]; choice [N] (-1 = base); down [E, H, R], up [E, R, H] (zero-padded ranks).
+    Base-route rows come back as `base` itself, bit for bit. Copies N * H * R * 2 weights, so it is for
+    small N only; grouped_dispatch serves prefill and training.
+    """
+    if down.shape[0] == 0:
+        return base
+    index = choice.clamp(min=0)
+    delta = torch.bmm(F.gelu(torch.bmm(x[:, None], down[index])), up[index])[:, 0]  # [N, H]
+    return torch.where((choice >= 0)[:, None], base + delta.to(base.dtype), base)
 
 
 def reference_dispatch(

@@ -45,7 +45,9 @@ class PluggedSet:
         keys [L, E, H] unit-norm (zero where an expert skips a layer)
         offsets [L, E], thresholds [L, E] (+inf where an expert skips a layer: never eligible)
         covers [L, E] bool: the expert has an adapter on that layer (what a pin may use)
-        adapters[l][e]: LayerAdapter or None
+        adapters[l][e]: LayerAdapter or None (references the expert's own tensors: trainable)
+        down_stack [L, E, H, R], up_stack [L, E, R, H]: every adapter padded to the largest rank R with
+            zeros (exact: gelu(0) = 0), for the gathered decode path; a detached inference-only copy
     """
 
     experts: tuple[Expert, ...]
@@ -54,6 +56,8 @@ class PluggedSet:
     thresholds: torch.Tensor
     covers: torch.Tensor
     adapters: tuple[tuple[LayerAdapter | None, ...], ...]
+    down_stack: torch.Tensor
+    up_stack: torch.Tensor
     version: int = 0
 
     @property
@@ -97,7 +101,14 @@ class PluggedSet:
         thresholds = torch.full((num_layers, count), float("inf"), device=device)
         covers = torch.zeros(num_layers, count, dtype=torch.bool, device=device)
         adapters: list[list[LayerAdapter | None]] = [[None] * count for _ in range(num_layers)]
+        max_rank = max((expert.rank for expert in experts), default=0)
+        down_stack = torch.zeros(num_layers, count, hidden_size, max_rank, device=device, dtype=dtype)
+        up_stack = torch.zeros(num_layers, count, max_rank, hidden_size, device=device, dtype=dtype)
         for e, expert in enumerate(experts):
+            with torch.no_grad():
+                for i, layer in enumerate(expert.layers):
+                    down_stack[layer, e, :, : expert.rank] = expert.down[i]
+                    up_stack[layer, e, : expert.rank] = expert.up[i]
             unit_keys = torch.nn.functional.normalize(expert.keys.float(), dim=-1).to(dtype)
             for i, layer in enumerate(expert.layers):
                 keys[layer, e] = unit_keys[i]
@@ -112,6 +123,8 @@ class PluggedSet:
             thresholds=thresholds,
             covers=covers,
             adapters=tuple(tuple(row) for row in adapters),
+            down_stack=down_stack,
+            up_stack=up_stack,
             version=version,
         )
 

@@ -21,10 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
-from moe.dispatch import grouped_dispatch
+from moe.dispatch import gathered_dispatch, grouped_dispatch
 from moe.expert import BASE_ROUTE, Expert
 from moe.plugged import PluggedSet
 from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores
+
+# Decode steps (few tokens) gather each token's adapter weights and skip the host read that grouping needs;
+# above this many tokens (prefill), gathering copies more weights than grouping costs.
+GATHER_MAX_TOKENS = 64
 
 
 @dataclass
@@ -107,7 +111,10 @@ class RoutedMLP(nn.Module):
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
-        out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
+        if choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
+            out = gathered_dispatch(flat_x, flat_base, choice[:, 0], plugged.down_stack[layer], plugged.up_stack[layer])
+        else:
+            out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
         return out.view_as(base)
 
 

@@ -203,6 +203,45 @@ def test_grouped_dispatch_equals_reference_loop(top_k: int) -> None:
     assert torch.equal(fast[base_rows], base[base_rows]), "base-route rows are untouched, bit for bit"
 
 
+def test_gathered_dispatch_equals_reference_loop_and_keeps_base_rows() -> None:
+    from moe.dispatch import gathered_dispatch
+
+    g = torch.Generator().manual_seed(0)
+    ranks = [4, 2, 4]  # mixed ranks: the stacked weights are zero-padded to the largest
+    adapters = tuple(
+        LayerAdapter(torch.randn(HIDDEN, r, generator=g), torch.randn(r, HIDDEN, generator=g)) for r in ranks
+    )
+    down = torch.zeros(3, HIDDEN, 4)
+    up = torch.zeros(3, 4, HIDDEN)
+    for e, a in enumerate(adapters):
+        down[e, :, : ranks[e]], up[e, : ranks[e]] = a.down, a.up
+    x, base = torch.randn(20, HIDDEN, generator=g), torch.randn(20, HIDDEN, generator=g)
+    choice = torch.randint(-1, 3, (20,), generator=g)
+    fast = gathered_dispatch(x, base, choice, down, up)
+    torch.testing.assert_close(fast, reference_dispatch(x, base, choice[:, None], adapters), atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast[choice < 0], base[choice < 0])
+
+
+@torch.no_grad()
+def test_decode_sized_and_prefill_sized_batches_agree() -> None:
+    """The gathered path (<= GATHER_MAX_TOKENS tokens) and the grouped path give the same logits."""
+    from moe import routed as routed_module
+
+    model, _ = routed()
+    model.plug(expert("a", 1, threshold=0.0))
+    model.plug(expert("b", 2, threshold=0.0, layers=(1,)))
+    x = ids(2, 10)
+    gathered = model(x)
+    limit = routed_module.GATHER_MAX_TOKENS
+    routed_module.GATHER_MAX_TOKENS = 0
+    try:
+        grouped = model(x)
+    finally:
+        routed_module.GATHER_MAX_TOKENS = limit
+    torch.testing.assert_close(gathered.logits, grouped.logits, atol=1e-5, rtol=1e-4)
+    assert gathered.trace.row_counts() == grouped.trace.row_counts()
+
+
 def test_top2_routing_in_model_matches_reference() -> None:
     from moe.router import RouterConfig
 
