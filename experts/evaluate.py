@@ -106,7 +106,7 @@ def forward(
 def decide(counts: list[dict[str, float]], plugged: PluggedSet, min_share: float) -> list[str]:
     """Sequence-mode decisions from per-row observed (token, layer) counts."""
     names = plugged.names
-    return [decide_sequence([c.get(n, 0.0) for n in (*names, BASE_ROUTE)], names, min_share) for c in counts]
+    return [decide_sequence(c, names, min_share) for c in counts]
 
 
 @torch.no_grad()

@@ -81,27 +81,20 @@ class StepRouting:
     apply   [B] bool        False: score and trace the row but run no expert on it (sequence-mode
                             prompt scoring: its decisions are counted on the plain backbone)
     token_mask [B, T] bool  real tokens (False for padding); None when there is no padding
+
+    Host-side facts, decided from the specs so the model never reads device tensors to learn them:
+    routes_anything     some row may use some expert (False: skip all routing work)
+    all_token_mode      no pins and every expert allowed on every row (the router's fast path)
+    applies_everywhere  no row is observe-only
     """
 
     allowed: torch.Tensor
     forced: torch.Tensor
     apply: torch.Tensor
     token_mask: torch.Tensor | None = None
-
-    @property
-    def routes_anything(self) -> bool:
-        """Host-side: can any row use any expert this step? (Known without reading device tensors.)"""
-        return getattr(self, "_any", True)
-
-    @property
-    def all_token_mode(self) -> bool:
-        """Host-side: no pins and every expert allowed on every row (the router's fast path)."""
-        return getattr(self, "_simple", False)
-
-    @property
-    def applies_everywhere(self) -> bool:
-        """Host-side: no row is observe-only."""
-        return getattr(self, "_all_apply", False)
+    routes_anything: bool = True
+    all_token_mode: bool = False
+    applies_everywhere: bool = False
 
     @classmethod
     def from_specs(
@@ -131,12 +124,15 @@ class StepRouting:
                 for name in spec.allow:
                     allowed[row, plugged.index(name)] = True
         device = plugged.keys.device
-        step = cls(allowed.to(device), forced.to(device), apply.to(device), token_mask)
-        # decided on the host from the specs, so the model can skip routing work without a device read
-        object.__setattr__(step, "_any", bool(count) and bool((allowed.any(1) | (forced >= 0)).any()))
-        object.__setattr__(step, "_simple", bool((forced < 0).all()) and bool(allowed.all()))
-        object.__setattr__(step, "_all_apply", bool(apply.all()))
-        return step
+        return cls(
+            allowed.to(device),
+            forced.to(device),
+            apply.to(device),
+            token_mask,
+            routes_anything=bool(count) and bool((allowed.any(1) | (forced >= 0)).any()),
+            all_token_mode=bool((forced < 0).all()) and bool(allowed.all()),
+            applies_everywhere=bool(apply.all()),
+        )
 
 
 def gate_scores(x_unit: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -177,13 +173,15 @@ def choose_experts(
     return choice
 
 
-def decide_sequence(counts: list[float], names: tuple[str, ...], min_share: float) -> str:
-    """The route a `sequence`-mode request keeps, from its prompt's decision counts [E + 1] (base last)."""
-    total = sum(counts)
-    if total <= 0 or not names:
+def decide_sequence(counts: dict[str, float], names: tuple[str, ...], min_share: float) -> str:
+    """The route a `sequence`-mode request keeps, from its prompt's decision counts ({route: count}, as
+    RoutingTrace.row_counts gives them): the most-chosen of `names` if it took at least `min_share`."""
+    total = sum(counts.values())
+    chosen = {name: counts.get(name, 0.0) for name in names}
+    if total <= 0 or not chosen:
         return BASE_ROUTE
-    best = max(range(len(names)), key=lambda e: counts[e])
-    return names[best] if counts[best] / total >= min_share and counts[best] > 0 else BASE_ROUTE
+    best = max(chosen, key=chosen.__getitem__)
+    return best if chosen[best] > 0 and chosen[best] / total >= min_share else BASE_ROUTE
 
 
 __all__ = [

@@ -343,7 +343,7 @@ class Engine:
         for row, seq in enumerate(seqs):
             if not observe[row]:
                 continue
-            decision = decide_sequence([counts[row].get(n, 0.0) for n in (*names, BASE_ROUTE)], names,
+            decision = decide_sequence(counts[row], names,
                                        self.model.router.sequence_min_share)
             seq.spec = RoutingSpec("sequence", expert=decision, allow=seq.spec.allow)
             if decision == BASE_ROUTE:

@@ -256,10 +256,10 @@ def test_top2_routing_in_model_matches_reference() -> None:
 
 def test_decide_sequence() -> None:
     names = ("math", "code")
-    assert decide_sequence([30, 5, 65], names, 0.25) == "math"
-    assert decide_sequence([10, 5, 85], names, 0.25) == "base"
-    assert decide_sequence([0, 0, 0], names, 0.25) == "base"
-    assert decide_sequence([], (), 0.25) == "base"
+    assert decide_sequence({"math": 30, "code": 5, "base": 65}, names, 0.25) == "math"
+    assert decide_sequence({"math": 10, "code": 5, "base": 85}, names, 0.25) == "base"
+    assert decide_sequence({"math": 0, "code": 0, "base": 0}, names, 0.25) == "base"
+    assert decide_sequence({"base": 4}, (), 0.25) == "base"
 
 
 @torch.no_grad()
@@ -273,8 +273,7 @@ def test_sequence_mode_observe_then_decide() -> None:
     observed = model(x, routing=step)
     assert torch.equal(observed.logits, plain(x).logits), "observing applies no expert"
     names = model.plugged.names
-    counts = observed.trace.rows[0].tolist()
-    decision = decide_sequence(counts, names, model.router.sequence_min_share)
+    decision = decide_sequence(observed.trace.row_counts()[0], names, model.router.sequence_min_share)
     assert decision == "a"
     pinned = model(x, routing=[RoutingSpec("sequence", expert=decision)])
     assert pinned.trace.row_counts()[0] == {"a": 16, "base": 0}
