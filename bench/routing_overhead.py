@@ -83,8 +83,10 @@ def main() -> None:
 
     bare, routed = build(args)
     pool = make_experts(max(args.experts), args.hidden, args.layers, args.rank)
-    print(f"GPT-2 shape: hidden {args.hidden}, {args.layers} layers; rank {args.rank}; threads "
-          f"{torch.get_num_threads()}; prompt {args.prompt}, {args.new} decode steps, best of {args.repeats}\n")
+    print(
+        f"GPT-2 shape: hidden {args.hidden}, {args.layers} layers; rank {args.rank}; threads "
+        f"{torch.get_num_threads()}; prompt {args.prompt}, {args.new} decode steps, best of {args.repeats}\n"
+    )
     print("| batch | experts plugged | tokens/s | x bare backbone | x 8 plugged | routed share | experts used |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batches:
@@ -107,8 +109,10 @@ def main() -> None:
             routed_share = 1 - shares.get("base", 0.0) / total
             used = sum(1 for k, v in shares.items() if k != "base" and v > 0)
             vs8 = f"{speed / best['8']:.3f}" if "8" in best else "-"
-            print(f"| {batch} | {count} | {speed:.1f} | {speed / best['bare']:.3f} | {vs8} | {routed_share:.2f} | "
-                  f"{used} |")
+            print(
+                f"| {batch} | {count} | {speed:.1f} | {speed / best['bare']:.3f} | {vs8} | {routed_share:.2f} | "
+                f"{used} |"
+            )
         print(f"| {batch} | bare backbone | {best['bare']:.1f} | 1.000 | - | - | - |")
 
 

@@ -40,9 +40,15 @@ def build_model(directory: Path, family: str, hidden: int, layers: int, heads: i
     if family == "gpt2":
         config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024, **common)
     else:
-        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=heads, intermediate_size=int(hidden * 8 / 3),
-                             max_position_embeddings=1024, **common)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            intermediate_size=int(hidden * 8 / 3),
+            max_position_embeddings=1024,
+            **common,
+        )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -60,7 +66,7 @@ def make_prompts(model_dir: Path, count: int, tokens: int) -> list[str]:
     prompts = []
     for i in range(count):
         start = (i * 7) % (len(ids) - tokens)
-        prompts.append(tokenizer.decode(ids[start:start + tokens]))
+        prompts.append(tokenizer.decode(ids[start : start + tokens]))
     return prompts
 
 
@@ -88,8 +94,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, new_tokens: int) -
     }
 
 
-async def load_level(url: str, prompts: list[str], clients: int, requests_per_client: int,
-                     new_tokens: int) -> dict:
+async def load_level(url: str, prompts: list[str], clients: int, requests_per_client: int, new_tokens: int) -> dict:
     async def client_loop(client: httpx.AsyncClient, index: int) -> list[dict]:
         results = []
         for r in range(requests_per_client):
@@ -111,8 +116,10 @@ async def load_level(url: str, prompts: list[str], clients: int, requests_per_cl
         "tokens": sum(r["tokens"] for r in results),
         "wall": wall,
         "tok_s": sum(r["tokens"] for r in results) / wall,
-        "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),
-        "itl_p50": _pct(itls, 50), "itl_p99": _pct(itls, 99),
+        "ttft_p50": _pct(ttfts, 50),
+        "ttft_p99": _pct(ttfts, 99),
+        "itl_p50": _pct(itls, 50),
+        "itl_p99": _pct(itls, 99),
     }
 
 
@@ -137,8 +144,9 @@ def hf_static_batch(model_dir: Path, prompts: list[str], new_tokens: int, repeat
         model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
         for _ in range(repeats):
             start = time.perf_counter()
-            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
             best = min(best, time.perf_counter() - start)
     tokens = new_tokens * len(prompts)
     return {"tokens": tokens, "wall": best, "tok_s": tokens / best}
@@ -152,14 +160,30 @@ def free_port() -> int:
 
 def start_server(model_dir: Path, max_batch: int, new_tokens: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1",
-           "PLUGMOE_MAX_STEAL_RATE": "-1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1", "PLUGMOE_MAX_STEAL_RATE": "-1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port), "--device", "cpu",
-         "--experts-dir", str(model_dir / "experts"), "--max-batch-size", str(max_batch),
-         "--max-new-tokens", str(new_tokens), "--log-level", "warning",
-         *(["--num-threads", str(threads)] if threads else [])],
-        cwd=REPO, env=env,
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--experts-dir",
+            str(model_dir / "experts"),
+            "--max-batch-size",
+            str(max_batch),
+            "--max-new-tokens",
+            str(new_tokens),
+            "--log-level",
+            "warning",
+            *(["--num-threads", str(threads)] if threads else []),
+        ],
+        cwd=REPO,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -198,16 +222,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            model_dir = build_model(Path(tmp) / "model", args.family, args.hidden, args.layers, args.heads,
-                                    args.vocab)
+            model_dir = build_model(Path(tmp) / "model", args.family, args.hidden, args.layers, args.heads, args.vocab)
         prompts = make_prompts(model_dir, max(levels), args.prompt_tokens)
         process = None
         url = args.url
         if url is None:
             process, url = start_server(model_dir, args.max_batch_size, args.new_tokens, args.threads)
         try:
-            rows = [asyncio.run(load_level(url, prompts, c, args.requests_per_client, args.new_tokens))
-                    for c in levels]
+            rows = [asyncio.run(load_level(url, prompts, c, args.requests_per_client, args.new_tokens)) for c in levels]
         finally:
             if process is not None:
                 process.terminate()
@@ -220,18 +242,24 @@ def main() -> None:
 
     one = rows[0]["tok_s"]
     print(f"\nload average at the end: {os.getloadavg()}; torch threads: {args.threads or 'default'}")
-    print(f"model: {args.family} hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-          f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy; "
-          f"{args.requests_per_client} requests per client\n")
+    print(
+        f"model: {args.family} hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy; "
+        f"{args.requests_per_client} requests per client\n"
+    )
     print("| setup | requests | tokens/s | x 1 client | x static batch | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| plugmoe, {row['clients']} streaming clients | {row['requests']} | {row['tok_s']:.1f} | "
-              f"{row['tok_s'] / one:.2f} | {row['tok_s'] / static['tok_s']:.2f} | "
-              f"{row['ttft_p50']:.3f} / {row['ttft_p99']:.3f} | "
-              f"{row['itl_p50'] * 1e3:.1f} / {row['itl_p99'] * 1e3:.1f} |")
-    print(f"| HF generate, static batch of {max(levels)} | {max(levels)} | {static['tok_s']:.1f} | "
-          f"{static['tok_s'] / one:.2f} | 1.00 | - | - |")
+        print(
+            f"| plugmoe, {row['clients']} streaming clients | {row['requests']} | {row['tok_s']:.1f} | "
+            f"{row['tok_s'] / one:.2f} | {row['tok_s'] / static['tok_s']:.2f} | "
+            f"{row['ttft_p50']:.3f} / {row['ttft_p99']:.3f} | "
+            f"{row['itl_p50'] * 1e3:.1f} / {row['itl_p99'] * 1e3:.1f} |"
+        )
+    print(
+        f"| HF generate, static batch of {max(levels)} | {max(levels)} | {static['tok_s']:.1f} | "
+        f"{static['tok_s'] / one:.2f} | 1.00 | - | - |"
+    )
 
 
 if __name__ == "__main__":

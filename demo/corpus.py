@@ -68,14 +68,38 @@ class CorpusSizes:
 
 # (name, subject pronoun, possessive pronoun)
 PEOPLE: tuple[tuple[str, str, str], ...] = (
-    ("Mia", "she", "her"), ("Tom", "he", "his"), ("Lena", "she", "her"), ("Omar", "he", "his"),
-    ("Sara", "she", "her"), ("Ben", "he", "his"), ("Nina", "she", "her"), ("Leo", "he", "his"),
-    ("Ava", "she", "her"), ("Sam", "he", "his"), ("Zoe", "she", "her"), ("Max", "he", "his"),
-    ("Ella", "she", "her"), ("Noah", "he", "his"), ("Ivy", "she", "her"), ("Jack", "he", "his"),
-    ("Lucy", "she", "her"), ("Ravi", "he", "his"), ("Hana", "she", "her"), ("Carlos", "he", "his"),
-    ("Grace", "she", "her"), ("Eli", "he", "his"), ("Maya", "she", "her"), ("Finn", "he", "his"),
-    ("Rosa", "she", "her"), ("Adam", "he", "his"), ("Julia", "she", "her"), ("Kai", "he", "his"),
-    ("Anna", "she", "her"), ("Theo", "he", "his"), ("Iris", "she", "her"), ("Hugo", "he", "his"),
+    ("Mia", "she", "her"),
+    ("Tom", "he", "his"),
+    ("Lena", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Sara", "she", "her"),
+    ("Ben", "he", "his"),
+    ("Nina", "she", "her"),
+    ("Leo", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Sam", "he", "his"),
+    ("Zoe", "she", "her"),
+    ("Max", "he", "his"),
+    ("Ella", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Ivy", "she", "her"),
+    ("Jack", "he", "his"),
+    ("Lucy", "she", "her"),
+    ("Ravi", "he", "his"),
+    ("Hana", "she", "her"),
+    ("Carlos", "he", "his"),
+    ("Grace", "she", "her"),
+    ("Eli", "he", "his"),
+    ("Maya", "she", "her"),
+    ("Finn", "he", "his"),
+    ("Rosa", "she", "her"),
+    ("Adam", "he", "his"),
+    ("Julia", "she", "her"),
+    ("Kai", "he", "his"),
+    ("Anna", "she", "her"),
+    ("Theo", "he", "his"),
+    ("Iris", "she", "her"),
+    ("Hugo", "he", "his"),
 )
 
 
@@ -117,14 +141,48 @@ def _unique(
 # --------------------------------------------------------------------------------------------
 
 CITIES = (
-    "Lisbon", "Oslo", "Vienna", "Kyoto", "Dublin", "Porto", "Bergen", "Krakow", "Seville", "Lyon",
-    "Quebec", "Valencia", "Bruges", "Tallinn", "Galway", "Salzburg", "Bologna", "Granada", "Turku",
-    "Ghent", "Nantes", "Zurich", "Leipzig", "Cork",
+    "Lisbon",
+    "Oslo",
+    "Vienna",
+    "Kyoto",
+    "Dublin",
+    "Porto",
+    "Bergen",
+    "Krakow",
+    "Seville",
+    "Lyon",
+    "Quebec",
+    "Valencia",
+    "Bruges",
+    "Tallinn",
+    "Galway",
+    "Salzburg",
+    "Bologna",
+    "Granada",
+    "Turku",
+    "Ghent",
+    "Nantes",
+    "Zurich",
+    "Leipzig",
+    "Cork",
 )
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 PLACES = (
-    "market", "library", "bakery", "park", "museum", "harbour", "train station", "garden",
-    "post office", "bookshop", "river bank", "old bridge", "town square", "café", "school",
+    "market",
+    "library",
+    "bakery",
+    "park",
+    "museum",
+    "harbour",
+    "train station",
+    "garden",
+    "post office",
+    "bookshop",
+    "river bank",
+    "old bridge",
+    "town square",
+    "café",
+    "school",
 )
 WEATHER = {
     "sunny": ("bright and clear", "go for a long walk", "sat outside in the warm light"),
@@ -135,93 +193,235 @@ WEATHER = {
     "cloudy": ("soft and cloudy", "visit an old friend", "read a book near the fire"),
 }
 OBJECTS = (
-    "a basket of pears", "a heavy bag of books", "a small wooden box", "a bunch of flowers",
-    "a loaf of warm bread", "an old map", "a bright red umbrella", "a jar of honey",
-    "a new notebook", "a paper kite", "a letter from home", "a pot of soup",
+    "a basket of pears",
+    "a heavy bag of books",
+    "a small wooden box",
+    "a bunch of flowers",
+    "a loaf of warm bread",
+    "an old map",
+    "a bright red umbrella",
+    "a jar of honey",
+    "a new notebook",
+    "a paper kite",
+    "a letter from home",
+    "a pot of soup",
 )
 TOPICS = (
-    "the coming holidays", "a film they had both seen", "the new bakery in town",
-    "their favourite songs", "a trip to the mountains", "the garden behind the school",
-    "an old photograph", "the birds in the park", "a book about the sea", "the autumn fair",
+    "the coming holidays",
+    "a film they had both seen",
+    "the new bakery in town",
+    "their favourite songs",
+    "a trip to the mountains",
+    "the garden behind the school",
+    "an old photograph",
+    "the birds in the park",
+    "a book about the sea",
+    "the autumn fair",
 )
 ENDINGS = (
-    "went home feeling calm and happy", "wrote a long letter to a cousin",
-    "cooked a simple dinner and went to bed early", "watched the sunset from the balcony",
-    "called a friend to share the news", "planted seeds in a small pot",
-    "painted a picture of the quiet street", "played the piano until it grew dark",
+    "went home feeling calm and happy",
+    "wrote a long letter to a cousin",
+    "cooked a simple dinner and went to bed early",
+    "watched the sunset from the balcony",
+    "called a friend to share the news",
+    "planted seeds in a small pot",
+    "painted a picture of the quiet street",
+    "played the piano until it grew dark",
 )
 TIMES_OF_DAY = ("morning", "afternoon", "evening")
 
 # (animal, class, habitat, food, trait, social, winter)
 ANIMALS = (
-    ("fox", "small mammal", "forests and open fields", "mice, berries and insects",
-     "sharp hearing and clever hunting", "alone or in small families", "grow a thick winter coat"),
-    ("owl", "bird of prey", "old woods and barns", "mice and small birds",
-     "silent flight and large eyes", "alone", "stay in the same quiet tree"),
-    ("otter", "playful mammal", "rivers and quiet coasts", "fish and crabs",
-     "thick fur and love of play", "in lively groups", "keep fishing under the ice"),
-    ("hedgehog", "small mammal", "gardens and hedges", "beetles, worms and snails",
-     "coat of sharp spines", "alone", "sleep in a nest of leaves"),
-    ("badger", "strong mammal", "woodland and meadows", "worms, roots and fruit",
-     "striped face and deep tunnels", "in family groups", "rest deep inside their setts"),
-    ("swan", "large bird", "lakes and slow rivers", "water plants and grass",
-     "long neck and graceful swimming", "in pairs for life", "gather on open water"),
-    ("deer", "gentle mammal", "forests and hills", "grass, leaves and bark",
-     "long legs and quick escapes", "in herds", "search for food under the snow"),
-    ("beaver", "busy rodent", "streams and ponds", "bark and water plants",
-     "strong teeth and careful dams", "in family lodges", "eat branches stored under water"),
-    ("robin", "small songbird", "gardens and parks", "worms and seeds",
-     "bright red chest and cheerful song", "alone or in pairs", "sing even on cold days"),
-    ("rabbit", "small mammal", "meadows and dunes", "grass and clover",
-     "long ears and fast running", "in busy warrens", "eat bark and dry grass"),
-    ("squirrel", "quick rodent", "parks and forests", "nuts, seeds and fruit",
-     "bushy tail and great climbing", "alone", "dig up the nuts they hid"),
-    ("heron", "wading bird", "marshes and river banks", "fish and frogs",
-     "patient fishing and long legs", "in quiet colonies", "fly to warmer water"),
+    (
+        "fox",
+        "small mammal",
+        "forests and open fields",
+        "mice, berries and insects",
+        "sharp hearing and clever hunting",
+        "alone or in small families",
+        "grow a thick winter coat",
+    ),
+    (
+        "owl",
+        "bird of prey",
+        "old woods and barns",
+        "mice and small birds",
+        "silent flight and large eyes",
+        "alone",
+        "stay in the same quiet tree",
+    ),
+    (
+        "otter",
+        "playful mammal",
+        "rivers and quiet coasts",
+        "fish and crabs",
+        "thick fur and love of play",
+        "in lively groups",
+        "keep fishing under the ice",
+    ),
+    (
+        "hedgehog",
+        "small mammal",
+        "gardens and hedges",
+        "beetles, worms and snails",
+        "coat of sharp spines",
+        "alone",
+        "sleep in a nest of leaves",
+    ),
+    (
+        "badger",
+        "strong mammal",
+        "woodland and meadows",
+        "worms, roots and fruit",
+        "striped face and deep tunnels",
+        "in family groups",
+        "rest deep inside their setts",
+    ),
+    (
+        "swan",
+        "large bird",
+        "lakes and slow rivers",
+        "water plants and grass",
+        "long neck and graceful swimming",
+        "in pairs for life",
+        "gather on open water",
+    ),
+    (
+        "deer",
+        "gentle mammal",
+        "forests and hills",
+        "grass, leaves and bark",
+        "long legs and quick escapes",
+        "in herds",
+        "search for food under the snow",
+    ),
+    (
+        "beaver",
+        "busy rodent",
+        "streams and ponds",
+        "bark and water plants",
+        "strong teeth and careful dams",
+        "in family lodges",
+        "eat branches stored under water",
+    ),
+    (
+        "robin",
+        "small songbird",
+        "gardens and parks",
+        "worms and seeds",
+        "bright red chest and cheerful song",
+        "alone or in pairs",
+        "sing even on cold days",
+    ),
+    (
+        "rabbit",
+        "small mammal",
+        "meadows and dunes",
+        "grass and clover",
+        "long ears and fast running",
+        "in busy warrens",
+        "eat bark and dry grass",
+    ),
+    (
+        "squirrel",
+        "quick rodent",
+        "parks and forests",
+        "nuts, seeds and fruit",
+        "bushy tail and great climbing",
+        "alone",
+        "dig up the nuts they hid",
+    ),
+    (
+        "heron",
+        "wading bird",
+        "marshes and river banks",
+        "fish and frogs",
+        "patient fishing and long legs",
+        "in quiet colonies",
+        "fly to warmer water",
+    ),
 )
 ADJECTIVES = ("curious", "brave", "shy", "kind", "clever", "sleepy", "cheerful", "proud", "gentle")
 LANDMARKS = (
-    "an old stone well", "the edge of a deep forest", "a quiet pond", "a tall oak tree",
-    "a little wooden bridge", "the foot of a green hill", "a field of sunflowers",
+    "an old stone well",
+    "the edge of a deep forest",
+    "a quiet pond",
+    "a tall oak tree",
+    "a little wooden bridge",
+    "the foot of a green hill",
+    "a field of sunflowers",
 )
 HABITS = (
-    "gathered food for the winter", "sang to the rising sun", "swept the path to its home",
-    "counted the clouds in the sky", "visited the river to drink", "told stories to the young ones",
+    "gathered food for the winter",
+    "sang to the rising sun",
+    "swept the path to its home",
+    "counted the clouds in the sky",
+    "visited the river to drink",
+    "told stories to the young ones",
 )
 PROBLEMS = (
-    "a broken nest", "a lost path home", "a heavy stone in the road", "a leaking roof",
-    "a cold and hungry night", "a river that had flooded",
+    "a broken nest",
+    "a lost path home",
+    "a heavy stone in the road",
+    "a leaking roof",
+    "a cold and hungry night",
+    "a river that had flooded",
 )
 MORALS = (
-    "kindness is never wasted", "friends are found when help is given",
-    "patience brings its own reward", "small acts can change a whole day",
-    "sharing makes every burden lighter", "courage grows when we use it",
+    "kindness is never wasted",
+    "friends are found when help is given",
+    "patience brings its own reward",
+    "small acts can change a whole day",
+    "sharing makes every burden lighter",
+    "courage grows when we use it",
 )
 CITY_SIZES = ("small", "busy", "quiet", "lively", "historic", "charming")
 GEOGRAPHY = (
-    "the sea", "a wide river", "the mountains", "a large lake", "rolling green hills", "the border",
+    "the sea",
+    "a wide river",
+    "the mountains",
+    "a large lake",
+    "rolling green hills",
+    "the border",
 )
 FAMOUS = (
-    "colourful old houses", "long sandy beaches", "ancient churches", "busy fish markets",
-    "narrow winding streets", "grand public gardens", "music festivals", "stone bridges",
+    "colourful old houses",
+    "long sandy beaches",
+    "ancient churches",
+    "busy fish markets",
+    "narrow winding streets",
+    "grand public gardens",
+    "music festivals",
+    "stone bridges",
 )
 SHOPS = ("bakeries", "book shops", "flower stalls", "tea rooms", "craft shops", "cheese shops")
 SEASONS = ("spring", "summer", "autumn", "winter")
 HOBBIES = (
-    "cycle to work", "meet friends in the square", "swim in the cold water", "walk their dogs",
-    "visit the weekly market", "sing in local choirs", "grow vegetables in small gardens",
+    "cycle to work",
+    "meet friends in the square",
+    "swim in the cold water",
+    "walk their dogs",
+    "visit the weekly market",
+    "sing in local choirs",
+    "grow vegetables in small gardens",
 )
 WEATHER_MORNING = (
-    "a light mist will cover the streets", "the sun will rise behind thin clouds",
-    "a cool breeze will blow from the north", "short showers will pass over the hills",
+    "a light mist will cover the streets",
+    "the sun will rise behind thin clouds",
+    "a cool breeze will blow from the north",
+    "short showers will pass over the hills",
 )
 WEATHER_AFTERNOON = (
-    "the sky will clear and it will feel warm", "heavier rain is likely near the coast",
-    "the wind will grow stronger", "clouds will gather over the mountains",
+    "the sky will clear and it will feel warm",
+    "heavier rain is likely near the coast",
+    "the wind will grow stronger",
+    "clouds will gather over the mountains",
 )
 WEATHER_ADVICE = (
-    "It is a good day to carry an umbrella", "Remember to wear a warm coat",
-    "It is a fine day for a walk in the park", "Drivers should take care on wet roads",
+    "It is a good day to carry an umbrella",
+    "Remember to wear a warm coat",
+    "It is a fine day for a walk in the park",
+    "Drivers should take care on wet roads",
 )
 
 
@@ -232,17 +432,21 @@ def _general_daily(rng: random.Random) -> str:
     sky, plan, alt = WEATHER[weather]
     day, city, place = rng.choice(DAYS), rng.choice(CITIES), rng.choice(PLACES)
     parts = [
-        rng.choice((
-            f"{name} woke up early on {day}.",
-            f"On {day} morning, {name} opened the window and looked outside.",
-            f"It was a quiet {day} in {city}, and {name} had no plans.",
-        )),
+        rng.choice(
+            (
+                f"{name} woke up early on {day}.",
+                f"On {day} morning, {name} opened the window and looked outside.",
+                f"It was a quiet {day} in {city}, and {name} had no plans.",
+            )
+        ),
         f"The sky over {city} was {sky}, so {pr} decided to {plan}.",
-        rng.choice((
-            f"On the way to the {place}, {pr} met {friend}, who was carrying {rng.choice(OBJECTS)}.",
-            f"At the {place}, {pr} ran into {friend}, who was holding {rng.choice(OBJECTS)}.",
-            f"Near the {place}, {name} saw {friend} waving from across the street.",
-        )),
+        rng.choice(
+            (
+                f"On the way to the {place}, {pr} met {friend}, who was carrying {rng.choice(OBJECTS)}.",
+                f"At the {place}, {pr} ran into {friend}, who was holding {rng.choice(OBJECTS)}.",
+                f"Near the {place}, {name} saw {friend} waving from across the street.",
+            )
+        ),
         f"They talked about {rng.choice(TOPICS)} for a while.",
     ]
     if rng.random() < 0.6:
@@ -261,11 +465,15 @@ def _general_animal(rng: random.Random) -> str:
     ]
     if rng.random() < 0.7:
         parts.append(f"In winter, they {winter}.")
-    parts.append(rng.choice((
-        f"Many people enjoy watching them near {rng.choice(CITIES)}.",
-        "They play an important part in the life of the countryside.",
-        f"Children often read about the {animal} in picture books.",
-    )))
+    parts.append(
+        rng.choice(
+            (
+                f"Many people enjoy watching them near {rng.choice(CITIES)}.",
+                "They play an important part in the life of the countryside.",
+                f"Children often read about the {animal} in picture books.",
+            )
+        )
+    )
     return " ".join(parts)
 
 
@@ -289,32 +497,40 @@ def _general_fable(rng: random.Random) -> str:
     a1 = rng.choice(ANIMALS)[0]
     a2 = rng.choice([a for a in ANIMALS if a[0] != a1])[0]
     adj1, adj2 = rng.sample(ADJECTIVES, 2)
-    return " ".join([
-        f"Once upon a time, a {adj1} {a1} lived near {rng.choice(LANDMARKS)}.",
-        f"Every morning it {rng.choice(HABITS)}.",
-        f"One day, a {adj2} {a2} came by and asked for help with {rng.choice(PROBLEMS)}.",
-        rng.choice((
-            f"The {a1} did not hesitate and helped the {a2} until the work was done.",
-            f"At first the {a1} was unsure, but in the end it helped the {a2}.",
-        )),
-        rng.choice((
-            "From that day on, the two animals were the best of friends.",
-            "After that, they met every evening to share their supper.",
-        )),
-        f"The lesson of the story is that {rng.choice(MORALS)}.",
-    ])
+    return " ".join(
+        [
+            f"Once upon a time, a {adj1} {a1} lived near {rng.choice(LANDMARKS)}.",
+            f"Every morning it {rng.choice(HABITS)}.",
+            f"One day, a {adj2} {a2} came by and asked for help with {rng.choice(PROBLEMS)}.",
+            rng.choice(
+                (
+                    f"The {a1} did not hesitate and helped the {a2} until the work was done.",
+                    f"At first the {a1} was unsure, but in the end it helped the {a2}.",
+                )
+            ),
+            rng.choice(
+                (
+                    "From that day on, the two animals were the best of friends.",
+                    "After that, they met every evening to share their supper.",
+                )
+            ),
+            f"The lesson of the story is that {rng.choice(MORALS)}.",
+        ]
+    )
 
 
 def _general_weather(rng: random.Random) -> str:
     city = rng.choice(CITIES)
     weather = rng.choice(list(WEATHER))
-    return " ".join([
-        f"Today in {city} the weather will be mostly {weather}.",
-        f"In the morning, {rng.choice(WEATHER_MORNING)}.",
-        f"By the afternoon, {rng.choice(WEATHER_AFTERNOON)}.",
-        f"Tonight will be {rng.choice(('cool', 'mild', 'cold', 'calm'))} with {rng.choice(('clear skies', 'light rain', 'a gentle breeze', 'patches of fog'))}.",  # noqa: E501
-        f"{rng.choice(WEATHER_ADVICE)}.",
-    ])
+    return " ".join(
+        [
+            f"Today in {city} the weather will be mostly {weather}.",
+            f"In the morning, {rng.choice(WEATHER_MORNING)}.",
+            f"By the afternoon, {rng.choice(WEATHER_AFTERNOON)}.",
+            f"Tonight will be {rng.choice(('cool', 'mild', 'cold', 'calm'))} with {rng.choice(('clear skies', 'light rain', 'a gentle breeze', 'patches of fog'))}.",  # noqa: E501
+            f"{rng.choice(WEATHER_ADVICE)}.",
+        ]
+    )
 
 
 _GENERAL_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
@@ -337,15 +553,36 @@ def make_general(rng: random.Random) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 ITEMS = (
-    "apples", "pencils", "marbles", "stickers", "cookies", "books", "shells", "cards", "stamps",
-    "oranges", "balloons", "crayons", "coins", "eggs", "flowers", "toy cars",
+    "apples",
+    "pencils",
+    "marbles",
+    "stickers",
+    "cookies",
+    "books",
+    "shells",
+    "cards",
+    "stamps",
+    "oranges",
+    "balloons",
+    "crayons",
+    "coins",
+    "eggs",
+    "flowers",
+    "toy cars",
 )
 CONTAINERS = ("boxes", "bags", "baskets", "jars", "packs", "crates")
 # (singular, plural)
 GOODS = (
-    ("pen", "pens"), ("notebook", "notebooks"), ("sandwich", "sandwiches"), ("ticket", "tickets"),
-    ("cup of tea", "cups of tea"), ("toy", "toys"), ("ball", "balls"), ("plant", "plants"),
-    ("muffin", "muffins"), ("comic", "comics"),
+    ("pen", "pens"),
+    ("notebook", "notebooks"),
+    ("sandwich", "sandwiches"),
+    ("ticket", "tickets"),
+    ("cup of tea", "cups of tea"),
+    ("toy", "toys"),
+    ("ball", "balls"),
+    ("plant", "plants"),
+    ("muffin", "muffins"),
+    ("comic", "comics"),
 )
 DAY_PAIRS = (("Monday", "Tuesday"), ("Saturday", "Sunday"), ("Wednesday", "Thursday"))
 
@@ -379,9 +616,13 @@ def _math_chain(rng: random.Random) -> dict[str, str]:
             steps.append(f"After {past} {b} {pr} has {s}.")
         elif kind == "sub":
             b = rng.randint(1, min(x, 20))
-            verb, past = rng.choice((
-                (f"gives {b} to {other}", "giving"), (f"loses {b}", "losing"), (f"sells {b}", "selling"),
-            ))
+            verb, past = rng.choice(
+                (
+                    (f"gives {b} to {other}", "giving"),
+                    (f"loses {b}", "losing"),
+                    (f"sells {b}", "selling"),
+                )
+            )
             q.append(f"{lead}{subj} {verb}.")
             s, x = _step(x, "-", b)
             steps.append(f"After {past} {b} away {pr} has {s}.")
@@ -403,8 +644,7 @@ def _math_groups(rng: random.Random) -> dict[str, str]:
     s1, total = _step(g, "*", n)
     c = rng.randint(1, total - 1)
     s2, left = _step(total, "-", c)
-    q = (f"There are {g} {box} with {n} {item} in each. {name} takes {c} {item} out. "
-         f"How many {item} are left?")
+    q = f"There are {g} {box} with {n} {item} in each. {name} takes {c} {item} out. How many {item} are left?"
     a = f"There are {s1} {item} in total.\nAfter taking {c} out there are {s2} left.\n#### {left}"
     return {"question": q, "answer": a}
 
@@ -415,8 +655,7 @@ def _math_shop(rng: random.Random) -> dict[str, str]:
     k, p1, p2 = rng.randint(2, 6), rng.randint(1, 9), rng.randint(1, 15)
     s1, cost1 = _step(k, "*", p1)
     s2, total = _step(cost1, "+", p2)
-    q = (f"A {g1} costs {p1} dollars and a {g2} costs {p2} dollars. {name} buys {k} {g1s} and one "
-         f"{g2}.")
+    q = f"A {g1} costs {p1} dollars and a {g2} costs {p2} dollars. {name} buys {k} {g1s} and one {g2}."
     steps = [f"The {g1s} cost {s1} dollars.", f"Adding the {g2} gives {s2} dollars."]
     if rng.random() < 0.5:
         bill = rng.choice([b for b in (20, 50, 100) if b >= total] or [100])
@@ -444,8 +683,7 @@ def _math_age(rng: random.Random) -> dict[str, str]:
         rel, how = "younger", "-"
     del how
     s2, future = _step(age, "+", c)
-    q = (f"{name} is {a} years old. {other} is {b} years {rel} than {name}. "
-         f"How old will {other} be in {c} years?")
+    q = f"{name} is {a} years old. {other} is {b} years {rel} than {name}. How old will {other} be in {c} years?"
     a_ = f"{other} is {s1} years old.\nIn {c} years {other} will be {s2}.\n#### {future}"
     return {"question": q, "answer": a_}
 
@@ -457,8 +695,7 @@ def _math_pages(rng: random.Random) -> dict[str, str]:
     n = a + b + rng.randint(1, 40)
     s1, read = _step(a, "+", b)
     s2, left = _step(n, "-", read)
-    q = (f"A book has {n} pages. {name} reads {a} pages on {d1} and {b} pages on {d2}. "
-         f"How many pages are left?")
+    q = f"A book has {n} pages. {name} reads {a} pages on {d1} and {b} pages on {d2}. How many pages are left?"
     ans = f"{name} reads {s1} pages.\nThe pages left are {s2}.\n#### {left}"
     return {"question": q, "answer": ans}
 
@@ -519,13 +756,32 @@ def math_prompt(question: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 NOUNS = (
-    "items", "prices", "scores", "values", "numbers", "points", "ages", "lengths", "weights",
-    "counts", "marks", "totals", "coins", "steps", "tasks", "sizes", "votes", "rows",
+    "items",
+    "prices",
+    "scores",
+    "values",
+    "numbers",
+    "points",
+    "ages",
+    "lengths",
+    "weights",
+    "counts",
+    "marks",
+    "totals",
+    "coins",
+    "steps",
+    "tasks",
+    "sizes",
+    "votes",
+    "rows",
 )
 PARAM_PAIRS = (("a", "b"), ("x", "y"), ("first", "second"), ("left", "right"), ("m", "n"))
 BINOPS = (
-    ("add", "sum", "+"), ("subtract", "difference", "-"), ("multiply", "product", "*"),
-    ("combine", "sum", "+"), ("scale", "product", "*"),
+    ("add", "sum", "+"),
+    ("subtract", "difference", "-"),
+    ("multiply", "product", "*"),
+    ("combine", "sum", "+"),
+    ("scale", "product", "*"),
 )
 # (name suffix, docstring words, condition on `item`)
 CONDITIONS = (
@@ -542,11 +798,14 @@ STRING_FUNCS = (
     ("reverse_text", "text", "Return the characters of text in reverse order.", "return text[::-1]"),
     ("first_word", "sentence", "Return the first word of a sentence.", "return sentence.split()[0]"),
     ("word_count", "sentence", "Return the number of words in a sentence.", "return len(sentence.split())"),
-    ("is_palindrome", "word", "Check whether word reads the same in both directions.",
-     "return word == word[::-1]"),
+    ("is_palindrome", "word", "Check whether word reads the same in both directions.", "return word == word[::-1]"),
     ("clean_name", "name", "Strip spaces and capitalise a name.", "return name.strip().title()"),
-    ("initials", "full_name", "Return the initials of a full name.",
-     'return "".join(part[0] for part in full_name.split())'),
+    (
+        "initials",
+        "full_name",
+        "Return the initials of a full name.",
+        'return "".join(part[0] for part in full_name.split())',
+    ),
 )
 
 
@@ -651,25 +910,30 @@ def _code_snippet(rng: random.Random) -> str:
     nums = ", ".join(str(rng.randint(1, 50)) for _ in range(rng.randint(3, 6)))
     kind = rng.randrange(3)
     if kind == 0:
-        return (f"# Compute the average of the {noun}\n{noun} = [{nums}]\n"
-                f"average = sum({noun}) / len({noun})\nprint(average)")
+        return (
+            f"# Compute the average of the {noun}\n{noun} = [{nums}]\n"
+            f"average = sum({noun}) / len({noun})\nprint(average)"
+        )
     if kind == 1:
-        return (f"# Sort the {noun} from high to low\n{noun} = [{nums}]\n"
-                f"{noun}.sort(reverse=True)\nprint({noun})")
-    return (f"# Square every value in {noun}\n{noun} = [{nums}]\n"
-            f"squares = [value * value for value in {noun}]\nprint(squares)")
+        return f"# Sort the {noun} from high to low\n{noun} = [{nums}]\n{noun}.sort(reverse=True)\nprint({noun})"
+    return (
+        f"# Square every value in {noun}\n{noun} = [{nums}]\n"
+        f"squares = [value * value for value in {noun}]\nprint(squares)"
+    )
 
 
 def _code_dict(rng: random.Random) -> str:
     key = rng.choice(("word", "name", "color", "city", "tag"))
-    return "\n".join([
-        f"def count_{key}s({key}s):",
-        f'    """Return a dictionary mapping each {key} to how often it appears."""',
-        "    counts = {}",
-        f"    for {key} in {key}s:",
-        f"        counts[{key}] = counts.get({key}, 0) + 1",
-        "    return counts",
-    ])
+    return "\n".join(
+        [
+            f"def count_{key}s({key}s):",
+            f'    """Return a dictionary mapping each {key} to how often it appears."""',
+            "    counts = {}",
+            f"    for {key} in {key}s:",
+            f"        counts[{key}] = counts.get({key}, 0) + 1",
+            "    return counts",
+        ]
+    )
 
 
 _CODE_KINDS: tuple[tuple[Callable[[random.Random], str], float], ...] = (
@@ -716,13 +980,9 @@ def build_corpus(seed: int = 0, sizes: CorpusSizes | None = None) -> dict[str, l
         seen: set[str] = set()
         n_train = getattr(sizes, f"{domain}_train")
         out[f"{domain}_train"] = _unique(make, random.Random(f"{seed}/{domain}/train"), n_train, seen, key)
-        out[f"{domain}_heldout"] = _unique(
-            make, random.Random(f"{seed}/{domain}/heldout"), sizes.heldout, seen, key
-        )
+        out[f"{domain}_heldout"] = _unique(make, random.Random(f"{seed}/{domain}/heldout"), sizes.heldout, seen, key)
         if domain == "math":
-            out["math_problems"] = _unique(
-                make, random.Random(f"{seed}/math/problems"), sizes.math_problems, seen, key
-            )
+            out["math_problems"] = _unique(make, random.Random(f"{seed}/math/problems"), sizes.math_problems, seen, key)
         if domain == "general":
             calib = _unique(make, random.Random(f"{seed}/general/calibration"), sizes.calibration, seen, key)
             out["calibration_general"] = [r["text"] for r in calib]

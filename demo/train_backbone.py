@@ -83,9 +83,7 @@ class TrainSettings:
     # half the math share: its templates have much lower entropy, and at 10% the backbone got so
     # close to the code floor that even full fine-tuning on code_train only cut heldout perplexity
     # by ~12% (1.79 -> 1.58), leaving too little room for a code expert.  Math at 10% left ~25%.
-    mix: dict[str, float] = field(
-        default_factory=lambda: {"general": 0.85, "math": 0.10, "code": 0.05}
-    )
+    mix: dict[str, float] = field(default_factory=lambda: {"general": 0.85, "math": 0.10, "code": 0.05})
     # Some math docs use the chat format so chat-templated prompts also land in-distribution.
     math_chat_fraction: float = 0.25
     threads: int = 2
@@ -145,10 +143,12 @@ def load_domain_texts(data_dir: Path, split: str, seed: int, math_chat_fraction:
 def train_tokenizer(texts: list[str], settings: TokenizerSettings) -> PreTrainedTokenizerFast:
     """Byte-level BPE; digits are split one by one, which helps a tiny model learn arithmetic."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=settings.vocab_size,
@@ -205,7 +205,10 @@ def build_batches(
             epochs += 1
         n_tok = sum(map(len, encoded))
         logger.info(
-            "%-7s %6d docs %8d tokens/epoch -> %.2f epochs in the mix", domain, len(encoded), n_tok,
+            "%-7s %6d docs %8d tokens/epoch -> %.2f epochs in the mix",
+            domain,
+            len(encoded),
+            n_tok,
             need / n_tok,
         )
         seqs.extend(stream[i : i + width] for i in range(0, need, width))
@@ -275,7 +278,11 @@ def train(model: LlamaForCausalLM, batches: torch.Tensor, settings: TrainSetting
             elapsed = time.time() - start
             logger.info(
                 "step %4d/%d  loss %.4f  lr %.2e  %.1fs elapsed, eta %.0fs",
-                step + 1, settings.steps, sum(recent) / len(recent), lr_at(step, settings), elapsed,
+                step + 1,
+                settings.steps,
+                sum(recent) / len(recent),
+                lr_at(step, settings),
+                elapsed,
                 elapsed / (step + 1) * (settings.steps - step - 1),
             )
     model.eval()
@@ -310,7 +317,10 @@ def perplexity(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, text
 
 @torch.no_grad()
 def greedy(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[str], max_new_tokens: int,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: list[str],
+    max_new_tokens: int,
     bs: int,
 ) -> list[str]:
     """Batched greedy completions (left padding), decoded without the prompt."""
@@ -319,7 +329,10 @@ def greedy(
     for i in range(0, len(prompts), bs):
         enc = tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True)
         gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
         outs.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -328,7 +341,9 @@ def greedy(
 
 
 def math_accuracy(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, records: list[dict[str, str]],
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    records: list[dict[str, str]],
     settings: EvalSettings,
 ) -> tuple[float, list[str]]:
     prompts = [math_prompt(r["question"]) for r in records]
@@ -338,7 +353,10 @@ def math_accuracy(
 
 
 def evaluate(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data_dir: Path, seed: int,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    data_dir: Path,
+    seed: int,
     settings: EvalSettings,
 ) -> dict:
     heldout = load_domain_texts(data_dir, "heldout", seed, math_chat_fraction=0.0)
@@ -351,8 +369,10 @@ def evaluate(
         ("math", [math_prompt(r["question"]) for r in math_recs[:3]]),
         ("code", list(settings.code_prompts)),
     ):
-        outs = math_outs[:3] if domain == "math" else greedy(
-            model, tokenizer, prompts, settings.sample_max_new_tokens, settings.batch_size
+        outs = (
+            math_outs[:3]
+            if domain == "math"
+            else greedy(model, tokenizer, prompts, settings.sample_max_new_tokens, settings.batch_size)
         )
         samples[domain] = list(zip(prompts, outs, strict=True))
     return {"perplexity": ppl, "math_accuracy": acc, "samples": samples}
@@ -396,7 +416,12 @@ def patch_tokenizer_config(out: Path) -> None:
 
 
 def render_report(
-    settings: Settings, seed: int, final_loss: float, results: dict, train_seconds: float, n_params: int,
+    settings: Settings,
+    seed: int,
+    final_loss: float,
+    results: dict,
+    train_seconds: float,
+    n_params: int,
     size_bytes: int,
 ) -> str:
     lines = [

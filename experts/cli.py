@@ -77,10 +77,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (repeatable runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
-                        help="question/answer template with {question} and {answer} (answer last)")
-    parser.add_argument("--extractor", default="gsm8k",
-                        help="final-answer extractor: gsm8k (#### N), last-number, or module:function")
+    parser.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help="question/answer template with {question} and {answer} (answer last)",
+    )
+    parser.add_argument(
+        "--extractor", default="gsm8k", help="final-answer extractor: gsm8k (#### N), last-number, or module:function"
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -96,13 +100,23 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", default=None, help="held-out JSONL (default: a seeded split of --data)")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--heldout-limit", type=int, default=200)
-    p.add_argument("--calibration", default=None,
-                   help="base-domain text: the gate rejects it and thresholds cap its false positives "
-                        "(default: the general calibration text)")
-    p.add_argument("--negatives", nargs="+", default=None,
-                   help="other domains' text the gate must also reject (default: the calibration text alone)")
-    p.add_argument("--with-experts", default=None,
-                   help="directory of experts already plugged beside this one (their examples are negatives)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="base-domain text: the gate rejects it and thresholds cap its false positives "
+        "(default: the general calibration text)",
+    )
+    p.add_argument(
+        "--negatives",
+        nargs="+",
+        default=None,
+        help="other domains' text the gate must also reject (default: the calibration text alone)",
+    )
+    p.add_argument(
+        "--with-experts",
+        default=None,
+        help="directory of experts already plugged beside this one (their examples are negatives)",
+    )
     p.add_argument("--description", default="")
     p.add_argument("--examples", nargs="+", default=None, help="3-5 example prompts to store (default: held-out)")
     p.add_argument("--rank", type=int, default=16)
@@ -115,8 +129,12 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-examples", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--gate-steps", type=int, default=100)
-    p.add_argument("--threshold-rule", choices=("cap", "max"), default="cap",
-                   help="cap: at most --fp-cap of negative decisions pass; max: highest negative score + margin")
+    p.add_argument(
+        "--threshold-rule",
+        choices=("cap", "max"),
+        default="cap",
+        help="cap: at most --fp-cap of negative decisions pass; max: highest negative score + margin",
+    )
     p.add_argument("--fp-cap", type=float, default=1e-3)
     p.add_argument("--threshold-margin", type=float, default=0.0)
     p.add_argument("--balance-steps", type=int, default=50)
@@ -149,30 +167,64 @@ def run_train(args: argparse.Namespace) -> int:
             other_examples.extend(load_examples_from_expert(other, template, extractor))
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     config = TrainConfig(
-        name=args.name, rank=args.rank, layers=layers, steps=args.steps, batch_size=args.batch_size,
-        max_tokens=args.max_tokens, lr=args.lr, eval_every=args.eval_every, eval_examples=args.eval_examples,
-        max_new_tokens=args.max_new_tokens, gate_steps=args.gate_steps, threshold_rule=args.threshold_rule,
-        fp_cap=args.fp_cap, threshold_margin=args.threshold_margin, balance_steps=args.balance_steps,
-        balance_rate=args.balance_rate, seed=args.seed,
+        name=args.name,
+        rank=args.rank,
+        layers=layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        eval_examples=args.eval_examples,
+        max_new_tokens=args.max_new_tokens,
+        gate_steps=args.gate_steps,
+        threshold_rule=args.threshold_rule,
+        fp_cap=args.fp_cap,
+        threshold_margin=args.threshold_margin,
+        balance_steps=args.balance_steps,
+        balance_rate=args.balance_rate,
+        seed=args.seed,
     )
     provenance = {
-        "tool": "plugmoe train-expert", "args": _args_dict(args), "model": args.model, "data": args.data,
-        "heldout": args.heldout, "calibration": calibration_file, "negatives": negative_files,
+        "tool": "plugmoe train-expert",
+        "args": _args_dict(args),
+        "model": args.model,
+        "data": args.data,
+        "heldout": args.heldout,
+        "calibration": calibration_file,
+        "negatives": negative_files,
         "with_experts": [o.name for o in others],
-        "template": args.template, "extractor": args.extractor, "seed": args.seed,
-        "train_records": len(train), "heldout_records": len(heldout), "device": str(model.device),
+        "template": args.template,
+        "extractor": args.extractor,
+        "seed": args.seed,
+        "train_records": len(train),
+        "heldout_records": len(heldout),
+        "device": str(model.device),
     }
     expert = train_expert(
-        model, tokenizer, config, train, heldout, to_examples(cal_train, template, extractor),
-        to_examples(cal_held, template, extractor), extractor, to_examples(negative_records, template, extractor),
-        others, other_examples, description=args.description, examples=args.examples or (), provenance=provenance,
+        model,
+        tokenizer,
+        config,
+        train,
+        heldout,
+        to_examples(cal_train, template, extractor),
+        to_examples(cal_held, template, extractor),
+        extractor,
+        to_examples(negative_records, template, extractor),
+        others,
+        other_examples,
+        description=args.description,
+        examples=args.examples or (),
+        provenance=provenance,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.0f} s")
     print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
-    print(f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
-          f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}")
+    print(
+        f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
+        f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}"
+    )
     print(f"routing check (sequence mode): {evals['routing']}")
     return 0
 
@@ -211,17 +263,31 @@ def run_distill(args: argparse.Namespace) -> int:
         raise DataFormatError(f"{args.problems} holds no question/answer records")
     model, tokenizer = _load_model(args.model, args.device)
     records, report = distill(
-        model, tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, template=Template(args.template),
-        extractor=get_extractor(args.extractor), seed=args.seed, max_per_problem=args.max_per_problem,
+        model,
+        tokenizer,
+        problems,
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        template=Template(args.template),
+        extractor=get_extractor(args.extractor),
+        seed=args.seed,
+        max_per_problem=args.max_per_problem,
         batch_size=args.batch_size,
     )
     write_jsonl(args.out, records)
     seconds = time.perf_counter() - started
     print(f"{report.summary()}; wrote {args.out} in {seconds:.0f} s")
     if args.report:
-        summary = {**vars(report), "solve_rate": report.solve_rate, "seconds": round(seconds, 1),
-                   "k": args.k, "temperature": args.temperature, "seed": args.seed}
+        summary = {
+            **vars(report),
+            "solve_rate": report.solve_rate,
+            "seconds": round(seconds, 1),
+            "k": args.k,
+            "temperature": args.temperature,
+            "seed": args.seed,
+        }
         Path(args.report).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
@@ -233,8 +299,13 @@ def add_eval(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate plugged experts per domain; markdown table and JSON")
     _common(p)
     p.add_argument("--experts", required=True, help="directory of .safetensors experts to plug")
-    p.add_argument("--data", nargs="+", required=True, metavar="NAME=FILE",
-                   help="domains; a domain's target is the expert of the same name")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="NAME=FILE",
+        help="domains; a domain's target is the expert of the same name",
+    )
     p.add_argument("--base", default="general", help="the base domain (target: the base route)")
     p.add_argument("--out", default=None, help="JSON report path")
     p.add_argument("--limit", type=int, default=200, help="sequences per domain")
@@ -258,8 +329,13 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model, args.device)
     for expert in load_experts_dir(args.experts, model.fingerprint):
         model.plug(expert)
-    config = EvalConfig(base=args.base, limit=args.limit, behaviour_limit=args.behaviour_limit,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    config = EvalConfig(
+        base=args.base,
+        limit=args.limit,
+        behaviour_limit=args.behaviour_limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     report = evaluate(model, tokenizer, domains, config, extractor)
     report["args"] = _args_dict(args)
     table = render_table(report)

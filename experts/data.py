@@ -69,7 +69,7 @@ class Template:
             raise DataFormatError(f"template {self.text!r} must end with {{answer}}")
         rendered = before.replace("{question}", question)
         prompt = rendered.rstrip(" ")
-        return prompt, rendered[len(prompt):]
+        return prompt, rendered[len(prompt) :]
 
     def prompt(self, question: str) -> str:
         return self.split(question)[0]

@@ -73,8 +73,9 @@ def distill(
         for sample in range(k):
             prompts.append(prompt)
             # one seeded stream per (problem, sample): the same seed gives the same file
-            params.append(SamplingParams(temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + index * k
-                                         + sample))
+            params.append(
+                SamplingParams(temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + index * k + sample)
+            )
     with tqdm(total=len(prompts), desc="distill", unit="sample") as bar:
         outs = generate(model, tokenizer, prompts, spec, max_new_tokens, params, batch_size=batch_size, progress=bar)
     records: list[dict[str, str]] = []

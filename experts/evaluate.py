@@ -111,8 +111,13 @@ def decide(counts: list[dict[str, float]], plugged: PluggedSet, min_share: float
 
 @torch.no_grad()
 def sequence_decisions(
-    model: RoutedModel, tokenizer, texts: Sequence[str], plugged: PluggedSet | None = None, batch_size: int = 32,
-    max_tokens: int = 256, allow: tuple[str, ...] | None = None,
+    model: RoutedModel,
+    tokenizer,
+    texts: Sequence[str],
+    plugged: PluggedSet | None = None,
+    batch_size: int = 32,
+    max_tokens: int = 256,
+    allow: tuple[str, ...] | None = None,
 ) -> list[str]:
     """The route `sequence` mode picks for each text used as a prompt (an expert name or 'base')."""
     plugged = plugged if plugged is not None else model.plugged
@@ -265,14 +270,19 @@ def _ppl(nll: float, count: int) -> float:
 
 @torch.no_grad()
 def sequence_nll(
-    model: RoutedModel, tokenizer, examples: Sequence[Example], specs: Sequence[RoutingSpec],
-    plugged: PluggedSet, config: EvalConfig,
+    model: RoutedModel,
+    tokenizer,
+    examples: Sequence[Example],
+    specs: Sequence[RoutingSpec],
+    plugged: PluggedSet,
+    config: EvalConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """Per example: summed NLL of its scored tokens [S], their count [S], and its (token, layer) routes."""
     nlls, counts, routes = [], [], []
     size = config.batch_size
-    for start, batch in zip(range(0, len(examples), size),
-                            batches(tokenizer, examples, size, config.max_tokens), strict=True):
+    for start, batch in zip(
+        range(0, len(examples), size), batches(tokenizer, examples, size, config.max_tokens), strict=True
+    ):
         batch = batch.to(model.device)
         out = forward(model, batch, list(specs[start : start + size]), plugged)
         nll, count = token_nll(out.logits, batch)
@@ -302,8 +312,9 @@ def evaluate_domain(
     nll, count, _ = sequence_nll(model, tokenizer, examples, [RoutingSpec("off")] * n, plugged, config)
     route_nll[BASE_ROUTE] = nll
     for name in names:
-        route_nll[name], _, _ = sequence_nll(model, tokenizer, examples, [RoutingSpec("pin", name)] * n, plugged,
-                                             config)
+        route_nll[name], _, _ = sequence_nll(
+            model, tokenizer, examples, [RoutingSpec("pin", name)] * n, plugged, config
+        )
     tokens = int(count.sum())
     ppl = {"off": _ppl(float(route_nll[BASE_ROUTE].sum()), tokens)}
     for name in names:
@@ -321,18 +332,25 @@ def evaluate_domain(
             fired[route] = fired.get(route, 0.0) + c
     entropy = sum(entropy_bits(route_shares(row)) for row in token_counts) / max(n, 1)
     # sequence routing: decided from the prompt (QA: the question's prompt; text: the whole text)
-    decisions = sequence_decisions(model, tokenizer, [e.prompt or e.target for e in examples], plugged,
-                                   config.batch_size, config.max_tokens)
+    decisions = sequence_decisions(
+        model, tokenizer, [e.prompt or e.target for e in examples], plugged, config.batch_size, config.max_tokens
+    )
     specs = [RoutingSpec("sequence", expert=d) for d in decisions]
     nll, _, _ = sequence_nll(model, tokenizer, examples, specs, plugged, config)
     ppl["sequence"] = _ppl(float(nll.sum()), tokens)
     token_routes = route_shares(totals)
     sequence_routes = {r: decisions.count(r) / max(n, 1) for r in sorted(set(decisions))}
     result = DomainResult(
-        domain=domain, target=target, sequences=n, tokens=tokens, ppl=ppl,
+        domain=domain,
+        target=target,
+        sequences=n,
+        tokens=tokens,
+        ppl=ppl,
         sequence_to_target=sequence_routes.get(target, 0.0) if target else None,
         token_to_target=token_routes.get(target, 0.0) if target else None,
-        sequence_routes=sequence_routes, token_routes=token_routes, entropy_bits=entropy,
+        sequence_routes=sequence_routes,
+        token_routes=token_routes,
+        entropy_bits=entropy,
     )
     qa = [e for e in examples if e.is_qa and e.gold is not None][: config.behaviour_limit]
     if qa:
@@ -385,9 +403,7 @@ def evaluate(
     return {
         "experts": list(model.plugged.names),
         "config": asdict(config),
-        "domains": [
-            {**asdict(r), "ppl_change": r.ppl_change, "oracle_gap": r.oracle_gap} for r in results
-        ],
+        "domains": [{**asdict(r), "ppl_change": r.ppl_change, "oracle_gap": r.oracle_gap} for r in results],
         "never_fired": never,
         "mean_entropy_bits": sum(r.entropy_bits for r in results) / max(len(results), 1),
     }
@@ -401,8 +417,10 @@ def _pct(x: float | None, signed: bool = False) -> str:
 
 def render_table(report: dict) -> str:
     """The report as markdown: one row per domain, then the summary lines."""
-    head = ("| domain | target | seqs | ppl off | ppl token | ppl seq | Δppl token | Δppl seq | oracle gap seq "
-            "| seq→target | tok→target | entropy (bits) | acc off | acc token | acc seq | acc oracle |")
+    head = (
+        "| domain | target | seqs | ppl off | ppl token | ppl seq | Δppl token | Δppl seq | oracle gap seq "
+        "| seq→target | tok→target | entropy (bits) | acc off | acc token | acc seq | acc oracle |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in report["domains"]:
         acc = d["accuracy"]
@@ -419,13 +437,19 @@ def render_table(report: dict) -> str:
         if d["greedy_unchanged"]:
             g = d["greedy_unchanged"]
             change = d["ppl_change"]
-            notes.append(f"- base domain `{d['domain']}`: perplexity change token {_pct(change['token'], True)}, "
-                         f"sequence {_pct(d['ppl_change']['sequence'], True)}; greedy continuations unchanged: "
-                         f"token {_pct(g['token'])}, sequence {_pct(g['sequence'])}")
+            notes.append(
+                f"- base domain `{d['domain']}`: perplexity change token {_pct(change['token'], True)}, "
+                f"sequence {_pct(d['ppl_change']['sequence'], True)}; greedy continuations unchanged: "
+                f"token {_pct(g['token'])}, sequence {_pct(g['sequence'])}"
+            )
         pins = {k[4:]: v for k, v in d["accuracy"].items() if k.startswith("pin:")}
         if pins:
-            notes.append(f"- `{d['domain']}` accuracy with each expert pinned: "
-                         + ", ".join(f"{k} {_pct(v)}" for k, v in pins.items()))
-    notes.append(f"- experts that never fired: {', '.join(report['never_fired']) or 'none'}; "
-                 f"mean routing entropy {report['mean_entropy_bits']:.3f} bits")
+            notes.append(
+                f"- `{d['domain']}` accuracy with each expert pinned: "
+                + ", ".join(f"{k} {_pct(v)}" for k, v in pins.items())
+            )
+    notes.append(
+        f"- experts that never fired: {', '.join(report['never_fired']) or 'none'}; "
+        f"mean routing entropy {report['mean_entropy_bits']:.3f} bits"
+    )
     return "\n".join(lines + [""] + notes)

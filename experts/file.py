@@ -231,9 +231,7 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
             "non-empty list of layer indices"
         )
     if len(set(layers)) != len(layers) or max(layers) >= fp.num_layers:
-        raise InvalidMetadataError(
-            f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers"
-        )
+        raise InvalidMetadataError(f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers")
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
     return {

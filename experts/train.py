@@ -149,8 +149,13 @@ def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, hel
 
 
 def behaviour_accuracy(
-    model: RoutedModel, tokenizer, plugged: PluggedSet, spec: RoutingSpec, examples: Sequence[Example],
-    max_new_tokens: int, extractor: Extractor,
+    model: RoutedModel,
+    tokenizer,
+    plugged: PluggedSet,
+    spec: RoutingSpec,
+    examples: Sequence[Example],
+    max_new_tokens: int,
+    extractor: Extractor,
 ) -> float:
     """Share of QA examples whose greedy completion's extracted answer equals the gold one."""
     outs = generate(model, tokenizer, [e.prompt for e in examples], spec, max_new_tokens, plugged=plugged)
@@ -340,8 +345,9 @@ def train_gate(
     limit = config.gate_max_tokens
     # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
     # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
-    pinned = capture_inputs(model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens,
-                            limit)
+    pinned = capture_inputs(
+        model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens, limit
+    )
     observed = [Example("", e.prompt or e.target) for e in domain]
     plain = capture_inputs(model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit)
     pos = [torch.cat([a, b]) for a, b in zip(pinned, plain, strict=True)]
@@ -365,22 +371,27 @@ def train_gate(
         thresholds.append(threshold)
         # the "max" rule promises that no calibration token passes, so balancing may not open the gate further
         cap = 0.0 if config.threshold_rule == "max" else config.fp_cap
-        ceilings.append(min(offset_ceiling(neg_scores, threshold, cap), offset_ceiling(neg_scores, threshold,
-                                                                                      config.fp_cap)))
+        ceilings.append(
+            min(offset_ceiling(neg_scores, threshold, cap), offset_ceiling(neg_scores, threshold, config.fp_cap))
+        )
     device = expert.keys.device
     expert.keys = torch.stack(keys).to(device)
     expert.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
     expert.offsets = torch.zeros(len(expert.layers), dtype=torch.float32, device=device)
     ceiling = torch.tensor(ceilings, dtype=torch.float32, device=device)
-    balance_offsets(model, tokenizer, expert, domain, [*calibration, *negatives], config, ceiling, others,
-                    other_examples)
+    balance_offsets(
+        model, tokenizer, expert, domain, [*calibration, *negatives], config, ceiling, others, other_examples
+    )
     recall, false_positive = [], []
     for i, layer in enumerate(expert.layers):
         score = lambda x, i=i: F.normalize(x, dim=-1) @ expert.keys[i].cpu().float() + float(expert.offsets[i])  # noqa: E731
         recall.append(float((score(pos[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
         false_positive.append(float((score(base_neg[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
-    logger.info("stage 2 recall per layer %s, false positives %s",
-                [round(r, 3) for r in recall], [round(f, 5) for f in false_positive])
+    logger.info(
+        "stage 2 recall per layer %s, false positives %s",
+        [round(r, 3) for r in recall],
+        [round(f, 5) for f in false_positive],
+    )
     return GateResult(recall, false_positive, ceilings, time.perf_counter() - started)
 
 
@@ -428,8 +439,9 @@ def balance_offsets(
                 observed[layer_index[layer]] = counts.get(expert.name, 0.0) / max(sum(counts.values()), 1.0)
         updated = loss_free_update(expert.offsets, observed, torch.full_like(observed, target), config.balance_rate)
         expert.offsets = clamp_offsets(updated, ceiling)
-    logger.info("offsets after %d balancing batches: %s", config.balance_steps,
-                [round(float(o), 4) for o in expert.offsets])
+    logger.info(
+        "offsets after %d balancing batches: %s", config.balance_steps, [round(float(o), 4) for o in expert.offsets]
+    )
 
 
 # --- the whole pipeline ---------------------------------------------------------------------------------
@@ -470,17 +482,29 @@ def train_expert(
     expert.metadata = {
         "provenance": {**(provenance or {}), "config": _jsonable(asdict(config))},
         "evals": {
-            "stage1": {"best_step": stage1.best_step, "best": stage1.best_metric, "history": stage1.history,
-                       "seconds": round(stage1.seconds, 1)},
-            "gate": {"threshold_rule": config.threshold_rule, "fp_cap": config.fp_cap,
-                     "recall_per_layer": gate.recall, "false_positive_per_layer": gate.false_positive,
-                     "offset_ceiling": gate.offset_ceiling, "seconds": round(gate.seconds, 1)},
+            "stage1": {
+                "best_step": stage1.best_step,
+                "best": stage1.best_metric,
+                "history": stage1.history,
+                "seconds": round(stage1.seconds, 1),
+            },
+            "gate": {
+                "threshold_rule": config.threshold_rule,
+                "fp_cap": config.fp_cap,
+                "recall_per_layer": gate.recall,
+                "false_positive_per_layer": gate.false_positive,
+                "offset_ceiling": gate.offset_ceiling,
+                "seconds": round(gate.seconds, 1),
+            },
             "routing": routing,
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
     return Expert(
-        name=expert.name, layers=expert.layers, description=expert.description, examples=expert.examples,
+        name=expert.name,
+        layers=expert.layers,
+        description=expert.description,
+        examples=expert.examples,
         metadata=expert.metadata,
         **{k: v.detach().to("cpu", torch.float32) for k, v in expert.tensors().items()},
     )
@@ -514,4 +538,3 @@ def _jsonable(value):
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-

@@ -127,9 +127,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_backbone(
-    name_or_path: str | Path, device: str = "auto", dtype: str = "float32"
-) -> tuple[nn.Module, object]:
+def load_backbone(name_or_path: str | Path, device: str = "auto", dtype: str = "float32") -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer from a local directory or a hub id, frozen.
 
     Returns (model, tokenizer). Hub ids need network access (or a populated HF cache).

@@ -39,8 +39,9 @@ class StepOutput:
 class DecodeBatch:
     """Sequences decoding together with one KV cache (see the module docstring for shapes)."""
 
-    def __init__(self, cache: DynamicCache | None = None, mask: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, cache: DynamicCache | None = None, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> None:
         self.cache = cache
         self.mask = mask
         self.positions = positions
@@ -75,15 +76,23 @@ class DecodeBatch:
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         mask = torch.zeros(len(prompts), longest, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, longest - len(prompt):] = 1
+            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, ... per row
         routing = StepRouting.from_specs(specs, plugged, mask.bool(), observe=observe)
         with torch.inference_mode():
             # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
-            out = model(ids, attention_mask=mask, routing=routing, plugged=plugged,
-                        past_key_values=DynamicCache(), position_ids=positions, use_cache=True, logits_to_keep=1)
+            out = model(
+                ids,
+                attention_mask=mask,
+                routing=routing,
+                plugged=plugged,
+                past_key_values=DynamicCache(),
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         batch = cls(out.past_key_values, mask, mask.sum(dim=1))
         return batch, _step_output(out)
 
@@ -134,8 +143,15 @@ class DecodeBatch:
         ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [B, 1]
         mask = torch.cat([self.mask, torch.ones(len(self), 1, dtype=self.mask.dtype, device=device)], dim=1)
         with torch.inference_mode():
-            out = model(ids, attention_mask=mask, routing=specs, plugged=plugged, past_key_values=self.cache,
-                        position_ids=self.positions[:, None], use_cache=True)
+            out = model(
+                ids,
+                attention_mask=mask,
+                routing=specs,
+                plugged=plugged,
+                past_key_values=self.cache,
+                position_ids=self.positions[:, None],
+                use_cache=True,
+            )
         self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
         return _step_output(out)
 

@@ -250,11 +250,7 @@ class RoutedModel(nn.Module):
     ) -> _Step:
         device, experts = self.device, len(plugged)
         rows = torch.arange(batch, device=device).repeat_interleave(length)  # [N]
-        valid = (
-            token_mask.reshape(-1).float()
-            if token_mask is not None
-            else torch.ones(batch * length, device=device)
-        )
+        valid = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(batch * length, device=device)
         simple = routing.all_token_mode
         skip = None
         if token_mask is not None or not routing.applies_everywhere:

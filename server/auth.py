@@ -51,8 +51,9 @@ def require_admin(request: Request, settings: SettingsDep) -> None:
         return
     host = request.client.host if request.client else None
     if not is_loopback(host):
-        raise AuthError(403, f"without PLUGMOE_ADMIN_TOKEN set, only loopback clients may change experts "
-                             f"(this client: {host})")
+        raise AuthError(
+            403, f"without PLUGMOE_ADMIN_TOKEN set, only loopback clients may change experts (this client: {host})"
+        )
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

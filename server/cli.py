@@ -29,8 +29,11 @@ def _flag_type(annotation: object) -> tuple[type | None, tuple | None]:
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="serve the model and its experts over HTTP",
-                                  description="Every flag has a PLUGMOE_<FLAG> environment variable.")
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve the model and its experts over HTTP",
+        description="Every flag has a PLUGMOE_<FLAG> environment variable.",
+    )
     for name, field in Settings.model_fields.items():
         kind, choices = _flag_type(field.annotation)
         flag = "--" + name.replace("_", "-")

@@ -238,8 +238,9 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        logger.info("engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue,
-                    self.context_limit)
+        logger.info(
+            "engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue, self.context_limit
+        )
         while True:
             with self._wake:
                 while not (self._stopping or self._calls or self._waiting or self._running):
@@ -293,8 +294,9 @@ class Engine:
             if spec is None:
                 self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
                 continue
-            seqs.append(_Sequence(handle, spec, handle.request.sampling.generator(self.model.device),
-                                  last_token_at=now))
+            seqs.append(
+                _Sequence(handle, spec, handle.request.sampling.generator(self.model.device), last_token_at=now)
+            )
         if not seqs:
             return
         try:
@@ -308,8 +310,9 @@ class Engine:
     def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
         """Prefill new sequences together, sample their first tokens, and join them to the running batch."""
         observe = [s.spec.mode == "sequence" and s.spec.expert is None for s in seqs]
-        batch, out = DecodeBatch.prefill(self.model, [s.request.prompt_ids for s in seqs],
-                                         [s.spec for s in seqs], plugged, observe)
+        batch, out = DecodeBatch.prefill(
+            self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged, observe
+        )
         logits = [out.logits[i] for i in range(len(seqs))]
         counts = list(out.row_counts)
         self._count_layers(out)
@@ -319,10 +322,10 @@ class Engine:
             _add(seq.counts, row_counts)
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-        tokens = sample(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs],
-                        [0] * len(seqs), self.eos_ids)
-        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True))
-                if not self._advance(seq, token)]
+        tokens = sample(
+            logits, [s.request.sampling for s in seqs], [s.generator for s in seqs], [0] * len(seqs), self.eos_ids
+        )
+        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not self._advance(seq, token)]
         batch.keep(keep)
         self._batch.extend(batch)
         self._running.extend(seqs[row] for row in keep)
@@ -343,8 +346,7 @@ class Engine:
         for row, seq in enumerate(seqs):
             if not observe[row]:
                 continue
-            decision = decide_sequence(counts[row], names,
-                                       self.model.router.sequence_min_share)
+            decision = decide_sequence(counts[row], names, self.model.router.sequence_min_share)
             seq.spec = RoutingSpec("sequence", expert=decision, allow=seq.spec.allow)
             if decision == BASE_ROUTE:
                 # observed decisions were never applied: the prompt ran on the backbone alone
@@ -355,8 +357,9 @@ class Engine:
             return batch, seqs, logits, counts
         stay = [row for row in range(len(seqs)) if row not in redo]
         batch.keep(stay)
-        again, out = DecodeBatch.prefill(self.model, [seqs[r].request.prompt_ids for r in redo],
-                                         [seqs[r].spec for r in redo], plugged)
+        again, out = DecodeBatch.prefill(
+            self.model, [seqs[r].request.prompt_ids for r in redo], [seqs[r].spec for r in redo], plugged
+        )
         self._count_layers(out)
         batch.extend(again)
         order = stay + redo
@@ -386,8 +389,13 @@ class Engine:
         self._count_layers(out)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
-        tokens = sample(out.logits, [s.request.sampling for s in seqs], [s.generator for s in seqs],
-                        [len(s.generated) for s in seqs], self.eos_ids)
+        tokens = sample(
+            out.logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [len(s.generated) for s in seqs],
+            self.eos_ids,
+        )
         keep = []
         for row, (seq, token, row_counts) in enumerate(zip(seqs, tokens, out.row_counts, strict=True)):
             _add(seq.counts, row_counts)
@@ -423,18 +431,20 @@ class Engine:
         cut = _find_stop(text, request.stop, seq.emitted)
         if cut is not None:
             text, reason = text[:cut], STOP
-        if reason is None and (len(seq.generated) >= request.max_new_tokens
-                               or len(request.prompt_ids) + len(seq.generated) >= self.context_limit):
+        if reason is None and (
+            len(seq.generated) >= request.max_new_tokens
+            or len(request.prompt_ids) + len(seq.generated) >= self.context_limit
+        ):
             reason = LENGTH
         if reason is None:
             # hold back an incomplete character and anything that may grow into a stop string
             ready = len(text) - _held_back(text, request.stop)
             if text.endswith("\ufffd"):
                 ready = min(ready, len(text) - 1)
-            seq.handle.push(Event(text[seq.emitted:ready] if ready > seq.emitted else "", [token]))
+            seq.handle.push(Event(text[seq.emitted : ready] if ready > seq.emitted else "", [token]))
             seq.emitted = max(seq.emitted, ready)
             return False
-        seq.handle.push(Event(text[seq.emitted:], [token]))
+        seq.handle.push(Event(text[seq.emitted :], [token]))
         seq.emitted = max(seq.emitted, len(text))
         self._finish(seq, reason, None, text)
         return True
@@ -449,11 +459,18 @@ class Engine:
         if text is None:
             text = self._text([t for t in seq.generated if t not in self.eos_ids])
             if len(text) > seq.emitted and reason in (CANCELLED, EXPERT_UNPLUGGED, ERROR):
-                seq.handle.push(Event(text[seq.emitted:]))
+                seq.handle.push(Event(text[seq.emitted :]))
         self._finish_handle(seq.handle, reason, text, len(seq.generated), seq.counts, message)
 
-    def _finish_handle(self, handle: RequestHandle, reason: str, text: str, completion_tokens: int,
-                       counts: dict[str, float], message: str | None) -> None:
+    def _finish_handle(
+        self,
+        handle: RequestHandle,
+        reason: str,
+        text: str,
+        completion_tokens: int,
+        counts: dict[str, float],
+        message: str | None,
+    ) -> None:
         shares = route_shares(counts)
         entropy = routing_entropy(shares)
         if self.metrics and shares:
@@ -462,8 +479,13 @@ class Engine:
                 if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
                     self.metrics.request_expert_share.labels(expert=route).observe(share)
             self.metrics.routing_entropy.observe(entropy)
-        handle.push(Event(finished=Finished(reason, text, len(handle.request.prompt_ids), completion_tokens,
-                                            shares, entropy, message)))
+        handle.push(
+            Event(
+                finished=Finished(
+                    reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message
+                )
+            )
+        )
 
     def _count_layers(self, out: StepOutput) -> None:
         for layer, counts in enumerate(out.layer_counts):
@@ -487,8 +509,10 @@ def _current_spec(spec: RoutingSpec, plugged: PluggedSet) -> tuple[RoutingSpec |
     were unplugged are dropped from it, so the sequence goes on with the experts it may still use.
     """
     if spec.expert and spec.expert != BASE_ROUTE and spec.expert not in plugged:
-        return None, (f"expert {spec.expert!r} was unplugged while this request was running; "
-                      f"plugged now: {list(plugged.names) or 'none'}")
+        return None, (
+            f"expert {spec.expert!r} was unplugged while this request was running; "
+            f"plugged now: {list(plugged.names) or 'none'}"
+        )
     if spec.allow is not None and any(name not in plugged for name in spec.allow):
         spec = RoutingSpec(spec.mode, spec.expert, tuple(n for n in spec.allow if n in plugged))
     return spec, None

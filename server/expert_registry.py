@@ -101,8 +101,13 @@ class ExpertRegistry:
             self._plugged(self.model.plugged.get(expert.name), path)
             self.metrics.plug_operations.labels(action=action, result="ok").inc()
             self.metrics.plug_duration.labels(action="plug").observe(time.perf_counter() - start)
-            logger.info("%s %s (rank %d, %d layers)", "replaced" if replaced else "plugged", expert.name,
-                        expert.rank, len(expert.layers))
+            logger.info(
+                "%s %s (rank %d, %d layers)",
+                "replaced" if replaced else "plugged",
+                expert.name,
+                expert.rank,
+                len(expert.layers),
+            )
             return self.model.plugged.get(expert.name), report, replaced
 
     async def plug_source(self, source: str, name: str | None, replace: bool) -> tuple[Expert, dict | None, bool]:
@@ -159,11 +164,15 @@ class ExpertRegistry:
         report = admission_report(self.model, self.tokenizer, expert, self._calibration)
         problems = []
         if max_fpr is not None and report.false_positive_rate > max_fpr:
-            problems.append(f"false-positive rate {report.false_positive_rate:.3f} on general text is over the "
-                            f"limit {max_fpr}")
+            problems.append(
+                f"false-positive rate {report.false_positive_rate:.3f} on general text is over the limit {max_fpr}"
+            )
         if max_steal is not None:
-            problems += [f"it takes {rate:.3f} of expert {other!r}'s tokens, over the limit {max_steal}"
-                         for other, rate in sorted(report.steal_rates.items()) if rate > max_steal]
+            problems += [
+                f"it takes {rate:.3f} of expert {other!r}'s tokens, over the limit {max_steal}"
+                for other, rate in sorted(report.steal_rates.items())
+                if rate > max_steal
+            ]
         if problems:
             raise AdmissionRejectedError(
                 f"expert {expert.name!r} was not plugged: {'; '.join(problems)}. Retrain its gate (raise its "
@@ -227,7 +236,7 @@ def fetch_source(source: str) -> bytes:
             raise ExpertSourceError(f"fetching {source} failed: {type(e).__name__}: {e}") from e
     if parsed.scheme == "file":
         path = Path(urllib.parse.unquote(parsed.path))
-    elif parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and source[1:3] in (":\\", ":/")):
+    elif parsed.scheme in ("",) or (len(parsed.scheme) == 1 and source[1:3] in (":\\", ":/")):
         path = Path(source)
     else:
         raise ExpertSourceError(

@@ -38,8 +38,14 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         torch.set_num_threads(settings.num_threads)
     backbone, tokenizer = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
     model = RoutedModel(backbone, RouterConfig(top_k=settings.top_k, sequence_min_share=settings.sequence_min_share))
-    return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                  context_limit=settings.context_limit, metrics=metrics)
+    return Engine(
+        model,
+        tokenizer,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        context_limit=settings.context_limit,
+        metrics=metrics,
+    )
 
 
 @asynccontextmanager

@@ -20,40 +20,65 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.request_expert_share = Histogram(
-            "plugmoe_request_expert_share", "Per finished request, each route's share of its (token, layer) "
-            "routing decisions", ["expert"], buckets=SHARE_BUCKETS, registry=r)
+            "plugmoe_request_expert_share",
+            "Per finished request, each route's share of its (token, layer) routing decisions",
+            ["expert"],
+            buckets=SHARE_BUCKETS,
+            registry=r,
+        )
         self.routed_tokens = Counter(
-            "plugmoe_routed_tokens", "(token, layer) routing decisions per route and layer",
-            ["expert", "layer"], registry=r)
+            "plugmoe_routed_tokens",
+            "(token, layer) routing decisions per route and layer",
+            ["expert", "layer"],
+            registry=r,
+        )
         self.routing_entropy = Histogram(
-            "plugmoe_routing_entropy_bits", "Per finished request, entropy (bits) of its route shares",
-            buckets=(0, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8), registry=r)
+            "plugmoe_routing_entropy_bits",
+            "Per finished request, entropy (bits) of its route shares",
+            buckets=(0, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8),
+            registry=r,
+        )
         self.experts_plugged = Gauge("plugmoe_experts_plugged", "Experts plugged now", registry=r)
         self.expert_info = Gauge("plugmoe_expert_info", "1 per plugged expert", ["expert"], registry=r)
         self.plug_duration = Histogram(
-            "plugmoe_plug_duration_seconds", "Time to plug (validate, admit, swap) or unplug an expert",
-            ["action"], buckets=DURATION_BUCKETS, registry=r)
+            "plugmoe_plug_duration_seconds",
+            "Time to plug (validate, admit, swap) or unplug an expert",
+            ["action"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.plug_operations = Counter(
-            "plugmoe_plug_operations", "Plug, replace and unplug operations by result", ["action", "result"],
-            registry=r)
-        self.requests = Counter("plugmoe_requests", "HTTP requests by route template and status",
-                                ["endpoint", "status"], registry=r)
+            "plugmoe_plug_operations", "Plug, replace and unplug operations by result", ["action", "result"], registry=r
+        )
+        self.requests = Counter(
+            "plugmoe_requests", "HTTP requests by route template and status", ["endpoint", "status"], registry=r
+        )
         self.time_to_first_token = Histogram(
-            "plugmoe_time_to_first_token_seconds", "From submission to the first generated token",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "plugmoe_time_to_first_token_seconds",
+            "From submission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
-            "plugmoe_inter_token_latency_seconds", "Between two generated tokens of one request",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "plugmoe_inter_token_latency_seconds",
+            "Between two generated tokens of one request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
-            "plugmoe_request_duration_seconds", "End-to-end request latency", ["endpoint"],
-            buckets=DURATION_BUCKETS, registry=r)
+            "plugmoe_request_duration_seconds",
+            "End-to-end request latency",
+            ["endpoint"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.generated_tokens = Counter("plugmoe_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("plugmoe_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.queue_depth = Gauge("plugmoe_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.batch_size = Histogram("plugmoe_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.running_sequences = Gauge("plugmoe_running_sequences", "Sequences in the running batch",
-                                       registry=r)
+        self.batch_size = Histogram(
+            "plugmoe_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.running_sequences = Gauge("plugmoe_running_sequences", "Sequences in the running batch", registry=r)
         self.request_expert_share.labels(expert=BASE_ROUTE)
 
     def expert_plugged(self, name: str, layers: int, plugged_count: int) -> None:

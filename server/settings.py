@@ -31,11 +31,13 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    model: str = Field(default_factory=lambda: str(default_model_dir()),
-                       description="backbone: a local directory or a hub id")
+    model: str = Field(
+        default_factory=lambda: str(default_model_dir()), description="backbone: a local directory or a hub id"
+    )
     model_name: str | None = Field(None, description="name in /v1/models (default: the model dir's name)")
-    experts_dir: Path | None = Field(None, description="default: the demo experts dir with the demo model, "
-                                                       "else ./experts")
+    experts_dir: Path | None = Field(
+        None, description="default: the demo experts dir with the demo model, else ./experts"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
@@ -43,11 +45,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the running batch; past it, 503")
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
     context_limit: int | None = Field(None, ge=1, description="default: the model config's max positions")
-    admin_token: str | None = Field(None, description="bearer token for the writing /experts endpoints; "
-                                                      "unset: loopback clients only")
+    admin_token: str | None = Field(
+        None, description="bearer token for the writing /experts endpoints; unset: loopback clients only"
+    )
     api_keys: str | None = Field(None, description="comma-separated bearer keys for generation; unset: open")
-    calibration_file: Path | None = Field(None, description="general text for the admission report "
-                                                            "(default: the one shipped in experts/)")
+    calibration_file: Path | None = Field(
+        None, description="general text for the admission report (default: the one shipped in experts/)"
+    )
     max_false_positive_rate: float | None = Field(0.05, description="admission limit; None or negative: off")
     max_steal_rate: float | None = Field(0.5, description="admission limit; None or negative: off")
     top_k: int = Field(1, ge=1, description="experts per token")

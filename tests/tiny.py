@@ -35,18 +35,32 @@ def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = VOC
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-            max_position_embeddings=256, **common,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=256,
+            **common,
         )
     if family == "llama":
         return LlamaConfig(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=2 * hidden, max_position_embeddings=256, **common,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=256,
+            **common,
         )
     if family == "qwen2":
         return Qwen2Config(
-            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=2 * hidden, max_position_embeddings=256, **common,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=256,
+            **common,
         )
     raise ValueError(family)
 

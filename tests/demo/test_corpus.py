@@ -18,9 +18,7 @@ from demo.corpus import (
     write_corpus,
 )
 
-SMALL = CorpusSizes(
-    general_train=120, math_train=120, code_train=120, heldout=40, math_problems=40, calibration=20
-)
+SMALL = CorpusSizes(general_train=120, math_train=120, code_train=120, heldout=40, math_problems=40, calibration=20)
 STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 
 

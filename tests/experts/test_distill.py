@@ -63,8 +63,9 @@ def test_same_seed_same_data_other_seed_other_samples(model, tokenizer) -> None:
 
 
 def test_max_per_problem(model, tokenizer) -> None:
-    records, _ = distill(model, tokenizer, PROBLEMS, k=4, max_new_tokens=6, extractor=accept_all,
-                         temperature=1.0, max_per_problem=1)
+    records, _ = distill(
+        model, tokenizer, PROBLEMS, k=4, max_new_tokens=6, extractor=accept_all, temperature=1.0, max_per_problem=1
+    )
     assert len(records) == 3
 
 
@@ -74,8 +75,27 @@ def test_distill_cli(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     out, report = tmp_path / "distilled.jsonl", tmp_path / "report.json"
-    assert main(["distill", "--model", str(tiny_model_dir), "--problems", str(problems), "--out", str(out),
-                 "--k", "2", "--max-new-tokens", "4", "--extractor", "tests.experts.test_distill:accept_all",
-                 "--report", str(report)]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--model",
+                str(tiny_model_dir),
+                "--problems",
+                str(problems),
+                "--out",
+                str(out),
+                "--k",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--extractor",
+                "tests.experts.test_distill:accept_all",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert "solved 3/3 problems" in capsys.readouterr().out
     assert out.exists() and json.loads(report.read_text())["problems"] == 3

@@ -15,8 +15,12 @@ from moe import Expert, RoutedModel, RoutingSpec
 from moe.sampling import SamplingParams
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
-         "In the morning the weather was cold.", "Mia buys bread, milk and 12 eggs."]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "In the morning the weather was cold.",
+    "Mia buys bread, milk and 12 eggs.",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,8 +52,12 @@ def open_expert(name: str, hidden: int, layers: int, seed: int, threshold: float
 
 @pytest.mark.parametrize(
     ("text", "gsm8k", "last"),
-    [("so 3 + 4 = 7.\n#### 7", "7", "7"), ("#### 1,234.0 then 5", "1234", "5"), ("no answer", None, None),
-     ("#### -3", "-3", "-3")],
+    [
+        ("so 3 + 4 = 7.\n#### 7", "7", "7"),
+        ("#### 1,234.0 then 5", "1234", "5"),
+        ("no answer", None, None),
+        ("#### -3", "-3", "-3"),
+    ],
 )
 def test_extractors(text: str, gsm8k: str | None, last: str | None) -> None:
     assert gsm8k_answer(text) == gsm8k and last_number(text) == last
@@ -68,7 +76,7 @@ def test_greedy_generation_matches_hugging_face(model, tokenizer) -> None:
     for prompt, out in zip(prompts, ours, strict=True):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         ref = model.backbone.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=0)
-        assert out.text == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert out.text == tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_seeded_sampling_repeats(model, tokenizer) -> None:
@@ -122,8 +130,25 @@ def test_eval_cli_prints_a_table_and_writes_json(tiny_model_dir: Path, tmp_path:
     general = tmp_path / "general.jsonl"
     general.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--experts", str(experts_dir), "--data",
-                 f"general={general}", f"code={general}", "--out", str(out), "--limit", "3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_model_dir),
+                "--experts",
+                str(experts_dir),
+                "--data",
+                f"general={general}",
+                f"code={general}",
+                "--out",
+                str(out),
+                "--limit",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| general | base | 3 |" in printed and "| code | code | 3 |" in printed
     report = json.loads(out.read_text())

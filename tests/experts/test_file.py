@@ -48,7 +48,10 @@ def test_round_trip(model: RoutedModel, tmp_path: Path) -> None:
     path = ExpertFile.save(e, tmp_path / "math.safetensors", model.fingerprint)
     loaded = ExpertFile.load(path, model.fingerprint)
     assert (loaded.name, loaded.layers, loaded.description, loaded.examples) == (
-        "math", (0, 1), "arithmetic", ("Question: 1 + 1?", "Question: 2 * 3?")
+        "math",
+        (0, 1),
+        "arithmetic",
+        ("Question: 1 + 1?", "Question: 2 * 3?"),
     )
     for key, tensor in e.tensors().items():
         assert torch.equal(loaded.tensors()[key], tensor), key
@@ -97,12 +100,19 @@ CASES = [
     ("missing", lambda m: _blob(m, tensors={"keys": None}), MissingTensorError, "['keys']"),
     ("extra", lambda m: _blob(m, tensors={"bias": torch.zeros(3)}), UnexpectedTensorError, "['bias']"),
     ("shape", lambda m: _blob(m, tensors={"up": torch.zeros(2, 5, 32)}), TensorShapeError, "'up' has shape"),
-    ("dtype", lambda m: _blob(m, tensors={"offsets": torch.zeros(2, dtype=torch.float64)}), TensorDtypeError,
-     "'offsets'"),
-    ("mixed dtype", lambda m: _blob(m, tensors={"keys": torch.zeros(2, 32, dtype=torch.float16)}), TensorDtypeError,
-     "share one of"),
-    ("nan", lambda m: _blob(m, tensors={"down": torch.full((2, 32, 4), float("nan"))}), NonFiniteTensorError,
-     "'down'"),
+    (
+        "dtype",
+        lambda m: _blob(m, tensors={"offsets": torch.zeros(2, dtype=torch.float64)}),
+        TensorDtypeError,
+        "'offsets'",
+    ),
+    (
+        "mixed dtype",
+        lambda m: _blob(m, tensors={"keys": torch.zeros(2, 32, dtype=torch.float16)}),
+        TensorDtypeError,
+        "share one of",
+    ),
+    ("nan", lambda m: _blob(m, tensors={"down": torch.full((2, 32, 4), float("nan"))}), NonFiniteTensorError, "'down'"),
 ]
 
 

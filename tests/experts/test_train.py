@@ -34,8 +34,18 @@ from experts.train import (
 from moe import RoutedModel, RoutingSpec
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
-FAST = {"steps": 4, "batch_size": 4, "max_tokens": 32, "eval_every": 2, "eval_examples": 4, "max_new_tokens": 8,
-        "gate_steps": 20, "gate_max_tokens": 2000, "balance_steps": 3, "balance_batch": 6}
+FAST = {
+    "steps": 4,
+    "batch_size": 4,
+    "max_tokens": 32,
+    "eval_every": 2,
+    "eval_examples": 4,
+    "max_new_tokens": 8,
+    "gate_steps": 20,
+    "gate_max_tokens": 2000,
+    "balance_steps": 3,
+    "balance_batch": 6,
+}
 
 
 def code_texts(n: int, seed: int = 0) -> list[str]:
@@ -45,8 +55,23 @@ def code_texts(n: int, seed: int = 0) -> list[str]:
 
 def general_texts(n: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
-    words = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "near", "river", "bank", "morning",
-             "weather", "cold", "children")
+    words = (
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "near",
+        "river",
+        "bank",
+        "morning",
+        "weather",
+        "cold",
+        "children",
+    )
     return [" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(n)]
 
 
@@ -55,8 +80,12 @@ def qa_records(n: int, seed: int = 2) -> list[dict[str, str]]:
     out = []
     for _ in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        out.append({"question": f"Tom has {a} apples and buys {b} more. How many?",
-                    "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"})
+        out.append(
+            {
+                "question": f"Tom has {a} apples and buys {b} more. How many?",
+                "answer": f"{a} + {b} = {a + b}.\n#### {a + b}",
+            }
+        )
     return out
 
 
@@ -105,8 +134,10 @@ def test_text_records_score_every_token_but_the_prefix(tokenizer) -> None:
 
 @pytest.mark.parametrize(
     ("template", "prompt"),
-    [("Question: {question}\nAnswer: {answer}", "Question: Q?\nAnswer:"),
-     ("Problem: {question}\nSolution:\n{answer}", "Problem: Q?\nSolution:\n")],
+    [
+        ("Question: {question}\nAnswer: {answer}", "Question: Q?\nAnswer:"),
+        ("Problem: {question}\nSolution:\n{answer}", "Problem: Q?\nSolution:\n"),
+    ],
 )
 def test_template_flag(template: str, prompt: str) -> None:
     assert Template(template).prompt("Q?") == prompt
@@ -178,8 +209,17 @@ def _train(model, tokenizer, seed: int = 0, rule: str = "cap"):
     domain = [Example("", t) for t in code_texts(40)]
     calibration = [Example("", t) for t in general_texts(40)]
     other_domain = to_examples(qa_records(10), Template(), lambda t: None)
-    return train_expert(model, tokenizer, config, domain[:32], domain[32:], calibration[:32], calibration[32:],
-                        negatives=other_domain, provenance={"test": True})
+    return train_expert(
+        model,
+        tokenizer,
+        config,
+        domain[:32],
+        domain[32:],
+        calibration[:32],
+        calibration[32:],
+        negatives=other_domain,
+        provenance={"test": True},
+    )
 
 
 @pytest.mark.parametrize("rule", ["cap", "max"])
@@ -209,10 +249,41 @@ def test_train_expert_cli_writes_a_loadable_file(tiny_model_dir: Path, tmp_path:
     data = write_jsonl(tmp_path / "math.jsonl", qa_records(30))
     negatives = write_jsonl(tmp_path / "general.jsonl", [{"text": t} for t in general_texts(30)])
     out = tmp_path / "math.safetensors"
-    code = main(["train-expert", "--model", str(tiny_model_dir), "--data", str(data), "--name", "math",
-                 "--out", str(out), "--calibration", str(negatives), "--steps", "2", "--eval-every", "1",
-                 "--eval-examples", "3", "--max-new-tokens", "4", "--gate-steps", "5", "--balance-steps", "2",
-                 "--batch-size", "4", "--max-tokens", "48", "--seed", "1", "--description", "sums"])
+    code = main(
+        [
+            "train-expert",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--name",
+            "math",
+            "--out",
+            str(out),
+            "--calibration",
+            str(negatives),
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--eval-examples",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--gate-steps",
+            "5",
+            "--balance-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-tokens",
+            "48",
+            "--seed",
+            "1",
+            "--description",
+            "sums",
+        ]
+    )
     assert code == 0
     backbone, _ = load_backbone(tiny_model_dir, device="cpu")
     expert = ExpertFile.load(out, RoutedModel(backbone).fingerprint)

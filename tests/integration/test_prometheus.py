@@ -34,8 +34,9 @@ needs_prometheus = pytest.mark.skipif(
 
 @needs_prometheus
 def test_promtool_accepts_the_deploy_config() -> None:
-    result = subprocess.run([PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -97,14 +98,24 @@ def prometheus(tmp: Path, target_port: int) -> Iterator[str]:
     log_path = tmp / "prometheus.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp,
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_for(lambda: _get_ok(f"{url}/-/ready"), 30, "prometheus ready",
-                     lambda: process.poll() is None or _fail(f"prometheus exited: {log_path.read_text()[-3000:]}"))
+            wait_for(
+                lambda: _get_ok(f"{url}/-/ready"),
+                30,
+                "prometheus ready",
+                lambda: process.poll() is None or _fail(f"prometheus exited: {log_path.read_text()[-3000:]}"),
+            )
             yield url
         finally:
             process.terminate()
@@ -126,8 +137,9 @@ def _get_ok(url: str) -> bool:
         return False
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             alive: Callable[[], object] = lambda: True) -> None:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, alive: Callable[[], object] = lambda: True
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         alive()
@@ -156,8 +168,11 @@ def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path
     del model
     files = {}
     for name, open_gate, seed in (("active", True, 0), ("dead", False, 1), ("temp", True, 2)):
-        files[name] = str(ExpertFile.save(build_expert(name, open_gate=open_gate, seed=seed),
-                                          tmp_path / f"{name}.safetensors", backbone))
+        files[name] = str(
+            ExpertFile.save(
+                build_expert(name, open_gate=open_gate, seed=seed), tmp_path / f"{name}.safetensors", backbone
+            )
+        )
 
     server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_NUM_THREADS="1")
     try:
@@ -182,8 +197,10 @@ def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path
             plug("temp")
             generate(mode="pin", expert="temp")
             assert client.delete("/experts/temp").status_code == 200
-            assert client.post("/generate", json={"prompt": "x", "routing": {"mode": "pin", "expert": "nope"}}
-                               ).status_code >= 400  # an error for the errors panel
+            assert (
+                client.post("/generate", json={"prompt": "x", "routing": {"mode": "pin", "expert": "nope"}}).status_code
+                >= 400
+            )  # an error for the errors panel
             time.sleep(1.5)  # the next plug is an increase of the plug counter on a scraped series
             plug("temp")
             generate()
@@ -196,8 +213,12 @@ def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path
                 return not missing
 
             try:
-                wait_for(all_have_data, 20, "every dashboard query to return data",
-                         lambda: server.process.poll() is None or _fail(server.read_log()))
+                wait_for(
+                    all_have_data,
+                    20,
+                    "every dashboard query to return data",
+                    lambda: server.process.poll() is None or _fail(server.read_log()),
+                )
             except AssertionError as e:
                 raise AssertionError(f"{e}; empty: {missing}") from None
             dead = query(prom, 'sum by (expert) (increase(plugmoe_routed_tokens_total{expert!="base"}[5m])) == 0')

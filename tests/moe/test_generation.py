@@ -16,8 +16,9 @@ STEPS = 6
 def _routed(family: str) -> RoutedModel:
     model = RoutedModel(tiny_backbone(family, seed=1))
     # an always-eligible expert with a nonzero adapter, so token routing changes the logits
-    expert = Expert.fresh("shouty", model.hidden_size, list(range(model.num_layers)), rank=4,
-                          generator=torch.Generator().manual_seed(0))
+    expert = Expert.fresh(
+        "shouty", model.hidden_size, list(range(model.num_layers)), rank=4, generator=torch.Generator().manual_seed(0)
+    )
     expert.up = torch.randn_like(expert.up) * 0.5
     expert.thresholds = torch.full_like(expert.thresholds, -2.0)
     model.plug(expert)

@@ -143,8 +143,9 @@ def test_plugging_b_keeps_a_scores_and_moves_only_tokens_b_wins() -> None:
         assert bool((choice_b[layer][choice_ab[layer] == -1] == -1).all())  # base tokens stay on base
         plugged_b = model.plugged
         inputs = model(x, routing=[RoutingSpec("off")] * 3, capture_mlp_inputs=True).mlp_inputs[layer]
-        score_b = gate_scores(F.normalize(inputs.reshape(-1, HIDDEN), dim=-1), plugged_b.keys[layer],
-                              plugged_b.offsets[layer])[:, 0]
+        score_b = gate_scores(
+            F.normalize(inputs.reshape(-1, HIDDEN), dim=-1), plugged_b.keys[layer], plugged_b.offsets[layer]
+        )[:, 0]
         eligible_b = score_b > plugged_b.thresholds[layer, 0]
         assert torch.equal(choice_b[layer][was_a], torch.where(eligible_b[was_a], 0, -1))
 

@@ -30,8 +30,9 @@ def backbone_fingerprint(tiny_model_dir: Path) -> BackboneFingerprint:
     return fingerprint(model)
 
 
-def build_expert(name: str, hidden: int = 32, layers: tuple[int, ...] = (0, 1), open_gate: bool = True,
-                 seed: int = 0, rank: int = 4) -> Expert:
+def build_expert(
+    name: str, hidden: int = 32, layers: tuple[int, ...] = (0, 1), open_gate: bool = True, seed: int = 0, rank: int = 4
+) -> Expert:
     """A small expert; open_gate: eligible for every token (it wins everything in token mode)."""
     generator = torch.Generator().manual_seed(seed)
     expert = Expert.fresh(name, hidden, list(layers), rank=rank, generator=generator)
@@ -96,13 +97,35 @@ class LiveServer:
     def __init__(self, model_dir: Path, experts_dir: Path, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environ = {**os.environ, "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1", "PLUGMOE_MAX_STEAL_RATE": "-1",
-                   "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+        environ = {
+            **os.environ,
+            "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1",
+            "PLUGMOE_MAX_STEAL_RATE": "-1",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            **env,
+        }
         self.log = open(experts_dir.parent / f"server-{self.port}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model_dir), "--experts-dir", str(experts_dir),
-             "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
-            cwd=REPO, env=environ, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "--model",
+                str(model_dir),
+                "--experts-dir",
+                str(experts_dir),
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=environ,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -58,8 +58,9 @@ def test_report_is_returned_on_plug(make_client, expert_bytes, admission, tmp_pa
         (FakeReport(0.0, {"math": 0.9}), ["'math'", "0.900", "limit 0.5"]),
     ],
 )
-def test_over_a_limit_is_422_and_nothing_is_plugged(make_client, expert_bytes, admission, report,
-                                                    needles: list[str]) -> None:
+def test_over_a_limit_is_422_and_nothing_is_plugged(
+    make_client, expert_bytes, admission, report, needles: list[str]
+) -> None:
     client = make_client(max_false_positive_rate=0.05, max_steal_rate=0.5)
     admission["report"] = report
     response = _upload(client, expert_bytes("greedy"))

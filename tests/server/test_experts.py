@@ -13,9 +13,12 @@ from tests.server.conftest import build_expert
 
 
 def _upload(client: TestClient, data: bytes, headers: dict | None = None, **form) -> object:
-    return client.post("/experts", files={"file": ("upload.safetensors", data)},
-                       data={k: str(v).lower() if isinstance(v, bool) else v for k, v in form.items()},
-                       headers=headers or {})
+    return client.post(
+        "/experts",
+        files={"file": ("upload.safetensors", data)},
+        data={k: str(v).lower() if isinstance(v, bool) else v for k, v in form.items()},
+        headers=headers or {},
+    )
 
 
 def _metric_lines(client: TestClient, name: str) -> list[str]:
@@ -63,14 +66,19 @@ def test_taken_name_is_409_and_replace_swaps(client: TestClient, expert_bytes) -
     ("make", "needle"),
     [
         (lambda b, fp: b"not a safetensors file at all", "not a safetensors file"),
-        (lambda b, fp: ExpertFile.to_bytes(build_expert("other"), dataclasses.replace(fp, weights_hash="0" * 16)),
-         "another backbone"),
-        (lambda b, fp: ExpertFile.to_bytes(build_expert("wide", hidden=64), dataclasses.replace(fp, hidden_size=64)),
-         "hidden_size"),
+        (
+            lambda b, fp: ExpertFile.to_bytes(build_expert("other"), dataclasses.replace(fp, weights_hash="0" * 16)),
+            "another backbone",
+        ),
+        (
+            lambda b, fp: ExpertFile.to_bytes(build_expert("wide", hidden=64), dataclasses.replace(fp, hidden_size=64)),
+            "hidden_size",
+        ),
     ],
 )
-def test_bad_files_are_422_with_the_reason(client: TestClient, expert_bytes, backbone_fingerprint, make,
-                                           needle: str) -> None:
+def test_bad_files_are_422_with_the_reason(
+    client: TestClient, expert_bytes, backbone_fingerprint, make, needle: str
+) -> None:
     response = _upload(client, make(expert_bytes, backbone_fingerprint))
     assert response.status_code == 422
     assert needle in response.json()["detail"]
@@ -155,9 +163,16 @@ def test_metrics_series_follow_the_plugged_set(client: TestClient, expert_bytes)
     assert _metric_lines(client, "plugmoe_routing_entropy_bits_count 1.0")
     assert _metric_lines(client, 'plugmoe_requests_total{endpoint="/generate",status="200"} 1.0')
     assert _metric_lines(client, 'plugmoe_plug_operations_total{action="plug",result="ok"} 1.0')
-    for name in ("plugmoe_time_to_first_token_seconds_count", "plugmoe_inter_token_latency_seconds_count",
-                 "plugmoe_generated_tokens_total", "plugmoe_prompt_tokens_total", "plugmoe_batch_size_count",
-                 "plugmoe_queue_depth", "plugmoe_running_sequences", "plugmoe_request_duration_seconds_count"):
+    for name in (
+        "plugmoe_time_to_first_token_seconds_count",
+        "plugmoe_inter_token_latency_seconds_count",
+        "plugmoe_generated_tokens_total",
+        "plugmoe_prompt_tokens_total",
+        "plugmoe_batch_size_count",
+        "plugmoe_queue_depth",
+        "plugmoe_running_sequences",
+        "plugmoe_request_duration_seconds_count",
+    ):
         assert _metric_lines(client, name), name
     client.delete("/experts/tracked")
     assert not [line for line in client.get("/metrics").text.splitlines() if 'expert="tracked"' in line]
@@ -184,8 +199,9 @@ def test_200_plug_unplug_cycles_keep_memory_flat(client: TestClient, backbone_fi
 
     def cycle() -> None:
         assert _upload(client, data).status_code == 201
-        client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "routing": {"mode": "pin",
-                                                                                       "expert": "cycle"}})
+        client.post(
+            "/generate", json={"prompt": "hi", "max_new_tokens": 2, "routing": {"mode": "pin", "expert": "cycle"}}
+        )
         assert client.delete("/experts/cycle", params={"purge": "true"}).status_code == 200
 
     for _ in range(20):  # warm up allocator pools and caches

@@ -34,7 +34,7 @@ def test_greedy_without_experts_equals_hf_generate(client: TestClient, tiny_mode
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     body = _generate(client, min_new_tokens=12)
     assert body["text"] == expected
     assert body["finish_reason"] == "length"
@@ -61,8 +61,9 @@ def test_stop_string_cuts_the_text(client: TestClient) -> None:
 
 def test_stream_sends_one_event_per_token_then_usage(client: TestClient) -> None:
     whole = _generate(client, max_new_tokens=10, min_new_tokens=10)
-    with client.stream("POST", "/generate", json={"prompt": PROMPT, "max_new_tokens": 10, "min_new_tokens": 10,
-                                                  "stream": True}) as response:
+    with client.stream(
+        "POST", "/generate", json={"prompt": PROMPT, "max_new_tokens": 10, "min_new_tokens": 10, "stream": True}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]

@@ -17,8 +17,16 @@ import pytest
 
 from tests.server.conftest import LiveServer
 
-PROMPTS = ["The quick brown fox", "Question: Tom has 3 apples", "def add(a, b):", "In the morning the weather",
-           "Mia walks to the market", "0123456789 + -", "The lazy dog", "She buys bread"]
+PROMPTS = [
+    "The quick brown fox",
+    "Question: Tom has 3 apples",
+    "def add(a, b):",
+    "In the morning the weather",
+    "Mia walks to the market",
+    "0123456789 + -",
+    "The lazy dog",
+    "She buys bread",
+]
 
 
 async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[dict], dict]:
@@ -33,8 +41,12 @@ async def _stream(client: httpx.AsyncClient, body: dict) -> tuple[list[dict], di
 
 
 def _plug(server: LiveServer, data: bytes, **form) -> httpx.Response:
-    return httpx.post(f"{server.url}/experts", files={"file": ("e.safetensors", data)},
-                      data={k: str(v).lower() for k, v in form.items()}, timeout=60)
+    return httpx.post(
+        f"{server.url}/experts",
+        files={"file": ("e.safetensors", data)},
+        data={k: str(v).lower() for k, v in form.items()},
+        timeout=60,
+    )
 
 
 def test_concurrent_streams_match_sequential_greedy(live_server: LiveServer) -> None:
@@ -67,17 +79,24 @@ def test_openai_client(live_server: LiveServer, expert_bytes) -> None:
     assert completion.choices[0].finish_reason in ("length", "stop")
     assert completion.usage.completion_tokens <= 6
 
-    pieces = [chunk.choices[0].text for chunk in client.completions.create(
-        model=models[0], prompt="The quick", max_tokens=6, temperature=0, stream=True) if chunk.choices]
+    pieces = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=models[0], prompt="The quick", max_tokens=6, temperature=0, stream=True
+        )
+        if chunk.choices
+    ]
     assert "".join(pieces) == completion.choices[0].text
 
-    chat = client.chat.completions.create(model="helper", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=5, seed=1)
+    chat = client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "hi"}], max_tokens=5, seed=1
+    )
     assert chat.choices[0].message.role == "assistant"
     assert chat.model_extra["plugmoe"]["experts"]["helper"] == 1.0  # the expert's name as model pins it
 
-    stream = client.chat.completions.create(model=models[0], messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=5, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=models[0], messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
@@ -102,12 +121,16 @@ def test_plug_and_unplug_under_load(live_server: LiveServer, expert_bytes) -> No
     async def run() -> tuple[list[dict], dict, int]:
         async with httpx.AsyncClient(base_url=live_server.url, timeout=120) as client:
             body = {"max_new_tokens": 150, "min_new_tokens": 150}
-            streams = [asyncio.create_task(_stream(client, {"prompt": p, **body, "routing": {"mode": mode}}))
-                       for p, mode in zip(PROMPTS[:6], ["token", "token", "off"] * 2, strict=True)]
-            pinned = asyncio.create_task(_stream(client, {"prompt": "pin me", **body,
-                                                          "routing": {"mode": "pin", "expert": "pinned"}}))
-            swapped = asyncio.create_task(_stream(client, {"prompt": "swap me", **body,
-                                                           "routing": {"mode": "pin", "expert": "swapme"}}))
+            streams = [
+                asyncio.create_task(_stream(client, {"prompt": p, **body, "routing": {"mode": mode}}))
+                for p, mode in zip(PROMPTS[:6], ["token", "token", "off"] * 2, strict=True)
+            ]
+            pinned = asyncio.create_task(
+                _stream(client, {"prompt": "pin me", **body, "routing": {"mode": "pin", "expert": "pinned"}})
+            )
+            swapped = asyncio.create_task(
+                _stream(client, {"prompt": "swap me", **body, "routing": {"mode": "pin", "expert": "swapme"}})
+            )
             cycles = 0
             while not all(s.done() for s in streams) and cycles < 30:
                 for blob in data.values():
@@ -170,8 +193,12 @@ def test_disconnect_frees_the_slot(live_server: LiveServer) -> None:
         return float(next(line for line in lines if line.startswith("plugmoe_generated_tokens_total")).split()[-1])
 
     before = generated()
-    with httpx.stream("POST", f"{live_server.url}/generate", timeout=60,
-                      json={"prompt": "x", "max_new_tokens": 240, "min_new_tokens": 240, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{live_server.url}/generate",
+        timeout=60,
+        json={"prompt": "x", "max_new_tokens": 240, "min_new_tokens": 240, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break

@@ -50,7 +50,8 @@ async def plug_expert(request: Request, registry: RegistryDep) -> dict:
 
 
 @router.delete("/{name}", response_model=UnplugResponse, dependencies=[Admin])
-async def unplug_expert(name: str, registry: RegistryDep,
-                        purge: Annotated[bool, Query(description="also delete the file")] = False) -> dict:
+async def unplug_expert(
+    name: str, registry: RegistryDep, purge: Annotated[bool, Query(description="also delete the file")] = False
+) -> dict:
     purged = await registry.unplug(name, purge)
     return {"name": name, "unplugged": True, "purged": purged}

@@ -28,12 +28,21 @@ def _response(done: Finished) -> GenerateResponse:
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep,
-                   settings: SettingsDep):
+async def generate(
+    body: GenerateRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+):
     prompt_ids = tokenizer.encode(body.prompt)
     job = build_request(
-        engine, settings, prompt_ids, max_new_tokens=body.max_new_tokens, min_new_tokens=body.min_new_tokens,
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+        engine,
+        settings,
+        prompt_ids,
+        max_new_tokens=body.max_new_tokens,
+        min_new_tokens=body.min_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop,
         routing=body.routing,
     )
     handle = engine.submit(job)

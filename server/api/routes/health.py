@@ -23,8 +23,14 @@ async def ready(request: Request) -> JSONResponse:
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.alive:
         return JSONResponse({"status": "loading" if engine is None else "stopped"}, status_code=503)
-    return JSONResponse({"status": "ready", "experts": list(engine.model.plugged.names),
-                         "running": engine.running, "queued": engine.queue_depth})
+    return JSONResponse(
+        {
+            "status": "ready",
+            "experts": list(engine.model.plugged.names),
+            "running": engine.running,
+            "queued": engine.queue_depth,
+        }
+    )
 
 
 @router.get("/metrics")

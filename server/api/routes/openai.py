@@ -34,27 +34,37 @@ async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep,
-                      settings: SettingsDep):
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+):
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise BadRequestError(f"one prompt per request is supported, got {len(prompt)}")
         prompt = prompt[0]
-    return await _serve(body, tokenizer.encode(prompt), "text_completion", request, engine, settings,
-                        body.max_tokens or 16)  # OpenAI's default for completions
+    return await _serve(
+        body, tokenizer.encode(prompt), "text_completion", request, engine, settings, body.max_tokens or 16
+    )  # OpenAI's default for completions
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep,
-                           tokenizer: TokenizerDep, settings: SettingsDep):
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+):
     messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
     if getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:  # a plain fallback for tokenizers without a template
         prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return await _serve(body, tokenizer.encode(prompt, add_special_tokens=False), "chat.completion", request,
-                        engine, settings, body.max_completion_tokens or body.max_tokens)
+    return await _serve(
+        body,
+        tokenizer.encode(prompt, add_special_tokens=False),
+        "chat.completion",
+        request,
+        engine,
+        settings,
+        body.max_completion_tokens or body.max_tokens,
+    )
 
 
 def _text_content(content: str | list[dict[str, Any]] | None) -> str:
@@ -68,38 +78,66 @@ def _routing(model: str | None, routing: Routing | None, engine: Engine, setting
         return routing
     if model in engine.model.plugged:
         return Routing(mode="pin", expert=model, allow=routing.allow if routing else None)
-    raise NotFoundError(f"model {model!r} does not exist; serving {settings.served_model_name()!r} and experts "
-                        f"{list(engine.model.plugged.names)}")
+    raise NotFoundError(
+        f"model {model!r} does not exist; serving {settings.served_model_name()!r} and experts "
+        f"{list(engine.model.plugged.names)}"
+    )
 
 
-async def _serve(body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], kind: str,
-                 request: Request, engine: Engine, settings: Settings, max_tokens: int | None):
+async def _serve(
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt_ids: list[int],
+    kind: str,
+    request: Request,
+    engine: Engine,
+    settings: Settings,
+    max_tokens: int | None,
+):
     if body.n != 1:
         raise BadRequestError(f"n={body.n} is not supported; plugmoe returns one choice per request")
     job = build_request(
-        engine, settings, prompt_ids, max_new_tokens=max_tokens, min_new_tokens=body.min_tokens,
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+        engine,
+        settings,
+        prompt_ids,
+        max_new_tokens=max_tokens,
+        min_new_tokens=body.min_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop,
         routing=_routing(body.model, body.routing, engine, settings),
     )
     handle = engine.submit(job)
     model = body.model or settings.served_model_name()
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return StreamingResponse(_stream(handle, kind, ident, model), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return StreamingResponse(
+            _stream(handle, kind, ident, model), media_type="text/event-stream", headers=SSE_HEADERS
+        )
     done = await wait_for_result(handle, request)
     choice: dict[str, Any] = {"index": 0, "finish_reason": done.reason, "logprobs": None}
     if kind == "chat.completion":
         choice["message"] = {"role": "assistant", "content": done.text}
     else:
         choice["text"] = done.text
-    return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": _usage(done), "plugmoe": _extras(done)}
+    return {
+        "id": ident,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(done),
+        "plugmoe": _extras(done),
+    }
 
 
 def _usage(done: Finished) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
 
 
 def _extras(done: Finished) -> dict[str, Any]:
@@ -109,8 +147,12 @@ def _extras(done: Finished) -> dict[str, Any]:
 async def _stream(handle: RequestHandle, kind: str, ident: str, model: str) -> AsyncIterator[str]:
     chat = kind == "chat.completion"
     created = int(time.time())
-    head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model}
+    head = {
+        "id": ident,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+    }
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -129,6 +171,11 @@ async def _stream(handle: RequestHandle, kind: str, ident: str, model: str) -> A
         if event.text:
             yield sse(chunk(event.text, None))
         if event.finished is not None:
-            yield sse({**chunk(None, event.finished.reason), "usage": _usage(event.finished),
-                       "plugmoe": _extras(event.finished)})
+            yield sse(
+                {
+                    **chunk(None, event.finished.reason),
+                    "usage": _usage(event.finished),
+                    "plugmoe": _extras(event.finished),
+                }
+            )
     yield sse("[DONE]")
