@@ -11,8 +11,7 @@ COPY --chown=plugmoe:plugmoe . /app
 # The README's setup command: torch first (CPU wheel unless TORCH_INDEX says otherwise), then plugmoe.
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}" \
  && pip install --no-cache-dir -e . \
- && mkdir -p /data/experts && cp demo/experts/*.safetensors /data/experts/ \
- && chown -R plugmoe:plugmoe /data
+ && mkdir -p /data/experts && chown -R plugmoe:plugmoe /data
 
 USER plugmoe
 ENV PLUGMOE_HOST=0.0.0.0 \

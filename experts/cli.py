@@ -16,8 +16,17 @@ from pathlib import Path
 
 import torch
 
+from experts.config import (
+    CommonOptions,
+    DistillConfig,
+    EvalConfig,
+    EvalInputs,
+    TrainConfig,
+    TrainInputs,
+    add_flags,
+    build,
+)
 from experts.data import (
-    DEFAULT_TEMPLATE,
     DataFormatError,
     Template,
     get_extractor,
@@ -27,7 +36,8 @@ from experts.data import (
     to_examples,
     write_jsonl,
 )
-from experts.file import ExpertFile
+from moe.admission import DEFAULT_CALIBRATION
+from moe.file import ExpertFile
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +60,12 @@ def _load_model(path: str, device: str, dtype: str = "float32"):
 
 def default_calibration(model_path: str | Path) -> Path:
     """The general calibration text: beside the model, in its sibling `data/` (the demo's layout), or the
-    copy shipped with plugmoe (`experts/calibration.txt`)."""
+    copy shipped with plugmoe (`moe/calibration.txt`, what the server's admission report uses)."""
     model_path = Path(model_path)
     candidates = [
         model_path / CALIBRATION_NAME,
         model_path.parent / "data" / CALIBRATION_NAME,
-        Path(__file__).with_name("calibration.txt"),  # shipped with plugmoe (experts.admission uses it too)
+        DEFAULT_CALIBRATION,
     ]
     for candidate in candidates:
         if candidate.is_file():
@@ -72,74 +82,22 @@ def load_experts_dir(directory: str | Path, fingerprint) -> list:
     return [ExpertFile.load(path, fingerprint) for path in sorted(directory.glob("*.safetensors"))]
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF model directory or hub id of the backbone")
-    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--seed", type=int, default=0, help="seed for every random choice (repeatable runs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument(
-        "--template",
-        default=DEFAULT_TEMPLATE,
-        help="question/answer template with {question} and {answer} (answer last)",
+def _parser(subparsers: argparse._SubParsersAction, name: str, help: str, *configs: type):  # noqa: A002
+    parser = subparsers.add_parser(
+        name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument(
-        "--extractor", default="gsm8k", help="final-answer extractor: gsm8k (#### N), last-number, or module:function"
-    )
-    parser.add_argument("--log-level", default="INFO")
+    add_flags(parser, CommonOptions, *configs)
+    return parser
 
 
 # --- train-expert ---------------------------------------------------------------------------------------
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train-expert", help="train an expert (adapter, gate, thresholds, offsets)")
-    _common(p)
-    p.add_argument("--data", required=True, help='JSONL of {"text"} or {"question", "answer"} records')
-    p.add_argument("--name", required=True, help="the expert's name (and routing id)")
-    p.add_argument("--out", required=True, help="path of the .safetensors expert file to write")
-    p.add_argument("--heldout", default=None, help="held-out JSONL (default: a seeded split of --data)")
-    p.add_argument("--heldout-fraction", type=float, default=0.1)
-    p.add_argument("--heldout-limit", type=int, default=200)
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="base-domain text: the gate rejects it and thresholds cap its false positives "
-        "(default: the general calibration text)",
+    parser = _parser(
+        subparsers, "train-expert", "train an expert (adapter, gate, thresholds, offsets)", TrainInputs, TrainConfig
     )
-    p.add_argument(
-        "--negatives",
-        nargs="+",
-        default=None,
-        help="other domains' text the gate must also reject (default: the calibration text alone)",
-    )
-    p.add_argument(
-        "--with-experts",
-        default=None,
-        help="directory of experts already plugged beside this one (their examples are negatives)",
-    )
-    p.add_argument("--description", default="")
-    p.add_argument("--examples", nargs="+", default=None, help="3-5 example prompts to store (default: held-out)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-examples", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--gate-steps", type=int, default=100)
-    p.add_argument(
-        "--threshold-rule",
-        choices=("cap", "max"),
-        default="cap",
-        help="cap: at most --fp-cap of negative decisions pass; max: highest negative score + margin",
-    )
-    p.add_argument("--fp-cap", type=float, default=1e-3)
-    p.add_argument("--threshold-margin", type=float, default=0.0)
-    p.add_argument("--balance-steps", type=int, default=50)
-    p.add_argument("--balance-rate", type=float, default=1e-3)
-    p.set_defaults(func=run_train)
+    parser.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -165,26 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
         others = load_experts_dir(args.with_experts, model.fingerprint)
         for other in others:
             other_examples.extend(load_examples_from_expert(other, template, extractor))
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    config = TrainConfig(
-        name=args.name,
-        rank=args.rank,
-        layers=layers,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        eval_examples=args.eval_examples,
-        max_new_tokens=args.max_new_tokens,
-        gate_steps=args.gate_steps,
-        threshold_rule=args.threshold_rule,
-        fp_cap=args.fp_cap,
-        threshold_margin=args.threshold_margin,
-        balance_steps=args.balance_steps,
-        balance_rate=args.balance_rate,
-        seed=args.seed,
-    )
+    config = build(TrainConfig, args)
     provenance = {
         "tool": "plugmoe train-expert",
         "args": _args_dict(args),
@@ -238,19 +177,10 @@ def load_examples_from_expert(expert, template: Template, extractor) -> list:
 
 
 def add_distill(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("distill", help="self-distil: keep the model's own correct solutions as QA data")
-    _common(p)
-    p.add_argument("--problems", required=True, help='JSONL of {"question", "answer"} with gold final answers')
-    p.add_argument("--out", required=True, help="question/answer JSONL to write")
-    p.add_argument("--k", type=int, default=4, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--max-per-problem", type=int, default=None, help="distinct solutions kept per problem")
-    p.add_argument("--limit", type=int, default=None, help="use the first N problems")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--report", default=None, help="also write the report as JSON here")
-    p.set_defaults(func=run_distill)
+    parser = _parser(
+        subparsers, "distill", "self-distil: keep the model's own correct solutions as QA data", DistillConfig
+    )
+    parser.set_defaults(func=run_distill)
 
 
 def run_distill(args: argparse.Namespace) -> int:
@@ -262,19 +192,20 @@ def run_distill(args: argparse.Namespace) -> int:
     if not problems:
         raise DataFormatError(f"{args.problems} holds no question/answer records")
     model, tokenizer = _load_model(args.model, args.device)
+    config = build(DistillConfig, args)
     records, report = distill(
         model,
         tokenizer,
         problems,
-        k=args.k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
+        k=config.k,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
         template=Template(args.template),
         extractor=get_extractor(args.extractor),
         seed=args.seed,
-        max_per_problem=args.max_per_problem,
-        batch_size=args.batch_size,
+        max_per_problem=config.max_per_problem,
+        batch_size=config.batch_size,
     )
     write_jsonl(args.out, records)
     seconds = time.perf_counter() - started
@@ -296,27 +227,14 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def add_eval(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate plugged experts per domain; markdown table and JSON")
-    _common(p)
-    p.add_argument("--experts", required=True, help="directory of .safetensors experts to plug")
-    p.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar="NAME=FILE",
-        help="domains; a domain's target is the expert of the same name",
+    parser = _parser(
+        subparsers, "eval", "evaluate plugged experts per domain; markdown table and JSON", EvalInputs, EvalConfig
     )
-    p.add_argument("--base", default="general", help="the base domain (target: the base route)")
-    p.add_argument("--out", default=None, help="JSON report path")
-    p.add_argument("--limit", type=int, default=200, help="sequences per domain")
-    p.add_argument("--behaviour-limit", type=int, default=100, help="QA records per domain for accuracy")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=run_eval)
+    parser.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from experts.evaluate import EvalConfig, evaluate, render_table
+    from experts.evaluate import evaluate, render_table
 
     _setup(args)
     template, extractor = Template(args.template), get_extractor(args.extractor)
@@ -329,13 +247,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model, args.device)
     for expert in load_experts_dir(args.experts, model.fingerprint):
         model.plug(expert)
-    config = EvalConfig(
-        base=args.base,
-        limit=args.limit,
-        behaviour_limit=args.behaviour_limit,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
+    config = build(EvalConfig, args)
     report = evaluate(model, tokenizer, domains, config, extractor)
     report["args"] = _args_dict(args)
     table = render_table(report)

@@ -7,8 +7,8 @@ template turns into a prompt and an answer (loss on the answer tokens only):
       prompt  "Question: <q>\\nAnswer:"         (everything before {answer}, trailing space moved to the answer)
       answer  " <a>"
 
-Tokenised as the demo backbone was trained: the tokenizer's special prefix (if any), the text, then EOS, so
-an expert also learns where an answer stops.
+Examples are tokenised by moe.batching.encode, as the demo backbone was trained: the tokenizer's special
+prefix (if any), the text, then EOS, so an expert also learns where an answer stops.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from experts.config import DEFAULT_TEMPLATE
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 Extractor = Callable[[str], str | None]
 
 
@@ -128,23 +129,6 @@ def split_heldout(items: list, fraction: float, limit: int, seed: int) -> tuple[
         raise DataFormatError(f"{len(items)} records are too few to hold {count} out; give --heldout FILE")
     held = set(order[:count])
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
-# --- tokenising ---------------------------------------------------------------------------------------
-
-
-def encode(tokenizer, example: Example, max_tokens: int, eos: bool = True) -> tuple[list[int], list[bool]]:
-    """(ids, scored) for one example: ids = special prefix + prompt + target + EOS (when eos), truncated to
-    max_tokens; scored[i] says whether token i is a target token (its prediction is trained/scored)."""
-    prompt_ids = tokenizer(example.prompt)["input_ids"]  # [special prefix] + prompt
-    target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
-    if eos and tokenizer.eos_token_id is not None:
-        target_ids = [*target_ids, tokenizer.eos_token_id]
-    ids = prompt_ids + target_ids
-    scored = [False] * len(prompt_ids) + [True] * len(target_ids)
-    if not example.prompt and prompt_ids:
-        scored[0] = False  # the special prefix token of a text record is context, not a prediction
-    return ids[:max_tokens], scored[:max_tokens]
 
 
 # --- final-answer extractors --------------------------------------------------------------------------

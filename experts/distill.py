@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from experts.data import Extractor, Template, cut_after_gsm8k_answer, gsm8k_answer
-from experts.evaluate import generate
+from moe.generation import generate
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec
 from moe.sampling import SamplingParams

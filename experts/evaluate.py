@@ -1,9 +1,8 @@
-"""Evaluation of plugged experts, and the routed-model runs that training and distillation share.
+"""Evaluation of plugged experts: perplexity, behaviour and routing per domain, and the summary tables.
 
-Every run here goes through `RoutedModel.forward`, `DecodeBatch` and `moe.sampling.sample`, the code the
-server runs; nothing re-implements routing. Sequence mode follows the server's engine: the prompt is
-prefilled with its rows observed (scored and traced, experts not applied), `decide_sequence` picks one
-route from the prompt's decisions, and rows that chose an expert are prefilled again with it.
+Every run here goes through the model package's batching (`moe.batching`) and its one generation path
+(`moe.generation`), the code the server runs; nothing re-implements routing. Sequence mode's decisions come
+from `moe.generation.decide_routes`, the protocol the server's prefill follows.
 
 `plugmoe eval`, per domain (a NAME=FILE pair; the expert of the same name is its target, `--base` names the
 base domain, whose target is the base route):
@@ -29,212 +28,41 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from experts.data import Example, Extractor, encode, gsm8k_answer
+from experts.config import EvalConfig
+from experts.data import Example, Extractor, gsm8k_answer
+from moe.batching import batches, forward, token_nll
 from moe.expert import BASE_ROUTE
-from moe.generation import DecodeBatch
+from moe.generation import decide_routes, generate
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
-from moe.router import RoutingSpec, StepRouting, decide_sequence
-from moe.sampling import SamplingParams, sample
+from moe.router import RoutingSpec
+from moe.trace import add_counts, route_shares, routing_entropy
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenBatch:
-    """Right-padded examples: ids, mask and scored are [B, T]; scored marks target tokens."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    scored: torch.Tensor
-
-    def to(self, device: torch.device) -> TokenBatch:
-        return TokenBatch(self.ids.to(device), self.mask.to(device), self.scored.to(device))
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """[B, T-1] bool: positions whose next token is scored (the prediction of token t+1 at t)."""
-        return self.scored[:, 1:] & self.mask[:, 1:].bool()
-
-
-def collate(encoded: Sequence[tuple[list[int], list[bool]]], pad_id: int) -> TokenBatch:
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(encoded), width, dtype=torch.long)
-    scored = torch.zeros(len(encoded), width, dtype=torch.bool)
-    for row, (tokens, flags) in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-        scored[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
-    return TokenBatch(ids, mask, scored)
-
-
-def batches(
-    tokenizer, examples: Sequence[Example], batch_size: int, max_tokens: int, eos: bool = True
-) -> list[TokenBatch]:
-    """Examples in order, `batch_size` per batch (eos=False: prompts as the server sees them)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode(tokenizer, e, max_tokens, eos) for e in examples]
-    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
-
-
-def token_nll(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL of each row's scored tokens and their count: logits [B, T, V] -> ([B], [B])."""
-    targets = batch.targets  # [B, T-1]
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch.ids[:, 1:], reduction="none")  # [B, T-1]
-    nll = nll * targets
-    return nll.sum(dim=1), targets.sum(dim=1)
-
-
-def forward(
-    model: RoutedModel,
-    batch: TokenBatch,
-    specs: list[RoutingSpec],
-    plugged: PluggedSet | None = None,
-    observe: bool = False,
-    capture: bool = False,
-):
-    """One routed forward of a TokenBatch (observe: trace the routes without applying experts)."""
-    plugged = plugged if plugged is not None else model.plugged
-    routing = StepRouting.from_specs(specs, plugged, batch.mask.bool(), observe=[observe] * len(specs))
-    return model(batch.ids, attention_mask=batch.mask, routing=routing, plugged=plugged, capture_mlp_inputs=capture)
-
-
-def decide(counts: list[dict[str, float]], plugged: PluggedSet, min_share: float) -> list[str]:
-    """Sequence-mode decisions from per-row observed (token, layer) counts."""
-    names = plugged.names
-    return [decide_sequence(c, names, min_share) for c in counts]
 
 
 @torch.no_grad()
 def sequence_decisions(
     model: RoutedModel,
     tokenizer,
-    texts: Sequence[str],
+    prompts: Sequence[str],
     plugged: PluggedSet | None = None,
     batch_size: int = 32,
     max_tokens: int = 256,
     allow: tuple[str, ...] | None = None,
 ) -> list[str]:
     """The route `sequence` mode picks for each text used as a prompt (an expert name or 'base')."""
-    plugged = plugged if plugged is not None else model.plugged
-    out: list[str] = []
-    examples = [Example("", t) for t in texts]
-    for batch in batches(tokenizer, examples, batch_size, max_tokens, eos=False):
-        batch = batch.to(model.device)
-        trace = forward(model, batch, [RoutingSpec("sequence", allow=allow)] * len(batch.ids), plugged, observe=True)
-        out.extend(decide(trace.trace.row_counts(), plugged, model.router.sequence_min_share))
-    return out
-
-
-def route_shares(counts: dict[str, float]) -> dict[str, float]:
-    total = sum(counts.values())
-    return {k: v / total for k, v in counts.items()} if total > 0 else {}
-
-
-def entropy_bits(shares: dict[str, float]) -> float:
-    return max(0.0, -sum(p * math.log2(p) for p in shares.values() if p > 0))
-
-
-# --- generation ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Generation:
-    text: str
-    route: str | None  # sequence mode: the decision; None otherwise
-    counts: dict[str, float]  # (token, layer) decisions over prompt and generated tokens
-
-
-@torch.no_grad()
-def generate(
-    model: RoutedModel,
-    tokenizer,
-    prompts: Sequence[str],
-    spec: RoutingSpec,
-    max_new_tokens: int,
-    sampling: Sequence[SamplingParams] | None = None,
-    plugged: PluggedSet | None = None,
-    batch_size: int = 32,
-    progress=None,
-) -> list[Generation]:
-    """Complete each prompt under one routing spec, as the server would (greedy unless `sampling` says).
-
-    Rows stop at EOS or after max_new_tokens; finished rows leave the batch.
-    """
-    plugged = plugged if plugged is not None else model.plugged
-    sampling = list(sampling) if sampling is not None else [SamplingParams()] * len(prompts)
-    eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
-    results: list[Generation] = []
+    spec = RoutingSpec("sequence", allow=allow)
+    routes: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        params = sampling[start : start + batch_size]
-        results.extend(_generate_chunk(model, tokenizer, chunk, spec, max_new_tokens, params, plugged, eos))
-        if progress is not None:
-            progress.update(len(chunk))
-    return results
-
-
-def _generate_chunk(
-    model: RoutedModel,
-    tokenizer,
-    prompts: list[str],
-    spec: RoutingSpec,
-    max_new_tokens: int,
-    params: list[SamplingParams],
-    plugged: PluggedSet,
-    eos: tuple[int, ...],
-) -> list[Generation]:
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    specs = [spec] * len(prompts)
-    routes: list[str | None] = [None] * len(prompts)
-    if spec.mode == "sequence" and spec.expert is None:
-        _, observed = DecodeBatch.prefill(model, ids, specs, plugged, observe=[True] * len(ids))
-        routes = decide(observed.row_counts, plugged, model.router.sequence_min_share)
-        specs = [RoutingSpec("sequence", expert=r, allow=spec.allow) for r in routes]
-    batch, out = DecodeBatch.prefill(model, ids, specs, plugged)
-    counts = [dict(c) for c in out.row_counts]
-    generators = [p.generator(model.device) for p in params]
-    generated: list[list[int]] = [[] for _ in prompts]
-    alive = list(range(len(prompts)))
-    logits = out.logits
-    for step in range(max_new_tokens):
-        tokens = sample(logits, [params[i] for i in alive], [generators[i] for i in alive], [step] * len(alive), eos)
-        keep = []
-        for row, (i, token) in enumerate(zip(alive, tokens, strict=True)):
-            if token in eos:
-                continue
-            generated[i].append(token)
-            keep.append(row)
-        if step == max_new_tokens - 1 or not keep:
-            break
-        batch.keep(keep)
-        alive = [alive[row] for row in keep]
-        step_out = batch.step(model, [generated[i][-1] for i in alive], [specs[i] for i in alive], plugged)
-        for i, row_counts in zip(alive, step_out.row_counts, strict=True):
-            for k, v in row_counts.items():
-                counts[i][k] = counts[i].get(k, 0.0) + v
-        logits = step_out.logits
-    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-    return [Generation(t, r, c) for t, r, c in zip(texts, routes, counts, strict=True)]
+        ids = [tokenizer(p)["input_ids"][:max_tokens] for p in prompts[start : start + batch_size]]
+        routes.extend(decide_routes(model, ids, [spec] * len(ids), plugged))
+    return routes
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig:
-    base: str = "general"  # the base domain: its target route is base
-    limit: int = 200  # sequences per domain for perplexity and routing
-    behaviour_limit: int = 100  # QA records per domain for accuracy
-    max_tokens: int = 256
-    max_new_tokens: int = 96
-    batch_size: int = 16
-    greedy_prompt_words: int = 8  # base domain: prompt = the first words of a text
-    greedy_new_tokens: int = 32
 
 
 @dataclass
@@ -325,12 +153,10 @@ def evaluate_domain(
     ppl["token"] = _ppl(float(nll.sum()), tokens)
     totals: dict[str, float] = {}
     for row in token_counts:
-        for route, c in row.items():
-            totals[route] = totals.get(route, 0.0) + c
+        add_counts(totals, row)
     if fired is not None:
-        for route, c in totals.items():
-            fired[route] = fired.get(route, 0.0) + c
-    entropy = sum(entropy_bits(route_shares(row)) for row in token_counts) / max(n, 1)
+        add_counts(fired, totals)
+    entropy = sum(routing_entropy(route_shares(row)) for row in token_counts) / max(n, 1)
     # sequence routing: decided from the prompt (QA: the question's prompt; text: the whole text)
     decisions = sequence_decisions(
         model, tokenizer, [e.prompt or e.target for e in examples], plugged, config.batch_size, config.max_tokens

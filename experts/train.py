@@ -29,23 +29,18 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer
-from experts.evaluate import (
-    TokenBatch,
-    batches,
-    forward,
-    generate,
-    sequence_decisions,
-    token_nll,
-)
+from experts.evaluate import sequence_decisions
 from moe.balance import clamp_offsets, loss_free_update
+from moe.batching import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
 from moe.expert import BASE_ROUTE, Expert
+from moe.generation import generate
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec
@@ -55,47 +50,6 @@ logger = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """Training cannot go on as configured (no data, no gradient, non-finite weights)."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one `train-expert` run (defaults fit the demo backbone on 2 CPU cores)."""
-
-    name: str
-    rank: int = 16
-    layers: tuple[int, ...] | None = None  # None: every layer
-    steps: int = 300
-    batch_size: int = 16
-    max_tokens: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    eval_every: int = 25
-    eval_examples: int = 64  # held-out examples scored at each evaluation
-    max_new_tokens: int = 96  # greedy generation for behavioural validation (QA)
-    gate_steps: int = 100
-    gate_lr: float = 0.05
-    gate_temperature: float = 20.0  # tau in sigmoid(tau * (cos - b))
-    gate_max_tokens: int = 12_000  # per class and layer
-    threshold_rule: Literal["cap", "max"] = "cap"
-    fp_cap: float = 1e-3  # at most this share of negative (token, layer) decisions may pass a gate
-    threshold_margin: float = 0.0  # "max" rule: threshold = max negative score + margin
-    balance_steps: int = 50
-    balance_rate: float = 1e-3
-    balance_batch: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.steps < 0 or self.batch_size < 1 or self.eval_every < 1:
-            raise ValueError(
-                f"rank {self.rank}, steps {self.steps}, batch size {self.batch_size} and eval_every "
-                f"{self.eval_every} must be positive (steps may be 0)"
-            )
-        if not 0.0 <= self.fp_cap < 1.0:
-            raise ValueError(f"fp_cap must be in [0, 1), got {self.fp_cap}")
-        if self.threshold_rule not in ("cap", "max"):
-            raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
 
 
 @dataclass
@@ -142,7 +96,7 @@ def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, hel
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in held:
-            out = forward(model, batch, [spec] * len(batch.ids), plugged)
+            out = forward(model, batch, [spec] * len(batch), plugged)
             nll, n = token_nll(out.logits, batch)
             total, count = total + float(nll.sum()), count + int(n.sum())
     return total / max(count, 1)
@@ -226,7 +180,7 @@ def train_adapter(
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step - 1, config)
         plugged = single_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
-        out = forward(model, batch, [spec] * len(batch.ids), plugged)
+        out = forward(model, batch, [spec] * len(batch), plugged)
         nll, count = token_nll(out.logits, batch)
         loss = nll.sum() / count.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
@@ -258,34 +212,6 @@ def _fmt(metric: dict[str, float]) -> str:
 
 
 # --- stage 2: the gate ----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def capture_inputs(
-    model: RoutedModel,
-    tokenizer,
-    examples: Sequence[Example],
-    spec: RoutingSpec,
-    plugged: PluggedSet,
-    max_tokens: int,
-    limit: int,
-    batch_size: int = 32,
-) -> list[torch.Tensor]:
-    """Per backbone layer, the MLP inputs of the real tokens (the EOS prefix excluded: it is the same
-    token in the same place in every sequence, so no gate can tell domains apart on it) -> L x [N, H]."""
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
-    seen = 0
-    for batch in batches(tokenizer, list(examples), batch_size, max_tokens):
-        batch = batch.to(model.device)
-        out = forward(model, batch, [spec] * len(batch.ids), plugged, capture=True)
-        real = batch.mask.bool().clone()
-        real[:, 0] = False
-        for layer, x in enumerate(out.mlp_inputs):
-            per_layer[layer].append(x[real].float().cpu())
-        seen += int(real.sum())
-        if seen >= limit:
-            break
-    return [torch.cat(chunks)[:limit] for chunks in per_layer]
 
 
 def train_key(positives: torch.Tensor, negatives: torch.Tensor, config: TrainConfig) -> torch.Tensor:
@@ -345,18 +271,20 @@ def train_gate(
     limit = config.gate_max_tokens
     # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
     # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
-    pinned = capture_inputs(
-        model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens, limit
+    pinned = capture_mlp_inputs(
+        model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens, limit, domain=True
     )
     observed = [Example("", e.prompt or e.target) for e in domain]
-    plain = capture_inputs(model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit)
+    plain = capture_mlp_inputs(
+        model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit, domain=True
+    )
     pos = [torch.cat([a, b]) for a, b in zip(pinned, plain, strict=True)]
     off = RoutingSpec("off")
-    base_neg = capture_inputs(model, tokenizer, calibration, off, plugged, config.max_tokens, 2 * limit)
+    base_neg = capture_mlp_inputs(model, tokenizer, calibration, off, plugged, config.max_tokens, 2 * limit)
     neg = base_neg
     if negatives or other_examples:  # other domains are negatives for the key too (not for the threshold)
         others_text = [*negatives, *other_examples]
-        extra = capture_inputs(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
+        extra = capture_mlp_inputs(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
         neg = [torch.cat([b[:limit], x]) for b, x in zip(base_neg, extra, strict=True)]
     logger.info("stage 2: %d domain and %d negative tokens per layer", len(pos[0]), len(neg[0]))
     keys, thresholds, ceilings = [], [], []

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moe.errors import UnsupportedBackboneError
+
 logger = logging.getLogger(__name__)
 
 # model_type -> (attribute path from the CausalLM to its list of decoder layers, MLP attribute of a layer).
@@ -38,10 +40,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-class UnsupportedBackboneError(ValueError):
-    """The model's family has no row in MLP_PATHS."""
 
 
 @dataclass(frozen=True)

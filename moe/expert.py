@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moe.errors import InvalidExpertNameError
+
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 BASE_ROUTE = "base"  # reserved: the route that runs the backbone's MLP alone
 ADAPTER_KIND = "bottleneck"
-
-
-class InvalidExpertNameError(ValueError):
-    """An expert name that is malformed or reserved."""
 
 
 def check_name(name: str) -> str:
@@ -83,10 +81,6 @@ class Expert:
         return int(self.down.shape[1])
 
     @property
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.tensors().values())
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
@@ -112,16 +106,6 @@ class Expert:
             examples=self.examples,
             metadata=dict(self.metadata),
             **moved,
-        )
-
-    def renamed(self, name: str) -> Expert:
-        return Expert(
-            name=name,
-            layers=self.layers,
-            description=self.description,
-            examples=self.examples,
-            metadata=dict(self.metadata),
-            **self.tensors(),
         )
 
     @classmethod

@@ -11,22 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
 from moe.expert import Expert
-
-
-class ExpertNameTakenError(ValueError):
-    """Plugging a name that is already plugged, without replace."""
-
-
-class UnknownExpertError(KeyError):
-    """A name that is not plugged."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
-        return str(self.args[0])
-
-
-class IncompatibleExpertError(ValueError):
-    """An expert whose shapes do not fit the backbone."""
 
 
 @dataclass(frozen=True)

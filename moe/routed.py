@@ -22,35 +22,14 @@ from torch import nn
 
 from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
 from moe.dispatch import gathered_dispatch, grouped_dispatch
-from moe.expert import BASE_ROUTE, Expert
+from moe.expert import Expert
 from moe.plugged import PluggedSet
 from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores
+from moe.trace import RoutingTrace, count_decisions
 
 # Decode steps (few tokens) gather each token's adapter weights and skip the host read that grouping needs;
 # above this many tokens (prefill), gathering copies more weights than grouping costs.
 GATHER_MAX_TOKENS = 64
-
-
-@dataclass
-class RoutingTrace:
-    """(token, layer) routing decisions of one forward, counted on the device; read once per step.
-
-    rows [B, E + 1]: per sequence, decisions per plugged expert, base last.
-    layers [L, E + 1]: per layer, summed over the batch.
-    """
-
-    names: tuple[str, ...]
-    rows: torch.Tensor
-    layers: torch.Tensor
-
-    def row_counts(self) -> list[dict[str, float]]:
-        """Per sequence {name: count, 'base': count}, one host read for the whole batch."""
-        keys = (*self.names, BASE_ROUTE)
-        return [dict(zip(keys, row, strict=True)) for row in self.rows.tolist()]
-
-    def layer_counts(self) -> list[dict[str, float]]:
-        keys = (*self.names, BASE_ROUTE)
-        return [dict(zip(keys, row, strict=True)) for row in self.layers.tolist()]
 
 
 @dataclass
@@ -79,7 +58,9 @@ class _Step:
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
 
 
-class _Context:
+class _Context(threading.local):
+    """The step being run, per thread: the engine decodes while an admission report runs the same model."""
+
     step: _Step | None = None
 
 
@@ -116,23 +97,6 @@ class RoutedMLP(nn.Module):
         else:
             out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
         return out.view_as(base)
-
-
-def _count(step: _Step) -> None:
-    """Add every layer's decisions to the trace in one go, on the device (no host read)."""
-    if not step.choices:
-        return
-    experts = step.trace_rows.shape[1] - 1
-    choice = torch.stack(step.choices)  # [L, N, k]
-    decided = choice >= 0
-    weight = decided.to(step.trace_rows.dtype)
-    weight[..., 0] += (~decided.any(dim=-1)).to(weight.dtype)  # base decisions land in slot 0's column
-    weight *= step.valid[None, :, None]
-    cols = torch.where(decided, choice, experts)  # base -> column E
-    rows = step.flat_rows[None, :, None] * (experts + 1) + cols
-    layers = torch.arange(choice.shape[0], device=choice.device)[:, None, None] * (experts + 1) + cols
-    step.trace_rows.view(-1).scatter_add_(0, rows.reshape(-1), weight.reshape(-1))
-    step.trace_layers.view(-1).scatter_add_(0, layers.reshape(-1), weight.reshape(-1))
 
 
 class RoutedModel(nn.Module):
@@ -217,7 +181,7 @@ class RoutedModel(nn.Module):
         if routing is None:
             routing = [RoutingSpec()] * batch
         if not isinstance(routing, StepRouting):
-            routing = StepRouting.from_specs(routing, plugged, token_mask)
+            routing = StepRouting.from_specs(routing, plugged)
         self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs)
         try:
             out = self.backbone(
@@ -230,7 +194,7 @@ class RoutedModel(nn.Module):
             )
         finally:
             step, self._context.step = self._context.step, None
-        _count(step)
+        count_decisions(step.choices, step.valid, step.flat_rows, step.trace_rows, step.trace_layers)
         if not step.route:
             # nothing could route: every real token took the base route on every layer
             valid_per_row = step.valid.view(batch, length).sum(dim=1)

@@ -20,19 +20,16 @@ An allow-list restricts which experts a token or sequence may use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
+from moe.errors import RoutingSpecError
 from moe.expert import BASE_ROUTE
-from moe.plugged import PluggedSet, UnknownExpertError
+from moe.plugged import PluggedSet
 
 RoutingMode = Literal["token", "sequence", "pin", "off"]
-MODES: tuple[str, ...] = ("token", "sequence", "pin", "off")
-
-
-class RoutingSpecError(ValueError):
-    """A routing request that cannot be served as written."""
+MODES: tuple[str, ...] = get_args(RoutingMode)
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,6 @@ class StepRouting:
     forced  [B] long        expert index a row is pinned to, -1 for none
     apply   [B] bool        False: score and trace the row but run no expert on it (sequence-mode
                             prompt scoring: its decisions are counted on the plain backbone)
-    token_mask [B, T] bool  real tokens (False for padding); None when there is no padding
 
     Host-side facts, decided from the specs so the model never reads device tensors to learn them:
     routes_anything     some row may use some expert (False: skip all routing work)
@@ -91,7 +87,6 @@ class StepRouting:
     allowed: torch.Tensor
     forced: torch.Tensor
     apply: torch.Tensor
-    token_mask: torch.Tensor | None = None
     routes_anything: bool = True
     all_token_mode: bool = False
     applies_everywhere: bool = False
@@ -101,7 +96,6 @@ class StepRouting:
         cls,
         specs: list[RoutingSpec],
         plugged: PluggedSet,
-        token_mask: torch.Tensor | None = None,
         observe: list[bool] | None = None,
     ) -> StepRouting:
         """Rows in `sequence` mode without a decision yet are scored like `token` mode; set observe[i] to
@@ -128,7 +122,6 @@ class StepRouting:
             allowed.to(device),
             forced.to(device),
             apply.to(device),
-            token_mask,
             routes_anything=bool(count) and bool((allowed.any(1) | (forced >= 0)).any()),
             all_token_mode=bool((forced < 0).all()) and bool(allowed.all()),
             applies_everywhere=bool(apply.all()),
@@ -191,7 +184,6 @@ __all__ = [
     "RoutingSpec",
     "RoutingSpecError",
     "StepRouting",
-    "UnknownExpertError",
     "choose_experts",
     "decide_sequence",
     "gate_scores",

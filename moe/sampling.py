@@ -20,9 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class SamplingParamsError(ValueError):
-    """Sampling settings outside their range."""
+from moe.errors import SamplingParamsError
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,11 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
         kind, choices = _flag_type(field.annotation)
         flag = "--" + name.replace("_", "-")
         env = f"PLUGMOE_{name.upper()}"
-        help_text = f"{field.description or ''} (env {env})".strip()
+        description = field.description or ""
+        if "default" not in description:  # a description that explains its default says it better
+            default = field.default if field.default_factory is None else field.default_factory()
+            description += f" (default: {'unset' if default is None else default})"
+        help_text = f"{description} (env {env})".strip()
         if kind is None:
             serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

@@ -1,123 +1,51 @@
-"""The engine: one thread owns the model and runs continuous batching.
+"""The engine: one thread owns the model and schedules continuous batching. It schedules; it does not route.
 
     loop:
-        run queued calls (plug, unplug, admission reports): between steps, never during one
-        admit waiting requests up to max_batch_size: prefill them together, sample their first token,
-            and join them to the running batch (moe.generation.DecodeBatch.extend)
-        one decode step for every running sequence, each with its own routing and sampling settings
-        emit each new token to its request's asyncio queue; drop finished and cancelled rows
+        run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
+        admit waiting requests up to max_batch_size: moe.generation.prefill them together (sequence mode is
+            decided there), sample their first tokens, and join them to the running batch
+        one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
+        emit each new token's text (server.text_stream) to its request's queue; drop finished and cancelled rows
 
-Requests are submitted from the event loop and read back through an asyncio queue per request, so
-the HTTP layer never blocks on the model. Tensor work lives in moe.generation and moe.sampling.
+Requests are submitted from the event loop and read back through an asyncio queue per request, so the
+HTTP layer never blocks on the model. The request and event types live in server.requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from moe import BASE_ROUTE, PluggedSet, RoutedModel, RoutingSpec
-from moe.generation import DecodeBatch, StepOutput
-from moe.router import decide_sequence
-from moe.sampling import SamplingParams, sample
+from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
+from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
+from moe.sampling import sample
+from moe.trace import add_counts
 from server.metrics import Metrics
+from server.requests import (
+    CANCELLED,
+    ERROR,
+    EXPERT_UNPLUGGED,
+    LENGTH,
+    STOP,
+    ContextLimitError,
+    EngineStoppedError,
+    Event,
+    Finished,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+)
+from server.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-STOP, LENGTH, EXPERT_UNPLUGGED, CANCELLED, ERROR = "stop", "length", "expert_unplugged", "cancelled", "error"
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests waiting; the client should retry later."""
-
-
-class ContextLimitError(ValueError):
-    """A prompt that does not fit the model's context."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is not running (starting up or shutting down)."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    routing: RoutingSpec = RoutingSpec()
-
-
-@dataclass
-class Finished:
-    """The end of a request: why, and its accounting."""
-
-    reason: str
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    shares: dict[str, float]
-    routing_entropy: float
-    message: str | None = None
-
-
-@dataclass
-class Event:
-    """One streamed piece: new text (possibly empty), or the last event with `finished` set."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finished: Finished | None = None
-
-
-class RequestHandle:
-    """The HTTP side of one request: its event queue, and a way to cancel it."""
-
-    def __init__(self, request_id: int, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
-        self.id = request_id
-        self.request = request
-        self.submitted = time.perf_counter()
-        self._loop = loop
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """The client is gone: the engine frees the slot at its next step."""
-        self._cancelled.set()
-
-    def push(self, event: Event) -> None:
-        """From the engine thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self._cancelled.set()
-
-    async def events(self) -> AsyncIterator[Event]:
-        while True:
-            event = await self._queue.get()
-            yield event
-            if event.finished is not None:
-                return
-
-    async def result(self) -> Finished:
-        async for event in self.events():
-            if event.finished is not None:
-                return event.finished
-        raise AssertionError("stream ended without a finish event")
 
 
 @dataclass
@@ -127,9 +55,9 @@ class _Sequence:
     handle: RequestHandle
     spec: RoutingSpec
     generator: Any
+    text: TextStream
     counts: dict[str, float] = field(default_factory=dict)
     generated: list[int] = field(default_factory=list)
-    emitted: int = 0  # characters of text already sent
     done: bool = False
     last_token_at: float = 0.0
 
@@ -153,16 +81,15 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.context_limit = context_limit or model_context_limit(model)
+        self.context_limit = context_limit or context_length(model)
         self.metrics = metrics
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.routed_totals: dict[str, float] = {}  # (token, layer) decisions per expert since it was plugged
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._routed_totals: dict[str, float] = {}  # (token, layer) decisions per expert since it was plugged
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._running: list[_Sequence] = []
         self._batch = DecodeBatch()
         self._wake = threading.Condition()
-        self._ids = itertools.count(1)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -207,14 +134,14 @@ class Engine:
                     f"{len(self._waiting)} requests are waiting and {len(self._running)} running; "
                     f"the queue holds {self.max_queue} beyond a batch of {self.max_batch_size}"
                 )
-            handle = RequestHandle(next(self._ids), request, asyncio.get_running_loop())
+            handle = RequestHandle(request, asyncio.get_running_loop())
             self._waiting.append(handle)
             self._set_gauges()
             self._wake.notify_all()
         return handle
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run fn on the engine thread between two steps (plug, unplug, anything that runs the model)."""
+        """Run fn on the engine thread between two steps (anything that swaps the plugged set)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         if not self.alive:
             future.set_exception(EngineStoppedError("the engine is not running"))
@@ -226,6 +153,30 @@ class Engine:
 
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.call(fn))
+
+    async def plug(self, expert: Expert, replace: bool = False) -> Expert:
+        """Swap `expert` in between two steps; the running batch decodes with it from the next step."""
+
+        def swap() -> Expert:
+            self.model.plug(expert, replace=replace)
+            self._routed_totals.pop(expert.name, None)
+            return self.model.plugged.get(expert.name)
+
+        return await self.run(swap) if self.alive else swap()
+
+    async def unplug(self, name: str) -> Expert:
+        """Swap the expert out between two steps; requests pinned to it finish with `expert_unplugged`."""
+
+        def swap() -> Expert:
+            expert = self.model.unplug(name)
+            self._routed_totals.pop(name, None)
+            return expert
+
+        return await self.run(swap) if self.alive else swap()
+
+    def tokens_routed(self, name: str) -> float:
+        """(token, layer) decisions an expert has won since it was plugged."""
+        return self._routed_totals.get(name, 0.0)
 
     @property
     def queue_depth(self) -> int:
@@ -294,9 +245,9 @@ class Engine:
             if spec is None:
                 self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
                 continue
-            seqs.append(
-                _Sequence(handle, spec, handle.request.sampling.generator(self.model.device), last_token_at=now)
-            )
+            generator = handle.request.sampling.generator(self.model.device)
+            stream = TextStream(self.tokenizer, handle.request.stop, self.eos_ids)
+            seqs.append(_Sequence(handle, spec, generator, stream, last_token_at=now))
         if not seqs:
             return
         try:
@@ -309,64 +260,24 @@ class Engine:
 
     def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
         """Prefill new sequences together, sample their first tokens, and join them to the running batch."""
-        observe = [s.spec.mode == "sequence" and s.spec.expert is None for s in seqs]
-        batch, out = DecodeBatch.prefill(
-            self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged, observe
-        )
-        logits = [out.logits[i] for i in range(len(seqs))]
-        counts = list(out.row_counts)
-        self._count_layers(out)
-        if any(observe):
-            batch, seqs, logits, counts = self._decide_sequences(batch, seqs, logits, counts, observe, plugged)
-        for seq, row_counts in zip(seqs, counts, strict=True):
-            _add(seq.counts, row_counts)
+        pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
+        self._count_layers(pre.layer_counts)
+        for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
+            seq.spec = spec
+            add_counts(seq.counts, row_counts)
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
         tokens = sample(
-            logits, [s.request.sampling for s in seqs], [s.generator for s in seqs], [0] * len(seqs), self.eos_ids
+            pre.logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [0] * len(seqs),
+            self.eos_ids,
         )
         keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not self._advance(seq, token)]
-        batch.keep(keep)
-        self._batch.extend(batch)
+        pre.batch.keep(keep)
+        self._batch.extend(pre.batch)
         self._running.extend(seqs[row] for row in keep)
-
-    def _decide_sequences(
-        self,
-        batch: DecodeBatch,
-        seqs: list[_Sequence],
-        logits: list,
-        counts: list[dict[str, float]],
-        observe: list[bool],
-        plugged: PluggedSet,
-    ) -> tuple[DecodeBatch, list[_Sequence], list, list[dict[str, float]]]:
-        """Sequence mode: the prompt's observed decisions pick one expert (or base) for the whole sequence.
-        Rows that chose an expert are prefilled again with it; rows that chose base keep the exact cache."""
-        names = plugged.names
-        redo: list[int] = []
-        for row, seq in enumerate(seqs):
-            if not observe[row]:
-                continue
-            decision = decide_sequence(counts[row], names, self.model.router.sequence_min_share)
-            seq.spec = RoutingSpec("sequence", expert=decision, allow=seq.spec.allow)
-            if decision == BASE_ROUTE:
-                # observed decisions were never applied: the prompt ran on the backbone alone
-                counts[row] = {BASE_ROUTE: sum(counts[row].values())}
-            else:
-                redo.append(row)
-        if not redo:
-            return batch, seqs, logits, counts
-        stay = [row for row in range(len(seqs)) if row not in redo]
-        batch.keep(stay)
-        again, out = DecodeBatch.prefill(
-            self.model, [seqs[r].request.prompt_ids for r in redo], [seqs[r].spec for r in redo], plugged
-        )
-        self._count_layers(out)
-        batch.extend(again)
-        order = stay + redo
-        redone = dict(zip(redo, range(len(redo)), strict=True))
-        new_logits = [logits[r] if r not in redone else out.logits[redone[r]] for r in order]
-        new_counts = [counts[r] if r not in redone else out.row_counts[redone[r]] for r in order]
-        return batch, [seqs[r] for r in order], new_logits, new_counts
 
     def _decode(self) -> None:
         plugged = self.model.plugged
@@ -385,8 +296,10 @@ class Engine:
         if not self._running:
             return
         seqs = self._running
-        out = self._batch.step(self.model, [s.generated[-1] for s in seqs], [s.spec for s in seqs], plugged)
-        self._count_layers(out)
+        out = decode_one_token(
+            self.model, self._batch, [s.generated[-1] for s in seqs], [s.spec for s in seqs], plugged
+        )
+        self._count_layers(out.layer_counts)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
         tokens = sample(
@@ -398,7 +311,7 @@ class Engine:
         )
         keep = []
         for row, (seq, token, row_counts) in enumerate(zip(seqs, tokens, out.row_counts, strict=True)):
-            _add(seq.counts, row_counts)
+            add_counts(seq.counts, row_counts)
             if not self._advance(seq, token):
                 keep.append(row)
         self._drop(keep)
@@ -422,45 +335,27 @@ class Engine:
                 self.metrics.inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(token)
-        reason: str | None = None
-        if token in self.eos_ids:
-            reason = STOP
-            text = self._text(seq.generated[:-1])
-        else:
-            text = self._text(seq.generated)
-        cut = _find_stop(text, request.stop, seq.emitted)
-        if cut is not None:
-            text, reason = text[:cut], STOP
+        piece, stopped = seq.text.add(token)
+        reason = STOP if stopped else None
         if reason is None and (
             len(seq.generated) >= request.max_new_tokens
             or len(request.prompt_ids) + len(seq.generated) >= self.context_limit
         ):
-            reason = LENGTH
+            reason, piece = LENGTH, piece + seq.text.flush()
+        seq.handle.push(Event(piece, [token]))
         if reason is None:
-            # hold back an incomplete character and anything that may grow into a stop string
-            ready = len(text) - _held_back(text, request.stop)
-            if text.endswith("\ufffd"):
-                ready = min(ready, len(text) - 1)
-            seq.handle.push(Event(text[seq.emitted : ready] if ready > seq.emitted else "", [token]))
-            seq.emitted = max(seq.emitted, ready)
             return False
-        seq.handle.push(Event(text[seq.emitted :], [token]))
-        seq.emitted = max(seq.emitted, len(text))
-        self._finish(seq, reason, None, text)
+        self._finish(seq, reason, None)
         return True
 
-    def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _finish(self, seq: _Sequence, reason: str, message: str | None, text: str | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, message: str | None) -> None:
         if seq.done:
             return
         seq.done = True
-        if text is None:
-            text = self._text([t for t in seq.generated if t not in self.eos_ids])
-            if len(text) > seq.emitted and reason in (CANCELLED, EXPERT_UNPLUGGED, ERROR):
-                seq.handle.push(Event(text[seq.emitted :]))
-        self._finish_handle(seq.handle, reason, text, len(seq.generated), seq.counts, message)
+        rest = seq.text.flush()
+        if rest:
+            seq.handle.push(Event(rest))
+        self._finish_handle(seq.handle, reason, seq.text.text, len(seq.generated), seq.counts, message)
 
     def _finish_handle(
         self,
@@ -479,20 +374,15 @@ class Engine:
                 if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
                     self.metrics.request_expert_share.labels(expert=route).observe(share)
             self.metrics.routing_entropy.observe(entropy)
-        handle.push(
-            Event(
-                finished=Finished(
-                    reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message
-                )
-            )
-        )
+        finished = Finished(reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message)
+        handle.push(Event(finished=finished))
 
-    def _count_layers(self, out: StepOutput) -> None:
-        for layer, counts in enumerate(out.layer_counts):
+    def _count_layers(self, layer_counts: list[dict[str, float]]) -> None:
+        for layer, counts in enumerate(layer_counts):
             for route, count in counts.items():
                 if count:
                     if route != BASE_ROUTE:
-                        self.routed_totals[route] = self.routed_totals.get(route, 0.0) + count
+                        self._routed_totals[route] = self._routed_totals.get(route, 0.0) + count
                     if self.metrics:
                         self.metrics.routed_tokens.labels(expert=route, layer=str(layer)).inc(count)
 
@@ -516,64 +406,3 @@ def _current_spec(spec: RoutingSpec, plugged: PluggedSet) -> tuple[RoutingSpec |
     if spec.allow is not None and any(name not in plugged for name in spec.allow):
         spec = RoutingSpec(spec.mode, spec.expert, tuple(n for n in spec.allow if n in plugged))
     return spec, None
-
-
-def _add(total: dict[str, float], counts: dict[str, float]) -> None:
-    for route, count in counts.items():
-        total[route] = total.get(route, 0.0) + count
-
-
-def route_shares(counts: dict[str, float]) -> dict[str, float]:
-    """Each route's fraction of the (token, layer) decisions; base always present."""
-    total = sum(counts.values())
-    if total <= 0:
-        return {BASE_ROUTE: 1.0} if counts else {}
-    shares = {route: count / total for route, count in counts.items() if route != BASE_ROUTE}
-    shares[BASE_ROUTE] = counts.get(BASE_ROUTE, 0.0) / total
-    return shares
-
-
-def routing_entropy(shares: dict[str, float]) -> float:
-    """Entropy in bits of the route shares (0: one route took everything)."""
-    return max(0.0, -sum(p * math.log2(p) for p in shares.values() if p > 0))
-
-
-def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
-    """Index where the earliest stop string starts in the not-yet-final part of text, or None."""
-    best: int | None = None
-    for stop in stops:
-        index = text.find(stop, max(0, emitted - len(stop) + 1))
-        if index >= 0 and (best is None or index < best):
-            best = index
-    return best
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    held = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), held, -1):
-            if stop.startswith(text[-n:]):
-                held = n
-                break
-    return held
-
-
-def _eos_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
-    ids: set[int] = set()
-    for source in (getattr(model.backbone, "generation_config", None), model.backbone.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return tuple(sorted(ids))
-
-
-def model_context_limit(model: RoutedModel) -> int:
-    config = model.backbone.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048

@@ -7,16 +7,17 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from experts import ExpertFileError
 from moe import (
+    ExpertFileError,
     ExpertNameTakenError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     RoutingSpecError,
+    SamplingParamsError,
     UnknownExpertError,
 )
-from moe.sampling import SamplingParamsError
-from server.engine import ContextLimitError, EngineStoppedError, QueueFullError
+from server.expert_store import ManifestConflictError
+from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (NotFoundError, 404),
     (UnknownExpertError, 404),
     (ExpertNameTakenError, 409),
+    (ManifestConflictError, 409),
     (ExpertFileError, 422),
     (InvalidExpertNameError, 422),
     (IncompatibleExpertError, 422),

@@ -13,11 +13,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
+from server.admission_policy import AdmissionPolicy
 from server.api.routes import experts, generate, health, openai
 from server.engine import Engine
-from server.expert_registry import ExpertRegistry
+from server.expert_store import ExpertStore
 from server.metrics import Metrics
-from server.settings import Settings, default_model_dir
+from server.served_experts import ServedExperts
+from server.settings import DEMO_MODEL_DIR, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
     from moe import RoutedModel, RouterConfig, load_backbone
 
     model_path = Path(settings.model)
-    if not model_path.exists() and (model_path == default_model_dir() or settings.model.startswith((".", "/"))):
+    if not model_path.exists() and (model_path == DEMO_MODEL_DIR or settings.model.startswith((".", "/"))):
         raise FileNotFoundError(
             f"model directory {settings.model} does not exist: pass --model (or set PLUGMOE_MODEL) to a model "
             "directory or hub id, or build the demo model (see demo/__init__.py)"
@@ -57,12 +59,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = await asyncio.to_thread(load_engine, settings, metrics)
     elif engine.metrics is None:
         engine.metrics = metrics
-    registry = ExpertRegistry(engine, engine.tokenizer, settings, metrics)
-    registry.plug_directory()
+    served = ServedExperts(engine, ExpertStore(settings.resolved_experts_dir()), AdmissionPolicy(settings), metrics)
+    await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     started_here = not engine.alive
     if started_here:
         engine.start()
-    app.state.engine, app.state.registry, app.state.tokenizer = engine, registry, engine.tokenizer
+    app.state.engine, app.state.experts, app.state.tokenizer = engine, served, engine.tokenizer
     logger.info("serving %s with experts %s", settings.served_model_name(), list(engine.model.plugged.names))
     try:
         yield

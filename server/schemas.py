@@ -6,12 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moe import RoutingMode
+
 
 class Routing(BaseModel):
     """How a request is routed: token (per token and layer), sequence (one route from the prompt), pin (one
     named expert), off (the backbone alone); allow restricts which experts may be used."""
 
-    mode: Literal["token", "sequence", "pin", "off"] = "token"
+    mode: RoutingMode = "token"
     expert: str | None = None
     allow: list[str] | None = None
 
@@ -125,7 +127,3 @@ class UnplugResponse(BaseModel):
     name: str
     unplugged: bool = True
     purged: bool
-
-
-class ErrorBody(BaseModel):
-    detail: str

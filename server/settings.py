@@ -1,47 +1,55 @@
-"""Service settings: one pydantic-settings class; every field is a `plugmoe serve` flag and a PLUGMOE_* env var."""
+"""Service settings: one pydantic-settings class; every field is a `plugmoe serve` flag and a PLUGMOE_* env var.
+
+The built-in demo (folder demo/ beside the packages) is plain data here: its model and expert files are
+located by path, never imported.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from moe.admission import DEFAULT_CALIBRATION
 
-def default_model_dir() -> Path:
-    """The built-in demo backbone (folder demo/), or ./model when the demo package is absent."""
-    try:
-        from demo import MODEL_DIR
-    except ImportError:
-        return Path("model")
-    return Path(MODEL_DIR)
+INSTALL_ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL_DIR = INSTALL_ROOT / "demo" / "model"
+DEMO_EXPERTS_DIR = INSTALL_ROOT / "demo" / "experts"
+DEMO_MODEL_NAME = "plugmoe-demo"
 
 
-def default_experts_dir() -> Path:
-    try:
-        from demo import EXPERTS_DIR
-    except ImportError:
-        return Path("experts")
-    return Path(EXPERTS_DIR)
+def user_data_dir() -> Path:
+    """Where plugmoe keeps what it writes at run time: $XDG_DATA_HOME/plugmoe (~/.local/share/plugmoe)."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "plugmoe"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PLUGMOE_", protected_namespaces=())
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
     model: str = Field(
-        default_factory=lambda: str(default_model_dir()), description="backbone: a local directory or a hub id"
+        str(DEMO_MODEL_DIR), description="backbone: a local directory or a hub id (default: the built-in demo model)"
     )
     model_name: str | None = Field(None, description="name in /v1/models (default: the model dir's name)")
     experts_dir: Path | None = Field(
-        None, description="default: the demo experts dir with the demo model, else ./experts"
+        None,
+        description="the expert store: plugged experts persist here (default: $XDG_DATA_HOME/plugmoe/<model "
+        "name>/experts, i.e. ~/.local/share/plugmoe/...)",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed_experts: Path | None = Field(
+        None,
+        description="expert files plugged on first start, when the store is empty (default: the demo experts "
+        "with the demo model)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="sequences decoded together")
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the running batch; past it, 503")
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
     context_limit: int | None = Field(None, ge=1, description="default: the model config's max positions")
@@ -49,32 +57,39 @@ class Settings(BaseSettings):
         None, description="bearer token for the writing /experts endpoints; unset: loopback clients only"
     )
     api_keys: str | None = Field(None, description="comma-separated bearer keys for generation; unset: open")
-    calibration_file: Path | None = Field(
-        None, description="general text for the admission report (default: the one shipped in experts/)"
-    )
+    calibration_file: Path = Field(DEFAULT_CALIBRATION, description="general text for the admission report")
     max_false_positive_rate: float | None = Field(0.05, description="admission limit; None or negative: off")
     max_steal_rate: float | None = Field(0.5, description="admission limit; None or negative: off")
     top_k: int = Field(1, ge=1, description="experts per token")
-    sequence_min_share: float = Field(0.25, gt=0, le=1)
+    sequence_min_share: float = Field(
+        0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
-    log_level: str = "info"
+    log_level: str = Field("info", description="logging level")
 
-    def resolved_experts_dir(self) -> Path:
-        if self.experts_dir is not None:
-            return self.experts_dir
-        if Path(self.model).resolve() == default_model_dir().resolve():
-            return default_experts_dir()
-        return Path("experts")
-
-    def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
+    @property
+    def serves_demo(self) -> bool:
+        return Path(self.model).resolve() == DEMO_MODEL_DIR
 
     def served_model_name(self) -> str:
         if self.model_name:
             return self.model_name
-        if Path(self.model).resolve() == default_model_dir().resolve():
-            return "plugmoe-demo"
+        if self.serves_demo:
+            return DEMO_MODEL_NAME
         return Path(self.model.rstrip("/")).name or self.model
+
+    def resolved_experts_dir(self) -> Path:
+        if self.experts_dir is not None:
+            return self.experts_dir
+        return user_data_dir() / self.served_model_name() / "experts"
+
+    def resolved_seed_experts(self) -> Path | None:
+        if self.seed_experts is not None:
+            return self.seed_experts
+        return DEMO_EXPERTS_DIR if self.serves_demo else None
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
 
     @staticmethod
     def limit(value: float | None) -> float | None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# what a server writes at run time (its default expert store) goes here, never into the home directory
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="plugmoe-test-data-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

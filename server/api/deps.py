@@ -1,4 +1,4 @@
-"""What route handlers receive: the engine, the expert registry, the tokenizer, the metrics."""
+"""What route handlers receive: the engine, the served experts, the tokenizer, the metrics."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from server.engine import Engine
-from server.errors import EngineStoppedError
-from server.expert_registry import ExpertRegistry
 from server.metrics import Metrics
+from server.requests import EngineStoppedError
+from server.served_experts import ServedExperts
 
 
 def get_engine(request: Request) -> Engine:
@@ -19,8 +19,8 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_registry(request: Request) -> ExpertRegistry:
-    return request.app.state.registry
+def get_experts(request: Request) -> ServedExperts:
+    return request.app.state.experts
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -32,6 +32,6 @@ def get_tokenizer(request: Request) -> Any:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-RegistryDep = Annotated[ExpertRegistry, Depends(get_registry)]
+ExpertsDep = Annotated[ServedExperts, Depends(get_experts)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TokenizerDep = Annotated[Any, Depends(get_tokenizer)]

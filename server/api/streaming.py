@@ -11,7 +11,8 @@ from fastapi import Request
 
 from moe import RoutingSpec
 from moe.sampling import SamplingParams
-from server.engine import Engine, Event, Finished, GenerationRequest, RequestHandle
+from server.engine import Engine
+from server.requests import Event, Finished, GenerationRequest, RequestHandle
 from server.schemas import Routing
 from server.settings import Settings
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,18 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), 
 MATH = "Question: Tom has 5 apples and buys 3 more. How many apples does Tom have now?\nAnswer:"
 
 
+def _demo_files() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(EXPERTS_DIR.iterdir())}
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory):
-    experts_dir = tmp_path_factory.mktemp("experts")  # a copy: plugs in these tests must not write into demo/
-    for path in EXPERTS_DIR.glob("*.safetensors"):
-        shutil.copy(path, experts_dir)
-    settings = Settings(device="cpu", experts_dir=experts_dir)
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def client(store_dir: Path):
+    settings = Settings(device="cpu", experts_dir=store_dir)  # the defaults, with the store in a temp dir
     assert Path(settings.model).resolve() == MODEL_DIR.resolve(), "the default model is the built-in one"
     with TestClient(create_app(settings), client=("127.0.0.1", 5000)) as test_client:
         yield test_client
@@ -35,8 +40,10 @@ def generate(client: TestClient, prompt: str, **extra) -> dict:
 
 
 def test_default_serve_plugs_the_demo_experts(client: TestClient) -> None:
+    """The store starts empty and is seeded from demo/experts, which stays as shipped."""
     assert sorted(e["name"] for e in client.get("/experts").json()) == ["code", "math"]
-    assert Settings().resolved_experts_dir().resolve() == EXPERTS_DIR.resolve()
+    assert Settings().resolved_seed_experts() == EXPERTS_DIR
+    assert not Settings().resolved_experts_dir().resolve().is_relative_to(EXPERTS_DIR.parents[1])
 
 
 def test_domain_prompts_route_to_their_expert_and_general_text_stays_on_base(client: TestClient) -> None:
@@ -61,3 +68,27 @@ def test_readme_plug_and_unplug_of_the_raw_math_expert(client: TestClient) -> No
     assert sorted(e["name"] for e in client.get("/experts").json()) == ["code", "math", "math-raw"]
     assert client.delete("/experts/math-raw").status_code == 200
     assert sorted(e["name"] for e in client.get("/experts").json()) == ["code", "math"]
+
+
+def test_readme_examples_twice_give_the_same_answers(client: TestClient, store_dir: Path) -> None:
+    """The README top to bottom, twice with a restart between: same answers, demo/ untouched."""
+    shipped = _demo_files()
+    source = str(Path(__file__).parents[2] / "demo/compare/math-raw.safetensors")
+
+    def readme(test_client: TestClient) -> list:
+        answers = [generate(test_client, MATH, max_new_tokens=40, routing={"mode": "token"})]
+        answers.append(generate(test_client, "def total(xs):\n", routing={"mode": "pin", "expert": "code"}))
+        plugged = test_client.post("/experts", json={"source": source, "name": "math-raw"})
+        replaced = test_client.post("/experts", json={"source": source, "name": "math-raw", "replace": True})
+        assert (plugged.status_code, replaced.status_code) == (201, 201), (plugged.text, replaced.text)
+        answers.append(sorted(e["name"] for e in test_client.get("/experts").json()))
+        assert test_client.delete("/experts/math-raw").status_code == 200
+        answers.append(sorted(e["name"] for e in test_client.get("/experts").json()))
+        return answers
+
+    first = readme(client)
+    settings = Settings(device="cpu", experts_dir=store_dir)
+    with TestClient(create_app(settings), client=("127.0.0.1", 5000)) as restarted:
+        second = readme(restarted)
+    assert first == second
+    assert _demo_files() == shipped

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from experts.config import EvalConfig
 from experts.data import DataFormatError, Example, get_extractor, gsm8k_answer, last_number
-from experts.evaluate import EvalConfig, evaluate, generate, render_table, sequence_decisions
-from experts.file import ExpertFile
+from experts.evaluate import evaluate, render_table, sequence_decisions
 from moe import Expert, RoutedModel, RoutingSpec
+from moe.file import ExpertFile
+from moe.generation import generate
 from moe.sampling import SamplingParams
 from tests.tiny import tiny_backbone, tiny_tokenizer
 

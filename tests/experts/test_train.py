@@ -9,20 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from experts.config import TrainConfig
 from experts.data import (
     DataFormatError,
     Example,
     Template,
-    encode,
     load_examples,
     read_records,
     split_heldout,
     to_examples,
 )
-from experts.evaluate import batches, forward, token_nll
-from experts.file import ExpertFile
 from experts.train import (
-    TrainConfig,
     cap_threshold,
     heldout_loss,
     offset_ceiling,
@@ -32,6 +29,8 @@ from experts.train import (
     trainable_expert,
 )
 from moe import RoutedModel, RoutingSpec
+from moe.batching import batches, encode, forward, token_nll
+from moe.file import ExpertFile
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
 FAST = {

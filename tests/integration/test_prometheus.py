@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from experts import ExpertFile
-from moe import BackboneFingerprint, fingerprint, load_backbone
+from moe import BackboneFingerprint, ExpertFile, fingerprint, load_backbone
 from tests.server.conftest import LiveServer, build_expert, free_port
 
 REPO = Path(__file__).resolve().parents[2]

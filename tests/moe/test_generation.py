@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe import Expert, RoutedModel, RoutingSpec
-from moe.generation import DecodeBatch
+from moe.generation import DecodeBatch, decode_one_token
 from tests.tiny import tiny_backbone
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
@@ -27,10 +27,10 @@ def _routed(family: str) -> RoutedModel:
 
 def _alone(model: RoutedModel, prompt: list[int], spec: RoutingSpec, steps: int) -> list[torch.Tensor]:
     """Greedy decode one sequence by itself; returns the logits of each step."""
-    batch, out = DecodeBatch.prefill(model, [prompt], [spec])
+    batch, out = DecodeBatch.prefill_rows(model, [prompt], [spec])
     logits = [out.logits[0]]
     for _ in range(steps - 1):
-        out = batch.step(model, [int(logits[-1].argmax())], [spec])
+        out = decode_one_token(model, batch, [int(logits[-1].argmax())], [spec])
         logits.append(out.logits[0])
     return logits
 
@@ -49,7 +49,7 @@ def test_joins_and_drops_match_decoding_alone(family: str) -> None:
     last: dict[int, int] = {}
     for t in range(STEPS + 3):
         if live:
-            out = batch.step(model, [last[i] for i in live], [specs[i] for i in live])
+            out = decode_one_token(model, batch, [last[i] for i in live], [specs[i] for i in live])
             for row, i in enumerate(live):
                 got[i].append(out.logits[row])
                 last[i] = int(out.logits[row].argmax())
@@ -59,7 +59,7 @@ def test_joins_and_drops_match_decoding_alone(family: str) -> None:
             live = [i for i in live if i not in done]
         if t in join_at:
             new = join_at[t]
-            joined, out = DecodeBatch.prefill(model, [PROMPTS[i] for i in new], [specs[i] for i in new])
+            joined, out = DecodeBatch.prefill_rows(model, [PROMPTS[i] for i in new], [specs[i] for i in new])
             batch.extend(joined)
             for row, i in enumerate(new):
                 got[i].append(out.logits[row])
@@ -76,8 +76,8 @@ def test_joins_and_drops_match_decoding_alone(family: str) -> None:
 def test_cached_step_equals_full_forward(family: str) -> None:
     model = _routed(family)
     prompt = PROMPTS[2]
-    batch, _ = DecodeBatch.prefill(model, [prompt[:-1]], [RoutingSpec("off")])
-    step = batch.step(model, [prompt[-1]], [RoutingSpec("off")])
+    batch, _ = DecodeBatch.prefill_rows(model, [prompt[:-1]], [RoutingSpec("off")])
+    step = decode_one_token(model, batch, [prompt[-1]], [RoutingSpec("off")])
     with torch.inference_mode():
         full = model(torch.tensor([prompt]), routing=[RoutingSpec("off")]).logits[0, -1]
         plain = model.backbone(torch.tensor([prompt])).logits[0, -1]
@@ -87,7 +87,7 @@ def test_cached_step_equals_full_forward(family: str) -> None:
 
 def test_keep_compacts_leading_padding() -> None:
     model = _routed("llama")
-    batch, _ = DecodeBatch.prefill(model, [PROMPTS[2], PROMPTS[1]], [RoutingSpec()] * 2)
+    batch, _ = DecodeBatch.prefill_rows(model, [PROMPTS[2], PROMPTS[1]], [RoutingSpec()] * 2)
     assert batch.length == 7
     batch.keep([1])
     assert batch.length == 2 and batch.mask.tolist() == [[1, 1]]
@@ -98,7 +98,7 @@ def test_keep_compacts_leading_padding() -> None:
 def test_trace_counts_real_tokens_only() -> None:
     model = _routed("llama")
     specs = [RoutingSpec("off"), RoutingSpec("pin", expert="shouty")]
-    _, out = DecodeBatch.prefill(model, [PROMPTS[0], PROMPTS[1]], specs)
+    _, out = DecodeBatch.prefill_rows(model, [PROMPTS[0], PROMPTS[1]], specs)
     layers = model.num_layers
     assert out.row_counts[0] == {"shouty": 0.0, "base": 4.0 * layers}
     assert out.row_counts[1] == {"shouty": 2.0 * layers, "base": 0.0}

@@ -15,8 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from experts import ExpertFile
-from moe import BackboneFingerprint, Expert, fingerprint, load_backbone
+from moe import BackboneFingerprint, Expert, ExpertFile, fingerprint, load_backbone
 from server.main import create_app
 from server.settings import Settings
 

@@ -1,15 +1,15 @@
 """Admission on plug: the report comes back in the 201 body; over a limit, 422 with the numbers.
 
-The report's maths belongs to experts.admission; here a stand-in with the same interface fixes the
+The report's maths belongs to moe.admission; here a stand-in with the same interface fixes the
 numbers, so these tests check the server's side (limits, disabling, refusal message, nothing plugged)."""
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass, field
 
 import pytest
+
+from server import admission_policy
 
 
 @dataclass
@@ -23,18 +23,16 @@ class FakeReport:
 
 @pytest.fixture
 def admission(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Install a stand-in experts.admission; set state['report'] to choose what it returns."""
+    """Stand in for the report's maths; set state['report'] to choose what it returns."""
     state: dict = {"report": FakeReport(0.0), "calls": 0, "calibration": None}
-    module = types.ModuleType("experts.admission")
 
     def admission_report(model, tokenizer, expert, calibration_texts):
         state["calls"] += 1
         state["calibration"] = calibration_texts
         return state["report"]
 
-    module.admission_report = admission_report
-    module.load_calibration_texts = lambda path=None: [f"calibration from {path}"]
-    monkeypatch.setitem(sys.modules, "experts.admission", module)
+    monkeypatch.setattr(admission_policy, "admission_report", admission_report)
+    monkeypatch.setattr(admission_policy, "load_calibration_texts", lambda path=None: [f"calibration from {path}"])
     return state
 
 

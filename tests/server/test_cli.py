@@ -38,9 +38,16 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.host, settings.port, settings.device, settings.dtype) == ("127.0.0.1", 8000, "auto", "float32")
     assert settings.max_batch_size == 16 and settings.max_queue == 64
     from demo import EXPERTS_DIR, MODEL_DIR
+    from server.settings import user_data_dir
 
-    assert Path(settings.model) == MODEL_DIR and settings.resolved_experts_dir() == EXPERTS_DIR
-    assert Settings(model="/elsewhere").resolved_experts_dir() == Path("experts")
+    # the demo is served by default; plugged experts persist outside the source tree, seeded from the demo's
+    assert Path(settings.model) == MODEL_DIR and settings.served_model_name() == "plugmoe-demo"
+    assert settings.resolved_experts_dir() == user_data_dir() / "plugmoe-demo" / "experts"
+    assert settings.resolved_seed_experts() == EXPERTS_DIR
+    assert not settings.resolved_experts_dir().resolve().is_relative_to(MODEL_DIR.parents[1])
+    elsewhere = Settings(model="/elsewhere/qwen")
+    assert elsewhere.resolved_experts_dir() == user_data_dir() / "qwen" / "experts"
+    assert elsewhere.resolved_seed_experts() is None
     assert Settings(api_keys=" a, b ,").api_key_set() == {"a", "b"}
     assert Settings.limit(-1) is None and Settings.limit(None) is None and Settings.limit(0.1) == 0.1
 

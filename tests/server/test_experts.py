@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from experts import ExpertFile
+from moe import ExpertFile
+from server.expert_store import ExpertStore
 from tests.server.conftest import build_expert
+
+
+def _stored(tmp_path: Path) -> ExpertStore:
+    return ExpertStore(tmp_path / "experts")
 
 
 def _upload(client: TestClient, data: bytes, headers: dict | None = None, **form) -> object:
@@ -33,7 +38,10 @@ def test_plug_describe_list_unplug(client: TestClient, expert_bytes, tmp_path: P
     assert body["description"] == "the math expert" and body["examples"] == ["an example for math"]
     assert body["kind"] == "bottleneck" and body["rank"] == 4 and body["layers"] == [0, 1]
     assert body["size_bytes"] > 0 and body["plugged_at"] and body["tokens_routed"] == 0
-    assert (tmp_path / "experts" / "math.safetensors").is_file()
+    manifest = _stored(tmp_path).current()
+    assert manifest.names == ("math",) and manifest.version == 1
+    blob = _stored(tmp_path).blobs / f"{manifest.experts[0].sha256}.safetensors"
+    assert ExpertFile.load(blob).name == "math"
 
     client.post("/generate", json={"prompt": "1 + 1 =", "max_new_tokens": 4})
     listed = client.get("/experts").json()
@@ -45,7 +53,8 @@ def test_plug_describe_list_unplug(client: TestClient, expert_bytes, tmp_path: P
     response = client.delete("/experts/math")
     assert response.status_code == 200 and response.json() == {"name": "math", "unplugged": True, "purged": False}
     assert client.get("/experts").json() == []
-    assert (tmp_path / "experts" / "math.safetensors").is_file()  # kept without purge
+    assert _stored(tmp_path).current().names == () and _stored(tmp_path).current().version == 2
+    assert blob.is_file()  # kept without purge
     assert client.get("/experts/math").status_code == 404
     assert client.delete("/experts/math").status_code == 404
 
@@ -98,8 +107,10 @@ def test_plug_from_local_path_and_file_url(client: TestClient, expert_bytes, tmp
     assert client.post("/experts", json={"source": str(path)}).status_code == 201
     response = client.post("/experts", json={"source": path.as_uri(), "name": "viaurl"})
     assert response.status_code == 201
-    # a renamed upload is written under its new name, with the new name inside
-    assert ExpertFile.load(tmp_path / "experts" / "viaurl.safetensors").name == "viaurl"
+    # a renamed upload is stored under its new name, with the new name inside
+    store = _stored(tmp_path)
+    entry = store.current().get("viaurl")
+    assert ExpertFile.load(store.read_blob(entry.sha256)).name == "viaurl"
     missing = client.post("/experts", json={"source": str(tmp_path / "nope.safetensors")})
     assert missing.status_code == 422 and "nope.safetensors" in missing.json()["detail"]
     assert client.post("/experts", json={"source": "ftp://example/x"}).status_code == 422
@@ -115,9 +126,9 @@ def test_experts_survive_a_restart_and_purge_deletes(make_client, expert_bytes, 
     first = make_client()
     assert _upload(first, expert_bytes("keep")).status_code == 201
     assert _upload(first, expert_bytes("gone", seed=2)).status_code == 201
+    gone = _stored(tmp_path).current().get("gone")
     assert first.delete("/experts/gone", params={"purge": "true"}).json()["purged"] is True
-    assert not (tmp_path / "experts" / "gone.safetensors").exists()
-    (tmp_path / "experts" / "broken.safetensors").write_bytes(b"garbage")  # skipped with a log line
+    assert not (_stored(tmp_path).blobs / f"{gone.sha256}.safetensors").exists()
     second = make_client()
     assert [e["name"] for e in second.get("/experts").json()] == ["keep"]
 

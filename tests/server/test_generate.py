@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from moe import load_backbone
 from moe.sampling import SamplingParams
-from server.engine import CANCELLED, Engine, GenerationRequest
+from server.engine import Engine
+from server.requests import CANCELLED, GenerationRequest
 
 PROMPT = "The quick brown fox"
 

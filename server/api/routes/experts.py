@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from server.api.deps import RegistryDep
+from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
 from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse
@@ -15,17 +15,17 @@ router = APIRouter(prefix="/experts", tags=["experts"])
 
 
 @router.get("", response_model=list[ExpertInfo])
-async def list_experts(registry: RegistryDep) -> list[dict]:
-    return registry.describe_all()
+async def list_experts(experts: ExpertsDep) -> list[dict]:
+    return experts.describe_all()
 
 
 @router.get("/{name}", response_model=ExpertInfo)
-async def get_expert(name: str, registry: RegistryDep) -> dict:
-    return registry.describe(name)
+async def get_expert(name: str, experts: ExpertsDep) -> dict:
+    return experts.describe(name)
 
 
 @router.post("", response_model=PlugResponse, status_code=status.HTTP_201_CREATED, dependencies=[Admin])
-async def plug_expert(request: Request, registry: RegistryDep) -> dict:
+async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
     """multipart/form-data: `file` (the .safetensors), optional `name` and `replace`;
     or JSON {"source": path | file:// | http(s)://, "name", "replace"}."""
     content_type = request.headers.get("content-type", "")
@@ -37,21 +37,21 @@ async def plug_expert(request: Request, registry: RegistryDep) -> dict:
         name = form.get("name")
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes", "on")
         data = await upload.read()
-        expert, report, replaced = await registry.plug_bytes(data, str(name) if name else None, replace)
+        expert, report, replaced = await experts.plug_bytes(data, str(name) if name else None, replace)
     elif content_type.startswith("application/json"):
         try:
             body = PlugFromSource.model_validate_json(await request.body())
         except ValueError as e:
             raise BadRequestError(f"the JSON body must be {{'source', 'name', 'replace'}}: {e}") from e
-        expert, report, replaced = await registry.plug_source(body.source, body.name, body.replace)
+        expert, report, replaced = await experts.plug_source(body.source, body.name, body.replace)
     else:
         raise BadRequestError("send multipart/form-data with a `file`, or JSON with a `source`")
-    return {**registry.describe(expert.name), "replaced": replaced, "admission": report}
+    return {**experts.describe(expert.name), "replaced": replaced, "admission": report}
 
 
 @router.delete("/{name}", response_model=UnplugResponse, dependencies=[Admin])
 async def unplug_expert(
-    name: str, registry: RegistryDep, purge: Annotated[bool, Query(description="also delete the file")] = False
+    name: str, experts: ExpertsDep, purge: Annotated[bool, Query(description="also delete the file")] = False
 ) -> dict:
-    purged = await registry.unplug(name, purge)
+    purged = await experts.unplug(name, purge)
     return {"name": name, "unplugged": True, "purged": purged}

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from server.api.deps import EngineDep, TokenizerDep
 from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
 from server.auth import ApiKey, SettingsDep
-from server.engine import Finished, RequestHandle
+from server.requests import Finished, RequestHandle
 from server.schemas import GenerateRequest, GenerateResponse, Usage
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])

@@ -17,8 +17,9 @@ from fastapi.responses import StreamingResponse
 from server.api.deps import EngineDep, TokenizerDep
 from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
 from server.auth import ApiKey, SettingsDep
-from server.engine import Engine, Finished, RequestHandle
+from server.engine import Engine
 from server.errors import BadRequestError, NotFoundError
+from server.requests import Finished, RequestHandle
 from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Routing
 from server.settings import Settings
 

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from experts.errors import (
+from moe.backbone import BackboneFingerprint
+from moe.errors import (
     BackboneMismatchError,
     InvalidMetadataError,
     MissingTensorError,
@@ -41,7 +42,6 @@ from experts.errors import (
     UnsupportedExpertKindError,
     UnsupportedFormatVersionError,
 )
-from moe.backbone import BackboneFingerprint
 from moe.expert import ADAPTER_KIND, Expert, InvalidExpertNameError, check_name
 
 FORMAT = "plugmoe-expert"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from experts import (
+from moe import Expert, RoutedModel
+from moe.errors import (
     BackboneMismatchError,
-    ExpertFile,
     InvalidMetadataError,
     MissingTensorError,
     NonFiniteTensorError,
@@ -25,7 +25,7 @@ from experts import (
     UnsupportedExpertKindError,
     UnsupportedFormatVersionError,
 )
-from moe import Expert, RoutedModel
+from moe.file import ExpertFile
 from tests.tiny import tiny_backbone
 
 

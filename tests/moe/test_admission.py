@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from experts.admission import admission_report, load_calibration_texts
 from moe import Expert, RoutedModel
+from moe.admission import admission_report, load_calibration_texts
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "In the morning the weather was cold."]

@@ -1,6 +1,49 @@
-"""Why an expert file was refused. Each failure has its own type; every message says what to do."""
+"""Every error the model package raises on purpose, in one place. Each names what is wrong and what to do.
+
+The server maps these to HTTP statuses in one table (server/errors.py); nothing here knows about HTTP.
+"""
 
 from __future__ import annotations
+
+
+class UnsupportedBackboneError(ValueError):
+    """The model's family has no row in moe.backbone.MLP_PATHS."""
+
+
+class InvalidExpertNameError(ValueError):
+    """An expert name that is malformed or reserved."""
+
+
+# --- the plugged set -------------------------------------------------------------------------------------
+
+
+class ExpertNameTakenError(ValueError):
+    """Plugging a name that is already plugged, without replace."""
+
+
+class UnknownExpertError(KeyError):
+    """A name that is not plugged."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0])
+
+
+class IncompatibleExpertError(ValueError):
+    """An expert whose shapes do not fit the backbone."""
+
+
+# --- requests ------------------------------------------------------------------------------------------
+
+
+class RoutingSpecError(ValueError):
+    """A routing request that cannot be served as written."""
+
+
+class SamplingParamsError(ValueError):
+    """Sampling settings outside their range."""
+
+
+# --- expert files: the file cannot be plugged as it is; nothing was plugged or changed -------------------
 
 
 class ExpertFileError(ValueError):

@@ -1,0 +1,203 @@
+"""Every setting of the experts tooling, typed, in one place; `plugmoe train-expert|distill|eval` derive their
+flags, defaults and help from these dataclasses (as `plugmoe serve` does from server.settings.Settings).
+
+A field becomes `--field-name`; its `help` metadata is the flag's help; a field without a default is a
+required flag; `tuple[int, ...]` fields take comma-separated values, `list[str]` fields take several values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with help text for its flag."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class CommonOptions:
+    """Flags every subcommand takes."""
+
+    model: str = option(help="HF model directory or hub id of the backbone")
+    device: str = option("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    seed: int = option(0, help="seed for every random choice (repeatable runs)")
+    threads: int | None = option(None, help="torch CPU threads (default: torch's)")
+    template: str = option(DEFAULT_TEMPLATE, help="question/answer template with {question} and {answer} (answer last)")
+    extractor: str = option("gsm8k", help="final-answer extractor: gsm8k (#### N), last-number, or module:function")
+    log_level: str = option("INFO", help="logging level")
+
+
+# --- train-expert -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainInputs:
+    """What `train-expert` reads and writes."""
+
+    data: str = option(help='JSONL of {"text"} or {"question", "answer"} records')
+    name: str = option(help="the expert's name (and routing id)")
+    out: str = option(help="path of the .safetensors expert file to write")
+    heldout: str | None = option(None, help="held-out JSONL (default: a seeded split of --data)")
+    heldout_fraction: float = option(0.1, help="share of --data held out when no --heldout is given")
+    heldout_limit: int = option(200, help="at most this many held-out records")
+    calibration: str | None = option(
+        None,
+        help="base-domain text: the gate rejects it and thresholds cap its false positives "
+        "(default: the general calibration text)",
+    )
+    negatives: list[str] | None = option(
+        None, help="other domains' text the gate must also reject (default: the calibration text alone)"
+    )
+    with_experts: str | None = option(
+        None, help="directory of experts already plugged beside this one (their examples are negatives)"
+    )
+    description: str = option("", help="what the expert is for (stored in the file)")
+    examples: list[str] | None = option(None, help="3-5 example prompts to store (default: held-out)")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one `train-expert` run (defaults fit the demo backbone on 2 CPU cores)."""
+
+    name: str = option(help="the expert's name (and routing id)")
+    rank: int = option(16, help="adapter rank")
+    layers: tuple[int, ...] | None = option(None, help="comma-separated layer indices (default: every layer)")
+    steps: int = option(300, help="stage 1 optimiser steps")
+    batch_size: int = option(16, help="stage 1 sequences per step")
+    max_tokens: int = option(128, help="tokens per sequence (longer ones are cut)")
+    lr: float = option(2e-3, help="stage 1 peak learning rate (warmup, then cosine to 10%%)")
+    weight_decay: float = option(0.0, help="stage 1 AdamW weight decay")
+    warmup_steps: int = option(20, help="stage 1 linear warmup steps")
+    grad_clip: float = option(1.0, help="stage 1 gradient norm clip")
+    eval_every: int = option(25, help="score the held-out split every this many steps; the best step is kept")
+    eval_examples: int = option(64, help="held-out examples scored at each evaluation")
+    max_new_tokens: int = option(96, help="greedy generation length for behavioural validation (QA)")
+    gate_steps: int = option(100, help="stage 2 Adam steps per layer key")
+    gate_lr: float = option(0.05, help="stage 2 learning rate")
+    gate_temperature: float = option(20.0, help="tau in the key's classifier sigmoid(tau * (cos - b))")
+    gate_max_tokens: int = option(12_000, help="captured tokens per class and layer")
+    threshold_rule: Literal["cap", "max"] = option(
+        "cap", help="cap: at most --fp-cap of negative decisions pass; max: highest negative score + margin"
+    )
+    fp_cap: float = option(1e-3, help="at most this share of negative (token, layer) decisions may pass a gate")
+    threshold_margin: float = option(0.0, help="'max' rule: threshold = highest negative score + margin")
+    balance_steps: int = option(50, help="loss-free balancing batches")
+    balance_rate: float = option(1e-3, help="loss-free balancing step u in offset += u * sign(target - load)")
+    balance_batch: int = option(16, help="sequences per balancing batch")
+    seed: int = option(0, help="seed for every random choice")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 0 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"rank {self.rank}, steps {self.steps}, batch size {self.batch_size} and eval_every "
+                f"{self.eval_every} must be positive (steps may be 0)"
+            )
+        if not 0.0 <= self.fp_cap < 1.0:
+            raise ValueError(f"fp_cap must be in [0, 1), got {self.fp_cap}")
+        if self.threshold_rule not in ("cap", "max"):
+            raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
+
+
+# --- distill ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillConfig:
+    """`distill`: sample k solutions per problem, keep the correct ones."""
+
+    problems: str = option(help='JSONL of {"question", "answer"} with gold final answers')
+    out: str = option(help="question/answer JSONL to write")
+    k: int = option(4, help="samples per problem")
+    temperature: float = option(0.7, help="sampling temperature")
+    top_p: float = option(1.0, help="nucleus sampling mass")
+    max_new_tokens: int = option(128, help="tokens per sample")
+    max_per_problem: int | None = option(None, help="distinct solutions kept per problem (default: k)")
+    limit: int | None = option(None, help="use the first N problems")
+    batch_size: int = option(64, help="samples decoded together")
+    report: str | None = option(None, help="also write the report as JSON here")
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+
+# --- eval -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalInputs:
+    """What `eval` reads and writes."""
+
+    experts: str = option(help="directory of .safetensors experts to plug")
+    data: list[str] = option(help="domains as NAME=FILE; a domain's target is the expert of the same name")
+    out: str | None = option(None, help="JSON report path")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one `eval` run."""
+
+    base: str = option("general", help="the base domain (its target route is base)")
+    limit: int = option(200, help="sequences per domain for perplexity and routing")
+    behaviour_limit: int = option(100, help="QA records per domain for accuracy")
+    max_tokens: int = option(256, help="tokens per sequence (longer ones are cut)")
+    max_new_tokens: int = option(96, help="greedy generation length for accuracy")
+    batch_size: int = option(16, help="sequences per forward")
+    greedy_prompt_words: int = option(8, help="base domain: prompt = the first words of a text")
+    greedy_new_tokens: int = option(32, help="base domain: tokens compared with the backbone's continuation")
+
+
+# --- deriving flags ---------------------------------------------------------------------------------------
+
+
+def _flag_kind(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """(argparse type, extra add_argument kwargs) for a resolved field annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _flag_kind(inner[0])
+    if origin is Literal:
+        return str, {"choices": args}
+    if origin is list:
+        return args[0], {"nargs": "+"}
+    if origin is tuple:
+        return _int_tuple, {}
+    return annotation, {}
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def add_flags(parser: argparse.ArgumentParser, *configs: type) -> None:
+    """One flag per field of each dataclass, in order; a name already added by an earlier one is skipped."""
+    seen = {action.dest for action in parser._actions}
+    for config in configs:
+        hints = typing.get_type_hints(config)
+        for f in dataclasses.fields(config):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            kind, extra = _flag_kind(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            default = None if required else f.default
+            parser.add_argument(
+                flag, type=kind, required=required, default=default, help=f.metadata.get("help", ""), **extra
+            )
+
+
+def build(config: type, args: argparse.Namespace, **overrides: Any):
+    """An instance of `config` from the parsed flags that are its fields (overrides win)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
+    return config(**{**values, **overrides})

@@ -1,0 +1,71 @@
+"""Detokenising one sequence as it grows, and its stop strings.
+
+    stream = TextStream(tokenizer, stop=("\\n\\n",), eos_ids=(0,))
+    piece, stopped = stream.add(token)     # the text that became final with this token
+    text = stream.text                      # everything final so far (the stop string itself excluded)
+
+Text is decoded from all generated ids each time (byte-level BPE can only be cut between whole
+characters), then held back while it ends in an incomplete character or in something that may grow into
+a stop string; a stop string cuts the text where it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TextStream:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), eos_ids: tuple[int, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.eos_ids = eos_ids
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of text already handed out
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far."""
+        return self._text[: self.emitted]
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Record one generated token -> (newly final text, whether a stop string or EOS ended the text)."""
+        if token in self.eos_ids:
+            return self.flush(), True
+        self.ids.append(token)
+        self._text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = self._find_stop()
+        if cut is not None:
+            self._text = self._text[:cut]
+            return self.flush(), True
+        ready = len(self._text) - self._held_back()
+        if self._text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
+            ready = min(ready, len(self._text) - 1)
+        piece = self._text[self.emitted : ready] if ready > self.emitted else ""
+        self.emitted = max(self.emitted, ready)
+        return piece, False
+
+    def flush(self) -> str:
+        """Hand out whatever was held back (the sequence ends here)."""
+        piece = self._text[self.emitted :]
+        self.emitted = len(self._text)
+        return piece
+
+    def _find_stop(self) -> int | None:
+        """Index where the earliest stop string starts in the not-yet-final part of the text, or None."""
+        best: int | None = None
+        for stop in self.stop:
+            index = self._text.find(stop, max(0, self.emitted - len(stop) + 1))
+            if index >= 0 and (best is None or index < best):
+                best = index
+        return best
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        held = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self._text)), held, -1):
+                if stop.startswith(self._text[-n:]):
+                    held = n
+                    break
+        return held
