@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from moe import (
@@ -23,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class BadRequestError(ValueError):
-    """A request the server cannot serve as written (400)."""
+    """A request the server cannot serve as written (400). `param` names the offending field, if one does."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class NotFoundError(LookupError):
@@ -57,8 +62,8 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (IncompatibleExpertError, 422),
     (AdmissionRejectedError, 422),
     (ExpertSourceError, 422),
-    (RoutingSpecError, 422),
-    (SamplingParamsError, 422),
+    (RoutingSpecError, 400),
+    (SamplingParamsError, 400),
     (QueueFullError, 503),
     (EngineStoppedError, 503),
 ]
@@ -81,10 +86,22 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
         headers["Retry-After"] = str(retry_after_s)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"
-    kind = type(exc).__name__
+    param = getattr(exc, "param", None)
     # `detail` as FastAPI writes it; `error` as OpenAI clients read it
-    body = {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+    body = {
+        "detail": message,
+        "error": {"message": message, "type": type(exc).__name__, "param": param, "code": status},
+    }
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_error(exc: RequestValidationError) -> BadRequestError:
+    """A request body that does not validate, as one 400 naming the first offending field."""
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return BadRequestError(message + " (see the API schema at /docs)", param=param)
 
 
 def install(app: FastAPI) -> None:
@@ -92,5 +109,10 @@ def install(app: FastAPI) -> None:
         settings = getattr(request.app.state, "settings", None)
         return error_response(exc, settings.retry_after_s if settings else 1)
 
+    def handle_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return handle(request, validation_error(exc))
+
     for kind, _ in STATUS:
         app.add_exception_handler(kind, handle)
+    app.add_exception_handler(RequestValidationError, handle_validation)

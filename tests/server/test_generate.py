@@ -117,21 +117,24 @@ def test_mixed_routing_in_one_batch_matches_each_alone(make_client, expert_bytes
 
 
 @pytest.mark.parametrize(
-    ("body", "status", "needle"),
+    ("body", "status", "needle", "param"),
     [
-        ({"routing": {"mode": "pin", "expert": "ghost"}}, 404, "ghost"),
-        ({"routing": {"mode": "pin"}}, 422, "needs an expert"),
-        ({"routing": {"mode": "token", "expert": "x"}}, 422, "takes no expert"),
-        ({"routing": {"mode": "banana"}}, 422, ""),
-        ({"temperature": -1}, 422, ""),
-        ({"top_p": 0}, 422, ""),
-        ({"max_new_tokens": 0}, 422, ""),
+        ({"routing": {"mode": "pin", "expert": "ghost"}}, 404, "ghost", None),
+        ({"routing": {"mode": "pin"}}, 400, "needs an expert", None),
+        ({"routing": {"mode": "token", "expert": "x"}}, 400, "takes no expert", None),
+        ({"routing": {"mode": "banana"}}, 400, "routing.mode", "routing.mode"),
+        ({"temperature": -1}, 400, "temperature", "temperature"),
+        ({"top_p": 0}, 400, "top_p", "top_p"),
+        ({"max_new_tokens": 0}, 400, "max_new_tokens", "max_new_tokens"),
     ],
 )
-def test_bad_requests(client: TestClient, body: dict, status: int, needle: str) -> None:
+def test_bad_requests(client: TestClient, body: dict, status: int, needle: str, param: str | None) -> None:
+    """Every refusal is one error object: `detail` and OpenAI's `error` with the offending `param`."""
     response = client.post("/generate", json={"prompt": PROMPT, **body})
     assert response.status_code == status, response.text
-    assert needle in response.json()["detail"] if needle else True
+    error = response.json()["error"]
+    assert needle in response.json()["detail"] and error["message"] == response.json()["detail"]
+    assert error["code"] == status and error["param"] == param
 
 
 def test_prompt_over_context_limit_is_400_with_the_limit(make_client) -> None:
