@@ -18,12 +18,11 @@ def _stored(tmp_path: Path) -> ExpertStore:
     return ExpertStore(tmp_path / "experts")
 
 
-def _upload(client: TestClient, data: bytes, headers: dict | None = None, **form) -> object:
+def _upload(client: TestClient, data: bytes, **form) -> object:
     return client.post(
         "/experts",
         files={"file": ("upload.safetensors", data)},
         data={k: str(v).lower() if isinstance(v, bool) else v for k, v in form.items()},
-        headers=headers or {},
     )
 
 
