@@ -144,5 +144,6 @@ def test_an_auth_refusal_asks_for_a_bearer_token(make_client) -> None:
     assert response.json()["error"] == {
         "message": "this endpoint needs `Authorization: Bearer <api key>`",
         "type": "AuthError",
+        "param": None,
         "code": 401,
     }

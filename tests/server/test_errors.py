@@ -52,8 +52,9 @@ CASES: list[tuple[BaseException, int]] = [
     (IncompatibleExpertError("wrong shape"), 422),
     (AdmissionRejectedError("over the limit"), 422),
     (ExpertSourceError("cannot fetch"), 422),
-    (RoutingSpecError("bad routing"), 422),
-    (SamplingParamsError("bad sampling"), 422),
+    (RoutingSpecError("bad routing"), 400),
+    (SamplingParamsError("bad sampling"), 400),
+    (BadRequestError("temperature: must be finite", param="temperature"), 400),
     (QueueFullError("full"), 503),
     (EngineStoppedError("stopped"), 503),
 ]
@@ -81,7 +82,7 @@ def test_status_and_body(exc: BaseException, status: int) -> None:
     # `detail` as FastAPI writes errors, `error` as OpenAI clients read them
     assert json.loads(response.body) == {
         "detail": message,
-        "error": {"message": message, "type": type(exc).__name__, "code": status},
+        "error": {"message": message, "type": type(exc).__name__, "param": getattr(exc, "param", None), "code": status},
     }
     assert ("retry-after" in response.headers) == (status == 503)
     assert ("www-authenticate" in response.headers) == isinstance(exc, AuthError)
@@ -116,7 +117,12 @@ def test_an_app_answers_every_row_through_its_handlers() -> None:
             assert response.status_code == status, type(exc).__name__
             assert response.json() == {
                 "detail": str(exc),
-                "error": {"message": str(exc), "type": type(exc).__name__, "code": status},
+                "error": {
+                    "message": str(exc),
+                    "type": type(exc).__name__,
+                    "param": getattr(exc, "param", None),
+                    "code": status,
+                },
             }
             if status == 503:
                 assert response.headers["retry-after"] == "5"
