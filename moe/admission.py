@@ -52,13 +52,41 @@ def _unit_inputs(model: RoutedModel, tokenizer, strings: list[str], max_tokens: 
     return [F.normalize(x, dim=-1).to(model.dtype) for x in captured]
 
 
-def _top_choice(plugged: PluggedSet, layer: int, x_unit: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Slot-0 expert index per token [N] (-1 = base) under `plugged`, token mode, everything allowed."""
-    n, count = x_unit.shape[0], len(plugged)
-    scores = gate_scores(x_unit, plugged.keys[layer], plugged.offsets[layer])
+def _top_choice(
+    keys: torch.Tensor,
+    offsets: torch.Tensor,
+    thresholds: torch.Tensor,
+    covers: torch.Tensor,
+    x_unit: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """One layer's gate columns (keys [C, H], offsets/thresholds/covers [C]) -> the slot-0 column per token [N]
+    (-1 = base), token mode, everything allowed."""
+    n, count = x_unit.shape[0], keys.shape[0]
+    scores = gate_scores(x_unit, keys, offsets)
     allowed = torch.ones(n, count, dtype=torch.bool, device=x_unit.device)
     forced = torch.full((n,), -1, dtype=torch.long, device=x_unit.device)
-    return choose_experts(scores, plugged.thresholds[layer], allowed, forced, plugged.covers[layer], top_k)[:, 0]
+    return choose_experts(scores, thresholds, allowed, forced, covers, top_k)[:, 0]
+
+
+def _columns_with(current: PluggedSet, candidate: Expert) -> tuple[torch.Tensor, ...]:
+    """The current gate columns plus the candidate's as column C (keys [L, C+1, H], offsets, thresholds,
+    covers [L, C+1]); an expert of the same name is switched off, as a replacing plug would. Nothing plugged."""
+    num_layers, capacity, hidden = current.keys.shape
+    device = current.keys.device
+    keys = torch.cat([current.keys, current.keys.new_zeros(num_layers, 1, hidden)], dim=1)
+    offsets = torch.cat([current.offsets, current.offsets.new_zeros(num_layers, 1)], dim=1)
+    thresholds = torch.cat([current.thresholds, torch.full((num_layers, 1), float("inf"), device=device)], dim=1)
+    covers = torch.cat([current.covers, torch.zeros(num_layers, 1, dtype=torch.bool, device=device)], dim=1)
+    if candidate.name in current:
+        thresholds[:, current.index(candidate.name)] = float("inf")
+        covers[:, current.index(candidate.name)] = False
+    layers = list(candidate.layers)
+    keys[layers, capacity] = F.normalize(candidate.keys.float(), dim=-1).to(keys.dtype)
+    offsets[layers, capacity] = candidate.offsets.float()
+    thresholds[layers, capacity] = candidate.thresholds.float()
+    covers[layers, capacity] = True
+    return keys, offsets, thresholds, covers
 
 
 @torch.no_grad()
@@ -71,16 +99,15 @@ def admission_report(
 ) -> AdmissionReport:
     candidate = expert.to(model.device, model.dtype)
     current = model.plugged
-    with_candidate = current.plugging(candidate, replace=True)
-    slot = with_candidate.index(candidate.name)
+    keys, offsets, thresholds, covers = _columns_with(current, candidate)
+    slot = current.capacity  # the candidate's column
 
     passes, decisions = 0, 0
     for layer, x_unit in enumerate(_unit_inputs(model, tokenizer, calibration_texts, max_tokens)):
-        if not with_candidate.covers[layer, slot] or x_unit.shape[0] == 0:
+        if not covers[layer, slot] or x_unit.shape[0] == 0:
             continue
-        key = with_candidate.keys[layer, slot : slot + 1]
-        score = gate_scores(x_unit, key, with_candidate.offsets[layer, slot : slot + 1])[:, 0]
-        passes += int((score > with_candidate.thresholds[layer, slot]).sum())
+        score = gate_scores(x_unit, keys[layer, slot : slot + 1], offsets[layer, slot : slot + 1])[:, 0]
+        passes += int((score > thresholds[layer, slot]).sum())
         decisions += x_unit.shape[0]
 
     steal_rates: dict[str, float] = {}
@@ -90,8 +117,11 @@ def admission_report(
         before_idx = current.index(other.name)
         owned, stolen = 0, 0
         for layer, x_unit in enumerate(_unit_inputs(model, tokenizer, list(other.examples), max_tokens)):
-            mine = _top_choice(current, layer, x_unit, model.router.top_k) == before_idx
-            after = _top_choice(with_candidate, layer, x_unit, model.router.top_k)
+            gates_now = (current.keys[layer], current.offsets[layer], current.thresholds[layer], current.covers[layer])
+            mine = _top_choice(*gates_now, x_unit, model.router.top_k) == before_idx
+            after = _top_choice(
+                keys[layer], offsets[layer], thresholds[layer], covers[layer], x_unit, model.router.top_k
+            )
             owned += int(mine.sum())
             stolen += int((mine & (after == slot)).sum())
         steal_rates[other.name] = stolen / owned if owned else 0.0

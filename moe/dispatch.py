@@ -8,7 +8,8 @@ Semantics (what `grouped_dispatch` computes, and `reference_dispatch` spells out
         for e in chosen:
             out[n] += adapter_e(x[n]) / len(chosen)
 
-The grouped form sorts routed (token, slot) pairs by expert and runs each expert that won tokens once,
+`slot_dispatch` is the decode form (top-1, slot storage, no host read). The grouped form sorts routed
+(token, slot) pairs by expert and runs each expert that won tokens once,
 on just its tokens (index_select, two small matmuls, index_add_). Base-route tokens are never touched,
 and experts that won nothing cost nothing, so the cost grows with the routed tokens and k, not with
 the number of experts plugged.
@@ -74,20 +75,40 @@ def _grouped_top1(
     return out
 
 
-def gathered_dispatch(
+def slot_dispatch(
     x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
 ) -> torch.Tensor:
-    """Top-1 for a few tokens (decode) with no host read: gather each token's adapter and run two bmm.
+    """Top-1 over slot storage with no host read and a fixed number of ops (decode; capture-safe).
 
-    x, base [N, H]; choice [N] (-1 = base); down [E, H, R], up [E, R, H] (zero-padded ranks).
-    Base-route rows come back as `base` itself, bit for bit. Copies N * H * R * 2 weights, so it is for
-    small N only; grouped_dispatch serves prefill and training.
+    x, base [N, H]; choice [N] slot or -1 (base); down [H, C, R], up [C, R, H] (ranks zero-padded).
+    Semantics: out[n] = base[n] + gelu(x[n] @ down[:, choice[n]]) @ up[choice[n]] where choice[n] >= 0,
+    and base-route rows come back as `base` itself, bit for bit (torch.where picks base's values).
+
+    Two forms, picked on the host from the shapes (documented rule, no data dependence):
+      dense   when C <= N: every slot as one [H, C*R] and one [C*R, H] matmul, unchosen blocks zeroed
+              (reads the slot weights once: C*H*R)
+      gather  otherwise: each token's adapter gathered, two batched matmuls (copies N*H*R)
     """
-    if down.shape[0] == 0:
+    capacity = up.shape[0]
+    if capacity == 0:
         return base
-    index = choice.clamp(min=0)
-    delta = torch.bmm(F.gelu(torch.bmm(x[:, None], down[index])), up[index])[:, 0]  # [N, H]
+    delta = _dense_delta(x, choice, down, up) if capacity <= x.shape[0] else _gathered_delta(x, choice, down, up)
     return torch.where((choice >= 0)[:, None], base + delta.to(base.dtype), base)
+
+
+def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    index = choice.clamp(min=0)
+    chosen_down = down.index_select(1, index).permute(1, 0, 2)  # [N, H, R]
+    chosen_up = up.index_select(0, index)  # [N, R, H]
+    return torch.bmm(F.gelu(torch.bmm(x[:, None], chosen_down)), chosen_up)[:, 0]  # [N, H]
+
+
+def _dense_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    hidden, capacity, rank = down.shape
+    h = F.gelu(x @ down.reshape(hidden, capacity * rank)).view(-1, capacity, rank)  # [N, C, R]
+    keep = torch.arange(capacity, device=x.device) == choice[:, None]  # [N, C], all False for base rows
+    h = h * keep[:, :, None].to(h.dtype)
+    return h.view(-1, capacity * rank) @ up.reshape(capacity * rank, -1)  # [N, H]
 
 
 def reference_dispatch(

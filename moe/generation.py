@@ -1,55 +1,73 @@
-"""The one routed generation path: prefill, decode one token, decode n tokens. Tensors only, no scheduling.
+"""The one routed generation path: prefill, a fixed-slot decoder, decode one token, decode n tokens.
 
 gpt-fast's habit, for a batch whose rows join and leave at any step (continuous batching):
 
-    prefill(model, prompts, specs)       -> Prefill: a DecodeBatch with the prompts' KV cache, each row's
-                                            next-token logits, and each row's final RoutingSpec. Rows in
-                                            `sequence` mode are decided here (see below).
-    decode_one_token(model, batch, ...)  -> StepOutput: every row's next-token logits and routing counts
-    generate(model, tokenizer, ...)      -> complete whole prompts (decode n tokens): what evaluation,
-                                            training and distillation run; the server's engine schedules
-                                            prefill and decode_one_token itself, request by request.
+    prefill(model, prompts, specs)             -> Prefill: each row's next-token logits, its final RoutingSpec
+                                                  and its prompt's keys and values (sequence mode decided here)
+    StaticDecoder(model, max_batch, max_len)   fixed slots; every input of a decode step in persistent buffers
+        .join(prefill, row) -> slot            copy a prefilled row into a free slot
+        .leave(slot)                           free it
+        .step(slots, tokens, specs)            one token for every live row -> StepOutput
+    decode_one_token(decoder, ...)             one step (what the engine calls)
+    generate(model, tokenizer, ...)            complete whole prompts (evaluation, training, distillation)
 
 Sequence mode's protocol, in one place: a row in `sequence` mode without a decision is first prefilled
 *observed* (scored and traced on the plain backbone, no expert applied), `decide_sequence` picks one route
 from its prompt's decisions, and the row is prefilled again with that expert; a row that chose base keeps
-the observed cache, which is exactly the backbone's.
+the observed keys and values, which are exactly the backbone's.
 
-A DecodeBatch holds B sequences decoding together:
+The decoder's buffers (B = slots, S = columns allocated, L layers):
 
-    cache.layers[l].keys/.values  [B, heads, S, D]   the transformers DynamicCache, left-padded
-    mask                          [B, S]             1 = a real cached token, 0 = padding
-    positions                     [B]                the position the row's next token takes
+    keys[l], values[l]  [B, kv_heads, S, D]   KV slots (moe.kv_cache.SlotLayer writes them in the step)
+    input_ids           [B, 1] long           each row's newest token, the step's input
+    pos                 [B] long              the column (and position) that token takes
+    active              [B] long              1 for a live row; a free slot keeps pos 0 and attends column 0
+    bias                [B, 1, 1, S]          additive attention mask: 0 where a row may attend, min elsewhere
+    allowed [B, C] bool, forced [B] long, apply [B] bool   each row's routing (moe.router.StepRouting)
 
-Rows are left-padded to a common length S, so every row's newest token sits in the last column and one
-forward of input_ids [B, 1] decodes the whole batch. Batches prefilled at different times join by padding
-the shorter side's cache on the left; finished rows are dropped with index_select, and leading columns
-that became padding in every row are cut away, so S tracks the longest live sequence.
+A step of bucket (b, s) runs rows [:b] over columns [:s] (views: fixed addresses):
 
-Semantics: decoding row i in a batch equals decoding it alone (padding is masked out of attention and
-positions are per row), within float tolerance.
+    bias[r, pos[r]] = 0                      the row sees its own new token
+    logits = model(input_ids[:b], 4D mask bias[:b, ..., :s], position_ids = pos[:b], SlotCache(b, s))
+    pos += active
+
+It reads only those buffers: no host read, no host-to-device copy, no Python that depends on which rows
+are live. So on CUDA a step can be captured once per (b, s, route) as a CUDA graph and replayed; the host
+picks the bucket from its own mirrors (highest live slot, longest live row). Rows join and leave between
+steps by writing a few slot rows; routing rows are rewritten when a row's spec or the plugged set changes,
+not per step. Sampling stays outside the step: one host read of logits (and the trace) per step.
+Columns are allocated as rows need them (doubling, up to max_len); a row reaching max_len finishes.
+
+Semantics: decoding row i with others equals decoding it alone (each row attends only its own columns,
+positions are per row), within float tolerance; a captured step equals the eager step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from moe.errors import UnsupportedBackboneError
 from moe.expert import BASE_ROUTE
+from moe.kv_cache import SlotCache, SlotLayer, dynamic_layers_kv, use_decode_attention
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec, StepRouting, decide_sequence
 from moe.sampling import SamplingParams, sample
-from moe.trace import add_counts
+from moe.trace import add_counts, counts_by_route
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class StepOutput:
-    """What one forward produced for the batch: each row's next-token logits and its routing decisions."""
+    """What one forward produced for its rows: each row's next-token logits and its routing decisions."""
 
     logits: torch.Tensor  # [B, V], the last position of each row
     row_counts: list[dict[str, float]]  # per row {expert: decisions, ..., 'base': decisions}
@@ -78,109 +96,82 @@ def context_length(model: RoutedModel) -> int:
     return 2048
 
 
+# --- prefill ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptKV:
+    """One prefill forward's keys and values: per layer [B, kv, T, D], rows left-padded to T."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lengths: list[int]  # real tokens of each row (its last lengths[i] columns)
+
+    def row(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row i's real columns, per layer (keys, values) [kv, T_i, D]."""
+        n = self.lengths[i]
+        return [(k[i, :, k.shape[2] - n :], v[i, :, v.shape[2] - n :]) for k, v in self.layers]
+
+
 @dataclass
 class Prefill:
     """Prompts prefilled together, in the caller's row order."""
 
-    batch: DecodeBatch
     logits: torch.Tensor  # [B, V]: each row's next-token logits
     specs: list[RoutingSpec]  # each row's spec to decode with (sequence-mode decisions made)
     row_counts: list[dict[str, float]]  # decisions applied to each row's prompt
     layer_counts: list[dict[str, float]]  # per layer, applied decisions summed over rows
-
-
-class DecodeBatch:
-    """Sequences decoding together with one KV cache (see the module docstring for shapes)."""
-
-    def __init__(
-        self,
-        cache: DynamicCache | None = None,
-        mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> None:
-        self.cache = cache
-        self.mask = mask
-        self.positions = positions
+    sources: list[tuple[PromptKV, int]] = field(default_factory=list)  # where each row's keys and values are
 
     def __len__(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[0])
+        return len(self.specs)
 
-    @property
-    def length(self) -> int:
-        """S: cached columns, padding included."""
-        return 0 if self.mask is None else int(self.mask.shape[1])
+    def length(self, row: int) -> int:
+        kv, i = self.sources[row]
+        return kv.lengths[i]
 
-    @classmethod
-    def prefill_rows(
-        cls,
-        model: RoutedModel,
-        prompts: list[list[int]],
-        specs: list[RoutingSpec],
-        plugged: PluggedSet | None = None,
-        observe: list[bool] | None = None,
-    ) -> tuple[DecodeBatch, StepOutput]:
-        """Run the prompts (left-padded to the longest) under their specs as given, and keep their cache.
+    def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        kv, i = self.sources[row]
+        return kv.row(i)
 
-        observe[i]: score and trace row i on the plain backbone without applying experts, so its cache is
-        the exact backbone's. `prefill` below is what callers use; this is its building block.
-        """
-        plugged = plugged if plugged is not None else model.plugged
-        device = model.device
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, longest - len(prompt) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, ... per row
-        routing = StepRouting.from_specs(specs, plugged, observe=observe)
-        with torch.inference_mode():
-            # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
-            out = model(
-                ids,
-                attention_mask=mask,
-                routing=routing,
-                plugged=plugged,
-                past_key_values=DynamicCache(),
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        batch = cls(out.past_key_values, mask, mask.sum(dim=1))
-        return batch, _step_output(out)
 
-    def extend(self, other: DecodeBatch) -> None:
-        """Append other's rows (after this batch's rows), left-padding whichever cache is shorter."""
-        if len(other) == 0:
-            return
-        if len(self) == 0:
-            self.cache, self.mask, self.positions = other.cache, other.mask, other.positions
-            return
-        length = max(self.length, other.length)
-        mine, theirs = _left_pad(self, length), _left_pad(other, length)
-        for layer, ours in enumerate(self.cache.layers):
-            ours.keys = torch.cat([mine[layer][0], theirs[layer][0]], dim=0)
-            ours.values = torch.cat([mine[layer][1], theirs[layer][1]], dim=0)
-        self.mask = torch.cat([_pad_mask(self.mask, length), _pad_mask(other.mask, length)], dim=0)
-        self.positions = torch.cat([self.positions, other.positions])
+def prefill_rows(
+    model: RoutedModel,
+    prompts: list[list[int]],
+    specs: list[RoutingSpec],
+    plugged: PluggedSet | None = None,
+    observe: list[bool] | None = None,
+) -> tuple[PromptKV, StepOutput]:
+    """Run the prompts (left-padded to the longest) under their specs as given, and keep their keys and values.
 
-    def keep(self, rows: list[int]) -> None:
-        """Keep only these rows, in this order; then cut columns that are padding in every kept row."""
-        if not rows:
-            self.cache = self.mask = self.positions = None
-            return
-        if rows == list(range(len(self))):
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        real_columns = self.mask.any(dim=0).nonzero()
-        start = int(real_columns[0]) if len(real_columns) else 0  # leading all-pad columns
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+    observe[i]: score and trace row i on the plain backbone without applying experts, so its keys and values
+    are the exact backbone's. `prefill` below is what callers use; this is its building block.
+    """
+    plugged = plugged if plugged is not None else model.plugged
+    device = model.device
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, ... per row
+    routing = StepRouting.from_specs(specs, plugged, observe=observe)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
+        out = model(
+            ids,
+            attention_mask=mask,
+            routing=routing,
+            plugged=plugged,
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts])
+    return kv, _step_output(out)
 
 
 def _decide(out: StepOutput, plugged: PluggedSet, model: RoutedModel) -> list[str]:
@@ -194,7 +185,7 @@ def decide_routes(
     if not prompts:
         return []
     plugged = plugged if plugged is not None else model.plugged
-    _, out = DecodeBatch.prefill_rows(model, prompts, specs, plugged, observe=[True] * len(prompts))
+    _, out = prefill_rows(model, prompts, specs, plugged, observe=[True] * len(prompts))
     return _decide(out, plugged, model)
 
 
@@ -206,92 +197,399 @@ def prefill(
     specs = list(specs)
     undecided = [row for row, spec in enumerate(specs) if spec.mode == "sequence" and spec.expert is None]
     if not undecided:
-        batch, out = DecodeBatch.prefill_rows(model, prompts, specs, plugged)
-        return Prefill(batch, out.logits, specs, out.row_counts, out.layer_counts)
-    observed, seen = DecodeBatch.prefill_rows(
+        kv, out = prefill_rows(model, prompts, specs, plugged)
+        return Prefill(out.logits, specs, out.row_counts, out.layer_counts, [(kv, i) for i in range(len(prompts))])
+    observed, seen = prefill_rows(
         model, [prompts[r] for r in undecided], [specs[r] for r in undecided], plugged, observe=[True] * len(undecided)
     )
-    on_base: list[int] = []  # positions in `observed` of rows that chose base: they keep the observed cache
+    sources: dict[int, tuple[PromptKV, int]] = {}
+    logits: dict[int, torch.Tensor] = {}
+    row_counts: dict[int, dict[str, float]] = {}
+    base_tokens = 0.0
     for position, (row, route) in enumerate(zip(undecided, _decide(seen, plugged, model), strict=True)):
         specs[row] = RoutingSpec("sequence", expert=route, allow=specs[row].allow)
-        if route == BASE_ROUTE:
-            on_base.append(position)
-    base_rows = [undecided[p] for p in on_base]
-    redo = [row for row in range(len(prompts)) if row not in set(base_rows)]
-    observed.keep(on_base)
-    logits = [seen.logits[p] for p in on_base]
-    row_counts = {  # every route keyed, as for the other rows; all of the row's decisions went to base
-        row: {**dict.fromkeys(seen.row_counts[p], 0.0), BASE_ROUTE: sum(seen.row_counts[p].values())}
-        for row, p in zip(base_rows, on_base, strict=True)
-    }
-    base_tokens = float(sum(len(prompts[row]) for row in base_rows))  # each took base on every layer
+        if route == BASE_ROUTE:  # keeps the observed keys and values: the backbone's, bit for bit
+            sources[row], logits[row] = (observed, position), seen.logits[position]
+            # every route keyed, as for the other rows; all of the row's decisions went to base
+            counts = seen.row_counts[position]
+            row_counts[row] = {**dict.fromkeys(counts, 0.0), BASE_ROUTE: sum(counts.values())}
+            base_tokens += len(prompts[row])  # each took base on every layer
     layer_counts = [{**dict.fromkeys(counts, 0.0), BASE_ROUTE: base_tokens} for counts in seen.layer_counts]
+    redo = [row for row in range(len(prompts)) if row not in sources]
     if redo:
-        again, out = DecodeBatch.prefill_rows(model, [prompts[r] for r in redo], [specs[r] for r in redo], plugged)
-        observed.extend(again)
-        logits += list(out.logits)
-        row_counts.update(zip(redo, out.row_counts, strict=True))
+        again, out = prefill_rows(model, [prompts[r] for r in redo], [specs[r] for r in redo], plugged)
+        for position, row in enumerate(redo):
+            sources[row], logits[row], row_counts[row] = (
+                (again, position),
+                out.logits[position],
+                out.row_counts[position],
+            )
         for total, counts in zip(layer_counts, out.layer_counts, strict=True):
             add_counts(total, counts)
-    order = base_rows + redo  # the batch's rows now; put them back in the caller's order
-    where = {row: position for position, row in enumerate(order)}
-    observed.keep([where[row] for row in range(len(prompts))])
+    rows = range(len(prompts))
     return Prefill(
-        observed,
-        torch.stack([logits[where[row]] for row in range(len(prompts))]),
+        torch.stack([logits[r] for r in rows]),
         specs,
-        [row_counts[row] for row in range(len(prompts))],
+        [row_counts[r] for r in rows],
         layer_counts,
+        [sources[r] for r in rows],
     )
-
-
-def decode_one_token(
-    model: RoutedModel,
-    batch: DecodeBatch,
-    tokens: list[int],
-    specs: list[RoutingSpec],
-    plugged: PluggedSet | None = None,
-) -> StepOutput:
-    """Feed each row its newest token (tokens[i] for row i); the batch's cache grows by one column."""
-    assert len(tokens) == len(batch) == len(specs), (len(tokens), len(batch), len(specs))
-    device = batch.mask.device
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]  # [B, 1]
-    mask = torch.cat([batch.mask, torch.ones(len(batch), 1, dtype=batch.mask.dtype, device=device)], dim=1)
-    with torch.inference_mode():
-        out = model(
-            ids,
-            attention_mask=mask,
-            routing=specs,
-            plugged=plugged,
-            past_key_values=batch.cache,
-            position_ids=batch.positions[:, None],
-            use_cache=True,
-        )
-    batch.cache, batch.mask, batch.positions = out.past_key_values, mask, batch.positions + 1
-    return _step_output(out)
 
 
 def _step_output(out) -> StepOutput:
     return StepOutput(out.logits[:, -1, :], out.trace.row_counts(), out.trace.layer_counts())
 
 
-def _left_pad(batch: DecodeBatch, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values) [B, heads, length, D], zero-padded on the left."""
-    pad = length - batch.length
-    padded = []
-    for layer in batch.cache.layers:
-        keys, values = layer.keys, layer.values
-        if pad:
-            shape = (keys.shape[0], keys.shape[1], pad, keys.shape[3])
-            keys = torch.cat([keys.new_zeros(shape), keys], dim=2)
-            values = torch.cat([values.new_zeros(shape[:3] + (values.shape[3],)), values], dim=2)
-        padded.append((keys, values))
-    return padded
+# --- the fixed-slot decoder ---------------------------------------------------------------------------------
 
 
-def _pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    pad = length - mask.shape[1]
-    return torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1) if pad else mask
+def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    """low, 2 low, 4 low, ... below high, then high itself."""
+    out, n = [], low
+    while n < high:
+        out.append(n)
+        n *= 2
+    return (*out, high)
+
+
+def capture_refusal(model: RoutedModel) -> str | None:
+    """Why a decode step of this model cannot be captured as a CUDA graph (None: it can)."""
+    if model.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if model.router.top_k != 1:
+        return "top-k routing above 1 groups tokens by expert with a host read per layer"
+    config = model.backbone.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r} decides on the host from the sequence length"
+    if getattr(config, "_attn_implementation", None) != "plugmoe_decode":
+        return "the backbone's attention is not sdpa (captured decode needs the grouped decode attention)"
+    return None
+
+
+class StaticDecoder:
+    """Fixed decode slots over a RoutedModel (see the module docstring for the buffers and the step).
+
+    plugged: None decodes with the model's live expert slots (what the server does: plugs between steps
+        apply from the next step); a PluggedSet (e.g. a training set built from experts) is used as it is.
+    capture: record each (rows, columns, route) bucket's step as a CUDA graph on first use and replay it
+        (CUDA only; see capture_refusal). compile_backend: torch.compile each bucket's step with this backend
+        instead ("inductor"; "aot_eager" traces and functionalises without generating code), CPU or CUDA.
+    """
+
+    def __init__(
+        self,
+        model: RoutedModel,
+        max_batch: int,
+        max_len: int,
+        plugged: PluggedSet | None = None,
+        *,
+        capture: bool = False,
+        compile_backend: str | None = None,
+        min_columns: int = 64,
+    ) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.max_len = self._window_limit(model, max_len)
+        self.device, self.dtype = model.device, model.dtype
+        self._fixed_set = plugged
+        use_decode_attention(model.backbone)
+        self.capture = capture
+        if capture:
+            refusal = capture_refusal(model) or (plugged is not None and "a fixed set decodes eagerly") or None
+            if refusal:
+                raise ValueError(f"cannot capture decode steps: {refusal}")
+        self.compile_backend = compile_backend
+        self.row_buckets = _powers_of_two(1, max_batch)
+        self.min_columns = min(min_columns, self.max_len)
+
+        B, dev = max_batch, self.device
+        self._caches: dict[tuple[int, int], SlotCache] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._compiled: dict[tuple[int, int, bool], Callable] = {}
+        self._pool = None
+        self._kv_shapes = self._probe_kv_shapes()
+        self.columns = 0  # allocated
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.active = torch.zeros(B, dtype=torch.long, device=dev)
+        self.min_value = torch.finfo(self.dtype).min
+        self._zero = torch.zeros((), dtype=self.dtype, device=dev)  # a device value: no host copy in a step
+        self._rows = torch.arange(B, device=dev)
+        pin = dev.type == "cuda"
+        self._ids_host = torch.zeros(B, dtype=torch.long, pin_memory=pin)
+        self.bias = torch.empty(0)
+        self._allocate_columns(self.min_columns)
+
+        # host mirrors: what the bucket choice and the routing rows are made from
+        self.lengths = [0] * B  # 0: a free slot; else tokens cached (= pos)
+        self._specs: list[RoutingSpec | None] = [None] * B
+        self._routing_key: tuple[int, int] | None = None  # (plugged version, slot generation) the rows match
+        self._routing_dirty = True
+        self._routes = False  # host fact: some live row may use some expert
+        self.allowed = self.forced = self.apply = torch.empty(0)
+        self._generation = -1
+
+    @staticmethod
+    def _window_limit(model: RoutedModel, max_len: int) -> int:
+        """Sliding-window attention keeps only the window in its cache: decode at most that far."""
+        config = model.backbone.config
+        window = getattr(config, "sliding_window", None)
+        used = getattr(config, "use_sliding_window", True) and getattr(config, "layer_types", None) is None
+        if isinstance(window, int) and window > 0 and used:
+            return min(max_len, window)
+        return max_len
+
+    def _probe_kv_shapes(self) -> list[tuple[int, int, int, torch.dtype]]:
+        """(kv_heads, key dim, value dim, dtype) per layer, from a one-token forward of the plain backbone."""
+        probe = DynamicCache()
+        with torch.inference_mode():
+            self.model.backbone(
+                input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                use_cache=True,
+                **{self.model.cache_kwarg: probe},
+            )
+        return [(k.shape[1], k.shape[3], v.shape[3], k.dtype) for k, v in dynamic_layers_kv(probe)]
+
+    # --- buffers ----------------------------------------------------------------------------------------------
+
+    def _allocate_columns(self, columns: int) -> None:
+        """(Re)allocate the KV slots and the mask at `columns` columns, keeping what is there."""
+        old, B = self.columns, self.max_batch
+        keys = [torch.zeros(B, h, columns, dk, dtype=dt, device=self.device) for h, dk, _, dt in self._kv_shapes]
+        values = [torch.zeros(B, h, columns, dv, dtype=dt, device=self.device) for h, _, dv, dt in self._kv_shapes]
+        bias = torch.full((B, 1, 1, columns), self.min_value, dtype=self.dtype, device=self.device)
+        if old:
+            for new, current in zip(keys + values, self.keys + self.values, strict=True):
+                new[:, :, :old] = current
+            bias[..., :old] = self.bias
+        else:
+            bias[..., 0] = 0.0  # free slots attend column 0: no all-masked softmax row, no NaN
+        self.keys, self.values, self.bias, self.columns = keys, values, bias, columns
+        self._forget_steps()
+        if old:
+            logger.info("decoder KV slots grow from %d to %d columns", old, columns)
+
+    def _forget_steps(self) -> None:
+        """Buffers moved: drop the per-bucket caches and everything captured or compiled against them."""
+        self._caches.clear()
+        self._graphs.clear()
+        self._compiled.clear()
+        self._pool = None
+
+    def _column_bucket(self, needed: int) -> int:
+        if needed > self.max_len:
+            raise ValueError(f"a row needs {needed} columns; the decoder holds at most {self.max_len}")
+        return next(s for s in _powers_of_two(self.min_columns, self.max_len) if s >= needed)
+
+    def _plugged(self) -> PluggedSet:
+        return self._fixed_set if self._fixed_set is not None else self.model.plugged
+
+    def _step_set(self) -> PluggedSet:
+        """The tensors a step reads: the storage itself for live slots (its gate columns as published)."""
+        return self._fixed_set if self._fixed_set is not None else self.model.slots.live()
+
+    # --- rows joining and leaving (between steps) ---------------------------------------------------------
+
+    @property
+    def live(self) -> list[int]:
+        return [r for r in range(self.max_batch) if self.lengths[r]]
+
+    @property
+    def free(self) -> int:
+        return self.lengths.count(0)
+
+    def join(self, pre: Prefill, row: int) -> int:
+        """Copy row `row` of a prefill into the lowest free slot and arm it. Returns the slot."""
+        if not self.free:
+            raise RuntimeError(f"all {self.max_batch} decode slots are busy")
+        slot = self.lengths.index(0)
+        length = pre.length(row)
+        if length + 1 > self.max_len:
+            raise ValueError(f"a prompt of {length} tokens leaves no room to decode within {self.max_len} columns")
+        if length + 1 > self.columns:
+            self._allocate_columns(self._column_bucket(length + 1))
+        with torch.no_grad():
+            for (k, v), keys, values in zip(pre.row_kv(row), self.keys, self.values, strict=True):
+                if k.shape[1] != length:
+                    raise UnsupportedBackboneError(
+                        f"the backbone cached {k.shape[1]} of a {length}-token prompt (sliding-window attention); "
+                        "the fixed-slot decoder needs every position"
+                    )
+                keys[slot, :, :length] = k
+                values[slot, :, :length] = v
+            self.bias[slot].fill_(self.min_value)
+            self.bias[slot, ..., :length] = 0.0
+            self.pos[slot] = length
+            self.active[slot] = 1
+        self.lengths[slot] = length
+        self._specs[slot] = pre.specs[row]
+        self._routing_dirty = True
+        return slot
+
+    def leave(self, slot: int) -> None:
+        """Free a slot (its columns stay as they are, masked out)."""
+        if not self.lengths[slot]:
+            return
+        with torch.no_grad():
+            self.active[slot] = 0
+            self.pos[slot] = 0
+            self.bias[slot].fill_(self.min_value)
+            self.bias[slot, ..., 0] = 0.0
+        self.lengths[slot] = 0
+        self._specs[slot] = None
+        self._routing_dirty = True
+
+    def reset(self) -> None:
+        for slot in self.live:
+            self.leave(slot)
+
+    # --- routing rows -----------------------------------------------------------------------------------
+
+    def _sync_routing(self, plugged: PluggedSet) -> None:
+        """Rewrite the routing rows when a spec, the plugged set or the slot storage changed (not per step)."""
+        storage = plugged.storage
+        generation = storage.generation if storage is not None else 0
+        if generation != self._generation or self.allowed.shape[-1:] != (plugged.capacity,):
+            self.allowed = torch.zeros(self.max_batch, plugged.capacity, dtype=torch.bool, device=self.device)
+            self.forced = torch.full((self.max_batch,), -1, dtype=torch.long, device=self.device)
+            self.apply = torch.ones(self.max_batch, dtype=torch.bool, device=self.device)
+            self._generation = generation
+            self._forget_steps()  # the slot tensors may have moved too
+            self._routing_dirty = True
+        key = (plugged.version, generation)
+        if not self._routing_dirty and key == self._routing_key:
+            return
+        specs = [spec if spec is not None else RoutingSpec("off") for spec in self._specs]
+        routing = StepRouting.from_specs(specs, plugged)
+        with torch.no_grad():
+            self.allowed.copy_(routing.allowed)
+            self.forced.copy_(routing.forced)
+            self.apply.copy_(routing.apply)
+        self._routes = routing.routes_anything
+        self._routing_key, self._routing_dirty = key, False
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def _cache(self, b: int, s: int) -> SlotCache:
+        cache = self._caches.get((b, s))
+        if cache is None:
+            cache = SlotCache(
+                [SlotLayer(k[:b], v[:b], self.pos[:b], s) for k, v in zip(self.keys, self.values, strict=True)]
+            )
+            self._caches[(b, s)] = cache
+        return cache
+
+    def _body(self, b: int, s: int, route: bool, plugged: PluggedSet) -> tuple[torch.Tensor, ...]:
+        """The capturable step of bucket (b, s): reads and writes the persistent buffers only.
+        Returns (logits [b, V], trace rows [b, C + 1], trace layers [L, C + 1])."""
+        pos = self.pos[:b]
+        bias = self.bias[:b, :, :, :s]
+        bias[self._rows[:b], 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
+        routing = StepRouting(
+            self.allowed[:b], self.forced[:b], self.apply[:b], routes_anything=route, applies_everywhere=False
+        )
+        out = self.model(
+            self.input_ids[:b],
+            attention_mask=bias,
+            routing=routing,
+            plugged=plugged,
+            past_key_values=self._cache(b, s),
+            position_ids=pos[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            token_mask=self.active[:b, None],
+            fixed_ops=True,
+        )
+        pos.add_(self.active[:b])
+        return out.logits[:, -1], out.trace.rows, out.trace.layers
+
+    def bucket(self) -> tuple[int, int]:
+        """(rows, columns) the next step runs: the highest live slot and the longest live row, rounded up."""
+        live = self.live
+        b = next(n for n in self.row_buckets if n >= (live[-1] + 1 if live else 1))
+        return b, self._column_bucket(max((self.lengths[r] for r in range(b)), default=0) + 1)
+
+    @torch.no_grad()
+    def step(self, slots: list[int], tokens: list[int], specs: list[RoutingSpec]) -> StepOutput:
+        """Feed tokens[i] to slot slots[i] (every live slot, in any order) under specs[i]; one token each.
+        Returns logits and routing counts in the order of `slots`."""
+        if sorted(slots) != self.live:
+            raise RuntimeError(f"a step feeds every live slot: got {sorted(slots)}, live {self.live}")
+        for slot, spec in zip(slots, specs, strict=True):
+            if self._specs[slot] != spec:
+                self._specs[slot] = spec
+                self._routing_dirty = True
+        plugged = self._plugged()
+        self._sync_routing(plugged)
+        b, s = self.bucket()
+        if s > self.columns:
+            self._allocate_columns(s)
+        self._ids_host.zero_()
+        self._ids_host[slots] = torch.tensor(tokens, dtype=torch.long)
+        self.input_ids[:, 0].copy_(self._ids_host, non_blocking=True)
+        logits, trace_rows, trace_layers = self._run(b, s, self._routes)
+        for slot in slots:
+            self.lengths[slot] += 1
+        index = torch.tensor(slots, device=self.device)
+        logits = logits.index_select(0, index)  # a copy: a replay overwrites the graph's outputs
+        table = torch.cat([trace_rows.index_select(0, index), trace_layers]).tolist()  # the one trace read
+        columns = plugged.columns
+        return StepOutput(
+            logits, counts_by_route(columns, table[: len(slots)]), counts_by_route(columns, table[len(slots) :])
+        )
+
+    def _run(self, b: int, s: int, route: bool) -> tuple[torch.Tensor, ...]:
+        key = (b, s, route)
+        plugged = self._step_set()
+        if self.capture:
+            captured = self._graphs.get(key) or self._capture(key, plugged)
+            captured[0].replay()
+            return captured[1]
+        if self.compile_backend:
+            fn = self._compiled.get(key)
+            if fn is None:
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                fn = torch.compile(
+                    lambda: self._body(b, s, route, plugged),
+                    backend=self.compile_backend,
+                    fullgraph=True,
+                    dynamic=False,
+                )
+                self._compiled[key] = fn
+            return fn()
+        return self._body(b, s, route, plugged)
+
+    def _capture(self, key: tuple[int, int, bool], plugged: PluggedSet) -> tuple:
+        """Record bucket `key`'s step as a CUDA graph. Safe with live rows: the warm-up steps advance pos and
+        unmask a column, so pos and bias are put back after them (their KV writes land in the columns the next
+        real step overwrites). Every graph shares one memory pool: outputs are consumed before the next replay."""
+        b, s, route = key
+        saved_pos, saved_bias = self.pos.clone(), self.bias.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(b, s, route, plugged)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pos.copy_(saved_pos)
+        self.bias.copy_(saved_bias)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self._body(b, s, route, plugged)
+        self._pool = graph.pool()
+        self._graphs[key] = (graph, outputs)
+        logger.info("captured the decode step of bucket rows %d x columns %d (route %s)", b, s, route)
+        return self._graphs[key]
+
+
+def decode_one_token(
+    decoder: StaticDecoder, slots: list[int], tokens: list[int], specs: list[RoutingSpec]
+) -> StepOutput:
+    """One decode step of every live slot of `decoder` (see StaticDecoder.step)."""
+    return decoder.step(slots, tokens, specs)
 
 
 # --- decode n tokens ---------------------------------------------------------------------------------
@@ -318,66 +616,81 @@ def generate(
     batch_size: int = 32,
     progress: Any = None,
 ) -> list[Generation]:
-    """Complete each prompt as the server would (greedy unless `sampling` says), `batch_size` at a time.
+    """Complete each prompt as the server would (greedy unless `sampling` says), up to `batch_size` at a time:
+    a finished row's slot takes the next prompt (continuous batching).
 
-    Rows stop at an EOS id (eos_token_ids) or after max_new_tokens; finished rows leave the batch.
+    Rows stop at an EOS id (eos_token_ids), after max_new_tokens, or at the model's context length.
+    plugged: a set to use (e.g. a training set); default the model's live slots.
     """
-    plugged = plugged if plugged is not None else model.plugged
     specs = [spec] * len(prompts) if isinstance(spec, RoutingSpec) else list(spec)
-    sampling = list(sampling) if sampling is not None else [SamplingParams()] * len(prompts)
+    params = list(sampling) if sampling is not None else [SamplingParams()] * len(prompts)
+    if not prompts:
+        return []
     eos = eos_token_ids(model, tokenizer)
-    results: list[Generation] = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        ids = [tokenizer(p)["input_ids"] for p in prompts[start:end]]
-        results.extend(
-            _decode_n(model, tokenizer, ids, specs[start:end], max_new_tokens, sampling[start:end], plugged, eos)
-        )
-        if progress is not None:
-            progress.update(len(ids))
-    return results
-
-
-def _decode_n(
-    model: RoutedModel,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    specs: list[RoutingSpec],
-    max_new_tokens: int,
-    params: list[SamplingParams],
-    plugged: PluggedSet,
-    eos: tuple[int, ...],
-) -> list[Generation]:
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    limit = context_length(model)
+    too_long = [i for i, p in enumerate(ids) if len(p) >= limit]
+    if too_long:
+        raise ValueError(f"prompt {too_long[0]} has {len(ids[too_long[0]])} tokens; the context limit is {limit}")
+    decoder = StaticDecoder(
+        model,
+        max_batch=min(batch_size, len(prompts)),
+        max_len=min(limit, max(len(p) for p in ids) + max_new_tokens),
+        plugged=plugged,
+    )
+    plugged = plugged if plugged is not None else model.plugged
     was_undecided = [s.mode == "sequence" and s.expert is None for s in specs]
-    pre = prefill(model, prompts, specs, plugged)
-    batch, specs = pre.batch, pre.specs
-    counts = [dict(c) for c in pre.row_counts]
     generators = [p.generator(model.device) for p in params]
     generated: list[list[int]] = [[] for _ in prompts]
+    counts: list[dict[str, float]] = [{} for _ in prompts]
     reasons = ["length"] * len(prompts)
-    alive = list(range(len(prompts)))
-    logits = pre.logits
-    for step in range(max_new_tokens):
-        tokens = sample(logits, [params[i] for i in alive], [generators[i] for i in alive], [step] * len(alive), eos)
-        keep = []
-        for row, (i, token) in enumerate(zip(alive, tokens, strict=True)):
-            if token in eos:
-                reasons[i] = "stop"
-                continue
-            generated[i].append(token)
-            keep.append(row)
-        if step == max_new_tokens - 1 or not keep:
-            break
-        batch.keep(keep)
-        alive = [alive[row] for row in keep]
-        out = decode_one_token(model, batch, [generated[i][-1] for i in alive], [specs[i] for i in alive], plugged)
-        for i, row_counts in zip(alive, out.row_counts, strict=True):
+    waiting = deque(range(len(prompts)))
+    live: dict[int, int] = {}  # slot -> prompt
+
+    def advance(i: int, token: int) -> bool:
+        """Record a sampled token; True when prompt i is done."""
+        if token in eos:
+            reasons[i] = "stop"
+            return True
+        generated[i].append(token)
+        return len(generated[i]) >= max_new_tokens or len(ids[i]) + len(generated[i]) >= decoder.max_len
+
+    def finish(i: int) -> None:
+        if progress is not None:
+            progress.update(1)
+
+    while waiting or live:
+        if waiting and decoder.free:
+            admitted = [waiting.popleft() for _ in range(min(decoder.free, len(waiting)))]
+            pre = prefill(model, [ids[i] for i in admitted], [specs[i] for i in admitted], plugged)
+            first = sample(
+                pre.logits, [params[i] for i in admitted], [generators[i] for i in admitted], [0] * len(admitted), eos
+            )
+            for row, (i, token) in enumerate(zip(admitted, first, strict=True)):
+                specs[i] = pre.specs[row]
+                add_counts(counts[i], pre.row_counts[row])
+                if advance(i, token):
+                    finish(i)
+                else:
+                    live[decoder.join(pre, row)] = i
+        if not live:
+            continue
+        slots = list(live)
+        rows = [live[slot] for slot in slots]
+        out = decode_one_token(decoder, slots, [generated[i][-1] for i in rows], [specs[i] for i in rows])
+        tokens = sample(
+            out.logits, [params[i] for i in rows], [generators[i] for i in rows], [len(generated[i]) for i in rows], eos
+        )
+        for slot, i, token, row_counts in zip(slots, rows, tokens, out.row_counts, strict=True):
             add_counts(counts[i], row_counts)
-        logits = out.logits
+            if advance(i, token):
+                decoder.leave(slot)
+                del live[slot]
+                finish(i)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     return [
-        Generation(ids, text, reason, spec.expert if undecided else None, c)
-        for ids, text, reason, spec, undecided, c in zip(
+        Generation(tokens, text, reason, spec.expert if undecided else None, c)
+        for tokens, text, reason, spec, undecided, c in zip(
             generated, texts, reasons, specs, was_undecided, counts, strict=True
         )
     ]

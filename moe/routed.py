@@ -3,17 +3,25 @@
     RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
       -> for each decoder layer l, RoutedMLP:
            base   = mlp(x)                                  # the untouched backbone block
-           scores = cos(x, keys[l]) + offsets[l]            # [N, E], moe.router
+           scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.router (C = expert slots)
            choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
-           out    = base + grouped adapter deltas            # moe.dispatch, base rows untouched
-      -> logits, cache, and a routing trace counted on the device
+           out    = base + adapter deltas                   # moe.dispatch, base rows untouched
+      -> logits, and a routing trace counted on the device
 
-One forward reads the plugged set once at its start, so plugging during a step cannot mix two sets.
+Two dispatch paths, picked on the host from facts known before the step:
+    decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
+            number of ops with no host read (what a captured decode step runs; on CUDA it can be
+            torch.compile'd into a few fused kernels, see `fuse_decode_routing`)
+    grouped everything else (prefill, training, top-k): tokens grouped by expert, one host read per layer
+
+The experts live in preallocated slots (moe.plugged.ExpertSlots) written in place between steps; one
+forward reads the plugged set once at its start.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,15 +29,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
-from moe.dispatch import gathered_dispatch, grouped_dispatch
+from moe.dispatch import grouped_dispatch, slot_dispatch
 from moe.expert import Expert
-from moe.plugged import PluggedSet
-from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores
+from moe.kv_cache import cache_kwarg
+from moe.plugged import ExpertSlots, PluggedSet
+from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
 from moe.trace import RoutingTrace, count_decisions
 
-# Decode steps (few tokens) gather each token's adapter weights and skip the host read that grouping needs;
-# above this many tokens (prefill), gathering copies more weights than grouping costs.
+# Decode steps (few tokens) take the fixed-op top-1 path over slot storage; above this many tokens (prefill)
+# grouping by expert costs less than running or gathering adapters per token.
 GATHER_MAX_TOKENS = 64
+
+
+def routed_top1(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    keys: torch.Tensor,
+    offsets: torch.Tensor,
+    thresholds: torch.Tensor,
+    covers: torch.Tensor,
+    allowed: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's decode routing: choice = route_top1(...) [N]; out = slot_dispatch over the rows `keep`
+    allows (None: all) -> (out [N, H], choice [N], what the trace counts). No host read, fixed op count."""
+    choice = route_top1(x, keys, offsets, thresholds, covers, allowed, forced)
+    applied = choice if keep is None else torch.where(keep, choice, -1)
+    return slot_dispatch(x, base, applied, down, up), choice
 
 
 @dataclass
@@ -46,15 +75,16 @@ class _Step:
 
     plugged: PluggedSet
     top_k: int
-    allowed: torch.Tensor | None  # [N, E] bool; None: every expert allowed on every token
+    allowed: torch.Tensor | None  # [N, C] bool; None: every slot allowed on every token
     forced: torch.Tensor | None  # [N] long; None: no pins
     skip: torch.Tensor | None  # [N, 1] bool: scored but no expert run (observe rows, padding); None: none
     valid: torch.Tensor  # [N] float, 0 for padding
     flat_rows: torch.Tensor  # [N] long: the batch row of each token
-    trace_rows: torch.Tensor  # [B, E + 1]
-    trace_layers: torch.Tensor  # [L, E + 1]
+    trace_rows: torch.Tensor  # [B, C + 1]
+    trace_layers: torch.Tensor  # [L, C + 1]
     route: bool  # False: no expert can win anything this step, skip routing work
     capture: list[torch.Tensor] | None
+    decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
 
 
@@ -85,6 +115,23 @@ class RoutedMLP(nn.Module):
         hidden = x.shape[-1]
         flat_x, flat_base = x.reshape(-1, hidden), base.reshape(-1, hidden)
         plugged, layer = step.plugged, self.layer
+        if step.decode is not None:
+            keep = None if step.skip is None else ~step.skip[:, 0]
+            out, choice = step.decode(
+                flat_x,
+                flat_base,
+                plugged.keys[layer],
+                plugged.offsets[layer],
+                plugged.thresholds[layer],
+                plugged.covers[layer],
+                step.allowed,
+                step.forced,
+                keep,
+                plugged.down[layer],
+                plugged.up[layer],
+            )
+            step.choices.append(choice[:, None])
+            return out.view_as(base)
         scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
         choice = choose_experts(
             scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
@@ -92,11 +139,7 @@ class RoutedMLP(nn.Module):
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
-        if choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
-            out = gathered_dispatch(flat_x, flat_base, choice[:, 0], plugged.down_stack[layer], plugged.up_stack[layer])
-        else:
-            out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
-        return out.view_as(base)
+        return grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer]).view_as(base)
 
 
 class RoutedModel(nn.Module):
@@ -116,7 +159,9 @@ class RoutedModel(nn.Module):
             setattr(layer, attr, wrapper)
             self.mlps.append(wrapper)
         param = next(backbone.parameters())
-        self._plugged = PluggedSet.empty(len(layers), self.hidden_size, param.device, param.dtype)
+        self.slots = ExpertSlots(len(layers), self.hidden_size, param.device, param.dtype)
+        self.cache_kwarg = cache_kwarg(backbone)
+        self.decode_route: Callable = routed_top1
         self._swap_lock = threading.Lock()
 
     # --- the plugged set ------------------------------------------------------------------------------
@@ -140,20 +185,28 @@ class RoutedModel(nn.Module):
     @property
     def plugged(self) -> PluggedSet:
         """The current set; a reference taken once stays valid and unchanged for as long as it is held."""
-        return self._plugged
+        return self.slots.snapshot()
 
     def plug(self, expert: Expert, replace: bool = False) -> PluggedSet:
-        """Add an expert (or swap one of the same name, with replace); applies from the next forward."""
-        expert = expert.to(self.device, self.dtype)
+        """Write an expert into a free slot (or over the one of the same name, with replace); applies from the
+        next forward. Costs one expert's weights, whatever the number plugged."""
         with self._swap_lock:
-            self._plugged = self._plugged.plugging(expert, replace=replace)
-            return self._plugged
+            return self.slots.plug(expert, replace=replace)
 
     def unplug(self, name: str) -> Expert:
+        """Disable the expert's slot; returns it (a weightless handle: its name, shapes and metadata)."""
         with self._swap_lock:
-            expert = self._plugged.get(name)
-            self._plugged = self._plugged.unplugging(name)
-            return expert
+            return self.slots.unplug(name)
+
+    def fuse_decode_routing(self, enabled: bool = True) -> None:
+        """Run the decode routing of each layer as one torch.compile'd function (a few fused kernels on CUDA,
+        where launches are what routing costs). Off: the plain torch ops, as on CPU."""
+        if not enabled:
+            self.decode_route = routed_top1
+            return
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 64)  # one graph per (bucket, dense/gather) shape
+        self.decode_route = torch.compile(routed_top1, fullgraph=True, dynamic=False)
 
     # --- forward --------------------------------------------------------------------------------------
 
@@ -168,29 +221,38 @@ class RoutedModel(nn.Module):
         use_cache: bool = False,
         capture_mlp_inputs: bool = False,
         logits_to_keep: int = 0,
+        token_mask: torch.Tensor | None = None,
+        fixed_ops: bool = False,
     ) -> RoutedOutput:
-        """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token).
+        """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token), or a 4D additive
+        mask [B, 1, T, S] (then token_mask [B, T] says which new tokens are real; default all).
 
         routing: one RoutingSpec per row (default: token mode for every row) or a prepared StepRouting.
         plugged: the set to use (default: the current one, read once here).
+        past_key_values: a transformers Cache, written in place (passed under the name the installed
+            transformers takes).
         logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
+        fixed_ops: take the decode path (no host read) whatever the token count, where it applies (top-1,
+            slot storage, no gradient): what a captured decode step needs.
         """
-        plugged = plugged if plugged is not None else self._plugged
+        plugged = plugged if plugged is not None else self.plugged
         batch, length = input_ids.shape
-        token_mask = attention_mask[:, -length:].bool() if attention_mask is not None else None
+        if token_mask is None and attention_mask is not None and attention_mask.ndim == 2:
+            token_mask = attention_mask[:, -length:]
         if routing is None:
             routing = [RoutingSpec()] * batch
         if not isinstance(routing, StepRouting):
             routing = StepRouting.from_specs(routing, plugged)
-        self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs)
+        self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs, fixed_ops)
+        cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **cache,
             )
         finally:
             step, self._context.step = self._context.step, None
@@ -200,8 +262,8 @@ class RoutedModel(nn.Module):
             valid_per_row = step.valid.view(batch, length).sum(dim=1)
             step.trace_rows[:, -1] = valid_per_row * self.num_layers
             step.trace_layers[:, -1] = valid_per_row.sum()
-        trace = RoutingTrace(plugged.names, step.trace_rows, step.trace_layers)
-        return RoutedOutput(out.logits, out.past_key_values if use_cache else None, trace, step.capture or [])
+        trace = RoutingTrace(plugged.columns, step.trace_rows, step.trace_layers)
+        return RoutedOutput(out.logits, past_key_values if use_cache else None, trace, step.capture or [])
 
     def _prepare(
         self,
@@ -211,24 +273,39 @@ class RoutedModel(nn.Module):
         batch: int,
         length: int,
         capture: bool,
+        fixed_ops: bool = False,
     ) -> _Step:
-        device, experts = self.device, len(plugged)
-        rows = torch.arange(batch, device=device).repeat_interleave(length)  # [N]
-        valid = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(batch * length, device=device)
+        device, columns = self.device, plugged.capacity
+        tokens = batch * length
+        rows = torch.arange(batch, device=device)  # [B]
+        if length > 1:
+            rows = rows.repeat_interleave(length)  # [N]: the batch row of each token
+        valid = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(tokens, device=device)
         simple = routing.all_token_mode
         skip = None
         if token_mask is not None or not routing.applies_everywhere:
-            skip = ~(routing.apply[rows] & (valid > 0))[:, None]
+            apply = routing.apply if length == 1 else routing.apply[rows]
+            skip = ~(apply & (valid > 0))[:, None]
+        per_token = (lambda t: t) if length == 1 else (lambda t: t[rows])  # decode: rows are the tokens
+        decode = None
+        if (
+            self.router.top_k == 1
+            and plugged.down is not None
+            and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
+            and not torch.is_grad_enabled()
+        ):
+            decode = self.decode_route
         return _Step(
             plugged=plugged,
             top_k=self.router.top_k,
-            allowed=None if simple else routing.allowed[rows],
-            forced=None if simple else routing.forced[rows],
+            allowed=None if simple else per_token(routing.allowed),
+            forced=None if simple else per_token(routing.forced),
             skip=skip,
             valid=valid,
             flat_rows=rows,
-            trace_rows=torch.zeros(batch, experts + 1, device=device),
-            trace_layers=torch.zeros(self.num_layers, experts + 1, device=device),
+            trace_rows=torch.zeros(batch, columns + 1, device=device),
+            trace_layers=torch.zeros(self.num_layers, columns + 1, device=device),
             route=routing.routes_anything,
             capture=[] if capture else None,
+            decode=decode,
         )

@@ -71,10 +71,11 @@ class RoutingSpec:
 
 @dataclass(frozen=True)
 class StepRouting:
-    """Per-row routing of one forward step, as tensors (B = batch rows, E = plugged experts, T = tokens).
+    """Per-row routing of one forward step, as tensors (B = batch rows, C = slots of the plugged set).
 
-    allowed [B, E] bool     experts a row's tokens may win (all False: base only)
-    forced  [B] long        expert index a row is pinned to, -1 for none
+    allowed [B, C] bool     slots a row's tokens may win (all False: base only; a free slot is never
+                            eligible, so token mode allows every column)
+    forced  [B] long        slot a row is pinned to, -1 for none
     apply   [B] bool        False: score and trace the row but run no expert on it (sequence-mode
                             prompt scoring: its decisions are counted on the plain backbone)
 
@@ -100,7 +101,7 @@ class StepRouting:
     ) -> StepRouting:
         """Rows in `sequence` mode without a decision yet are scored like `token` mode; set observe[i] to
         trace them without applying experts (how the prompt decision is made)."""
-        count = len(plugged)
+        count = plugged.capacity
         allowed = torch.zeros(len(specs), count, dtype=torch.bool)
         forced = torch.full((len(specs),), -1, dtype=torch.long)
         apply = torch.tensor([not o for o in observe] if observe else [True] * len(specs), dtype=torch.bool)
@@ -122,7 +123,7 @@ class StepRouting:
             allowed.to(device),
             forced.to(device),
             apply.to(device),
-            routes_anything=bool(count) and bool((allowed.any(1) | (forced >= 0)).any()),
+            routes_anything=bool(len(plugged)) and bool((allowed.any(1) | (forced >= 0)).any()),
             all_token_mode=bool((forced < 0).all()) and bool(allowed.all()),
             applies_everywhere=bool(apply.all()),
         )
@@ -131,6 +132,35 @@ class StepRouting:
 def gate_scores(x_unit: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x_unit [N, H] unit-norm token inputs, keys [E, H] unit-norm, offsets [E] -> scores [N, E]."""
     return (x_unit @ keys.T).float() + offsets
+
+
+def route_top1(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    offsets: torch.Tensor,
+    thresholds: torch.Tensor,
+    covers: torch.Tensor,
+    allowed: torch.Tensor | None,
+    forced: torch.Tensor | None,
+) -> torch.Tensor:
+    """Top-1 in a fixed number of ops, no host read (the decode step; what a captured graph runs).
+
+    x [N, H] token inputs (not normalised); keys [C, H] unit-norm; offsets, thresholds [C]; covers [C] bool;
+    allowed [N, C] bool (None: all); forced [N] long (-1 none; None: no pins) -> choice [N], -1 = base.
+    Equals choose_experts(gate_scores(normalize(x), keys, offsets), ..., top_k=1)[:, 0]:
+
+        scores = cos(x, keys) + offsets                        # [N, C], one matmul
+        best   = argmax over {c : scores > thresholds and allowed} else -1
+        choice = forced where pinned (where it covers the layer, else -1), best otherwise
+    """
+    scores = gate_scores(torch.nn.functional.normalize(x, dim=-1), keys, offsets)  # [N, C] float32
+    eligible = scores > thresholds if allowed is None else (scores > thresholds) & allowed
+    best, choice = torch.where(eligible, scores, float("-inf")).max(dim=1)  # [N]
+    choice = torch.where(best > float("-inf"), choice, -1)
+    if forced is None:
+        return choice
+    pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
+    return torch.where(forced >= 0, pin, choice)
 
 
 def choose_experts(
@@ -187,4 +217,5 @@ __all__ = [
     "choose_experts",
     "decide_sequence",
     "gate_scores",
+    "route_top1",
 ]

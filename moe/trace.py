@@ -19,22 +19,32 @@ from moe.expert import BASE_ROUTE
 class RoutingTrace:
     """(token, layer) routing decisions of one forward, counted on the device; read once per step.
 
-    rows [B, E + 1]: per sequence, decisions per plugged expert, base last.
-    layers [L, E + 1]: per layer, summed over the batch.
+    columns[c]: the expert in slot c (None: a free slot, which never wins a decision).
+    rows [B, C + 1]: per sequence, decisions per slot, base last.
+    layers [L, C + 1]: per layer, summed over the batch.
     """
 
-    names: tuple[str, ...]
+    columns: tuple[str | None, ...]
     rows: torch.Tensor
     layers: torch.Tensor
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The plugged experts, in slot order."""
+        return tuple(name for name in self.columns if name is not None)
+
     def row_counts(self) -> list[dict[str, float]]:
         """Per sequence {name: count, 'base': count}, one host read for the whole batch."""
-        keys = (*self.names, BASE_ROUTE)
-        return [dict(zip(keys, row, strict=True)) for row in self.rows.tolist()]
+        return counts_by_route(self.columns, self.rows.tolist())
 
     def layer_counts(self) -> list[dict[str, float]]:
-        keys = (*self.names, BASE_ROUTE)
-        return [dict(zip(keys, row, strict=True)) for row in self.layers.tolist()]
+        return counts_by_route(self.columns, self.layers.tolist())
+
+
+def counts_by_route(columns: tuple[str | None, ...], table: list[list[float]]) -> list[dict[str, float]]:
+    """Rows of [C + 1] counts (slots, then base) -> {name: count, ..., 'base': count}, free slots left out."""
+    used = [(c, name) for c, name in enumerate(columns) if name is not None]
+    return [{**{name: row[c] for c, name in used}, BASE_ROUTE: row[-1]} for row in table]
 
 
 def count_decisions(
@@ -46,9 +56,9 @@ def count_decisions(
 ) -> None:
     """Add every layer's decisions to the trace in one go, on the device (no host read).
 
-    choices: per routed layer [N, k] expert indices (-1 empty); valid [N] (0 for padding); flat_rows [N]
-    the batch row of each token; trace_rows [B, E + 1] and trace_layers [L, E + 1] are added to in place.
-    A token with every slot empty counts once for base (column E); a top-k token counts once per expert.
+    choices: per routed layer [N, k] slot indices (-1 empty); valid [N] (0 for padding); flat_rows [N]
+    the batch row of each token; trace_rows [B, C + 1] and trace_layers [L, C + 1] are added to in place.
+    A token with every choice empty counts once for base (column C); a top-k token counts once per expert.
     """
     if not choices:
         return

@@ -3,9 +3,11 @@
     loop:
         run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
         admit waiting requests up to max_batch_size: moe.generation.prefill them together (sequence mode is
-            decided there), sample their first tokens, and join them to the running batch
+            decided there), sample their first tokens, and join each to a free slot of the decoder
         one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
-        emit each new token's text (server.text_stream) to its request's queue; drop finished and cancelled rows
+            (a moe.generation.StaticDecoder step: fixed slots; on CUDA a captured graph per bucket)
+        emit each new token's text (server.text_stream) to its request's queue; free the slots of finished and
+            cancelled rows
 
 Requests are submitted from the event loop and read back through an asyncio queue per request, so the
 HTTP layer never blocks on the model. The request and event types live in server.requests.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
-from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
+from moe.generation import StaticDecoder, capture_refusal, context_length, decode_one_token, eos_token_ids, prefill
 from moe.sampling import sample
 from moe.trace import add_counts
 from server.metrics import Metrics
@@ -58,6 +60,7 @@ class _Sequence:
     text: TextStream
     counts: dict[str, float] = field(default_factory=dict)
     generated: list[int] = field(default_factory=list)
+    slot: int = -1  # the decoder slot it decodes in (-1 before it joins)
     done: bool = False
     last_token_at: float = 0.0
 
@@ -76,6 +79,7 @@ class Engine:
         max_queue: int = 64,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -88,7 +92,11 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._running: list[_Sequence] = []
-        self._batch = DecodeBatch()
+        refusal = capture_refusal(model) if cuda_graphs else "turned off"
+        if cuda_graphs and refusal and model.device.type == "cuda":
+            logger.warning("decode steps run eagerly: %s", refusal)
+        self._decoder = StaticDecoder(model, max_batch_size, self.context_limit, capture=refusal is None)
+        self.context_limit = self._decoder.max_len  # less where sliding-window attention caps it
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -207,11 +215,13 @@ class Engine:
                 logger.exception("engine step failed")
                 for seq in self._running:
                     self._finish(seq, ERROR, f"generation failed: {type(e).__name__}: {e}")
-                self._running, self._batch = [], DecodeBatch()
+                self._running = []
+                self._decoder.reset()
             self._set_gauges()
         for seq in self._running:
             self._finish(seq, ERROR, "the server is shutting down")
-        self._running, self._batch = [], DecodeBatch()
+        self._running = []
+        self._decoder.reset()
         while self._calls:
             self._calls.popleft()[1].set_exception(EngineStoppedError("the engine stopped"))
         logger.info("engine stopped")
@@ -259,7 +269,7 @@ class Engine:
                     self._finish(seq, ERROR, f"prefill failed: {type(e).__name__}: {e}")
 
     def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
-        """Prefill new sequences together, sample their first tokens, and join them to the running batch."""
+        """Prefill new sequences together, sample their first tokens, and join each to a free decoder slot."""
         pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
         self._count_layers(pre.layer_counts)
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
@@ -274,10 +284,10 @@ class Engine:
             [0] * len(seqs),
             self.eos_ids,
         )
-        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not self._advance(seq, token)]
-        pre.batch.keep(keep)
-        self._batch.extend(pre.batch)
-        self._running.extend(seqs[row] for row in keep)
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if not self._advance(seq, token):
+                seq.slot = self._decoder.join(pre, row)
+                self._running.append(seq)
 
     def _decode(self) -> None:
         plugged = self.model.plugged
@@ -297,7 +307,7 @@ class Engine:
             return
         seqs = self._running
         out = decode_one_token(
-            self.model, self._batch, [s.generated[-1] for s in seqs], [s.spec for s in seqs], plugged
+            self._decoder, [s.slot for s in seqs], [s.generated[-1] for s in seqs], [s.spec for s in seqs]
         )
         self._count_layers(out.layer_counts)
         if self.metrics:
@@ -318,7 +328,10 @@ class Engine:
 
     def _drop(self, keep: list[int]) -> None:
         if len(keep) != len(self._running):
-            self._batch.keep(keep)
+            kept = set(keep)
+            for row, seq in enumerate(self._running):
+                if row not in kept:
+                    self._decoder.leave(seq.slot)
             self._running = [self._running[row] for row in keep]
 
     # --- per-token bookkeeping ------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_queue=settings.max_queue,
         context_limit=settings.context_limit,
         metrics=metrics,
+        cuda_graphs=settings.cuda_graphs,
     )
 
 

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the running batch; past it, 503")
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
     context_limit: int | None = Field(None, ge=1, description="default: the model config's max positions")
+    cuda_graphs: bool = Field(
+        True, description="on a GPU, capture each decode bucket's step as a CUDA graph and replay it (off: eager)"
+    )
     admin_token: str | None = Field(
         None, description="bearer token for the writing /experts endpoints; unset: loopback clients only"
     )

@@ -1,11 +1,12 @@
-"""Dispatch: the grouped (prefill, training) and gathered (decode) paths against the plain per-token loop."""
+"""Dispatch: the grouped (prefill, training) and slot (decode: dense and gathered) paths against the plain
+per-token loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe.dispatch import gathered_dispatch, grouped_dispatch, reference_dispatch
+from moe.dispatch import grouped_dispatch, reference_dispatch, slot_dispatch
 from moe.plugged import LayerAdapter
 from tests.tiny import HIDDEN
 
@@ -15,13 +16,19 @@ def random_adapters(ranks: list[int], seed: int = 0) -> tuple[LayerAdapter, ...]
     return tuple(LayerAdapter(torch.randn(HIDDEN, r, generator=g), torch.randn(r, HIDDEN, generator=g)) for r in ranks)
 
 
-def stacked(layer: tuple[LayerAdapter, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """down [E, H, R], up [E, R, H]: every adapter zero-padded to the largest rank, as PluggedSet stacks them."""
+def stacked(layer: tuple[LayerAdapter, ...], free: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """down [H, C, R], up [C, R, H]: every adapter zero-padded to the largest rank, as slot storage holds one
+    layer, with `free` empty slots after them (C = adapters + free)."""
     rank = max(a.down.shape[1] for a in layer)
-    down, up = torch.zeros(len(layer), HIDDEN, rank), torch.zeros(len(layer), rank, HIDDEN)
+    slots = len(layer) + free
+    down, up = torch.zeros(HIDDEN, slots, rank), torch.zeros(slots, rank, HIDDEN)
     for e, a in enumerate(layer):
-        down[e, :, : a.down.shape[1]], up[e, : a.down.shape[1]] = a.down, a.up
+        down[:, e, : a.down.shape[1]], up[e, : a.down.shape[1]] = a.down, a.up
     return down, up
+
+
+# slot_dispatch runs dense when C <= N tokens, gathered otherwise: both forms, by the number of free slots
+FORMS = {"dense": 0, "gathered": 40}
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -41,19 +48,17 @@ def test_grouped_dispatch_equals_reference_loop(top_k: int) -> None:
     assert torch.equal(fast[base_rows], base[base_rows]), "base-route rows are untouched, bit for bit"
 
 
-def test_gathered_dispatch_equals_reference_loop_and_keeps_base_rows() -> None:
+@pytest.mark.parametrize("form", list(FORMS))
+def test_slot_dispatch_equals_reference_loop_and_keeps_base_rows(form: str) -> None:
     g = torch.Generator().manual_seed(0)
-    ranks = [4, 2, 4]  # mixed ranks: the stacked weights are zero-padded to the largest
+    ranks = [4, 2, 4]  # mixed ranks: the slot weights are zero-padded to the largest
     adapters = tuple(
         LayerAdapter(torch.randn(HIDDEN, r, generator=g), torch.randn(r, HIDDEN, generator=g)) for r in ranks
     )
-    down = torch.zeros(3, HIDDEN, 4)
-    up = torch.zeros(3, 4, HIDDEN)
-    for e, a in enumerate(adapters):
-        down[e, :, : ranks[e]], up[e, : ranks[e]] = a.down, a.up
+    down, up = stacked(adapters, FORMS[form])
     x, base = torch.randn(20, HIDDEN, generator=g), torch.randn(20, HIDDEN, generator=g)
     choice = torch.randint(-1, 3, (20,), generator=g)
-    fast = gathered_dispatch(x, base, choice, down, up)
+    fast = slot_dispatch(x, base, choice, down, up)
     torch.testing.assert_close(fast, reference_dispatch(x, base, choice[:, None], adapters), atol=1e-5, rtol=1e-5)
     assert torch.equal(fast[choice < 0], base[choice < 0])
 
@@ -84,13 +89,14 @@ def test_grouped_dispatch_cases(case: str) -> None:
         assert out is not base and torch.equal(base, before), "base is never written in place"
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("case", [c for c in CHOICES if len(CHOICES[c][0]) == 1])
-def test_gathered_dispatch_cases(case: str) -> None:
+def test_slot_dispatch_cases(case: str, form: str) -> None:
     layer = random_adapters([4, 2, 4, 1])
     g = torch.Generator().manual_seed(1)
     x, base = torch.randn(4, HIDDEN, generator=g), torch.randn(4, HIDDEN, generator=g)
     choice = torch.tensor(CHOICES[case])[:, 0]
-    out = gathered_dispatch(x, base, choice, *stacked(layer))
+    out = slot_dispatch(x, base, choice, *stacked(layer, FORMS[form]))
     torch.testing.assert_close(out, reference_dispatch(x, base, choice[:, None], layer), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[choice < 0], base[choice < 0])
 
@@ -108,7 +114,7 @@ def test_top2_token_takes_the_mean_of_its_two_adapters() -> None:
 def test_nothing_plugged_is_the_base_output() -> None:
     x, base = torch.randn(3, HIDDEN), torch.randn(3, HIDDEN)
     choice = torch.full((3,), -1)
-    assert gathered_dispatch(x, base, choice, torch.zeros(0, HIDDEN, 0), torch.zeros(0, 0, HIDDEN)) is base
+    assert slot_dispatch(x, base, choice, torch.zeros(HIDDEN, 0, 0), torch.zeros(0, 0, HIDDEN)) is base
     assert grouped_dispatch(x, base, choice[:, None], ()) is base
 
 

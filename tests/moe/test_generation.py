@@ -1,13 +1,15 @@
-"""The one generation path: batched decoding with joins and drops equals each sequence decoded alone, a cached
-step equals a full forward, prefill's sequence-mode protocol, and generate's stops."""
+"""The one generation path: prefill (the sequence-mode protocol, each row's keys and values), the fixed-slot
+decoder with joins and drops equal to each sequence decoded alone, a cached step equal to a full forward, and
+generate's stops. The decoder's own buffers, buckets, capture safety and routing rows: test_static_decode.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from moe import RoutedModel, RoutingSpec
-from moe.generation import DecodeBatch, decode_one_token, eos_token_ids, generate, prefill
+from moe.generation import StaticDecoder, decode_one_token, eos_token_ids, generate, prefill, prefill_rows
 from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
@@ -21,13 +23,16 @@ def _routed(family: str) -> RoutedModel:
     return model
 
 
+@torch.inference_mode()
 def _alone(model: RoutedModel, prompt: list[int], spec: RoutingSpec, steps: int) -> list[torch.Tensor]:
-    """Greedy decode one sequence by itself; returns the logits of each step."""
-    batch, out = DecodeBatch.prefill_rows(model, [prompt], [spec])
-    logits = [out.logits[0]]
+    """Greedy decode one sequence by itself through the routed forward and a plain DynamicCache (no slots,
+    no static mask): the logits of each step."""
+    cache = DynamicCache()
+    out = model(torch.tensor([prompt]), routing=[spec], past_key_values=cache, use_cache=True)
+    logits = [out.logits[0, -1]]
     for _ in range(steps - 1):
-        out = decode_one_token(model, batch, [int(logits[-1].argmax())], [spec])
-        logits.append(out.logits[0])
+        token = logits[-1].argmax().view(1, 1)
+        logits.append(model(token, routing=[spec], past_key_values=cache, use_cache=True).logits[0, -1])
     return logits
 
 
@@ -37,43 +42,42 @@ def test_joins_and_drops_match_decoding_alone(family: str) -> None:
     specs = [RoutingSpec("token"), RoutingSpec("off"), RoutingSpec("pin", expert="shouty"), RoutingSpec("token")]
     expected = [_alone(model, p, s, STEPS) for p, s in zip(PROMPTS, specs, strict=True)]
 
-    # rows 0 and 1 start together (padded prefill), row 2 joins after 2 steps, row 3 after 3; row 1 stops early
+    # rows 0 and 1 start together (one padded prefill), row 2 joins after 2 steps, row 3 after 3; row 1 stops
+    # early, so row 3 takes its slot
     join_at = {0: [0, 1], 2: [2], 3: [3]}
-    batch = DecodeBatch()
-    live: list[int] = []
+    decoder = StaticDecoder(model, max_batch=3, max_len=32, min_columns=8)
+    slot_of: dict[int, int] = {}
     got: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(PROMPTS))}
-    last: dict[int, int] = {}
     for t in range(STEPS + 3):
-        if live:
-            out = decode_one_token(model, batch, [last[i] for i in live], [specs[i] for i in live])
+        if slot_of:
+            live = list(slot_of)
+            out = decode_one_token(
+                decoder, [slot_of[i] for i in live], [int(got[i][-1].argmax()) for i in live], [specs[i] for i in live]
+            )
             for row, i in enumerate(live):
                 got[i].append(out.logits[row])
-                last[i] = int(out.logits[row].argmax())
-        done = [i for i in live if len(got[i]) == (3 if i == 1 else STEPS)]
-        if done:
-            batch.keep([row for row, i in enumerate(live) if i not in done])
-            live = [i for i in live if i not in done]
+        for i in [i for i in slot_of if len(got[i]) == (3 if i == 1 else STEPS)]:
+            decoder.leave(slot_of.pop(i))
         if t in join_at:
             new = join_at[t]
-            joined, out = DecodeBatch.prefill_rows(model, [PROMPTS[i] for i in new], [specs[i] for i in new])
-            batch.extend(joined)
+            pre = prefill(model, [PROMPTS[i] for i in new], [specs[i] for i in new])
             for row, i in enumerate(new):
-                got[i].append(out.logits[row])
-                last[i] = int(out.logits[row].argmax())
-            live += new
+                got[i].append(pre.logits[row])
+                slot_of[i] = decoder.join(pre, row)
+    assert decoder.live == [] and decoder.free == 3
     for i in range(len(PROMPTS)):
         n = len(got[i])
         assert n == (3 if i == 1 else STEPS)
         torch.testing.assert_close(torch.stack(got[i]), torch.stack(expected[i][:n]), atol=1e-4, rtol=1e-4)
-    assert len(batch) == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cached_step_equals_full_forward(family: str) -> None:
     model = _routed(family)
     prompt = PROMPTS[2]
-    batch, _ = DecodeBatch.prefill_rows(model, [prompt[:-1]], [RoutingSpec("off")])
-    step = decode_one_token(model, batch, [prompt[-1]], [RoutingSpec("off")])
+    decoder = StaticDecoder(model, max_batch=2, max_len=16)
+    slot = decoder.join(prefill(model, [prompt[:-1]], [RoutingSpec("off")]), 0)
+    step = decode_one_token(decoder, [slot], [prompt[-1]], [RoutingSpec("off")])
     with torch.inference_mode():
         full = model(torch.tensor([prompt]), routing=[RoutingSpec("off")]).logits[0, -1]
         plain = model.backbone(torch.tensor([prompt])).logits[0, -1]
@@ -81,20 +85,21 @@ def test_cached_step_equals_full_forward(family: str) -> None:
     torch.testing.assert_close(full, plain, atol=0, rtol=0)
 
 
-def test_keep_compacts_leading_padding() -> None:
+def test_prefill_keeps_each_rows_real_keys_and_values() -> None:
     model = _routed("llama")
-    batch, _ = DecodeBatch.prefill_rows(model, [PROMPTS[2], PROMPTS[1]], [RoutingSpec()] * 2)
-    assert batch.length == 7
-    batch.keep([1])
-    assert batch.length == 2 and batch.mask.tolist() == [[1, 1]]
-    assert batch.cache.layers[0].keys.shape[2] == 2
-    assert batch.positions.tolist() == [2]
+    kv, _ = prefill_rows(model, [PROMPTS[2], PROMPTS[1]], [RoutingSpec()] * 2)
+    assert kv.lengths == [7, 2] and kv.layers[0][0].shape[2] == 7, "rows are left-padded to the longest"
+    alone, _ = prefill_rows(model, [PROMPTS[1]], [RoutingSpec()])
+    for (k, v), (k1, v1) in zip(kv.row(1), alone.row(0), strict=True):
+        assert k.shape[1] == 2
+        torch.testing.assert_close(k, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v1, atol=1e-5, rtol=1e-5)
 
 
 def test_trace_counts_real_tokens_only() -> None:
     model = _routed("llama")
     specs = [RoutingSpec("off"), RoutingSpec("pin", expert="shouty")]
-    _, out = DecodeBatch.prefill_rows(model, [PROMPTS[0], PROMPTS[1]], specs)
+    _, out = prefill_rows(model, [PROMPTS[0], PROMPTS[1]], specs)
     layers = model.num_layers
     assert out.row_counts[0] == {"shouty": 0.0, "base": 4.0 * layers}
     assert out.row_counts[1] == {"shouty": 2.0 * layers, "base": 0.0}
@@ -103,14 +108,9 @@ def test_trace_counts_real_tokens_only() -> None:
 # --- prefill: sequence mode ---------------------------------------------------------------------------------
 
 
-def _same_cache(a: DecodeBatch, row_a: int, b: DecodeBatch, row_b: int) -> bool:
-    """Whether two rows cache the same keys and values on every layer, bit for bit, at their real positions."""
-    real_a, real_b = a.mask[row_a].bool(), b.mask[row_b].bool()
-    return all(
-        torch.equal(x.keys[row_a][:, real_a], y.keys[row_b][:, real_b])
-        and torch.equal(x.values[row_a][:, real_a], y.values[row_b][:, real_b])
-        for x, y in zip(a.cache.layers, b.cache.layers, strict=True)
-    )
+def _same_kv(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether two rows cache the same keys and values on every layer, bit for bit."""
+    return all(torch.equal(ka, kb) and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(a, b, strict=True))
 
 
 def test_prefill_sequence_mode_observes_then_decides_and_keeps_the_callers_order() -> None:
@@ -136,31 +136,30 @@ def test_prefill_sequence_mode_observes_then_decides_and_keeps_the_callers_order
         RoutingSpec("sequence", expert="shouty"),
         RoutingSpec("sequence", expert="base", allow=("quiet",)),
     ]
-    # rows come back in the caller's order, each left-padded with its own length
-    assert len(pre.batch) == len(prompts) and pre.logits.shape[0] == len(prompts)
-    assert pre.batch.positions.tolist() == [len(p) for p in prompts]
-    assert pre.batch.mask.sum(dim=1).tolist() == [len(p) for p in prompts]
-    assert all(pre.batch.mask[row, -len(p) :].all() for row, p in enumerate(prompts))
+    # rows come back in the caller's order, each with its own length
+    assert len(pre) == len(prompts) and pre.logits.shape[0] == len(prompts)
+    assert [pre.length(row) for row in range(len(prompts))] == [len(p) for p in prompts]
+    assert all(k.shape[1] == len(p) for row, p in enumerate(prompts) for k, _ in pre.row_kv(row))
 
     # the protocol spelled out: the undecided rows observed together on the backbone ...
     undecided = [0, 2, 5]
-    observed, seen = DecodeBatch.prefill_rows(
+    observed, seen = prefill_rows(
         model, [prompts[r] for r in undecided], [specs[r] for r in undecided], observe=[True] * 3
     )
-    backbone, plain = DecodeBatch.prefill_rows(model, [prompts[r] for r in undecided], [RoutingSpec("off")] * 3)
+    backbone, plain = prefill_rows(model, [prompts[r] for r in undecided], [RoutingSpec("off")] * 3)
     assert torch.equal(seen.logits, plain.logits), "observing is the backbone, bit for bit"
-    # ... a row that chose base keeps that cache and logits: the `off` prefill's, bit for bit ...
+    # ... a row that chose base keeps those keys, values and logits: the `off` prefill's, bit for bit ...
     for position, row in ((1, 2), (2, 5)):
         assert torch.equal(pre.logits[row], plain.logits[position])
-        assert _same_cache(pre.batch, row, backbone, position)
+        assert _same_kv(pre.row_kv(row), backbone.row(position))
     # ... and every other row is prefilled again, together, with its final spec (a chosen expert pinned)
     redo = [0, 1, 3, 4]
-    again, out = DecodeBatch.prefill_rows(model, [prompts[r] for r in redo], [pre.specs[r] for r in redo])
+    again, out = prefill_rows(model, [prompts[r] for r in redo], [pre.specs[r] for r in redo])
     for position, row in enumerate(redo):
         assert torch.equal(pre.logits[row], out.logits[position])
         assert pre.row_counts[row] == out.row_counts[position]
-        assert _same_cache(pre.batch, row, again, position)
-    _, pinned = DecodeBatch.prefill_rows(model, [prompts[0]], [RoutingSpec("sequence", expert="shouty")])
+        assert _same_kv(pre.row_kv(row), again.row(position))
+    _, pinned = prefill_rows(model, [prompts[0]], [RoutingSpec("sequence", expert="shouty")])
     torch.testing.assert_close(pre.logits[0], pinned.logits[0], atol=1e-5, rtol=1e-4)
 
     # row_counts: the decisions applied to each prompt, every route keyed; layer_counts: summed over rows
@@ -177,23 +176,24 @@ def test_prefill_sequence_mode_observes_then_decides_and_keeps_the_callers_order
     on_base = len(prompts[2]) + len(prompts[3]) + len(prompts[5])
     assert pre.layer_counts == [{"shouty": on_expert, "quiet": 0, "base": on_base}] * layers
 
-    # the batch decodes on: one step of every row equals that row decoded alone after its own prefill
+    # the rows decode on: one step of every row equals that row decoded alone after its own prefill
     tokens = [int(t) for t in pre.logits.argmax(dim=-1)]
-    step = decode_one_token(model, pre.batch, tokens, pre.specs)
+    decoder = StaticDecoder(model, max_batch=len(prompts), max_len=16)
+    slots = [decoder.join(pre, row) for row in range(len(prompts))]
+    step = decode_one_token(decoder, slots, tokens, pre.specs)
     for row, prompt in enumerate(prompts):
-        alone, _ = DecodeBatch.prefill_rows(model, [prompt], [pre.specs[row]])
-        want = decode_one_token(model, alone, [tokens[row]], [pre.specs[row]])
-        torch.testing.assert_close(step.logits[row], want.logits[0], atol=1e-4, rtol=1e-4)
+        want = _alone(model, prompt, pre.specs[row], 2)[1]
+        torch.testing.assert_close(step.logits[row], want, atol=1e-4, rtol=1e-4)
 
 
 def test_prefill_without_undecided_rows_is_one_prefill() -> None:
     model = _routed("llama")
     specs = [RoutingSpec("off"), RoutingSpec("pin", expert="shouty")]
     pre = prefill(model, PROMPTS[:2], specs)
-    batch, out = DecodeBatch.prefill_rows(model, PROMPTS[:2], specs)
+    kv, out = prefill_rows(model, PROMPTS[:2], specs)
     assert pre.specs == specs and torch.equal(pre.logits, out.logits)
     assert pre.row_counts == out.row_counts and pre.layer_counts == out.layer_counts
-    assert torch.equal(pre.batch.mask, batch.mask)
+    assert all(_same_kv(pre.row_kv(row), kv.row(row)) for row in range(2))
 
 
 # --- generate -----------------------------------------------------------------------------------------------

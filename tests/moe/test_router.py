@@ -222,32 +222,39 @@ def test_plugging_b_keeps_a_scores_and_moves_only_tokens_b_wins() -> None:
     model, _ = routed()
     x = ids(3, 12)
     model.plug(tiny_expert("a", seed=1, threshold=-0.1))
-    before = model.plugged
+    a = model.plugged.index("a")
+    gate_a = [t[:, a].clone() for t in (model.plugged.keys, model.plugged.offsets, model.plugged.thresholds)]
     choice_a = _choices(model, x)
     model.plug(tiny_expert("b", seed=2, threshold=-0.1))
     after = model.plugged
-    assert torch.equal(after.keys[:, :1], before.keys) and torch.equal(after.offsets[:, :1], before.offsets)
+    b = after.index("b")
+    assert (a, b) == (0, 1), "slots are taken lowest first"
+    assert all(
+        torch.equal(t[:, a], want)
+        for t, want in zip((after.keys, after.offsets, after.thresholds), gate_a, strict=False)
+    )
     choice_ab = _choices(model, x)
     moved = 0
     for layer in range(2):
         changed = choice_a[layer] != choice_ab[layer]
-        assert bool((choice_ab[layer][changed] == 1).all()), "a token may only move to the new expert"
+        assert bool((choice_ab[layer][changed] == b).all()), "a token may only move to the new expert"
         moved += int(changed.sum())
     assert moved > 0, "the test needs b to win some tokens"
-    # unplugging a sends its tokens to b where b is eligible, else to base
+    # unplugging a sends its tokens to b where b is eligible, else to base; b keeps its slot
     model.unplug("a")
+    assert model.plugged.index("b") == b
     choice_b = _choices(model, x)
     for layer in range(2):
-        was_a = choice_ab[layer] == 0
-        assert bool((choice_b[layer][choice_ab[layer] == 1] == 0).all())  # b's tokens stay with b (now index 0)
+        was_a = choice_ab[layer] == a
+        assert bool((choice_b[layer][choice_ab[layer] == b] == b).all())  # b's tokens stay with b
         assert bool((choice_b[layer][choice_ab[layer] == -1] == -1).all())  # base tokens stay on base
         plugged_b = model.plugged
         inputs = model(x, routing=[RoutingSpec("off")] * 3, capture_mlp_inputs=True).mlp_inputs[layer]
         score_b = gate_scores(
             F.normalize(inputs.reshape(-1, HIDDEN), dim=-1), plugged_b.keys[layer], plugged_b.offsets[layer]
-        )[:, 0]
-        eligible_b = score_b > plugged_b.thresholds[layer, 0]
-        assert torch.equal(choice_b[layer][was_a], torch.where(eligible_b[was_a], 0, -1))
+        )[:, b]
+        eligible_b = score_b > plugged_b.thresholds[layer, b]
+        assert torch.equal(choice_b[layer][was_a], torch.where(eligible_b[was_a], b, -1))
 
 
 # --- sequence mode ----------------------------------------------------------------------------------------
