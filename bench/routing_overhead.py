@@ -1,119 +1,321 @@
-"""Decode throughput of the routed model against the bare backbone, by number of experts plugged.
+"""Decode throughput of the routed model against the bare backbone and PEFT's mixed-batch LoRA, eager and captured;
+plug latency at 8 and 256 plugged; memory per plugged expert.
 
-    python bench/routing_overhead.py                 # GPT-2-124M shape, batch 1 and 16
-    python bench/routing_overhead.py --small         # a tiny shape, for a quick check
+    python bench/routing_overhead.py                                   # CPU, GPT-2-124M shape, batch 1 and 16
+    python bench/routing_overhead.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batches 1 16 64
 
-Every expert's gate passes every token (threshold -1 < any cosine), so each token goes to its top
-scoring expert among all plugged: tokens spread over the experts, and every routed token pays for an
-adapter. Configurations are measured round-robin, best of --repeats, in one run; ratios are against
-the bare backbone (plain transformers model, same weights) of the same run.
+Every configuration decodes greedily `--new` tokens after a `--prompt`-token prompt (random weights of a real
+shape, bench/shapes.py) and reads each step's tokens on the host, as a server must. Columns, decode tok/s:
+
+    HF bare         the plain transformers model with a DynamicCache, eager: what a transformers user runs
+    PEFT mixed      PEFT LoRA, 8 adapters of rank 16 on the MLP's down projection, one per row (`adapter_names`),
+                    DynamicCache, eager: what a transformers user would pick for per-request adapters
+    routed before   RoutedModel with a DynamicCache, eager: plugmoe's decode path before the fixed-slot decoder
+    bare, routed    moe.generation.StaticDecoder with routing off / 8 experts routing every token (thresholds -1:
+                    every token pays for an adapter, the worst case), eager; on CUDA also captured (CUDA graphs,
+                    decode routing torch.compile'd: --fuse)
+
+Ratios compare columns of the same run: routed / bare run the same way (both eager, both captured). Configurations
+run round-robin, `--repeats` times; each cell is the median over repeats and [min-max] is printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
+import sys
 import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache
 
-from moe import Expert, RoutedModel, RoutingSpec
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, RoutedModel]:
-    config = GPT2Config(n_embd=args.hidden, n_layer=args.layers, n_head=args.heads, vocab_size=50257)
-    torch.manual_seed(0)
-    bare = GPT2LMHeadModel(config).eval()
-    wrapped = GPT2LMHeadModel(config).eval()
-    wrapped.load_state_dict(bare.state_dict())
-    return bare, RoutedModel(wrapped)
+from bench.shapes import SHAPES, build, mlp_down_projection  # noqa: E402
+from moe import Expert, RoutedModel, RoutingSpec  # noqa: E402
+from moe.file import ExpertFile  # noqa: E402
+from moe.generation import StaticDecoder, decode_one_token, prefill  # noqa: E402
+from moe.kv_cache import cache_kwarg  # noqa: E402
 
 
-def make_experts(count: int, hidden: int, layers: int, rank: int) -> list[Expert]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_experts(count: int, hidden: int, layers: int, rank: int, routed: bool = True) -> list[Expert]:
+    """`count` experts on every layer; routed: every token passes every gate (threshold -1 < any cosine)."""
     g = torch.Generator().manual_seed(1)
-    experts = []
-    for i in range(count):
-        e = Expert.fresh(f"e{i}", hidden, list(range(layers)), rank=rank, generator=g)
-        e.up = torch.randn(e.up.shape, generator=g) * 0.01
-        e.thresholds = torch.full_like(e.thresholds, -1.0)
-        experts.append(e)
-    return experts
+    first = Expert.fresh("e0", hidden, list(range(layers)), rank=rank, generator=g)
+    first.up = torch.randn(first.up.shape, generator=g) * 0.01
+    first.thresholds = torch.full_like(first.thresholds, -1.0 if routed else 2.0)
+    out = [first]
+    for i in range(1, count):  # other keys, so tokens spread over the experts; the same adapter weights
+        keys = torch.randn(first.keys.shape, generator=g)
+        out.append(dataclasses.replace(first, name=f"e{i}", keys=keys / keys.norm(dim=-1, keepdim=True)))
+    return out
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, batch: int, prompt: int, new: int, routed: bool) -> tuple[float, dict[str, float]]:
-    """Greedy decode `new` tokens after a `prompt`-token prefill; tokens/s of the decode steps only."""
-    ids = torch.randint(0, 50257, (batch, prompt), generator=torch.Generator().manual_seed(2))
+def hf_decode(model, ids: torch.Tensor, new: int, **kwargs) -> float:
+    """Decode seconds of `new` greedy steps with a DynamicCache (prefill not timed)."""
     cache = DynamicCache()
-    kwargs = {"routing": [RoutingSpec()] * batch} if routed else {}
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    shares: dict[str, float] = {}
+    kw = {cache_kwarg(model): cache}
+    token = (
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **kw, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    )
+    synchronize(ids.device)
     start = time.perf_counter()
     for _ in range(new):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs)
+        token = model(input_ids=token, use_cache=True, **kw, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+        token.tolist()
+    synchronize(ids.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def routed_before(model: RoutedModel, ids: torch.Tensor, new: int) -> float:
+    """RoutedModel + DynamicCache, every row token-routed, the trace read each step (the old decode path)."""
+    specs = [RoutingSpec()] * ids.shape[0]
+    cache = DynamicCache()
+    out = model(ids, routing=specs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    synchronize(ids.device)
+    start = time.perf_counter()
+    for _ in range(new):
+        out = model(token, routing=specs, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if routed:
-            # the engine reads the trace once per step; so does the benchmark
-            for row in out.trace.row_counts():
-                for name, count in row.items():
-                    shares[name] = shares.get(name, 0.0) + count
+        token.tolist()
+        out.trace.row_counts()
+    synchronize(ids.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def static_decode(decoder: StaticDecoder, model: RoutedModel, ids: torch.Tensor, new: int, spec: RoutingSpec) -> float:
+    """Prefill every row into a slot (not timed), then `new` decoder steps (sampling's host read included)."""
+    specs = [spec] * ids.shape[0]
+    pre = prefill(model, ids.tolist(), specs)
+    slots = [decoder.join(pre, row) for row in range(ids.shape[0])]
+    tokens = pre.logits.argmax(-1).tolist()
+    synchronize(ids.device)
+    start = time.perf_counter()
+    for _ in range(new):
+        tokens = decode_one_token(decoder, slots, tokens, specs).logits.argmax(-1).tolist()
+    synchronize(ids.device)
     elapsed = time.perf_counter() - start
-    return batch * new / elapsed, shares
+    decoder.reset()
+    return elapsed
+
+
+def peft_mixed(hf, shape: str, adapters: int, rank: int) -> Callable[[torch.Tensor, int], float]:
+    """PEFT LoRA on the MLP's down projection, `adapters` adapters, a different one per row (mixed batch)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[mlp_down_projection(shape)], lora_dropout=0.0)
+    with warnings.catch_warnings():  # PEFT's own use of names transformers deprecated, and GPT-2's Conv1D note
+        warnings.simplefilter("ignore")
+        model = get_peft_model(hf, config, adapter_name="a0")
+        for i in range(1, adapters):
+            model.add_adapter(f"a{i}", config)
+    model.eval()
+
+    def run(ids: torch.Tensor, new: int) -> float:
+        names = [f"a{row % adapters}" for row in range(ids.shape[0])]
+        with warnings.catch_warnings():  # PEFT's mixed-batch path passes the cache under the deprecated name
+            warnings.simplefilter("ignore", FutureWarning)
+            return hf_decode(model, ids, new, adapter_names=names)
+
+    return run
+
+
+def plug_latency(model: RoutedModel, counts: list[int], rank: int, trials: int) -> list[str]:
+    """Median ms of RoutedModel.plug and .unplug of one expert with `count` others plugged (capacity reserved, so
+    no plug reallocates), and of a plug that doubles the capacity (once per doubling)."""
+    device = model.device
+    layers, hidden = model.num_layers, model.hidden_size
+    template = make_experts(1, hidden, layers, rank, routed=False)[0]
+    for name in list(model.plugged.names):
+        model.unplug(name)
+    model.slots.reserve(max(counts) + 1, rank)
+    lines = []
+    for count in counts:
+        for i in range(len(model.plugged), count):
+            model.plug(dataclasses.replace(template, name=f"p{i}"))
+        plug, unplug = [], []
+        for _ in range(trials):
+            probe = dataclasses.replace(template, name="probe")
+            synchronize(device)
+            start = time.perf_counter()
+            model.plug(probe)
+            synchronize(device)
+            middle = time.perf_counter()
+            model.unplug("probe")
+            synchronize(device)
+            plug.append(middle - start)
+            unplug.append(time.perf_counter() - middle)
+        lines.append(
+            f"| plug / unplug one expert, {count} plugged | {statistics.median(plug) * 1e3:.2f} ms "
+            f"[{min(plug) * 1e3:.2f}-{max(plug) * 1e3:.2f}] | {statistics.median(unplug) * 1e3:.2f} ms |"
+        )
+    while model.slots.capacity > len(model.plugged):  # fill up, then the next plug doubles
+        model.plug(dataclasses.replace(template, name=f"p{len(model.plugged)}"))
+    synchronize(device)
+    start = time.perf_counter()
+    model.plug(dataclasses.replace(template, name="grow"))
+    synchronize(device)
+    lines.append(
+        f"| a plug that doubles capacity {model.slots.capacity // 2} -> {model.slots.capacity} | "
+        f"{(time.perf_counter() - start) * 1e3:.1f} ms | - |"
+    )
+    return lines
+
+
+def memory_per_expert(model: RoutedModel, rank: int) -> str:
+    """Bytes the storage spends per slot (weights + gates) against an expert file's size."""
+    layers, hidden = model.num_layers, model.hidden_size
+    expert = make_experts(1, hidden, layers, rank)[0].to("cpu", model.dtype)
+    file_bytes = len(ExpertFile.to_bytes(expert, model.fingerprint))
+    slots = model.slots
+    per_slot = slots.nbytes() / slots.capacity
+    in_file = expert.nbytes
+    return (
+        f"memory per plugged expert (rank {rank}, {layers} layers, {str(model.dtype).removeprefix('torch.')}): "
+        f"{per_slot / 1e6:.3f} MB in its slot (weights + gates, storage rank {slots.rank}), "
+        f"file {file_bytes / 1e6:.3f} MB ({in_file / 1e6:.3f} MB of tensors): {per_slot / file_bytes:.2f}x the "
+        "file; the plugged set keeps no other copy (its experts are weightless handles)"
+    )
+
+
+def configurations(
+    hf,
+    peft_run: Callable | None,
+    routed: RoutedModel,
+    decoders: dict[str, StaticDecoder],
+    ids: torch.Tensor,
+    new: int,
+    fuse: bool,
+) -> dict[str, Callable[[], float]]:
+    """Each column's run: () -> decode seconds."""
+    runs: dict[str, Callable[[], float]] = {"HF bare": lambda: hf_decode(hf, ids, new)}
+    if peft_run is not None:
+        runs["PEFT mixed"] = lambda: peft_run(ids, new)
+
+    def before() -> float:
+        routed.fuse_decode_routing(False)  # the old path ran the plain ops
+        try:
+            return routed_before(routed, ids, new)
+        finally:
+            routed.fuse_decode_routing(fuse)
+
+    runs["routed before"] = before
+    for kind, decoder in decoders.items():
+        runs[f"bare {kind}"] = lambda d=decoder: static_decode(d, routed, ids, new, RoutingSpec("off"))
+        runs[f"routed {kind}"] = lambda d=decoder: static_decode(d, routed, ids, new, RoutingSpec())
+    return runs
+
+
+def table_row(batch: int, columns: list[str], times: dict[str, list[float]]) -> str:
+    med = {name: statistics.median(v) for name, v in times.items()}
+
+    def cell(name: str) -> str:
+        return f"{med[name]:.1f} [{min(times[name]):.0f}-{max(times[name]):.0f}]" if name in med else "-"
+
+    def ratio(a: str, b: str) -> str:
+        return f"{med[a] / med[b]:.3f}" if a in med and b in med else "-"
+
+    return (
+        f"| {batch} | "
+        + " | ".join(cell(c) for c in columns)
+        + f" | {ratio('routed eager', 'bare eager')} | {ratio('routed captured', 'bare captured')} | "
+        f"{ratio('PEFT mixed', 'HF bare')} | {ratio('routed eager', 'HF bare')} |"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--experts", type=int, nargs="+", default=[0, 1, 8, 32, 256])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-124m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--small", action="store_true", help="hidden 64, 2 layers: a quick smoke run")
+    parser.add_argument(
+        "--fuse", choices=["auto", "on", "off"], default="auto", help="compile decode routing (auto: CUDA)"
+    )
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--plug-counts", type=int, nargs="*", default=[8, 256])
+    parser.add_argument("--plug-trials", type=int, default=20)
     args = parser.parse_args()
-    if args.small:
-        args.hidden, args.layers, args.heads, args.new, args.repeats = 64, 2, 4, 8, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
 
-    bare, routed = build(args)
-    pool = make_experts(max(args.experts), args.hidden, args.layers, args.rank)
+    hf = build(args.shape, args.device, args.dtype)
+    routed = RoutedModel(build(args.shape, args.device, args.dtype))  # the same weights (seed), wrapped
+    for expert in make_experts(args.experts, routed.hidden_size, routed.num_layers, args.rank):
+        routed.plug(expert)
+    fuse = args.fuse == "on" or (args.fuse == "auto" and cuda)
+    peft_run = None
+    if not args.no_peft:
+        try:
+            peft_run = peft_mixed(build(args.shape, args.device, args.dtype), args.shape, 8, args.rank)
+        except ImportError:
+            print("PEFT is not installed: its column is skipped")
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} threads"
     print(
-        f"GPT-2 shape: hidden {args.hidden}, {args.layers} layers; rank {args.rank}; threads "
-        f"{torch.get_num_threads()}; prompt {args.prompt}, {args.new} decode steps, best of {args.repeats}\n"
+        f"shape {args.shape} on {device} ({where}), {args.dtype}; {args.experts} experts of rank {args.rank} routing "
+        f"every token; prompt {args.prompt}, "
+        f"{args.new} new tokens; median of {args.repeats} [min-max]; decode routing fused: {fuse}; torch "
+        f"{torch.__version__}\n"
     )
-    print("| batch | experts plugged | tokens/s | x bare backbone | x 8 plugged | routed share | experts used |")
-    print("|---|---|---|---|---|---|---|")
+    columns = ["HF bare", "PEFT mixed", "routed before", "bare eager", "routed eager"]
+    if cuda:
+        columns += ["bare captured", "routed captured"]
+    print(
+        "| batch | "
+        + " | ".join(columns)
+        + " | routed/bare eager | routed/bare captured | PEFT/HF bare | routed eager/HF bare |"
+    )
+    print("|---" * (len(columns) + 5) + "|")
     for batch in args.batches:
-        best: dict[str, float] = {}
-        spread: dict[int, dict[str, float]] = {}
-        for _ in range(args.repeats):  # round-robin, so drifting machine load hits every configuration alike
-            best["bare"] = max(best.get("bare", 0.0), decode_tokens_per_s(bare, batch, args.prompt, args.new, False)[0])
-            for count in args.experts:
-                for name in list(routed.plugged.names):
-                    routed.unplug(name)
-                for expert in pool[:count]:
-                    routed.plug(expert)
-                speed, shares = decode_tokens_per_s(routed, batch, args.prompt, args.new, True)
-                best[str(count)] = max(best.get(str(count), 0.0), speed)
-                spread[count] = shares
-        for count in args.experts:
-            speed = best[str(count)]
-            shares = spread[count]
-            total = sum(shares.values()) or 1.0
-            routed_share = 1 - shares.get("base", 0.0) / total
-            used = sum(1 for k, v in shares.items() if k != "base" and v > 0)
-            vs8 = f"{speed / best['8']:.3f}" if "8" in best else "-"
-            print(
-                f"| {batch} | {count} | {speed:.1f} | {speed / best['bare']:.3f} | {vs8} | {routed_share:.2f} | "
-                f"{used} |"
-            )
-        print(f"| {batch} | bare backbone | {best['bare']:.1f} | 1.000 | - | - | - |")
+        ids = torch.randint(1, 30000, (batch, args.prompt), generator=torch.Generator().manual_seed(2)).to(device)
+        routed.fuse_decode_routing(fuse)
+        decoders = {"eager": StaticDecoder(routed, batch, args.prompt + args.new + 2)}
+        if cuda:
+            decoders["captured"] = StaticDecoder(routed, batch, args.prompt + args.new + 2, capture=True)
+        runs = configurations(hf, peft_run, routed, decoders, ids, args.new, fuse)
+        for run in runs.values():  # warm-up: captures, compiles, allocator
+            run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):  # round-robin, so drifting load hits every configuration alike
+            for name, run in runs.items():
+                times[name].append(batch * args.new / run())
+        print(table_row(batch, columns, times), flush=True)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        if "routed before" in med and "routed captured" in med:
+            gain = med["routed captured"] / med["routed before"]
+            print(f"  batch {batch}: routed captured / routed before = {gain:.1f}x")
+        del decoders
+        if cuda:
+            torch.cuda.empty_cache()
+    print()
+    print(memory_per_expert(routed, args.rank))
+    if args.plug_counts:
+        print("\n| plug latency (RoutedModel.plug / unplug, device synchronised) | plug median [min-max] | unplug |")
+        print("|---|---|---|")
+        for line in plug_latency(routed, args.plug_counts, args.rank, args.plug_trials):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ A step of bucket (b, s) runs rows [:b] over columns [:s] (views: fixed addresses
     pos += active
 
 It reads only those buffers: no host read, no host-to-device copy, no Python that depends on which rows
-are live. So on CUDA a step can be captured once per (b, s, route) as a CUDA graph and replayed; the host
+are live. So on CUDA a step can be captured once per (b, s, routing mode) as a CUDA graph and replayed; the host
 picks the bucket from its own mirrors (highest live slot, longest live row). Rows join and leave between
 steps by writing a few slot rows; routing rows are rewritten when a row's spec or the plugged set changes,
 not per step. Sampling stays outside the step: one host read of logits (and the trace) per step.
@@ -55,7 +55,7 @@ from transformers import DynamicCache
 
 from moe.errors import UnsupportedBackboneError
 from moe.expert import BASE_ROUTE
-from moe.kv_cache import SlotCache, SlotLayer, dynamic_layers_kv, use_decode_attention
+from moe.kv_cache import DECODE_ATTENTION, SlotCache, SlotLayer, dynamic_layers_kv, use_decode_attention
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec, StepRouting, decide_sequence
@@ -262,8 +262,11 @@ def capture_refusal(model: RoutedModel) -> str | None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
         return f"rope type {rope.get('rope_type', rope.get('type'))!r} decides on the host from the sequence length"
-    if getattr(config, "_attn_implementation", None) != "plugmoe_decode":
-        return "the backbone's attention is not sdpa (captured decode needs the grouped decode attention)"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ("sdpa", DECODE_ATTENTION):
+        return (
+            f"the backbone's attention is {attention!r}, not sdpa (captured decode needs the grouped decode attention)"
+        )
     return None
 
 
@@ -305,8 +308,8 @@ class StaticDecoder:
 
         B, dev = max_batch, self.device
         self._caches: dict[tuple[int, int], SlotCache] = {}
-        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._compiled: dict[tuple[int, int, bool], Callable] = {}
+        self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._compiled: dict[tuple[int, int, str], Callable] = {}
         self._pool = None
         self._kv_shapes = self._probe_kv_shapes()
         self.columns = 0  # allocated
@@ -328,7 +331,8 @@ class StaticDecoder:
         self._specs: list[RoutingSpec | None] = [None] * B
         self._routing_key: tuple[int, int] | None = None  # (plugged version, slot generation) the rows match
         self._routing_dirty = True
-        self._routes = False  # host fact: some live row may use some expert
+        self._routing = "off"  # host fact for the step: "off" (nothing can route), "token" (every live row in plain
+        # token mode: no allow-list, no pin), "rows" (per-row allow-lists and pins)
         self.allowed = self.forced = self.apply = torch.empty(0)
         self._generation = -1
 
@@ -337,7 +341,8 @@ class StaticDecoder:
         """Sliding-window attention keeps only the window in its cache: decode at most that far."""
         config = model.backbone.config
         window = getattr(config, "sliding_window", None)
-        used = getattr(config, "use_sliding_window", True) and getattr(config, "layer_types", None) is None
+        types = getattr(config, "layer_types", None)
+        used = any("sliding" in t for t in types) if types else getattr(config, "use_sliding_window", True)
         if isinstance(window, int) and window > 0 and used:
             return min(max_len, window)
         return max_len
@@ -348,6 +353,7 @@ class StaticDecoder:
         with torch.inference_mode():
             self.model.backbone(
                 input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                attention_mask=torch.ones(1, 1, dtype=torch.long, device=self.device),
                 use_cache=True,
                 **{self.model.cache_kwarg: probe},
             )
@@ -468,7 +474,13 @@ class StaticDecoder:
             self.allowed.copy_(routing.allowed)
             self.forced.copy_(routing.forced)
             self.apply.copy_(routing.apply)
-        self._routes = routing.routes_anything
+        live = [spec for spec in self._specs if spec is not None]
+        if not routing.routes_anything:
+            self._routing = "off"
+        elif all(spec.mode == "token" and spec.allow is None for spec in live):
+            self._routing = "token"
+        else:
+            self._routing = "rows"
         self._routing_key, self._routing_dirty = key, False
 
     # --- the step ---------------------------------------------------------------------------------------
@@ -482,14 +494,22 @@ class StaticDecoder:
             self._caches[(b, s)] = cache
         return cache
 
-    def _body(self, b: int, s: int, route: bool, plugged: PluggedSet) -> tuple[torch.Tensor, ...]:
+    def _body(self, b: int, s: int, routing_mode: str, plugged: PluggedSet) -> tuple[torch.Tensor, ...]:
         """The capturable step of bucket (b, s): reads and writes the persistent buffers only.
-        Returns (logits [b, V], trace rows [b, C + 1], trace layers [L, C + 1])."""
+        Returns (logits [b, V], trace rows [b, C + 1], trace layers [L, C + 1]).
+
+        routing_mode "token" skips the allow-list and pin ops; free rows run like live ones (their outputs are
+        never read, and they count nothing: the trace weighs rows by `active`)."""
         pos = self.pos[:b]
         bias = self.bias[:b, :, :, :s]
         bias[self._rows[:b], 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
         routing = StepRouting(
-            self.allowed[:b], self.forced[:b], self.apply[:b], routes_anything=route, applies_everywhere=False
+            self.allowed[:b],
+            self.forced[:b],
+            self.apply[:b],
+            routes_anything=routing_mode != "off",
+            all_token_mode=routing_mode == "token",
+            applies_everywhere=True,
         )
         out = self.model(
             self.input_ids[:b],
@@ -530,7 +550,7 @@ class StaticDecoder:
         self._ids_host.zero_()
         self._ids_host[slots] = torch.tensor(tokens, dtype=torch.long)
         self.input_ids[:, 0].copy_(self._ids_host, non_blocking=True)
-        logits, trace_rows, trace_layers = self._run(b, s, self._routes)
+        logits, trace_rows, trace_layers = self._run(b, s, self._routing)
         for slot in slots:
             self.lengths[slot] += 1
         index = torch.tensor(slots, device=self.device)
@@ -541,8 +561,8 @@ class StaticDecoder:
             logits, counts_by_route(columns, table[: len(slots)]), counts_by_route(columns, table[len(slots) :])
         )
 
-    def _run(self, b: int, s: int, route: bool) -> tuple[torch.Tensor, ...]:
-        key = (b, s, route)
+    def _run(self, b: int, s: int, routing_mode: str) -> tuple[torch.Tensor, ...]:
+        key = (b, s, routing_mode)
         plugged = self._step_set()
         if self.capture:
             captured = self._graphs.get(key) or self._capture(key, plugged)
@@ -553,35 +573,41 @@ class StaticDecoder:
             if fn is None:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(
-                    lambda: self._body(b, s, route, plugged),
+                    lambda: self._body(b, s, routing_mode, plugged),
                     backend=self.compile_backend,
                     fullgraph=True,
                     dynamic=False,
                 )
                 self._compiled[key] = fn
             return fn()
-        return self._body(b, s, route, plugged)
+        return self._body(b, s, routing_mode, plugged)
 
-    def _capture(self, key: tuple[int, int, bool], plugged: PluggedSet) -> tuple:
-        """Record bucket `key`'s step as a CUDA graph. Safe with live rows: the warm-up steps advance pos and
-        unmask a column, so pos and bias are put back after them (their KV writes land in the columns the next
-        real step overwrites). Every graph shares one memory pool: outputs are consumed before the next replay."""
-        b, s, route = key
+    def _warm_up(self, b: int, s: int, routing_mode: str, plugged: PluggedSet, times: int = 2) -> None:
+        """Run bucket (b, s)'s step `times` times and undo what it did to the rows (pos, bias): what a capture
+        needs first (allocator, compiled kernels). Each run writes the KV column the next real step overwrites."""
         saved_pos, saved_bias = self.pos.clone(), self.bias.clone()
+        for _ in range(times):
+            self._body(b, s, routing_mode, plugged)
+            self.pos.copy_(saved_pos)
+            self.bias.copy_(saved_bias)
+
+    def _capture(self, key: tuple[int, int, str], plugged: PluggedSet) -> tuple:
+        """Record bucket `key`'s step as a CUDA graph. Safe with live rows: a warm-up step advances pos and
+        unmasks a column, so pos and bias are put back after each one (every warm-up writes the column the next
+        real step overwrites, and pos stays inside the bucket: a row at column s - 1 never indexes column s).
+        Every graph shares one memory pool: outputs are consumed before the next replay."""
+        b, s, routing_mode = key
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._body(b, s, route, plugged)
+            self._warm_up(b, s, routing_mode, plugged)
         torch.cuda.current_stream().wait_stream(stream)
-        self.pos.copy_(saved_pos)
-        self.bias.copy_(saved_bias)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._body(b, s, route, plugged)
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            outputs = self._body(b, s, routing_mode, plugged)
         self._pool = graph.pool()
         self._graphs[key] = (graph, outputs)
-        logger.info("captured the decode step of bucket rows %d x columns %d (route %s)", b, s, route)
+        logger.info("captured the decode step of bucket rows %d x columns %d (routing %s)", b, s, routing_mode)
         return self._graphs[key]
 
 

@@ -312,6 +312,11 @@ class ExpertSlots:
             event.record()
         self._pending.append((slot, event))
 
+    def reserve(self, capacity: int, rank: int = 0) -> None:
+        """Grow now to at least `capacity` slots of at least `rank`, so plugs up to there never reallocate."""
+        if capacity > self.capacity or rank > self.rank:
+            self._grow(max(capacity, self.capacity), max(rank, self.rank))
+
     def _take_slot(self, rank: int) -> int:
         still = []
         for slot, event in self._pending:

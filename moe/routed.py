@@ -204,9 +204,10 @@ class RoutedModel(nn.Module):
         if not enabled:
             self.decode_route = routed_top1
             return
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 64)  # one graph per (bucket, dense/gather) shape
-        self.decode_route = torch.compile(routed_top1, fullgraph=True, dynamic=False)
+        # dynamic shapes: one compiled graph serves every bucket size and slot capacity (the host-known variants,
+        # dense or gathered and which inputs are None, are a few more)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.decode_route = torch.compile(routed_top1, fullgraph=True, dynamic=True)
 
     # --- forward --------------------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class RoutedModel(nn.Module):
         valid = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(tokens, device=device)
         simple = routing.all_token_mode
         skip = None
-        if token_mask is not None or not routing.applies_everywhere:
+        if not routing.applies_everywhere or (token_mask is not None and length > 1):  # observe rows, padding
             apply = routing.apply if length == 1 else routing.apply[rows]
             skip = ~(apply & (valid > 0))[:, None]
         per_token = (lambda t: t) if length == 1 else (lambda t: t[rows])  # decode: rows are the tokens

@@ -40,6 +40,8 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         torch.set_num_threads(settings.num_threads)
     backbone, tokenizer = load_backbone(settings.model, device=settings.device, dtype=settings.dtype)
     model = RoutedModel(backbone, RouterConfig(top_k=settings.top_k, sequence_min_share=settings.sequence_min_share))
+    if settings.fuse_routing and model.device.type == "cuda":
+        model.fuse_decode_routing()
     return Engine(
         model,
         tokenizer,

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="on a GPU, capture each decode bucket's step as a CUDA graph and replay it (off: eager)"
     )
+    fuse_routing: bool = Field(
+        True, description="on a GPU, torch.compile each layer's decode routing into a few fused kernels"
+    )
     admin_token: str | None = Field(
         None, description="bearer token for the writing /experts endpoints; unset: loopback clients only"
     )

@@ -4,13 +4,15 @@ generate's stops. The decoder's own buffers, buckets, capture safety and routing
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe import RoutedModel, RoutingSpec
 from moe.generation import StaticDecoder, decode_one_token, eos_token_ids, generate, prefill, prefill_rows
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import FAMILIES, tiny_backbone, tiny_config, tiny_expert, tiny_tokenizer
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
 STEPS = 6
@@ -224,6 +226,29 @@ def test_generate_stops_at_every_eos_id_and_says_why() -> None:
             assert (g.token_ids, g.finish_reason) == (tokens[:at], "stop"), "the EOS id itself is not returned"
         assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
         assert g.route is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_equals_transformers_generate(family: str) -> None:
+    """generate (prefill, then the fixed-slot decoder; 4 prompts through 2 slots) gives, token for token, what
+    transformers' own greedy `generate` gives for each prompt alone (its EOS, which we do not return, cut off)."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, vocab=len(tokenizer))
+    config.initializer_range = 0.2  # the default repeats one token forever: a weak test
+    torch.manual_seed(7)
+    plain = AutoModelForCausalLM.from_config(config).eval().double()
+    model = RoutedModel(copy.deepcopy(plain))
+    prompts = ["The quick brown fox", "def add(a, b):", "Mia walks to the market.", "0123456789 + -"]
+    got = generate(model, tokenizer, prompts, RoutingSpec("off"), 20, batch_size=2)
+    for prompt, g in zip(prompts, got, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = plain.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=0)
+        want = out[0, ids.shape[1] :].tolist()
+        want = want[: want.index(0)] if 0 in want else want
+        assert g.token_ids == want, prompt
+        assert g.finish_reason == ("stop" if len(want) < 20 else "length")
+    assert len({tuple(g.token_ids) for g in got}) == len(prompts), "the case needs distinct sequences"
 
 
 def test_generate_reports_the_sequence_route_and_every_decision() -> None:

@@ -218,11 +218,12 @@ def test_a_step_reads_nothing_on_the_host() -> None:
     slots = [decoder.join(pre, row) for row in range(3)]
     decode_one_token(decoder, slots, [1, 2, 3], specs)  # routing rows written, buffers ready
     b, s = decoder.bucket()
-    for route in (True, False):
+    assert decoder._routing == "rows"
+    for mode in ("rows", "token", "off"):  # per-row routing, plain token mode, nothing routes
         watch = HostReads()
         with watch, torch.no_grad():
-            decoder._body(b, s, route, decoder._step_set())
-        assert watch.reads == [], (route, sorted(set(watch.reads)))
+            decoder._body(b, s, mode, decoder._step_set())
+        assert watch.reads == [], (mode, sorted(set(watch.reads)))
         assert len(watch.ops) > 50
     watch = HostReads()
     with watch:
@@ -313,6 +314,31 @@ def test_capture_is_refused_where_it_cannot_work() -> None:
     assert capture_refusal(model) == "CUDA graphs need a CUDA device"
     with pytest.raises(ValueError, match="cannot capture decode steps: CUDA graphs need a CUDA device"):
         StaticDecoder(model, max_batch=2, max_len=16, capture=True)
+
+
+def test_warm_up_before_a_capture_leaves_the_rows_as_they_were() -> None:
+    """What a capture runs first (twice, on CUDA) when a row already sits at its bucket's last column: no step
+    indexes past the bucket, pos and the mask are put back, and the next real step equals a decoder that never
+    warmed up."""
+    model = RoutedModel(tiny64("llama", seed=2))
+    for expert in experts_for(model, 2, seed=4):
+        model.plug(expert)
+    prompts, specs = [[1, 2, 3, 4, 5, 6, 7], [8, 9]], [RoutingSpec("token"), RoutingSpec("pin", "e1")]
+    outputs = []
+    for warm in (False, True):
+        decoder = StaticDecoder(model, max_batch=2, max_len=8, min_columns=8)
+        pre = prefill(model, prompts, specs)
+        slots = [decoder.join(pre, row) for row in range(2)]
+        assert decoder.bucket() == (2, 8) and decoder.lengths[0] + 1 == 8, "row 0 takes the bucket's last column"
+        if warm:
+            decoder._sync_routing(decoder._plugged())
+            pos, bias = decoder.pos.clone(), decoder.bias.clone()
+            with torch.no_grad():
+                decoder._warm_up(2, 8, decoder._routing, decoder._step_set(), times=3)
+            assert torch.equal(decoder.pos, pos) and torch.equal(decoder.bias, bias)
+        outputs.append(decode_one_token(decoder, slots, [7, 7], specs))
+    torch.testing.assert_close(outputs[1].logits, outputs[0].logits, atol=0, rtol=0)
+    assert outputs[1].row_counts == outputs[0].row_counts
 
 
 def _compiled_against_eager(backend: str, steps: int) -> None:
