@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-124m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="none: plug latency and memory only")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=32)
@@ -261,13 +261,13 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
-    hf = build(args.shape, args.device, args.dtype)
-    routed = RoutedModel(build(args.shape, args.device, args.dtype))  # the same weights (seed), wrapped
+    routed = RoutedModel(build(args.shape, args.device, args.dtype))
     for expert in make_experts(args.experts, routed.hidden_size, routed.num_layers, args.rank):
         routed.plug(expert)
     fuse = args.fuse == "on" or (args.fuse == "auto" and cuda)
+    hf = build(args.shape, args.device, args.dtype) if args.batches else None  # the same weights (seed), bare
     peft_run = None
-    if not args.no_peft:
+    if args.batches and not args.no_peft:
         try:
             peft_run = peft_mixed(build(args.shape, args.device, args.dtype), args.shape, 8, args.rank)
         except ImportError:
@@ -282,12 +282,13 @@ def main() -> None:
     columns = ["HF bare", "PEFT mixed", "routed before", "bare eager", "routed eager"]
     if cuda:
         columns += ["bare captured", "routed captured"]
-    print(
-        "| batch | "
-        + " | ".join(columns)
-        + " | routed/bare eager | routed/bare captured | PEFT/HF bare | routed eager/HF bare |"
-    )
-    print("|---" * (len(columns) + 5) + "|")
+    if args.batches:
+        print(
+            "| batch | "
+            + " | ".join(columns)
+            + " | routed/bare eager | routed/bare captured | PEFT/HF bare | routed eager/HF bare |"
+        )
+        print("|---" * (len(columns) + 5) + "|")
     for batch in args.batches:
         ids = torch.randint(1, 30000, (batch, args.prompt), generator=torch.Generator().manual_seed(2)).to(device)
         routed.fuse_decode_routing(fuse)

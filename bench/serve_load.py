@@ -4,16 +4,17 @@ the same prompts as one static batch, and the inter-token latency while experts 
     python bench/serve_load.py --model-dir demo/model --clients 1,16          # the demo model and its experts, CPU
     python bench/serve_load.py --shape gpt2-124m                               # a random GPT-2-124M, 8 experts
     python bench/serve_load.py --shape qwen2.5-0.5b --device cuda --dtype bfloat16 --clients 1,16,64 \\
-        --max-batch-size 64 --closed-experts 248                              # GPU, 256 experts plugged
+        --max-batch-size 64 --closed-experts 247                              # GPU, 255 plugged (+1 in plugs)
     python bench/serve_load.py --tiny                                          # a quick run
 
 Every request generates exactly --new-tokens tokens (min_new_tokens = max_new_tokens, greedy), so the numbers
 compare equal work. tokens/s = generated tokens / wall time of the whole level. Each level runs once with
 `token` routing and once with routing `off` (same server, same experts plugged): routed / off is the cost of
 routing. With a random shape, --experts experts route every token (thresholds -1, the worst case) and
---closed-experts more are plugged that never win (a server holding many experts). --plug-during: at the
-largest level (token routing), an extra expert is plugged and unplugged over HTTP every --plug-every seconds;
-ITL p99 of the token gaps that overlap a plug or unplug is reported against the p50 of all gaps.
+--closed-experts more are plugged that never win (a server holding many experts). --plug-during: after the
+levels, one more run at the largest level (token routing, not in the routed / off table) while an extra expert
+is plugged and unplugged over HTTP every --plug-every seconds; ITL p99 of the token gaps that overlap a plug or
+unplug is reported against that run's p50 of all gaps. The HF baseline runs first, before the server starts.
 """
 
 from __future__ import annotations
@@ -236,8 +237,25 @@ def hf_static_batch(
             if device == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     tokens = new_tokens * len(prompts)
     return {"tokens": tokens, "wall": best, "tok_s": tokens / best}
+
+
+def during_plugs(row: dict, plugged: int) -> str:
+    if not row["plugs"]:
+        return f"during plugs ({row['clients']} clients): no plug cycle completed within the run"
+    plug, unplug = statistics.median(row["plugs"]) * 1e3, statistics.median(row["unplugs"]) * 1e3
+    during = row["itl_during_plug_p99"]
+    return (
+        f"during {len(row['plugs'])} plug + unplug cycles over HTTP ({row['clients']} clients, routing "
+        f"{row['routing']}, {plugged} plugged + the one plugged and unplugged): {row['tok_s']:.1f} tok/s; plug "
+        f"request median {plug:.1f} ms, unplug {unplug:.1f} ms; ITL p99 of the {row['gaps_during_plug']} token gaps "
+        f"overlapping one: {during * 1e3:.1f} ms = {during / row['itl_p50']:.2f}x the ITL p50 "
+        f"({row['itl_p50'] * 1e3:.1f} ms)"
+    )
 
 
 def free_port() -> int:
@@ -341,28 +359,24 @@ def main() -> None:
         extra = tmp / "extra"
         write_experts(model_dir, extra, 1, 0, args.rank, args.dtype)
         prompts = make_prompts(model_dir, max(levels), args.prompt_tokens)
+        static = None
+        if not args.no_hf:  # first, in this process, so its GPU memory is given back before the server starts
+            static = hf_static_batch(
+                model_dir, prompts[: max(levels)], args.new_tokens, args.hf_repeats, args.device, args.dtype
+            )
+            print(f"  HF generate, static batch of {max(levels)}: {static['tok_s']:.1f} tok/s", flush=True)
         log = args.log or tmp / "server.log"
         process, url = start_server(model_dir, tmp / "experts", seed, args, log)
         rows = []
+        plug_row = None
         try:
             plugged = httpx.get(f"{url}/experts", timeout=60).json()
             for clients in levels:
                 for mode in modes:  # untimed: every bucket this level reaches is captured (and compiled) first
                     asyncio.run(load_level(url, prompts, clients, 1, 4, mode))
                 for mode in modes:
-                    during = args.plug_during and clients == max(levels) and mode == modes[0]
-                    plug_file = extra / "r0.safetensors" if during else None
                     row = asyncio.run(
-                        load_level(
-                            url,
-                            prompts,
-                            clients,
-                            args.requests_per_client,
-                            args.new_tokens,
-                            mode,
-                            plug_file,
-                            args.plug_every,
-                        )
+                        load_level(url, prompts, clients, args.requests_per_client, args.new_tokens, mode)
                     )
                     rows.append(row)
                     print(
@@ -370,14 +384,23 @@ def main() -> None:
                         f"{row['itl_p50'] * 1e3:.1f}/{row['itl_p99'] * 1e3:.1f} ms",
                         flush=True,
                     )
+            if args.plug_during:  # a run of its own, so plugs do not weigh on the routed / off figures
+                plug_row = asyncio.run(
+                    load_level(
+                        url,
+                        prompts,
+                        max(levels),
+                        args.requests_per_client,
+                        args.new_tokens,
+                        modes[0],
+                        extra / "r0.safetensors",
+                        args.plug_every,
+                    )
+                )
+                print(during_plugs(plug_row, len(plugged)), flush=True)
         finally:
             process.terminate()
             process.wait(60)
-        static = None
-        if not args.no_hf:
-            static = hf_static_batch(
-                model_dir, prompts[: max(levels)], args.new_tokens, args.hf_repeats, args.device, args.dtype
-            )
 
     print(f"\nload average at the end: {os.getloadavg()}; torch threads: {args.threads or 'default'}")
     print(
@@ -399,17 +422,8 @@ def main() -> None:
         )
     if static:
         print(f"| HF generate, static batch of {max(levels)} | - | {static['tok_s']:.1f} | - | 1.00 | - | - |")
-    for row in rows:
-        if row["plugs"]:
-            plug, unplug = statistics.median(row["plugs"]) * 1e3, statistics.median(row["unplugs"]) * 1e3
-            during = row["itl_during_plug_p99"]
-            print(
-                f"\nduring {len(row['plugs'])} plug + unplug cycles over HTTP ({row['clients']} clients, routing "
-                f"{row['routing']}, {len(plugged)} plugged): plug request median {plug:.1f} ms, "
-                f"unplug {unplug:.1f} ms; "
-                f"ITL p99 of the {row['gaps_during_plug']} token gaps overlapping one: {during * 1e3:.1f} ms = "
-                f"{during / row['itl_p50']:.2f}x the ITL p50 ({row['itl_p50'] * 1e3:.1f} ms)"
-            )
+    if plug_row is not None:
+        print("\n" + during_plugs(plug_row, len(plugged)))
 
 
 if __name__ == "__main__":

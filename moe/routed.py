@@ -20,6 +20,7 @@ forward reads the plugged set once at its start.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,16 @@ def routed_top1(
     choice = route_top1(x, keys, offsets, thresholds, covers, allowed, forced)
     applied = choice if keep is None else torch.where(keep, choice, -1)
     return slot_dispatch(x, base, applied, down, up), choice
+
+
+@functools.cache
+def fused_routed_top1() -> Callable:
+    """routed_top1 torch.compile'd once per process (every RoutedModel shares it; a fresh torch.compile per
+    call would recompile, and past dynamo's recompile limit run eagerly without a word). Dynamic shapes: one
+    compiled graph serves every bucket size and slot capacity; the host-known variants (dense or gathered, which
+    inputs are None) are a few more."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    return torch.compile(routed_top1, fullgraph=True, dynamic=True)
 
 
 @dataclass
@@ -204,10 +215,7 @@ class RoutedModel(nn.Module):
         if not enabled:
             self.decode_route = routed_top1
             return
-        # dynamic shapes: one compiled graph serves every bucket size and slot capacity (the host-known variants,
-        # dense or gathered and which inputs are None, are a few more)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        self.decode_route = torch.compile(routed_top1, fullgraph=True, dynamic=True)
+        self.decode_route = fused_routed_top1()
 
     # --- forward --------------------------------------------------------------------------------------
 

@@ -232,3 +232,33 @@ def test_a_plug_during_a_forward_does_not_reach_it() -> None:
     assert out.trace.names == () and torch.equal(out.logits, plain(x).logits)
     with torch.no_grad():
         assert model(x).trace.row_counts() == [{"late": 10.0, "base": 0.0}]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_fused_decode_routing_equals_the_reference_and_the_plain_ops() -> None:
+    """fuse_decode_routing (routed_top1 under torch.compile, inductor, dynamic shapes: what a GPU runs) against
+    the plain per-token loop (token mode) and against the plain ops (pins, allow-lists), in the gathered form
+    (more slots than tokens) and the dense one (fewer); one row at a time and several."""
+    model, plain = routed()
+    experts = [tiny_expert(f"e{i}", seed=i, threshold=0.0, layers=(0, 1) if i % 2 else (1,)) for i in range(3)]
+    for expert in experts:
+        model.plug(expert)
+    specs = [RoutingSpec("token"), RoutingSpec("pin", "e1"), RoutingSpec(allow=("e0", "e2"))]
+    try:
+        for batch, length in ((3, 1), (1, 1), (2, 9)):  # 3 and 1 tokens: gathered (8 slots); 18 tokens: dense
+            x = ids(batch, length, seed=batch + length)
+            model.fuse_decode_routing(True)
+            fused = model(x)
+            want, counts = reference_forward(plain, experts, x, top_k=1)
+            torch.testing.assert_close(fused.logits, want, atol=1e-5, rtol=1e-4)
+            assert fused.trace.row_counts() == counts
+            mixed = model(x, routing=[specs[row % 3] for row in range(batch)])
+            model.fuse_decode_routing(False)
+            ops = model(x, routing=[specs[row % 3] for row in range(batch)])
+            torch.testing.assert_close(mixed.logits, ops.logits, atol=1e-5, rtol=1e-4)
+            assert mixed.trace.row_counts() == ops.trace.row_counts()
+    finally:
+        model.fuse_decode_routing(False)
+    assert model.decode_route is routed_module.routed_top1
+    assert routed_module.fused_routed_top1() is routed_module.fused_routed_top1(), "compiled once per process"
