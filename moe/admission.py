@@ -6,6 +6,10 @@
 - steal_rates[name]: for each plugged expert, of the (token, layer) decisions its own example prompts
   send to it today, the share the candidate would win once plugged.
 
+And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
+Weights within the file format's bounds can still combine into an overflow; that is caught here, before
+plugging, rather than as NaN logits in a client's request.
+
 Both are measured on the backbone's own MLP inputs (mode `off`, as sequence mode's prompt scoring is),
 with the router's own scoring code; nothing is plugged and the plugged set is not touched.
 """
@@ -18,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe.batching import capture_mlp_inputs, texts
+from moe.batching import capture_mlp_inputs, collate, forward, texts
 from moe.expert import Expert
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec, choose_experts, gate_scores
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: 3 + 4 = 7. def f(x): return x"
 
 
 @dataclass
@@ -101,3 +106,17 @@ def admission_report(
         base_decisions=decisions,
         steal_rates=steal_rates,
     )
+
+
+@torch.no_grad()
+def probe_is_finite(
+    model: RoutedModel, tokenizer, expert: Expert, text: str = PROBE_TEXT, max_tokens: int = 16
+) -> bool:
+    """Whether the logits stay finite with `expert` pinned on the first max_tokens tokens of `text`, in the
+    serving dtype. Nothing is plugged; the plugged set is not touched."""
+    candidate = expert.to(model.device, model.dtype)
+    with_candidate = model.plugged.plugging(candidate, replace=True)
+    ids = tokenizer(text)["input_ids"][:max_tokens]  # [special prefix] + text
+    batch = collate([(ids, [True] * len(ids))], pad_id=0).to(model.device)
+    out = forward(model, batch, [RoutingSpec("pin", candidate.name)], with_candidate)
+    return bool(torch.isfinite(out.logits).all())
