@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from moe import (
     ExpertFileError,
@@ -166,7 +167,16 @@ def install(app: FastAPI) -> None:
         message = str(exc.detail)
         kind = "NotFoundError" if exc.status_code == 404 else "HTTPException"
         body = {"detail": message, "error": {"message": message, "type": kind, "param": None, "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of every route on this path, not only the first route's
+            methods = {
+                method
+                for route in request.app.routes
+                if isinstance(route, Route) and route.matches(request.scope)[0] == Match.PARTIAL
+                for method in route.methods or ()
+            }
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)

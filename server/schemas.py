@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from moe import RoutingMode
+from moe.expert import NAME_PATTERN
 from moe.sampling import MAX_SEED, MIN_TOP_P
 
 
@@ -19,15 +20,31 @@ def _unicode(text: str) -> str:
     return text
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer: take it as 1 (strict validation then refuses 1.5 and true)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
+Int = Annotated[int, BeforeValidator(_json_integer)]
 StopStrings = Text | Annotated[list[Text], Field(max_length=16)] | None
-# an integer in [0, 2^63 - 1]; JSON true/false or 1.5 are refused, not coerced
-Seed = Annotated[int | None, Field(ge=0, le=MAX_SEED, strict=True)]
+# an integer in [0, 2^63 - 1]; JSON true/false, "1" or 1.5 are refused, not coerced
+Seed = Annotated[Int | None, Field(ge=0, le=MAX_SEED)]
+ExpertName = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
+
+
+# Request bodies are strict (no coercion: `true` is not 1, "1.5" is not 1.5, 1.5 is not an integer; 1.0 is,
+# as JSON Schema says) and refuse NaN and infinity: what the schema says is what is accepted.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class Routing(BaseModel):
     """How a request is routed: token (per token and layer), sequence (one route from the prompt), pin (one
     named expert), off (the backbone alone); allow restricts which experts may be used."""
+
+    model_config = STRICT
 
     mode: RoutingMode = "token"
     expert: str | None = None
@@ -40,14 +57,14 @@ class Usage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = STRICT
 
-    prompt: Text
-    max_new_tokens: int = Field(64, ge=1, description="capped at the server's --max-new-tokens")
-    min_new_tokens: int = Field(0, ge=0)
+    prompt: Annotated[Text, Field(min_length=1)]
+    max_new_tokens: Int = Field(64, ge=1, description="capped at the server's --max-new-tokens")
+    min_new_tokens: Int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (so is anything below 0.01)")
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1)
-    top_k: int = Field(0, ge=0, description="0: no limit; at most the vocabulary size")
+    top_k: Int = Field(0, ge=0, description="0: no limit; at most the vocabulary size")
     seed: Seed = None
     stop: StopStrings = None
     stream: bool = Field(False, strict=True)
@@ -67,15 +84,15 @@ class GenerateResponse(BaseModel):
 
 
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    max_tokens: Int | None = Field(None, ge=1)
+    min_tokens: Int = Field(0, ge=0)
     temperature: float = Field(1.0, ge=0, le=2, description="below 0.01: greedy")
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1)
-    top_k: int = Field(0, ge=0, description="0: no limit; at most the vocabulary size")
-    n: int = 1
+    top_k: Int = Field(0, ge=0, description="0: no limit; at most the vocabulary size")
+    n: Int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = Field(False, strict=True)
     stop: StopStrings = None
     seed: Seed = None
@@ -84,18 +101,23 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: Text | list[Text]
+    prompt: (
+        Annotated[Text, Field(min_length=1)]
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
 
 
 class TextPart(BaseModel):
     """A chat content part; text is the only kind served."""
+
+    model_config = STRICT
 
     type: Literal["text"]
     text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Text
     content: Text | list[TextPart] | None = None
@@ -103,7 +125,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
 
 
 class ModelCard(BaseModel):
@@ -123,11 +145,13 @@ class ModelList(BaseModel):
 
 
 class PlugFromSource(BaseModel):
+    model_config = STRICT
+
     source: str = Field(
         description="a local path or file:// URL under --source-roots, or an http(s):// URL on --source-hosts"
     )
-    name: str | None = None
-    replace: bool = Field(False, strict=True)
+    name: ExpertName | None = Field(None, description="plug under this name (default: the name in the file)")
+    replace: bool = False
 
 
 class ErrorDetail(BaseModel):
@@ -182,7 +206,20 @@ ERROR_DESCRIPTIONS = {
     503: "the model is loading, the queue is full or the server is shutting down (Retry-After)",
     507: "the expert store's disk is full; nothing was changed",
 }
-_EVERY_ROUTE = (401, 403, 413, 500)  # the request guard and the catch-all can answer any route
+_EVERY_ROUTE = (401, 403, 413, 500)
+# a streamed response: one server-sent event per token, then one with finish_reason (and `error` on failure)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON object, or [DONE]"}, "event": {"type": "string"}},
+}
+
+
+def stream_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entry for a 200 that is JSON, or server-sent events with `stream: true`."""
+    return {
+        200: {"description": description, "content": {"text/event-stream": {"schema": SSE_EVENT}}}
+    }  # the request guard and the catch-all can answer any route
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

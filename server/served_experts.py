@@ -267,8 +267,8 @@ class ServedExperts:
 
 def _yield_to_decoding() -> None:
     """The plug worker's setup: admission forwards compete with decoding for the CPU, so this thread runs
-    torch on one thread (the engine thread keeps its own count: torch's thread count is per thread once a
-    thread has used it, and the engine's is fixed when it starts) at a lower scheduling priority."""
+    torch on one thread at a lower scheduling priority. (torch's thread count is per thread once a thread has
+    used torch; the engine thread sets its own when it starts: see server.engine.)"""
     import torch
 
     torch.set_num_threads(1)

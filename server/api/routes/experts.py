@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, status
 from starlette.datastructures import UploadFile
 
+from moe.expert import NAME_PATTERN
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
@@ -14,7 +15,8 @@ from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugRespo
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_TRUE, _FALSE = ("true",), ("", "false")
+_FORM_FIELDS = ("file", "name", "replace")
 
 # The plug body is read by hand (multipart or JSON), so it is described here for the OpenAPI schema.
 PLUG_BODY: dict[str, Any] = {
@@ -25,14 +27,19 @@ PLUG_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "the .safetensors file"},
-                        "name": {"type": "string", "description": "plug under this name (default: the file's)"},
+                        "name": {
+                            "type": "string",
+                            "pattern": f"^{NAME_PATTERN.pattern}$",
+                            "description": "plug under this name (default: the name in the file)",
+                        },
                         "replace": {"type": "string", "enum": ["true", "false"], "default": "false"},
                     },
                 }
             },
-            "application/json": {"schema": {"$ref": "#/components/schemas/PlugFromSource"}},
+            "application/json": {"schema": PlugFromSource.model_json_schema()},
         },
     }
 }
@@ -62,7 +69,12 @@ async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
     --source-roots and --source-hosts)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        async with request.form(max_files=1, max_fields=4) as form:
+        async with request.form(max_files=1, max_fields=8) as form:
+            unknown = sorted(set(form.keys()) - set(_FORM_FIELDS))
+            if unknown:
+                raise BadRequestError(
+                    f"unknown multipart fields {unknown}; send {list(_FORM_FIELDS)}", param=unknown[0]
+                )
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise BadRequestError("multipart upload needs a file in the field `file`", param="file")
@@ -98,7 +110,7 @@ def _form_text(value: object, field: str) -> str | None:
 
 
 def _form_bool(value: object, field: str) -> bool:
-    text = (_form_text(value, field) or "").strip().lower()
+    text = (_form_text(value, field) or "").strip()
     if text in _TRUE:
         return True
     if text in _FALSE:

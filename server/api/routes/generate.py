@@ -11,7 +11,7 @@ from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, stream_error, wait_for_result
 from server.auth import ApiKey, SettingsDep
 from server.requests import Finished, RequestHandle
-from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses
+from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])
 
@@ -27,10 +27,13 @@ def _response(done: Finished) -> GenerateResponse:
     )
 
 
-_STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "stream: true"}}
+_RESPONSES = {
+    **stream_response("the generation (server-sent events with stream: true)"),
+    **error_responses(400, 404, 503),
+}
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={**_STREAM, **error_responses(400, 404, 503)})
+@router.post("/generate", response_model=GenerateResponse, responses=_RESPONSES)
 async def generate(
     body: GenerateRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):

@@ -28,13 +28,14 @@ from server.schemas import (
     Routing,
     TextPart,
     error_responses,
+    stream_response,
 )
 from server.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 STARTED = int(time.time())
 _GENERATION = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "a completion"},
+    **stream_response("a completion (server-sent chunks with stream: true)"),
     **error_responses(400, 404, 503),
 }
 
