@@ -61,9 +61,14 @@ class AuthError(Exception):
         self.status = status
 
 
+class HeadersTooLargeError(ValueError):
+    """Request headers over --max-header-bytes (431)."""
+
+
 STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasses before their bases
     (AuthError, 401),  # status taken from the exception
     (RequestTooLargeError, 413),
+    (HeadersTooLargeError, 431),
     (MetadataTooLargeError, 413),
     (BadRequestError, 400),
     (ContextLimitError, 400),

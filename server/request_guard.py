@@ -1,9 +1,11 @@
 """The ASGI layer in front of every route: access control and body limits, before the app reads the body.
 
-    1. auth (server.auth.refusal): a request without the API key or admin rights it needs is answered 401/403
+    1. headers over --max-header-bytes: 431 (uvicorn's h11 also refuses a head that grows past it while
+       still incomplete, with a plain 400)
+    2. auth (server.auth.refusal): a request without the API key or admin rights it needs is answered 401/403
        before a byte of its body is read, so a huge unauthenticated body costs nothing
-    2. Content-Length over the limit: 413 at once, nothing read
-    3. the body as it streams in (chunked uploads included): counted, and 413 as soon as it passes the limit,
+    3. Content-Length over the limit: 413 at once, nothing read
+    4. the body as it streams in (chunked uploads included): counted, and 413 as soon as it passes the limit,
        so nothing is parsed or buffered beyond it
 
 The limit is --max-upload-bytes for POST /experts (an expert file) and --max-body-bytes for everything else.
@@ -18,7 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import refusal
-from server.errors import RequestTooLargeError, error_body, error_response, status_for
+from server.errors import HeadersTooLargeError, RequestTooLargeError, error_body, error_response, status_for
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,16 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
+        if header_bytes > self.settings.max_header_bytes:
+            await _respond(
+                send,
+                HeadersTooLargeError(
+                    f"the request headers are {header_bytes} bytes, over {self.settings.max_header_bytes} "
+                    "(--max-header-bytes)"
+                ),
+            )
             return
         headers = Headers(scope=scope)
         method, path = scope["method"], scope["path"]
@@ -87,7 +99,7 @@ async def _respond(send: Send, exc: Exception) -> None:
     """The error object as a complete response that closes the connection (the body is left unread)."""
     response = error_response(exc)
     response.headers["connection"] = "close"
-    if status_for(exc) == 413:
+    if status_for(exc) in (413, 431):
         logger.info("refused a request: %s", error_body(exc)["detail"])
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})

@@ -202,11 +202,12 @@ ERROR_DESCRIPTIONS = {
     409: "an expert of that name is plugged (pass replace)",
     413: "the body, upload, prompt, fetched file or expert metadata is over its limit",
     422: "the expert file or source cannot be plugged (why is in the message)",
+    431: "the request headers are over --max-header-bytes",
     500: "the server failed (generation failed: the error object says why)",
     503: "the model is loading, the queue is full or the server is shutting down (Retry-After)",
     507: "the expert store's disk is full; nothing was changed",
 }
-_EVERY_ROUTE = (401, 403, 413, 500)
+_EVERY_ROUTE = (401, 403, 413, 431, 500)
 # a streamed response: one server-sent event per token, then one with finish_reason (and `error` on failure)
 SSE_EVENT = {
     "type": "object",

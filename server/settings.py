@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         200_000, ge=1, description="longest prompt (or chat messages together), checked before tokenizing (413)"
     )
-    max_header_bytes: int = Field(16384, ge=1024, description="largest request line plus headers (431 past it)")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request headers in bytes (431 past it)")
     source_roots: str | None = Field(
         None,
         description="comma-separated directories a plug `source` may read files under (default: none, so local "

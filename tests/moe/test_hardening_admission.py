@@ -1,0 +1,29 @@
+"""Finding 7 of the hardening review, at the admission probe: weights within the file format's bounds can
+still combine into an overflow in the serving dtype; the pinned probe sees it before anything is plugged."""
+
+from __future__ import annotations
+
+import torch
+
+from moe import Expert, RoutedModel
+from moe.admission import probe_is_finite
+from moe.file import MAX_ABS_WEIGHT
+from tests.tiny import tiny_backbone, tiny_tokenizer
+
+
+def _expert(scale: float) -> Expert:
+    expert = Expert.fresh("probe", 32, (0, 1), rank=4, generator=torch.Generator().manual_seed(0))
+    expert.down = torch.full_like(expert.down, scale)
+    expert.up = torch.full_like(expert.up, scale)
+    return expert
+
+
+def test_the_probe_refuses_an_expert_that_overflows_in_float16_and_passes_a_sane_one() -> None:
+    model = RoutedModel(tiny_backbone("llama").to(torch.float16))
+    tokenizer = tiny_tokenizer()
+    before = model.plugged
+    huge = _expert(MAX_ABS_WEIGHT)  # every weight at the bound: finite in float16, the sum of them is not
+    assert torch.isfinite(huge.to("cpu", torch.float16).up).all()
+    assert probe_is_finite(model, tokenizer, huge) is False
+    assert probe_is_finite(model, tokenizer, _expert(0.01)) is True
+    assert model.plugged is before, "the probe plugs nothing"
