@@ -38,7 +38,8 @@ def test_schemathesis_all_checks_find_nothing(tiny_model_dir: Path, tmp_path: Pa
             "--seed",
             "20261124",  # reproducible in CI; change it locally to explore
         ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=480)
+        # run in tmp_path: schemathesis keeps a cache (.schemathesis/) in its working directory
+        result = subprocess.run(command, capture_output=True, text=True, timeout=480, cwd=tmp_path)
         server_log = server.read_log()
     finally:
         server.stop()
