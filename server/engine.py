@@ -55,9 +55,6 @@ from server.text_stream import TextStream
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _SHUTTING_DOWN = "the server is shutting down"
-# torch's CPU thread count when the process started: the engine thread sets its own count from it (or from
-# --num-threads), because another thread (the plug worker runs on one) changes what new threads inherit
-_STARTUP_TORCH_THREADS = torch.get_num_threads()
 
 
 @dataclass
@@ -88,10 +85,8 @@ class Engine:
         max_queue: int = 64,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
-        num_threads: int | None = None,
     ) -> None:
         self.model = model
-        self.num_threads = num_threads or _STARTUP_TORCH_THREADS
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -227,13 +222,8 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.num_threads)
         logger.info(
-            "engine started: batch %d, queue %d, context %d, %d torch threads",
-            self.max_batch_size,
-            self.max_queue,
-            self.context_limit,
-            self.num_threads,
+            "engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue, self.context_limit
         )
         try:
             while True:

@@ -51,7 +51,6 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_queue=settings.max_queue,
         context_limit=settings.context_limit,
         metrics=metrics,
-        num_threads=settings.num_threads,
     )
 
 

@@ -9,7 +9,7 @@
 Disk first, then memory: a plug that cannot be stored (a full disk: 507) is refused before anything is
 swapped, and an unplug that cannot be committed leaves the expert plugged, so the client's answer, the model
 and the store always agree. One plug or unplug runs at a time. Validation, admission and the probe run on
-one worker thread of their own, never on the engine thread, which only swaps.
+worker threads of their own (the report at a lower priority), never on the engine thread, which only swaps.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from server.expert_store import ExpertStore, Manifest, ManifestEntry, StoreCorru
 from server.metrics import Metrics
 
 T = TypeVar("T")
-PLUG_WORKER_NICENESS = 10  # under full load, admission gets ~10% of a core beside decoding (CFS weights)
+ADMISSION_NICENESS = 10  # under full load, the admission report gets ~10% of a core beside decoding (CFS weights)
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +59,21 @@ class ServedExperts:
         self.manifest = Manifest(0)
         self.plugged_at: dict[str, str] = {}
         self._lock = asyncio.Lock()
-        self._worker = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="plugmoe-plug", initializer=_yield_to_decoding
+        # validation and the probe (quick) on one worker; the admission report (many forwards) on another,
+        # at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugmoe-plug")
+        self._admission = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="plugmoe-admission", initializer=_yield_to_decoding
         )
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self._admission.shutdown(wait=False, cancel_futures=True)
 
-    async def _off_engine(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn on the plug worker thread (validation, admission, the probe): never on the engine thread."""
-        return await asyncio.wrap_future(self._worker.submit(fn, *args))
+    async def _off_engine(self, fn: Callable[..., T], *args: Any, worker: Any = None) -> T:
+        """Run fn on a plug worker thread (validation, the probe; `worker`: the admission one), never on the
+        engine thread."""
+        return await asyncio.wrap_future((worker or self._worker).submit(fn, *args))
 
     @property
     def model(self):
@@ -156,7 +161,9 @@ class ServedExperts:
                         "or choose another name"
                     )
                 action = "replace" if replaced else "plug"
-                report = await self._off_engine(self.policy.review, self.model, self.engine.tokenizer, expert)
+                report = await self._off_engine(
+                    self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
+                )
                 if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, expert):
                     raise NonFiniteOutputError(
                         f"expert {expert.name!r}, pinned, makes the model's logits NaN or infinite on a short "
@@ -266,14 +273,9 @@ class ServedExperts:
 
 
 def _yield_to_decoding() -> None:
-    """The plug worker's setup: admission forwards compete with decoding for the CPU, so this thread runs
-    torch on one thread at a lower scheduling priority. (torch's thread count is per thread once a thread has
-    used torch; the engine thread sets its own when it starts: see server.engine.)"""
-    import torch
-
-    torch.set_num_threads(1)
+    """The admission worker's setup: its forwards compete with decoding for the CPU, so it runs at a lower
+    scheduling priority (Linux: niceness is per thread, and the torch worker threads it starts inherit it)."""
     try:
-        # Linux: niceness is per thread, and the torch worker threads this one starts inherit it
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PLUG_WORKER_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ADMISSION_NICENESS)
     except (AttributeError, OSError) as e:
-        logger.debug("could not lower the plug worker's priority: %s", e)
+        logger.debug("could not lower the admission worker's priority: %s", e)
