@@ -11,7 +11,10 @@ Weights within the file format's bounds can still combine into an overflow; that
 plugging, rather than as NaN logits in a client's request.
 
 Both are measured on the backbone's own MLP inputs (mode `off`, as sequence mode's prompt scoring is),
-with the router's own scoring code; nothing is plugged and the plugged set is not touched.
+with the router's own scoring code; nothing is plugged and the plugged set is not touched. The calibration
+text's inputs depend on the frozen backbone alone, so a caller that reviews many candidates computes them
+once (`calibration_inputs`) and passes them in: a report is then gate scoring plus the forwards of the
+plugged experts' few examples.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def _unit_inputs(model: RoutedModel, tokenizer, strings: list[str], max_tokens: 
     return [F.normalize(x, dim=-1).to(model.dtype) for x in captured]
 
 
+def calibration_inputs(model: RoutedModel, tokenizer, calibration_texts: list[str], max_tokens: int = 128):
+    """Per layer, the unit-norm backbone MLP inputs of the calibration text: L x [N, H] in the model's dtype."""
+    return _unit_inputs(model, tokenizer, calibration_texts, max_tokens)
+
+
 def _top_choice(plugged: PluggedSet, layer: int, x_unit: torch.Tensor, top_k: int) -> torch.Tensor:
     """Slot-0 expert index per token [N] (-1 = base) under `plugged`, token mode, everything allowed."""
     n, count = x_unit.shape[0], len(plugged)
@@ -73,14 +81,18 @@ def admission_report(
     expert: Expert,
     calibration_texts: list[str],
     max_tokens: int = 128,
+    calibration: list[torch.Tensor] | None = None,
 ) -> AdmissionReport:
+    """`calibration`: calibration_inputs(model, tokenizer, calibration_texts, max_tokens), if already computed."""
     candidate = expert.to(model.device, model.dtype)
     current = model.plugged
     with_candidate = current.plugging(candidate, replace=True)
     slot = with_candidate.index(candidate.name)
 
     passes, decisions = 0, 0
-    for layer, x_unit in enumerate(_unit_inputs(model, tokenizer, calibration_texts, max_tokens)):
+    if calibration is None:
+        calibration = calibration_inputs(model, tokenizer, calibration_texts, max_tokens)
+    for layer, x_unit in enumerate(calibration):
         if not with_candidate.covers[layer, slot] or x_unit.shape[0] == 0:
             continue
         key = with_candidate.keys[layer, slot : slot + 1]
