@@ -49,12 +49,16 @@ def _matches(token: str, accepted: frozenset[str] | set[str]) -> bool:
 
 
 def is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
+    """Whether a client address is a loopback IP address."""
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def binds_loopback(host: str) -> bool:
+    """Whether a listen address (--host) accepts loopback connections only."""
+    return host == "localhost" or is_loopback(host)
 
 
 def is_admin_request(method: str, path: str) -> bool:
@@ -84,7 +88,7 @@ def admin_refusal(headers: Mapping[str, str], client_host: str | None, settings:
             f"this request came through a proxy ({', '.join(forwarded)}); without PLUGMOE_ADMIN_TOKEN set only "
             "direct loopback clients may change experts. Set --admin-token and send it as a bearer token",
         )
-    if not is_loopback(settings.host):
+    if not binds_loopback(settings.host):
         logger.warning(
             "refused an admin request from %s: the server listens on %s and has no --admin-token",
             client_host,

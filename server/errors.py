@@ -119,7 +119,7 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, QueueFullError | EngineStoppedError):
         headers["Retry-After"] = str(retry_after_s)
-    if isinstance(exc, AuthError) and status == 401:
+    if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc), status_code=status, headers=headers)
 

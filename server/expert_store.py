@@ -121,29 +121,11 @@ class ExpertStore:
     # --- reading ------------------------------------------------------------------------------------------
 
     def current(self) -> Manifest:
-        """The highest committed version (version 0 with no experts when nothing was committed yet).
-
-        A highest manifest that cannot be read (edited or damaged by hand: the store never writes a partial
-        one) is logged, and the newest readable one is served under the highest version number, so the
-        server starts and the next commit does not collide with the damaged file."""
+        """The highest committed version (version 0 with no experts when nothing was committed yet)."""
         versions = sorted(int(m[1]) for p in self.manifests.glob("*.json") if (m := _MANIFEST_NAME.match(p.name)))
         if not versions:
             return Manifest(0)
-        for version in reversed(versions):
-            try:
-                manifest = self.read_manifest(version)
-            except StoreCorruptError as e:
-                logger.error("%s; trying the version before it", e)
-                continue
-            if version != versions[-1]:
-                logger.error("serving expert-set version %d's experts as version %d", version, versions[-1])
-                return Manifest(versions[-1], manifest.experts, manifest.created)
-            return manifest
-        logger.error("no expert-set manifest in %s is readable; starting with no experts", self.manifests)
-        return Manifest(versions[-1])
-
-    def read_manifest(self, version: int) -> Manifest:
-        path = self._manifest_path(version)
+        path = self._manifest_path(versions[-1])
         try:
             return Manifest.from_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import errors
 from server.admission_policy import AdmissionPolicy
 from server.api.routes import experts, generate, health, openai
-from server.auth import is_loopback
+from server.auth import binds_loopback
 from server.engine import Engine
 from server.expert_sources import ExpertSources
 from server.expert_store import ExpertStore
@@ -92,7 +92,7 @@ def _warn_about_access(settings: Settings) -> None:
     """Say at start what a deployment must know about who can reach the admin endpoints."""
     if settings.admin_token:
         return
-    if not is_loopback(settings.host):
+    if not binds_loopback(settings.host):
         logger.warning(
             "listening on %s without --admin-token: plugging and unplugging experts is refused to every client "
             "(set --admin-token to allow it)",

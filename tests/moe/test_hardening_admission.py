@@ -8,11 +8,11 @@ import torch
 from moe import Expert, RoutedModel
 from moe.admission import probe_is_finite
 from moe.file import MAX_ABS_WEIGHT
-from tests.tiny import tiny_backbone, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 
 def _expert(scale: float) -> Expert:
-    expert = Expert.fresh("probe", 32, (0, 1), rank=4, generator=torch.Generator().manual_seed(0))
+    expert = tiny_expert("probe")
     expert.down = torch.full_like(expert.down, scale)
     expert.up = torch.full_like(expert.up, scale)
     return expert

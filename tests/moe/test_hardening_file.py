@@ -25,16 +25,13 @@ from moe.errors import (
     WeightMagnitudeError,
 )
 from moe.file import MAX_ABS_WEIGHT, MAX_EXAMPLES, MAX_EXAMPLES_BYTES, MAX_HEADER_BYTES
+from tests.tiny import HIDDEN, VOCAB, tiny_expert
 
-FINGERPRINT = BackboneFingerprint("llama", 32, 2, 384, "0" * 16)
+FINGERPRINT = BackboneFingerprint("llama", HIDDEN, 2, VOCAB, "0" * 16)
 
 
 def _expert(name: str = "math", scale: float = 1.0) -> Expert:
-    g = torch.Generator().manual_seed(0)
-    e = Expert.fresh(name, 32, (0, 1), rank=4, generator=g)
-    e.up = torch.randn(e.up.shape, generator=g) * scale
-    e.examples = ("Question: 1 + 1?",)
-    return e
+    return tiny_expert(name, up_scale=scale, examples=("Question: 1 + 1?",))
 
 
 def _valid() -> bytes:

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 import server.served_experts
 from moe import ExpertFile
 from server.expert_store import ExpertStore
-from tests.server.conftest import build_expert
+from tests.tiny import tiny_expert
 
 
 def _upload(client: TestClient, data: bytes, **form) -> object:
@@ -135,8 +135,7 @@ def test_admission_runs_on_its_worker_while_decoding_goes_on(make_client, expert
 
 def test_metadata_over_the_limits_is_413_before_admission(make_client, backbone_fingerprint) -> None:
     client = make_client(max_false_positive_rate=0.5)
-    expert = build_expert("chatty")
-    expert.examples = tuple(["Question: how many? " * 2000] * 15)
+    expert = tiny_expert("chatty", examples=tuple(["Question: how many? " * 2000] * 15))
     data = ExpertFile.to_bytes(expert, backbone_fingerprint)
     reviewed: list[str] = []
     client.app.state.experts.policy.review = lambda *args: reviewed.append("ran")
