@@ -79,6 +79,8 @@ class ExpertFile:
 
     @staticmethod
     def to_bytes(expert: Expert, backbone: BackboneFingerprint) -> bytes:
+        """The file's bytes. Raises MetadataTooLargeError for examples the reader would refuse."""
+        _check_examples(list(expert.examples))
         weight_dtype = expert.down.dtype if expert.down.dtype in _WEIGHT_DTYPES.values() else torch.float32
         tensors = {
             "down": expert.down.detach().to("cpu", weight_dtype).contiguous(),
@@ -274,12 +276,7 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         raise InvalidMetadataError(f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers")
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
-    examples_bytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in examples)
-    if len(examples) > MAX_EXAMPLES or examples_bytes > MAX_EXAMPLES_BYTES:
-        raise MetadataTooLargeError(
-            f"metadata 'examples' holds {len(examples)} strings of {examples_bytes} bytes; expert files allow at "
-            f"most {MAX_EXAMPLES} examples of {MAX_EXAMPLES_BYTES} bytes in all (a few short prompts of the domain)"
-        )
+    _check_examples(examples)
     for field_name, value in (
         ("description", metadata.get("description", "")),
         ("created", metadata.get("created", "")),
@@ -303,6 +300,15 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         "evals": evals,
         "created": metadata.get("created", ""),
     }
+
+
+def _check_examples(examples: list[str]) -> None:
+    examples_bytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in examples)
+    if len(examples) > MAX_EXAMPLES or examples_bytes > MAX_EXAMPLES_BYTES:
+        raise MetadataTooLargeError(
+            f"metadata 'examples' holds {len(examples)} strings of {examples_bytes} bytes; expert files allow at "
+            f"most {MAX_EXAMPLES} examples of {MAX_EXAMPLES_BYTES} bytes in all (a few short prompts of the domain)"
+        )
 
 
 def _metadata_json(metadata: dict[str, str], key: str, default: object) -> object:

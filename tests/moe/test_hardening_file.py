@@ -185,3 +185,8 @@ def test_weights_at_the_bound_load_and_are_finite_in_every_serving_dtype() -> No
     loaded = ExpertFile.load(ExpertFile.to_bytes(expert, FINGERPRINT), FINGERPRINT)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.isfinite(loaded.to("cpu", dtype).up).all(), dtype
+
+
+def test_the_writer_refuses_what_the_reader_would() -> None:
+    with pytest.raises(MetadataTooLargeError, match="examples"):
+        ExpertFile.to_bytes(tiny_expert("many", examples=tuple(["x"] * (MAX_EXAMPLES + 1))), FINGERPRINT)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 import server.served_experts
 from moe import ExpertFile
@@ -135,8 +137,10 @@ def test_admission_runs_on_its_worker_while_decoding_goes_on(make_client, expert
 
 def test_metadata_over_the_limits_is_413_before_admission(make_client, backbone_fingerprint) -> None:
     client = make_client(max_false_positive_rate=0.5)
-    expert = tiny_expert("chatty", examples=tuple(["Question: how many? " * 2000] * 15))
-    data = ExpertFile.to_bytes(expert, backbone_fingerprint)
+    data = ExpertFile.to_bytes(tiny_expert("chatty", examples=("short",)), backbone_fingerprint)
+    metadata, _ = ExpertFile.read_header(data)
+    metadata["examples"] = json.dumps(["Question: how many? " * 2000] * 15)  # as another tool might write
+    data = save_safetensors(load_safetensors(data), metadata=metadata)
     reviewed: list[str] = []
     client.app.state.experts.policy.review = lambda *args: reviewed.append("ran")
     response = _upload(client, data)
