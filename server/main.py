@@ -70,12 +70,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if started_here:
         engine.start()
     prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars)
-    app.state.engine, app.state.experts, app.state.tokenizer, app.state.prompts = (
-        engine,
-        served,
-        engine.tokenizer,
-        prompts,
-    )
+    app.state.engine, app.state.experts, app.state.tokenizer = engine, served, engine.tokenizer
+    app.state.prompts = prompts
     logger.info("serving %s with experts %s", settings.served_model_name(), list(engine.model.plugged.names))
     _warn_about_access(settings)
     try:

@@ -1,7 +1,7 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
-    plug:   validate the file (moe.file) -> admission (server.admission_policy) and a pinned probe forward
-            whose logits must be finite -> store the file and commit the next expert-set version
+    plug:   validate the file (moe.file) -> a pinned probe forward whose logits must be finite -> admission
+            (server.admission_policy) -> store the file and commit the next expert-set version
             (server.expert_store) -> swap it in (Engine.plug, between two steps)
     unplug: commit the version without it -> swap it out (Engine.unplug)
     start:  plug the store's current version (seeded from --seed-experts on first start)
@@ -70,7 +70,9 @@ class ServedExperts:
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._admission.shutdown(wait=False, cancel_futures=True)
 
-    async def _off_engine(self, fn: Callable[..., T], *args: Any, worker: Any = None) -> T:
+    async def _off_engine(
+        self, fn: Callable[..., T], *args: Any, worker: concurrent.futures.Executor | None = None
+    ) -> T:
         """Run fn on a plug worker thread (validation, the probe; `worker`: the admission one), never on the
         engine thread."""
         return await asyncio.wrap_future((worker or self._worker).submit(fn, *args))
@@ -161,14 +163,14 @@ class ServedExperts:
                         "or choose another name"
                     )
                 action = "replace" if replaced else "plug"
-                report = await self._off_engine(
-                    self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
-                )
                 if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, expert):
                     raise NonFiniteOutputError(
                         f"expert {expert.name!r}, pinned, makes the model's logits NaN or infinite on a short "
                         "probe text; its weights are within bounds but do not work together. Retrain it"
                     )
+                report = await self._off_engine(
+                    self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
+                )
                 if name is not None and name != ExpertFile.read_header(data)[0].get("name"):
                     data = ExpertFile.to_bytes(expert, self.model.fingerprint)  # the stored file carries its name
                 stored = await asyncio.to_thread(self.store.put_blob, data)
