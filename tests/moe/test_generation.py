@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe import Expert, RoutedModel, RoutingSpec
-from moe.generation import DecodeBatch, decode_one_token
+from moe.generation import DecodeBatch, decode_one_token, prefill
 from tests.tiny import tiny_backbone
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
@@ -102,3 +102,19 @@ def test_trace_counts_real_tokens_only() -> None:
     layers = model.num_layers
     assert out.row_counts[0] == {"shouty": 0.0, "base": 4.0 * layers}
     assert out.row_counts[1] == {"shouty": 2.0 * layers, "base": 0.0}
+
+
+def test_prefill_prompt_logits_equal_a_full_forward_under_each_rows_routing() -> None:
+    """prompt_logits=True keeps every prompt position's logits, also through sequence mode's two prefills
+    (a row that chose base keeps its observed pass, the others are prefilled again with their expert)."""
+    model = _routed("llama")
+    specs = [RoutingSpec("sequence"), RoutingSpec("token"), RoutingSpec("sequence", allow=()), RoutingSpec("off")]
+    pre = prefill(model, PROMPTS, specs, prompt_logits=True)
+    assert [s.expert for s in pre.specs] == ["shouty", None, "base", None]
+    for row, (prompt, spec, logits) in enumerate(zip(PROMPTS, pre.specs, pre.prompt_logits, strict=True)):
+        with torch.inference_mode():
+            full = model(torch.tensor([prompt]), routing=[spec]).logits[0]  # [T, V]
+        assert logits.shape == full.shape
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pre.logits[row], full[-1], atol=1e-4, rtol=1e-4)
+    assert prefill(model, PROMPTS, specs).prompt_logits is None
