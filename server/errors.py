@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from moe import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     RoutingSpecError,
@@ -64,6 +65,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (ExpertSourceError, 422),
     (RoutingSpecError, 400),
     (SamplingParamsError, 400),
+    (GrammarError, 400),
     (QueueFullError, 503),
     (EngineStoppedError, 503),
 ]
