@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
+from moe import BASE_ROUTE, Expert, GrammarError, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
 from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
 from moe.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
 from moe.structured_output import GrammarCompiler, advance
@@ -278,13 +278,16 @@ class Engine:
             stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
             stream = TextStream(self.tokenizer, request.stop, tuple(sorted(stop_ids)))
             seq = _Sequence(handle, spec, generator, stream, last_token_at=now, stop_ids=stop_ids)
+            if request.grammar is not None:
+                try:  # checked before queueing; a failure here fails this request only
+                    seq.matcher = self.grammars.matcher(request.grammar)
+                except GrammarError as e:
+                    self._finish_handle(handle, ERROR, "", 0, {}, f"structured output failed: {e}")
+                    continue
             seqs.append(seq)
         if not seqs:
             return
         try:
-            for seq in seqs:
-                if seq.request.grammar is not None:
-                    seq.matcher = self.grammars.matcher(seq.request.grammar)
             scored = [s for s in seqs if s.request.prompt_logprobs is not None]
             for group in _prompt_logit_groups(scored, self.vocab_size):
                 self._start(group, plugged, prompt_logits=True)
