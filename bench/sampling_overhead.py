@@ -27,11 +27,11 @@ SCHEMA = {
 }
 
 
-def configurations(batch: int, vocab: int, history: int) -> dict[str, dict]:
+def configurations(batch: int, vocab: int, history: int, top_p: float) -> dict[str, dict]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (history,), generator=g).tolist() for _ in range(batch)]
     outputs = [torch.randint(0, vocab, (history,), generator=g).tolist() for _ in range(batch)]
-    sampled = {"temperature": 0.8, "top_p": 0.95}
+    sampled = {"temperature": 0.8, "top_p": top_p}
     return {
         "plain": {"params": SamplingParams(**sampled)},
         "penalties": {
@@ -72,17 +72,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="every configuration's top_p (< 1 sorts the vocab)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"batch {args.batch}, history {args.history} tokens per row, threads {torch.get_num_threads()}\n")
+    print(
+        f"batch {args.batch}, temperature 0.8, top_p {args.top_p}, history {args.history} tokens per row, "
+        f"threads {torch.get_num_threads()}\n"
+    )
     print("| vocab | configuration | ms / step | x plain |")
     print("|---|---|---|---|")
     for vocab in args.vocab:
         logits = torch.randn(args.batch, vocab, generator=torch.Generator().manual_seed(1))
         bitmask = torch.randint(-(2**31), 2**31 - 1, (args.batch, (vocab + 31) // 32), dtype=torch.int32)
         allowed = AllowedTokens(list(range(args.batch)), bitmask)
-        configs = configurations(args.batch, vocab, args.history)
+        configs = configurations(args.batch, vocab, args.history, args.top_p)
         best: dict[str, float] = {}
         for _ in range(args.repeats):
             for name, config in configs.items():
