@@ -245,8 +245,9 @@ def prefill(
     logits = [seen.logits[p] for p in on_base]
     seen_rows = _per_row(seen.all_logits, [prompts[r] for r in undecided]) if prompt_logits else None
     full = {row: seen_rows[p] for row, p in zip(base_rows, on_base, strict=True)} if seen_rows else {}
-    row_counts = {
-        row: {BASE_ROUTE: sum(seen.row_counts[p].values())} for row, p in zip(base_rows, on_base, strict=True)
+    row_counts = {  # every route keyed, as for the other rows; all of the row's decisions went to base
+        row: {**dict.fromkeys(seen.row_counts[p], 0.0), BASE_ROUTE: sum(seen.row_counts[p].values())}
+        for row, p in zip(base_rows, on_base, strict=True)
     }
     base_tokens = float(sum(len(prompts[row]) for row in base_rows))  # each took base on every layer
     layer_counts = [{**dict.fromkeys(counts, 0.0), BASE_ROUTE: base_tokens} for counts in seen.layer_counts]
