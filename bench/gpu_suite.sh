@@ -29,7 +29,7 @@ BUDGET=${SUITE_BUDGET_S:-570}
 export PY=${PYTHON:-python3} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # the lines worth keeping from each log (tables, PASS/FAIL, figures)
-KEY='^(PASS|FAIL|INFO|ALL PASS|[0-9]+ FAILED|\| |  batch|memory per|during|shape|model:|  [0-9]+ clients|  HF generate|load average|torch|peft|NVIDIA|Traceback|[A-Za-z]*Error)'
+KEY='^(PASS|FAIL|INFO|ALL PASS|[0-9]+ FAILED|\| |  batch|memory per|during|shape|model:|  [0-9]+ clients|  HF generate|load average|torch|peft|server deps|NVIDIA|Traceback|[A-Za-z]*Error)'
 
 section() {  # section NAME LIMIT_S 'COMMAND': run COMMAND (a bash line) under timeout, tee its log
   local name=$1 limit=$2 command=$3 left start rc
@@ -59,7 +59,8 @@ case "${1:-}" in
   part1)
     section info 40 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
       \$PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__, torch.cuda.get_device_name())'; \
-      \$PY -c 'import peft; print(\"peft\", peft.__version__)' || echo 'peft missing: the PEFT column is skipped'"
+      \$PY -c 'import peft; print(\"peft\", peft.__version__)' || echo 'peft missing: the PEFT column is skipped'; \
+      \$PY -c 'import llguidance, fastapi, uvicorn; print(\"server deps ok\")' || echo 'server deps missing: the serve section fails'"
     section gpu_check 130 "\$PY bench/gpu_check.py --shape qwen2.5-0.5b --dtype bfloat16 --steps 64 --batch 16"
     overhead qwen2.5-0.5b 190
     # 8 experts route every token, 247 never win: 255 plugged, and the plug-during-load expert is the 256th (a 257th

@@ -3,7 +3,9 @@
 gpt-fast's habit, for a batch whose rows join and leave at any step (continuous batching):
 
     prefill(model, prompts, specs)             -> Prefill: each row's next-token logits, its final RoutingSpec
-                                                  and its prompt's keys and values (sequence mode decided here)
+                                                  and its prompt's keys and values (sequence mode decided here);
+                                                  with prompt_logits=True also every prompt position's logits
+                                                  (prompt logprobs, `echo`), else only the last position's
     StaticDecoder(model, max_batch, max_len)   fixed slots; every input of a decode step in persistent buffers
         .join(prefill, row) -> slot            copy a prefilled row into a free slot
         .leave(slot)                           free it
@@ -72,6 +74,7 @@ class StepOutput:
     logits: torch.Tensor  # [B, V], the last position of each row
     row_counts: list[dict[str, float]]  # per row {expert: decisions, ..., 'base': decisions}
     layer_counts: list[dict[str, float]]  # per layer, summed over rows
+    all_logits: torch.Tensor | None = None  # [B, T, V] every position's logits (left-padded), when asked
 
 
 def eos_token_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
@@ -121,6 +124,7 @@ class Prefill:
     row_counts: list[dict[str, float]]  # decisions applied to each row's prompt
     layer_counts: list[dict[str, float]]  # per layer, applied decisions summed over rows
     sources: list[tuple[PromptKV, int]] = field(default_factory=list)  # where each row's keys and values are
+    prompt_logits: list[torch.Tensor] | None = None  # per row [T_i, V], when prefill was asked for them
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -140,11 +144,13 @@ def prefill_rows(
     specs: list[RoutingSpec],
     plugged: PluggedSet | None = None,
     observe: list[bool] | None = None,
+    all_logits: bool = False,
 ) -> tuple[PromptKV, StepOutput]:
     """Run the prompts (left-padded to the longest) under their specs as given, and keep their keys and values.
 
     observe[i]: score and trace row i on the plain backbone without applying experts, so its keys and values
-    are the exact backbone's. `prefill` below is what callers use; this is its building block.
+    are the exact backbone's. all_logits: keep every position's logits (StepOutput.all_logits), not only the
+    last. `prefill` below is what callers use; this is its building block.
     """
     plugged = plugged if plugged is not None else model.plugged
     device = model.device
@@ -159,7 +165,7 @@ def prefill_rows(
     routing = StepRouting.from_specs(specs, plugged, observe=observe)
     cache = DynamicCache()
     with torch.inference_mode():
-        # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
+        # logits_to_keep=1: sampling needs only the last position's logits, not [B, T, V]
         out = model(
             ids,
             attention_mask=mask,
@@ -168,10 +174,12 @@ def prefill_rows(
             past_key_values=cache,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_logits else 1,
         )
     kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts])
-    return kv, _step_output(out)
+    step = _step_output(out)
+    step.all_logits = out.logits if all_logits else None
+    return kv, step
 
 
 def _decide(out: StepOutput, plugged: PluggedSet, model: RoutedModel) -> list[str]:
@@ -190,18 +198,35 @@ def decide_routes(
 
 
 def prefill(
-    model: RoutedModel, prompts: list[list[int]], specs: Sequence[RoutingSpec], plugged: PluggedSet | None = None
+    model: RoutedModel,
+    prompts: list[list[int]],
+    specs: Sequence[RoutingSpec],
+    plugged: PluggedSet | None = None,
+    prompt_logits: bool = False,
 ) -> Prefill:
-    """Prefill prompts under their routing; `sequence`-mode rows without a decision are decided here."""
+    """Prefill prompts under their routing; `sequence`-mode rows without a decision are decided here.
+
+    prompt_logits: also return each row's logits at every prompt position (Prefill.prompt_logits), computed
+    under the routing the row decodes with ([B, T, V] for the batch: prefill only the rows that need them).
+    """
     plugged = plugged if plugged is not None else model.plugged
     specs = list(specs)
     undecided = [row for row, spec in enumerate(specs) if spec.mode == "sequence" and spec.expert is None]
     if not undecided:
-        kv, out = prefill_rows(model, prompts, specs, plugged)
-        return Prefill(out.logits, specs, out.row_counts, out.layer_counts, [(kv, i) for i in range(len(prompts))])
+        kv, out = prefill_rows(model, prompts, specs, plugged, all_logits=prompt_logits)
+        per_row = _per_row(out.all_logits, prompts) if prompt_logits else None
+        sources = [(kv, i) for i in range(len(prompts))]
+        return Prefill(out.logits, specs, out.row_counts, out.layer_counts, sources, per_row)
     observed, seen = prefill_rows(
-        model, [prompts[r] for r in undecided], [specs[r] for r in undecided], plugged, observe=[True] * len(undecided)
+        model,
+        [prompts[r] for r in undecided],
+        [specs[r] for r in undecided],
+        plugged,
+        observe=[True] * len(undecided),
+        all_logits=prompt_logits,
     )
+    seen_rows = _per_row(seen.all_logits, [prompts[r] for r in undecided]) if prompt_logits else None
+    full: dict[int, torch.Tensor] = {}
     sources: dict[int, tuple[PromptKV, int]] = {}
     logits: dict[int, torch.Tensor] = {}
     row_counts: dict[int, dict[str, float]] = {}
@@ -210,6 +235,8 @@ def prefill(
         specs[row] = RoutingSpec("sequence", expert=route, allow=specs[row].allow)
         if route == BASE_ROUTE:  # keeps the observed keys and values: the backbone's, bit for bit
             sources[row], logits[row] = (observed, position), seen.logits[position]
+            if seen_rows is not None:
+                full[row] = seen_rows[position]
             # every route keyed, as for the other rows; all of the row's decisions went to base
             counts = seen.row_counts[position]
             row_counts[row] = {**dict.fromkeys(counts, 0.0), BASE_ROUTE: sum(counts.values())}
@@ -217,7 +244,10 @@ def prefill(
     layer_counts = [{**dict.fromkeys(counts, 0.0), BASE_ROUTE: base_tokens} for counts in seen.layer_counts]
     redo = [row for row in range(len(prompts)) if row not in sources]
     if redo:
-        again, out = prefill_rows(model, [prompts[r] for r in redo], [specs[r] for r in redo], plugged)
+        redo_prompts = [prompts[r] for r in redo]
+        again, out = prefill_rows(model, redo_prompts, [specs[r] for r in redo], plugged, all_logits=prompt_logits)
+        if prompt_logits:
+            full.update(zip(redo, _per_row(out.all_logits, redo_prompts), strict=True))
         for position, row in enumerate(redo):
             sources[row], logits[row], row_counts[row] = (
                 (again, position),
@@ -233,7 +263,13 @@ def prefill(
         [row_counts[r] for r in rows],
         layer_counts,
         [sources[r] for r in rows],
+        [full[r] for r in rows] if prompt_logits else None,
     )
+
+
+def _per_row(all_logits: torch.Tensor, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """[B, T, V] left-padded -> per row [T_i, V], its real positions only."""
+    return [all_logits[row, all_logits.shape[1] - len(prompt) :] for row, prompt in enumerate(prompts)]
 
 
 def _step_output(out) -> StepOutput:
@@ -625,7 +661,7 @@ def decode_one_token(
 class Generation:
     token_ids: list[int]  # generated tokens, EOS excluded
     text: str
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or a stop_token_id) or "length"
     route: str | None  # sequence mode: the decision; None otherwise
     counts: dict[str, float] = field(default_factory=dict)  # (token, layer) decisions, prompt and generated
 
@@ -645,7 +681,8 @@ def generate(
     """Complete each prompt as the server would (greedy unless `sampling` says), up to `batch_size` at a time:
     a finished row's slot takes the next prompt (continuous batching).
 
-    Rows stop at an EOS id (eos_token_ids), after max_new_tokens, or at the model's context length.
+    Rows stop at an EOS id (eos_token_ids) or one of their stop_token_ids, after max_new_tokens, or at the
+    model's context length.
     plugged: a set to use (e.g. a training set); default the model's live slots.
     """
     specs = [spec] * len(prompts) if isinstance(spec, RoutingSpec) else list(spec)
@@ -675,7 +712,7 @@ def generate(
 
     def advance(i: int, token: int) -> bool:
         """Record a sampled token; True when prompt i is done."""
-        if token in eos:
+        if token in eos or token in params[i].stop_token_ids:
             reasons[i] = "stop"
             return True
         generated[i].append(token)
@@ -690,7 +727,13 @@ def generate(
             admitted = [waiting.popleft() for _ in range(min(decoder.free, len(waiting)))]
             pre = prefill(model, [ids[i] for i in admitted], [specs[i] for i in admitted], plugged)
             first = sample(
-                pre.logits, [params[i] for i in admitted], [generators[i] for i in admitted], [0] * len(admitted), eos
+                pre.logits,
+                [params[i] for i in admitted],
+                [generators[i] for i in admitted],
+                [0] * len(admitted),
+                eos,
+                prompts=[ids[i] for i in admitted],
+                outputs=[generated[i] for i in admitted],
             )
             for row, (i, token) in enumerate(zip(admitted, first, strict=True)):
                 specs[i] = pre.specs[row]
@@ -705,7 +748,13 @@ def generate(
         rows = [live[slot] for slot in slots]
         out = decode_one_token(decoder, slots, [generated[i][-1] for i in rows], [specs[i] for i in rows])
         tokens = sample(
-            out.logits, [params[i] for i in rows], [generators[i] for i in rows], [len(generated[i]) for i in rows], eos
+            out.logits,
+            [params[i] for i in rows],
+            [generators[i] for i in rows],
+            [len(generated[i]) for i in rows],
+            eos,
+            prompts=[ids[i] for i in rows],
+            outputs=[generated[i] for i in rows],
         )
         for slot, i, token, row_counts in zip(slots, rows, tokens, out.row_counts, strict=True):
             add_counts(counts[i], row_counts)
