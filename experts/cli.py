@@ -246,8 +246,9 @@ def run_import_lora(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     if report.dropped:
         print(
-            "measure what dropping them costs: plugmoe eval --model MODEL --experts DIR_WITH_THIS_EXPERT "
-            "--data NAME=HELDOUT.jsonl ... (compare with the adapter in PEFT as trained)"
+            "measure what dropping them costs (domain perplexity pinned and token-routed, against the adapter in "
+            f"PEFT as trained): plugmoe eval --model {args.model} --experts {Path(args.out).parent} "
+            f"--data {args.name}={args.heldout or args.data} general=GENERAL_TEXT.jsonl --base general"
         )
     print(f"converted {args.adapter_dir}: ranks {report.targets} on layers {list(report.layers)}")
     data = read_domain_data(args, model, "plugmoe import-lora")

@@ -283,7 +283,8 @@ def test_import_lora_command_writes_a_gated_expert(tiny_model_dir: Path, tmp_pat
     args = ["import-lora", str(attn), "--name", "x", "--out", str(tmp_path / "x.safetensors"), "--mlp-only"]
     assert main([*args, *common, *fast]) == 0
     printed = capsys.readouterr().out
-    assert "warning: --mlp-only: dropping self_attn.q_proj (layers [0, 1])" in printed and "plugmoe eval" in printed
+    assert "warning: --mlp-only: dropping self_attn.q_proj (layers [0, 1])" in printed
+    assert f"plugmoe eval --model {tiny_model_dir} --experts {tmp_path} --data x={code}" in printed
 
     argv = ["import-lora", str(mlp), "--name", "code", "--out", str(out), "--description", "python", *common, *fast]
     assert main(argv) == 0
