@@ -398,7 +398,7 @@ def reference_mlp(
     LoRAs into the projection weights (each at 1/k'), run the block with those weights, add its chosen
     bottleneck experts' deltas (each at 1/k').
     """
-    from moe.expert import adapter_delta
+    from moe.expert import adapter_delta  # here, not at the top: moe.expert imports this module
 
     names = dict(block.named_parameters())
     outs = []
