@@ -10,6 +10,7 @@ from moe.backbone import BackboneFingerprint, fingerprint, load_backbone
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     RoutingSpecError,
@@ -34,6 +35,7 @@ __all__ = [
     "ExpertFile",
     "ExpertFileError",
     "ExpertNameTakenError",
+    "GrammarError",
     "IncompatibleExpertError",
     "InvalidExpertNameError",
     "LoraAdapter",

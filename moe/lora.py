@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from moe.errors import IncompatibleExpertError, InvalidMetadataError
+from moe.errors import IncompatibleExpertError, InvalidMetadataError, MetadataTooLargeError
 
 if TYPE_CHECKING:
     from moe.expert import Expert
@@ -136,19 +136,28 @@ class LoraAdapter:
 
 
 def parse_targets(raw: str | None) -> dict[str, dict[str, int]]:
-    """The `lora` metadata field: JSON {"targets": {projection: {"rank", "in", "out"}}}."""
+    """The `lora` metadata field: JSON {"targets": {projection: {"rank", "in", "out"}}}, sizes JSON integers."""
     if not raw:
         raise InvalidMetadataError("a LoRA expert file's metadata lacks 'lora' (its targets); re-export the expert")
+    expected = 'expected {"targets": {projection: {"rank": int, "in": int, "out": int}}}'
     try:
-        targets = json.loads(raw)["targets"]
-        parsed = {str(p): {k: int(t[k]) for k in ("rank", "in", "out")} for p, t in targets.items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise InvalidMetadataError(
-            f"metadata 'lora' is malformed ({e!r}); expected {{\"targets\": {{projection: {{rank, in, out}}}}}}"
-        ) from None
-    if not parsed:
+        parsed = json.loads(raw)
+    except ValueError as e:
+        raise InvalidMetadataError(f"metadata 'lora' is malformed JSON ({e}); {expected}") from None
+    except RecursionError:
+        raise MetadataTooLargeError("expert file metadata 'lora' nests too deeply") from None
+    targets = parsed.get("targets") if isinstance(parsed, dict) else None
+    if not isinstance(targets, dict):
+        raise InvalidMetadataError(f"metadata 'lora' is malformed ({raw[:200]!r}); {expected}")
+    if not targets:
         raise InvalidMetadataError("metadata 'lora' names no target projection")
-    return parsed
+    out: dict[str, dict[str, int]] = {}
+    for p, t in targets.items():
+        sizes = {k: t.get(k) for k in ("rank", "in", "out")} if isinstance(t, dict) else {}
+        if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
+            raise InvalidMetadataError(f"metadata 'lora' is malformed: target {p!r} is {t!r}; {expected}")
+        out[p] = sizes
+    return out
 
 
 def file_shapes(

@@ -15,11 +15,13 @@ from moe import Expert, RoutedModel, RoutingSpec
 from moe.errors import (
     IncompatibleExpertError,
     InvalidMetadataError,
+    MetadataTooLargeError,
     MissingTensorError,
     NonFiniteTensorError,
     TensorDtypeError,
     TensorShapeError,
     UnexpectedTensorError,
+    WeightMagnitudeError,
 )
 from moe.file import ExpertFile
 from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert
@@ -136,7 +138,7 @@ CASES = [
         "scaling dtype",
         lambda m: _blob(m, {"lora.c_fc.scaling": torch.ones(2, dtype=torch.float16)}),
         TensorDtypeError,
-        "'lora.c_fc.scaling' has dtype F16, expected F32",
+        "'lora.c_fc.scaling' has dtype 'F16', expected F32",
     ),
     (
         "mixed dtype",
@@ -150,6 +152,33 @@ CASES = [
         NonFiniteTensorError,
         "'lora.c_proj.A'",
     ),
+    # the file hardening's bound holds for every LoRA tensor: a B or a scaling past |w| <= 1e4 is refused
+    (
+        "huge B",
+        lambda m: _blob(m, {"lora.c_fc.B": torch.full((2, 128, 3), 2e4)}),
+        WeightMagnitudeError,
+        "'lora.c_fc.B' holds values up to 2e+04",
+    ),
+    (
+        "huge scaling",
+        lambda m: _blob(m, {"lora.c_proj.scaling": torch.tensor([1.0, -3e4])}),
+        WeightMagnitudeError,
+        "'lora.c_proj.scaling' holds values up to 3e+04",
+    ),
+    (
+        "size not an integer",
+        lambda m: _blob(m, lora=_targets(c_fc={"rank": 3.0, "in": 32, "out": 128})),
+        InvalidMetadataError,
+        "target 'c_fc' is {'rank': 3.0",
+    ),
+    (
+        "size a boolean",
+        lambda m: _blob(m, lora=_targets(c_fc={"rank": True, "in": 32, "out": 128})),
+        InvalidMetadataError,
+        "target 'c_fc' is {'rank': True",
+    ),
+    ("targets not an object", lambda m: _blob(m, lora='{"targets": [1]}'), InvalidMetadataError, "malformed"),
+    ("lora nests too deep", lambda m: _blob(m, lora="[" * 100_000), MetadataTooLargeError, "nests too deeply"),
 ]
 
 
