@@ -2,6 +2,7 @@
 
     python bench/routing_overhead.py                 # GPT-2-124M shape, batch 1 and 16
     python bench/routing_overhead.py --small         # a tiny shape, for a quick check
+    python bench/routing_overhead.py --kind lora     # LoRA experts (rank 16 on c_fc and c_proj) instead
 
 Every expert's gate passes every token (threshold -1 < any cosine), so each token goes to its top
 scoring expert among all plugged: tokens spread over the experts, and every routed token pays for an
@@ -17,7 +18,7 @@ import time
 import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from moe import Expert, RoutedModel, RoutingSpec
+from moe import Expert, LoraAdapter, LoraPair, RoutedModel, RoutingSpec
 
 
 def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, RoutedModel]:
@@ -29,12 +30,27 @@ def build(args: argparse.Namespace) -> tuple[GPT2LMHeadModel, RoutedModel]:
     return bare, RoutedModel(wrapped)
 
 
-def make_experts(count: int, hidden: int, layers: int, rank: int) -> list[Expert]:
+def make_experts(
+    count: int, hidden: int, layers: int, rank: int, kind: str = "bottleneck", shapes: dict | None = None
+) -> list[Expert]:
+    """`count` experts on every layer whose gates pass every token; LoRA experts adapt every projection in
+    `shapes` ({name: (in, out)}, RoutedModel.projection_shapes)."""
     g = torch.Generator().manual_seed(1)
     experts = []
     for i in range(count):
         e = Expert.fresh(f"e{i}", hidden, list(range(layers)), rank=rank, generator=g)
-        e.up = torch.randn(e.up.shape, generator=g) * 0.01
+        if kind == "lora":
+            pairs = {
+                p: LoraPair(
+                    torch.randn(layers, rank, d_in, generator=g) * d_in**-0.5,
+                    torch.randn(layers, d_out, rank, generator=g) * 0.01,
+                    torch.full((layers,), 2.0),
+                )
+                for p, (d_in, d_out) in (shapes or {}).items()
+            }
+            e.adapter = LoraAdapter(pairs)
+        else:
+            e.up = torch.randn(e.up.shape, generator=g) * 0.01
         e.thresholds = torch.full_like(e.thresholds, -1.0)
         experts.append(e)
     return experts
@@ -74,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kind", choices=["bottleneck", "lora"], default="bottleneck", help="the experts' kind")
     parser.add_argument("--small", action="store_true", help="hidden 64, 2 layers: a quick smoke run")
     args = parser.parse_args()
     if args.small:
@@ -82,9 +99,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     bare, routed = build(args)
-    pool = make_experts(max(args.experts), args.hidden, args.layers, args.rank)
+    pool = make_experts(max(args.experts), args.hidden, args.layers, args.rank, args.kind, routed.projection_shapes)
     print(
-        f"GPT-2 shape: hidden {args.hidden}, {args.layers} layers; rank {args.rank}; threads "
+        f"GPT-2 shape: hidden {args.hidden}, {args.layers} layers; {args.kind} experts, rank {args.rank}; threads "
         f"{torch.get_num_threads()}; prompt {args.prompt}, {args.new} decode steps, best of {args.repeats}\n"
     )
     print("| batch | experts plugged | tokens/s | x bare backbone | x 8 plugged | routed share | experts used |")

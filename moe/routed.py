@@ -2,10 +2,11 @@
 
     RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
       -> for each decoder layer l, RoutedMLP:
-           base   = mlp(x)                                  # the untouched backbone block
-           scores = cos(x, keys[l]) + offsets[l]            # [N, E], moe.router
+           scores = cos(x, keys[l]) + offsets[l]            # [N, E], moe.router, at the MLP input
            choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
-           out    = base + grouped adapter deltas            # moe.dispatch, base rows untouched
+           base   = mlp(x)                                  # the backbone block; its projections add the
+                                                            #   LoRA experts' deltas on their rows (moe.lora)
+           out    = base + grouped adapter deltas            # moe.dispatch (bottleneck experts), base rows untouched
       -> logits, cache, and a routing trace counted on the device
 
 One forward reads the plugged set once at its start, so plugging during a step cannot mix two sets.
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
+from moe.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
 from moe.dispatch import gathered_dispatch, grouped_dispatch
 from moe.expert import Expert
+from moe.lora import LoraPlan, plan_lora, wrap_projections
 from moe.plugged import PluggedSet
 from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores
 from moe.trace import RoutingTrace, count_decisions
@@ -56,6 +58,7 @@ class _Step:
     route: bool  # False: no expert can win anything this step, skip routing work
     capture: list[torch.Tensor] | None
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
+    lora_plan: LoraPlan | None = None  # --- LoRA experts: the layer's LoRA plan, set while its MLP block runs ---
 
 
 class _Context(threading.local):
@@ -74,16 +77,15 @@ class RoutedMLP(nn.Module):
         self._context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
         step = self._context.step
         if step is None:
-            return base
+            return self.base_layer(x)
         if step.capture is not None:
             step.capture.append(x.detach())
         if not step.route:
-            return base
+            return self.base_layer(x)
         hidden = x.shape[-1]
-        flat_x, flat_base = x.reshape(-1, hidden), base.reshape(-1, hidden)
+        flat_x = x.reshape(-1, hidden)
         plugged, layer = step.plugged, self.layer
         scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
         choice = choose_experts(
@@ -92,10 +94,24 @@ class RoutedMLP(nn.Module):
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
-        if choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled():
+        gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+        # --- LoRA experts (moe.lora): the layer's LoRA plan, read by the block's projections while it runs;
+        # the bottleneck experts dispatch on the rest of the choice ---
+        chosen = None
+        if plugged.lora is not None and plugged.lora.on_layer[layer]:
+            chosen = (choice >= 0).sum(dim=1) if choice.shape[1] > 1 else None
+            step.lora_plan, choice = plan_lora(plugged.lora, layer, choice, gather)
+        try:
+            base = self.base_layer(x)
+        finally:
+            step.lora_plan = None
+        if plugged.lora is not None and not plugged.has_bottleneck:
+            return base
+        flat_base = base.reshape(-1, hidden)
+        if gather:
             out = gathered_dispatch(flat_x, flat_base, choice[:, 0], plugged.down_stack[layer], plugged.up_stack[layer])
         else:
-            out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer])
+            out = grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer], chosen)
         return out.view_as(base)
 
 
@@ -109,14 +125,19 @@ class RoutedModel(nn.Module):
         self.fingerprint = fingerprint(backbone)  # before wrapping: hashes the plain backbone's names
         layers = decoder_layers(backbone)
         attr = mlp_attribute(backbone)
+        self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)}: what LoRA experts adapt
         self._context = _Context()
         self.mlps: list[RoutedMLP] = []
         for index, layer in enumerate(layers):
-            wrapper = RoutedMLP(getattr(layer, attr), index, self._context)
+            block = getattr(layer, attr)
+            wrap_projections(block, family_of(backbone).projections, self._context)  # LoRA experts' hook
+            wrapper = RoutedMLP(block, index, self._context)
             setattr(layer, attr, wrapper)
             self.mlps.append(wrapper)
         param = next(backbone.parameters())
-        self._plugged = PluggedSet.empty(len(layers), self.hidden_size, param.device, param.dtype)
+        self._plugged = PluggedSet.empty(
+            len(layers), self.hidden_size, param.device, param.dtype, projections=self.projection_shapes
+        )
         self._swap_lock = threading.Lock()
 
     # --- the plugged set ------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class GenerateResponse(BaseModel):
 # --- OpenAI-compatible ---------------------------------------------------------------------------------
 
 
+# nested bodies are strict too: a model's config does not reach the models it contains (`"strict": 0` is no bool)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

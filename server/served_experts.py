@@ -156,6 +156,7 @@ class ServedExperts:
         async with self._lock:
             try:
                 expert = await self._off_engine(ExpertFile.load, data, self.model.fingerprint, name)
+                self.model.plugged.check_fits(expert)  # e.g. a LoRA for another MLP width: refused before storing
                 replaced = expert.name in self.model.plugged
                 if replaced and not replace:  # fail before the admission report: it is the expensive part
                     raise ExpertNameTakenError(
@@ -259,7 +260,7 @@ class ServedExperts:
             "name": expert.name,
             "description": expert.description,
             "examples": list(expert.examples),
-            "kind": meta.get("kind", "bottleneck"),
+            "kind": expert.kind,
             "rank": expert.rank,
             "layers": list(expert.layers),
             "size_bytes": int(meta.get("size_bytes") or expert.nbytes),
