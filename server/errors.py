@@ -17,7 +17,7 @@ from moe import (
     SamplingParamsError,
     UnknownExpertError,
 )
-from server.expert_store import ManifestConflictError
+from server.expert_store import ManifestConflictError, StoreCorruptError, StoreUnavailableError
 from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (SamplingParamsError, 400),
     (QueueFullError, 503),
     (EngineStoppedError, 503),
+    (StoreUnavailableError, 503),  # the expert store cannot be reached: nothing changed, retry later
+    (StoreCorruptError, 503),  # the expert store holds a broken manifest or file: an operator must fix it
 ]
 
 
@@ -82,7 +84,7 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
     status = status_for(exc)
     message = str(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, QueueFullError | EngineStoppedError):
+    if isinstance(exc, QueueFullError | EngineStoppedError | StoreUnavailableError):
         headers["Retry-After"] = str(retry_after_s)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"

@@ -76,3 +76,28 @@ def test_served_model_name() -> None:
     assert Settings(model="/models/my-llm/").served_model_name() == "my-llm"
     assert Settings(model="/m", model_name="custom").served_model_name() == "custom"
     assert Settings().served_model_name() == "plugmoe-demo"
+
+
+def test_serve_cluster_has_every_setting_and_cluster_option() -> None:
+    from server.settings import ClusterSettings
+
+    parser = cli.build_parser()
+    command = parser._subparsers._group_actions[0].choices["serve-cluster"]
+    flags = {option for action in command._actions for option in action.option_strings}
+    for name in (*Settings.model_fields, *ClusterSettings.model_fields):
+        assert "--" + name.replace("_", "-") in flags
+    argv = ["serve-cluster", "--num-replicas", "3", "--expert-store", "s3://b/p", "--route-to-current"]
+    args = parser.parse_args(argv)
+    assert args.num_replicas == 3 and args.expert_store == "s3://b/p" and args.route_to_current is True
+
+
+def test_expert_store_options_must_be_a_json_object() -> None:
+    assert Settings(expert_store_options='{"endpoint_url": "http://x"}').expert_store_storage_options() == {
+        "endpoint_url": "http://x"
+    }
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(expert_store_options="[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(expert_store_options="{endpoint")
+    assert Settings(experts_dir=Path("/e")).resolved_expert_store() == Path("/e")
+    assert Settings(experts_dir=Path("/e"), expert_store="s3://b/p").resolved_expert_store() == "s3://b/p"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
 from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse
+from server.served_experts import VERSION_HEADER, ServedExperts
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
@@ -24,10 +25,33 @@ async def get_expert(name: str, experts: ExpertsDep) -> dict:
     return experts.describe(name)
 
 
-@router.post("", response_model=PlugResponse, status_code=status.HTTP_201_CREATED, dependencies=[Admin])
-async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
+async def answer(experts: ServedExperts, version: int, response: Response, body: dict) -> dict:
+    """The response of a plug or unplug that committed `version`: its version header, and in a cluster, once
+    every live replica serves it, the replicas (201/200); after the wait, a 202 with a status URL."""
+    response.headers[VERSION_HEADER] = str(version)
+    convergence = await experts.wait_until_served(version)
+    if convergence is None:
+        return body
+    if not convergence.converged:
+        response.status_code = status.HTTP_202_ACCEPTED
+        body["status"] = f"/cluster/versions/{version}"
+    return {**body, "version": version, "converged": convergence.converged, "replicas": convergence.replicas}
+
+
+@router.post(
+    "",
+    response_model=PlugResponse,
+    response_model_exclude_unset=True,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Admin],
+)
+async def plug_expert(request: Request, response: Response, experts: ExpertsDep) -> dict:
     """multipart/form-data: `file` (the .safetensors), optional `name` and `replace`;
-    or JSON {"source": path | file:// | http(s)://, "name", "replace"}."""
+    or JSON {"source": path | file:// | http(s)://, "name", "replace"}.
+
+    The `X-Plugmoe-Expert-Set-Version` header is the expert-set version that plugged it. In a cluster the
+    answer comes once every live replica serves that version (201), or after the wait with a 202 and a
+    status URL (`/cluster/versions/{version}`)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
@@ -37,21 +61,25 @@ async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
         name = form.get("name")
         replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes", "on")
         data = await upload.read()
-        expert, report, replaced = await experts.plug_bytes(data, str(name) if name else None, replace)
+        result = await experts.plug_bytes(data, str(name) if name else None, replace)
     elif content_type.startswith("application/json"):
         try:
             body = PlugFromSource.model_validate_json(await request.body())
         except ValueError as e:
             raise BadRequestError(f"the JSON body must be {{'source', 'name', 'replace'}}: {e}") from e
-        expert, report, replaced = await experts.plug_source(body.source, body.name, body.replace)
+        result = await experts.plug_source(body.source, body.name, body.replace)
     else:
         raise BadRequestError("send multipart/form-data with a `file`, or JSON with a `source`")
-    return {**experts.describe(expert.name), "replaced": replaced, "admission": report}
+    body = {**experts.describe(result.expert.name), "replaced": result.replaced, "admission": result.admission}
+    return await answer(experts, result.version, response, body)
 
 
-@router.delete("/{name}", response_model=UnplugResponse, dependencies=[Admin])
+@router.delete("/{name}", response_model=UnplugResponse, response_model_exclude_unset=True, dependencies=[Admin])
 async def unplug_expert(
-    name: str, experts: ExpertsDep, purge: Annotated[bool, Query(description="also delete the file")] = False
+    name: str,
+    response: Response,
+    experts: ExpertsDep,
+    purge: Annotated[bool, Query(description="also delete the file")] = False,
 ) -> dict:
-    purged = await experts.unplug(name, purge)
-    return {"name": name, "unplugged": True, "purged": purged}
+    result = await experts.unplug(name, purge)
+    return await answer(experts, result.version, response, {"name": name, "unplugged": True, "purged": result.purged})
