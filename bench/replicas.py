@@ -12,7 +12,8 @@ core, or one replica per core (each with one torch thread). On a machine with as
 two replicas add no compute: what they show is the cost of Ray Serve's proxy and how the load splits.
 
 Convergence: with 2 replicas following the store every --poll-s seconds, each plug goes through the proxy
-(admission off: the benchmark plugs copies of one expert); a watcher reads the store and every replica's
+(admission off: the benchmark plugs copies of one expert) at a random moment of the poll cycle, then is
+unplugged the same way; a watcher reads the store and every replica's
 /ready (on its own port) every 10 ms. Convergence = from the moment the new manifest is in the store to the
 moment the last replica reports serving it; `answer` = the plug request's latency (it returns once every
 replica serves the version).
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -123,7 +125,7 @@ def start_single_process(store: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
 
 
-def convergence(base: str, store_root: Path, app_name: str, plugs: int) -> dict:
+def convergence(base: str, store_root: Path, app_name: str, plugs: int, poll_s: float) -> dict:
     """`plugs` plugs (and unplugs) through the proxy, each timed from the store's new manifest to the last
     replica serving it."""
     from server.cluster import replica_states
@@ -163,10 +165,15 @@ def convergence(base: str, store_root: Path, app_name: str, plugs: int) -> dict:
         results[kind].append(max(out["replicas"].values()) - out["store"])
         results[f"{kind}_answer"].append(answered)
 
+    spread = random.Random(0)
     for i in range(plugs):
         name = f"bench{i}"
+        # plugs at random moments of the replicas' poll cycle: back-to-back plugs would all land just
+        # after the poll that ended the previous one and measure one phase only
+        time.sleep(spread.uniform(0, poll_s))
         files = {"file": ("code.safetensors", data)}
         timed("POST", "plug", url=f"{base}/experts", files=files, data={"name": name})
+        time.sleep(spread.uniform(0, poll_s))
         timed("DELETE", "unplug", url=f"{base}/experts/{name}")
     return {kind: percentiles(values) for kind, values in results.items()}
 
@@ -234,7 +241,7 @@ def main() -> None:
             for label, base in bases.items():
                 windows[label].append(load(base, args.seconds, args.clients, args.new_tokens))
                 print(f"round {round_ + 1}: {label}: {windows[label][-1]}", flush=True)
-        converged = convergence(f"{proxy}/two", work / "two", "two", args.plugs)
+        converged = convergence(f"{proxy}/two", work / "two", "two", args.plugs, args.poll_s)
         serve.shutdown()
         ray.shutdown()
     finally:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,8 +41,6 @@ import httpx
 import ray
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.utils import floatToGoString
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -153,30 +152,43 @@ async def prometheus_targets(request: Request) -> list[dict]:
 
 @cluster_router.get("/metrics")
 async def cluster_metrics(request: Request) -> PlainTextResponse:
-    """Every live replica's /metrics in one exposition, each series with a `replica` label (for a Prometheus
-    that can reach the proxy but not the replicas' own ports)."""
+    """Every live replica's /metrics in one exposition, each sample with a `replica` label (for a Prometheus
+    that can reach the proxy but not the replicas' own ports). Each metric keeps its HELP and TYPE lines once,
+    with every replica's samples beneath them."""
     replicas = [r for r in await _replicas(request).versions() if r.get("url")]
     async with httpx.AsyncClient(timeout=10) as client:
         texts = await asyncio.gather(*(client.get(f"{r['url']}/metrics") for r in replicas), return_exceptions=True)
-    families: dict[str, tuple[str, str, list[str]]] = {}
+    families: dict[str, list[str]] = {}  # HELP name -> its HELP and TYPE lines, then every replica's samples
     for replica, answer in zip(replicas, texts, strict=True):
         if isinstance(answer, BaseException) or answer.status_code != 200:
             logger.warning("no metrics from replica %s: %s", replica["replica"], answer)
             continue
-        for family in text_string_to_metric_families(answer.text):
-            _, _, lines = families.setdefault(family.name, (family.type, family.documentation, []))
-            for sample in family.samples:
-                labels = {**sample.labels, "replica": replica["replica"]}
-                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-                lines.append(f"{sample.name}{{{rendered}}} {floatToGoString(sample.value)}")
-    out = []
-    for name, (kind, documentation, lines) in families.items():
-        out += [f"# HELP {name} {_escape(documentation)}", f"# TYPE {name} {kind}", *lines]
-    return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+        lines: list[str] | None = None
+        header = False  # this replica's HELP/TYPE lines are the first ones seen for the metric
+        for line in answer.text.splitlines():
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                known = name in families
+                lines = families.setdefault(name, [line])
+                header = not known
+            elif line.startswith("#"):
+                if header and lines is not None:
+                    lines.append(line)
+            elif line.strip() and lines is not None:
+                lines.append(with_label(line, "replica", replica["replica"]))
+    text = "\n".join(line for lines in families.values() for line in lines) + "\n"
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def with_label(sample: str, key: str, value: str) -> str:
+    """A Prometheus text-format sample line with one more label, first."""
+    escaped = value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    name_end = min((i for i in (sample.find("{"), sample.find(" ")) if i >= 0), default=len(sample))
+    label = f'{key}="{escaped}"'
+    if sample[name_end : name_end + 1] == "{":
+        rest = sample[name_end + 1 :]
+        return f"{sample[:name_end]}{{{label}{',' if not rest.startswith('}') else ''}{rest}"
+    return f"{sample[:name_end]}{{{label}}}{sample[name_end:]}"
 
 
 def build_replica_app(settings: Settings, cluster: ClusterSettings, app_name: str, replica: str) -> FastAPI:
@@ -236,6 +248,10 @@ class PlugmoeReplica:
         self.replica = context.replica_id.unique_id
         self.app_name = context.app_name
         self.settings = Settings(**settings)
+        logging.basicConfig(  # plugmoe's own loggers, in the replica's log (Ray Serve configures only its own)
+            level=self.settings.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s replica {self.replica} %(name)s: %(message)s",
+        )
         self.cluster = ClusterSettings(**cluster)
         self.api: FastAPI | None = None
 
@@ -318,6 +334,10 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_application(settings, cluster)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(settings: Settings, cluster: ClusterSettings) -> None:
     """`plugmoe serve-cluster`: join or start Ray, serve the app on settings.host:port through Ray Serve's
     proxy, and block until interrupted (then the application is deleted)."""
@@ -338,11 +358,12 @@ def run(settings: Settings, cluster: ClusterSettings) -> None:
         settings.port,
         time.monotonic() - started,
     )
+    signal.signal(signal.SIGTERM, _interrupt)  # a container stop or `kill`, like Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        logger.info("stopping")
+        logger.info("stopping: deleting the application %s", cluster.app_name)
     finally:
         try:
             serve.delete(cluster.app_name)
