@@ -117,7 +117,9 @@ class Load:
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
     def client(self, i: int) -> None:
-        with httpx.Client(base_url=self.base, timeout=120) as client:
+        # 30 s: far longer than a 16-token request takes here, short enough that a request the proxy never
+        # ends (in flight on a killed replica) fails the client instead of holding the test
+        with httpx.Client(base_url=self.base, timeout=30) as client:
             n = 0
             while not self.stop.is_set():
                 n += 1

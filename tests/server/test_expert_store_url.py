@@ -207,3 +207,16 @@ def test_local_urls_and_leftover_temp_files(tmp_path: Path) -> None:
     os.utime(old, (time.time() - STALE_TMP_S - 5,) * 2)
     ExpertStore(root).open()
     assert not old.exists() and fresh.exists()
+
+
+def test_other_fsspec_backends_work_and_are_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """memory:// (fsspec's in-process filesystem) stands for any other backend: the store works through it,
+    and open() warns that its create-only write may not be atomic."""
+    store = ExpertStore(f"memory://plugmoe-{os.getpid()}-{time.monotonic_ns()}/experts")
+    with caplog.at_level("WARNING", logger="server.expert_store"):
+        store.open()
+    assert "may not create manifests atomically" in caplog.text
+    first = store.commit(Manifest(0), (entry(store, "math", b"m"),))
+    assert store.current() == first and store.newer_than(0) == first
+    with pytest.raises(ManifestConflictError):
+        store.commit(Manifest(0), ())
