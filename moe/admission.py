@@ -6,8 +6,15 @@
 - steal_rates[name]: for each plugged expert, of the (token, layer) decisions its own example prompts
   send to it today, the share the candidate would win once plugged.
 
+And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
+Weights within the file format's bounds can still combine into an overflow; that is caught here, before
+plugging, rather than as NaN logits in a client's request.
+
 Both are measured on the backbone's own MLP inputs (mode `off`, as sequence mode's prompt scoring is),
-with the router's own scoring code; nothing is plugged and the plugged set is not touched.
+with the router's own scoring code; nothing is plugged and the plugged set is not touched. The calibration
+text's inputs depend on the frozen backbone alone, so a caller that reviews many candidates computes them
+once (`calibration_inputs`) and passes them in: a report is then gate scoring plus the forwards of the
+plugged experts' few examples.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe.batching import capture_mlp_inputs, texts
+from moe.batching import capture_mlp_inputs, collate, forward, texts
 from moe.expert import Expert
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec, choose_experts, gate_scores
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: 3 + 4 = 7. def f(x): return x"
 
 
 @dataclass
@@ -52,6 +60,11 @@ def _unit_inputs(model: RoutedModel, tokenizer, strings: list[str], max_tokens: 
     return [F.normalize(x, dim=-1).to(model.dtype) for x in captured]
 
 
+def calibration_inputs(model: RoutedModel, tokenizer, calibration_texts: list[str], max_tokens: int = 128):
+    """Per layer, the unit-norm backbone MLP inputs of the calibration text: L x [N, H] in the model's dtype."""
+    return _unit_inputs(model, tokenizer, calibration_texts, max_tokens)
+
+
 def _top_choice(plugged: PluggedSet, layer: int, x_unit: torch.Tensor, top_k: int) -> torch.Tensor:
     """Slot-0 expert index per token [N] (-1 = base) under `plugged`, token mode, everything allowed."""
     n, count = x_unit.shape[0], len(plugged)
@@ -68,14 +81,18 @@ def admission_report(
     expert: Expert,
     calibration_texts: list[str],
     max_tokens: int = 128,
+    calibration: list[torch.Tensor] | None = None,
 ) -> AdmissionReport:
+    """`calibration`: calibration_inputs(model, tokenizer, calibration_texts, max_tokens), if already computed."""
     candidate = expert.to(model.device, model.dtype)
     current = model.plugged
     with_candidate = current.plugging(candidate, replace=True)
     slot = with_candidate.index(candidate.name)
 
     passes, decisions = 0, 0
-    for layer, x_unit in enumerate(_unit_inputs(model, tokenizer, calibration_texts, max_tokens)):
+    if calibration is None:
+        calibration = calibration_inputs(model, tokenizer, calibration_texts, max_tokens)
+    for layer, x_unit in enumerate(calibration):
         if not with_candidate.covers[layer, slot] or x_unit.shape[0] == 0:
             continue
         key = with_candidate.keys[layer, slot : slot + 1]
@@ -101,3 +118,17 @@ def admission_report(
         base_decisions=decisions,
         steal_rates=steal_rates,
     )
+
+
+@torch.no_grad()
+def probe_is_finite(
+    model: RoutedModel, tokenizer, expert: Expert, text: str = PROBE_TEXT, max_tokens: int = 16
+) -> bool:
+    """Whether the logits stay finite with `expert` pinned on the first max_tokens tokens of `text`, in the
+    serving dtype. Nothing is plugged; the plugged set is not touched."""
+    candidate = expert.to(model.device, model.dtype)
+    with_candidate = model.plugged.plugging(candidate, replace=True)
+    ids = tokenizer(text)["input_ids"][:max_tokens]  # [special prefix] + text
+    batch = collate([(ids, [True] * len(ids))], pad_id=0).to(model.device)
+    out = forward(model, batch, [RoutingSpec("pin", candidate.name)], with_candidate)
+    return bool(torch.isfinite(out.logits).all())

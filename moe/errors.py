@@ -92,3 +92,15 @@ class TensorDtypeError(ExpertFileError):
 
 class NonFiniteTensorError(ExpertFileError):
     """A tensor holds NaN or infinity."""
+
+
+class WeightMagnitudeError(ExpertFileError):
+    """A tensor holds values too large to serve (over moe.file.MAX_ABS_WEIGHT, or overflowing the serving dtype)."""
+
+
+class MetadataTooLargeError(ExpertFileError):
+    """The header or its metadata is over the format's size limits (examples, header bytes, nesting)."""
+
+
+class NonFiniteOutputError(ExpertFileError):
+    """The expert, pinned on a short probe text, makes the model's logits NaN or infinite."""

@@ -220,8 +220,9 @@ def prefill(
     redo = [row for row in range(len(prompts)) if row not in set(base_rows)]
     observed.keep(on_base)
     logits = [seen.logits[p] for p in on_base]
-    row_counts = {
-        row: {BASE_ROUTE: sum(seen.row_counts[p].values())} for row, p in zip(base_rows, on_base, strict=True)
+    row_counts = {  # every route keyed, as for the other rows; all of the row's decisions went to base
+        row: {**dict.fromkeys(seen.row_counts[p], 0.0), BASE_ROUTE: sum(seen.row_counts[p].values())}
+        for row, p in zip(base_rows, on_base, strict=True)
     }
     base_tokens = float(sum(len(prompts[row]) for row in base_rows))  # each took base on every layer
     layer_counts = [{**dict.fromkeys(counts, 0.0), BASE_ROUTE: base_tokens} for counts in seen.layer_counts]

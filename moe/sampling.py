@@ -4,23 +4,31 @@ Semantics of `sample` (what the batched code computes):
 
     for i in range(B):
         if step[i] < params[i].min_new_tokens: logits[i, eos] = -inf
-        if params[i].temperature == 0: token[i] = argmax(logits[i])
+        if params[i].temperature < GREEDY_BELOW: token[i] = argmax(logits[i])
         else:
             p = softmax(logits[i] / temperature)
             keep the top_k most likely tokens (0: all), then the smallest set whose mass reaches top_p
             token[i] = multinomial(p restricted and renormalised, generator=generators[i])
 
 A row's generator is seeded from its request's seed, so the same seed gives the same tokens.
+
+Temperatures below GREEDY_BELOW (1e-2) are greedy: dividing logits by a tinier temperature overflows them
+to infinity (vLLM treats near-zero temperatures the same way), and the distribution is one-hot long before.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
 from moe.errors import SamplingParamsError
+
+GREEDY_BELOW = 1e-2  # temperatures below this sample greedily
+MIN_TOP_P = 1e-6  # a smaller nucleus underflows in float32; use top_k=1 for the single most likely token
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients handle signed 64-bit integers
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,20 @@ class SamplingParams:
     min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise SamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SamplingParamsError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and MIN_TOP_P <= self.top_p <= 1.0):
+            raise SamplingParamsError(f"top_p must be in [{MIN_TOP_P}, 1], got {self.top_p}")
         if self.top_k < 0:
             raise SamplingParamsError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise SamplingParamsError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.min_new_tokens < 0:
             raise SamplingParamsError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """The row's own random stream (None for greedy rows: they draw nothing)."""

@@ -6,11 +6,15 @@ import logging
 from typing import Any
 
 from moe import Expert, RoutedModel
-from moe.admission import admission_report, load_calibration_texts
+from moe.admission import admission_report, calibration_inputs, load_calibration_texts
 from server.errors import AdmissionRejectedError
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# The calibration text's MLP inputs are kept between reviews when they take at most this much memory (the
+# demo model: ~60 MB); a larger model recomputes them for each review.
+MAX_KEPT_CALIBRATION_BYTES = 256 << 20
 
 
 class AdmissionPolicy:
@@ -19,6 +23,8 @@ class AdmissionPolicy:
         self.max_steal_rate = Settings.limit(settings.max_steal_rate)
         self.calibration_file = settings.calibration_file
         self._calibration: list[str] | None = None
+        self._inputs: list | None = None  # calibration_inputs, kept when small enough
+        self._inputs_too_large = False
 
     @property
     def enabled(self) -> bool:
@@ -33,7 +39,16 @@ class AdmissionPolicy:
             return None
         if self._calibration is None:
             self._calibration = load_calibration_texts(self.calibration_file)
-        report = admission_report(model, tokenizer, expert, self._calibration)
+        inputs = self._inputs
+        if inputs is None:
+            inputs = calibration_inputs(model, tokenizer, self._calibration)
+            size = sum(x.numel() * x.element_size() for x in inputs)
+            if not self._inputs_too_large and size <= MAX_KEPT_CALIBRATION_BYTES:
+                self._inputs = inputs
+                logger.info("keeping the calibration text's MLP inputs for later reviews (%.1f MB)", size / 1e6)
+            else:
+                self._inputs_too_large = True
+        report = admission_report(model, tokenizer, expert, self._calibration, calibration=inputs)
         problems = []
         max_fpr, max_steal = self.max_false_positive_rate, self.max_steal_rate
         if max_fpr is not None and report.false_positive_rate > max_fpr:

@@ -217,10 +217,22 @@ def build_replica_app(settings: Settings, cluster: ClusterSettings, app_name: st
 
 
 async def _serve_directly(app: FastAPI, host: str) -> Any:
-    """Serve `app` on host:<free port> too (lifespan off: it shares this replica's model and experts)."""
+    """Serve `app` on host:<free port> too (lifespan off: it shares this replica's model and experts), with
+    the single-process server's protections (server.cli.run_serve): header limit, no proxy headers trusted."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, lifespan="off", log_level="warning"))
+    settings: Settings = app.state.settings
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=0,
+        lifespan="off",
+        log_level="warning",
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

@@ -9,6 +9,11 @@
 
 Requests are submitted from the event loop and read back through an asyncio queue per request, so the
 HTTP layer never blocks on the model. The request and event types live in server.requests.
+
+One request cannot harm another: a prefill that raises is retried row by row, so a bad row fails alone; a
+row whose sampling raises is finished with an error while its neighbours go on; whatever a step raises, the
+loop goes on, and every request it took gets its finish event. `drain` (SIGTERM) lets running requests
+finish for a grace period and then ends them with an error; `stop` always returns.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import torch
 
 from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
 from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
@@ -38,6 +45,7 @@ from server.requests import (
     EngineStoppedError,
     Event,
     Finished,
+    GenerationFailedError,
     GenerationRequest,
     QueueFullError,
     RequestHandle,
@@ -46,6 +54,7 @@ from server.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -91,6 +100,7 @@ class Engine:
         self._batch = DecodeBatch()
         self._wake = threading.Condition()
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by drain(): running requests end by then
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -99,20 +109,41 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def vocab_size(self) -> int:
+        """Tokens the model scores (the logits' width): the largest sensible top_k."""
+        return int(self.model.fingerprint.vocab_size)
+
     def start(self) -> None:
         self._stopping = False
+        self._drain_deadline = None
         self._thread = threading.Thread(target=self._loop, name="plugmoe-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, grace_s: float) -> None:
+        """Shutting down: refuse new requests (503), fail waiting ones, and give running ones `grace_s` to
+        finish before they end with an error. Safe to call from any thread, more than once."""
+        with self._wake:
+            deadline = time.perf_counter() + grace_s
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+            self._wake.notify_all()
+        logger.info("draining: %d running requests have %.1f s to finish", len(self._running), grace_s)
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still queued or running gets its finish event. Always returns."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for handle in list(self._waiting):
-            self._finish_handle(handle, ERROR, "", 0, {}, "the server is shutting down")
-        self._waiting.clear()
+            if self._thread.is_alive():
+                logger.error("the engine did not stop within %.1f s (a step is stuck); leaving it", timeout)
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for handle in waiting:
+            self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
 
     # --- the HTTP side --------------------------------------------------------------------------------
 
@@ -120,6 +151,8 @@ class Engine:
         """Queue a request (from the event loop). Raises QueueFullError, ContextLimitError, UnknownExpertError."""
         if not self.alive:
             raise EngineStoppedError("the engine is not running")
+        if self._drain_deadline is not None:
+            raise EngineStoppedError(_SHUTTING_DOWN)
         if not request.prompt_ids:
             raise ContextLimitError("the prompt is empty; send at least one token")
         if len(request.prompt_ids) >= self.context_limit:
@@ -208,29 +241,55 @@ class Engine:
         logger.info(
             "engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue, self.context_limit
         )
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._calls or self._waiting or self._running):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._run_calls()
+                    if self._drain_deadline is not None:
+                        self._drain()
+                    self._admit()
+                    if self._running:
+                        self._decode()
+                except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
+                    logger.exception("engine step failed")
+                    error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
+                    for seq in self._running:
+                        self._finish(seq, ERROR, str(error), error)
+                    self._running, self._batch = [], DecodeBatch()
+                self._set_gauges()
+        finally:  # stopping, or something no step should raise: every request still here gets its answer
+            for seq in self._running:
+                self._finish(seq, ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            self._running, self._batch = [], DecodeBatch()
             with self._wake:
-                while not (self._stopping or self._calls or self._waiting or self._running):
-                    self._wake.wait()
-                if self._stopping:
-                    break
-            try:
-                self._run_calls()
-                self._admit()
-                if self._running:
-                    self._decode()
-            except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
-                logger.exception("engine step failed")
-                for seq in self._running:
-                    self._finish(seq, ERROR, f"generation failed: {type(e).__name__}: {e}")
-                self._running, self._batch = [], DecodeBatch()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for handle in waiting:
+                self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(EngineStoppedError("the engine stopped"))
             self._set_gauges()
-        for seq in self._running:
-            self._finish(seq, ERROR, "the server is shutting down")
-        self._running, self._batch = [], DecodeBatch()
-        while self._calls:
-            self._calls.popleft()[1].set_exception(EngineStoppedError("the engine stopped"))
-        logger.info("engine stopped")
+            logger.info("engine stopped")
+
+    def _drain(self) -> None:
+        """While draining: waiting requests are refused; running ones end at the deadline."""
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for handle in waiting:
+            self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+        if self._running and self._drain_deadline is not None and time.perf_counter() >= self._drain_deadline:
+            for seq in self._running:
+                self._finish(seq, ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            self._running, self._batch = [], DecodeBatch()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -250,50 +309,95 @@ class Engine:
                 handles.append(self._waiting.popleft())
         if not handles:
             return
-        plugged = self.model.plugged
-        now = time.perf_counter()
-        seqs: list[_Sequence] = []
-        for handle in handles:
-            if handle.cancelled:
-                self._finish_handle(handle, CANCELLED, "", 0, {}, "the client went away")
-                continue
-            spec, message = _current_spec(handle.request.routing, plugged)
-            if spec is None:
-                self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
-                continue
-            generator = handle.request.sampling.generator(self.model.device)
-            stream = TextStream(self.tokenizer, handle.request.stop, self.eos_ids)
-            seqs.append(_Sequence(handle, spec, generator, stream, last_token_at=now))
-        if not seqs:
-            return
         try:
-            self._start(seqs, plugged)
-        except Exception as e:  # these requests fail; the running batch goes on
-            logger.exception("prefill failed")
-            for seq in seqs:
-                if not seq.done and seq not in self._running:
-                    self._finish(seq, ERROR, f"prefill failed: {type(e).__name__}: {e}")
+            plugged = self.model.plugged
+            now = time.perf_counter()
+            seqs: list[_Sequence] = []
+            for handle in handles:
+                if handle.cancelled:
+                    self._finish_handle(handle, CANCELLED, "", 0, {}, "the client went away")
+                    continue
+                spec, message = _current_spec(handle.request.routing, plugged)
+                if spec is None:
+                    self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
+                    continue
+                try:
+                    generator = handle.request.sampling.generator(self.model.device)
+                    stream = TextStream(self.tokenizer, handle.request.stop, self.eos_ids)
+                except Exception as e:  # this request cannot start; the others can
+                    logger.exception("cannot start a request")
+                    error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
+                    self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
+                    continue
+                seqs.append(_Sequence(handle, spec, generator, stream, last_token_at=now))
+            if seqs:
+                self._start(seqs, plugged)
+        finally:  # whatever happened above, no request taken from the queue is left without an answer
+            for handle in handles:
+                if not handle.done and not any(seq.handle is handle for seq in self._running):
+                    error = GenerationFailedError("the request could not start (see the server log)")
+                    self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
 
     def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
-        """Prefill new sequences together, sample their first tokens, and join them to the running batch."""
-        pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
+        """Prefill new sequences together, sample their first tokens, and join them to the running batch.
+
+        A prefill that raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        try:
+            pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
+        except Exception as e:
+            if len(seqs) > 1:
+                logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
+                for seq in seqs:
+                    self._start([seq], plugged)
+                return
+            logger.exception("prefill failed")
+            error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
+            self._finish(seqs[0], ERROR, str(error), error)
+            return
         self._count_layers(pre.layer_counts)
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
             add_counts(seq.counts, row_counts)
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-        tokens = sample(
-            pre.logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [0] * len(seqs),
-            self.eos_ids,
-        )
-        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not self._advance(seq, token)]
+        tokens = self._sample(pre.logits, seqs)
+        keep = [
+            row
+            for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True))
+            if token is not None and not self._advance(seq, token)
+        ]
         pre.batch.keep(keep)
         self._batch.extend(pre.batch)
         self._running.extend(seqs[row] for row in keep)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
+        """Each row's next token; a row whose sampling raises is finished with an error (None here) while
+        the others are sampled alone, exactly as they would have been together."""
+        params = [s.request.sampling for s in seqs]
+        generators = [s.generator for s in seqs]
+        steps = [len(s.generated) for s in seqs]
+        try:
+            return list(sample(logits, params, generators, steps, self.eos_ids))
+        except Exception:
+            logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
+        tokens: list[int | None] = []
+        for row, seq in enumerate(seqs):
+            try:
+                tokens.append(
+                    sample(
+                        logits[row : row + 1],
+                        params[row : row + 1],
+                        generators[row : row + 1],
+                        steps[row : row + 1],
+                        self.eos_ids,
+                    )[0]
+                )
+            except Exception as e:
+                logger.exception("sampling failed")
+                error = GenerationFailedError(f"sampling failed: {type(e).__name__}: {e}")
+                self._finish(seq, ERROR, str(error), error)
+                tokens.append(None)
+        return tokens
 
     def _decode(self) -> None:
         plugged = self.model.plugged
@@ -318,17 +422,11 @@ class Engine:
         self._count_layers(out.layer_counts)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
-        tokens = sample(
-            out.logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [len(s.generated) for s in seqs],
-            self.eos_ids,
-        )
+        tokens = self._sample(out.logits, seqs)
         keep = []
         for row, (seq, token, row_counts) in enumerate(zip(seqs, tokens, out.row_counts, strict=True)):
             add_counts(seq.counts, row_counts)
-            if not self._advance(seq, token):
+            if token is not None and not self._advance(seq, token):
                 keep.append(row)
         self._drop(keep)
 
@@ -364,14 +462,14 @@ class Engine:
         self._finish(seq, reason, None)
         return True
 
-    def _finish(self, seq: _Sequence, reason: str, message: str | None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
         if seq.done:
             return
         seq.done = True
         rest = seq.text.flush()
         if rest:
             seq.handle.push(Event(rest))
-        self._finish_handle(seq.handle, reason, seq.text.text, len(seq.generated), seq.counts, message)
+        self._finish_handle(seq.handle, reason, seq.text.text, len(seq.generated), seq.counts, message, error)
 
     def _finish_handle(
         self,
@@ -381,7 +479,10 @@ class Engine:
         completion_tokens: int,
         counts: dict[str, float],
         message: str | None,
+        error: Exception | None = None,
     ) -> None:
+        if handle.done:
+            return
         shares = route_shares(counts)
         entropy = routing_entropy(shares)
         if self.metrics and shares:
@@ -390,7 +491,9 @@ class Engine:
                 if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
                     self.metrics.request_expert_share.labels(expert=route).observe(share)
             self.metrics.routing_entropy.observe(entropy)
-        finished = Finished(reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message)
+        finished = Finished(
+            reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message, error
+        )
         handle.push(Event(finished=finished))
 
     def _count_layers(self, layer_counts: list[dict[str, float]]) -> None:

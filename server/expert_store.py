@@ -28,11 +28,13 @@ and what is on disk agree; a restart plugs the current manifest's experts.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -59,6 +61,14 @@ class StoreCorruptError(RuntimeError):
 
 class StoreUnavailableError(RuntimeError):
     """The store cannot be reached or read right now (network, credentials, permissions); a retry may work."""
+
+
+class StoreWriteError(RuntimeError):
+    """Writing to the store failed; nothing was committed (the temp file is removed)."""
+
+
+class InsufficientStorageError(StoreWriteError):
+    """The store's disk is full (or over quota); nothing was committed."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +156,16 @@ class _LocalFiles:
             return []
 
     def write(self, path: PurePath, data: bytes, exclusive: bool) -> None:
-        """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create,
-        FileExistsError when the path exists)."""
+        """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create).
+
+        Raises FileExistsError (exclusive, the path exists), InsufficientStorageError (disk full) or
+        StoreWriteError; in every case the temp file is gone and the target is untouched. The temp file's
+        name says which process writes it (TMP_OWNER), so a server starting beside a live writer on a shared
+        directory leaves it alone."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.", suffix=".tmp")
+        tmp: str | None = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.{_owner()}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -161,8 +176,18 @@ class _LocalFiles:
             else:
                 os.replace(tmp, path)
             _fsync_dir(path.parent)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorageError(
+                    f"the expert store's disk is full ({e.strerror}); nothing was changed. Free space in the "
+                    "expert store's volume and retry"
+                ) from e
+            raise StoreWriteError(f"writing to the expert store failed ({e.strerror or e}); nothing was changed") from e
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def delete(self, path: PurePath) -> bool:
         path = Path(path)
@@ -251,8 +276,9 @@ class ExpertStore:
         return f"ExpertStore({self.url!r})"
 
     def open(self) -> ExpertStore:
-        """Local: create the directories and remove what an interrupted write left in tmp/ (files older than
-        STALE_TMP_S: younger ones may be another server's write in progress on a shared directory)."""
+        """Local: create the directories and remove what an interrupted write left in tmp/: every temp file
+        but those of live writers (a server of this host that still runs, or of another host sharing the
+        directory, for STALE_TMP_S)."""
         if not self.is_local:
             if self.protocol not in ATOMIC_CREATE_PROTOCOLS:
                 logger.warning(
@@ -264,7 +290,7 @@ class ExpertStore:
         for directory in (self.blobs, self.manifests, self.tmp):
             Path(directory).mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - STALE_TMP_S
-        stale = [p for p in Path(self.tmp).iterdir() if _mtime(p) < cutoff]
+        stale = [p for p in Path(self.tmp).iterdir() if _mtime(p) < cutoff or _abandoned(p.name)]
         for path in stale:
             path.unlink(missing_ok=True)
         if stale:
@@ -306,7 +332,7 @@ class ExpertStore:
         try:
             manifest = Manifest.from_json(text)
             manifest.check(version)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise StoreCorruptError(f"manifest {path} is unreadable: {e}") from e
         return manifest
 
@@ -357,6 +383,31 @@ class ExpertStore:
 
     def _manifest_path(self, version: int) -> PurePath:
         return self.manifests / f"{version:0{MANIFEST_DIGITS}d}.json"
+
+
+_TMP_OWNER = re.compile(r"\.pid(\d+)@([^/]+?)\.[^.]+\.tmp$")
+
+
+def _owner() -> str:
+    """The writing process, as its temp files name it: pid<pid>@<host>."""
+    return f"pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a temp file's writer is known to be gone: a process of this host that no longer runs, or an
+    unnamed writer (not a server's write in progress). Another host's writer is judged by age (STALE_TMP_S)."""
+    match = _TMP_OWNER.search(name)
+    if match is None:
+        return True
+    if match[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
 
 
 def _mtime(path: Path) -> float:

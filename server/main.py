@@ -17,9 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import errors
 from server.admission_policy import AdmissionPolicy
 from server.api.routes import experts, generate, health, openai
+from server.auth import binds_loopback
 from server.engine import Engine
+from server.expert_sources import ExpertSources
 from server.expert_store import ExpertStore
 from server.metrics import Metrics
+from server.prompts import PromptEncoder
+from server.request_guard import RequestGuard
 from server.served_experts import VERSION_HEADER, ServedExperts
 from server.settings import DEMO_MODEL_DIR, Settings
 
@@ -62,18 +66,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     elif engine.metrics is None:
         engine.metrics = metrics
     store = ExpertStore(settings.resolved_expert_store(), settings.expert_store_storage_options())
-    served = ServedExperts(engine, store, AdmissionPolicy(settings), metrics, replicas=app.state.replicas)
+    served = ServedExperts(
+        engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings), replicas=app.state.replicas
+    )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     started_here = not engine.alive
     if started_here:
         engine.start()
+    prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars)
     app.state.engine, app.state.experts, app.state.tokenizer = engine, served, engine.tokenizer
+    app.state.prompts = prompts
     logger.info(
         "serving %s with experts %s (expert-set version %d)",
         settings.served_model_name(),
         list(engine.model.plugged.names),
         served.version,
     )
+    _warn_about_access(settings)
     watch = asyncio.create_task(served.watch(settings.poll_interval_s)) if settings.poll_interval_s > 0 else None
     try:
         yield
@@ -84,7 +93,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await watch
         if started_here:
             await asyncio.to_thread(engine.stop)
+        served.close()
+        prompts.close()
         app.state.engine = None
+
+
+def _warn_about_access(settings: Settings) -> None:
+    """Say at start what a deployment must know about who can reach the admin endpoints."""
+    if settings.admin_token:
+        return
+    if not binds_loopback(settings.host):
+        logger.warning(
+            "listening on %s without --admin-token: plugging and unplugging experts is refused to every client "
+            "(set --admin-token to allow it)",
+            settings.host,
+        )
+    else:
+        logger.info(
+            "no --admin-token: direct loopback clients may plug and unplug experts; requests through a proxy "
+            "(forwarded headers) are refused"
+        )
 
 
 class ExpertSetVersionHeader:
@@ -153,5 +181,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     for module in (health, generate, openai, experts):
         app.include_router(module.router)
     app.add_middleware(ExpertSetVersionHeader)
+    app.add_middleware(RequestGuard, settings=settings)  # inside RequestMetrics, so its refusals are counted
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

@@ -32,6 +32,10 @@ class EngineStoppedError(RuntimeError):
     """The engine is not running (starting up or shutting down)."""
 
 
+class GenerationFailedError(RuntimeError):
+    """Generating this request failed on the server (its neighbours in the batch went on)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: list[int]
@@ -52,6 +56,7 @@ class Finished:
     shares: dict[str, float]
     routing_entropy: float
     message: str | None = None
+    error: Exception | None = None  # reason "error": why (GenerationFailedError, or EngineStoppedError at shutdown)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.done = False  # a finished event was pushed (the engine's side; finishing twice is a no-op)
 
     @property
     def cancelled(self) -> bool:
@@ -82,7 +88,11 @@ class RequestHandle:
         self._cancelled.set()
 
     def push(self, event: Event) -> None:
-        """From the engine thread."""
+        """From the engine thread. Nothing is pushed after the finished event."""
+        if self.done:
+            return
+        if event.finished is not None:
+            self.done = True
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more

@@ -38,9 +38,9 @@ class TextStream:
         if cut is not None:
             self._text = self._text[:cut]
             return self.flush(), True
-        ready = len(self._text) - self._held_back()
-        if self._text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
-            ready = min(ready, len(self._text) - 1)
+        # an incomplete UTF-8 character waits for the rest; the text before it may still grow into a stop string
+        complete = self._text[:-1] if self._text.endswith("\ufffd") else self._text
+        ready = len(complete) - self._held_back(complete)
         piece = self._text[self.emitted : ready] if ready > self.emitted else ""
         self.emitted = max(self.emitted, ready)
         return piece, False
@@ -60,12 +60,12 @@ class TextStream:
                 best = index
         return best
 
-    def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
         held = 0
         for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self._text)), held, -1):
-                if stop.startswith(self._text[-n:]):
+            for n in range(min(len(stop) - 1, len(text)), held, -1):
+                if stop.startswith(text[-n:]):
                     held = n
                     break
         return held

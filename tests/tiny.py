@@ -1,7 +1,8 @@
-"""Tiny random backbones and a tokenizer, built offline from configs (as transformers' own tests do)."""
+"""Tiny random backbones, a tokenizer and experts, built offline from configs (as transformers' own tests do)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +16,10 @@ from transformers import (
     Qwen2Config,
 )
 
+from moe import Expert
+
 VOCAB = 384
+HIDDEN = 32  # tiny_config's default hidden size
 EOS = "<|endoftext|>"
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2")
 
@@ -29,7 +33,7 @@ _TEXT = [
 ]
 
 
-def tiny_config(family: str, hidden: int = 32, layers: int = 2, vocab: int = VOCAB):
+def tiny_config(family: str, hidden: int = HIDDEN, layers: int = 2, vocab: int = VOCAB):
     common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if family == "gpt2":
         return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common)
@@ -94,3 +98,36 @@ def save_tiny_model(directory: Path, family: str = "llama", seed: int = 0, **kwa
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_expert(
+    name: str,
+    *,
+    seed: int = 0,
+    hidden: int = HIDDEN,
+    layers: Sequence[int] = (0, 1),
+    rank: int = 4,
+    up_scale: float = 0.5,
+    threshold: float | None = None,
+    offset: float = 0.0,
+    description: str = "",
+    examples: tuple[str, ...] = (),
+    metadata: dict | None = None,
+) -> Expert:
+    """A small random expert (the one factory every test uses), seeded: the same arguments give the same tensors.
+
+    up_scale: `up` is drawn N(0, up_scale^2) after Expert.fresh's draws, from the same generator, so the
+        adapter changes outputs; 0 keeps Expert.fresh's zero `up` (an adapter that changes nothing).
+    threshold: every layer's gate threshold; None keeps Expert.fresh's closed gate (2.0, above any cosine);
+        -2.0 opens it on every token (it wins everything it may in token mode).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    expert = Expert.fresh(name, hidden, list(layers), rank=rank, generator=generator)
+    if up_scale:
+        expert.up = torch.randn(expert.up.shape, generator=generator) * up_scale
+    if threshold is not None:
+        expert.thresholds = torch.full_like(expert.thresholds, threshold)
+    expert.offsets = torch.full_like(expert.offsets, offset)
+    expert.description, expert.examples = description, tuple(examples)
+    expert.metadata = dict(metadata or {})
+    return expert

@@ -12,7 +12,8 @@ from fastapi import Request
 from moe import RoutingSpec
 from moe.sampling import SamplingParams
 from server.engine import Engine
-from server.requests import Event, Finished, GenerationRequest, RequestHandle
+from server.errors import BadRequestError, error_object
+from server.requests import ERROR, Event, Finished, GenerationFailedError, GenerationRequest, RequestHandle
 from server.schemas import Routing
 from server.settings import Settings
 
@@ -33,7 +34,12 @@ def build_request(
     stop: str | list[str] | None = None,
     routing: Routing | None = None,
 ) -> GenerationRequest:
-    """Raises RoutingSpecError / SamplingParamsError (422) for settings that cannot be served."""
+    """Raises RoutingSpecError / SamplingParamsError / BadRequestError (400) for settings that cannot be served."""
+    if top_k > engine.vocab_size:
+        raise BadRequestError(
+            f"top_k {top_k} is larger than the model's vocabulary of {engine.vocab_size} tokens; use 0 for no limit",
+            param="top_k",
+        )
     routing = routing or Routing()
     room = max(1, engine.context_limit - len(prompt_ids))
     limit = min(max_new_tokens or settings.max_new_tokens, settings.max_new_tokens, room)
@@ -48,13 +54,17 @@ def build_request(
 
 
 async def wait_for_result(handle: RequestHandle, request: Request) -> Finished:
-    """The finished request; cancels it when the client disconnects first."""
+    """The finished request; cancels it when the client disconnects first. A request that failed raises its
+    error (500, or 503 when the server is shutting down), so a failure is never an HTTP 200."""
     result = asyncio.ensure_future(handle.result())
     try:
         while True:
             done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_S)
             if done:
-                return result.result()
+                finished = result.result()
+                if finished.reason == ERROR:
+                    raise finished.error or GenerationFailedError(finished.message or "generation failed")
+                return finished
             if await request.is_disconnected():
                 handle.cancel()
     finally:
@@ -70,6 +80,13 @@ async def events_until_done(handle: RequestHandle) -> AsyncIterator[Event]:
             yield event
     finally:
         handle.cancel()  # no effect once finished
+
+
+def stream_error(finished: Finished) -> dict[str, Any] | None:
+    """The error object a stream's last event carries when its request failed (None otherwise)."""
+    if finished.reason != ERROR:
+        return None
+    return error_object(finished.error or GenerationFailedError(finished.message or "generation failed"))
 
 
 def sse(data: Any) -> str:

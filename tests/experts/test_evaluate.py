@@ -15,7 +15,7 @@ from moe import Expert, RoutedModel, RoutingSpec
 from moe.file import ExpertFile
 from moe.generation import generate
 from moe.sampling import SamplingParams
-from tests.tiny import tiny_backbone, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -45,11 +45,7 @@ def model(tokenizer) -> RoutedModel:
 
 def open_expert(name: str, hidden: int, layers: int, seed: int, threshold: float = -2.0) -> Expert:
     """An expert that changes outputs (up != 0) and, with threshold -2, wins every token it is offered."""
-    g = torch.Generator().manual_seed(seed)
-    expert = Expert.fresh(name, hidden, tuple(range(layers)), rank=4, generator=g)
-    expert.up = torch.randn(expert.up.shape, generator=g) * 0.5
-    expert.thresholds = torch.full((layers,), threshold)
-    return expert
+    return tiny_expert(name, seed=seed, hidden=hidden, layers=range(layers), threshold=threshold)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from experts.train import (
     trainable_expert,
 )
 from moe import RoutedModel, RoutingSpec
-from moe.batching import batches, encode, forward, token_nll
+from moe.batching import batches, forward, token_nll
 from moe.file import ExpertFile
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
@@ -115,20 +115,10 @@ def model(tokenizer) -> RoutedModel:
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def test_qa_records_score_only_the_answer(tokenizer) -> None:
+def test_qa_records_become_prompt_and_answer() -> None:
+    """How the prompt and answer are then encoded and scored: tests/moe/test_batching.py."""
     (example,) = to_examples(qa_records(1), Template(), lambda t: t[-1])
     assert example.prompt.endswith("\nAnswer:") and example.target.startswith(" ")
-    ids, scored = encode(tokenizer, example, 512)
-    prompt_len = len(tokenizer(example.prompt)["input_ids"])
-    assert not any(scored[:prompt_len]) and all(scored[prompt_len:])
-    assert ids[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(ids[prompt_len:-1]) == example.target
-
-
-def test_text_records_score_every_token_but_the_prefix(tokenizer) -> None:
-    ids, scored = encode(tokenizer, Example("", "def f(x):\n    return x\n"), 512)
-    assert all(scored[1:]) and len(scored) == len(ids)  # token 0 is never predicted, whatever its flag
-    assert ids[-1] == tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize(
@@ -303,7 +293,7 @@ def test_load_examples_reads_text_files_line_by_line(tmp_path: Path) -> None:
 def test_default_calibration_is_found_beside_the_model_or_shipped(tmp_path: Path) -> None:
     from experts.cli import default_calibration
 
-    assert default_calibration(tmp_path / "model").name == "calibration.txt"  # the copy shipped in experts/
+    assert default_calibration(tmp_path / "model").name == "calibration.txt"  # the copy shipped in moe/
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "calibration_general.txt").write_text("general text\n")
     assert default_calibration(tmp_path / "model") == tmp_path / "data" / "calibration_general.txt"

@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from moe import BackboneFingerprint, ExpertFile, fingerprint, load_backbone
-from tests.server.conftest import LiveServer, build_expert, free_port
+from tests.server.conftest import LiveServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "dashboards" / "plugmoe.json"
@@ -156,24 +155,22 @@ def query(prom: str, expr: str) -> dict:
 
 
 @needs_prometheus
-def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path, expert_bytes) -> None:
     started = time.monotonic()
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [substitute(e, dashboard) for e in dashboard_exprs(dashboard)]
     assert len(exprs) >= 10
 
-    model, _ = load_backbone(tiny_model_dir, device="cpu")
-    backbone: BackboneFingerprint = fingerprint(model)
-    del model
     files = {}
     for name, open_gate, seed in (("active", True, 0), ("dead", False, 1), ("temp", True, 2)):
-        files[name] = str(
-            ExpertFile.save(
-                build_expert(name, open_gate=open_gate, seed=seed), tmp_path / f"{name}.safetensors", backbone
-            )
-        )
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(expert_bytes(name, open_gate=open_gate, seed=seed))
+        files[name] = str(path)
 
-    server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_NUM_THREADS="1")
+    # the experts are plugged by `source` from tmp_path: allow it (--source-roots)
+    server = LiveServer(
+        tiny_model_dir, tmp_path / "experts", PLUGMOE_NUM_THREADS="1", PLUGMOE_SOURCE_ROOTS=str(tmp_path)
+    )
     try:
         with prometheus(tmp_path, server.port) as prom, httpx.Client(base_url=server.url, timeout=60) as client:
             wait_for(lambda: query(prom, 'up{job="plugmoe"} == 1')["result"], 20, "the first scrape")

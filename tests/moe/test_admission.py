@@ -6,16 +6,15 @@ import torch
 
 from moe import Expert, RoutedModel
 from moe.admission import admission_report, load_calibration_texts
-from tests.tiny import tiny_backbone, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "In the morning the weather was cold."]
 
 
 def gate(name: str, seed: int, threshold: float) -> Expert:
-    e = Expert.fresh(name, 32, (0, 1), rank=4, generator=torch.Generator().manual_seed(seed))
-    e.thresholds = torch.full_like(e.thresholds, threshold)
-    e.examples = ("def add(a, b):\n    return a + b\n", "Mia walks to the market.")
-    return e
+    """Only a gate matters here: the adapter stays zero (up_scale=0)."""
+    examples = ("def add(a, b):\n    return a + b\n", "Mia walks to the market.")
+    return tiny_expert(name, seed=seed, up_scale=0, threshold=threshold, examples=examples)
 
 
 def setup() -> tuple[RoutedModel, object]:

@@ -26,7 +26,7 @@ from moe.errors import (
     UnsupportedFormatVersionError,
 )
 from moe.file import ExpertFile
-from tests.tiny import tiny_backbone
+from tests.tiny import tiny_backbone, tiny_expert
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +35,13 @@ def model() -> RoutedModel:
 
 
 def make_expert(name: str = "math") -> Expert:
-    g = torch.Generator().manual_seed(0)
-    e = Expert.fresh(name, 32, (0, 1), rank=4, generator=g)
-    e.up = torch.randn(e.up.shape, generator=g)
-    e.description, e.examples = "arithmetic", ("Question: 1 + 1?", "Question: 2 * 3?")
-    e.metadata = {"provenance": {"steps": 10}, "evals": {"ppl": 1.5}}
-    return e
+    return tiny_expert(
+        name,
+        up_scale=1.0,
+        description="arithmetic",
+        examples=("Question: 1 + 1?", "Question: 2 * 3?"),
+        metadata={"provenance": {"steps": 10}, "evals": {"ppl": 1.5}},
+    )
 
 
 def test_round_trip(model: RoutedModel, tmp_path: Path) -> None:

@@ -1,13 +1,14 @@
-"""Batched decoding with joins and drops equals each sequence decoded alone; a cached step equals a full forward."""
+"""The one generation path: batched decoding with joins and drops equals each sequence decoded alone, a cached
+step equals a full forward, prefill's sequence-mode protocol, and generate's stops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe import Expert, RoutedModel, RoutingSpec
-from moe.generation import DecodeBatch, decode_one_token
-from tests.tiny import tiny_backbone
+from moe import RoutedModel, RoutingSpec
+from moe.generation import DecodeBatch, decode_one_token, eos_token_ids, generate, prefill
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
 STEPS = 6
@@ -16,12 +17,7 @@ STEPS = 6
 def _routed(family: str) -> RoutedModel:
     model = RoutedModel(tiny_backbone(family, seed=1))
     # an always-eligible expert with a nonzero adapter, so token routing changes the logits
-    expert = Expert.fresh(
-        "shouty", model.hidden_size, list(range(model.num_layers)), rank=4, generator=torch.Generator().manual_seed(0)
-    )
-    expert.up = torch.randn_like(expert.up) * 0.5
-    expert.thresholds = torch.full_like(expert.thresholds, -2.0)
-    model.plug(expert)
+    model.plug(tiny_expert("shouty", hidden=model.hidden_size, layers=range(model.num_layers), threshold=-2.0))
     return model
 
 
@@ -102,3 +98,142 @@ def test_trace_counts_real_tokens_only() -> None:
     layers = model.num_layers
     assert out.row_counts[0] == {"shouty": 0.0, "base": 4.0 * layers}
     assert out.row_counts[1] == {"shouty": 2.0 * layers, "base": 0.0}
+
+
+# --- prefill: sequence mode ---------------------------------------------------------------------------------
+
+
+def _same_cache(a: DecodeBatch, row_a: int, b: DecodeBatch, row_b: int) -> bool:
+    """Whether two rows cache the same keys and values on every layer, bit for bit, at their real positions."""
+    real_a, real_b = a.mask[row_a].bool(), b.mask[row_b].bool()
+    return all(
+        torch.equal(x.keys[row_a][:, real_a], y.keys[row_b][:, real_b])
+        and torch.equal(x.values[row_a][:, real_a], y.values[row_b][:, real_b])
+        for x, y in zip(a.cache.layers, b.cache.layers, strict=True)
+    )
+
+
+def test_prefill_sequence_mode_observes_then_decides_and_keeps_the_callers_order() -> None:
+    model = _routed("llama")  # 'shouty' passes on every token
+    model.plug(tiny_expert("quiet", hidden=model.hidden_size, layers=range(model.num_layers), seed=1))  # closed
+    layers = model.num_layers
+    prompts = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102], [30, 31, 32, 33, 34], [8, 9]]
+    specs = [
+        RoutingSpec("sequence"),  # undecided: its prompt picks 'shouty'
+        RoutingSpec("token"),
+        RoutingSpec("sequence", allow=("quiet",)),  # undecided: 'quiet' never passes, so base
+        RoutingSpec("off"),
+        RoutingSpec("sequence", expert="shouty"),  # decided already: prefilled as it is
+        RoutingSpec("sequence", allow=("quiet",)),  # base, a shorter prompt
+    ]
+    pre = prefill(model, prompts, specs)
+
+    assert pre.specs == [
+        RoutingSpec("sequence", expert="shouty"),
+        RoutingSpec("token"),
+        RoutingSpec("sequence", expert="base", allow=("quiet",)),
+        RoutingSpec("off"),
+        RoutingSpec("sequence", expert="shouty"),
+        RoutingSpec("sequence", expert="base", allow=("quiet",)),
+    ]
+    # rows come back in the caller's order, each left-padded with its own length
+    assert len(pre.batch) == len(prompts) and pre.logits.shape[0] == len(prompts)
+    assert pre.batch.positions.tolist() == [len(p) for p in prompts]
+    assert pre.batch.mask.sum(dim=1).tolist() == [len(p) for p in prompts]
+    assert all(pre.batch.mask[row, -len(p) :].all() for row, p in enumerate(prompts))
+
+    # the protocol spelled out: the undecided rows observed together on the backbone ...
+    undecided = [0, 2, 5]
+    observed, seen = DecodeBatch.prefill_rows(
+        model, [prompts[r] for r in undecided], [specs[r] for r in undecided], observe=[True] * 3
+    )
+    backbone, plain = DecodeBatch.prefill_rows(model, [prompts[r] for r in undecided], [RoutingSpec("off")] * 3)
+    assert torch.equal(seen.logits, plain.logits), "observing is the backbone, bit for bit"
+    # ... a row that chose base keeps that cache and logits: the `off` prefill's, bit for bit ...
+    for position, row in ((1, 2), (2, 5)):
+        assert torch.equal(pre.logits[row], plain.logits[position])
+        assert _same_cache(pre.batch, row, backbone, position)
+    # ... and every other row is prefilled again, together, with its final spec (a chosen expert pinned)
+    redo = [0, 1, 3, 4]
+    again, out = DecodeBatch.prefill_rows(model, [prompts[r] for r in redo], [pre.specs[r] for r in redo])
+    for position, row in enumerate(redo):
+        assert torch.equal(pre.logits[row], out.logits[position])
+        assert pre.row_counts[row] == out.row_counts[position]
+        assert _same_cache(pre.batch, row, again, position)
+    _, pinned = DecodeBatch.prefill_rows(model, [prompts[0]], [RoutingSpec("sequence", expert="shouty")])
+    torch.testing.assert_close(pre.logits[0], pinned.logits[0], atol=1e-5, rtol=1e-4)
+
+    # row_counts: the decisions applied to each prompt, every route keyed; layer_counts: summed over rows
+    n = [len(p) * layers for p in prompts]
+    assert pre.row_counts == [
+        {"shouty": n[0], "quiet": 0, "base": 0},
+        {"shouty": n[1], "quiet": 0, "base": 0},
+        {"shouty": 0, "quiet": 0, "base": n[2]},
+        {"shouty": 0, "quiet": 0, "base": n[3]},
+        {"shouty": n[4], "quiet": 0, "base": 0},
+        {"shouty": 0, "quiet": 0, "base": n[5]},
+    ]
+    on_expert = len(prompts[0]) + len(prompts[1]) + len(prompts[4])
+    on_base = len(prompts[2]) + len(prompts[3]) + len(prompts[5])
+    assert pre.layer_counts == [{"shouty": on_expert, "quiet": 0, "base": on_base}] * layers
+
+    # the batch decodes on: one step of every row equals that row decoded alone after its own prefill
+    tokens = [int(t) for t in pre.logits.argmax(dim=-1)]
+    step = decode_one_token(model, pre.batch, tokens, pre.specs)
+    for row, prompt in enumerate(prompts):
+        alone, _ = DecodeBatch.prefill_rows(model, [prompt], [pre.specs[row]])
+        want = decode_one_token(model, alone, [tokens[row]], [pre.specs[row]])
+        torch.testing.assert_close(step.logits[row], want.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_without_undecided_rows_is_one_prefill() -> None:
+    model = _routed("llama")
+    specs = [RoutingSpec("off"), RoutingSpec("pin", expert="shouty")]
+    pre = prefill(model, PROMPTS[:2], specs)
+    batch, out = DecodeBatch.prefill_rows(model, PROMPTS[:2], specs)
+    assert pre.specs == specs and torch.equal(pre.logits, out.logits)
+    assert pre.row_counts == out.row_counts and pre.layer_counts == out.layer_counts
+    assert torch.equal(pre.batch.mask, batch.mask)
+
+
+# --- generate -----------------------------------------------------------------------------------------------
+
+
+def test_generate_stops_at_every_eos_id_and_says_why() -> None:
+    tokenizer = tiny_tokenizer()
+    model = RoutedModel(tiny_backbone("llama", seed=0, vocab=len(tokenizer)))
+    prompts = ["The quick brown fox", "def add(a, b):", "0123456789 + -"]
+    free = generate(model, tokenizer, prompts, RoutingSpec("off"), 12)  # EOS is token 0 only
+    assert eos_token_ids(model, tokenizer) == (0,)
+    greedy = [g.token_ids for g in free]
+    assert all(len(g.token_ids) == 12 and g.finish_reason == "length" for g in free), "the case needs no early EOS"
+    # a generation config that lists two more EOS ids, one taken from each of the first two rows
+    first, second = greedy[0][3], greedy[1][5]
+    model.backbone.generation_config.eos_token_id = [second, first]
+    assert eos_token_ids(model, tokenizer) == tuple(sorted({0, first, second}))
+    stops = {0, first, second}
+    cut = [next((i for i, t in enumerate(g) if t in stops), None) for g in greedy]
+    assert cut[0] is not None and greedy[0][cut[0]] == first and cut[1] is not None and greedy[1][cut[1]] == second
+    assert cut[2] is None, "the case needs a row that runs to the length limit"
+
+    results = generate(model, tokenizer, prompts, RoutingSpec("off"), 12, batch_size=3)
+    for g, tokens, at in zip(results, greedy, cut, strict=True):
+        if at is None:
+            assert (g.token_ids, g.finish_reason) == (tokens, "length")
+        else:
+            assert (g.token_ids, g.finish_reason) == (tokens[:at], "stop"), "the EOS id itself is not returned"
+        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        assert g.route is None
+
+
+def test_generate_reports_the_sequence_route_and_every_decision() -> None:
+    tokenizer = tiny_tokenizer()
+    model = RoutedModel(tiny_backbone("llama", seed=0, vocab=len(tokenizer)))
+    model.plug(tiny_expert("open", threshold=-2.0))
+    model.plug(tiny_expert("shut", seed=1))
+    prompts = ["The quick brown fox", "def add(a, b):"]
+    results = generate(model, tokenizer, prompts, [RoutingSpec("sequence"), RoutingSpec("token")], 6)
+    for g, prompt, route in zip(results, prompts, ["open", None], strict=True):
+        assert g.route == route and g.finish_reason == "length" and len(g.token_ids) == 6
+        fed = len(tokenizer(prompt)["input_ids"]) + len(g.token_ids) - 1  # the last token is never fed back
+        assert g.counts == {"open": fed * model.num_layers, "shut": 0, "base": 0}

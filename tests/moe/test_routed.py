@@ -1,4 +1,5 @@
-"""The routed model on every supported family: exactness, padding, plug/unplug semantics, mixed modes."""
+"""The routed model on every supported family: exact backbone, padding, mixed modes, the trace, and the whole
+routed forward against a plain per-token loop on the unwrapped backbone."""
 
 from __future__ import annotations
 
@@ -6,32 +7,87 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import Expert, ExpertNameTakenError, RoutedModel, RoutingSpec, UnknownExpertError
-from moe.dispatch import grouped_dispatch, reference_dispatch
-from moe.plugged import LayerAdapter
-from moe.router import choose_experts, decide_sequence, gate_scores
-from tests.tiny import FAMILIES, tiny_backbone
+from moe import Expert, RoutedModel, RoutingSpec
+from moe import routed as routed_module
+from moe.backbone import decoder_layers, mlp_attribute
+from moe.expert import adapter_delta
+from moe.router import RouterConfig
+from tests.tiny import FAMILIES, tiny_backbone, tiny_expert
 
-HIDDEN = 32
 
-
-def routed(family: str = "llama") -> tuple[RoutedModel, torch.nn.Module]:
+def routed(family: str = "llama", top_k: int = 1) -> tuple[RoutedModel, torch.nn.Module]:
     """A routed model and an untouched copy of the same backbone to compare against."""
     plain = tiny_backbone(family, seed=0)
-    return RoutedModel(tiny_backbone(family, seed=0)), plain
-
-
-def expert(name: str, seed: int, threshold: float = 0.0, layers=(0, 1), offset: float = 0.0) -> Expert:
-    g = torch.Generator().manual_seed(seed)
-    e = Expert.fresh(name, HIDDEN, layers, rank=4, generator=g)
-    e.up = torch.randn(e.up.shape, generator=g) * 0.5
-    e.thresholds = torch.full_like(e.thresholds, threshold)
-    e.offsets = torch.full_like(e.offsets, offset)
-    return e
+    return RoutedModel(tiny_backbone(family, seed=0), RouterConfig(top_k=top_k)), plain
 
 
 def ids(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reference_forward(
+    plain: torch.nn.Module, experts: list[Expert], x: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """The routed forward of token-mode rows, spelled out on the unwrapped backbone: a hook on every MLP block
+    adds, per token, the mean adapter delta of its top-k experts with score = cos(x, key) + offset > threshold.
+    Returns (logits, per-row decision counts)."""
+    counts = [dict.fromkeys([*(e.name for e in experts), "base"], 0.0) for _ in range(x.shape[0])]
+
+    def hook(layer: int, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        h, out = inputs[0], output.clone()
+        for b in range(h.shape[0]):
+            for t in range(h.shape[1]):
+                scored = []
+                for e in experts:
+                    if layer in e.layers:
+                        i = e.layers.index(layer)
+                        score = F.cosine_similarity(h[b, t], e.keys[i], dim=0) + e.offsets[i]
+                        if score > e.thresholds[i]:
+                            scored.append((float(score), e, i))
+                chosen = sorted(scored, key=lambda s: -s[0])[:top_k]
+                for _, e, i in chosen:
+                    out[b, t] += adapter_delta(h[b, t][None], e.down[i], e.up[i])[0] / len(chosen)
+                    counts[b][e.name] += 1
+                if not chosen:
+                    counts[b]["base"] += 1
+        return out
+
+    handles = [
+        getattr(block, mlp_attribute(plain)).register_forward_hook(lambda m, i, o, layer=layer: hook(layer, m, i, o))
+        for layer, block in enumerate(decoder_layers(plain))
+    ]
+    try:
+        return plain(x).logits, counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+@torch.no_grad()
+def test_token_routing_equals_the_plain_per_token_loop(
+    family: str, top_k: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "grouped":  # every step through grouped dispatch, as prefill and training run
+        monkeypatch.setattr(routed_module, "GATHER_MAX_TOKENS", 0)
+    model, plain = routed(family, top_k)
+    experts = [
+        tiny_expert("a", seed=1, threshold=0.0),
+        tiny_expert("b", seed=2, threshold=0.02, offset=0.05, layers=(1,)),
+        tiny_expert("c", seed=3, threshold=-0.05, rank=2),
+    ]
+    for expert in experts:
+        model.plug(expert)
+    x = ids(2, 9)
+    want, counts = reference_forward(plain, experts, x, top_k)
+    out = model(x)
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-4)
+    assert out.trace.row_counts() == counts
+    routed_names = {name for row in counts for name, count in row.items() if count and name != "base"}
+    assert routed_names == {"a", "b", "c"} and all(row["base"] for row in counts), "the case needs every route"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -41,8 +97,8 @@ def test_exact_backbone_without_experts_off_mode_and_all_base(family: str) -> No
     x = ids()
     want = plain(x).logits
     assert torch.equal(model(x).logits, want)  # nothing plugged
-    model.plug(expert("always", 1, threshold=-5.0))
-    model.plug(expert("never", 2, threshold=5.0))
+    model.plug(tiny_expert("always", seed=1, threshold=-5.0))
+    model.plug(tiny_expert("never", seed=2, threshold=5.0))
     out = model(x, routing=[RoutingSpec("off"), RoutingSpec("token", allow=("never",))])
     assert torch.equal(out.logits, want)  # off, and a row whose only allowed expert never passes
     assert out.trace.row_counts() == [{"always": 0, "never": 0, "base": 18.0}] * 2
@@ -56,8 +112,8 @@ def test_exact_backbone_without_experts_off_mode_and_all_base(family: str) -> No
 @torch.no_grad()
 def test_batched_equals_unbatched_with_padding(family: str, side: str) -> None:
     model, _ = routed(family)
-    model.plug(expert("a", 1, threshold=0.0))
-    model.plug(expert("b", 2, threshold=0.05))
+    model.plug(tiny_expert("a", seed=1, threshold=0.0))
+    model.plug(tiny_expert("b", seed=2, threshold=0.05))
     long, short = ids(1, 9, seed=3), ids(1, 5, seed=4)
     pad = torch.zeros(1, 4, dtype=torch.long)
     batch = torch.cat([long, torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)])
@@ -81,8 +137,8 @@ def test_batched_equals_unbatched_with_padding(family: str, side: str) -> None:
 @torch.no_grad()
 def test_mixed_modes_in_one_batch_match_each_alone() -> None:
     model, plain = routed()
-    model.plug(expert("a", 1, threshold=0.0))
-    model.plug(expert("b", 2, threshold=0.0))
+    model.plug(tiny_expert("a", seed=1, threshold=0.0))
+    model.plug(tiny_expert("b", seed=2, threshold=0.0))
     x = ids(4, 7)
     specs = [RoutingSpec("off"), RoutingSpec("pin", "b"), RoutingSpec(), RoutingSpec("token", allow=("a",))]
     out = model(x, routing=specs)
@@ -98,139 +154,36 @@ def test_mixed_modes_in_one_batch_match_each_alone() -> None:
 @torch.no_grad()
 def test_pin_on_uncovered_layer_takes_base() -> None:
     model, _ = routed()
-    model.plug(expert("only0", 1, layers=(0,)))
+    model.plug(tiny_expert("only0", seed=1, threshold=0.0, layers=(0,)))
     out = model(ids(1, 6), routing=[RoutingSpec("pin", "only0")])
     assert out.trace.row_counts() == [{"only0": 6, "base": 6}]
     assert out.trace.layer_counts() == [{"only0": 6, "base": 0}, {"only0": 0, "base": 6}]
 
 
-def _choices(model: RoutedModel, x: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, each token's slot-0 expert name index in the current set (-1 base), on backbone inputs."""
-    inputs = model(x, routing=[RoutingSpec("off")] * x.shape[0], capture_mlp_inputs=True).mlp_inputs
-    plugged, out = model.plugged, []
-    for layer, h in enumerate(inputs):
-        unit = F.normalize(h.reshape(-1, HIDDEN), dim=-1)
-        scores = gate_scores(unit, plugged.keys[layer], plugged.offsets[layer])
-        allowed = torch.ones_like(scores, dtype=torch.bool)
-        forced = torch.full((unit.shape[0],), -1)
-        out.append(choose_experts(scores, plugged.thresholds[layer], allowed, forced, plugged.covers[layer], 1)[:, 0])
-    return out
-
-
 @torch.no_grad()
-def test_plugging_b_keeps_a_scores_and_moves_only_tokens_b_wins() -> None:
-    model, _ = routed()
-    x = ids(3, 12)
-    model.plug(expert("a", 1, threshold=-0.1))
-    before = model.plugged
-    choice_a = _choices(model, x)
-    model.plug(expert("b", 2, threshold=-0.1))
-    after = model.plugged
-    assert torch.equal(after.keys[:, :1], before.keys) and torch.equal(after.offsets[:, :1], before.offsets)
-    choice_ab = _choices(model, x)
-    moved = 0
-    for layer in range(2):
-        changed = choice_a[layer] != choice_ab[layer]
-        assert bool((choice_ab[layer][changed] == 1).all()), "a token may only move to the new expert"
-        moved += int(changed.sum())
-    assert moved > 0, "the test needs b to win some tokens"
-    # unplugging a sends its tokens to b where b is eligible, else to base
-    model.unplug("a")
-    choice_b = _choices(model, x)
-    for layer in range(2):
-        was_a = choice_ab[layer] == 0
-        assert bool((choice_b[layer][choice_ab[layer] == 1] == 0).all())  # b's tokens stay with b (now index 0)
-        assert bool((choice_b[layer][choice_ab[layer] == -1] == -1).all())  # base tokens stay on base
-        plugged_b = model.plugged
-        inputs = model(x, routing=[RoutingSpec("off")] * 3, capture_mlp_inputs=True).mlp_inputs[layer]
-        score_b = gate_scores(
-            F.normalize(inputs.reshape(-1, HIDDEN), dim=-1), plugged_b.keys[layer], plugged_b.offsets[layer]
-        )[:, 0]
-        eligible_b = score_b > plugged_b.thresholds[layer, 0]
-        assert torch.equal(choice_b[layer][was_a], torch.where(eligible_b[was_a], 0, -1))
-
-
-def test_plugged_set_state_after_each_plug_and_unplug() -> None:
-    model, _ = routed()
-    a, b, c = expert("a", 1), expert("b", 2, layers=(1,)), expert("c", 3)
-    model.plug(a)
-    model.plug(b)
-    model.plug(c)
-    state = model.plugged
-    assert state.names == ("a", "b", "c") and state.version == 3
-    assert state.covers.tolist() == [[True, False, True], [True, True, True]]
-    assert state.thresholds[0, 1] == float("inf")
-    assert state.adapters[0][1] is None and state.adapters[1][1] is not None
-    model.unplug("b")
-    assert model.plugged.names == ("a", "c") and model.plugged.covers.tolist() == [[True, True], [True, True]]
-    assert state.names == ("a", "b", "c"), "an old snapshot never changes"
-    with pytest.raises(ExpertNameTakenError, match="already plugged"):
-        model.plug(expert("a", 9))
-    new_a = expert("a", 9)
-    model.plug(new_a, replace=True)
-    assert model.plugged.names == ("a", "c")
-    assert torch.equal(model.plugged.get("a").up, new_a.up)
-    with pytest.raises(UnknownExpertError, match="no expert named 'zzz'"):
-        model.unplug("zzz")
-    model.unplug("a")
-    model.unplug("c")
-    assert model.plugged.names == () and model.plugged.keys.shape == (2, 0, HIDDEN)
-
-
-@torch.no_grad()
-def test_unknown_names_in_routing_are_refused() -> None:
-    model, _ = routed()
-    model.plug(expert("a", 1))
-    with pytest.raises(UnknownExpertError, match="'nope'"):
-        model(ids(1, 3), routing=[RoutingSpec("pin", "nope")])
-    with pytest.raises(UnknownExpertError, match="'nope'"):
-        model(ids(1, 3), routing=[RoutingSpec("token", allow=("a", "nope"))])
-
-
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_grouped_dispatch_equals_reference_loop(top_k: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    n, experts = 40, 5
-    x, base = torch.randn(n, HIDDEN, generator=g), torch.randn(n, HIDDEN, generator=g)
-    adapters = tuple(
-        LayerAdapter(torch.randn(HIDDEN, 4, generator=g), torch.randn(4, HIDDEN, generator=g)) for _ in range(experts)
-    )
-    choice = torch.randint(-1, experts, (n, top_k), generator=g)
-    if top_k == 2:  # an expert chosen twice by one token is not a real top-k outcome
-        choice[:, 1] = torch.where(choice[:, 1] == choice[:, 0], -1, choice[:, 1])
-    fast = grouped_dispatch(x, base, choice, adapters)
-    torch.testing.assert_close(fast, reference_dispatch(x, base, choice, adapters), atol=1e-5, rtol=1e-5)
-    base_rows = (choice < 0).all(dim=1)
-    assert torch.equal(fast[base_rows], base[base_rows]), "base-route rows are untouched, bit for bit"
-
-
-def test_gathered_dispatch_equals_reference_loop_and_keeps_base_rows() -> None:
-    from moe.dispatch import gathered_dispatch
-
-    g = torch.Generator().manual_seed(0)
-    ranks = [4, 2, 4]  # mixed ranks: the stacked weights are zero-padded to the largest
-    adapters = tuple(
-        LayerAdapter(torch.randn(HIDDEN, r, generator=g), torch.randn(r, HIDDEN, generator=g)) for r in ranks
-    )
-    down = torch.zeros(3, HIDDEN, 4)
-    up = torch.zeros(3, 4, HIDDEN)
-    for e, a in enumerate(adapters):
-        down[e, :, : ranks[e]], up[e, : ranks[e]] = a.down, a.up
-    x, base = torch.randn(20, HIDDEN, generator=g), torch.randn(20, HIDDEN, generator=g)
-    choice = torch.randint(-1, 3, (20,), generator=g)
-    fast = gathered_dispatch(x, base, choice, down, up)
-    torch.testing.assert_close(fast, reference_dispatch(x, base, choice[:, None], adapters), atol=1e-5, rtol=1e-5)
-    assert torch.equal(fast[choice < 0], base[choice < 0])
+def test_trace_rows_and_layers_agree_and_count_every_real_decision() -> None:
+    model, _ = routed(top_k=2)
+    model.plug(tiny_expert("a", seed=1, threshold=0.0))
+    model.plug(tiny_expert("b", seed=2, threshold=0.0, layers=(1,)))
+    x = ids(3, 6)
+    mask = torch.ones_like(x)
+    mask[2, 4:] = 0  # right padding on the last row: not counted
+    out = model(x, attention_mask=mask, routing=[RoutingSpec(), RoutingSpec("off"), RoutingSpec("pin", "a")])
+    rows, layers = out.trace.row_counts(), out.trace.layer_counts()
+    assert out.trace.names == ("a", "b") and all(list(r) == ["a", "b", "base"] for r in rows + layers)
+    for route in ("a", "b", "base"):
+        assert sum(r[route] for r in rows) == sum(layer[route] for layer in layers)
+    assert rows[1] == {"a": 0, "b": 0, "base": 12} and rows[2] == {"a": 8, "b": 0, "base": 0}
+    # a top-2 token counts once per expert it took, a base token once: one or two per (token, layer)
+    assert 12 <= sum(rows[0].values()) <= 24
 
 
 @torch.no_grad()
 def test_decode_sized_and_prefill_sized_batches_agree() -> None:
     """The gathered path (<= GATHER_MAX_TOKENS tokens) and the grouped path give the same logits."""
-    from moe import routed as routed_module
-
     model, _ = routed()
-    model.plug(expert("a", 1, threshold=0.0))
-    model.plug(expert("b", 2, threshold=0.0, layers=(1,)))
+    model.plug(tiny_expert("a", seed=1, threshold=0.0))
+    model.plug(tiny_expert("b", seed=2, threshold=0.0, layers=(1,)))
     x = ids(2, 10)
     gathered = model(x)
     limit = routed_module.GATHER_MAX_TOKENS
@@ -244,37 +197,38 @@ def test_decode_sized_and_prefill_sized_batches_agree() -> None:
 
 
 def test_top2_routing_in_model_matches_reference() -> None:
-    from moe.router import RouterConfig
-
-    model = RoutedModel(tiny_backbone("llama", seed=0), RouterConfig(top_k=2))
-    model.plug(expert("a", 1, threshold=-0.2))
-    model.plug(expert("b", 2, threshold=-0.2))
+    model, plain = routed(top_k=2)
+    experts = [tiny_expert("a", seed=1, threshold=-0.2), tiny_expert("b", seed=2, threshold=-0.2)]
+    for expert in experts:
+        model.plug(expert)
+    x = ids(2, 6)
     with torch.no_grad():
-        out = model(ids(2, 6))
+        out = model(x)
     counts = out.trace.row_counts()[0]
     assert counts["a"] + counts["b"] + counts["base"] >= 12
+    want, reference_counts = reference_forward(plain, experts, x, top_k=2)
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-4)
+    assert out.trace.row_counts() == reference_counts
 
 
-def test_decide_sequence() -> None:
-    names = ("math", "code")
-    assert decide_sequence({"math": 30, "code": 5, "base": 65}, names, 0.25) == "math"
-    assert decide_sequence({"math": 10, "code": 5, "base": 85}, names, 0.25) == "base"
-    assert decide_sequence({"math": 0, "code": 0, "base": 0}, names, 0.25) == "base"
-    assert decide_sequence({"base": 4}, (), 0.25) == "base"
-
-
-@torch.no_grad()
-def test_sequence_mode_observe_then_decide() -> None:
-    from moe.router import StepRouting
-
+def test_a_plug_during_a_forward_does_not_reach_it() -> None:
+    """A forward reads the plugged set once at its start; a swap applies from the next forward."""
     model, plain = routed()
-    model.plug(expert("a", 1, threshold=-5.0))  # passes everywhere: the prompt picks it
-    x = ids(1, 8)
-    step = StepRouting.from_specs([RoutingSpec("sequence")], model.plugged, observe=[True])
-    observed = model(x, routing=step)
-    assert torch.equal(observed.logits, plain(x).logits), "observing applies no expert"
-    names = model.plugged.names
-    decision = decide_sequence(observed.trace.row_counts()[0], names, model.router.sequence_min_share)
-    assert decision == "a"
-    pinned = model(x, routing=[RoutingSpec("sequence", expert=decision)])
-    assert pinned.trace.row_counts()[0] == {"a": 16, "base": 0}
+    x = ids(1, 5)
+    seen = []
+
+    def plug_midway(module, inputs, output) -> None:
+        if not seen:
+            model.plug(tiny_expert("late", seed=1, threshold=-5.0))
+        seen.append(len(model.plugged))
+
+    handle = model.mlps[0].register_forward_hook(plug_midway)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        handle.remove()
+    assert seen == [1], "the expert was plugged while layer 0 ran"
+    assert out.trace.names == () and torch.equal(out.logits, plain(x).logits)
+    with torch.no_grad():
+        assert model(x).trace.row_counts() == [{"late": 10.0, "base": 0.0}]

@@ -1,4 +1,5 @@
-"""Fixtures: the app in-process (TestClient inside `with`), a real uvicorn process, expert files."""
+"""Fixtures: the app in-process (TestClient inside `with`) and a real uvicorn process. Expert files come from
+tests/conftest.py (`expert_bytes`)."""
 
 from __future__ import annotations
 
@@ -12,43 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from moe import BackboneFingerprint, Expert, ExpertFile, fingerprint, load_backbone
 from server.main import create_app
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 LOOPBACK = ("127.0.0.1", 50000)
-
-
-@pytest.fixture(scope="session")
-def backbone_fingerprint(tiny_model_dir: Path) -> BackboneFingerprint:
-    model, _ = load_backbone(tiny_model_dir, device="cpu")
-    return fingerprint(model)
-
-
-def build_expert(
-    name: str, hidden: int = 32, layers: tuple[int, ...] = (0, 1), open_gate: bool = True, seed: int = 0, rank: int = 4
-) -> Expert:
-    """A small expert; open_gate: eligible for every token (it wins everything in token mode)."""
-    generator = torch.Generator().manual_seed(seed)
-    expert = Expert.fresh(name, hidden, list(layers), rank=rank, generator=generator)
-    expert.up = torch.randn(expert.up.shape, generator=generator) * 0.3
-    if open_gate:
-        expert.thresholds = torch.full_like(expert.thresholds, -2.0)
-    expert.description = f"the {name} expert"
-    expert.examples = (f"an example for {name}",)
-    return expert
-
-
-@pytest.fixture
-def expert_bytes(backbone_fingerprint: BackboneFingerprint) -> Callable[..., bytes]:
-    def make(name: str, **kwargs) -> bytes:
-        return ExpertFile.to_bytes(build_expert(name, **kwargs), backbone_fingerprint)
-
-    return make
 
 
 def test_settings(model_dir: Path, tmp_path: Path, **overrides) -> Settings:
@@ -156,6 +127,6 @@ class LiveServer:
 def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A real `python -m server` on a free loopback port, shared by a test module."""
     experts_dir = tmp_path_factory.mktemp("live") / "experts"
-    server = LiveServer(tiny_model_dir, experts_dir)
+    server = LiveServer(tiny_model_dir, experts_dir, PLUGMOE_SOURCE_HOSTS="127.0.0.1")  # test_live's http source
     yield server
     server.stop()

@@ -26,7 +26,7 @@ def admission(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Stand in for the report's maths; set state['report'] to choose what it returns."""
     state: dict = {"report": FakeReport(0.0), "calls": 0, "calibration": None}
 
-    def admission_report(model, tokenizer, expert, calibration_texts):
+    def admission_report(model, tokenizer, expert, calibration_texts, calibration=None):
         state["calls"] += 1
         state["calibration"] = calibration_texts
         return state["report"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -198,15 +201,34 @@ def test_an_unreachable_s3_store_is_unavailable_not_corrupt() -> None:
 
 
 def test_local_urls_and_leftover_temp_files(tmp_path: Path) -> None:
+    """Servers sharing a directory: a start removes what crashed writers left, never a live writer's file."""
     root = tmp_path / "store"
     assert ExpertStore(f"file://{root}").is_local and ExpertStore(str(root)).root == root
     store = ExpertStore(root).open()
-    old, fresh = Path(store.tmp) / "old.tmp", Path(store.tmp) / "fresh.tmp"
-    old.write_bytes(b"a crashed write")
-    fresh.write_bytes(b"another server's write in progress")
-    os.utime(old, (time.time() - STALE_TMP_S - 5,) * 2)
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    tmp = Path(store.tmp)
+    files = {
+        "live here": tmp / f"x.safetensors.pid{live.pid}@{host}.abc123.tmp",
+        "dead here": tmp / f"y.safetensors.pid{dead.pid}@{host}.def456.tmp",
+        "elsewhere": tmp / "z.safetensors.pid1@another-host.ghi789.tmp",
+        "elsewhere, old": tmp / "w.safetensors.pid1@another-host.jkl012.tmp",
+        "unnamed": tmp / "half.tmp",
+    }
+    try:
+        for path in files.values():
+            path.write_bytes(b"partial")
+        os.utime(files["elsewhere, old"], (time.time() - STALE_TMP_S - 5,) * 2)
+        ExpertStore(root).open()
+        kept = {label for label, path in files.items() if path.exists()}
+        assert kept == {"live here", "elsewhere"}
+    finally:
+        live.kill()
+        live.wait(10)
     ExpertStore(root).open()
-    assert not old.exists() and fresh.exists()
+    assert not files["live here"].exists()  # its writer is gone now
 
 
 def test_other_fsspec_backends_work_and_are_flagged(caplog: pytest.LogCaptureFixture) -> None:

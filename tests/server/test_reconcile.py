@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from moe import ExpertFile
 from server.expert_store import ExpertStore, ManifestEntry, StoreUnavailableError
 from server.served_experts import VERSION_HEADER
-from tests.server.conftest import build_expert
+from tests.tiny import tiny_expert
 
 POLL_S = 0.1
 
@@ -147,7 +147,7 @@ def test_replicas_apply_in_manifest_order(pair, backbone_fingerprint) -> None:
     store = store_of(a)
     entries = {}
     for seed, name in enumerate(("x", "y", "z")):
-        stored = store.put_blob(ExpertFile.to_bytes(build_expert(name, seed=seed), backbone_fingerprint))
+        stored = store.put_blob(ExpertFile.to_bytes(tiny_expert(name, seed=seed, threshold=-2.0), backbone_fingerprint))
         entries[name] = ManifestEntry(name, stored.sha256, stored.size)
     first = store.commit(store.current(), (entries["x"], entries["y"], entries["z"]))
     wait_until(lambda: names(b) == ["x", "y", "z"], what="b serves x, y, z")
@@ -210,7 +210,7 @@ def test_a_server_that_cannot_apply_the_newest_version_goes_stale(pair, expert_b
 def test_two_servers_seed_one_store_once(make_client, backbone_fingerprint, tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
     seeds.mkdir()
-    ExpertFile.save(build_expert("seeded"), seeds / "seeded.safetensors", backbone_fingerprint)
+    ExpertFile.save(tiny_expert("seeded", threshold=-2.0), seeds / "seeded.safetensors", backbone_fingerprint)
     clients = [make_client(seed_experts=seeds, poll_interval_s=0) for _ in range(2)]
     assert [names(c) for c in clients] == [["seeded"], ["seeded"]]
     assert store_of(clients[0]).versions() == [1]

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import EngineDep, TokenizerDep
-from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
+from server.api.deps import EngineDep, PromptsDep
+from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, stream_error, wait_for_result
 from server.auth import ApiKey, SettingsDep
 from server.requests import Finished, RequestHandle
-from server.schemas import GenerateRequest, GenerateResponse, Usage
+from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])
 
@@ -27,11 +27,19 @@ def _response(done: Finished) -> GenerateResponse:
     )
 
 
-@router.post("/generate", response_model=GenerateResponse)
+_RESPONSES = {
+    **stream_response("the generation (server-sent events with stream: true)"),
+    **error_responses(400, 404, 503),
+}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=_RESPONSES)
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+    body: GenerateRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
-    prompt_ids = tokenizer.encode(body.prompt)
+    """A failed generation is a 500 (503 while shutting down) with the error object; a stream's last event
+    then carries `error` and finish_reason "error"."""
+    prompt_ids = await prompts.encode(body.prompt)
     job = build_request(
         engine,
         settings,
@@ -57,4 +65,6 @@ async def _stream(handle: RequestHandle) -> AsyncIterator[str]:
         if event.text or event.token_ids:
             yield sse({"text": event.text, "token_ids": event.token_ids})
         if event.finished is not None:
-            yield sse(_response(event.finished).model_dump())
+            last = _response(event.finished).model_dump()
+            error = stream_error(event.finished)
+            yield sse({**last, "error": error} if error else last)

@@ -14,29 +14,42 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import EngineDep, TokenizerDep
-from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
+from server.api.deps import EngineDep, PromptsDep
+from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, stream_error, wait_for_result
 from server.auth import ApiKey, SettingsDep
 from server.engine import Engine
 from server.errors import BadRequestError, NotFoundError
 from server.requests import Finished, RequestHandle
-from server.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Routing
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Routing,
+    TextPart,
+    error_responses,
+    stream_response,
+)
 from server.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 STARTED = int(time.time())
+_GENERATION = {
+    **stream_response("a completion (server-sent chunks with stream: true)"),
+    **error_responses(400, 404, 503),
+}
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=error_responses(503))
 async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
     cards = [ModelCard(id=settings.served_model_name(), created=STARTED)]
     cards += [ModelCard(id=name, created=STARTED, plugmoe_kind="expert") for name in engine.model.plugged.names]
     return ModelList(data=cards)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=_GENERATION)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+    body: CompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
     prompt = body.prompt
     if isinstance(prompt, list):
@@ -44,22 +57,18 @@ async def completions(
             raise BadRequestError(f"one prompt per request is supported, got {len(prompt)}")
         prompt = prompt[0]
     return await _serve(
-        body, tokenizer.encode(prompt), "text_completion", request, engine, settings, body.max_tokens or 16
+        body, await prompts.encode(prompt), "text_completion", request, engine, settings, body.max_tokens or 16
     )  # OpenAI's default for completions
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=_GENERATION)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
     messages = [{"role": m.role, "content": _text_content(m.content)} for m in body.messages]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:  # a plain fallback for tokenizers without a template
-        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return await _serve(
         body,
-        tokenizer.encode(prompt, add_special_tokens=False),
+        await prompts.chat(messages),
         "chat.completion",
         request,
         engine,
@@ -68,10 +77,10 @@ async def chat_completions(
     )
 
 
-def _text_content(content: str | list[dict[str, Any]] | None) -> str:
+def _text_content(content: str | list[TextPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    return "".join(part.text for part in content)
 
 
 def _routing(model: str | None, routing: Routing | None, engine: Engine, settings: Settings) -> Routing | None:
@@ -172,11 +181,7 @@ async def _stream(handle: RequestHandle, kind: str, ident: str, model: str) -> A
         if event.text:
             yield sse(chunk(event.text, None))
         if event.finished is not None:
-            yield sse(
-                {
-                    **chunk(None, event.finished.reason),
-                    "usage": _usage(event.finished),
-                    "plugmoe": _extras(event.finished),
-                }
-            )
+            last = {**chunk(None, event.finished.reason), "usage": _usage(event.finished)}
+            error = stream_error(event.finished)
+            yield sse({**last, "plugmoe": _extras(event.finished), **({"error": error} if error else {})})
     yield sse("[DONE]")

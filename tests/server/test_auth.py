@@ -1,0 +1,149 @@
+"""Access control: require_admin and require_api_key called as functions on real Starlette requests, then the
+routes that use them (the writing /experts endpoints, generation)."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.requests import Request
+
+from server.auth import is_loopback, require_admin, require_api_key
+from server.errors import AuthError
+from server.settings import Settings
+
+REMOTE = "203.0.113.9"
+
+
+def http_request(authorization: str | None = None, host: str | None = "127.0.0.1") -> Request:
+    headers = [(b"authorization", authorization.encode())] if authorization is not None else []
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": host and (host, 4000)})
+
+
+def outcome(check, request: Request, settings: Settings) -> int:
+    """200 when the check lets the request through, else the AuthError's status."""
+    try:
+        check(request, settings)
+    except AuthError as e:
+        return e.status
+    return 200
+
+
+ADMIN_CASES = [
+    # (admin token, Authorization header, client host, status)
+    ("s3cret", None, "127.0.0.1", 401),
+    ("s3cret", "Bearer s3cret", "127.0.0.1", 200),
+    ("s3cret", "Bearer s3cret", REMOTE, 200),  # with a token, where the client is does not matter
+    ("s3cret", "bearer  s3cret ", REMOTE, 200),  # the scheme in any case, spaces around the token
+    ("s3cret", "Bearer wrong", "127.0.0.1", 403),
+    ("s3cret", "Bearer s3cre", "127.0.0.1", 403),
+    ("s3cret", "Bearer", "127.0.0.1", 401),
+    ("s3cret", "Bearer   ", "127.0.0.1", 401),
+    ("s3cret", "Basic s3cret", "127.0.0.1", 401),
+    (None, None, "127.0.0.1", 200),
+    (None, None, "127.8.9.10", 200),
+    (None, None, "::1", 200),
+    (None, None, REMOTE, 403),
+    (None, "Bearer anything", REMOTE, 403),  # no token configured: a header opens nothing
+    (None, None, "testclient", 403),  # not an address
+    (None, None, None, 403),  # no client address known
+]
+
+
+@pytest.mark.parametrize(("token", "header", "host", "status"), ADMIN_CASES)
+def test_require_admin(token: str | None, header: str | None, host: str | None, status: int) -> None:
+    assert outcome(require_admin, http_request(header, host), Settings(admin_token=token)) == status
+
+
+def test_require_admin_says_what_to_send() -> None:
+    settings = Settings(admin_token="s3cret")
+    with pytest.raises(AuthError, match=r"needs `Authorization: Bearer <admin token>`"):
+        require_admin(http_request(), settings)
+    with pytest.raises(AuthError, match="the admin token is wrong"):
+        require_admin(http_request("Bearer no"), settings)
+    with pytest.raises(AuthError, match=f"only loopback clients may change experts \\(this client: {REMOTE}\\)"):
+        require_admin(http_request(host=REMOTE), Settings(admin_token=None))
+
+
+API_KEY_CASES = [
+    # (api keys, admin token, Authorization header, status)
+    (None, None, None, 200),  # no keys: generation is open, from anywhere
+    ("", "adm", None, 200),
+    ("k1,k2", None, None, 401),
+    ("k1,k2", None, "Bearer k2", 200),
+    ("k1,k2", None, "Bearer k1", 200),
+    ("k1,k2", None, "Bearer k3", 403),
+    ("k1,k2", None, "Bearer k1,k2", 403),
+    ("k1,k2", None, "Token k1", 401),
+    ("k1,k2", "adm", "Bearer adm", 200),  # the admin token is a key too
+    ("k1,k2", None, "Bearer adm", 403),
+]
+
+
+@pytest.mark.parametrize(("keys", "admin", "header", "status"), API_KEY_CASES)
+def test_require_api_key(keys: str | None, admin: str | None, header: str | None, status: int) -> None:
+    settings = Settings(api_keys=keys, admin_token=admin)
+    assert outcome(require_api_key, http_request(header, REMOTE), settings) == status
+
+
+def test_require_api_key_says_what_to_send() -> None:
+    settings = Settings(api_keys="k1")
+    with pytest.raises(AuthError, match=r"needs `Authorization: Bearer <api key>`"):
+        require_api_key(http_request(), settings)
+    with pytest.raises(AuthError, match="the API key is not valid"):
+        require_api_key(http_request("Bearer k2"), settings)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.255.0.1", True), ("::1", True), ("10.0.0.1", False), ("::ffff:8.8.8.8", False),
+     ("localhost", False), ("", False), (None, False)],
+)  # fmt: skip
+def test_is_loopback(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+# --- the routes that use them -------------------------------------------------------------------------------
+
+
+def _upload(client, data: bytes, headers: dict | None = None):
+    return client.post("/experts", files={"file": ("upload.safetensors", data)}, headers=headers or {})
+
+
+def test_admin_token_guards_writes(make_client, expert_bytes) -> None:
+    client = make_client(admin_token="s3cret")
+    data = expert_bytes("guarded")
+    assert _upload(client, data).status_code == 401
+    assert _upload(client, data, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert _upload(client, data, headers={"Authorization": "Bearer s3cret"}).status_code == 201
+    assert client.delete("/experts/guarded").status_code == 401
+    assert client.delete("/experts/guarded", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.get("/experts").status_code == 200  # reading stays open
+    assert client.delete("/experts/guarded", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_without_admin_token_only_loopback_may_write(make_client, expert_bytes) -> None:
+    remote = make_client(client=("203.0.113.9", 4000))
+    response = _upload(remote, expert_bytes("remote"))
+    assert response.status_code == 403 and "loopback" in response.json()["detail"]
+    assert remote.get("/experts").status_code == 200
+    assert make_client(client=("::1", 4000)).post("/experts", json={"source": "/nope"}).status_code == 422
+
+
+def test_api_keys_guard_generation(make_client) -> None:
+    client = make_client(api_keys="k1,k2")
+    body = {"prompt": "hi", "max_new_tokens": 2}
+    assert client.post("/generate", json=body).status_code == 401
+    assert client.post("/generate", json=body, headers={"Authorization": "Bearer k3"}).status_code == 403
+    assert client.post("/generate", json=body, headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/health").status_code == 200
+
+
+def test_an_auth_refusal_asks_for_a_bearer_token(make_client) -> None:
+    response = make_client(api_keys="k1").post("/generate", json={"prompt": "hi"})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"] == {
+        "message": "this endpoint needs `Authorization: Bearer <api key>`",
+        "type": "AuthError",
+        "param": None,
+        "code": 401,
+    }

@@ -1,0 +1,398 @@
+"""The engine driven directly with a tiny model, no HTTP: events, continuous batching, cancelling, plugging and
+unplugging between steps while requests run, the queue and the context limit, and failures.
+
+Engine.submit is called from an event loop (as the HTTP layer calls it), so each test runs one with asyncio.run.
+To act "between two steps" deterministically a test holds the engine thread with a queued call (Engine.call
+runs it between steps) and queues the action behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from moe import RoutedModel, RoutingSpec, UnknownExpertError
+from moe.generation import generate
+from moe.sampling import SamplingParams
+from server import engine as engine_module
+from server.engine import Engine
+from server.metrics import Metrics
+from server.requests import (
+    CANCELLED,
+    ERROR,
+    EXPERT_UNPLUGGED,
+    LENGTH,
+    ContextLimitError,
+    EngineStoppedError,
+    Event,
+    Finished,
+    GenerationRequest,
+    QueueFullError,
+)
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+
+PROMPT = "The quick brown fox"
+OTHER = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def make_engine(tokenizer) -> Iterator[Callable[..., Engine]]:
+    """make_engine(**Engine options) -> a started engine on a fresh tiny model; stopped after the test."""
+    engines: list[Engine] = []
+
+    def make(**options: Any) -> Engine:
+        engine = Engine(RoutedModel(tiny_backbone("llama", vocab=len(tokenizer))), tokenizer, **options)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def request(tokenizer, prompt: str = PROMPT, tokens: int = 8, routing: RoutingSpec | None = None) -> GenerationRequest:
+    """Greedy, exactly `tokens` new tokens (EOS blocked until then)."""
+    return GenerationRequest(
+        tokenizer.encode(prompt), tokens, SamplingParams(min_new_tokens=tokens), routing=routing or RoutingSpec()
+    )
+
+
+def alone(engine: Engine, prompt: str, tokens: int, spec: RoutingSpec | None = None) -> list[int]:
+    """The tokens moe.generation.generate gives for one prompt by itself (call while the engine is idle)."""
+    params = [SamplingParams(min_new_tokens=tokens)]
+    return generate(engine.model, engine.tokenizer, [prompt], spec or RoutingSpec(), tokens, params)[0].token_ids
+
+
+async def finish(events: Any) -> tuple[list[Event], Finished]:
+    """Read a request's events to the end: (every event, its Finished)."""
+    seen = [event async for event in events]
+    assert seen[-1].finished is not None and all(e.finished is None for e in seen[:-1])
+    return seen, seen[-1].finished
+
+
+def token_ids(events: list[Event]) -> list[int]:
+    return [token for event in events for token in event.token_ids]
+
+
+async def between_steps(engine: Engine, action: Awaitable[Any]) -> tuple[int, Any]:
+    """Hold the engine thread between two steps, queue `action` (Engine.plug / unplug) behind the hold, release.
+    Returns (sequences running when the action ran, its result): no step runs between the hold and the action."""
+    gate, running = threading.Event(), []
+    engine.call(lambda: (running.append(engine.running), gate.wait()))
+    task = asyncio.ensure_future(action)
+    await asyncio.sleep(0)  # the task runs up to its wait for the engine: its call is queued behind the hold
+    gate.set()
+    result = await task
+    return running[0], result
+
+
+def hold(engine: Engine) -> threading.Event:
+    """Stop the engine thread between two steps until the returned event is set."""
+    gate = threading.Event()
+    engine.call(gate.wait)
+    return gate
+
+
+# --- a request's events -------------------------------------------------------------------------------------
+
+
+def test_submit_streams_one_event_per_token_then_finished(make_engine, tokenizer) -> None:
+    engine = make_engine()
+    want = alone(engine, PROMPT, 8)
+
+    async def main() -> tuple[list[Event], Finished]:
+        return await finish(engine.submit(request(tokenizer, tokens=8)).events())
+
+    events, done = asyncio.run(main())
+    tokens = [e for e in events if e.token_ids]
+    assert all(len(e.token_ids) == 1 for e in tokens) and len(tokens) == 8
+    assert token_ids(events) == want
+    assert "".join(e.text for e in events) == done.text == tokenizer.decode(want, skip_special_tokens=True)
+    assert (done.reason, done.prompt_tokens, done.completion_tokens) == (LENGTH, len(tokenizer.encode(PROMPT)), 8)
+    assert done.shares == {"base": 1.0} and done.routing_entropy == 0.0 and done.message is None
+    assert asyncio.run(engine.run(lambda: (engine.running, engine.queue_depth))) == (0, 0), "by the next step"
+
+
+def test_a_request_joins_a_running_batch(make_engine, tokenizer) -> None:
+    metrics = Metrics()
+    engine = make_engine(metrics=metrics)
+    want_a, want_b = alone(engine, PROMPT, 200), alone(engine, OTHER, 6)
+
+    async def main() -> tuple[int, list[Event], Finished, list[Event], Finished]:
+        a = engine.submit(request(tokenizer, PROMPT, 200))
+        events_a = a.events()
+        first = await anext(events_a)  # a is prefilled and decoding
+        gate, running = threading.Event(), []
+        engine.call(lambda: (running.append(engine.running), gate.wait()))
+        while not running:  # the engine is held between two steps
+            await asyncio.sleep(0.005)
+        b = engine.submit(request(tokenizer, OTHER, 6))  # admitted when the hold ends, beside a
+        gate.set()
+        events_b, done_b = await finish(b.events())
+        a.cancel()  # a has shown what it needs to: it decoded beside b
+        rest_a, done_a = await finish(events_a)
+        return running[0], [first, *rest_a], done_a, events_b, done_b
+
+    running, events_a, done_a, events_b, done_b = asyncio.run(main())
+    assert running == 1, "b arrived while a was decoding"
+    assert (done_b.reason, token_ids(events_b)) == (LENGTH, want_b), "joining changes nothing for b ..."
+    got_a = token_ids(events_a)
+    assert done_a.reason == CANCELLED and 6 < len(got_a) < 200 and got_a == want_a[: len(got_a)], "... nor for a"
+    together = metrics.registry.get_sample_value("plugmoe_batch_size_bucket", {"le": "1.0"})
+    assert together < metrics.registry.get_sample_value("plugmoe_batch_size_count"), "some steps ran both rows"
+
+
+def test_cancelled_request_frees_its_slot(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def run() -> str:
+        handle = engine.submit(request(tokenizer, tokens=200))
+        async for event in handle.events():
+            handle.cancel()
+            if event.finished is not None:
+                return event.finished.reason
+        raise AssertionError
+
+    reason = asyncio.run(run())
+    assert reason == CANCELLED
+    assert asyncio.run(engine.run(lambda: engine.running)) == 0, "the slot is free by the next step"
+
+
+def test_a_request_cancelled_while_waiting_never_runs(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> Finished:
+        gate = hold(engine)
+        handle = engine.submit(request(tokenizer))
+        handle.cancel()
+        gate.set()
+        return (await finish(handle.events()))[1]
+
+    done = asyncio.run(main())
+    assert (done.reason, done.completion_tokens, done.text) == (CANCELLED, 0, "")
+
+
+# --- plugging and unplugging between steps ------------------------------------------------------------------
+
+
+def test_plug_and_unplug_between_steps_while_a_request_runs(make_engine, tokenizer) -> None:
+    engine = make_engine()
+    open_expert = tiny_expert("open", threshold=-2.0)
+
+    async def main() -> tuple[int, int, float, float, Finished]:
+        handle = engine.submit(request(tokenizer, tokens=60))
+        events = handle.events()
+        await anext(events)  # prefilled with nothing plugged: its prompt went to base
+        running_at_plug, plugged = await between_steps(engine, engine.plug(open_expert))
+        assert plugged.name == "open" and engine.model.plugged.names == ("open",)
+        for _ in range(3):
+            await anext(events)
+        routed = await engine.run(lambda: engine.tokens_routed("open"))
+        running_at_unplug, unplugged = await between_steps(engine, engine.unplug("open"))
+        assert unplugged.name == "open" and engine.model.plugged.names == ()
+        _, done = await finish(events)
+        return running_at_plug, running_at_unplug, routed, engine.tokens_routed("open"), done
+
+    running_at_plug, running_at_unplug, routed, routed_after, done = asyncio.run(main())
+    assert (running_at_plug, running_at_unplug) == (1, 1), "both swaps ran while the request was in the batch"
+    assert done.reason == LENGTH and done.completion_tokens == 60, "a token-mode request goes on without the expert"
+    assert done.shares["open"] > 0 and done.shares["base"] > 0, "base before the plug and after the unplug"
+    assert routed > 0 and routed_after == 0, "an expert's count starts at its plug and ends at its unplug"
+
+
+def test_replace_swaps_in_place_for_a_pinned_request(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> Finished:
+        await engine.plug(tiny_expert("pinned", threshold=-2.0))
+        handle = engine.submit(request(tokenizer, tokens=30, routing=RoutingSpec("pin", "pinned")))
+        events = handle.events()
+        await anext(events)
+        await between_steps(engine, engine.plug(tiny_expert("pinned", seed=5, threshold=-2.0), replace=True))
+        return (await finish(events))[1]
+
+    done = asyncio.run(main())
+    assert (done.reason, done.completion_tokens, done.shares) == (LENGTH, 30, {"pinned": 1.0, "base": 0.0})
+
+
+@pytest.mark.parametrize(
+    "routing", [RoutingSpec("pin", "gone"), RoutingSpec("sequence")], ids=["pinned", "sequence-chosen"]
+)
+def test_unplugging_a_running_requests_expert_finishes_it(make_engine, tokenizer, routing: RoutingSpec) -> None:
+    engine = make_engine()
+
+    async def main() -> tuple[int, list[Event], Finished]:
+        await engine.plug(tiny_expert("gone", threshold=-2.0))  # the sequence-mode prompt picks it
+        handle = engine.submit(request(tokenizer, tokens=200, routing=routing))
+        events = handle.events()
+        first = await anext(events)
+        running, _ = await between_steps(engine, engine.unplug("gone"))
+        rest, done = await finish(events)
+        return running, [first, *rest], done
+
+    running, events, done = asyncio.run(main())
+    assert running == 1
+    assert done.reason == EXPERT_UNPLUGGED and "expert 'gone' was unplugged" in done.message
+    assert 0 < done.completion_tokens < 200 and done.completion_tokens == len(token_ids(events))
+    assert done.text == "".join(e.text for e in events), "what was generated is still delivered"
+
+
+def test_a_waiting_request_whose_expert_is_unplugged_finishes_before_running(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> Finished:
+        await engine.plug(tiny_expert("gone", threshold=-2.0))
+        gate = hold(engine)
+        handle = engine.submit(request(tokenizer, routing=RoutingSpec("pin", "gone")))  # accepted: still plugged
+        unplug = asyncio.ensure_future(engine.unplug("gone"))  # queued behind the hold: runs before admission
+        await asyncio.sleep(0)
+        gate.set()
+        await unplug
+        return (await finish(handle.events()))[1]
+
+    done = asyncio.run(main())
+    assert (done.reason, done.completion_tokens) == (EXPERT_UNPLUGGED, 0) and "'gone'" in done.message
+
+
+def test_an_allow_list_loses_an_unplugged_expert_and_goes_on(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> Finished:
+        await engine.plug(tiny_expert("stays"))
+        await engine.plug(tiny_expert("goes", seed=1, threshold=-2.0))
+        handle = engine.submit(request(tokenizer, tokens=40, routing=RoutingSpec(allow=("stays", "goes"))))
+        events = handle.events()
+        await anext(events)
+        await between_steps(engine, engine.unplug("goes"))
+        return (await finish(events))[1]
+
+    done = asyncio.run(main())
+    assert done.reason == LENGTH and done.completion_tokens == 40
+    assert done.shares["goes"] > 0 and done.shares["base"] > 0 and done.shares["stays"] == 0
+
+
+def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> list[Finished]:
+        await engine.plug(tiny_expert("open", threshold=-2.0))
+        await engine.plug(tiny_expert("shut", seed=1))
+        specs = [RoutingSpec("sequence"), RoutingSpec("sequence", allow=("shut",))]
+        handles = [engine.submit(request(tokenizer, tokens=n, routing=s)) for s in specs for n in (1, 5)]
+        return [(await finish(h.events()))[1] for h in handles]
+
+    chose_open_1, chose_open_5, chose_base_1, chose_base_5 = asyncio.run(main())
+    for done in (chose_open_1, chose_open_5):
+        assert done.shares == {"open": 1.0, "shut": 0.0, "base": 0.0}
+    for done in (chose_base_1, chose_base_5):  # one token or five: the same keys
+        assert done.shares == {"open": 0.0, "shut": 0.0, "base": 1.0}
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+
+
+def test_a_full_queue_refuses_with_the_numbers(make_engine, tokenizer) -> None:
+    engine = make_engine(max_batch_size=1, max_queue=1)
+
+    async def main() -> list[Finished]:
+        gate = hold(engine)
+        handles = [engine.submit(request(tokenizer)) for _ in range(2)]
+        with pytest.raises(QueueFullError, match="2 requests are waiting and 0 running; the queue holds 1 beyond a"):
+            engine.submit(request(tokenizer))
+        assert engine.queue_depth == 2
+        gate.set()
+        return [(await finish(h.events()))[1] for h in handles]
+
+    assert [d.reason for d in asyncio.run(main())] == [LENGTH, LENGTH], "the queued requests are still served"
+
+
+def test_context_limit(make_engine, tokenizer) -> None:
+    engine = make_engine(context_limit=8)
+    five = tokenizer.encode("The quick brown fox jumps")[:5]
+    assert len(five) == 5
+
+    async def main() -> Finished:
+        with pytest.raises(ContextLimitError, match="the prompt has 8 tokens; the context limit is 8"):
+            engine.submit(GenerationRequest(five + five[:3], 4))
+        with pytest.raises(ContextLimitError, match="empty"):
+            engine.submit(GenerationRequest([], 4))
+        handle = engine.submit(GenerationRequest(five, 100, SamplingParams(min_new_tokens=100)))
+        return (await finish(handle.events()))[1]
+
+    done = asyncio.run(main())
+    assert (done.reason, done.completion_tokens) == (LENGTH, 3), "prompt and generated tokens fill the context"
+
+
+def test_unknown_experts_are_refused_at_submit(make_engine, tokenizer) -> None:
+    engine = make_engine()
+
+    async def main() -> None:
+        with pytest.raises(UnknownExpertError, match="'ghost'"):
+            engine.submit(request(tokenizer, routing=RoutingSpec("pin", "ghost")))
+        with pytest.raises(UnknownExpertError, match="'ghost'"):
+            engine.submit(request(tokenizer, routing=RoutingSpec(allow=("ghost",))))
+
+    asyncio.run(main())
+    assert engine.queue_depth == 0
+
+
+# --- failures and shutdown ----------------------------------------------------------------------------------
+
+
+def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
+    make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine()
+    real = engine_module.decode_one_token
+    calls = []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_one_token", fails_once)
+
+    async def main() -> tuple[Finished, Finished]:
+        failed = (await finish(engine.submit(request(tokenizer)).events()))[1]
+        served = (await finish(engine.submit(request(tokenizer)).events()))[1]
+        return failed, served
+
+    failed, served = asyncio.run(main())
+    assert failed.reason == ERROR and failed.message == "generation failed: RuntimeError: boom"
+    assert served.reason == LENGTH and served.completion_tokens == 8 and engine.alive
+
+
+def test_stop_finishes_running_and_waiting_requests_and_refuses_new_ones(make_engine, tokenizer) -> None:
+    engine = make_engine(max_batch_size=1)
+
+    async def main() -> tuple[Finished, Finished]:
+        running = engine.submit(request(tokenizer, tokens=200))
+        events = running.events()
+        await anext(events)
+        waiting = engine.submit(request(tokenizer))  # the batch holds one: this one waits
+        await asyncio.to_thread(engine.stop)
+        return (await finish(events))[1], (await finish(waiting.events()))[1]
+
+    was_running, was_waiting = asyncio.run(main())
+    for done in (was_running, was_waiting):
+        assert done.reason == ERROR and done.message == "the server is shutting down"
+    assert not engine.alive
+
+    async def after() -> None:
+        with pytest.raises(EngineStoppedError):
+            engine.submit(request(tokenizer))
+
+    asyncio.run(after())
+    with pytest.raises(EngineStoppedError):
+        engine.call(lambda: None).result(timeout=1)

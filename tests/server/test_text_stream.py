@@ -1,0 +1,90 @@
+"""TextStream with a real byte-level BPE tokenizer: stop strings across token boundaries, held-back prefixes,
+incomplete UTF-8 characters, and EOS."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.text_stream import TextStream
+from tests.tiny import tiny_tokenizer
+
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def stream_all(tokenizer, text: str, stop: tuple[str, ...]) -> tuple[list[str], bool, TextStream]:
+    """Feed text's tokens one at a time until a stop; then flush, as the engine does at the end."""
+    stream = TextStream(tokenizer, stop, (EOS,))
+    pieces: list[str] = []
+    for token in tokenizer.encode(text):
+        piece, stopped = stream.add(token)
+        pieces.append(piece)
+        if stopped:
+            return pieces, True, stream
+    pieces.append(stream.flush())
+    return pieces, False, stream
+
+
+CASES = [
+    ("no stop", "The quick brown fox jumps over the lazy dog.", ()),
+    ("stop inside one token", "The quick brown fox jumps over the lazy dog.", ("ump",)),
+    ("stop across three tokens", "The quick brown fox jumps over the lazy dog.", ("own f",)),
+    ("stop at the very start", "The quick brown fox", ("The",)),
+    ("stop at the very end", "The quick brown fox jumps over the lazy dog.", ("dog.",)),
+    ("a prefix that never completes", "The quick brown fox jumps over the lazy dog.", ("lazy cat", "zebra")),
+    ("the earliest of two stops", "The quick brown fox jumps over the lazy dog.", ("lazy", "quick")),
+    ("overlapping stops", "abababc", ("babc", "abc")),
+    ("a stop of one character", "a\n\nb", ("\n",)),
+    ("multi-byte characters", "naïve café 😀 done", ()),
+    ("a stop after multi-byte characters", "naïve café 😀 done", ("😀",)),
+    ("a stop that is a multi-byte prefix", "naïve café 😀 done", ("é 😀 do",)),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "stop"), CASES, ids=[c[0] for c in CASES])
+def test_pieces_add_up_to_the_text_cut_at_the_first_stop(tokenizer, case: str, text: str, stop: tuple) -> None:
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    starts = [text.find(s) for s in stop if s in text]
+    want = text[: min(starts)] if starts else text
+    pieces, stopped, stream = stream_all(tokenizer, text, stop)
+    assert "".join(pieces) == want == stream.text
+    assert stopped == bool(starts)
+    assert all("\ufffd" not in piece for piece in pieces), "never half a character"
+
+
+def test_text_that_may_grow_into_a_stop_is_held_back(tokenizer) -> None:
+    # 'The', ' qu', 'ick', ' b', 'row', 'n', ' f', ...: "brown" may still become "brown cow"
+    pieces, stopped, _ = stream_all(tokenizer, "The quick brown fox", ("brown cow",))
+    assert pieces[:7] == ["The", " qu", "ick", " ", "", "", "brown f"]
+    assert not stopped
+
+
+def test_an_incomplete_character_waits_for_its_last_byte(tokenizer) -> None:
+    stream = TextStream(tokenizer)
+    pieces = [stream.add(token)[0] for token in tokenizer.encode("caf😀é")]
+    assert "".join(pieces) == "caf😀é" == stream.text
+    assert pieces[-6:] == ["", "", "", "😀", "", "é"], "a 4-byte and a 2-byte character, each whole or nothing"
+
+
+def test_eos_flushes_what_was_held_back_and_is_not_text(tokenizer) -> None:
+    stream = TextStream(tokenizer, ("lazy cat",), (EOS,))
+    pieces = [stream.add(token)[0] for token in tokenizer.encode("over the laz")]
+    assert "".join(pieces) == "over the ", "'laz' may still become 'lazy cat'"
+    assert stream.add(EOS) == ("laz", True)
+    assert stream.text == "over the laz" and EOS not in stream.ids
+    assert stream.flush() == "", "nothing is handed out twice"
+
+
+def test_flush_at_the_length_limit_hands_out_the_rest(tokenizer) -> None:
+    stream = TextStream(tokenizer, ("dog!",), (EOS,))
+    text = "".join(stream.add(token)[0] for token in tokenizer.encode("the lazy do"))
+    assert text == "the lazy " and stream.flush() == "do" and stream.text == "the lazy do"
+
+
+def test_a_stop_string_is_cut_where_it_starts_even_inside_a_token(tokenizer) -> None:
+    pieces, stopped, stream = stream_all(tokenizer, "The quick brown fox", ("own f",))
+    assert stopped and stream.text == "The quick br" and "".join(pieces) == "The quick br"
