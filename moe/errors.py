@@ -43,6 +43,14 @@ class SamplingParamsError(ValueError):
     """Sampling settings outside their range."""
 
 
+class GrammarError(ValueError):
+    """A structured-output format (JSON schema, regex) that cannot be compiled. `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 # --- expert files: the file cannot be plugged as it is; nothing was plugged or changed -------------------
 
 

@@ -3,8 +3,10 @@
     loop:
         run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
         admit waiting requests up to max_batch_size: moe.generation.prefill them together (sequence mode is
-            decided there), sample their first tokens, and join them to the running batch
+            decided there; requests that asked for prompt logprobs are prefilled apart, with every position's
+            logits), sample their first tokens, and join them to the running batch
         one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
+            (penalties, logit bias, structured output masks: moe.sampling and moe.structured_output)
         emit each new token's text (server.text_stream) to its request's queue; drop finished and cancelled rows
 
 Requests are submitted from the event loop and read back through an asyncio queue per request, so the
@@ -30,9 +32,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
+from moe import BASE_ROUTE, Expert, GrammarError, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
 from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
-from moe.sampling import sample
+from moe.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
+from moe.structured_output import GrammarCompiler, advance
 from moe.trace import add_counts
 from server.metrics import Metrics
 from server.requests import (
@@ -56,6 +59,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _SHUTTING_DOWN = "the server is shutting down"
 
+# Logits one prefill may hold for prompt logprobs ([rows, longest prompt, V] elements; 256 MiB in float32):
+# requests that ask for them are prefilled in groups under this, one row at least.
+PROMPT_LOGITS_BUDGET = 1 << 26
+
 
 @dataclass
 class _Sequence:
@@ -69,6 +76,10 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     done: bool = False
     last_token_at: float = 0.0
+    matcher: Any = None  # the row's grammar (structured output), None when unconstrained
+    stop_ids: frozenset[int] = frozenset()  # EOS and the request's stop_token_ids
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -93,6 +104,9 @@ class Engine:
         self.context_limit = context_limit or context_length(model)
         self.metrics = metrics
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
         self._routed_totals: dict[str, float] = {}  # (token, layer) decisions per expert since it was plugged
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
@@ -108,11 +122,6 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def vocab_size(self) -> int:
-        """Tokens the model scores (the logits' width): the largest sensible top_k."""
-        return int(self.model.fingerprint.vocab_size)
 
     def start(self) -> None:
         self._stopping = False
@@ -149,29 +158,43 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request (from the event loop). Raises QueueFullError, ContextLimitError, UnknownExpertError."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue several sequences of one HTTP request (n choices, several prompts): all of them or none."""
         if not self.alive:
             raise EngineStoppedError("the engine is not running")
         if self._drain_deadline is not None:
             raise EngineStoppedError(_SHUTTING_DOWN)
-        if not request.prompt_ids:
-            raise ContextLimitError("the prompt is empty; send at least one token")
-        if len(request.prompt_ids) >= self.context_limit:
-            raise ContextLimitError(
-                f"the prompt has {len(request.prompt_ids)} tokens; the context limit is {self.context_limit} "
-                "tokens including at least one generated token"
-            )
-        request.routing.check_against(self.model.plugged)
+        for request in requests:
+            if not request.prompt_ids:
+                raise ContextLimitError("the prompt is empty; send at least one token")
+            if len(request.prompt_ids) >= self.context_limit:
+                raise ContextLimitError(
+                    f"the prompt has {len(request.prompt_ids)} tokens; the context limit is {self.context_limit} "
+                    "tokens including at least one generated token"
+                )
+            request.routing.check_against(self.model.plugged)
+        loop = asyncio.get_running_loop()
         with self._wake:
-            if len(self._waiting) + len(self._running) >= self.max_batch_size + self.max_queue:
+            if len(self._waiting) + len(self._running) + len(requests) > self.max_batch_size + self.max_queue:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are waiting and {len(self._running)} running; "
                     f"the queue holds {self.max_queue} beyond a batch of {self.max_batch_size}"
                 )
-            handle = RequestHandle(request, asyncio.get_running_loop())
-            self._waiting.append(handle)
+            handles = [RequestHandle(request, loop) for request in requests]
+            self._waiting.extend(handles)
             self._set_gauges()
             self._wake.notify_all()
-        return handle
+        return handles
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured output's compiler, built on first use (it converts the vocabulary once)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            return self._grammars
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run fn on the engine thread between two steps (anything that swaps the plugged set)."""
@@ -321,34 +344,54 @@ class Engine:
                 if spec is None:
                     self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
                     continue
-                try:
-                    generator = handle.request.sampling.generator(self.model.device)
-                    stream = TextStream(self.tokenizer, handle.request.stop, self.eos_ids)
-                except Exception as e:  # this request cannot start; the others can
-                    logger.exception("cannot start a request")
-                    error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
-                    self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
-                    continue
-                seqs.append(_Sequence(handle, spec, generator, stream, last_token_at=now))
-            if seqs:
-                self._start(seqs, plugged)
+                seq = self._sequence(handle, spec, now)
+                if seq is not None:
+                    seqs.append(seq)
+            scored = [s for s in seqs if s.request.prompt_logprobs is not None]
+            for group in _prompt_logit_groups(scored, self.vocab_size):
+                self._start(group, plugged, prompt_logits=True)
+            plain = [s for s in seqs if s.request.prompt_logprobs is None]
+            if plain:
+                self._start(plain, plugged)
         finally:  # whatever happened above, no request taken from the queue is left without an answer
             for handle in handles:
                 if not handle.done and not any(seq.handle is handle for seq in self._running):
                     error = GenerationFailedError("the request could not start (see the server log)")
                     self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
 
-    def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
+    def _sequence(self, handle: RequestHandle, spec: RoutingSpec, now: float) -> _Sequence | None:
+        """The engine's record of a request about to start (None: it could not start, and was finished)."""
+        request = handle.request
+        try:
+            generator = request.sampling.generator(self.model.device)
+            stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
+            stream = TextStream(self.tokenizer, request.stop, tuple(sorted(stop_ids)))
+            seq = _Sequence(handle, spec, generator, stream, last_token_at=now, stop_ids=stop_ids)
+            if request.grammar is not None:  # checked before queueing; a failure here fails this request only
+                seq.matcher = self.grammars.matcher(request.grammar)
+        except GrammarError as e:
+            self._finish_handle(handle, ERROR, "", 0, {}, f"structured output failed: {e}")
+            return None
+        except Exception as e:  # this request cannot start; the others can
+            logger.exception("cannot start a request")
+            error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
+            self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
+            return None
+        return seq
+
+    def _start(self, seqs: list[_Sequence], plugged: PluggedSet, prompt_logits: bool = False) -> None:
         """Prefill new sequences together, sample their first tokens, and join them to the running batch.
 
-        A prefill that raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). A prefill that
+        raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompts = [s.request.prompt_ids for s in seqs]
         try:
-            pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
+            pre = prefill(self.model, prompts, [s.spec for s in seqs], plugged, prompt_logits=prompt_logits)
         except Exception as e:
             if len(seqs) > 1:
                 logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
                 for seq in seqs:
-                    self._start([seq], plugged)
+                    self._start([seq], plugged, prompt_logits)
                 return
             logger.exception("prefill failed")
             error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
@@ -360,44 +403,68 @@ class Engine:
             add_counts(seq.counts, row_counts)
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-        tokens = self._sample(pre.logits, seqs)
+        if pre.prompt_logits is not None:
+            for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
+                seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
+        live = [row for row, seq in enumerate(seqs) if seq.request.max_new_tokens > 0]
+        for seq in seqs:
+            if seq.request.max_new_tokens == 0:  # scoring only (echo with max_tokens 0)
+                self._finish(seq, LENGTH, None)
+        if not live:
+            return
+        rows = [seqs[row] for row in live]
+        logits = pre.logits if len(live) == len(seqs) else pre.logits[live]
+        tokens, logprobs = self._sample(rows, logits)
         keep = [
             row
-            for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True))
-            if token is not None and not self._advance(seq, token)
+            for row, seq, token, row_logprobs in zip(live, rows, tokens, logprobs, strict=True)
+            if token is not None and not self._advance(seq, token, row_logprobs)
         ]
         pre.batch.keep(keep)
         self._batch.extend(pre.batch)
         self._running.extend(seqs[row] for row in keep)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> list[int | None]:
-        """Each row's next token; a row whose sampling raises is finished with an error (None here) while
-        the others are sampled alone, exactly as they would have been together."""
-        params = [s.request.sampling for s in seqs]
-        generators = [s.generator for s in seqs]
-        steps = [len(s.generated) for s in seqs]
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int | None], list[Any]]:
+        """Each row's next token (and logprobs) under its own sampling settings and grammar; grammars advance
+        past it. A row whose sampling raises is finished with an error (token None) while the others are
+        sampled alone, exactly as they would have been together."""
         try:
-            return list(sample(logits, params, generators, steps, self.eos_ids))
+            sampled = self._sample_rows(seqs, logits)
+            return list(sampled.tokens), list(sampled.logprobs)
         except Exception:
             logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
         tokens: list[int | None] = []
+        logprobs: list[Any] = []
         for row, seq in enumerate(seqs):
             try:
-                tokens.append(
-                    sample(
-                        logits[row : row + 1],
-                        params[row : row + 1],
-                        generators[row : row + 1],
-                        steps[row : row + 1],
-                        self.eos_ids,
-                    )[0]
-                )
+                one = self._sample_rows([seq], logits[row : row + 1])
+                tokens.append(one.tokens[0])
+                logprobs.append(one.logprobs[0])
             except Exception as e:
                 logger.exception("sampling failed")
                 error = GenerationFailedError(f"sampling failed: {type(e).__name__}: {e}")
                 self._finish(seq, ERROR, str(error), error)
                 tokens.append(None)
-        return tokens
+                logprobs.append(None)
+        return tokens, logprobs
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> Sampled:
+        matchers = [s.matcher for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        allowed = self.grammars.allowed_tokens(matchers) if constrained else None
+        sampled = sample_step(
+            logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [len(s.generated) for s in seqs],
+            self.eos_ids,
+            prompts=[s.request.prompt_ids for s in seqs],
+            outputs=[s.generated for s in seqs],
+            allowed=allowed,
+        )
+        if constrained:
+            advance(matchers, sampled.tokens, [s.stop_ids for s in seqs])
+        return sampled
 
     def _decode(self) -> None:
         plugged = self.model.plugged
@@ -422,11 +489,13 @@ class Engine:
         self._count_layers(out.layer_counts)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
-        tokens = self._sample(out.logits, seqs)
+        tokens, logprobs = self._sample(seqs, out.logits)
         keep = []
-        for row, (seq, token, row_counts) in enumerate(zip(seqs, tokens, out.row_counts, strict=True)):
+        for row, (seq, token, row_logprobs, row_counts) in enumerate(
+            zip(seqs, tokens, logprobs, out.row_counts, strict=True)
+        ):
             add_counts(seq.counts, row_counts)
-            if token is not None and not self._advance(seq, token):
+            if token is not None and not self._advance(seq, token, row_logprobs):
                 keep.append(row)
         self._drop(keep)
 
@@ -437,7 +506,7 @@ class Engine:
 
     # --- per-token bookkeeping ------------------------------------------------------------------------
 
-    def _advance(self, seq: _Sequence, token: int) -> bool:
+    def _advance(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         """Record a sampled token, stream its text, and finish the sequence if it is done. True: finished."""
         now = time.perf_counter()
         request = seq.request
@@ -449,6 +518,8 @@ class Engine:
                 self.metrics.inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(token)
+        if request.sampling.logprobs is not None:
+            seq.logprobs.append(logprobs)
         piece, stopped = seq.text.add(token)
         reason = STOP if stopped else None
         if reason is None and (
@@ -456,7 +527,7 @@ class Engine:
             or len(request.prompt_ids) + len(seq.generated) >= self.context_limit
         ):
             reason, piece = LENGTH, piece + seq.text.flush()
-        seq.handle.push(Event(piece, [token]))
+        seq.handle.push(Event(piece, [token], logprobs=[logprobs] if request.sampling.logprobs is not None else []))
         if reason is None:
             return False
         self._finish(seq, reason, None)
@@ -469,7 +540,18 @@ class Engine:
         rest = seq.text.flush()
         if rest:
             seq.handle.push(Event(rest))
-        self._finish_handle(seq.handle, reason, seq.text.text, len(seq.generated), seq.counts, message, error)
+        self._finish_handle(
+            seq.handle,
+            reason,
+            seq.text.text,
+            len(seq.generated),
+            seq.counts,
+            message,
+            error,
+            token_ids=list(seq.generated),
+            logprobs=list(seq.logprobs),
+            prompt_logprobs=seq.prompt_logprobs,
+        )
 
     def _finish_handle(
         self,
@@ -480,6 +562,9 @@ class Engine:
         counts: dict[str, float],
         message: str | None,
         error: Exception | None = None,
+        token_ids: list[int] | None = None,
+        logprobs: list[TokenLogprobs | None] | None = None,
+        prompt_logprobs: list[TokenLogprobs | None] | None = None,
     ) -> None:
         if handle.done:
             return
@@ -492,7 +577,17 @@ class Engine:
                     self.metrics.request_expert_share.labels(expert=route).observe(share)
             self.metrics.routing_entropy.observe(entropy)
         finished = Finished(
-            reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message, error
+            reason,
+            text,
+            len(handle.request.prompt_ids),
+            completion_tokens,
+            shares,
+            entropy,
+            message,
+            error,
+            token_ids=token_ids or [],
+            logprobs=logprobs or [],
+            prompt_logprobs=prompt_logprobs,
         )
         handle.push(Event(finished=finished))
 
@@ -509,6 +604,31 @@ class Engine:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running_sequences.set(len(self._running))
+
+
+def logits_width(model: RoutedModel) -> int:
+    """V: the width of the model's logits (it may exceed the tokenizer's vocabulary)."""
+    head = model.backbone.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.backbone.config.vocab_size)
+
+
+def _prompt_logit_groups(seqs: list[_Sequence], vocab: int) -> list[list[_Sequence]]:
+    """Consecutive groups whose [rows, longest prompt, V] logits stay under PROMPT_LOGITS_BUDGET."""
+    groups: list[list[_Sequence]] = []
+    current: list[_Sequence] = []
+    longest = 0
+    for seq in seqs:
+        length = len(seq.request.prompt_ids)
+        if current and (len(current) + 1) * max(longest, length) * vocab > PROMPT_LOGITS_BUDGET:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(seq)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _current_spec(spec: RoutingSpec, plugged: PluggedSet) -> tuple[RoutingSpec | None, str | None]:

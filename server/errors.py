@@ -14,6 +14,7 @@ from starlette.routing import Match, Route
 from moe import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     RoutingSpecError,
@@ -89,6 +90,7 @@ STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasse
     (ExpertSourceError, 422),
     (RoutingSpecError, 400),
     (SamplingParamsError, 400),
+    (GrammarError, 400),
     (QueueFullError, 503),
     (EngineStoppedError, 503),
     (GenerationFailedError, 500),
@@ -144,7 +146,7 @@ def validation_error(exc: RequestValidationError) -> BadRequestError:
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         reason = (first.get("ctx") or {}).get("error", first["msg"])
         return BadRequestError(f"the body is not valid JSON: {reason} (see the API schema at /docs)")
-    param = ".".join(first["loc"]) or None
+    param = "".join(part if part.startswith("[") else f".{part}" for part in first["loc"]).lstrip(".") or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
     return BadRequestError(message + " (see the API schema at /docs)", param=param)
 
@@ -154,12 +156,13 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _field_path(loc: tuple | list) -> list[str]:
-    """A pydantic error location as the request's field path: list indices kept; where the value came from
-    (body, query) and union branch tags (`str`, `list[TextPart]`, `function-after[...]`) dropped."""
+    """A pydantic error location as the request's field path, list indices as OpenAI writes them
+    (`messages[0].content`): where the value came from (body, query) and union branch tags (`str`,
+    `list[str]`, `function-after[...]`) dropped."""
     path = []
     for part in loc:
         if isinstance(part, int):
-            path.append(str(part))
+            path.append(f"[{part}]")
         elif part not in ("body", "query", "path", "header") and _FIELD.fullmatch(part) and part not in _TYPE_TAGS:
             path.append(part)
     return path

@@ -30,6 +30,10 @@ class PromptEncoder:
         self._check_length(len(text), param)
         return await self._run(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
 
+    async def decode(self, ids: list[int]) -> str:
+        """Token ids back into text (a token-id prompt's text, for `echo`)."""
+        return await self._run(lambda: self.tokenizer.decode(ids))
+
     async def chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template applied with a generation prompt (a plain `role: content` fallback without one)."""
         self._check_length(sum(len(m["content"]) + len(m["role"]) for m in messages), "messages")

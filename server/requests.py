@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from moe import RoutingSpec
-from moe.sampling import SamplingParams
+from moe.sampling import SamplingParams, TokenLogprobs
+from moe.structured_output import GrammarSpec
 
 # why a request finished
 STOP, LENGTH, EXPERT_UNPLUGGED, CANCELLED, ERROR = "stop", "length", "expert_unplugged", "cancelled", "error"
@@ -39,10 +40,12 @@ class GenerationFailedError(RuntimeError):
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: prefill only (prompt logprobs), nothing generated
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     routing: RoutingSpec = RoutingSpec()
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many most likely (echo)
+    grammar: GrammarSpec | None = None  # structured output
 
 
 @dataclass
@@ -57,6 +60,9 @@ class Finished:
     routing_entropy: float
     message: str | None = None
     error: Exception | None = None  # reason "error": why (GenerationFailedError, or EngineStoppedError at shutdown)
+    token_ids: list[int] = field(default_factory=list)  # generated, the ending EOS / stop token included
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token_ids, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (first: None), when asked
 
 
 @dataclass
@@ -66,6 +72,7 @@ class Event:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finished: Finished | None = None
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token_ids, when asked
 
 
 class RequestHandle:

@@ -57,10 +57,12 @@ class Usage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = STRICT
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")  # unknown field: 400 naming it
 
     prompt: Annotated[Text, Field(min_length=1)]
-    max_new_tokens: Int = Field(64, ge=1, description="capped at the server's --max-new-tokens")
+    max_new_tokens: Int = Field(
+        64, ge=1, description="over the server's --max-new-tokens (or the context's room): 400 stating the cap"
+    )
     min_new_tokens: Int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0, le=2, description="0: greedy (so is anything below 0.01)")
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1)
@@ -69,6 +71,19 @@ class GenerateRequest(BaseModel):
     stop: StopStrings = None
     stream: bool = Field(False, strict=True)
     routing: Routing = Routing()
+    logprobs: Int | None = Field(
+        None, ge=0, description="return each generated token's logprob and this many most likely alternatives"
+    )
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class GeneratedLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
 
 
 class GenerateResponse(BaseModel):
@@ -78,54 +93,86 @@ class GenerateResponse(BaseModel):
     usage: Usage
     experts: dict[str, float] = Field(description="each route's share of the request's (token, layer) decisions")
     routing_entropy: float
+    logprobs: list[GeneratedLogprob] | None = Field(None, description="per generated token, when asked")
 
 
 # --- OpenAI-compatible ---------------------------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    # unknown fields are kept so server.openai_params can refuse each by name (never silently ignored)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: Int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=0, description="0 only with echo: score the prompt, generate nothing")
     min_tokens: Int = Field(0, ge=0)
     temperature: float = Field(1.0, ge=0, le=2, description="below 0.01: greedy")
     top_p: float = Field(1.0, ge=MIN_TOP_P, le=1)
     top_k: Int = Field(0, ge=0, description="0: no limit; at most the vocabulary size")
-    n: Int = Field(1, ge=1, le=1, description="one choice per request")
+    n: Int = Field(1, ge=1, description="choices per prompt, up to the server's --max-n")
     stream: bool = Field(False, strict=True)
     stop: StopStrings = None
     seed: Seed = None
     user: str | None = None
     routing: Routing | None = Field(None, description="plugmoe extension; `model` = an expert's name pins it")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    response_format: ResponseFormat | None = None
+    stream_options: StreamOptions | None = None
+    # plugmoe / vLLM extensions (the openai client sends them through `extra_body`)
+    repetition_penalty: float = Field(1.0, gt=0, description="HF's: seen tokens' logits divided by it")
+    stop_token_ids: list[Int] | None = Field(None, description="token ids that end the sequence like EOS")
+    guided_regex: str | None = Field(None, description="constrain the output to this regular expression")
 
 
 class CompletionRequest(_OpenAIRequest):
     prompt: (
         Annotated[Text, Field(min_length=1)]
-        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
-    )
-
-
-class TextPart(BaseModel):
-    """A chat content part; text is the only kind served."""
-
-    model_config = STRICT
-
-    type: Literal["text"]
-    text: Text
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[Int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[Int], Field(min_length=1)]], Field(min_length=1)]
+    ) = Field(description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    logprobs: Int | None = Field(None, ge=0, description="per token: its logprob and this many most likely")
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # unknown fields are kept so server.openai_params can refuse tool calls and the like by name; content
+    # parts are checked there too (text parts only, each with a string `text`)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Text
-    content: Text | list[TextPart] | None = None
+    content: Text | list[dict[str, Any]] | None = None
 
 
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(None, ge=0)
 
 
 class ModelCard(BaseModel):

@@ -14,6 +14,7 @@ import moe.errors
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     MetadataTooLargeError,
@@ -64,6 +65,7 @@ CASES: list[tuple[BaseException, int]] = [
     (ExpertSourceError("cannot fetch"), 422),
     (RoutingSpecError("bad routing"), 400),
     (SamplingParamsError("bad sampling"), 400),
+    (GrammarError("the JSON schema does not compile", param="response_format.json_schema.schema"), 400),
     (BadRequestError("temperature: must be finite", param="temperature"), 400),
     (QueueFullError("full"), 503),
     (EngineStoppedError("stopped"), 503),

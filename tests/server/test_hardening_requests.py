@@ -80,9 +80,9 @@ def test_nan_and_infinity_are_400(client: TestClient, endpoint: str, field: str,
     ("endpoint", "body", "param"),
     [
         ("/generate", '{"prompt": "fox \\ud800"}', "prompt"),
-        ("/v1/completions", '{"prompt": ["\\udfff fox"]}', "prompt.0"),
-        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a \\ud83d b"}]}', "messages.0.content"),
-        ("/generate", '{"prompt": "fox", "stop": ["\\ud800"]}', "stop.0"),
+        ("/v1/completions", '{"prompt": ["\\udfff fox"]}', "prompt[0]"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a \\ud83d b"}]}', "messages[0].content"),
+        ("/generate", '{"prompt": "fox", "stop": ["\\ud800"]}', "stop[0]"),
     ],
 )
 def test_lone_surrogates_are_400(client: TestClient, endpoint: str, body: str, param: str) -> None:
@@ -94,11 +94,11 @@ def test_lone_surrogates_are_400(client: TestClient, endpoint: str, body: str, p
 @pytest.mark.parametrize(
     ("content", "param"),
     [
-        ([{"type": "text", "text": 5}], "messages.0.content.0.text"),
-        ([{"type": "text", "text": None}], "messages.0.content.0.text"),
-        ([{"type": "text"}], "messages.0.content.0.text"),
-        ([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "messages.0.content.0.type"),
-        (5, "messages.0.content"),
+        ([{"type": "text", "text": 5}], "messages[0].content[0]"),
+        ([{"type": "text", "text": None}], "messages[0].content[0]"),
+        ([{"type": "text"}], "messages[0].content[0]"),
+        ([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}], "messages[0].content[0]"),
+        (5, "messages[0].content"),
     ],
 )
 def test_chat_parts_must_be_text_parts(client: TestClient, content: object, param: str) -> None:
