@@ -18,13 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray  # a dev dependency: without it these tests fail rather than skip, so CI always runs them
+from ray import serve
 
 from server.expert_store import ExpertStore, Manifest, ManifestEntry
 from server.served_experts import VERSION_HEADER
 from server.settings import DEMO_EXPERTS_DIR, ClusterSettings, Settings
 from tests.server.conftest import free_port
 
-pytest.importorskip("ray.serve")
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(600)]
 
 POLL_S = 1.0
@@ -40,9 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 def ray_serve() -> Iterator[str]:
     """A local Ray instance with Ray Serve's proxy on a free loopback port; yields the proxy's URL."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    from ray import serve
-
     # logical CPUs: two replicas at 1 CPU each, and room for a replacement while a killed one is torn down
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -67,8 +65,6 @@ class Cluster:
 @pytest.fixture(scope="module", params=["local", "s3"])
 def cluster(request: pytest.FixtureRequest, ray_serve: str, tmp_path_factory) -> Iterator[Cluster]:
     """Two replicas of the demo model following one store whose version 1 is [math]."""
-    from ray import serve
-
     from server.cluster import build_application
 
     if request.param == "s3":
@@ -281,8 +277,6 @@ def yaml_config(proxy: str) -> str:
 
 @pytest.mark.parametrize("cluster", ["local"], indirect=True)  # the start gate does not depend on the store
 def test_a_killed_replica_is_replaced_with_the_current_set_before_it_takes_traffic(cluster: Cluster) -> None:
-    import ray
-
     current = cluster.store.current().version
     victim, survivor = cluster.replicas()
     with Load(cluster.proxy) as load:

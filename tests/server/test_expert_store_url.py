@@ -182,7 +182,6 @@ def test_purge_deletes_the_file(store: ExpertStore) -> None:
 
 
 def test_an_unreachable_s3_store_is_unavailable_not_corrupt() -> None:
-    pytest.importorskip("s3fs")
     with __import__("socket").socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
