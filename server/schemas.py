@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from moe import RoutingMode
 from moe.expert import NAME_PATTERN
-from moe.sampling import MAX_SEED, MIN_TOP_P
+from moe.sampling import MAX_SEED, MIN_TOP_P, REPETITION_PENALTY_RANGE
 
 
 def _unicode(text: str) -> str:
@@ -143,7 +143,12 @@ class _OpenAIRequest(BaseModel):
     response_format: ResponseFormat | None = None
     stream_options: StreamOptions | None = None
     # plugmoe / vLLM extensions (the openai client sends them through `extra_body`)
-    repetition_penalty: float = Field(1.0, gt=0, description="HF's: seen tokens' logits divided by it")
+    repetition_penalty: float = Field(
+        1.0,
+        ge=REPETITION_PENALTY_RANGE[0],
+        le=REPETITION_PENALTY_RANGE[1],
+        description="HF's: seen tokens' logits divided by it",
+    )
     stop_token_ids: list[Int] | None = Field(None, description="token ids that end the sequence like EOS")
     guided_regex: str | None = Field(None, description="constrain the output to this regular expression")
 

@@ -473,6 +473,7 @@ def test_refused_message_parts_are_400_naming_them(client, model_name, messages,
         ("completions", {"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("completions", {"response_format": {"type": "xml"}}, "response_format.type"),
+        ("completions", {"repetition_penalty": 5e-324}, "repetition_penalty"),  # under 0.01: logits overflow
         # nested objects are as strict as the request: 0 is not false
         (
             "chat",
