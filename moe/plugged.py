@@ -177,6 +177,15 @@ class PluggedSet:
             experts = (*self.experts, expert)
         return self._rebuild(experts)
 
+    def replacing_all(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """A new set of exactly these experts, in this order (a whole expert-set version at once)."""
+        names = [expert.name for expert in experts]
+        if len(set(names)) != len(names):
+            raise ExpertNameTakenError(f"an expert set names an expert twice: {names}")
+        for expert in experts:
+            self.check_fits(expert)
+        return self._rebuild(experts)
+
     def unplugging(self, name: str) -> PluggedSet:
         self.index(name)  # raises UnknownExpertError
         return self._rebuild(tuple(e for e in self.experts if e.name != name))

@@ -170,6 +170,15 @@ class RoutedModel(nn.Module):
             self._plugged = self._plugged.plugging(expert, replace=replace)
             return self._plugged
 
+    def set_experts(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """Swap the whole plugged set for these experts in this order; experts already plugged are kept as
+        they are (not copied). Applies from the next forward."""
+        current = self._plugged.experts
+        moved = tuple(e if any(e is p for p in current) else e.to(self.device, self.dtype) for e in experts)
+        with self._swap_lock:
+            self._plugged = self._plugged.replacing_all(moved)
+            return self._plugged
+
     def unplug(self, name: str) -> Expert:
         with self._swap_lock:
             expert = self._plugged.get(name)
