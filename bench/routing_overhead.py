@@ -3,6 +3,7 @@ plug latency at 8 and 256 plugged; memory per plugged expert.
 
     python bench/routing_overhead.py                                   # CPU, GPT-2-124M shape, batch 1 and 16
     python bench/routing_overhead.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batches 1 16 64
+    python bench/routing_overhead.py --kind lora                       # LoRA experts (rank 16, every MLP projection)
 
 Every configuration decodes greedily `--new` tokens after a `--prompt`-token prompt (random weights of a real
 shape, bench/shapes.py) and reads each step's tokens on the host, as a server must. Columns, decode tok/s:
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.shapes import SHAPES, build, mlp_down_projection  # noqa: E402
-from moe import Expert, RoutedModel, RoutingSpec  # noqa: E402
+from moe import Expert, LoraAdapter, LoraPair, RoutedModel, RoutingSpec  # noqa: E402
 from moe.file import ExpertFile  # noqa: E402
 from moe.generation import StaticDecoder, decode_one_token, prefill  # noqa: E402
 from moe.kv_cache import cache_kwarg  # noqa: E402
@@ -48,11 +49,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_experts(count: int, hidden: int, layers: int, rank: int, routed: bool = True) -> list[Expert]:
-    """`count` experts on every layer; routed: every token passes every gate (threshold -1 < any cosine)."""
+def make_experts(
+    count: int,
+    hidden: int,
+    layers: int,
+    rank: int,
+    routed: bool = True,
+    kind: str = "bottleneck",
+    shapes: dict | None = None,
+) -> list[Expert]:
+    """`count` experts on every layer; routed: every token passes every gate (threshold -1 < any cosine).
+    kind "lora": LoRA experts on every projection in `shapes` ({name: (in, out)}, RoutedModel.projection_shapes)."""
     g = torch.Generator().manual_seed(1)
     first = Expert.fresh("e0", hidden, list(range(layers)), rank=rank, generator=g)
-    first.up = torch.randn(first.up.shape, generator=g) * 0.01
+    if kind == "lora":
+        first.adapter = LoraAdapter(
+            {
+                p: LoraPair(
+                    torch.randn(layers, rank, d_in, generator=g) * d_in**-0.5,
+                    torch.randn(layers, d_out, rank, generator=g) * 0.01,
+                    torch.full((layers,), 2.0),
+                )
+                for p, (d_in, d_out) in (shapes or {}).items()
+            }
+        )
+    else:
+        first.up = torch.randn(first.up.shape, generator=g) * 0.01
     first.thresholds = torch.full_like(first.thresholds, -1.0 if routed else 2.0)
     out = [first]
     for i in range(1, count):  # other keys, so tokens spread over the experts; the same adapter weights
@@ -245,6 +267,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="none: plug latency and memory only")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--kind",
+        choices=["bottleneck", "lora"],
+        default="bottleneck",
+        help="the routed experts' kind (lora: rank --rank on every MLP projection; decodes eagerly, never captured)",
+    )
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -262,7 +290,10 @@ def main() -> None:
     cuda = device.type == "cuda"
 
     routed = RoutedModel(build(args.shape, args.device, args.dtype))
-    for expert in make_experts(args.experts, routed.hidden_size, routed.num_layers, args.rank):
+    pool = make_experts(
+        args.experts, routed.hidden_size, routed.num_layers, args.rank, kind=args.kind, shapes=routed.projection_shapes
+    )
+    for expert in pool:
         routed.plug(expert)
     fuse = args.fuse == "on" or (args.fuse == "auto" and cuda)
     hf = build(args.shape, args.device, args.dtype) if args.batches else None  # the same weights (seed), bare

@@ -1,4 +1,4 @@
-"""The experts' command-line tools: `train-expert`, `distill` and `eval`.
+"""The experts' command-line tools: `train-expert`, `import-lora`, `distill` and `eval`.
 
 `add_subcommands(subparsers)` registers them on an argparse subparsers object (the `plugmoe` console
 script does so); `python -m experts <subcommand> ...` runs them without the server.
@@ -12,15 +12,18 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from experts.config import (
+    GATE_FIELDS,
     CommonOptions,
     DistillConfig,
     EvalConfig,
     EvalInputs,
+    ImportLoraOptions,
     TrainConfig,
     TrainInputs,
     add_flags,
@@ -100,11 +103,22 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from experts.train import TrainConfig, train_expert
+@dataclass
+class DomainData:
+    """What `train-expert` and `import-lora` read for one expert: its domain's examples, the base-domain
+    calibration text, other domains' negatives, and the experts plugged beside it with their examples."""
 
-    _setup(args)
-    started = time.perf_counter()
+    train: list
+    heldout: list
+    calibration: list
+    calibration_heldout: list
+    negatives: list
+    others: list
+    other_examples: list
+    provenance: dict
+
+
+def read_domain_data(args: argparse.Namespace, model, tool: str) -> DomainData:
     template, extractor = Template(args.template), get_extractor(args.extractor)
     records = read_records(args.data)
     if args.heldout:
@@ -117,15 +131,13 @@ def run_train(args: argparse.Namespace) -> int:
     negative_files = args.negatives or []
     negative_records = [r for f in negative_files for r in read_records(f)]
     random.Random(f"{args.seed}/negatives").shuffle(negative_records)  # files mixed: token caps take from all
-    model, tokenizer = _load_model(args.model, args.device)
     others, other_examples = [], []
     if args.with_experts:
         others = load_experts_dir(args.with_experts, model.fingerprint)
         for other in others:
             other_examples.extend(load_examples_from_expert(other, template, extractor))
-    config = build(TrainConfig, args)
     provenance = {
-        "tool": "plugmoe train-expert",
+        "tool": tool,
         "args": _args_dict(args),
         "model": args.model,
         "data": args.data,
@@ -140,21 +152,42 @@ def run_train(args: argparse.Namespace) -> int:
         "heldout_records": len(heldout),
         "device": str(model.device),
     }
-    expert = train_expert(
-        model,
-        tokenizer,
-        config,
+    return DomainData(
         train,
         heldout,
         to_examples(cal_train, template, extractor),
         to_examples(cal_held, template, extractor),
-        extractor,
         to_examples(negative_records, template, extractor),
         others,
         other_examples,
+        provenance,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from experts.train import TrainConfig, train_expert
+
+    _setup(args)
+    started = time.perf_counter()
+    extractor = get_extractor(args.extractor)
+    model, tokenizer = _load_model(args.model, args.device)
+    data = read_domain_data(args, model, "plugmoe train-expert")
+    config = build(TrainConfig, args)
+    expert = train_expert(
+        model,
+        tokenizer,
+        config,
+        data.train,
+        data.heldout,
+        data.calibration,
+        data.calibration_heldout,
+        extractor,
+        data.negatives,
+        data.others,
+        data.other_examples,
         description=args.description,
         examples=args.examples or (),
-        provenance=provenance,
+        provenance=data.provenance,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]
@@ -171,6 +204,81 @@ def run_train(args: argparse.Namespace) -> int:
 def load_examples_from_expert(expert, template: Template, extractor) -> list:
     """Another expert's stored example prompts, as text examples (negatives for this expert's gate)."""
     return to_examples([{"text": text} for text in expert.examples], template, extractor)
+
+
+# --- import-lora ----------------------------------------------------------------------------------------
+
+
+def add_import_lora(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import-lora",
+        help="import a PEFT LoRA adapter as a routed expert (trains its gate only)",
+        description="Convert a PEFT LoRA adapter directory into a plugmoe LoRA expert for the backbone, then "
+        "train only its gate (keys, thresholds under the false-positive cap, loss-free offsets) from example "
+        "text of its domain (--data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_flags(parser, ImportLoraOptions, CommonOptions, TrainInputs)
+    add_flags(parser, TrainConfig, only=GATE_FIELDS)
+    parser.set_defaults(func=run_import_lora)
+
+
+def run_import_lora(args: argparse.Namespace) -> int:
+    from experts.import_lora import LoraImportError, convert_adapter, import_lora
+
+    _setup(args)
+    started = time.perf_counter()
+    model, tokenizer = _load_model(args.model, args.device)
+    try:
+        expert, report = convert_adapter(
+            args.adapter_dir,
+            model,
+            args.name,
+            mlp_only=args.mlp_only,
+            served=args.model,
+            ignore_base_model=args.ignore_base_model,
+            seed=args.seed,
+        )
+    except LoraImportError as e:
+        print(f"error: {e}")
+        return 2
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    if report.dropped:
+        print(
+            "measure what dropping them costs (domain perplexity pinned and token-routed, against the adapter in "
+            f"PEFT as trained): plugmoe eval --model {args.model} --experts {Path(args.out).parent} "
+            f"--data {args.name}={args.heldout or args.data} general=GENERAL_TEXT.jsonl --base general"
+        )
+    print(f"converted {args.adapter_dir}: ranks {report.targets} on layers {list(report.layers)}")
+    data = read_domain_data(args, model, "plugmoe import-lora")
+    config = build(TrainConfig, args)
+    expert = import_lora(
+        model,
+        tokenizer,
+        expert,
+        config,
+        data.train,
+        data.heldout,
+        data.calibration,
+        data.calibration_heldout,
+        data.negatives,
+        data.others,
+        data.other_examples,
+        description=args.description,
+        examples=args.examples or (),
+        provenance={**data.provenance, "converted": {"targets": report.targets, "layers": list(report.layers)}},
+    )
+    ExpertFile.save(expert, args.out, model.fingerprint)
+    evals = expert.metadata["evals"]
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.0f} s")
+    print(
+        f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
+        f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}"
+    )
+    print(f"routing check (sequence mode): {evals['routing']}")
+    print(f"held-out loss: {evals['import']}")
+    return 0
 
 
 # --- distill --------------------------------------------------------------------------------------------
@@ -272,6 +380,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     add_train(subparsers)
+    add_import_lora(subparsers)
     add_distill(subparsers)
     add_eval(subparsers)
 

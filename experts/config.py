@@ -2,7 +2,8 @@
 flags, defaults and help from these dataclasses (as `plugmoe serve` does from server.settings.Settings).
 
 A field becomes `--field-name`; its `help` metadata is the flag's help; a field without a default is a
-required flag; `tuple[int, ...]` fields take comma-separated values, `list[str]` fields take several values.
+required flag (or a positional argument, with `positional=True`); `bool` fields are switches;
+`tuple[int, ...]` fields take comma-separated values, `list[str]` fields take several values.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any, Literal
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
-    """A dataclass field with help text for its flag."""
+def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with help text for its flag (a positional argument when `positional`)."""
+    metadata = {"help": help, "positional": positional}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
@@ -108,6 +110,43 @@ class TrainConfig:
             raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
 
 
+# the stage 2 settings of TrainConfig: what `import-lora` takes (it trains the gate only)
+GATE_FIELDS = (
+    "max_tokens",
+    "eval_examples",
+    "gate_steps",
+    "gate_lr",
+    "gate_temperature",
+    "gate_max_tokens",
+    "threshold_rule",
+    "fp_cap",
+    "threshold_margin",
+    "balance_steps",
+    "balance_rate",
+    "balance_batch",
+)
+
+
+# --- import-lora ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportLoraOptions:
+    """What `import-lora` reads beyond `train-expert`'s inputs (--data, --name, --out ...)."""
+
+    adapter_dir: str = option(
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)", positional=True
+    )
+    mlp_only: bool = option(
+        False,
+        help="convert an adapter that also changes modules outside the MLP blocks (attention, lm_head ...) by "
+        "dropping those parts, after a warning; the expert then differs from the adapter as trained",
+    )
+    ignore_base_model: bool = option(
+        False, help="import although the adapter's base_model_name_or_path names another model (shapes still checked)"
+    )
+
+
 # --- distill ----------------------------------------------------------------------------------------------
 
 
@@ -172,6 +211,8 @@ def _flag_kind(annotation: Any) -> tuple[Any, dict[str, Any]]:
         return args[0], {"nargs": "+"}
     if origin is tuple:
         return _int_tuple, {}
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
     return annotation, {}
 
 
@@ -179,22 +220,27 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def add_flags(parser: argparse.ArgumentParser, *configs: type) -> None:
-    """One flag per field of each dataclass, in order; a name already added by an earlier one is skipped."""
+def add_flags(parser: argparse.ArgumentParser, *configs: type, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of each dataclass, in order; a name already added by an earlier one is skipped, and
+    with `only`, every field not named there."""
     seen = {action.dest for action in parser._actions}
     for config in configs:
         hints = typing.get_type_hints(config)
         for f in dataclasses.fields(config):
-            if f.name in seen:
+            if f.name in seen or (only is not None and f.name not in only):
                 continue
             seen.add(f.name)
             kind, extra = _flag_kind(hints[f.name])
+            if kind is not None:
+                extra["type"] = kind
+            help_text = f.metadata.get("help", "")
+            if f.metadata.get("positional"):
+                parser.add_argument(f.name, help=help_text, **extra)
+                continue
             flag = "--" + f.name.replace("_", "-")
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             default = None if required else f.default
-            parser.add_argument(
-                flag, type=kind, required=required, default=default, help=f.metadata.get("help", ""), **extra
-            )
+            parser.add_argument(flag, required=required, default=default, help=help_text, **extra)
 
 
 def build(config: type, args: argparse.Namespace, **overrides: Any):

@@ -88,7 +88,9 @@ def trainable_expert(config: TrainConfig, hidden: int, num_layers: int, device: 
 
 def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
     """A plugged set that holds references to these experts' tensors (no copy, gradients flow)."""
-    return PluggedSet.build(tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version)
+    return PluggedSet.build(
+        tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version, model.projection_shapes
+    )
 
 
 def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, held: list[TokenBatch]) -> float:
@@ -429,14 +431,7 @@ def train_expert(
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
-    return Expert(
-        name=expert.name,
-        layers=expert.layers,
-        description=expert.description,
-        examples=expert.examples,
-        metadata=expert.metadata,
-        **{k: v.detach().to("cpu", torch.float32) for k, v in expert.tensors().items()},
-    )
+    return expert.to("cpu", torch.float32)
 
 
 def routing_check(

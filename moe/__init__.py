@@ -1,5 +1,6 @@
-"""The routed model and everything needed to serve it: a frozen backbone, experts and their file format, the
-router with a base route, dispatch, the admission report, and the one generation path. Pure torch; no HTTP.
+"""The routed model and everything needed to serve it: a frozen backbone, experts (bottleneck and LoRA kinds)
+and their file format, the router with a base route, dispatch, the admission report, and the one generation
+path. Pure torch; no HTTP.
 
 Layers above this package: `server/` (the HTTP service) and `experts/` (offline tooling) import from here
 and never from each other.
@@ -17,8 +18,9 @@ from moe.errors import (
     UnknownExpertError,
     UnsupportedBackboneError,
 )
-from moe.expert import BASE_ROUTE, Expert, check_name
+from moe.expert import BASE_ROUTE, BottleneckAdapter, Expert, check_name
 from moe.file import ExpertFile, write_atomically
+from moe.lora import LoraAdapter, LoraPair
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel, RoutedOutput
 from moe.router import MODES, RouterConfig, RoutingMode, RoutingSpec, StepRouting
@@ -28,6 +30,7 @@ __all__ = [
     "BASE_ROUTE",
     "MODES",
     "BackboneFingerprint",
+    "BottleneckAdapter",
     "Expert",
     "ExpertFile",
     "ExpertFileError",
@@ -35,6 +38,8 @@ __all__ = [
     "GrammarError",
     "IncompatibleExpertError",
     "InvalidExpertNameError",
+    "LoraAdapter",
+    "LoraPair",
     "PluggedSet",
     "RoutedModel",
     "RoutedOutput",

@@ -1,7 +1,8 @@
 """The frozen backbone: loading, where each decoder layer keeps its MLP block, and a fingerprint.
 
 plugmoe never edits backbone weights. It loads any `AutoModelForCausalLM`, freezes it (no gradients,
-eval mode), and finds each decoder layer's MLP block through one small table of per-family paths.
+eval mode), and finds each decoder layer's MLP block, and the projections inside it, through one small
+table of per-family paths (FAMILIES).
 """
 
 from __future__ import annotations
@@ -18,21 +19,40 @@ from moe.errors import UnsupportedBackboneError
 
 logger = logging.getLogger(__name__)
 
-# model_type -> (attribute path from the CausalLM to its list of decoder layers, MLP attribute of a layer).
-# A family costs one row here when its MLP block maps [..., hidden] -> [..., hidden] and returns a tensor.
-MLP_PATHS: dict[str, tuple[str, str]] = {
-    "gpt2": ("transformer.h", "mlp"),
-    "gpt_neox": ("gpt_neox.layers", "mlp"),
-    "llama": ("model.layers", "mlp"),
-    "qwen2": ("model.layers", "mlp"),
-    "qwen3": ("model.layers", "mlp"),
-    "mistral": ("model.layers", "mlp"),
-    "gemma": ("model.layers", "mlp"),
-    "gemma2": ("model.layers", "mlp"),
-    "phi3": ("model.layers", "mlp"),
-    "olmo": ("model.layers", "mlp"),
-    "olmo2": ("model.layers", "mlp"),
-    "smollm3": ("model.layers", "mlp"),
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its MLP blocks, and the projections inside one (what a LoRA expert targets).
+
+    layers       attribute path from the CausalLM to its list of decoder layers
+    mlp          the MLP block's attribute on a decoder layer; the block maps [..., hidden] -> [..., hidden]
+    projections  the block's projection attributes, input side first; the last maps inner -> hidden
+    conv1d       the projections are transformers' Conv1D (weight [in, out]; PEFT's fan_in_fan_out), not nn.Linear
+    """
+
+    layers: str
+    mlp: str
+    projections: tuple[str, ...]
+    conv1d: bool = False
+
+
+_LLAMA_LIKE = Family("model.layers", "mlp", ("gate_proj", "up_proj", "down_proj"))
+
+# model_type -> Family. A family costs one row here when its MLP block maps [..., hidden] -> [..., hidden],
+# returns a tensor and calls its projections as modules.
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("transformer.h", "mlp", ("c_fc", "c_proj"), conv1d=True),
+    "gpt_neox": Family("gpt_neox.layers", "mlp", ("dense_h_to_4h", "dense_4h_to_h")),
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": Family("model.layers", "mlp", ("gate_up_proj", "down_proj")),  # gate and up fused: hidden -> 2 * inner
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
 }
 
 DTYPES: dict[str, torch.dtype] = {
@@ -67,20 +87,43 @@ def _resolve(obj: object, dotted: str) -> object:
     return obj
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The backbone's list of decoder layers, found through MLP_PATHS."""
+def family_of(model: nn.Module) -> Family:
+    """The backbone's row in FAMILIES."""
     family = model.config.model_type
-    if family not in MLP_PATHS:
+    if family not in FAMILIES:
         raise UnsupportedBackboneError(
-            f"model family {family!r} is not supported; supported families: {sorted(MLP_PATHS)}. "
-            "Add a row to moe.backbone.MLP_PATHS if its MLP block maps hidden -> hidden."
+            f"model family {family!r} is not supported; supported families: {sorted(FAMILIES)}. "
+            "Add a row to moe.backbone.FAMILIES if its MLP block maps hidden -> hidden."
         )
-    layers_path, _ = MLP_PATHS[family]
-    return _resolve(model, layers_path)  # type: ignore[return-value]
+    return FAMILIES[family]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The backbone's list of decoder layers, found through FAMILIES."""
+    return _resolve(model, family_of(model).layers)  # type: ignore[return-value]
 
 
 def mlp_attribute(model: nn.Module) -> str:
-    return MLP_PATHS[model.config.model_type][1]
+    return family_of(model).mlp
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an MLP projection: nn.Linear, or transformers' Conv1D (weight [in, out]); a wrapper that
+    keeps the original as `base_layer` (moe.lora.RoutedProjection, PEFT) is looked through."""
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    raise UnsupportedBackboneError(f"MLP projection of type {type(module).__name__} is not nn.Linear or Conv1D")
+
+
+def mlp_projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{projection: (in, out)} of the first decoder layer's MLP block (every layer's block has the same shapes)."""
+    family = family_of(model)
+    block = getattr(decoder_layers(model)[0], family.mlp)
+    block = getattr(block, "base_layer", block)
+    return {name: projection_shape(getattr(block, name)) for name in family.projections}
 
 
 def weights_hash(model: nn.Module, samples_per_tensor: int = 1024) -> str:

@@ -29,8 +29,13 @@ def grouped_dispatch(
     base: torch.Tensor,
     choice: torch.Tensor,
     adapters: tuple[LayerAdapter | None, ...],
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x, base [N, H]; choice [N, k] expert indices or -1; adapters[e] for this layer -> out [N, H]."""
+    """x, base [N, H]; choice [N, k] expert indices or -1; adapters[e] for this layer -> out [N, H].
+
+    chosen [N]: how many experts each token chose, counting other kinds' (LoRA) choices that were emptied
+    from `choice` (the 1/len(chosen) weight); None: counted from `choice`.
+    """
     if choice.shape[1] == 1:
         return _grouped_top1(x, base, choice[:, 0], adapters)
     valid = choice >= 0
@@ -41,7 +46,8 @@ def grouped_dispatch(
     order = torch.argsort(experts, stable=True)
     tokens, experts = tokens[order], experts[order]
     won, counts = torch.unique_consecutive(experts, return_counts=True)
-    weights = (1.0 / valid.sum(dim=1).clamp(min=1)).to(base.dtype)[tokens, None]
+    counts_per_token = valid.sum(dim=1) if chosen is None else chosen  # --- LoRA experts: chosen counts them ---
+    weights = (1.0 / counts_per_token.clamp(min=1)).to(base.dtype)[tokens, None]
     out = base.clone()
     start = 0
     for e, count in zip(won.tolist(), counts.tolist(), strict=True):

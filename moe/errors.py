@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 class UnsupportedBackboneError(ValueError):
-    """The model's family has no row in moe.backbone.MLP_PATHS."""
+    """The model's family has no row in moe.backbone.FAMILIES."""
 
 
 class InvalidExpertNameError(ValueError):

@@ -1,6 +1,10 @@
-"""An expert: a bottleneck adapter beside the MLP of some layers, and its gate on each of those layers.
+"""An expert: an adapter on the MLP of some layers, and its gate on each of those layers.
 
-The adapter runs in parallel with the frozen MLP block of a layer:
+Two adapter kinds, side by side in one plugged set:
+- bottleneck (below): runs in parallel with the frozen MLP block of a layer;
+- lora (moe.lora): LoRA pairs on the block's own projections, e.g. an imported PEFT adapter.
+
+The bottleneck adapter:
 
     mlp_out(x) = mlp(x) + up(gelu(down(x)))          down: hidden -> rank, up: rank -> hidden
 
@@ -15,11 +19,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from moe.errors import InvalidExpertNameError
+from moe.lora import LoraAdapter
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # the whole name: fullmatch
 BASE_ROUTE = "base"  # reserved: the route that runs the backbone's MLP alone
@@ -47,17 +53,52 @@ def adapter_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torc
 
 
 @dataclass
-class Expert:
-    """Weights and gates of one expert; tensors indexed by position in `layers`, not by layer number.
+class BottleneckAdapter:
+    """The bottleneck kind: down [Lx, H, r], up [Lx, r, H], added beside the MLP block (see the module doc)."""
 
-    Shapes (Lx = len(layers), H = hidden size, r = rank):
-        down [Lx, H, r], up [Lx, r, H], keys [Lx, H], offsets [Lx], thresholds [Lx]
+    down: torch.Tensor
+    up: torch.Tensor
+    kind: ClassVar[str] = ADAPTER_KIND
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[2])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.down.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"down": self.down, "up": self.up}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> BottleneckAdapter:
+        return BottleneckAdapter(self.down.detach().to(device, dtype), self.up.detach().to(device, dtype))
+
+    def check(self, layers: int, hidden: int) -> None:
+        """Internal invariant (files are validated with specific errors before an Expert is built)."""
+        assert self.down.shape[:2] == (layers, hidden), self.down.shape
+        assert self.up.shape == (layers, self.rank, hidden), self.up.shape
+
+
+Adapter = BottleneckAdapter | LoraAdapter
+KINDS: tuple[str, ...] = (BottleneckAdapter.kind, LoraAdapter.kind)
+
+
+@dataclass
+class Expert:
+    """One expert: its adapter (a kind-specific object) and its gate; tensors indexed by position in `layers`,
+    not by layer number.
+
+    Shapes (Lx = len(layers), H = hidden size):
+        adapter  BottleneckAdapter (down [Lx, H, r], up [Lx, r, H]) or moe.lora.LoraAdapter (LoRA pairs on the
+                 MLP's projections)
+        keys [Lx, H], offsets [Lx], thresholds [Lx]
+    `down`, `up` read and set the bottleneck kind's tensors (training and tests use them).
     """
 
     name: str
     layers: tuple[int, ...]
-    down: torch.Tensor
-    up: torch.Tensor
+    adapter: Adapter
     keys: torch.Tensor
     offsets: torch.Tensor
     thresholds: torch.Tensor
@@ -68,47 +109,83 @@ class Expert:
     def __post_init__(self) -> None:
         check_name(self.name)
         self.layers = tuple(int(i) for i in self.layers)
-        n, hidden, rank = self.down.shape
+        n, hidden = self.keys.shape
         # internal invariants: files are validated with specific errors before an Expert is built
-        assert n == len(self.layers), (n, self.layers)
-        assert self.up.shape == (n, rank, hidden), self.up.shape
-        assert self.keys.shape == (n, hidden) and self.offsets.shape == (n,) == self.thresholds.shape
+        assert n == len(self.layers) == self.adapter.num_layers, (n, self.layers)
+        assert self.offsets.shape == (n,) == self.thresholds.shape
+        self.adapter.check(n, hidden)
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[2])
+        """The bottleneck's rank; a LoRA expert's largest rank over its projections."""
+        return self.adapter.rank
 
     @property
     def hidden_size(self) -> int:
-        return int(self.down.shape[1])
+        return int(self.keys.shape[1])
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self._bottleneck().down
+
+    @down.setter
+    def down(self, value: torch.Tensor) -> None:
+        self._bottleneck().down = value
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self._bottleneck().up
+
+    @up.setter
+    def up(self, value: torch.Tensor) -> None:
+        self._bottleneck().up = value
+
+    def _bottleneck(self) -> BottleneckAdapter:
+        if not isinstance(self.adapter, BottleneckAdapter):
+            raise AttributeError(f"expert {self.name!r} is a {self.kind} expert: it has no bottleneck down/up")
+        return self.adapter
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, by its name in the expert file: the adapter's, then the gate's."""
         return {
-            "down": self.down,
-            "up": self.up,
+            **self.adapter.tensors(),
             "keys": self.keys,
             "offsets": self.offsets,
             "thresholds": self.thresholds,
         }
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Expert:
-        """A copy on device in dtype (thresholds and offsets stay float32: they are compared, not multiplied)."""
-        moved = {
-            k: v.detach().to(device=device, dtype=torch.float32 if k in ("offsets", "thresholds") else dtype)
-            for k, v in self.tensors().items()
-        }
+        """A copy on device in dtype (thresholds, offsets and LoRA scalings stay float32: they are compared or
+        are scalars, not weights)."""
         return Expert(
             name=self.name,
             layers=self.layers,
+            adapter=self.adapter.to(device, dtype),
+            keys=self.keys.detach().to(device, dtype),
+            offsets=self.offsets.detach().to(device, torch.float32),
+            thresholds=self.thresholds.detach().to(device, torch.float32),
             description=self.description,
             examples=self.examples,
             metadata=dict(self.metadata),
-            **moved,
         )
+
+    @staticmethod
+    def closed_gate(layers: int, hidden_size: int, generator: torch.Generator | None = None) -> dict:
+        """Gate tensors that let nothing through (threshold 2 > any cosine): random unit keys, zero offsets."""
+        keys = torch.randn(layers, hidden_size, generator=generator)
+        return {
+            "keys": keys / keys.norm(dim=-1, keepdim=True),
+            "offsets": torch.zeros(layers),
+            "thresholds": torch.full((layers,), 2.0),
+        }
 
     @classmethod
     def fresh(
@@ -125,13 +202,9 @@ class Expert:
         n = len(layers)
         scale = init_scale if init_scale is not None else hidden_size**-0.5
         down = torch.randn(n, hidden_size, rank, generator=generator) * scale
-        keys = torch.randn(n, hidden_size, generator=generator)
         return cls(
             name=name,
             layers=tuple(layers),
-            down=down,
-            up=torch.zeros(n, rank, hidden_size),
-            keys=keys / keys.norm(dim=-1, keepdim=True),
-            offsets=torch.zeros(n),
-            thresholds=torch.full((n,), 2.0),
+            adapter=BottleneckAdapter(down, torch.zeros(n, rank, hidden_size)),
+            **cls.closed_gate(n, hidden_size, generator),
         )

@@ -1,18 +1,28 @@
 """The expert file: one `.safetensors` per expert, validated whole before anything is plugged.
 
-Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank):
+Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank), by kind:
 
+    bottleneck
     down        [Lx, H, r]   float32 | bfloat16 | float16
     up          [Lx, r, H]   same dtype as down
-    keys        [Lx, H]      gate key per layer, same dtype as down
+
+    lora (moe.lora), per target projection p of the family's MLP block (moe.backbone.FAMILIES), r_p its rank:
+    lora.<p>.A        [Lx, r_p, in_p]   float32 | bfloat16 | float16 (PEFT's lora_A layout)
+    lora.<p>.B        [Lx, out_p, r_p]  same dtype (PEFT's lora_B layout, GPT-2's Conv1D included)
+    lora.<p>.scaling  [Lx]              float32: alpha / r (alpha / sqrt(r) with rsLoRA); 0 on a layer where p
+                                        has no LoRA (its A and B are zero there), smaller ranks zero-padded
+
+    both kinds
+    keys        [Lx, H]      gate key per layer, same dtype as the adapter's weights
     offsets     [Lx]         float32, balancing bias per layer
     thresholds  [Lx]         float32, eligibility threshold per layer
 
 `__metadata__` (safetensors allows only strings; structured fields are JSON):
 
     format "plugmoe-expert", format_version "1", name, description, examples (JSON list), kind
-    "bottleneck", rank, layers (JSON list), backbone (JSON fingerprint: family, hidden_size, num_layers,
-    vocab_size, weights_hash), provenance (JSON), evals (JSON), created (ISO 8601)
+    ("bottleneck" | "lora"), rank (lora: the largest r_p), layers (JSON list), backbone (JSON fingerprint:
+    family, hidden_size, num_layers, vocab_size, weights_hash), provenance (JSON), evals (JSON),
+    created (ISO 8601); kind "lora" also: lora (JSON {"targets": {p: {"rank": r_p, "in": in_p, "out": out_p}}})
 
 Limits (a file over them is refused with MetadataTooLargeError, before any tensor is read): the header is at
 most MAX_HEADER_BYTES of JSON; examples at most MAX_EXAMPLES strings of MAX_EXAMPLES_BYTES in all (they are
@@ -35,7 +45,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from moe.backbone import BackboneFingerprint
+from moe import lora
+from moe.backbone import FAMILIES, BackboneFingerprint
 from moe.errors import (
     BackboneMismatchError,
     InvalidMetadataError,
@@ -51,7 +62,7 @@ from moe.errors import (
     UnsupportedFormatVersionError,
     WeightMagnitudeError,
 )
-from moe.expert import ADAPTER_KIND, Expert, InvalidExpertNameError, check_name
+from moe.expert import ADAPTER_KIND, KINDS, BottleneckAdapter, Expert, InvalidExpertNameError, check_name
 
 FORMAT = "plugmoe-expert"
 FORMAT_VERSION = 1
@@ -74,6 +85,18 @@ def _shapes(layers: int, hidden: int, rank: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _lora_shapes(layers: int, fp: BackboneFingerprint, targets: dict) -> dict[str, tuple[int, ...]]:
+    if fp.family not in FAMILIES:
+        raise InvalidMetadataError(f"LoRA expert for family {fp.family!r}, which has no MLP projection table")
+    shapes = lora.file_shapes(layers, fp.hidden_size, FAMILIES[fp.family].projections, targets)
+    return {**shapes, "keys": (layers, fp.hidden_size), "offsets": (layers,), "thresholds": (layers,)}
+
+
+def _is_float32_field(tensor_name: str) -> bool:
+    """Compared or scalar values, never weights: always float32 in the file."""
+    return tensor_name in ("offsets", "thresholds") or tensor_name.endswith(".scaling")
+
+
 class ExpertFile:
     """Reading, validating and writing expert files."""
 
@@ -81,13 +104,11 @@ class ExpertFile:
     def to_bytes(expert: Expert, backbone: BackboneFingerprint) -> bytes:
         """The file's bytes. Raises MetadataTooLargeError for examples the reader would refuse."""
         _check_examples(list(expert.examples))
-        weight_dtype = expert.down.dtype if expert.down.dtype in _WEIGHT_DTYPES.values() else torch.float32
+        first = next(iter(expert.adapter.tensors().values()))  # down, or the first LoRA A
+        weight_dtype = first.dtype if first.dtype in _WEIGHT_DTYPES.values() else torch.float32
         tensors = {
-            "down": expert.down.detach().to("cpu", weight_dtype).contiguous(),
-            "up": expert.up.detach().to("cpu", weight_dtype).contiguous(),
-            "keys": expert.keys.detach().to("cpu", weight_dtype).contiguous(),
-            "offsets": expert.offsets.detach().to("cpu", torch.float32).contiguous(),
-            "thresholds": expert.thresholds.detach().to("cpu", torch.float32).contiguous(),
+            name: tensor.detach().to("cpu", torch.float32 if _is_float32_field(name) else weight_dtype).contiguous()
+            for name, tensor in expert.tensors().items()
         }
         meta = expert.metadata
         metadata = {
@@ -96,7 +117,7 @@ class ExpertFile:
             "name": expert.name,
             "description": expert.description,
             "examples": json.dumps(list(expert.examples)),
-            "kind": ADAPTER_KIND,
+            "kind": expert.kind,
             "rank": str(expert.rank),
             "layers": json.dumps(list(expert.layers)),
             "backbone": json.dumps(backbone.to_dict()),
@@ -104,6 +125,8 @@ class ExpertFile:
             "evals": json.dumps(meta.get("evals", {})),
             "created": meta.get("created") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if isinstance(expert.adapter, lora.LoraAdapter):
+            metadata["lora"] = json.dumps({"targets": expert.adapter.targets()})
         return save_safetensors(tensors, metadata=metadata)
 
     @staticmethod
@@ -180,8 +203,11 @@ class ExpertFile:
                     "served != file). Train it for the served model, or serve the model it was trained on."
                 )
         layers, rank, hidden = meta["layers"], meta["rank"], fp.hidden_size
-        expected = _shapes(len(layers), hidden, rank)
-        _check_tensor_infos(infos, expected)
+        if meta["kind"] == lora.KIND:
+            expected = _lora_shapes(len(layers), fp, meta["lora"])
+        else:
+            expected = _shapes(len(layers), hidden, rank)
+        _check_tensor_infos(infos, expected, meta["kind"])
         try:
             tensors = load_safetensors(data)
         except Exception as e:  # safetensors raises its own error types for corrupt payloads
@@ -197,9 +223,17 @@ class ExpertFile:
                     f"tensor {tensor_name!r} holds values up to {largest:.3g} in magnitude, over the bound "
                     f"{MAX_ABS_WEIGHT:g} (it would overflow or swamp the model when served); retrain the expert"
                 )
+        if meta["kind"] == lora.KIND:
+            adapter = lora.LoraAdapter.from_tensors(tensors, list(meta["lora"]))
+        else:
+            adapter = BottleneckAdapter(tensors["down"], tensors["up"])
         return Expert(
             name=final_name,
             layers=tuple(layers),
+            adapter=adapter,
+            keys=tensors["keys"],
+            offsets=tensors["offsets"],
+            thresholds=tensors["thresholds"],
             description=meta["description"],
             examples=tuple(meta["examples"]),
             metadata={
@@ -208,10 +242,9 @@ class ExpertFile:
                 "evals": meta["evals"],
                 "created": meta["created"],
                 "format_version": FORMAT_VERSION,
-                "kind": ADAPTER_KIND,
+                "kind": meta["kind"],
                 "size_bytes": len(data),
             },
-            **tensors,
         )
 
 
@@ -255,10 +288,11 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
     missing = [k for k in _REQUIRED_METADATA if not metadata.get(k)]
     if missing:
         raise InvalidMetadataError(f"expert file metadata lacks {missing}; re-export the expert")
-    if metadata["kind"] != ADAPTER_KIND:
+    if metadata["kind"] not in KINDS:
         raise UnsupportedExpertKindError(
-            f"adapter kind {metadata['kind']!r} is not supported; this plugmoe runs {ADAPTER_KIND!r}"
+            f"adapter kind {metadata['kind']!r} is not supported; this plugmoe runs {list(KINDS)}"
         )
+    targets = lora.parse_targets(metadata.get("lora")) if metadata["kind"] == lora.KIND else None
     rank = _metadata_json(metadata, "rank", None)
     layers = _metadata_json(metadata, "layers", None)
     backbone = _metadata_json(metadata, "backbone", None)
@@ -276,6 +310,8 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         raise InvalidMetadataError(f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers")
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
+    if targets is not None and rank != max(t["rank"] for t in targets.values()):
+        raise InvalidMetadataError(f"metadata rank {rank} is not the largest LoRA target rank ({targets})")
     _check_examples(examples)
     for field_name, value in (
         ("description", metadata.get("description", "")),
@@ -291,6 +327,8 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
             raise MetadataTooLargeError(f"metadata {field_name!r} nests deeper than {MAX_JSON_DEPTH} levels")
     return {
         "name": metadata["name"],
+        "kind": metadata["kind"],
+        "lora": targets,
         "description": metadata.get("description", ""),
         "examples": examples,
         "rank": rank,
@@ -362,14 +400,14 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]]) -> None:
+def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]], kind: str) -> None:
     missing = sorted(set(expected) - set(infos))
     if missing:
         raise MissingTensorError(f"expert file lacks tensors {missing}; it needs {sorted(expected)}")
     extra = sorted(set(infos) - set(expected))
     if extra:
         raise UnexpectedTensorError(f"expert file has tensors {extra} that the format does not define")
-    weight_dtype = infos["down"].get("dtype")
+    weight_dtype = infos[next(iter(expected))].get("dtype")  # down, or the first LoRA A
     for tensor_name, shape in expected.items():
         info = infos[tensor_name]
         raw = info.get("shape")
@@ -381,14 +419,15 @@ def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, .
         if got != shape:
             raise TensorShapeError(
                 f"tensor {tensor_name!r} has shape {list(got)}, expected {list(shape)} from the metadata's "
-                "layers and rank and the backbone's hidden size"
+                f"layers and {'rank' if kind == ADAPTER_KIND else 'lora targets'} and the backbone's hidden size"
             )
         dtype = info.get("dtype")
-        if tensor_name in ("offsets", "thresholds"):
+        if _is_float32_field(tensor_name):
             if dtype != "F32":
                 raise TensorDtypeError(f"tensor {tensor_name!r} has dtype {dtype!r}, expected F32")
         elif not isinstance(dtype, str) or dtype not in _WEIGHT_DTYPES or dtype != weight_dtype:
+            weights = "down, up" if kind == ADAPTER_KIND else "the LoRA A and B tensors"
             raise TensorDtypeError(
-                f"tensor {tensor_name!r} has dtype {dtype!r}; down, up and keys must share one of "
+                f"tensor {tensor_name!r} has dtype {dtype!r}; {weights} and keys must share one of "
                 f"{sorted(_WEIGHT_DTYPES)}"
             )

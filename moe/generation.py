@@ -42,6 +42,11 @@ Columns are allocated as rows need them (doubling, up to max_len); a row reachin
 
 Semantics: decoding row i with others equals decoding it alone (each row attends only its own columns,
 positions are per row), within float tolerance; a captured step equals the eager step.
+
+LoRA experts (moe.lora) are not run by a captured or compiled step: while one is plugged, every step runs the
+same body eagerly over the current snapshot (its LoRA stacks; grouped dispatch, a host read per layer), and
+captured graphs are used again once the last LoRA expert is unplugged. Bottleneck experts alone keep the
+captured / fused path.
 """
 
 from __future__ import annotations
@@ -430,8 +435,11 @@ class StaticDecoder:
         return self._fixed_set if self._fixed_set is not None else self.model.plugged
 
     def _step_set(self) -> PluggedSet:
-        """The tensors a step reads: the storage itself for live slots (its gate columns as published)."""
-        return self._fixed_set if self._fixed_set is not None else self.model.slots.live()
+        """The tensors a step reads: the storage itself for live slots (its gate columns as published); while a
+        LoRA expert is plugged, the current snapshot (its LoRA stacks), run eagerly (see `_run`)."""
+        if self._fixed_set is not None:
+            return self._fixed_set
+        return self.model.plugged if self.model.slots.has_lora else self.model.slots.live()
 
     # --- rows joining and leaving (between steps) ---------------------------------------------------------
 
@@ -600,6 +608,10 @@ class StaticDecoder:
     def _run(self, b: int, s: int, routing_mode: str) -> tuple[torch.Tensor, ...]:
         key = (b, s, routing_mode)
         plugged = self._step_set()
+        if plugged.lora is not None:
+            # LoRA experts change the block's projections through a plan made on the host per layer (moe.lora):
+            # no captured or compiled step runs them; the plain eager routed step does, until they are unplugged
+            return self._body(b, s, routing_mode, plugged)
         if self.capture:
             captured = self._graphs.get(key) or self._capture(key, plugged)
             captured[0].replay()

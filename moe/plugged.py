@@ -30,19 +30,28 @@ only through those columns. (A slot freed by an unplug may be reused by a later 
 that unplug must not run a forward after that plug. The engine takes `model.plugged` each step.)
 Experts in a set built from slots are weightless handles (shapes and metadata, tensors on the meta device);
 `read(name)` copies an expert's weights back out of its slot.
+
+LoRA experts (moe.lora) take a slot for their gate like any expert (keys, offsets, thresholds, covers; their
+bottleneck columns stay zero) but keep their own tensors: a snapshot carries `lora`, the LoRA experts laid
+out by slot (moe.lora.LoraStacks), rebuilt whenever the LoRA experts change, so a LoRA plug still costs more
+the more LoRA experts are plugged (a bottleneck plug does not). While one is plugged, decode steps take the
+grouped path and the fixed-slot decoder runs eagerly (moe.generation).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from moe import lora
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
-from moe.expert import Expert
+from moe.expert import ADAPTER_KIND, BottleneckAdapter, Expert
+from moe.lora import LoraStacks
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +66,34 @@ class LayerAdapter:
     up: torch.Tensor
 
 
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 def weightless(expert: Expert) -> Expert:
-    """The expert's name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
-    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in expert.tensors().items()}
+    """A bottleneck expert's name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
     return Expert(
         name=expert.name,
         layers=expert.layers,
+        adapter=BottleneckAdapter(_meta(expert.down), _meta(expert.up)),
+        keys=_meta(expert.keys),
+        offsets=_meta(expert.offsets),
+        thresholds=_meta(expert.thresholds),
         description=expert.description,
         examples=expert.examples,
         metadata=dict(expert.metadata),
-        **meta,
     )
 
 
-def check_fits(expert: Expert, num_layers: int, hidden: int) -> None:
-    """Raise IncompatibleExpertError unless the expert's hidden size and layers fit the backbone."""
+def is_bottleneck(expert: Expert) -> bool:
+    return expert.kind == ADAPTER_KIND
+
+
+def check_fits(
+    expert: Expert, num_layers: int, hidden: int, projections: Mapping[str, tuple[int, int]] | None = None
+) -> None:
+    """Raise IncompatibleExpertError unless the expert's hidden size and layers fit the backbone (and, for a
+    LoRA expert, its projections fit the backbone's MLP projections {name: (in, out)})."""
     if expert.hidden_size != hidden:
         raise IncompatibleExpertError(
             f"expert {expert.name!r} has hidden size {expert.hidden_size}, the backbone has {hidden}"
@@ -82,6 +104,8 @@ def check_fits(expert: Expert, num_layers: int, hidden: int) -> None:
             f"expert {expert.name!r} covers layers {list(expert.layers)}; the backbone has layers "
             f"0..{num_layers - 1} and each may appear once"
         )
+    if expert.kind == lora.KIND:
+        lora.check_fits(expert, projections)
 
 
 # --- adapter weights, one storage object per adapter kind --------------------------------------------------
@@ -111,10 +135,13 @@ class BottleneckSlots:
 
     @torch.no_grad()
     def write(self, slot: int, layers: torch.Tensor, expert: Expert) -> None:
-        """The expert's adapters into `slot` (layers [Lx] long on the device), every other layer zeroed."""
-        r = expert.rank
+        """The expert's adapters into `slot` (layers [Lx] long on the device), every other layer zeroed (every
+        layer, for a LoRA expert: its weights live in the set's LoraStacks)."""
         self.down[:, :, slot].zero_()
         self.up[:, slot].zero_()
+        if not is_bottleneck(expert):
+            return
+        r = expert.rank
         self.down[layers, :, slot, :r] = expert.down.detach().to(self.device, self.dtype)  # [Lx, H, r]
         self.up[layers, slot, :r] = expert.up.detach().to(self.device, self.dtype)  # [Lx, r, H]
 
@@ -150,8 +177,8 @@ class _SlotViews(Sequence):
         return len(self._ranks)
 
     def __getitem__(self, slot: int) -> LayerAdapter | None:  # type: ignore[override]
-        if self._layer not in self._covered[slot]:
-            return None
+        if self._layer not in self._covered[slot] or not self._ranks[slot]:
+            return None  # the slot skips the layer, or holds a LoRA expert (rank 0 here)
         r = self._ranks[slot]
         return LayerAdapter(self._down[:, slot, :r], self._up[slot, :r])  # [H, r], [r, H]
 
@@ -169,6 +196,8 @@ class AdapterReferences:
     def write(self, slot: int, layers: torch.Tensor, expert: Expert) -> None:
         for row in self.table:
             row[slot] = None
+        if not is_bottleneck(expert):
+            return
         with torch.enable_grad():  # views of leaves that require grad keep their path back to them
             for i, layer in enumerate(expert.layers):
                 self.table[layer][slot] = LayerAdapter(expert.down[i], expert.up[i])
@@ -201,9 +230,11 @@ class ExpertSlots:
         capacity: int = DEFAULT_CAPACITY,
         rank: int = 0,
         references: bool = False,
+        projections: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         self.num_layers, self.hidden, self.device, self.dtype = num_layers, hidden, torch.device(device), dtype
         self.rank = rank
+        self.projections = projections  # the backbone's MLP projections {name: (in, out)}: what a LoRA must fit
         self.keys = torch.zeros(num_layers, capacity, hidden, device=device, dtype=dtype)
         self.offsets = torch.zeros(num_layers, capacity, device=device)
         self.thresholds = torch.full((num_layers, capacity), float("inf"), device=device)
@@ -226,6 +257,12 @@ class ExpertSlots:
         self._snapshot: PluggedSet | None = None
         self._live: PluggedSet | None = None
         self._live_generation = -1
+        # LoRA experts: their stacks are rebuilt when the LoRA experts or the capacity change (cost grows with the
+        # number of LoRA experts plugged), keyed by (capacity, (slot, expert) of each LoRA expert)
+        self._lora: LoraStacks | None = None
+        self._lora_key: tuple = (0, ())
+        self._lora_experts: tuple = ()
+        self.has_lora = False  # some plugged expert is a LoRA expert
 
     @property
     def capacity(self) -> int:
@@ -236,7 +273,7 @@ class ExpertSlots:
         return isinstance(self.weights, AdapterReferences)
 
     def check_fits(self, expert: Expert) -> None:
-        check_fits(expert, self.num_layers, self.hidden)
+        check_fits(expert, self.num_layers, self.hidden, self.projections)
 
     def slot_of(self, name: str) -> int:
         try:
@@ -257,7 +294,10 @@ class ExpertSlots:
                 f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
                 "or choose another name"
             )
-        slot = self._take_slot(expert.rank)
+        rank = expert.rank if is_bottleneck(expert) else 0  # the bottleneck storage's rank for this slot
+        if not is_bottleneck(expert) and not self.references:
+            expert = expert.to(self.device, self.dtype)  # a LoRA expert keeps its own tensors (the set's stacks)
+        slot = self._take_slot(rank)
         layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
         with torch.no_grad():
             # 1. weights and gate into a slot no step can choose (thresholds +inf, covers False)
@@ -276,10 +316,10 @@ class ExpertSlots:
             covers[list(expert.layers)] = True
             self.thresholds[:, slot] = thresholds.to(self.device)
             self.covers[:, slot] = covers.to(self.device)
-        handle = expert if self.references else weightless(expert)
+        handle = expert if self.references or not is_bottleneck(expert) else weightless(expert)
         if old is not None:
             self._release(old)
-        self.names[slot], self.ranks[slot], self.covered[slot] = expert.name, expert.rank, frozenset(expert.layers)
+        self.names[slot], self.ranks[slot], self.covered[slot] = expert.name, rank, frozenset(expert.layers)
         self._slot_by_name[expert.name] = slot
         if old is not None:
             self._experts = [handle if e.name == expert.name else e for e in self._experts]
@@ -299,6 +339,26 @@ class ExpertSlots:
         self._experts = [e for e in self._experts if e.name != name]
         self._changed()
         return expert
+
+    def set_all(self, experts: Sequence[Expert]) -> PluggedSet:
+        """Make the plugged experts exactly these, in this order (a whole expert-set version at once): experts
+        not named leave, an expert that is already plugged (the same object as its handle) keeps its slot
+        untouched, every other one is written into a slot (over the one of the same name). Everything is checked
+        first, so a refused set changes nothing."""
+        names = [expert.name for expert in experts]
+        if len(set(names)) != len(names):
+            raise ExpertNameTakenError(f"an expert set names an expert twice: {names}")
+        for expert in experts:
+            self.check_fits(expert)
+        current = {e.name: e for e in self._experts}
+        for name in [n for n in current if n not in set(names)]:
+            self.unplug(name)
+        for expert in experts:
+            if current.get(expert.name) is not expert:
+                self.plug(expert, replace=expert.name in self._slot_by_name)
+        by_name = {e.name: e for e in self._experts}
+        self._experts = [by_name[name] for name in names]
+        return self._changed()
 
     def _disable(self, slot: int) -> None:
         self.thresholds[:, slot] = float("inf")
@@ -358,8 +418,23 @@ class ExpertSlots:
 
     def _changed(self) -> PluggedSet:
         self.version += 1
+        self.has_lora = any(not is_bottleneck(e) for e in self._experts)  # a host fact, read every decode step
         self._snapshot = None
         return self.snapshot()
+
+    def _lora_stacks(self) -> LoraStacks | None:
+        """The LoRA experts laid out by slot (moe.lora.LoraStacks), rebuilt only when they or the capacity
+        changed: what a LoRA plug costs grows with the number of LoRA experts plugged."""
+        loras = tuple((self._slot_by_name[e.name], e) for e in self._experts if not is_bottleneck(e))
+        key = (self.capacity, tuple((slot, id(e)) for slot, e in loras))
+        if key != self._lora_key:
+            by_slot: list[Expert | None] = [None] * self.capacity
+            for slot, expert in loras:
+                by_slot[slot] = expert
+            self._lora = LoraStacks.build(by_slot, self.num_layers, self.device, self.dtype) if loras else None
+            self._lora_key = key
+            self._lora_experts = loras  # held while they key the stacks: no other expert can take their ids
+        return self._lora
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -381,6 +456,8 @@ class ExpertSlots:
                 adapters=tuple(self.weights.layer_adapters(layer, ranks, covered) for layer in range(self.num_layers)),
                 version=self.version,
                 storage=self,
+                lora=self._lora_stacks(),
+                projections=self.projections,
             )
         return self._snapshot
 
@@ -410,18 +487,18 @@ class ExpertSlots:
         return self._live
 
     def read(self, name: str) -> Expert:
-        """The expert with its weights copied back out of its slot (keys come back unit-norm)."""
+        """The expert with its weights copied back out of its slot (keys come back unit-norm); a LoRA expert
+        as plugged (its own tensors)."""
         slot = self.slot_of(name)
         handle = next(e for e in self._experts if e.name == name)
-        if self.references:
+        if self.references or not is_bottleneck(handle):
             return handle
         layers = torch.tensor(handle.layers, dtype=torch.long, device=self.device)
         down, up = self.weights.read(slot, layers, handle.rank)
         return Expert(
             name=handle.name,
             layers=handle.layers,
-            down=down,
-            up=up,
+            adapter=BottleneckAdapter(down, up),
             keys=self.keys[layers, slot].clone(),
             offsets=self.offsets[layers, slot].clone(),
             thresholds=self.thresholds[layers, slot].clone(),
@@ -448,7 +525,10 @@ class PluggedSet:
         columns[c]: the name in slot c, None for a free slot; slots[i]: the slot of experts[i]
         adapters[l][c]: LayerAdapter or None (views of the slots, or the experts' own tensors for a set
             built by `build`: gradients flow)
-        down [L, H, C, R], up [L, C, R, H]: the slot storage (None for a set built by `build`)
+        down [L, H, C, R], up [L, C, R, H]: the slot storage (None for a set built by `build`); zero in a LoRA
+            expert's slot
+        lora: the LoRA experts laid out by slot for dispatch (moe.lora.LoraStacks), None when none is plugged
+        projections: the backbone's MLP projections {name: (in, out)}, what a LoRA expert must fit (None: unchecked)
     An expert's index (`index`) is its slot: the column of its scores, choices and trace counts.
     """
 
@@ -464,6 +544,9 @@ class PluggedSet:
     adapters: tuple[Sequence[LayerAdapter | None], ...]
     version: int = 0
     storage: ExpertSlots | None = None
+    # --- LoRA experts (moe.lora): their stacks by slot, and what they must fit ---
+    lora: LoraStacks | None = None
+    projections: Mapping[str, tuple[int, int]] | None = None
     _slot_of: dict[str, int] = field(init=False, repr=False)
     _position: dict[str, int] = field(init=False, repr=False)
 
@@ -499,30 +582,10 @@ class PluggedSet:
         self.index(name)  # raises UnknownExpertError
         return self.experts[self._position[name]]
 
-    def live(self) -> PluggedSet:
-        """The storage's own tensors as a set, for decode steps: its thresholds and covers are the live columns,
-        so a step sees what was published before it ran, and a captured step keeps reading these addresses
-        until the storage grows. It names no expert: the trace's names come from `snapshot()`."""
-        if self._live is None or self._live_generation != self.generation:
-            self._live_generation = self.generation
-            down, up = self.weights.stacks
-            self._live = PluggedSet(
-                experts=(),
-                slots=(),
-                columns=(None,) * self.capacity,
-                keys=self.keys,
-                offsets=self.offsets,
-                thresholds=self.thresholds,
-                covers=self.covers,
-                down=down,
-                up=up,
-                adapters=tuple(
-                    self.weights.layer_adapters(layer, self.ranks, self.covered) for layer in range(self.num_layers)
-                ),
-                version=-1,
-                storage=self,
-            )
-        return self._live
+    @functools.cached_property
+    def has_bottleneck(self) -> bool:
+        """Some plugged expert is of the bottleneck kind: a host fact, no device read."""
+        return any(is_bottleneck(e) for e in self.experts)
 
     def read(self, name: str) -> Expert:
         """The expert with its weights (copied back out of its slot for slot storage)."""
@@ -542,22 +605,32 @@ class PluggedSet:
         device: torch.device,
         dtype: torch.dtype,
         version: int = 0,
+        projections: Mapping[str, tuple[int, int]] | None = None,
     ) -> PluggedSet:
         """A set over exactly these experts (slot i = experts[i]) whose adapters reference the experts' own
         tensors: no copy of the weights, and gradients reach them."""
-        storage = ExpertSlots(num_layers, hidden_size, device, dtype, capacity=len(experts), references=True)
+        storage = ExpertSlots(
+            num_layers, hidden_size, device, dtype, capacity=len(experts), references=True, projections=projections
+        )
         for expert in experts:
             storage.plug(expert)
         storage.version = version - 1
         return storage._changed()
 
     @classmethod
-    def empty(cls, num_layers: int, hidden_size: int, device: torch.device, dtype: torch.dtype) -> PluggedSet:
-        return cls.build((), num_layers, hidden_size, device, dtype, version=0)
+    def empty(
+        cls,
+        num_layers: int,
+        hidden_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        projections: Mapping[str, tuple[int, int]] | None = None,
+    ) -> PluggedSet:
+        return cls.build((), num_layers, hidden_size, device, dtype, version=0, projections=projections)
 
     def check_fits(self, expert: Expert) -> None:
         num_layers, _, hidden = self.keys.shape
-        check_fits(expert, num_layers, hidden)
+        check_fits(expert, num_layers, hidden, self.projections)
 
     def plugging(self, expert: Expert, replace: bool = False) -> PluggedSet:
         """A new set (built from experts, see `build`) with `expert` added, or swapped in place of the same name
@@ -574,10 +647,21 @@ class PluggedSet:
             experts = (*(self.read(e.name) for e in self.experts), expert)
         return self._rebuild(experts)
 
+    def replacing_all(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """A new set (built from experts) of exactly these experts, in this order. This set is unchanged."""
+        names = [expert.name for expert in experts]
+        if len(set(names)) != len(names):
+            raise ExpertNameTakenError(f"an expert set names an expert twice: {names}")
+        for expert in experts:
+            self.check_fits(expert)
+        return self._rebuild(experts)
+
     def unplugging(self, name: str) -> PluggedSet:
         self.index(name)  # raises UnknownExpertError
         return self._rebuild(tuple(self.read(e.name) for e in self.experts if e.name != name))
 
     def _rebuild(self, experts: tuple[Expert, ...]) -> PluggedSet:
         num_layers, _, hidden = self.keys.shape
-        return PluggedSet.build(experts, num_layers, hidden, self.keys.device, self.keys.dtype, self.version + 1)
+        return PluggedSet.build(
+            experts, num_layers, hidden, self.keys.device, self.keys.dtype, self.version + 1, self.projections
+        )

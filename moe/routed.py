@@ -2,17 +2,20 @@
 
     RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
       -> for each decoder layer l, RoutedMLP:
-           base   = mlp(x)                                  # the untouched backbone block
-           scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.router (C = expert slots)
+           scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.router at the MLP input (C = expert slots)
            choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
-           out    = base + adapter deltas                   # moe.dispatch, base rows untouched
+           base   = mlp(x)                                  # the backbone block; its projections add the
+                                                            #   LoRA experts' deltas on their rows (moe.lora)
+           out    = base + bottleneck adapter deltas        # moe.dispatch, base rows untouched
       -> logits, and a routing trace counted on the device
 
 Two dispatch paths, picked on the host from facts known before the step:
     decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
             number of ops with no host read (what a captured decode step runs; on CUDA it can be
             torch.compile'd into a few fused kernels, see `fuse_decode_routing`)
-    grouped everything else (prefill, training, top-k): tokens grouped by expert, one host read per layer
+    grouped everything else (prefill, training, top-k), and every step while a LoRA expert is plugged: tokens
+            grouped by expert, one host read per layer (LoRA experts: moe.lora.plan_lora, gathered without a
+            host read for few top-1 tokens)
 
 The experts live in preallocated slots (moe.plugged.ExpertSlots) written in place between steps; one
 forward reads the plugged set once at its start.
@@ -29,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.backbone import decoder_layers, fingerprint, freeze, mlp_attribute
+from moe.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
 from moe.dispatch import grouped_dispatch, slot_dispatch
 from moe.expert import Expert
 from moe.kv_cache import cache_kwarg
+from moe.lora import LoraPlan, plan_lora, wrap_projections
 from moe.plugged import ExpertSlots, PluggedSet
 from moe.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
 from moe.trace import RoutingTrace, count_decisions
@@ -97,6 +101,7 @@ class _Step:
     capture: list[torch.Tensor] | None
     decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
+    lora_plan: LoraPlan | None = None  # --- LoRA experts: the layer's LoRA plan, set while its MLP block runs ---
 
 
 class _Context(threading.local):
@@ -115,18 +120,19 @@ class RoutedMLP(nn.Module):
         self._context = context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)
         step = self._context.step
         if step is None:
-            return base
+            return self.base_layer(x)
         if step.capture is not None:
             step.capture.append(x.detach())
         if not step.route:
-            return base
+            return self.base_layer(x)
         hidden = x.shape[-1]
-        flat_x, flat_base = x.reshape(-1, hidden), base.reshape(-1, hidden)
+        flat_x = x.reshape(-1, hidden)
         plugged, layer = step.plugged, self.layer
-        if step.decode is not None:
+        if step.decode is not None:  # bottleneck experts only (no LoRA expert plugged): the fixed-op path
+            base = self.base_layer(x)
+            flat_base = base.reshape(-1, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
             out, choice = step.decode(
                 flat_x,
@@ -150,7 +156,21 @@ class RoutedMLP(nn.Module):
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
-        return grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer]).view_as(base)
+        # --- LoRA experts (moe.lora): the layer's LoRA plan, read by the block's projections while it runs;
+        # the bottleneck experts dispatch on the rest of the choice ---
+        chosen = None
+        if plugged.lora is not None and plugged.lora.on_layer[layer]:
+            gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+            chosen = (choice >= 0).sum(dim=1) if choice.shape[1] > 1 else None
+            step.lora_plan, choice = plan_lora(plugged.lora, layer, choice, gather)
+        try:
+            base = self.base_layer(x)
+        finally:
+            step.lora_plan = None
+        if plugged.lora is not None and not plugged.has_bottleneck:
+            return base
+        flat_base = base.reshape(-1, hidden)
+        return grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer], chosen).view_as(base)
 
 
 class RoutedModel(nn.Module):
@@ -165,12 +185,17 @@ class RoutedModel(nn.Module):
         attr = mlp_attribute(backbone)
         self._context = _Context()
         self.mlps: list[RoutedMLP] = []
+        self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)}: what LoRA experts adapt
         for index, layer in enumerate(layers):
-            wrapper = RoutedMLP(getattr(layer, attr), index, self._context)
+            block = getattr(layer, attr)
+            wrap_projections(block, family_of(backbone).projections, self._context)  # LoRA experts' hook
+            wrapper = RoutedMLP(block, index, self._context)
             setattr(layer, attr, wrapper)
             self.mlps.append(wrapper)
         param = next(backbone.parameters())
-        self.slots = ExpertSlots(len(layers), self.hidden_size, param.device, param.dtype)
+        self.slots = ExpertSlots(
+            len(layers), self.hidden_size, param.device, param.dtype, projections=self.projection_shapes
+        )
         self.cache_kwarg = cache_kwarg(backbone)
         self.decode_route: Callable = routed_top1
         self._swap_lock = threading.Lock()
@@ -203,6 +228,12 @@ class RoutedModel(nn.Module):
         next forward. Costs one expert's weights, whatever the number plugged."""
         with self._swap_lock:
             return self.slots.plug(expert, replace=replace)
+
+    def set_experts(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """Make the plugged set exactly these experts in this order; experts already plugged (the same handle)
+        keep their slots untouched, the others are written into slots. Applies from the next forward."""
+        with self._swap_lock:
+            return self.slots.set_all(experts)
 
     def unplug(self, name: str) -> Expert:
         """Disable the expert's slot; returns it (a weightless handle: its name, shapes and metadata)."""
@@ -300,6 +331,7 @@ class RoutedModel(nn.Module):
         if (
             self.router.top_k == 1
             and plugged.down is not None
+            and plugged.lora is None  # LoRA experts change the block's projections: the grouped path runs them
             and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
             and not torch.is_grad_enabled()
         ):

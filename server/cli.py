@@ -1,4 +1,4 @@
-"""`plugmoe` command line: `serve`, plus the experts tooling's subcommands when installed."""
+"""`plugmoe` command line: `serve`, `serve-cluster` (server.cluster), and the experts tooling's subcommands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.settings import Settings
+from pydantic_settings import BaseSettings
+
+from server.settings import ClusterSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -28,26 +30,51 @@ def _flag_type(annotation: object) -> tuple[type | None, tuple | None]:
     return (annotation if annotation in (int, float, str, Path) else str), None
 
 
-def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser(
-        "serve",
-        help="serve the model and its experts over HTTP",
-        description="Every flag has a PLUGMOE_<FLAG> environment variable.",
-    )
-    for name, field in Settings.model_fields.items():
+def add_settings_flags(parser: argparse.ArgumentParser, settings_class: type[BaseSettings]) -> None:
+    """One flag per field of a settings class, with its env variable and default in the help."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    for name, field in settings_class.model_fields.items():
         kind, choices = _flag_type(field.annotation)
         flag = "--" + name.replace("_", "-")
-        env = f"PLUGMOE_{name.upper()}"
+        env = f"{prefix}{name.upper()}"
         description = field.description or ""
         if "default" not in description:  # a description that explains its default says it better
             default = field.default if field.default_factory is None else field.default_factory()
             description += f" (default: {'unset' if default is None else default})"
         help_text = f"{description} (env {env})".strip()
         if kind is None:
-            serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            serve.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve the model and its experts over HTTP",
+        description="Every flag has a PLUGMOE_<FLAG> environment variable.",
+    )
+    add_settings_flags(serve, Settings)
     serve.set_defaults(func=run_serve)
+
+
+def add_serve_cluster(subparsers: argparse._SubParsersAction) -> None:
+    cluster = subparsers.add_parser(
+        "serve-cluster",
+        help="serve N replicas on Ray Serve, one expert set from a shared store (pip install 'plugmoe[cluster]')",
+        description="The `plugmoe serve` flags (each replica's app; --host/--port: Ray Serve's proxy) plus the "
+        "cluster's own (PLUGMOE_CLUSTER_<FLAG>). See docs/scale-out.md.",
+    )
+    add_settings_flags(cluster, Settings)
+    add_settings_flags(cluster, ClusterSettings)
+    cluster.set_defaults(func=run_serve_cluster)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    settings = Settings(**given)  # flags win over PLUGMOE_* env vars, which win over defaults
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -55,9 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.main import create_app
 
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
-    settings = Settings(**given)  # flags win over PLUGMOE_* env vars, which win over defaults
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(args)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -84,10 +109,25 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve_cluster(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    cluster = ClusterSettings(**{k: v for k, v in vars(args).items() if k in ClusterSettings.model_fields})
+    try:
+        from server import cluster as ray_cluster
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("ray"):
+            raise
+        logger.error("serve-cluster needs Ray Serve: pip install 'plugmoe[cluster]'")
+        return 2
+    ray_cluster.run(settings, cluster)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugmoe", description="plug routed domain experts into a frozen LM")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve(subparsers)
+    add_serve_cluster(subparsers)
     try:
         experts_cli = importlib.import_module("experts.cli")
     except ModuleNotFoundError as e:

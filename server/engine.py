@@ -238,6 +238,22 @@ class Engine:
 
         return await self.run(swap) if self.alive else swap()
 
+    async def set_experts(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """Swap the whole plugged set between two steps (an expert-set version at once). Experts that leave
+        end the requests pinned to them with `expert_unplugged`, as an unplug does; a new or replaced
+        expert's routed-token count starts at 0."""
+
+        def swap() -> PluggedSet:
+            before = {e.name: e for e in self.model.plugged.experts}
+            plugged = self.model.set_experts(experts)
+            kept = {e.name for e in plugged.experts if before.get(e.name) is e}
+            for name in set(before) | set(plugged.names):
+                if name not in kept:
+                    self._routed_totals.pop(name, None)
+            return plugged
+
+        return await self.run(swap) if self.alive else swap()
+
     def tokens_routed(self, name: str) -> float:
         """(token, layer) decisions an expert has won since it was plugged."""
         return self._routed_totals.get(name, 0.0)

@@ -22,7 +22,13 @@ from moe import (
     UnknownExpertError,
 )
 from moe.errors import MetadataTooLargeError
-from server.expert_store import InsufficientStorageError, ManifestConflictError, StoreWriteError
+from server.expert_store import (
+    InsufficientStorageError,
+    ManifestConflictError,
+    StoreCorruptError,
+    StoreUnavailableError,
+    StoreWriteError,
+)
 from server.requests import ContextLimitError, EngineStoppedError, GenerationFailedError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +96,8 @@ STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasse
     (GenerationFailedError, 500),
     (InsufficientStorageError, 507),
     (StoreWriteError, 500),
+    (StoreUnavailableError, 503),  # the expert store cannot be reached: nothing changed, retry later
+    (StoreCorruptError, 503),  # the expert store holds a broken manifest or file: an operator must fix it
 ]
 
 
@@ -119,7 +127,7 @@ def error_body(exc: BaseException) -> dict:
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if isinstance(exc, QueueFullError | EngineStoppedError):
+    if status == 503:  # every "not now": a full queue, a stopping engine, an expert store that cannot be read
         headers["Retry-After"] = str(retry_after_s)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"

@@ -1,14 +1,25 @@
-"""Where the served expert set persists: content-addressed expert files and versioned manifests.
+"""Where the served expert set persists: content-addressed expert files and versioned manifests, behind a URL.
 
     <root>/blobs/<sha256>.safetensors     each expert file, named by the SHA-256 of its bytes
     <root>/manifests/<version>.json       expert-set version N: {"version", "experts": [{name, sha256, size}],
                                           "created"}, experts in plug order; the highest version is current
-    <root>/tmp/                           files being written (removed at start: a crash leaves nothing)
+    <root>/tmp/                           (local directories only) files being written
 
-Writes are atomic: a blob is written to tmp/, fsynced and renamed into place before any manifest names it,
-and a manifest is created exclusively (a hard link of a complete temp file, which fails when the version
-exists), so a reader never sees a manifest that names a file not yet complete, and of two writers racing
-for version N + 1 exactly one wins (the other gets ManifestConflictError).
+The root is a local directory (the default; a path or file:// URL) or any fsspec URL: `s3://bucket/prefix`
+through s3fs, `memory://`, `gs://` ... (the backend's package must be installed). Every server and every
+replica of a cluster reads the same store, so one code path serves one process or many.
+
+Writes are atomic: a blob is complete in the store before any manifest names it, and a manifest is created
+exclusively (compare-and-swap on the version number), so a reader never sees a manifest that names a file
+not yet complete, and of two writers racing for version N + 1 exactly one wins (the other gets
+ManifestConflictError). Local directory: a complete, fsynced temp file renamed into place (blob) or
+hard-linked (manifest: the link fails when the version exists). S3: one PUT is atomic, and a manifest is a
+PUT with `If-None-Match: *` (s3fs's pipe_file(mode="create"); the losing writer gets 412). Other fsspec
+backends use their own pipe_file(mode="create"), which fsspec documents as atomic only on S3: with them,
+plug through one server at a time.
+
+Versions only grow, one at a time (version N + 1 is created only on top of N), so a reader that knows
+version N finds newer ones by probing N + 1, N + 2 ... (one read each; `newer_than`), without listing.
 
 The server writes here before it swaps an expert in or out, so what the client is told, what is in memory
 and what is on disk agree; a restart plugs the current manifest's experts.
@@ -23,14 +34,21 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_DIGITS = 8
 _MANIFEST_NAME = re.compile(r"^(\d{8})\.json$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+STALE_TMP_S = 600  # a temp file this old is a crashed write's leftover, not another server's write in progress
+# fsspec backends whose pipe_file(mode="create") is an atomic create-only write (a conditional PUT)
+ATOMIC_CREATE_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 class ManifestConflictError(RuntimeError):
@@ -39,6 +57,10 @@ class ManifestConflictError(RuntimeError):
 
 class StoreCorruptError(RuntimeError):
     """A manifest or blob in the store is unreadable or does not match its hash."""
+
+
+class StoreUnavailableError(RuntimeError):
+    """The store cannot be reached or read right now (network, credentials, permissions); a retry may work."""
 
 
 class StoreWriteError(RuntimeError):
@@ -90,102 +112,60 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
+    def from_json(cls, text: str | bytes) -> Manifest:
         data = json.loads(text)
         experts = tuple(ManifestEntry(str(e["name"]), str(e["sha256"]), int(e["size"])) for e in data["experts"])
         return cls(int(data["version"]), experts, str(data.get("created", "")))
+
+    def check(self, version: int) -> None:
+        """Raise ValueError unless this is a well-formed manifest for `version`."""
+        if self.version != version:
+            raise ValueError(f"the file of version {version} says it is version {self.version}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"it names an expert twice: {list(self.names)}")
+        for entry in self.experts:
+            if not _SHA256.match(entry.sha256) or entry.size < 0 or not entry.name:
+                raise ValueError(f"entry {entry} is not a name, a SHA-256 in hex and a size")
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class ExpertStore:
-    """A local directory store (see the module docstring for the layout)."""
+def is_local(url: str | Path) -> bool:
+    """A plain path or a file:// URL (stored through the local-directory code below)."""
+    return isinstance(url, PurePath) or "://" not in str(url) or str(url).startswith("file://")
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.blobs, self.manifests, self.tmp = self.root / "blobs", self.root / "manifests", self.root / "tmp"
 
-    def open(self) -> ExpertStore:
-        """Create the directories and remove what an interrupted write left in tmp/."""
-        for directory in (self.blobs, self.manifests, self.tmp):
-            directory.mkdir(parents=True, exist_ok=True)
-        stale = list(self.tmp.iterdir())
-        for path in stale:
-            path.unlink(missing_ok=True)
-        if stale:
-            logger.info("removed %d unfinished temporary files from %s", len(stale), self.tmp)
-        return self
+class _LocalFiles:
+    """Files in a local directory: atomic replace through a temp file and rename, create-only through link."""
 
-    # --- reading ------------------------------------------------------------------------------------------
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
 
-    def current(self) -> Manifest:
-        """The highest committed version (version 0 with no experts when nothing was committed yet)."""
-        versions = sorted(int(m[1]) for p in self.manifests.glob("*.json") if (m := _MANIFEST_NAME.match(p.name)))
-        if not versions:
-            return Manifest(0)
-        path = self._manifest_path(versions[-1])
+    def read(self, path: PurePath) -> bytes:
+        return Path(path).read_bytes()
+
+    def exists(self, path: PurePath) -> bool:
+        return Path(path).exists()
+
+    def names(self, directory: PurePath) -> list[str]:
         try:
-            return Manifest.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise StoreCorruptError(f"manifest {path} is unreadable: {e}") from e
+            return [p.name for p in Path(directory).iterdir()]
+        except FileNotFoundError:
+            return []
 
-    def read_blob(self, digest: str) -> bytes:
-        """An expert file's bytes, checked against its hash."""
-        path = self.blobs / f"{digest}.safetensors"
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise StoreCorruptError(f"expert file {path.name} is missing from the store: {e.strerror or e}") from e
-        if sha256(data) != digest:
-            raise StoreCorruptError(f"expert file {path.name} does not match its hash (corrupted on disk)")
-        return data
-
-    # --- writing ------------------------------------------------------------------------------------------
-
-    def put_blob(self, data: bytes) -> ManifestEntry:
-        """Store an expert file (a no-op when the same bytes are stored); returns its entry without a name."""
-        digest = sha256(data)
-        path = self.blobs / f"{digest}.safetensors"
-        if not path.exists():
-            self._write(path, data, exclusive=False)
-        return ManifestEntry("", digest, len(data))
-
-    def commit(self, base: Manifest, experts: tuple[ManifestEntry, ...]) -> Manifest:
-        """Create version base.version + 1 with these experts. Raises ManifestConflictError when another
-        writer created that version first (nothing is written then)."""
-        for entry in experts:
-            if not (self.blobs / f"{entry.sha256}.safetensors").exists():
-                raise StoreCorruptError(f"cannot commit {entry.name!r}: its file {entry.sha256} is not stored")
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        manifest = Manifest(base.version + 1, experts, created)
-        try:
-            self._write(self._manifest_path(manifest.version), manifest.to_json().encode(), exclusive=True)
-        except FileExistsError:
-            raise ManifestConflictError(
-                f"expert-set version {manifest.version} was committed by another writer; reload and retry"
-            ) from None
-        return manifest
-
-    def delete_blob(self, digest: str) -> bool:
-        """Remove a stored file (purge). Older manifests may still name it; only the current one is served."""
-        path = self.blobs / f"{digest}.safetensors"
-        existed = path.exists()
-        path.unlink(missing_ok=True)
-        return existed
-
-    def _manifest_path(self, version: int) -> Path:
-        return self.manifests / f"{version:0{MANIFEST_DIGITS}d}.json"
-
-    def _write(self, path: Path, data: bytes, exclusive: bool) -> None:
+    def write(self, path: PurePath, data: bytes, exclusive: bool) -> None:
         """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create).
 
         Raises FileExistsError (exclusive, the path exists), InsufficientStorageError (disk full) or
-        StoreWriteError; in every case the temp file is gone and the target is untouched."""
+        StoreWriteError; in every case the temp file is gone and the target is untouched. The temp file's
+        name says which process writes it (TMP_OWNER), so a server starting beside a live writer on a shared
+        directory leaves it alone."""
+        path = Path(path)
         tmp: str | None = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.", suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.{_owner()}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -208,6 +188,233 @@ class ExpertStore:
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+
+    def delete(self, path: PurePath) -> bool:
+        path = Path(path)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed
+
+
+class _FsspecFiles:
+    """Files behind an fsspec filesystem (object stores). Every call reads the store, never fsspec's listing
+    cache; any failure other than a missing or existing file is a StoreUnavailableError."""
+
+    def __init__(self, fs: Any, url: str) -> None:
+        self.fs = fs
+        self.url = url
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (FileNotFoundError, FileExistsError):
+            raise
+        except Exception as e:  # network, credentials, throttling: the caller retries or answers 503
+            raise StoreUnavailableError(f"expert store {self.url}: {what} failed: {type(e).__name__}: {e}") from e
+
+    def read(self, path: PurePath) -> bytes:
+        self.fs.invalidate_cache(str(path))
+        return self._call(f"reading {path}", self.fs.cat_file, str(path))
+
+    def exists(self, path: PurePath) -> bool:
+        self.fs.invalidate_cache(str(path))
+        return self._call(f"looking up {path}", self.fs.exists, str(path))
+
+    def names(self, directory: PurePath) -> list[str]:
+        try:
+            listed = self._call(f"listing {directory}", self.fs.ls, str(directory), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [PurePosixPath(p).name for p in listed]
+
+    def write(self, path: PurePath, data: bytes, exclusive: bool) -> None:
+        mode = "create" if exclusive else "overwrite"
+        self._call(f"writing {path}", self.fs.pipe_file, str(path), data, mode=mode)
+
+    def delete(self, path: PurePath) -> bool:
+        if not self.exists(path):  # an object store's delete succeeds on a missing key
+            return False
+        try:
+            self._call(f"deleting {path}", self.fs.rm_file, str(path))
+        except FileNotFoundError:
+            return False
+        return True
+
+
+class ExpertStore:
+    """The store at `url` (see the module docstring): a local directory, or an fsspec URL with its
+    `storage_options` (for s3: endpoint_url, key, secret, client_kwargs ...; credentials may also come from
+    the usual AWS environment variables and profiles)."""
+
+    def __init__(self, url: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url)
+        if is_local(url):
+            path = self.url.removeprefix("file://") if isinstance(url, str) else url
+            self.root: PurePath = Path(path).expanduser()
+            self.tmp: PurePath = self.root / "tmp"
+            self.protocol = "file"
+            self._files: _LocalFiles | _FsspecFiles = _LocalFiles(Path(self.tmp))
+        else:
+            import fsspec
+
+            # never answer from fsspec's listing cache: s3fs would say a manifest written since the last
+            # listing does not exist
+            options = {"use_listings_cache": False, **(storage_options or {})}
+            fs, root = fsspec.core.url_to_fs(self.url, **options)
+            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+            self.root = PurePosixPath(root.rstrip("/") or "/")
+            self.tmp = self.root / "tmp"  # unused: an object PUT is atomic
+            self.protocol = protocols[0]
+            self._files = _FsspecFiles(fs, self.url)
+        self.blobs, self.manifests = self.root / "blobs", self.root / "manifests"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self._files, _LocalFiles)
+
+    def __repr__(self) -> str:
+        return f"ExpertStore({self.url!r})"
+
+    def open(self) -> ExpertStore:
+        """Local: create the directories and remove what an interrupted write left in tmp/: every temp file
+        but those of live writers (a server of this host that still runs, or of another host sharing the
+        directory, for STALE_TMP_S)."""
+        if not self.is_local:
+            if self.protocol not in ATOMIC_CREATE_PROTOCOLS:
+                logger.warning(
+                    "the %s store %s may not create manifests atomically: plug through one server at a time",
+                    self.protocol,
+                    self.url,
+                )
+            return self
+        for directory in (self.blobs, self.manifests, self.tmp):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - STALE_TMP_S
+        stale = [p for p in Path(self.tmp).iterdir() if _mtime(p) < cutoff or _abandoned(p.name)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            logger.info("removed %d unfinished temporary files from %s", len(stale), self.tmp)
+        return self
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """Every committed version, ascending (one listing of manifests/)."""
+        return sorted(int(m[1]) for n in self._files.names(self.manifests) if (m := _MANIFEST_NAME.match(n)))
+
+    def current(self) -> Manifest:
+        """The highest committed version (version 0 with no experts when nothing was committed yet)."""
+        versions = self.versions()
+        if not versions:
+            return Manifest(0)
+        manifest = self.read_manifest(versions[-1])
+        if manifest is None:  # listed, then gone: someone is deleting manifests
+            raise StoreCorruptError(f"manifest {versions[-1]} of {self.url} disappeared while it was read")
+        return manifest
+
+    def newer_than(self, version: int) -> Manifest | None:
+        """The newest version above `version`, or None when there is none (probes version + 1, + 2 ...)."""
+        newest = None
+        while (found := self.read_manifest(version + 1)) is not None:
+            newest, version = found, version + 1
+        return newest
+
+    def read_manifest(self, version: int) -> Manifest | None:
+        """Version `version`, or None when it does not exist."""
+        path = self._manifest_path(version)
+        try:
+            text = self._files.read(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreCorruptError(f"manifest {path} is unreadable: {e}") from e
+        try:
+            manifest = Manifest.from_json(text)
+            manifest.check(version)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise StoreCorruptError(f"manifest {path} is unreadable: {e}") from e
+        return manifest
+
+    def read_blob(self, digest: str) -> bytes:
+        """An expert file's bytes, checked against its hash."""
+        path = self._blob_path(digest)
+        try:
+            data = self._files.read(path)
+        except OSError as e:
+            raise StoreCorruptError(f"expert file {path.name} is missing from the store: {e.strerror or e}") from e
+        if sha256(data) != digest:
+            raise StoreCorruptError(f"expert file {path.name} does not match its hash (corrupted in the store)")
+        return data
+
+    # --- writing ------------------------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes) -> ManifestEntry:
+        """Store an expert file (a no-op when the same bytes are stored); returns its entry without a name."""
+        digest = sha256(data)
+        path = self._blob_path(digest)
+        if not self._files.exists(path):
+            self._files.write(path, data, exclusive=False)
+        return ManifestEntry("", digest, len(data))
+
+    def commit(self, base: Manifest, experts: tuple[ManifestEntry, ...]) -> Manifest:
+        """Create version base.version + 1 with these experts. Raises ManifestConflictError when another
+        writer created that version first (nothing is written then)."""
+        for entry in experts:
+            if not self._files.exists(self._blob_path(entry.sha256)):
+                raise StoreCorruptError(f"cannot commit {entry.name!r}: its file {entry.sha256} is not stored")
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest = Manifest(base.version + 1, experts, created)
+        manifest.check(manifest.version)  # raises ValueError: a writer never commits a malformed manifest
+        try:
+            self._files.write(self._manifest_path(manifest.version), manifest.to_json().encode(), exclusive=True)
+        except FileExistsError:
+            raise ManifestConflictError(
+                f"expert-set version {manifest.version} was committed by another writer; reload and retry"
+            ) from None
+        return manifest
+
+    def delete_blob(self, digest: str) -> bool:
+        """Remove a stored file (purge). Older manifests may still name it; only the current one is served."""
+        return self._files.delete(self._blob_path(digest))
+
+    def _blob_path(self, digest: str) -> PurePath:
+        return self.blobs / f"{digest}.safetensors"
+
+    def _manifest_path(self, version: int) -> PurePath:
+        return self.manifests / f"{version:0{MANIFEST_DIGITS}d}.json"
+
+
+_TMP_OWNER = re.compile(r"\.pid(\d+)@([^/]+?)\.[^.]+\.tmp$")
+
+
+def _owner() -> str:
+    """The writing process, as its temp files name it: pid<pid>@<host>."""
+    return f"pid{os.getpid()}@{socket.gethostname()}"
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a temp file's writer is known to be gone: a process of this host that no longer runs, or an
+    unnamed writer (not a server's write in progress). Another host's writer is judged by age (STALE_TMP_S)."""
+    match = _TMP_OWNER.search(name)
+    if match is None:
+        return True
+    if match[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
@@ -22,7 +24,7 @@ from server.expert_store import ExpertStore
 from server.metrics import Metrics
 from server.prompts import PromptEncoder
 from server.request_guard import RequestGuard
-from server.served_experts import ServedExperts
+from server.served_experts import VERSION_HEADER, ServedExperts
 from server.settings import DEMO_MODEL_DIR, Settings
 
 logger = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = await asyncio.to_thread(load_engine, settings, metrics)
     elif engine.metrics is None:
         engine.metrics = metrics
-    store = ExpertStore(settings.resolved_experts_dir())
-    served = ServedExperts(engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings))
+    store = ExpertStore(settings.resolved_expert_store(), settings.expert_store_storage_options())
+    served = ServedExperts(
+        engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings), replicas=app.state.replicas
+    )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     started_here = not engine.alive
     if started_here:
@@ -75,11 +79,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars)
     app.state.engine, app.state.experts, app.state.tokenizer = engine, served, engine.tokenizer
     app.state.prompts = prompts
-    logger.info("serving %s with experts %s", settings.served_model_name(), list(engine.model.plugged.names))
+    logger.info(
+        "serving %s with experts %s (expert-set version %d)",
+        settings.served_model_name(),
+        list(engine.model.plugged.names),
+        served.version,
+    )
     _warn_about_access(settings)
+    watch = asyncio.create_task(served.watch(settings.poll_interval_s)) if settings.poll_interval_s > 0 else None
     try:
         yield
     finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         if started_here:
             await asyncio.to_thread(engine.stop)
         served.close()
@@ -102,6 +116,29 @@ def _warn_about_access(settings: Settings) -> None:
             "no --admin-token: direct loopback clients may plug and unplug experts; requests through a proxy "
             "(forwarded headers) are refused"
         )
+
+
+class ExpertSetVersionHeader:
+    """Every response says which expert-set version answered it (`X-Plugmoe-Expert-Set-Version`), unless
+    the route set the header itself (a plug answers with the version it committed)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: Message) -> None:
+            served = getattr(scope["app"].state, "experts", None) if "app" in scope else None
+            if message["type"] == "http.response.start" and served is not None:
+                headers = MutableHeaders(scope=message)
+                if VERSION_HEADER not in headers:
+                    headers[VERSION_HEADER] = str(served.version)
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
 
 
 class RequestMetrics:
@@ -141,9 +178,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.metrics = Metrics()
     app.state.given_engine = engine
     app.state.engine = None
+    app.state.experts = None
+    app.state.replicas = None  # a cluster's replicas (server.cluster sets it before the lifespan runs)
     errors.install(app)
     for module in (health, generate, openai, experts):
         app.include_router(module.router)
+    app.add_middleware(ExpertSetVersionHeader)
     app.add_middleware(RequestGuard, settings=settings)  # inside RequestMetrics, so its refusals are counted
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

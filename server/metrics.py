@@ -39,6 +39,12 @@ class Metrics:
             registry=r,
         )
         self.experts_plugged = Gauge("plugmoe_experts_plugged", "Experts plugged now", registry=r)
+        self.expert_set_version = Gauge(
+            "plugmoe_expert_set_version", "Expert-set version served (the expert store's manifest version)", registry=r
+        )
+        self.expert_store_errors = Counter(
+            "plugmoe_expert_store_errors", "Failed reads of the expert store while following it", registry=r
+        )
         self.expert_info = Gauge("plugmoe_expert_info", "1 per plugged expert", ["expert"], registry=r)
         self.plug_duration = Histogram(
             "plugmoe_plug_duration_seconds",

@@ -99,6 +99,7 @@ class GenerateResponse(BaseModel):
 # --- OpenAI-compatible ---------------------------------------------------------------------------------
 
 
+# nested bodies are strict too: a model's config does not reach the models it contains (`"strict": 0` is no bool)
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -232,12 +233,21 @@ class ExpertInfo(BaseModel):
     created: str | None = None
 
 
-class PlugResponse(ExpertInfo):
+class ClusterAnswer(BaseModel):
+    """In a cluster only (absent for one process): the version committed and which replicas serve it."""
+
+    version: int | None = Field(None, description="the expert-set version committed (cluster only)")
+    converged: bool | None = Field(None, description="every live replica serves it (cluster only)")
+    replicas: list[dict[str, Any]] | None = Field(None, description="each live replica's version (cluster only)")
+    status: str | None = Field(None, description="with a 202: the URL that tells when every replica serves it")
+
+
+class PlugResponse(ExpertInfo, ClusterAnswer):
     replaced: bool
     admission: dict[str, Any] | None = Field(None, description="the admission report (None when disabled)")
 
 
-class UnplugResponse(BaseModel):
+class UnplugResponse(ClusterAnswer):
     name: str
     unplugged: bool = True
     purged: bool

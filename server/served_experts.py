@@ -1,15 +1,25 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
-    plug:   validate the file (moe.file) -> a pinned probe forward whose logits must be finite -> admission
-            (server.admission_policy) -> store the file and commit the next expert-set version
-            (server.expert_store) -> swap it in (Engine.plug, between two steps)
-    unplug: commit the version without it -> swap it out (Engine.unplug)
-    start:  plug the store's current version (seeded from --seed-experts on first start)
+    plug:   validate the file (moe.file) -> catch up with the store -> a pinned probe forward whose logits must
+            be finite -> admission (server.admission_policy) -> store the file and commit the next expert-set
+            version (server.expert_store) -> serve it
+    unplug: catch up with the store -> commit the version without it -> serve it
+    start:  serve the store's current version (seeded from --seed-experts on first start)
+    watch:  every poll interval, read the store and serve a newer version (committed by another server or
+            replica)
+    serve a version: its experts in manifest order (files read and checked against their hashes unless
+            already plugged), swapped in whole with one Engine.set_experts, between two steps
 
 Disk first, then memory: a plug that cannot be stored (a full disk: 507) is refused before anything is
 swapped, and an unplug that cannot be committed leaves the expert plugged, so the client's answer, the model
-and the store always agree. One plug or unplug runs at a time. Validation, admission and the probe run on
-worker threads of their own (the report at a lower priority), never on the engine thread, which only swaps.
+and the store always agree. One plug, unplug or reconcile runs at a time. Validation, admission and the probe
+run on worker threads of their own (the report at a lower priority), never on the engine thread, which only
+swaps. A plug first catches up with the store (so the name check and admission see what other writers
+plugged), and when another writer commits the same version first it reads the store again: the same name is a
+409, a different name is admitted against the new set and committed on top.
+
+In a cluster (server.cluster) every replica runs this same code against one shared store; `replicas` then
+tells a plug when every live replica serves the version it committed.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, UnknownExpertError
 from moe.admission import probe_is_finite
@@ -33,13 +43,53 @@ from server.admission_policy import AdmissionPolicy
 from server.engine import Engine
 from server.errors import AdmissionRejectedError, RequestTooLargeError
 from server.expert_sources import ExpertSources
-from server.expert_store import ExpertStore, Manifest, ManifestEntry, StoreCorruptError
+from server.expert_store import (
+    ExpertStore,
+    Manifest,
+    ManifestConflictError,
+    ManifestEntry,
+    StoreCorruptError,
+    StoreUnavailableError,
+)
 from server.metrics import Metrics
 
 T = TypeVar("T")
 ADMISSION_NICENESS = 10  # under full load, the admission report gets ~10% of a core beside decoding (CFS weights)
 
 logger = logging.getLogger(__name__)
+
+VERSION_HEADER = "X-Plugmoe-Expert-Set-Version"
+COMMIT_ATTEMPTS = 5  # a plug that loses the race for the next version this many times in a row gets a 409
+
+
+class PlugResult(NamedTuple):
+    expert: Expert
+    admission: dict | None
+    replaced: bool
+    version: int  # the expert-set version that plugged it
+
+
+class UnplugResult(NamedTuple):
+    purged: bool
+    version: int
+
+
+class Convergence(NamedTuple):
+    """Whether every live replica serves a version (a cluster's answer to a plug)."""
+
+    version: int
+    converged: bool
+    replicas: list[dict[str, Any]]
+
+
+class ReplicaSet(Protocol):
+    """The live replicas of a cluster and the expert-set version each serves (server.cluster implements it)."""
+
+    wait_s: float  # how long a plug waits for every replica before it answers 202
+
+    async def versions(self) -> list[dict[str, Any]]:
+        """One dict per live replica: at least {"replica": id, "version": int | None (not answering)}."""
+        ...
 
 
 class ServedExperts:
@@ -50,14 +100,21 @@ class ServedExperts:
         policy: AdmissionPolicy,
         metrics: Metrics,
         sources: ExpertSources | None = None,
+        replicas: ReplicaSet | None = None,
     ) -> None:
         self.engine = engine
         self.store = store
         self.policy = policy
         self.metrics = metrics
         self.sources = sources
-        self.manifest = Manifest(0)
+        self.replicas = replicas
+        self.manifest = Manifest(0)  # the version served
+        self.store_version = 0  # the newest version seen in the store
+        self.behind_since: float | None = None  # monotonic time the store was first seen ahead of what is served
+        self.store_error: str | None = None  # the last failed read of the store while watching it, until one works
+        self.skipped: dict[str, str] = {}  # experts of the served version that could not be plugged, and why
         self.plugged_at: dict[str, str] = {}
+        self._shas: dict[str, str] = {}  # plugged name -> the SHA-256 of its file
         self._lock = asyncio.Lock()
         # validation and the probe (quick) on one worker; the admission report (many forwards) on another,
         # at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
@@ -86,24 +143,16 @@ class ServedExperts:
     def load(self, seed_dir: Path | None = None) -> list[str]:
         """Plug the store's current expert set (before the engine starts); on first start, seed it from
         `seed_dir`. A file that cannot be plugged is logged and skipped, so one bad file cannot keep the
-        server down."""
+        server down; a store that cannot be read raises (nothing would be served consistently)."""
         self.store.open()
-        self.manifest = self.store.current()
-        if self.manifest.version == 0 and seed_dir is not None:
-            self.manifest = self._seed(seed_dir)
-        names = []
-        for entry in self.manifest.experts:
-            try:
-                expert = ExpertFile.load(self.store.read_blob(entry.sha256), self.model.fingerprint, entry.name)
-                self.model.plug(expert)
-            except (ExpertFileError, StoreCorruptError, ValueError) as e:
-                logger.error("not plugging %r from expert-set version %d: %s", entry.name, self.manifest.version, e)
-                continue
-            self._plugged(expert)
-            names.append(expert.name)
-        logger.info(
-            "plugged %d experts from %s (version %d): %s", len(names), self.store.root, self.manifest.version, names
-        )
+        manifest = self.store.current()
+        if manifest.version == 0 and seed_dir is not None:
+            manifest = self._seed(seed_dir)
+        experts, skipped = self._resolve(manifest, {})
+        self.model.set_experts(experts)
+        self._served(manifest, experts, skipped)
+        names = [e.name for e in experts]
+        logger.info("plugged %d experts from %s (version %d): %s", len(names), self.store.url, manifest.version, names)
         return names
 
     def _seed(self, seed_dir: Path) -> Manifest:
@@ -143,44 +192,168 @@ class ServedExperts:
             entries.append(ManifestEntry(name, stored.sha256, stored.size))
         if not entries:
             return Manifest(0)
-        manifest = self.store.commit(Manifest(0), tuple(entries))
+        try:
+            manifest = self.store.commit(Manifest(0), tuple(entries))
+        except ManifestConflictError:  # another server or replica seeded the shared store first
+            return self.store.current()
         logger.info("seeded the expert store with %s from %s", list(manifest.names), seed_dir)
         return manifest
 
+    # --- following the store ------------------------------------------------------------------------------
+
+    async def watch(self, interval_s: float) -> None:
+        """Reconcile with the store every `interval_s` until cancelled. A failed read is logged and counted
+        (plugmoe_expert_store_errors_total); the version served stays until a read works again."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile()
+            except (StoreUnavailableError, StoreCorruptError) as e:
+                self.metrics.expert_store_errors.inc()
+                if str(e) != self.store_error:
+                    logger.error("cannot follow the expert store (still serving version %d): %s", self.version, e)
+                self.store_error = str(e)
+            except Exception as e:  # the watch must outlive any one failure, or replicas silently diverge
+                self.metrics.expert_store_errors.inc()
+                self.store_error = f"{type(e).__name__}: {e}"
+                logger.exception("reconciling with the expert store failed (still serving version %d)", self.version)
+            else:
+                if self.store_error is not None:
+                    logger.info("the expert store is readable again")
+                self.store_error = None
+
+    async def reconcile(self) -> Manifest:
+        """Apply the store's newest version if it is newer than the one served; returns the one served."""
+        async with self._lock:
+            return await self._catch_up()
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def behind_s(self) -> float:
+        """How long the store has held a newer version than the one served (0 when current)."""
+        return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since
+
+    async def _catch_up(self) -> Manifest:
+        """(lock held) Read the store; apply a newer version."""
+        newer = await asyncio.to_thread(self.store.newer_than, self.manifest.version)
+        if newer is not None:
+            self._saw(newer.version)
+            await self._apply(newer, {})
+        return self.manifest
+
+    async def _apply(self, target: Manifest, loaded: dict[str, Expert]) -> None:
+        """(lock held) Serve `target`: its experts in its order, in one swap between two steps."""
+        experts, skipped = await asyncio.to_thread(self._resolve, target, loaded)
+        await self.engine.set_experts(experts)
+        self._served(target, experts, skipped)
+        logger.info("serving expert-set version %d: %s", target.version, [e.name for e in experts])
+
+    def _resolve(self, target: Manifest, loaded: dict[str, Expert]) -> tuple[tuple[Expert, ...], dict[str, str]]:
+        """The experts of `target` in order: kept when plugged with the same file, taken from `loaded`, or
+        read from the store (hash checked) and validated. A file that is missing, corrupt or does not fit
+        this backbone is skipped and logged (every replica skips it alike); StoreUnavailableError raises."""
+        plugged = self.model.plugged
+        experts: list[Expert] = []
+        skipped: dict[str, str] = {}
+        for entry in target.experts:
+            if entry.name in loaded:
+                experts.append(loaded[entry.name])
+                continue
+            if self._shas.get(entry.name) == entry.sha256 and entry.name in plugged:
+                experts.append(plugged.get(entry.name))
+                continue
+            try:
+                expert = ExpertFile.load(self.store.read_blob(entry.sha256), self.model.fingerprint, entry.name)
+                plugged.check_fits(expert)
+            except (ExpertFileError, StoreCorruptError, ValueError) as e:
+                logger.error("not plugging %r of expert-set version %d: %s", entry.name, target.version, e)
+                skipped[entry.name] = str(e)
+                continue
+            experts.append(expert)
+        return tuple(experts), skipped
+
+    def _served(self, manifest: Manifest, experts: tuple[Expert, ...], skipped: dict[str, str]) -> None:
+        """Bookkeeping once `experts` (the model's set now) serve `manifest`: metrics, hashes, times."""
+        shas = {e.name: e.sha256 for e in manifest.experts}
+        for name in list(self._shas):
+            if name not in shas or name in skipped:
+                self._shas.pop(name)
+                self.plugged_at.pop(name, None)
+                self.metrics.expert_unplugged(name, self.model.num_layers, len(experts))
+        for expert in experts:
+            if self._shas.get(expert.name) != shas[expert.name]:
+                self._shas[expert.name] = shas[expert.name]
+                self._plugged(expert)
+        self.metrics.experts_plugged.set(len(experts))
+        self.manifest, self.skipped = manifest, skipped
+        self._saw(manifest.version)
+        self.metrics.expert_set_version.set(manifest.version)
+
+    def _saw(self, store_version: int) -> None:
+        self.store_version = max(self.store_version, store_version)
+        if self.store_version <= self.manifest.version:
+            self.behind_since = None
+        elif self.behind_since is None:
+            self.behind_since = time.monotonic()
+
+    async def wait_until_served(self, version: int, timeout_s: float | None = None) -> Convergence | None:
+        """Cluster: wait until every live replica serves `version` or a newer one, at most `timeout_s`
+        (default: the replica set's wait_s). None for one process: it serves what it committed."""
+        if self.replicas is None:
+            return None
+        deadline = time.monotonic() + (self.replicas.wait_s if timeout_s is None else timeout_s)
+        while True:
+            replicas = await self.replicas.versions()
+            converged = bool(replicas) and all((r.get("version") or 0) >= version for r in replicas)
+            if converged or time.monotonic() >= deadline:
+                return Convergence(version, converged, replicas)
+            await asyncio.sleep(0.05)
+
     # --- plug / unplug ------------------------------------------------------------------------------------
 
-    async def plug_bytes(self, data: bytes, name: str | None, replace: bool) -> tuple[Expert, dict | None, bool]:
-        """Validate, admit, store, swap. Returns (expert, admission report or None, replaced)."""
+    async def plug_bytes(self, data: bytes, name: str | None, replace: bool) -> PlugResult:
+        """Validate, catch up with the store, admit, store, swap."""
         action = "replace" if replace else "plug"
         start = time.perf_counter()
         async with self._lock:
             try:
                 expert = await self._off_engine(ExpertFile.load, data, self.model.fingerprint, name)
-                replaced = expert.name in self.model.plugged
-                if replaced and not replace:  # fail before the admission report: it is the expensive part
-                    raise ExpertNameTakenError(
-                        f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
-                        "or choose another name"
-                    )
-                action = "replace" if replaced else "plug"
-                if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, expert):
-                    raise NonFiniteOutputError(
-                        f"expert {expert.name!r}, pinned, makes the model's logits NaN or infinite on a short "
-                        "probe text; its weights are within bounds but do not work together. Retrain it"
-                    )
-                report = await self._off_engine(
-                    self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
-                )
+                self.model.plugged.check_fits(expert)  # e.g. a LoRA for another MLP width: refused before storing
                 if name is not None and name != ExpertFile.read_header(data)[0].get("name"):
                     data = ExpertFile.to_bytes(expert, self.model.fingerprint)  # the stored file carries its name
-                stored = await asyncio.to_thread(self.store.put_blob, data)
-                entry = ManifestEntry(expert.name, stored.sha256, stored.size)
-                before = self.manifest
-                self.manifest = await asyncio.to_thread(self.store.commit, before, before.with_expert(entry))
+                for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                    before = await self._catch_up()  # what other writers plugged: the name check and admission see it
+                    replaced = expert.name in before.names
+                    if replaced and not replace:  # fail before the admission report: it is the expensive part
+                        raise ExpertNameTakenError(
+                            f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
+                            "or choose another name"
+                        )
+                    action = "replace" if replaced else "plug"
+                    if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, expert):
+                        raise NonFiniteOutputError(
+                            f"expert {expert.name!r}, pinned, makes the model's logits NaN or infinite on a short "
+                            "probe text; its weights are within bounds but do not work together. Retrain it"
+                        )
+                    report = await self._off_engine(
+                        self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
+                    )
+                    stored = await asyncio.to_thread(self.store.put_blob, data)
+                    entry = ManifestEntry(expert.name, stored.sha256, stored.size)
+                    try:
+                        committed = await asyncio.to_thread(self.store.commit, before, before.with_expert(entry))
+                        break
+                    except ManifestConflictError:
+                        if attempt == COMMIT_ATTEMPTS:
+                            raise
+                        logger.info("version %d was taken by another writer; rereading", before.version + 1)
+                self._saw(committed.version)
                 try:
-                    plugged = await self.engine.plug(expert, replace=replace)
+                    await self._apply(committed, {expert.name: expert})
                 except BaseException:  # disk said plugged, memory did not take it: put the old set back on disk
-                    self.manifest = await asyncio.to_thread(self.store.commit, self.manifest, before.experts)
+                    await self._revert(committed, before)
                     raise
             except (
                 ExpertFileError,
@@ -196,7 +369,7 @@ class ServedExperts:
                 self.metrics.plug_operations.labels(action=action, result="error").inc()
                 logger.exception("%s failed", action)
                 raise
-            self._plugged(plugged)
+            plugged = self.model.plugged.get(expert.name)
             self.metrics.plug_operations.labels(action=action, result="ok").inc()
             self.metrics.plug_duration.labels(action="plug").observe(time.perf_counter() - start)
             logger.info(
@@ -205,36 +378,45 @@ class ServedExperts:
                 expert.name,
                 expert.rank,
                 len(expert.layers),
-                self.manifest.version,
+                committed.version,
             )
-            return plugged, report, replaced
+            return PlugResult(plugged, report, replaced, committed.version)
 
-    async def plug_source(self, source: str, name: str | None, replace: bool) -> tuple[Expert, dict | None, bool]:
+    async def plug_source(self, source: str, name: str | None, replace: bool) -> PlugResult:
         if self.sources is None:
             raise RuntimeError("this server was built without expert sources")
         data = await self.sources.fetch(source)
         return await self.plug_bytes(data, name, replace)
 
-    async def unplug(self, name: str, purge: bool) -> bool:
-        """Commit the set without it, then swap it out. purge: also delete its file. Returns whether a file
-        was deleted."""
+    async def unplug(self, name: str, purge: bool) -> UnplugResult:
+        """Commit the set without it, then swap it out. purge: also delete its file (when the new set does
+        not use the same file under another name)."""
         start = time.perf_counter()
         async with self._lock:
             try:
-                self.model.plugged.index(name)  # raises UnknownExpertError
-                entry = self.manifest.get(name)
-                self.manifest = await asyncio.to_thread(self.store.commit, self.manifest, self.manifest.without(name))
-                await self.engine.unplug(name)
+                for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                    before = await self._catch_up()
+                    entry = before.get(name)
+                    if entry is None:
+                        raise UnknownExpertError(
+                            f"no expert named {name!r} is plugged; plugged: {list(before.names) or 'none'}"
+                        )
+                    try:
+                        committed = await asyncio.to_thread(self.store.commit, before, before.without(name))
+                        break
+                    except ManifestConflictError:
+                        if attempt == COMMIT_ATTEMPTS:
+                            raise
+                self._saw(committed.version)
+                await self._apply(committed, {})
             except UnknownExpertError:
                 self.metrics.plug_operations.labels(action="unplug", result="rejected").inc()
                 raise
             except Exception:
                 self.metrics.plug_operations.labels(action="unplug", result="error").inc()
                 raise
-            self.plugged_at.pop(name, None)
-            self.metrics.expert_unplugged(name, self.model.num_layers, len(self.model.plugged))
             purged = False
-            if purge and entry is not None and all(e.sha256 != entry.sha256 for e in self.manifest.experts):
+            if purge and all(e.sha256 != entry.sha256 for e in committed.experts):
                 purged = await asyncio.to_thread(self.store.delete_blob, entry.sha256)
             self.metrics.plug_operations.labels(action="unplug", result="ok").inc()
             self.metrics.plug_duration.labels(action="unplug").observe(time.perf_counter() - start)
@@ -242,9 +424,24 @@ class ServedExperts:
                 "unplugged %s%s, expert-set version %d",
                 name,
                 " and deleted its file" if purged else "",
-                self.manifest.version,
+                committed.version,
             )
-            return purged
+            return UnplugResult(purged, committed.version)
+
+    async def _revert(self, committed: Manifest, before: Manifest) -> None:
+        """(lock held) Commit `before`'s experts on top of `committed`, which this server failed to apply."""
+        try:
+            reverted = await asyncio.to_thread(self.store.commit, committed, before.experts)
+        except Exception:
+            logger.exception(
+                "could not take back expert-set version %d; the watch will apply the store's newest version",
+                committed.version,
+            )
+            return
+        if self.model.plugged.names == tuple(e.name for e in before.experts if e.name not in self.skipped):
+            self.manifest = Manifest(reverted.version, before.experts, reverted.created)
+            self._saw(reverted.version)
+            self.metrics.expert_set_version.set(reverted.version)
 
     def _plugged(self, expert: Expert) -> None:
         self.plugged_at[expert.name] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -259,7 +456,7 @@ class ServedExperts:
             "name": expert.name,
             "description": expert.description,
             "examples": list(expert.examples),
-            "kind": meta.get("kind", "bottleneck"),
+            "kind": expert.kind,
             "rank": expert.rank,
             "layers": list(expert.layers),
             "size_bytes": int(meta.get("size_bytes") or expert.nbytes),

@@ -6,11 +6,12 @@ located by path, never imported.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moe.admission import DEFAULT_CALIBRATION
@@ -41,6 +42,20 @@ class Settings(BaseSettings):
         None,
         description="the expert store: plugged experts persist here (default: $XDG_DATA_HOME/plugmoe/<model "
         "name>/experts, i.e. ~/.local/share/plugmoe/...)",
+    )
+    expert_store: str | None = Field(
+        None,
+        description="the expert store as a URL, shared by every server or replica that serves one expert set: a "
+        "directory, file://..., s3://bucket/prefix (needs s3fs: pip install 'plugmoe[s3]') or another fsspec URL "
+        "(default: --experts-dir)",
+    )
+    expert_store_options: str | None = Field(
+        None,
+        description='fsspec storage options of --expert-store as a JSON object, e.g. {"endpoint_url": '
+        '"http://127.0.0.1:9000"} (default: none; s3 credentials come from the usual AWS variables and profiles)',
+    )
+    poll_interval_s: float = Field(
+        1.0, ge=0, description="seconds between reads of the expert store to follow other writers (0: never)"
     )
     seed_experts: Path | None = Field(
         None,
@@ -103,6 +118,18 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
     log_level: str = Field("info", description="logging level")
 
+    @field_validator("expert_store_options")
+    @classmethod
+    def _options_are_a_json_object(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"expert_store_options must be a JSON object: {e}") from e
+            if not isinstance(parsed, dict):
+                raise ValueError('expert_store_options must be a JSON object, like {"endpoint_url": "..."}')
+        return value
+
     @property
     def serves_demo(self) -> bool:
         return Path(self.model).resolve() == DEMO_MODEL_DIR
@@ -118,6 +145,13 @@ class Settings(BaseSettings):
         if self.experts_dir is not None:
             return self.experts_dir
         return user_data_dir() / self.served_model_name() / "experts"
+
+    def resolved_expert_store(self) -> str | Path:
+        """The expert store's URL or directory: --expert-store, else --experts-dir (or its default)."""
+        return self.expert_store or self.resolved_experts_dir()
+
+    def expert_store_storage_options(self) -> dict[str, Any]:
+        return json.loads(self.expert_store_options) if self.expert_store_options else {}
 
     def resolved_seed_experts(self) -> Path | None:
         if self.seed_experts is not None:
@@ -148,3 +182,38 @@ class Settings(BaseSettings):
 def _items(value: str | None) -> list[str]:
     """A comma-separated setting as its non-empty items."""
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+class ClusterSettings(BaseSettings):
+    """`plugmoe serve-cluster`'s own flags (server.cluster): the Ray Serve deployment around the app. The
+    app itself takes the `plugmoe serve` flags (Settings) on every replica."""
+
+    model_config = SettingsConfigDict(env_prefix="PLUGMOE_CLUSTER_", protected_namespaces=())
+
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to join, e.g. auto or ray://head:10001 (default: start a local one)"
+    )
+    app_name: str = Field("plugmoe", description="Ray Serve application name")
+    num_replicas: int = Field(2, ge=1, description="replicas (the minimum, with --max-replicas)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="autoscale between --num-replicas and this many replicas (default: fixed count)"
+    )
+    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target: requests in flight per replica")
+    num_cpus: float = Field(
+        1, ge=0, description="CPUs reserved per replica, also its torch threads unless --num-threads (default: 1)"
+    )
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (with --device cuda)")
+    plug_wait_s: float = Field(
+        30, ge=0, description="a plug waits this long for every live replica to serve it, then answers 202"
+    )
+    replica_host: str | None = Field(
+        "127.0.0.1",
+        description="each replica also serves the app on this host and a free port, for its own /metrics "
+        "(listed by GET /cluster/sd) and direct checks; 0.0.0.0 for Prometheus on other hosts; empty: off",
+    )
+    route_to_current: bool = Field(
+        False,
+        description="route requests only to replicas that serve the newest expert-set version (Ray Serve's "
+        "custom request router, an alpha API)",
+    )
+    dashboard: bool = Field(False, description="start Ray's dashboard with a local Ray cluster")

@@ -58,3 +58,39 @@ def expert_bytes(backbone_fingerprint) -> Callable[..., bytes]:
         return ExpertFile.to_bytes(expert, backbone_fingerprint)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> object:
+    """A real S3 API on loopback (moto's server mode), with credentials in the environment as AWS clients
+    read them. Yields the endpoint URL; each test makes its own bucket (s3_bucket)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_store_url(s3_endpoint: str, request: pytest.FixtureRequest) -> tuple[str, dict]:
+    """(url, storage options) of an empty store in a fresh bucket on the loopback S3 server."""
+    import re
+    import uuid
+
+    import boto3
+
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/experts", {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}

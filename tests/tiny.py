@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
     GPTNeoXConfig,
@@ -17,11 +18,14 @@ from transformers import (
 )
 
 from moe import Expert
+from moe.lora import LoraAdapter, LoraPair
 
 VOCAB = 384
 HIDDEN = 32  # tiny_config's default hidden size
 EOS = "<|endoftext|>"
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2")
+# the other rows of moe.backbone.FAMILIES (Llama-like blocks; phi3 fuses gate and up): tiny_config builds them too
+MORE_FAMILIES = ("qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "smollm3")
 
 _TEXT = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -62,6 +66,18 @@ def tiny_config(family: str, hidden: int = HIDDEN, layers: int = 2, vocab: int =
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=256,
+            **common,
+        )
+    if family in MORE_FAMILIES:
+        return AutoConfig.for_model(
+            family,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
             intermediate_size=2 * hidden,
             max_position_embeddings=256,
             **common,
@@ -130,4 +146,41 @@ def tiny_expert(
     expert.offsets = torch.full_like(expert.offsets, offset)
     expert.description, expert.examples = description, tuple(examples)
     expert.metadata = dict(metadata or {})
+    return expert
+
+
+def tiny_lora_expert(
+    name: str,
+    shapes: dict[str, tuple[int, int]],
+    *,
+    seed: int = 0,
+    hidden: int = HIDDEN,
+    layers: Sequence[int] = (0, 1),
+    rank: int | dict[str, int] = 4,
+    scale: float = 0.5,
+    targets: Sequence[str] | None = None,
+    threshold: float | None = None,
+    offset: float = 0.0,
+    examples: tuple[str, ...] = (),
+) -> Expert:
+    """A small random LoRA expert (seeded) for projections {name: (in, out)} (RoutedModel.projection_shapes).
+
+    rank: one rank, or one per projection; scale: the std of A and B (B is not zero: the expert changes outputs);
+    scaling per layer 2.0, 1.5, ... (not 1, so a forgotten scaling shows); targets: a subset of `shapes`;
+    threshold/offset as in tiny_expert (None: the gate stays closed).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    n = len(layers)
+    pairs = {}
+    for p in targets or list(shapes):
+        d_in, d_out = shapes[p]
+        r = rank[p] if isinstance(rank, dict) else rank
+        a = torch.randn(n, r, d_in, generator=generator) * scale
+        b = torch.randn(n, d_out, r, generator=generator) * scale
+        pairs[p] = LoraPair(a, b, torch.tensor([2.0 - 0.5 * i for i in range(n)]))
+    gate = Expert.closed_gate(n, hidden, generator)
+    expert = Expert(name=name, layers=tuple(layers), adapter=LoraAdapter(pairs), **gate, examples=tuple(examples))
+    if threshold is not None:
+        expert.thresholds = torch.full_like(expert.thresholds, threshold)
+    expert.offsets = torch.full_like(expert.offsets, offset)
     return expert

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moe import Expert, ExpertNameTakenError, IncompatibleExpertError, RoutedModel, UnknownExpertError
 from moe.plugged import DEFAULT_CAPACITY, ExpertSlots, PluggedSet
-from tests.tiny import HIDDEN, tiny_backbone, tiny_expert
+from tests.tiny import HIDDEN, tiny_backbone, tiny_expert, tiny_lora_expert
 
 LAYERS = 2
 
@@ -283,3 +283,52 @@ def test_memory_is_one_copy_of_the_weights() -> None:
     weights_per_slot = model.slots.weights.nbytes() / model.slots.capacity
     assert weights_per_slot == experts[0].down.nbytes + experts[0].up.nbytes
     assert all(e.down.device.type == "meta" for e in model.plugged.experts)
+
+
+def test_set_all_keeps_plugged_experts_in_their_slots_and_refuses_a_bad_set_whole() -> None:
+    """An expert-set version at once: the kept expert (its handle) keeps its slot bit for bit, a replaced one is
+    rewritten, one left out is disabled, a new one takes a slot; plug order follows the given order. A set that
+    names an expert twice or holds an expert that does not fit changes nothing."""
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        model.plug(tiny_expert(name, seed=seed, threshold=0.0))
+    storage, plugged = model.slots, model.plugged
+    kept = plugged.get("a")
+    slot_a = plugged.index("a")
+    before = [t.clone() for t in _column(_slot_tensors(storage), slot_a)]
+    new_b, d = tiny_expert("b", seed=20, threshold=0.1), tiny_expert("d", seed=4, threshold=0.0)
+    for bad, error in (
+        ((kept, d, d), ExpertNameTakenError),
+        ((kept, tiny_expert("x", hidden=HIDDEN * 2)), IncompatibleExpertError),
+    ):
+        with pytest.raises(error):
+            model.set_experts(bad)
+        assert model.plugged is plugged, "a refused set changes nothing"
+    after = model.set_experts((d, kept, new_b))
+    assert after.names == ("d", "a", "b") and after.get("a") is kept
+    assert after.index("a") == slot_a
+    assert all(torch.equal(x, y) for x, y in zip(before, _column(_slot_tensors(storage), slot_a), strict=True))
+    assert "c" not in after and after.index("d") == plugged.index("c"), "c's slot, freed, is the lowest free one"
+    torch.testing.assert_close(after.read("b").up, new_b.up)
+    torch.testing.assert_close(after.read("d").down, d.down)
+
+
+def test_lora_stacks_follow_the_lora_experts_by_slot() -> None:
+    """A LoRA expert takes a slot for its gate (its bottleneck columns stay zero); the set's LoRA stacks are laid
+    out by slot, kept across bottleneck plugs, and rebuilt when a LoRA expert leaves and another takes its slot."""
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    shapes = model.projection_shapes
+    model.plug(tiny_expert("b", seed=1, threshold=0.0))
+    a = tiny_lora_expert("a", shapes, seed=2, threshold=0.0)
+    plugged = model.plug(a)
+    slot = plugged.index("a")
+    assert plugged.lora.is_lora.tolist() == [i == slot for i in range(plugged.capacity)]
+    assert not plugged.down[:, :, slot].any() and not plugged.up[:, slot].any()
+    assert plugged.adapters[0][slot] is None and plugged.adapters[0][plugged.index("b")] is not None
+    assert model.plug(tiny_expert("c", seed=3)).lora is plugged.lora, "a bottleneck plug keeps the LoRA stacks"
+    model.unplug("a")
+    assert model.plugged.lora is None
+    c = tiny_lora_expert("z", shapes, seed=4, threshold=0.0)
+    plugged = model.plug(c)
+    assert plugged.index("z") == slot, "the freed slot is reused"
+    torch.testing.assert_close(plugged.lora.a[0]["down_proj"][slot], c.adapter.pairs["down_proj"].A[0])

@@ -55,7 +55,18 @@ def test_low_temperature_is_nearly_greedy() -> None:
     assert {d[0] for d in draws} == {1}
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"repetition_penalty": 0},
+        {"repetition_penalty": 5e-324},  # divided a logit into inf
+        {"repetition_penalty": 1000},
+    ],
+)
 def test_bad_params_are_refused(kwargs: dict) -> None:
     with pytest.raises(SamplingParamsError):
         SamplingParams(**kwargs)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from moe import Expert, RoutedModel, RoutingSpec, UnknownExpertError
 from moe.generation import StaticDecoder, capture_refusal, decode_one_token, generate, prefill
 from moe.kv_cache import cache_kwarg
-from tests.tiny import FAMILIES, tiny_config, tiny_expert, tiny_tokenizer
+from tests.tiny import FAMILIES, tiny_config, tiny_expert, tiny_lora_expert, tiny_tokenizer
 
 # (arrival step, prompt length, new tokens): rows arrive while others run, leave early or late, and reuse slots
 SCHEDULE = [(0, 5, 40), (0, 3, 7), (2, 9, 25), (4, 4, 38), (12, 14, 12), (20, 6, 9)]
@@ -150,6 +150,84 @@ def test_routed_decode_equals_the_routed_model_alone(family: str) -> None:
         torch.testing.assert_close(torch.stack(logits[i]), torch.stack(want_logits), atol=1e-9, rtol=1e-9)
     assert sum(tokens[i] != bare[i] for i in range(len(SCHEDULE))) >= 4, "routing must change what is generated"
     assert tokens[3] == bare[3], "the off row is the backbone's"
+
+
+LORA_ROUTINGS = [
+    RoutingSpec("token"),
+    RoutingSpec("pin", "l0"),
+    RoutingSpec("token", allow=("e0", "l1")),
+    RoutingSpec("off"),
+    RoutingSpec("sequence"),
+    RoutingSpec("pin", "e1"),
+]
+
+
+def mixed_experts(model: RoutedModel, seed: int) -> list[Expert]:
+    """Two bottleneck experts (experts_for) and two always-eligible LoRA experts, one on the last layer only."""
+    shapes, last = model.projection_shapes, model.num_layers - 1
+    loras = [
+        tiny_lora_expert(f"l{i}", shapes, seed=seed + 10 + i, layers=layers, threshold=-1.0, offset=0.05 * i)
+        for i, layers in enumerate([range(model.num_layers), (last,)])
+    ]
+    return [*experts_for(model, 2, seed=seed), *loras]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decode_with_lora_experts_plugged_runs_eagerly_and_equals_the_routed_model_alone(family: str) -> None:
+    """LoRA experts plugged beside bottleneck ones: the decoder's steps run the eager grouped path (no compiled
+    or captured step runs a LoRA), and every row equals the routed model decoding it alone (DynamicCache), whose
+    LoRA dispatch tests/moe/test_lora.py checks against the per-token reference loop."""
+    model = RoutedModel(tiny64(family, seed=3))
+    reference = RoutedModel(tiny64(family, seed=3))
+    for expert in mixed_experts(model, seed=5):
+        model.plug(expert)
+        reference.plug(expert)
+    assert model.plugged.lora is not None
+    prompts = prompts_of(13)
+    specs = list(LORA_ROUTINGS)
+    decided = prefill(reference, prompts, specs).specs
+    want = [alone(reference, p, steps, s) for p, (_, _, steps), s in zip(prompts, SCHEDULE, decided, strict=True)]
+    bare = [alone(reference.backbone, p, steps)[0] for p, (_, _, steps) in zip(prompts, SCHEDULE, strict=True)]
+    decoder = StaticDecoder(model, max_batch=4, max_len=64, min_columns=16, compile_backend="aot_eager")
+    tokens, logits = run_schedule(decoder, model, prompts, specs)
+    assert decoder._compiled == {}, "no compiled step while a LoRA expert is plugged"
+    for i, (want_tokens, want_logits) in enumerate(want):
+        assert tokens[i] == want_tokens, (i, LORA_ROUTINGS[i])
+        torch.testing.assert_close(torch.stack(logits[i]), torch.stack(want_logits), atol=1e-9, rtol=1e-9)
+    assert tokens[1] != bare[1], "the LoRA pin changes what is generated"
+    assert tokens[3] == bare[3], "the off row is the backbone's"
+
+
+def test_unplugging_the_last_lora_expert_brings_back_the_compiled_step() -> None:
+    """A LoRA expert plugged between steps moves the decoder to eager steps at once, and unplugging it brings
+    back the compiled step; the tokens equal an eager decoder's under the same plugs throughout."""
+    results = []
+    for backend in (None, "aot_eager"):
+        model = RoutedModel(tiny64("llama", seed=1).float())
+        for expert in experts_for(model, 2, seed=3):
+            model.plug(expert)
+        lora = tiny_lora_expert("l0", model.projection_shapes, seed=7, threshold=-1.0, offset=1.0)
+        decoder = StaticDecoder(model, max_batch=2, max_len=32, min_columns=32, compile_backend=backend)
+        specs = [RoutingSpec("token"), RoutingSpec("token")]
+        pre = prefill(model, [[5, 6, 7], [9, 10, 11, 12]], specs)
+        rows = [(decoder.join(pre, i), int(pre.logits[i].argmax())) for i in range(2)]
+        tokens, compiled = [], []
+        for t in range(9):
+            if t == 3:
+                model.plug(lora)
+            if t == 6:
+                model.unplug("l0")
+            out = decode_one_token(decoder, [r[0] for r in rows], [r[1] for r in rows], specs)
+            rows = [(slot, int(x)) for (slot, _), x in zip(rows, out.logits.argmax(-1), strict=True)]
+            tokens.append([r[1] for r in rows])
+            compiled.append(len(decoder._compiled))
+            if 3 <= t < 6:
+                assert out.row_counts[0]["l0"] > 0, "the LoRA expert takes tokens while plugged"
+        results.append((tokens, compiled))
+    (eager_tokens, eager_compiled), (tokens, compiled) = results
+    assert eager_compiled == [0] * 9
+    assert compiled == [1, 1, 1, 1, 1, 1, 1, 1, 1], "one compiled bucket, reused after the LoRA expert left"
+    assert tokens == eager_tokens
 
 
 def test_base_route_rows_are_bit_exact_and_the_trace_counts_each_row() -> None:

@@ -49,3 +49,16 @@ def test_experts_cli_subcommands_are_hooked_in() -> None:
     sub = __import__("argparse").ArgumentParser().add_subparsers()
     experts_cli.add_subcommands(sub)
     assert set(sub.choices) <= commands
+
+
+def test_serve_cluster_has_every_setting_and_cluster_option() -> None:
+    from server.settings import ClusterSettings
+
+    parser = cli.build_parser()
+    command = parser._subparsers._group_actions[0].choices["serve-cluster"]
+    flags = {option for action in command._actions for option in action.option_strings}
+    for name in (*Settings.model_fields, *ClusterSettings.model_fields):
+        assert "--" + name.replace("_", "-") in flags
+    argv = ["serve-cluster", "--num-replicas", "3", "--expert-store", "s3://b/p", "--route-to-current"]
+    args = parser.parse_args(argv)
+    assert args.num_replicas == 3 and args.expert_store == "s3://b/p" and args.route_to_current is True

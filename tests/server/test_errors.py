@@ -36,7 +36,13 @@ from server.errors import (
     error_response,
     status_for,
 )
-from server.expert_store import InsufficientStorageError, ManifestConflictError, StoreWriteError
+from server.expert_store import (
+    InsufficientStorageError,
+    ManifestConflictError,
+    StoreCorruptError,
+    StoreUnavailableError,
+    StoreWriteError,
+)
 from server.requests import ContextLimitError, EngineStoppedError, GenerationFailedError, QueueFullError
 from server.settings import Settings
 
@@ -68,6 +74,8 @@ CASES: list[tuple[BaseException, int]] = [
     (GenerationFailedError("generation failed: RuntimeError"), 500),
     (InsufficientStorageError("disk full"), 507),
     (StoreWriteError("cannot write"), 500),
+    (StoreUnavailableError("the expert store cannot be reached"), 503),  # cluster: a shared store is down
+    (StoreCorruptError("the newest manifest is unreadable"), 503),
 ]
 
 

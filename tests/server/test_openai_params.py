@@ -473,6 +473,13 @@ def test_refused_message_parts_are_400_naming_them(client, model_name, messages,
         ("completions", {"echo": True, "logprobs": 1, "stream": True}, "echo"),
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
         ("completions", {"response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            "chat",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": 0}}},
+            "response_format.json_schema.strict",
+        ),
+        ("completions", {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ("completions", {"repetition_penalty": 5e-324}, "repetition_penalty"),
         ("completions", {"routing": {"mode": "banana"}}, "routing.mode"),
     ],
 )

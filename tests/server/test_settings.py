@@ -77,3 +77,15 @@ def test_environment_variables_fill_every_setting(monkeypatch: pytest.MonkeyPatc
 def test_out_of_range_settings_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         Settings(**{field: value})
+
+
+def test_expert_store_options_must_be_a_json_object() -> None:
+    assert Settings(expert_store_options='{"endpoint_url": "http://x"}').expert_store_storage_options() == {
+        "endpoint_url": "http://x"
+    }
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(expert_store_options="[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        Settings(expert_store_options="{endpoint")
+    assert Settings(experts_dir=Path("/e")).resolved_expert_store() == Path("/e")
+    assert Settings(experts_dir=Path("/e"), expert_store="s3://b/p").resolved_expert_store() == "s3://b/p"

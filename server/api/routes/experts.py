@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 
 from moe.expert import NAME_PATTERN
@@ -12,6 +12,7 @@ from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
 from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
+from server.served_experts import VERSION_HEADER, ServedExperts
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
@@ -55,18 +56,36 @@ async def get_expert(name: str, experts: ExpertsDep) -> dict:
     return experts.describe(name)
 
 
+async def answer(experts: ServedExperts, version: int, response: Response, body: dict) -> dict:
+    """The response of a plug or unplug that committed `version`: its version header, and in a cluster, once
+    every live replica serves it, the replicas (201/200); after the wait, a 202 with a status URL."""
+    response.headers[VERSION_HEADER] = str(version)
+    convergence = await experts.wait_until_served(version)
+    if convergence is None:
+        return body
+    if not convergence.converged:
+        response.status_code = status.HTTP_202_ACCEPTED
+        body["status"] = f"/cluster/versions/{version}"
+    return {**body, "version": version, "converged": convergence.converged, "replicas": convergence.replicas}
+
+
 @router.post(
     "",
     response_model=PlugResponse,
+    response_model_exclude_unset=True,
     status_code=status.HTTP_201_CREATED,
     dependencies=[Admin],
     responses=error_responses(400, 409, 422, 503, 507),
     openapi_extra=PLUG_BODY,
 )
-async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
+async def plug_expert(request: Request, response: Response, experts: ExpertsDep) -> dict:
     """multipart/form-data: `file` (the .safetensors), optional `name` and `replace`;
     or JSON {"source": path | file:// | http(s)://, "name", "replace"} (sources must be allowed: see
-    --source-roots and --source-hosts)."""
+    --source-roots and --source-hosts).
+
+    The `X-Plugmoe-Expert-Set-Version` header is the expert-set version that plugged it. In a cluster the
+    answer comes once every live replica serves that version (201), or after the wait with a 202 and a
+    status URL (`/cluster/versions/{version}`)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         async with request.form(max_files=1, max_fields=8) as form:
@@ -81,26 +100,34 @@ async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
             name = _form_text(form.get("name"), "name")
             replace = _form_bool(form.get("replace"), "replace")
             data = await upload.read()  # at most --max-upload-bytes: the request guard counted it
-        expert, report, replaced = await experts.plug_bytes(data, name or None, replace)
+        result = await experts.plug_bytes(data, name or None, replace)
     elif content_type.startswith("application/json"):
         try:
             body = PlugFromSource.model_validate_json(await request.body())
         except ValueError as e:
             raise BadRequestError(f"the JSON body must be {{'source', 'name', 'replace'}}: {e}") from e
-        expert, report, replaced = await experts.plug_source(body.source, body.name, body.replace)
+        result = await experts.plug_source(body.source, body.name, body.replace)
     else:
         raise BadRequestError("send multipart/form-data with a `file`, or JSON with a `source`")
-    return {**experts.describe(expert.name), "replaced": replaced, "admission": report}
+    body = {**experts.describe(result.expert.name), "replaced": result.replaced, "admission": result.admission}
+    return await answer(experts, result.version, response, body)
 
 
 @router.delete(
-    "/{name}", response_model=UnplugResponse, dependencies=[Admin], responses=error_responses(400, 404, 503, 507)
+    "/{name}",
+    response_model=UnplugResponse,
+    response_model_exclude_unset=True,
+    dependencies=[Admin],
+    responses=error_responses(400, 404, 503, 507),
 )
 async def unplug_expert(
-    name: str, experts: ExpertsDep, purge: Annotated[bool, Query(description="also delete the file")] = False
+    name: str,
+    response: Response,
+    experts: ExpertsDep,
+    purge: Annotated[bool, Query(description="also delete the file")] = False,
 ) -> dict:
-    purged = await experts.unplug(name, purge)
-    return {"name": name, "unplugged": True, "purged": purged}
+    result = await experts.unplug(name, purge)
+    return await answer(experts, result.version, response, {"name": name, "unplugged": True, "purged": result.purged})
 
 
 def _form_text(value: object, field: str) -> str | None:

@@ -18,20 +18,30 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "loading or stopped"}, **error_responses()})
+@router.get("/ready", responses={503: {"description": "loading, stopped or stale"}, **error_responses()})
 async def ready(request: Request) -> JSONResponse:
-    """200 when the model is loaded and the engine loop runs; 503 otherwise."""
+    """200 when the model is loaded, the engine loop runs and the expert set served is the store's current
+    one; 503 otherwise: loading, stopped, or stale (the store has held a newer expert-set version for more
+    than two poll intervals and this server could not apply it)."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.alive:
         return JSONResponse({"status": "loading" if engine is None else "stopped"}, status_code=503)
-    return JSONResponse(
-        {
-            "status": "ready",
-            "experts": list(engine.model.plugged.names),
-            "running": engine.running,
-            "queued": engine.queue_depth,
-        }
-    )
+    served = request.app.state.experts
+    stale_after_s = max(2 * request.app.state.settings.poll_interval_s, 2.0)
+    stale = served.behind_s() > stale_after_s
+    body = {
+        "status": "stale" if stale else "ready",
+        "experts": list(engine.model.plugged.names),
+        "running": engine.running,
+        "queued": engine.queue_depth,
+        "version": served.version,
+        "store_version": served.store_version,
+    }
+    if served.skipped:
+        body["skipped"] = served.skipped
+    if served.store_error:
+        body["store_error"] = served.store_error
+    return JSONResponse(body, status_code=503 if stale else 200)
 
 
 @router.get(
