@@ -342,6 +342,9 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     print()
+    if args.kind != "bottleneck":  # the slot figures below are the bottleneck kind's; a LoRA plug rebuilds stacks
+        print("memory per expert and plug latency: measured for bottleneck experts (run without --kind lora)")
+        return
     print(memory_per_expert(routed, args.rank))
     if args.plug_counts:
         print("\n| plug latency (RoutedModel.plug / unplug, device synchronised) | plug median [min-max] | unplug |")
