@@ -12,7 +12,10 @@ Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank):
 
     format "plugmoe-expert", format_version "1", name, description, examples (JSON list), kind
     "bottleneck", rank, layers (JSON list), backbone (JSON fingerprint: family, hidden_size, num_layers,
-    vocab_size, weights_hash), provenance (JSON), evals (JSON), created (ISO 8601)
+    vocab_size, weights_hash), provenance (JSON), evals (JSON), created (ISO 8601), and optionally
+    domain_sample (JSON list of texts from the expert's own domain, at most DOMAIN_SAMPLE_MAX_TEXTS texts and
+    DOMAIN_SAMPLE_MAX_BYTES UTF-8 bytes: what the admission report measures this domain on when another expert
+    is plugged beside it, and what other experts' gates train against; see moe.composition)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ from safetensors.torch import save as save_safetensors
 from moe.backbone import BackboneFingerprint
 from moe.errors import (
     BackboneMismatchError,
+    DomainSampleError,
     InvalidMetadataError,
     MissingTensorError,
     NonFiniteTensorError,
@@ -49,6 +54,27 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 24
 _WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _REQUIRED_METADATA = ("name", "kind", "rank", "layers", "backbone")
+DOMAIN_SAMPLE_MAX_TEXTS = 64
+DOMAIN_SAMPLE_MAX_BYTES = 64 * 1024
+
+
+def bound_domain_sample(
+    texts: Sequence[str], max_texts: int = DOMAIN_SAMPLE_MAX_TEXTS, max_bytes: int = DOMAIN_SAMPLE_MAX_BYTES
+) -> list[str]:
+    """The first texts that fit the format's bounds, in order; a text longer than a quarter of the byte budget
+    is cut there (at a character boundary), so one long text cannot crowd out the others."""
+    out: list[str] = []
+    used = 0
+    for text in texts:
+        text = text.encode("utf-8")[: max_bytes // 4].decode("utf-8", errors="ignore")
+        if not text:
+            continue
+        size = len(text.encode("utf-8"))
+        if len(out) >= max_texts or used + size > max_bytes:
+            break
+        out.append(text)
+        used += size
+    return out
 
 
 def _shapes(layers: int, hidden: int, rank: int) -> dict[str, tuple[int, ...]]:
@@ -89,6 +115,8 @@ class ExpertFile:
             "evals": json.dumps(meta.get("evals", {})),
             "created": meta.get("created") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if meta.get("domain_sample"):
+            metadata["domain_sample"] = json.dumps(_checked_domain_sample(list(meta["domain_sample"])))
         return save_safetensors(tensors, metadata=metadata)
 
     @staticmethod
@@ -167,6 +195,7 @@ class ExpertFile:
                 "format_version": FORMAT_VERSION,
                 "kind": ADAPTER_KIND,
                 "size_bytes": len(data),
+                "domain_sample": meta["domain_sample"],
             },
             **tensors,
         )
@@ -225,6 +254,10 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         evals = json.loads(metadata.get("evals") or "{}")
     except (ValueError, TypeError) as e:
         raise InvalidMetadataError(f"expert file metadata is malformed: {e}") from e
+    try:
+        domain_sample = json.loads(metadata.get("domain_sample") or "[]")
+    except ValueError as e:
+        raise DomainSampleError(f"metadata 'domain_sample' is not valid JSON: {e}; re-export the expert") from e
     if rank < 1 or not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise InvalidMetadataError(
             f"expert file metadata has rank {rank} and layers {layers}: rank must be >= 1 and layers a "
@@ -235,6 +268,7 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
     return {
+        "domain_sample": _checked_domain_sample(domain_sample),
         "name": metadata["name"],
         "description": metadata.get("description", ""),
         "examples": examples,
@@ -245,6 +279,20 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         "evals": evals,
         "created": metadata.get("created", ""),
     }
+
+
+def _checked_domain_sample(sample: object) -> list[str]:
+    """The sample itself, or DomainSampleError saying which bound it breaks (on load and on save alike)."""
+    if not isinstance(sample, list) or not all(isinstance(text, str) for text in sample):
+        raise DomainSampleError("metadata 'domain_sample' must be a JSON list of strings; re-export the expert")
+    size = sum(len(text.encode("utf-8")) for text in sample)
+    if len(sample) > DOMAIN_SAMPLE_MAX_TEXTS or size > DOMAIN_SAMPLE_MAX_BYTES:
+        raise DomainSampleError(
+            f"metadata 'domain_sample' holds {len(sample)} texts of {size} bytes; the format allows at most "
+            f"{DOMAIN_SAMPLE_MAX_TEXTS} texts and {DOMAIN_SAMPLE_MAX_BYTES} bytes (`plugmoe add-sample` writes "
+            "one within the bounds)"
+        )
+    return sample
 
 
 def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]]) -> None:

@@ -36,7 +36,11 @@ class NotFoundError(LookupError):
 
 
 class AdmissionRejectedError(ValueError):
-    """An expert whose admission report is over the configured limits (422)."""
+    """An expert whose admission report is over the configured limits (422); the body carries the report."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class ExpertSourceError(ValueError):
@@ -92,6 +96,8 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
         "detail": message,
         "error": {"message": message, "type": type(exc).__name__, "param": param, "code": status},
     }
+    if isinstance(exc, AdmissionRejectedError) and exc.report is not None:
+        body["admission"] = exc.report
     return JSONResponse(body, status_code=status, headers=headers)
 
 

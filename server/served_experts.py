@@ -1,6 +1,7 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
-    plug:   validate the file (moe.file) -> admission (server.admission_policy) -> store the file and commit
+    plug:   validate the file (moe.file) -> admission (server.admission_policy; in repair mode it may raise the
+            candidate's thresholds, and the repaired file is what is stored) -> store the file and commit
             the next expert-set version (server.expert_store) -> swap it in (Engine.plug, between two steps)
     unplug: commit the version without it -> swap it out (Engine.unplug)
     start:  plug the store's current version (seeded from --seed-experts on first start)
@@ -107,9 +108,13 @@ class ServedExperts:
                         "or choose another name"
                     )
                 action = "replace" if replaced else "plug"
-                report = await asyncio.to_thread(self.policy.review, self.model, self.engine.tokenizer, expert)
-                if name is not None and name != ExpertFile.read_header(data)[0].get("name"):
-                    data = ExpertFile.to_bytes(expert, self.model.fingerprint)  # the stored file carries its name
+                expert, report = await asyncio.to_thread(
+                    self.policy.review, self.model, self.engine.tokenizer, expert
+                )
+                repaired = report is not None and report.get("repair") is not None
+                if repaired or (name is not None and name != ExpertFile.read_header(data)[0].get("name")):
+                    # the stored file is what is plugged: its name, and the thresholds the repair raised
+                    data = ExpertFile.to_bytes(expert, self.model.fingerprint)
                 stored = await asyncio.to_thread(self.store.put_blob, data)
                 entry = ManifestEntry(expert.name, stored.sha256, stored.size)
                 before = self.manifest
