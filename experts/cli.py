@@ -130,7 +130,9 @@ def run_train(args: argparse.Namespace) -> int:
         others = load_experts_dir(args.with_experts, model.fingerprint)
         for other in others:
             other_examples.extend(load_examples_from_expert(other, template, extractor))
-    config = build(TrainConfig, args)
+    adapter = ExpertFile.load(args.adapter_from, model.fingerprint) if args.adapter_from else None
+    overrides = {"rank": adapter.rank, "layers": adapter.layers} if adapter is not None else {}
+    config = build(TrainConfig, args, **overrides)
     provenance = {
         "tool": "plugmoe train-expert",
         "args": _args_dict(args),
@@ -164,11 +166,15 @@ def run_train(args: argparse.Namespace) -> int:
         provenance=provenance,
         sample=sample,
         repair_calibration=repair_calibration,
+        adapter=adapter,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.0f} s")
-    print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
+    if adapter is None:
+        print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
+    else:
+        print(f"stage 1 skipped: the adapter of {args.adapter_from}")
     print(
         f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
         f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}"

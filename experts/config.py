@@ -65,6 +65,11 @@ class TrainInputs:
         help="directory of experts already plugged beside this one: their domain samples (or examples) are "
         "negatives for the gate, and its thresholds are repaired beside them as the server's admission would",
     )
+    adapter_from: str | None = option(
+        None,
+        help="an expert file whose adapter to keep: stage 1 is skipped and only the gate is trained (its rank "
+        "and layers are used)",
+    )
     sample_from: str | None = option(
         None,
         help="JSONL (or text) to draw the domain sample stored in the file from (default: the held-out split; "

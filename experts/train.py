@@ -449,6 +449,7 @@ def train_expert(
     provenance: dict | None = None,
     sample: Sequence[Example] = (),
     repair_calibration: Sequence[str] = (),
+    adapter: Expert | None = None,
 ) -> Expert:
     """Stage 1, stage 2, the repair beside `others` and a routing check; returns the trained expert (on CPU,
     float32, no grad).
@@ -457,11 +458,26 @@ def train_expert(
     applies to it. negatives are other domains' texts the gate must also reject. The file's domain sample is
     drawn from `sample` (default: heldout). With `others`, the thresholds are repaired beside them on
     `repair_calibration` (default: the calibration texts) as the server's admission does (moe.admission).
+    With `adapter` (an expert of the same layers and rank), stage 1 is skipped and its adapter kept: only
+    the gate is trained (re-fitting an expert's gate beside new experts).
     """
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     expert = trainable_expert(config, model.hidden_size, model.num_layers, model.device)
-    stage1 = train_adapter(model, tokenizer, expert, train, heldout, config, extractor)
+    if adapter is None:
+        stage1 = train_adapter(model, tokenizer, expert, train, heldout, config, extractor)
+    else:  # stage 1 skipped: the adapter comes from another file, only the gate is trained
+        if (adapter.layers, adapter.rank) != (expert.layers, expert.rank):
+            raise TrainingError(
+                f"the adapter covers layers {list(adapter.layers)} at rank {adapter.rank}; the config asks for "
+                f"layers {list(expert.layers)} at rank {expert.rank}"
+            )
+        expert.down, expert.up = (t.detach().to(model.device, model.dtype) for t in (adapter.down, adapter.up))
+        stage1 = StageOneResult(
+            -1,
+            {"adapter_from": adapter.name},
+            list((adapter.metadata.get("evals") or {}).get("stage1", {}).get("history", [])),
+        )
     expert.down, expert.up = expert.down.detach(), expert.up.detach()
     others = tuple(o.to(model.device, model.dtype) for o in others)
     gate = train_gate(model, tokenizer, expert, train, calibration, config, negatives, others, other_examples)

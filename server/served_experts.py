@@ -108,9 +108,7 @@ class ServedExperts:
                         "or choose another name"
                     )
                 action = "replace" if replaced else "plug"
-                expert, report = await asyncio.to_thread(
-                    self.policy.review, self.model, self.engine.tokenizer, expert
-                )
+                expert, report = await asyncio.to_thread(self.policy.review, self.model, self.engine.tokenizer, expert)
                 repaired = report is not None and report.get("repair") is not None
                 if repaired or (name is not None and name != ExpertFile.read_header(data)[0].get("name")):
                     # the stored file is what is plugged: its name, and the thresholds the repair raised

@@ -11,7 +11,7 @@ import torch
 
 from experts.config import TrainConfig
 from experts.data import Example
-from experts.train import split_calibration, train_expert
+from experts.train import TrainingError, split_calibration, train_expert
 from moe import RoutedModel
 from moe.composition import sample_pass
 from moe.file import ExpertFile
@@ -39,7 +39,7 @@ def model(tokenizer) -> RoutedModel:
     return RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
 
 
-def _train(model, tokenizer, others=(), sample=(), **overrides):
+def _train(model, tokenizer, others=(), sample=(), adapter=None, **overrides):
     config = TrainConfig(name="code", seed=0, **{**FAST, **overrides})
     domain = [Example("", t) for t in code_texts(40)]
     calibration = [Example("", t) for t in general_texts(60)]
@@ -54,6 +54,7 @@ def _train(model, tokenizer, others=(), sample=(), **overrides):
         others=others,
         sample=sample,
         repair_calibration=general_texts(10, seed=7),
+        adapter=adapter,
     )
 
 
@@ -126,3 +127,13 @@ def test_add_sample_and_admit_commands(tiny_model_dir: Path, backbone_fingerprin
     repaired = ExpertFile.load(out)
     assert report["admitted"] and repaired.thresholds.tolist() == pytest.approx(report["repair"]["thresholds_after"])
     assert (repaired.thresholds > greedy.thresholds).all()
+
+
+def test_a_gate_can_be_refitted_on_another_files_adapter(model, tokenizer) -> None:
+    first = _train(model, tokenizer)
+    refitted = _train(model, tokenizer, adapter=first, threshold_holdout=0.25)
+    assert torch.equal(refitted.down, first.down) and torch.equal(refitted.up, first.up)
+    assert refitted.metadata["evals"]["stage1"]["best_step"] == -1
+    assert not torch.equal(refitted.thresholds, first.thresholds), "the gate was fitted again, on another split"
+    with pytest.raises(TrainingError, match="rank"):
+        _train(model, tokenizer, adapter=first, rank=first.rank * 2)
