@@ -14,9 +14,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from experts.data import Extractor, Template, cut_after_gsm8k_answer, gsm8k_answer
+from experts.progress import progress_bar
 from moe.generation import generate
 from moe.routed import RoutedModel
 from moe.router import RoutingSpec
@@ -76,7 +75,7 @@ def distill(
             params.append(
                 SamplingParams(temperature=temperature, top_p=top_p, seed=seed * 1_000_003 + index * k + sample)
             )
-    with tqdm(total=len(prompts), desc="distill", unit="sample") as bar:
+    with progress_bar(total=len(prompts), desc="distill", unit="sample") as bar:
         outs = generate(model, tokenizer, prompts, spec, max_new_tokens, params, batch_size=batch_size, progress=bar)
     records: list[dict[str, str]] = []
     solved = correct = tokens = 0

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from experts.config import EvalConfig
 from experts.data import Example, Extractor, gsm8k_answer
+from experts.progress import progress_bar
 from moe.batching import batches, forward, token_nll
 from moe.expert import BASE_ROUTE
 from moe.generation import decide_routes, generate
@@ -194,7 +194,7 @@ def behaviour(
     routes.update({f"pin:{name}": RoutingSpec("pin", name) for name in model.plugged.names})
     prompts = [e.prompt for e in qa]
     hits: dict[str, list[bool]] = {}
-    for label, spec in tqdm(routes.items(), desc="behaviour", unit="route", leave=False):
+    for label, spec in progress_bar(routes.items(), desc="behaviour", unit="route", leave=False):
         outs = generate(model, tokenizer, prompts, spec, config.max_new_tokens, batch_size=32)
         hits[label] = [extractor(o.text) == e.gold for o, e in zip(outs, qa, strict=True)]
     single = [hits["off"]] + [hits[k] for k in hits if k.startswith("pin:")]

@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer
 from experts.evaluate import sequence_decisions
+from experts.progress import progress_bar
 from moe.admission import AdmissionLimits, admit
 from moe.balance import clamp_offsets, loss_free_update
 from moe.batching import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
@@ -174,7 +174,7 @@ def train_adapter(
     logger.info("stage 1 step 0 (backbone alone): %s", _fmt(best))
     best_weights = (expert.down.detach().clone(), expert.up.detach().clone())
     order: list[int] = []
-    bar = tqdm(range(1, config.steps + 1), desc=f"stage 1 {config.name}", unit="step", leave=False)
+    bar = progress_bar(range(1, config.steps + 1), desc=f"stage 1 {config.name}", unit="step", leave=False)
     for step in bar:
         if len(order) < config.batch_size:
             fresh = list(range(len(train)))
@@ -195,7 +195,7 @@ def train_adapter(
             raise TrainingError("no gradient reached the adapter: is the expert pinned in a plugged set?")
         torch.nn.utils.clip_grad_norm_([expert.down, expert.up], config.grad_clip)
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # redrawn at the bar's own interval
         if step % config.eval_every == 0 or step == config.steps:
             metric = evaluate(step)
             history.append(metric)
@@ -336,7 +336,7 @@ def train_gate(
     logger.info("stage 2: %d domain and %d negative tokens per layer", len(pos[0]), len(neg[0]))
     keys = [
         train_key(pos[layer], neg[layer], config)
-        for layer in tqdm(expert.layers, desc=f"stage 2 {expert.name} keys", unit="layer", leave=False)
+        for layer in progress_bar(expert.layers, desc=f"stage 2 {expert.name} keys", unit="layer", leave=False)
     ]
     held_scores = calibration_scores(
         model, tokenizer, threshold_calibration, expert, keys, config.max_tokens, config.threshold_max_tokens
@@ -405,7 +405,8 @@ def balance_offsets(
     pools = [(kind, pool) for kind, pool in pools if pool]
     per_kind = max(1, config.balance_batch // len(pools))
     layer_index = {layer: i for i, layer in enumerate(expert.layers)}
-    for _ in tqdm(range(config.balance_steps), desc=f"stage 2 {expert.name} offsets", unit="batch", leave=False):
+    bar = progress_bar(range(config.balance_steps), desc=f"stage 2 {expert.name} offsets", unit="batch", leave=False)
+    for _ in bar:
         picked: list[Example] = []
         is_domain: list[bool] = []
         for kind, pool in pools:

@@ -9,6 +9,7 @@ from moe.backbone import BackboneFingerprint, fingerprint, load_backbone
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
     RoutingSpecError,
@@ -31,6 +32,7 @@ __all__ = [
     "ExpertFile",
     "ExpertFileError",
     "ExpertNameTakenError",
+    "GrammarError",
     "IncompatibleExpertError",
     "InvalidExpertNameError",
     "PluggedSet",

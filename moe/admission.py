@@ -19,6 +19,10 @@ and max_domain_ppl_increase (each expert's sample). A candidate within them pass
 again, and the report carries the thresholds before and after and what the repair cost the candidate's own
 recall; in "refuse" mode, or when the repaired candidate still breaks a limit, the answer names each domain it
 would harm and by how much. Nothing here plugs anything or touches the plugged set.
+
+And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
+Weights within the file format's bounds can still combine into an overflow; that is caught here, before
+plugging, rather than as NaN logits in a client's request.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from moe.batching import collate, forward
 from moe.composition import (
     BASE_SAMPLE,
     SamplePass,
@@ -46,6 +51,7 @@ from moe.composition import (
 from moe.expert import Expert
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
+from moe.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +112,9 @@ class Repair:
     own_recall_after: list[float] | None
     rounds: int
     unrepaired: list[DomainCheck]  # the checks with the thresholds as uploaded
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: 3 + 4 = 7. def f(x): return x"
 
 
 @dataclass
@@ -412,3 +421,17 @@ def admission_report(
     """The measurements alone (no limits, no repair): what plugging `expert` as it is would do."""
     none = AdmissionLimits(None, None, None, None, mode="refuse")
     return admit(model, tokenizer, expert, calibration, none, max_tokens=max_tokens).report
+
+
+@torch.no_grad()
+def probe_is_finite(
+    model: RoutedModel, tokenizer, expert: Expert, text: str = PROBE_TEXT, max_tokens: int = 16
+) -> bool:
+    """Whether the logits stay finite with `expert` pinned on the first max_tokens tokens of `text`, in the
+    serving dtype. Nothing is plugged; the plugged set is not touched."""
+    candidate = expert.to(model.device, model.dtype)
+    with_candidate = model.plugged.plugging(candidate, replace=True)
+    ids = tokenizer(text)["input_ids"][:max_tokens]  # [special prefix] + text
+    batch = collate([(ids, [True] * len(ids))], pad_id=0).to(model.device)
+    out = forward(model, batch, [RoutingSpec("pin", candidate.name)], with_candidate)
+    return bool(torch.isfinite(out.logits).all())

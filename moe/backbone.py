@@ -140,6 +140,11 @@ def load_backbone(name_or_path: str | Path, device: str = "auto", dtype: str = "
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     decoder_layers(model)  # fail early on an unsupported family
-    model.to(resolve_device(device))
-    logger.info("loaded backbone %s (%s) on %s in %s", source, model.config.model_type, device, dtype)
+    resolved = resolve_device(device)
+    model.to(resolved)
+    where = str(resolved) if device != "auto" else f"{resolved} (auto)"
+    weights = next(model.parameters())
+    logger.info(
+        "loaded backbone %s (%s) on %s in %s", source, model.config.model_type, where, str(weights.dtype).split(".")[-1]
+    )
     return freeze(model), tokenizer

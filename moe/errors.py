@@ -43,6 +43,14 @@ class SamplingParamsError(ValueError):
     """Sampling settings outside their range."""
 
 
+class GrammarError(ValueError):
+    """A structured-output format (JSON schema, regex) that cannot be compiled. `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 # --- expert files: the file cannot be plugged as it is; nothing was plugged or changed -------------------
 
 
@@ -96,3 +104,15 @@ class TensorDtypeError(ExpertFileError):
 
 class NonFiniteTensorError(ExpertFileError):
     """A tensor holds NaN or infinity."""
+
+
+class WeightMagnitudeError(ExpertFileError):
+    """A tensor holds values too large to serve (over moe.file.MAX_ABS_WEIGHT, or overflowing the serving dtype)."""
+
+
+class MetadataTooLargeError(ExpertFileError):
+    """The header or its metadata is over the format's size limits (examples, header bytes, nesting)."""
+
+
+class NonFiniteOutputError(ExpertFileError):
+    """The expert, pinned on a short probe text, makes the model's logits NaN or infinite."""

@@ -21,17 +21,19 @@ import torch.nn.functional as F
 
 from moe.errors import InvalidExpertNameError
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # the whole name: fullmatch
 BASE_ROUTE = "base"  # reserved: the route that runs the backbone's MLP alone
 ADAPTER_KIND = "bottleneck"
 
 
 def check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise InvalidExpertNameError(f"an expert name must be a string, got {type(name).__name__}")
     if name == BASE_ROUTE:
         raise InvalidExpertNameError(
             f"the name {BASE_ROUTE!r} is reserved for the base route (the backbone alone); choose another"
         )
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidExpertNameError(
             f"expert name {name!r} is invalid: use 1-64 characters of lowercase letters, digits, '_' or '-', "
             "starting with a letter or digit"

@@ -16,6 +16,13 @@ Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank):
     domain_sample (JSON list of texts from the expert's own domain, at most DOMAIN_SAMPLE_MAX_TEXTS texts and
     DOMAIN_SAMPLE_MAX_BYTES UTF-8 bytes: what the admission report measures this domain on when another expert
     is plugged beside it, and what other experts' gates train against; see moe.composition)
+
+Limits (a file over them is refused with MetadataTooLargeError, before any tensor is read): the header is at
+most MAX_HEADER_BYTES of JSON; examples at most MAX_EXAMPLES strings of MAX_EXAMPLES_BYTES in all (they are
+run through the model by every later admission report); provenance and evals nest at most MAX_JSON_DEPTH
+deep. Weights: every value finite and |w| <= MAX_ABS_WEIGHT (1e4): trained adapters and gates are O(1),
+and the bound keeps every value finite in each serving dtype (float16's largest is 65504), so a file that
+loads can never overflow when it is cast for serving.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from moe.errors import (
     BackboneMismatchError,
     DomainSampleError,
     InvalidMetadataError,
+    MetadataTooLargeError,
     MissingTensorError,
     NonFiniteTensorError,
     NotAnExpertFileError,
@@ -46,12 +54,17 @@ from moe.errors import (
     UnreadableExpertFileError,
     UnsupportedExpertKindError,
     UnsupportedFormatVersionError,
+    WeightMagnitudeError,
 )
 from moe.expert import ADAPTER_KIND, Expert, InvalidExpertNameError, check_name
 
 FORMAT = "plugmoe-expert"
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 1 << 24
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of header JSON
+MAX_EXAMPLES = 64
+MAX_EXAMPLES_BYTES = 64 * 1024  # UTF-8 bytes of all examples together
+MAX_JSON_DEPTH = 16  # nesting of provenance and evals
+MAX_ABS_WEIGHT = 1e4
 _WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _REQUIRED_METADATA = ("name", "kind", "rank", "layers", "backbone")
 DOMAIN_SAMPLE_MAX_TEXTS = 64
@@ -92,6 +105,8 @@ class ExpertFile:
 
     @staticmethod
     def to_bytes(expert: Expert, backbone: BackboneFingerprint) -> bytes:
+        """The file's bytes. Raises MetadataTooLargeError for examples the reader would refuse."""
+        _check_examples(list(expert.examples))
         weight_dtype = expert.down.dtype if expert.down.dtype in _WEIGHT_DTYPES.values() else torch.float32
         tensors = {
             "down": expert.down.detach().to("cpu", weight_dtype).contiguous(),
@@ -126,23 +141,45 @@ class ExpertFile:
 
     @staticmethod
     def read_header(data: bytes) -> tuple[dict[str, str], dict[str, dict]]:
-        """(metadata, {tensor name: {dtype, shape, data_offsets}}) from a safetensors blob, without tensors."""
+        """(metadata, {tensor name: {dtype, shape, data_offsets}}) from a safetensors blob, without tensors.
+
+        Every malformed header is an ExpertFileError subclass naming what is wrong."""
         if len(data) < 8:
             raise UnreadableExpertFileError(
                 f"file is {len(data)} bytes, too short for safetensors; upload the .safetensors expert file"
             )
         (header_len,) = struct.unpack("<Q", data[:8])
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        if 8 + header_len > len(data):
             raise UnreadableExpertFileError(
                 "not a safetensors file (bad header length): the file is truncated or in another format"
+            )
+        if header_len > MAX_HEADER_BYTES:
+            raise MetadataTooLargeError(
+                f"the safetensors header is {header_len} bytes; expert files allow at most {MAX_HEADER_BYTES} "
+                "(keep examples, provenance and evals short)"
             )
         try:
             header = json.loads(data[8 : 8 + header_len])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UnreadableExpertFileError(f"safetensors header is not valid JSON: {e}") from e
+        except RecursionError:
+            raise MetadataTooLargeError("the safetensors header nests too deeply to be an expert file") from None
         if not isinstance(header, dict):
             raise UnreadableExpertFileError("safetensors header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InvalidMetadataError(
+                "the safetensors `__metadata__` must be a JSON object of string values (structured fields are "
+                "JSON strings); re-export the expert"
+            )
+        for tensor_name, info in header.items():
+            if not isinstance(info, dict):
+                raise UnreadableExpertFileError(
+                    f"safetensors header entry {tensor_name!r} is not a tensor description (an object with "
+                    "dtype, shape and data_offsets)"
+                )
         return metadata, header
 
     @staticmethod
@@ -181,6 +218,12 @@ class ExpertFile:
             if not torch.isfinite(tensor).all():
                 raise NonFiniteTensorError(
                     f"tensor {tensor_name!r} contains NaN or infinity; retrain or re-export the expert"
+                )
+            largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if largest > MAX_ABS_WEIGHT:
+                raise WeightMagnitudeError(
+                    f"tensor {tensor_name!r} holds values up to {largest:.3g} in magnitude, over the bound "
+                    f"{MAX_ABS_WEIGHT:g} (it would overflow or swamp the model when served); retrain the expert"
                 )
         return Expert(
             name=final_name,
@@ -245,28 +288,42 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         raise UnsupportedExpertKindError(
             f"adapter kind {metadata['kind']!r} is not supported; this plugmoe runs {ADAPTER_KIND!r}"
         )
-    try:
-        rank = int(metadata["rank"])
-        layers = json.loads(metadata["layers"])
-        fp = BackboneFingerprint(**json.loads(metadata["backbone"]))
-        examples = json.loads(metadata.get("examples") or "[]")
-        provenance = json.loads(metadata.get("provenance") or "{}")
-        evals = json.loads(metadata.get("evals") or "{}")
-    except (ValueError, TypeError) as e:
-        raise InvalidMetadataError(f"expert file metadata is malformed: {e}") from e
-    try:
-        domain_sample = json.loads(metadata.get("domain_sample") or "[]")
-    except ValueError as e:
-        raise DomainSampleError(f"metadata 'domain_sample' is not valid JSON: {e}; re-export the expert") from e
-    if rank < 1 or not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+    rank = _metadata_json(metadata, "rank", None)
+    layers = _metadata_json(metadata, "layers", None)
+    backbone = _metadata_json(metadata, "backbone", None)
+    examples = _metadata_json(metadata, "examples", [])
+    provenance = _metadata_json(metadata, "provenance", {})
+    evals = _metadata_json(metadata, "evals", {})
+    if not _is_int(rank) or rank < 1:
+        raise InvalidMetadataError(f"expert file metadata has rank {metadata['rank']!r}: it must be an integer >= 1")
+    if not isinstance(layers, list) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
         raise InvalidMetadataError(
-            f"expert file metadata has rank {rank} and layers {layers}: rank must be >= 1 and layers a "
-            "non-empty list of layer indices"
+            f"expert file metadata has layers {metadata['layers']!r}: it must be a non-empty JSON list of layer indices"
         )
+    fp = _fingerprint(backbone)
     if len(set(layers)) != len(layers) or max(layers) >= fp.num_layers:
         raise InvalidMetadataError(f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers")
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
+    _check_examples(examples)
+    for field_name, value in (
+        ("description", metadata.get("description", "")),
+        ("created", metadata.get("created", "")),
+        ("examples", examples),
+    ):
+        _check_utf8(field_name, value)
+    for field_name, value in (("provenance", provenance), ("evals", evals)):
+        _check_utf8(field_name, value)
+        if not isinstance(value, dict):
+            raise InvalidMetadataError(f"metadata {field_name!r} must be a JSON object")
+        if _depth(value) > MAX_JSON_DEPTH:
+            raise MetadataTooLargeError(f"metadata {field_name!r} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        domain_sample = json.loads(metadata.get("domain_sample") or "[]")
+    except ValueError as e:
+        raise DomainSampleError(f"metadata 'domain_sample' is not valid JSON: {e}; re-export the expert") from e
+    except RecursionError:
+        raise DomainSampleError("metadata 'domain_sample' nests too deeply; re-export the expert") from None
     return {
         "domain_sample": _checked_domain_sample(domain_sample),
         "name": metadata["name"],
@@ -285,6 +342,7 @@ def _checked_domain_sample(sample: object) -> list[str]:
     """The sample itself, or DomainSampleError saying which bound it breaks (on load and on save alike)."""
     if not isinstance(sample, list) or not all(isinstance(text, str) for text in sample):
         raise DomainSampleError("metadata 'domain_sample' must be a JSON list of strings; re-export the expert")
+    _check_utf8("domain_sample", sample)
     size = sum(len(text.encode("utf-8")) for text in sample)
     if len(sample) > DOMAIN_SAMPLE_MAX_TEXTS or size > DOMAIN_SAMPLE_MAX_BYTES:
         raise DomainSampleError(
@@ -293,6 +351,66 @@ def _checked_domain_sample(sample: object) -> list[str]:
             "one within the bounds)"
         )
     return sample
+
+
+def _check_examples(examples: list[str]) -> None:
+    examples_bytes = sum(len(x.encode("utf-8", "surrogatepass")) for x in examples)
+    if len(examples) > MAX_EXAMPLES or examples_bytes > MAX_EXAMPLES_BYTES:
+        raise MetadataTooLargeError(
+            f"metadata 'examples' holds {len(examples)} strings of {examples_bytes} bytes; expert files allow at "
+            f"most {MAX_EXAMPLES} examples of {MAX_EXAMPLES_BYTES} bytes in all (a few short prompts of the domain)"
+        )
+
+
+def _metadata_json(metadata: dict[str, str], key: str, default: object) -> object:
+    """A structured metadata field, parsed; `default` when the field is absent or empty."""
+    text = metadata.get(key)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidMetadataError(f"expert file metadata {key!r} is malformed JSON: {e}") from e
+    except RecursionError:
+        raise MetadataTooLargeError(f"expert file metadata {key!r} nests too deeply") from None
+
+
+def _check_utf8(field_name: str, value: object) -> None:
+    """JSON escapes can spell lone surrogates, which no response could carry: refuse them here."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMetadataError(f"metadata {field_name!r} holds text that is not valid Unicode") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fingerprint(value: object) -> BackboneFingerprint:
+    fields = {"family": str, "hidden_size": int, "num_layers": int, "vocab_size": int, "weights_hash": str}
+    if not isinstance(value, dict) or set(value) != set(fields):
+        raise InvalidMetadataError(
+            f"expert file metadata 'backbone' must be a JSON object with exactly {sorted(fields)}; re-export the expert"
+        )
+    for key, kind in fields.items():
+        ok = _is_int(value[key]) and value[key] > 0 if kind is int else isinstance(value[key], str)
+        if not ok:
+            raise InvalidMetadataError(f"expert file metadata 'backbone.{key}' is {value[key]!r}, not a valid {key}")
+    return BackboneFingerprint(**value)
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]]) -> None:
@@ -305,7 +423,12 @@ def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, .
     weight_dtype = infos["down"].get("dtype")
     for tensor_name, shape in expected.items():
         info = infos[tensor_name]
-        got = tuple(info.get("shape", ()))
+        raw = info.get("shape")
+        if not isinstance(raw, list) or not all(_is_int(d) and d >= 0 for d in raw):
+            raise TensorShapeError(
+                f"tensor {tensor_name!r} has shape {raw!r} in the header: a shape is a JSON list of sizes"
+            )
+        got = tuple(raw)
         if got != shape:
             raise TensorShapeError(
                 f"tensor {tensor_name!r} has shape {list(got)}, expected {list(shape)} from the metadata's "
@@ -314,9 +437,9 @@ def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, .
         dtype = info.get("dtype")
         if tensor_name in ("offsets", "thresholds"):
             if dtype != "F32":
-                raise TensorDtypeError(f"tensor {tensor_name!r} has dtype {dtype}, expected F32")
-        elif dtype not in _WEIGHT_DTYPES or dtype != weight_dtype:
+                raise TensorDtypeError(f"tensor {tensor_name!r} has dtype {dtype!r}, expected F32")
+        elif not isinstance(dtype, str) or dtype not in _WEIGHT_DTYPES or dtype != weight_dtype:
             raise TensorDtypeError(
-                f"tensor {tensor_name!r} has dtype {dtype}; down, up and keys must share one of "
+                f"tensor {tensor_name!r} has dtype {dtype!r}; down, up and keys must share one of "
                 f"{sorted(_WEIGHT_DTYPES)}"
             )

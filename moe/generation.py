@@ -4,7 +4,10 @@ gpt-fast's habit, for a batch whose rows join and leave at any step (continuous 
 
     prefill(model, prompts, specs)       -> Prefill: a DecodeBatch with the prompts' KV cache, each row's
                                             next-token logits, and each row's final RoutingSpec. Rows in
-                                            `sequence` mode are decided here (see below).
+                                            `sequence` mode are decided here (see below). With
+                                            prompt_logits=True, also every prompt position's logits
+                                            (prompt logprobs, `echo`); otherwise only the last position's
+                                            logits are computed.
     decode_one_token(model, batch, ...)  -> StepOutput: every row's next-token logits and routing counts
     generate(model, tokenizer, ...)      -> complete whole prompts (decode n tokens): what evaluation,
                                             training and distillation run; the server's engine schedules
@@ -54,6 +57,7 @@ class StepOutput:
     logits: torch.Tensor  # [B, V], the last position of each row
     row_counts: list[dict[str, float]]  # per row {expert: decisions, ..., 'base': decisions}
     layer_counts: list[dict[str, float]]  # per layer, summed over rows
+    all_logits: torch.Tensor | None = None  # [B, T, V] every position's logits (left-padded), when asked
 
 
 def eos_token_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
@@ -87,6 +91,7 @@ class Prefill:
     specs: list[RoutingSpec]  # each row's spec to decode with (sequence-mode decisions made)
     row_counts: list[dict[str, float]]  # decisions applied to each row's prompt
     layer_counts: list[dict[str, float]]  # per layer, applied decisions summed over rows
+    prompt_logits: list[torch.Tensor] | None = None  # per row [T_i, V], when prefill was asked for them
 
 
 class DecodeBatch:
@@ -118,11 +123,13 @@ class DecodeBatch:
         specs: list[RoutingSpec],
         plugged: PluggedSet | None = None,
         observe: list[bool] | None = None,
+        all_logits: bool = False,
     ) -> tuple[DecodeBatch, StepOutput]:
         """Run the prompts (left-padded to the longest) under their specs as given, and keep their cache.
 
         observe[i]: score and trace row i on the plain backbone without applying experts, so its cache is
-        the exact backbone's. `prefill` below is what callers use; this is its building block.
+        the exact backbone's. all_logits: keep every position's logits (StepOutput.all_logits), not only
+        the last. `prefill` below is what callers use; this is its building block.
         """
         plugged = plugged if plugged is not None else model.plugged
         device = model.device
@@ -136,7 +143,7 @@ class DecodeBatch:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, T]: real tokens count 0, 1, ... per row
         routing = StepRouting.from_specs(specs, plugged, observe=observe)
         with torch.inference_mode():
-            # logits_to_keep=1: prefill needs only the last position's logits, not [B, T, V]
+            # logits_to_keep=1: sampling needs only the last position's logits, not [B, T, V]
             out = model(
                 ids,
                 attention_mask=mask,
@@ -145,10 +152,12 @@ class DecodeBatch:
                 past_key_values=DynamicCache(),
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_logits else 1,
             )
         batch = cls(out.past_key_values, mask, mask.sum(dim=1))
-        return batch, _step_output(out)
+        step = _step_output(out)
+        step.all_logits = out.logits if all_logits else None
+        return batch, step
 
     def extend(self, other: DecodeBatch) -> None:
         """Append other's rows (after this batch's rows), left-padding whichever cache is shorter."""
@@ -199,17 +208,31 @@ def decide_routes(
 
 
 def prefill(
-    model: RoutedModel, prompts: list[list[int]], specs: Sequence[RoutingSpec], plugged: PluggedSet | None = None
+    model: RoutedModel,
+    prompts: list[list[int]],
+    specs: Sequence[RoutingSpec],
+    plugged: PluggedSet | None = None,
+    prompt_logits: bool = False,
 ) -> Prefill:
-    """Prefill prompts under their routing; `sequence`-mode rows without a decision are decided here."""
+    """Prefill prompts under their routing; `sequence`-mode rows without a decision are decided here.
+
+    prompt_logits: also return each row's logits at every prompt position (Prefill.prompt_logits), computed
+    under the routing the row decodes with ([B, T, V] for the batch: prefill only the rows that need them).
+    """
     plugged = plugged if plugged is not None else model.plugged
     specs = list(specs)
     undecided = [row for row, spec in enumerate(specs) if spec.mode == "sequence" and spec.expert is None]
     if not undecided:
-        batch, out = DecodeBatch.prefill_rows(model, prompts, specs, plugged)
-        return Prefill(batch, out.logits, specs, out.row_counts, out.layer_counts)
+        batch, out = DecodeBatch.prefill_rows(model, prompts, specs, plugged, all_logits=prompt_logits)
+        per_row = _per_row(out.all_logits, prompts) if prompt_logits else None
+        return Prefill(batch, out.logits, specs, out.row_counts, out.layer_counts, per_row)
     observed, seen = DecodeBatch.prefill_rows(
-        model, [prompts[r] for r in undecided], [specs[r] for r in undecided], plugged, observe=[True] * len(undecided)
+        model,
+        [prompts[r] for r in undecided],
+        [specs[r] for r in undecided],
+        plugged,
+        observe=[True] * len(undecided),
+        all_logits=prompt_logits,
     )
     on_base: list[int] = []  # positions in `observed` of rows that chose base: they keep the observed cache
     for position, (row, route) in enumerate(zip(undecided, _decide(seen, plugged, model), strict=True)):
@@ -220,6 +243,8 @@ def prefill(
     redo = [row for row in range(len(prompts)) if row not in set(base_rows)]
     observed.keep(on_base)
     logits = [seen.logits[p] for p in on_base]
+    seen_rows = _per_row(seen.all_logits, [prompts[r] for r in undecided]) if prompt_logits else None
+    full = {row: seen_rows[p] for row, p in zip(base_rows, on_base, strict=True)} if seen_rows else {}
     row_counts = {  # every route keyed, as for the other rows; all of the row's decisions went to base
         row: {**dict.fromkeys(seen.row_counts[p], 0.0), BASE_ROUTE: sum(seen.row_counts[p].values())}
         for row, p in zip(base_rows, on_base, strict=True)
@@ -227,9 +252,14 @@ def prefill(
     base_tokens = float(sum(len(prompts[row]) for row in base_rows))  # each took base on every layer
     layer_counts = [{**dict.fromkeys(counts, 0.0), BASE_ROUTE: base_tokens} for counts in seen.layer_counts]
     if redo:
-        again, out = DecodeBatch.prefill_rows(model, [prompts[r] for r in redo], [specs[r] for r in redo], plugged)
+        redo_prompts = [prompts[r] for r in redo]
+        again, out = DecodeBatch.prefill_rows(
+            model, redo_prompts, [specs[r] for r in redo], plugged, all_logits=prompt_logits
+        )
         observed.extend(again)
         logits += list(out.logits)
+        if prompt_logits:
+            full.update(zip(redo, _per_row(out.all_logits, redo_prompts), strict=True))
         row_counts.update(zip(redo, out.row_counts, strict=True))
         for total, counts in zip(layer_counts, out.layer_counts, strict=True):
             add_counts(total, counts)
@@ -242,7 +272,13 @@ def prefill(
         specs,
         [row_counts[row] for row in range(len(prompts))],
         layer_counts,
+        [full[row] for row in range(len(prompts))] if prompt_logits else None,
     )
+
+
+def _per_row(all_logits: torch.Tensor, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """[B, T, V] left-padded -> per row [T_i, V], its real positions only."""
+    return [all_logits[row, all_logits.shape[1] - len(prompt) :] for row, prompt in enumerate(prompts)]
 
 
 def decode_one_token(
@@ -301,7 +337,7 @@ def _pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 class Generation:
     token_ids: list[int]  # generated tokens, EOS excluded
     text: str
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or a stop_token_id) or "length"
     route: str | None  # sequence mode: the decision; None otherwise
     counts: dict[str, float] = field(default_factory=dict)  # (token, layer) decisions, prompt and generated
 
@@ -320,7 +356,8 @@ def generate(
 ) -> list[Generation]:
     """Complete each prompt as the server would (greedy unless `sampling` says), `batch_size` at a time.
 
-    Rows stop at an EOS id (eos_token_ids) or after max_new_tokens; finished rows leave the batch.
+    Rows stop at an EOS id (eos_token_ids) or one of their stop_token_ids, or after max_new_tokens; finished
+    rows leave the batch.
     """
     plugged = plugged if plugged is not None else model.plugged
     specs = [spec] * len(prompts) if isinstance(spec, RoutingSpec) else list(spec)
@@ -358,10 +395,18 @@ def _decode_n(
     alive = list(range(len(prompts)))
     logits = pre.logits
     for step in range(max_new_tokens):
-        tokens = sample(logits, [params[i] for i in alive], [generators[i] for i in alive], [step] * len(alive), eos)
+        tokens = sample(
+            logits,
+            [params[i] for i in alive],
+            [generators[i] for i in alive],
+            [step] * len(alive),
+            eos,
+            prompts=[prompts[i] for i in alive],
+            outputs=[generated[i] for i in alive],
+        )
         keep = []
         for row, (i, token) in enumerate(zip(alive, tokens, strict=True)):
-            if token in eos:
+            if token in eos or token in params[i].stop_token_ids:
                 reasons[i] = "stop"
                 continue
             generated[i].append(token)

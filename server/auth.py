@@ -1,20 +1,34 @@
-"""Access control, as dependencies.
+"""Access control: who may call what. Checked by server.request_guard before the app reads a byte of the
+body, and again as route dependencies.
+
+API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health) needs
+`Authorization: Bearer <key>` (a listed key, or the admin token): 401 without one, 403 with a wrong one.
 
 Admin (the writing /experts endpoints): with PLUGMOE_ADMIN_TOKEN set, `Authorization: Bearer <token>` is
-required (401 without, 403 wrong); unset, only loopback clients may write.
-Generation: with PLUGMOE_API_KEYS set, a listed key (or the admin token) is required.
+required (401 without, 403 wrong). Unset, only a direct loopback client may write, and the server trusts
+nothing that could make a remote client look local: a request carrying forwarded headers
+(X-Forwarded-For, Forwarded, X-Real-IP: it came through a proxy, which may serve anyone) is refused, and
+so is every request when the server listens on a non-loopback address. Uvicorn runs with proxy headers
+off, so the client address is the socket's peer, never a header's claim.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from server.errors import AuthError
 from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+_READING_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def get_settings(request: Request) -> Settings:
@@ -24,8 +38,8 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    header = headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
@@ -35,36 +49,95 @@ def _matches(token: str, accepted: frozenset[str] | set[str]) -> bool:
 
 
 def is_loopback(host: str | None) -> bool:
+    """Whether a client address is a loopback IP address."""
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+def binds_loopback(host: str) -> bool:
+    """Whether a listen address (--host) accepts loopback connections only."""
+    return host == "localhost" or is_loopback(host)
+
+
+def is_admin_request(method: str, path: str) -> bool:
+    """The writing /experts endpoints (plug, unplug)."""
+    return (path == "/experts" or path.startswith("/experts/")) and method.upper() not in _READING_METHODS
+
+
+def admin_refusal(headers: Mapping[str, str], client_host: str | None, settings: Settings) -> AuthError | None:
+    """Why this request may not change experts (None: it may)."""
     if settings.admin_token:
-        token = _bearer(request)
+        token = _bearer(headers)
         if token is None:
-            raise AuthError(401, "this endpoint needs `Authorization: Bearer <admin token>`")
+            return AuthError(401, "this endpoint needs `Authorization: Bearer <admin token>`")
         if not _matches(token, {settings.admin_token}):
-            raise AuthError(403, "the admin token is wrong")
-        return
-    host = request.client.host if request.client else None
-    if not is_loopback(host):
-        raise AuthError(
-            403, f"without PLUGMOE_ADMIN_TOKEN set, only loopback clients may change experts (this client: {host})"
+            return AuthError(403, "the admin token is wrong")
+        return None
+    forwarded = [name for name in FORWARDED_HEADERS if name in headers]
+    if forwarded:
+        logger.warning(
+            "refused an admin request from %s: it carries %s (it came through a proxy), and without "
+            "--admin-token only direct loopback clients may change experts",
+            client_host,
+            ", ".join(forwarded),
         )
+        return AuthError(
+            403,
+            f"this request came through a proxy ({', '.join(forwarded)}); without PLUGMOE_ADMIN_TOKEN set only "
+            "direct loopback clients may change experts. Set --admin-token and send it as a bearer token",
+        )
+    if not binds_loopback(settings.host):
+        logger.warning(
+            "refused an admin request from %s: the server listens on %s and has no --admin-token",
+            client_host,
+            settings.host,
+        )
+        return AuthError(
+            403,
+            f"the server listens on {settings.host}, not loopback, and has no PLUGMOE_ADMIN_TOKEN: nobody may "
+            "change experts. Set --admin-token and send it as a bearer token",
+        )
+    if not is_loopback(client_host):
+        return AuthError(
+            403,
+            f"without PLUGMOE_ADMIN_TOKEN set, only loopback clients may change experts (this client: {client_host})",
+        )
+    return None
+
+
+def api_key_refusal(headers: Mapping[str, str], path: str, settings: Settings) -> AuthError | None:
+    """Why this request may not use the API (None: it may)."""
+    keys = settings.api_key_set()
+    if not keys or path in settings.open_path_set():
+        return None
+    token = _bearer(headers)
+    if token is None:
+        return AuthError(401, "this endpoint needs `Authorization: Bearer <api key>`")
+    if not _matches(token, keys | ({settings.admin_token} if settings.admin_token else set())):
+        return AuthError(403, "the API key is not valid")
+    return None
+
+
+def refusal(method: str, path: str, headers: Mapping[str, str], client_host: str | None, settings: Settings):
+    """Why this request is refused, API key first, then admin rights (None: it may go on)."""
+    refused = api_key_refusal(headers, path, settings)
+    if refused is None and is_admin_request(method, path):
+        refused = admin_refusal(headers, client_host, settings)
+    return refused
+
+
+def require_admin(request: Request, settings: SettingsDep) -> None:
+    refused = admin_refusal(request.headers, request.client.host if request.client else None, settings)
+    if refused is not None:
+        raise refused
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
-    keys = settings.api_key_set()
-    if not keys:
-        return
-    token = _bearer(request)
-    if token is None:
-        raise AuthError(401, "this endpoint needs `Authorization: Bearer <api key>`")
-    if not _matches(token, keys | ({settings.admin_token} if settings.admin_token else set())):
-        raise AuthError(403, "the API key is not valid")
+    refused = api_key_refusal(request.headers, request.url.path, settings)
+    if refused is not None:
+        raise refused
 
 
 Admin = Depends(require_admin)

@@ -58,7 +58,29 @@ def run_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     settings = Settings(**given)  # flags win over PLUGMOE_* env vars, which win over defaults
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http="h11",  # h11 enforces the header size limit below
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        proxy_headers=False,  # the client is the socket's peer: a header cannot make a remote client loopback
+        timeout_graceful_shutdown=max(1, int(settings.graceful_shutdown_s) + 5),  # a backstop after the drain
+    )
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT, the engine drains first: running requests get --graceful-shutdown-s, then end
+        with an error event, so their connections close and uvicorn's own graceful shutdown can finish."""
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                engine.drain(settings.graceful_shutdown_s)
+            super().handle_exit(sig, frame)
+
+    DrainingServer(config).run()
     return 0
 
 

@@ -3,12 +3,19 @@
     loop:
         run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
         admit waiting requests up to max_batch_size: moe.generation.prefill them together (sequence mode is
-            decided there), sample their first tokens, and join them to the running batch
+            decided there; requests that asked for prompt logprobs are prefilled apart, with every position's
+            logits), sample their first tokens, and join them to the running batch
         one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
+            (penalties, logit bias, structured output masks: moe.sampling and moe.structured_output)
         emit each new token's text (server.text_stream) to its request's queue; drop finished and cancelled rows
 
 Requests are submitted from the event loop and read back through an asyncio queue per request, so the
 HTTP layer never blocks on the model. The request and event types live in server.requests.
+
+One request cannot harm another: a prefill that raises is retried row by row, so a bad row fails alone; a
+row whose sampling raises is finished with an error while its neighbours go on; whatever a step raises, the
+loop goes on, and every request it took gets its finish event. `drain` (SIGTERM) lets running requests
+finish for a grace period and then ends them with an error; `stop` always returns.
 """
 
 from __future__ import annotations
@@ -23,9 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
+import torch
+
+from moe import BASE_ROUTE, Expert, GrammarError, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
 from moe.generation import DecodeBatch, context_length, decode_one_token, eos_token_ids, prefill
-from moe.sampling import sample
+from moe.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
+from moe.structured_output import GrammarCompiler, advance
 from moe.trace import add_counts
 from server.metrics import Metrics
 from server.requests import (
@@ -38,6 +48,7 @@ from server.requests import (
     EngineStoppedError,
     Event,
     Finished,
+    GenerationFailedError,
     GenerationRequest,
     QueueFullError,
     RequestHandle,
@@ -46,6 +57,11 @@ from server.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_SHUTTING_DOWN = "the server is shutting down"
+
+# Logits one prefill may hold for prompt logprobs ([rows, longest prompt, V] elements; 256 MiB in float32):
+# requests that ask for them are prefilled in groups under this, one row at least.
+PROMPT_LOGITS_BUDGET = 1 << 26
 
 
 @dataclass
@@ -60,6 +76,10 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     done: bool = False
     last_token_at: float = 0.0
+    matcher: Any = None  # the row's grammar (structured output), None when unconstrained
+    stop_ids: frozenset[int] = frozenset()  # EOS and the request's stop_token_ids
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -84,6 +104,9 @@ class Engine:
         self.context_limit = context_limit or context_length(model)
         self.metrics = metrics
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
         self._routed_totals: dict[str, float] = {}  # (token, layer) decisions per expert since it was plugged
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
@@ -91,6 +114,7 @@ class Engine:
         self._batch = DecodeBatch()
         self._wake = threading.Condition()
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by drain(): running requests end by then
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -101,44 +125,76 @@ class Engine:
 
     def start(self) -> None:
         self._stopping = False
+        self._drain_deadline = None
         self._thread = threading.Thread(target=self._loop, name="plugmoe-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, grace_s: float) -> None:
+        """Shutting down: refuse new requests (503), fail waiting ones, and give running ones `grace_s` to
+        finish before they end with an error. Safe to call from any thread, more than once."""
+        with self._wake:
+            deadline = time.perf_counter() + grace_s
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+            self._wake.notify_all()
+        logger.info("draining: %d running requests have %.1f s to finish", len(self._running), grace_s)
+
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; every request still queued or running gets its finish event. Always returns."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-        for handle in list(self._waiting):
-            self._finish_handle(handle, ERROR, "", 0, {}, "the server is shutting down")
-        self._waiting.clear()
+            if self._thread.is_alive():
+                logger.error("the engine did not stop within %.1f s (a step is stuck); leaving it", timeout)
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for handle in waiting:
+            self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
 
     # --- the HTTP side --------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request (from the event loop). Raises QueueFullError, ContextLimitError, UnknownExpertError."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue several sequences of one HTTP request (n choices, several prompts): all of them or none."""
         if not self.alive:
             raise EngineStoppedError("the engine is not running")
-        if not request.prompt_ids:
-            raise ContextLimitError("the prompt is empty; send at least one token")
-        if len(request.prompt_ids) >= self.context_limit:
-            raise ContextLimitError(
-                f"the prompt has {len(request.prompt_ids)} tokens; the context limit is {self.context_limit} "
-                "tokens including at least one generated token"
-            )
-        request.routing.check_against(self.model.plugged)
+        if self._drain_deadline is not None:
+            raise EngineStoppedError(_SHUTTING_DOWN)
+        for request in requests:
+            if not request.prompt_ids:
+                raise ContextLimitError("the prompt is empty; send at least one token")
+            if len(request.prompt_ids) >= self.context_limit:
+                raise ContextLimitError(
+                    f"the prompt has {len(request.prompt_ids)} tokens; the context limit is {self.context_limit} "
+                    "tokens including at least one generated token"
+                )
+            request.routing.check_against(self.model.plugged)
+        loop = asyncio.get_running_loop()
         with self._wake:
-            if len(self._waiting) + len(self._running) >= self.max_batch_size + self.max_queue:
+            if len(self._waiting) + len(self._running) + len(requests) > self.max_batch_size + self.max_queue:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are waiting and {len(self._running)} running; "
                     f"the queue holds {self.max_queue} beyond a batch of {self.max_batch_size}"
                 )
-            handle = RequestHandle(request, asyncio.get_running_loop())
-            self._waiting.append(handle)
+            handles = [RequestHandle(request, loop) for request in requests]
+            self._waiting.extend(handles)
             self._set_gauges()
             self._wake.notify_all()
-        return handle
+        return handles
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured output's compiler, built on first use (it converts the vocabulary once)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            return self._grammars
 
     def call(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
         """Run fn on the engine thread between two steps (anything that swaps the plugged set)."""
@@ -192,29 +248,55 @@ class Engine:
         logger.info(
             "engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue, self.context_limit
         )
-        while True:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._calls or self._waiting or self._running):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._run_calls()
+                    if self._drain_deadline is not None:
+                        self._drain()
+                    self._admit()
+                    if self._running:
+                        self._decode()
+                except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
+                    logger.exception("engine step failed")
+                    error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
+                    for seq in self._running:
+                        self._finish(seq, ERROR, str(error), error)
+                    self._running, self._batch = [], DecodeBatch()
+                self._set_gauges()
+        finally:  # stopping, or something no step should raise: every request still here gets its answer
+            for seq in self._running:
+                self._finish(seq, ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            self._running, self._batch = [], DecodeBatch()
             with self._wake:
-                while not (self._stopping or self._calls or self._waiting or self._running):
-                    self._wake.wait()
-                if self._stopping:
-                    break
-            try:
-                self._run_calls()
-                self._admit()
-                if self._running:
-                    self._decode()
-            except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
-                logger.exception("engine step failed")
-                for seq in self._running:
-                    self._finish(seq, ERROR, f"generation failed: {type(e).__name__}: {e}")
-                self._running, self._batch = [], DecodeBatch()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            for handle in waiting:
+                self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(EngineStoppedError("the engine stopped"))
             self._set_gauges()
-        for seq in self._running:
-            self._finish(seq, ERROR, "the server is shutting down")
-        self._running, self._batch = [], DecodeBatch()
-        while self._calls:
-            self._calls.popleft()[1].set_exception(EngineStoppedError("the engine stopped"))
-        logger.info("engine stopped")
+            logger.info("engine stopped")
+
+    def _drain(self) -> None:
+        """While draining: waiting requests are refused; running ones end at the deadline."""
+        with self._wake:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for handle in waiting:
+            self._finish_handle(handle, ERROR, "", 0, {}, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+        if self._running and self._drain_deadline is not None and time.perf_counter() >= self._drain_deadline:
+            for seq in self._running:
+                self._finish(seq, ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+            self._running, self._batch = [], DecodeBatch()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -234,50 +316,139 @@ class Engine:
                 handles.append(self._waiting.popleft())
         if not handles:
             return
-        plugged = self.model.plugged
-        now = time.perf_counter()
-        seqs: list[_Sequence] = []
-        for handle in handles:
-            if handle.cancelled:
-                self._finish_handle(handle, CANCELLED, "", 0, {}, "the client went away")
-                continue
-            spec, message = _current_spec(handle.request.routing, plugged)
-            if spec is None:
-                self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
-                continue
-            generator = handle.request.sampling.generator(self.model.device)
-            stream = TextStream(self.tokenizer, handle.request.stop, self.eos_ids)
-            seqs.append(_Sequence(handle, spec, generator, stream, last_token_at=now))
-        if not seqs:
-            return
         try:
-            self._start(seqs, plugged)
-        except Exception as e:  # these requests fail; the running batch goes on
-            logger.exception("prefill failed")
-            for seq in seqs:
-                if not seq.done and seq not in self._running:
-                    self._finish(seq, ERROR, f"prefill failed: {type(e).__name__}: {e}")
+            plugged = self.model.plugged
+            now = time.perf_counter()
+            seqs: list[_Sequence] = []
+            for handle in handles:
+                if handle.cancelled:
+                    self._finish_handle(handle, CANCELLED, "", 0, {}, "the client went away")
+                    continue
+                spec, message = _current_spec(handle.request.routing, plugged)
+                if spec is None:
+                    self._finish_handle(handle, EXPERT_UNPLUGGED, "", 0, {}, message)
+                    continue
+                seq = self._sequence(handle, spec, now)
+                if seq is not None:
+                    seqs.append(seq)
+            scored = [s for s in seqs if s.request.prompt_logprobs is not None]
+            for group in _prompt_logit_groups(scored, self.vocab_size):
+                self._start(group, plugged, prompt_logits=True)
+            plain = [s for s in seqs if s.request.prompt_logprobs is None]
+            if plain:
+                self._start(plain, plugged)
+        finally:  # whatever happened above, no request taken from the queue is left without an answer
+            for handle in handles:
+                if not handle.done and not any(seq.handle is handle for seq in self._running):
+                    error = GenerationFailedError("the request could not start (see the server log)")
+                    self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
 
-    def _start(self, seqs: list[_Sequence], plugged: PluggedSet) -> None:
-        """Prefill new sequences together, sample their first tokens, and join them to the running batch."""
-        pre = prefill(self.model, [s.request.prompt_ids for s in seqs], [s.spec for s in seqs], plugged)
+    def _sequence(self, handle: RequestHandle, spec: RoutingSpec, now: float) -> _Sequence | None:
+        """The engine's record of a request about to start (None: it could not start, and was finished)."""
+        request = handle.request
+        try:
+            generator = request.sampling.generator(self.model.device)
+            stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
+            stream = TextStream(self.tokenizer, request.stop, tuple(sorted(stop_ids)))
+            seq = _Sequence(handle, spec, generator, stream, last_token_at=now, stop_ids=stop_ids)
+            if request.grammar is not None:  # checked before queueing; a failure here fails this request only
+                seq.matcher = self.grammars.matcher(request.grammar)
+        except GrammarError as e:
+            self._finish_handle(handle, ERROR, "", 0, {}, f"structured output failed: {e}")
+            return None
+        except Exception as e:  # this request cannot start; the others can
+            logger.exception("cannot start a request")
+            error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
+            self._finish_handle(handle, ERROR, "", 0, {}, str(error), error)
+            return None
+        return seq
+
+    def _start(self, seqs: list[_Sequence], plugged: PluggedSet, prompt_logits: bool = False) -> None:
+        """Prefill new sequences together, sample their first tokens, and join them to the running batch.
+
+        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). A prefill that
+        raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompts = [s.request.prompt_ids for s in seqs]
+        try:
+            pre = prefill(self.model, prompts, [s.spec for s in seqs], plugged, prompt_logits=prompt_logits)
+        except Exception as e:
+            if len(seqs) > 1:
+                logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
+                for seq in seqs:
+                    self._start([seq], plugged, prompt_logits)
+                return
+            logger.exception("prefill failed")
+            error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
+            self._finish(seqs[0], ERROR, str(error), error)
+            return
         self._count_layers(pre.layer_counts)
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
             add_counts(seq.counts, row_counts)
             if self.metrics:
                 self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-        tokens = sample(
-            pre.logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [0] * len(seqs),
-            self.eos_ids,
-        )
-        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not self._advance(seq, token)]
+        if pre.prompt_logits is not None:
+            for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
+                seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
+        live = [row for row, seq in enumerate(seqs) if seq.request.max_new_tokens > 0]
+        for seq in seqs:
+            if seq.request.max_new_tokens == 0:  # scoring only (echo with max_tokens 0)
+                self._finish(seq, LENGTH, None)
+        if not live:
+            return
+        rows = [seqs[row] for row in live]
+        logits = pre.logits if len(live) == len(seqs) else pre.logits[live]
+        tokens, logprobs = self._sample(rows, logits)
+        keep = [
+            row
+            for row, seq, token, row_logprobs in zip(live, rows, tokens, logprobs, strict=True)
+            if token is not None and not self._advance(seq, token, row_logprobs)
+        ]
         pre.batch.keep(keep)
         self._batch.extend(pre.batch)
         self._running.extend(seqs[row] for row in keep)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int | None], list[Any]]:
+        """Each row's next token (and logprobs) under its own sampling settings and grammar; grammars advance
+        past it. A row whose sampling raises is finished with an error (token None) while the others are
+        sampled alone, exactly as they would have been together."""
+        try:
+            sampled = self._sample_rows(seqs, logits)
+            return list(sampled.tokens), list(sampled.logprobs)
+        except Exception:
+            logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
+        tokens: list[int | None] = []
+        logprobs: list[Any] = []
+        for row, seq in enumerate(seqs):
+            try:
+                one = self._sample_rows([seq], logits[row : row + 1])
+                tokens.append(one.tokens[0])
+                logprobs.append(one.logprobs[0])
+            except Exception as e:
+                logger.exception("sampling failed")
+                error = GenerationFailedError(f"sampling failed: {type(e).__name__}: {e}")
+                self._finish(seq, ERROR, str(error), error)
+                tokens.append(None)
+                logprobs.append(None)
+        return tokens, logprobs
+
+    def _sample_rows(self, seqs: list[_Sequence], logits: torch.Tensor) -> Sampled:
+        matchers = [s.matcher for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        allowed = self.grammars.allowed_tokens(matchers) if constrained else None
+        sampled = sample_step(
+            logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [len(s.generated) for s in seqs],
+            self.eos_ids,
+            prompts=[s.request.prompt_ids for s in seqs],
+            outputs=[s.generated for s in seqs],
+            allowed=allowed,
+        )
+        if constrained:
+            advance(matchers, sampled.tokens, [s.stop_ids for s in seqs])
+        return sampled
 
     def _decode(self) -> None:
         plugged = self.model.plugged
@@ -302,17 +473,13 @@ class Engine:
         self._count_layers(out.layer_counts)
         if self.metrics:
             self.metrics.batch_size.observe(len(seqs))
-        tokens = sample(
-            out.logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [len(s.generated) for s in seqs],
-            self.eos_ids,
-        )
+        tokens, logprobs = self._sample(seqs, out.logits)
         keep = []
-        for row, (seq, token, row_counts) in enumerate(zip(seqs, tokens, out.row_counts, strict=True)):
+        for row, (seq, token, row_logprobs, row_counts) in enumerate(
+            zip(seqs, tokens, logprobs, out.row_counts, strict=True)
+        ):
             add_counts(seq.counts, row_counts)
-            if not self._advance(seq, token):
+            if token is not None and not self._advance(seq, token, row_logprobs):
                 keep.append(row)
         self._drop(keep)
 
@@ -323,7 +490,7 @@ class Engine:
 
     # --- per-token bookkeeping ------------------------------------------------------------------------
 
-    def _advance(self, seq: _Sequence, token: int) -> bool:
+    def _advance(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         """Record a sampled token, stream its text, and finish the sequence if it is done. True: finished."""
         now = time.perf_counter()
         request = seq.request
@@ -335,6 +502,8 @@ class Engine:
                 self.metrics.inter_token_latency.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.generated.append(token)
+        if request.sampling.logprobs is not None:
+            seq.logprobs.append(logprobs)
         piece, stopped = seq.text.add(token)
         reason = STOP if stopped else None
         if reason is None and (
@@ -342,20 +511,31 @@ class Engine:
             or len(request.prompt_ids) + len(seq.generated) >= self.context_limit
         ):
             reason, piece = LENGTH, piece + seq.text.flush()
-        seq.handle.push(Event(piece, [token]))
+        seq.handle.push(Event(piece, [token], logprobs=[logprobs] if request.sampling.logprobs is not None else []))
         if reason is None:
             return False
         self._finish(seq, reason, None)
         return True
 
-    def _finish(self, seq: _Sequence, reason: str, message: str | None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
         if seq.done:
             return
         seq.done = True
         rest = seq.text.flush()
         if rest:
             seq.handle.push(Event(rest))
-        self._finish_handle(seq.handle, reason, seq.text.text, len(seq.generated), seq.counts, message)
+        self._finish_handle(
+            seq.handle,
+            reason,
+            seq.text.text,
+            len(seq.generated),
+            seq.counts,
+            message,
+            error,
+            token_ids=list(seq.generated),
+            logprobs=list(seq.logprobs),
+            prompt_logprobs=seq.prompt_logprobs,
+        )
 
     def _finish_handle(
         self,
@@ -365,7 +545,13 @@ class Engine:
         completion_tokens: int,
         counts: dict[str, float],
         message: str | None,
+        error: Exception | None = None,
+        token_ids: list[int] | None = None,
+        logprobs: list[TokenLogprobs | None] | None = None,
+        prompt_logprobs: list[TokenLogprobs | None] | None = None,
     ) -> None:
+        if handle.done:
+            return
         shares = route_shares(counts)
         entropy = routing_entropy(shares)
         if self.metrics and shares:
@@ -374,7 +560,19 @@ class Engine:
                 if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
                     self.metrics.request_expert_share.labels(expert=route).observe(share)
             self.metrics.routing_entropy.observe(entropy)
-        finished = Finished(reason, text, len(handle.request.prompt_ids), completion_tokens, shares, entropy, message)
+        finished = Finished(
+            reason,
+            text,
+            len(handle.request.prompt_ids),
+            completion_tokens,
+            shares,
+            entropy,
+            message,
+            error,
+            token_ids=token_ids or [],
+            logprobs=logprobs or [],
+            prompt_logprobs=prompt_logprobs,
+        )
         handle.push(Event(finished=finished))
 
     def _count_layers(self, layer_counts: list[dict[str, float]]) -> None:
@@ -390,6 +588,31 @@ class Engine:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._waiting))
             self.metrics.running_sequences.set(len(self._running))
+
+
+def logits_width(model: RoutedModel) -> int:
+    """V: the width of the model's logits (it may exceed the tokenizer's vocabulary)."""
+    head = model.backbone.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.backbone.config.vocab_size)
+
+
+def _prompt_logit_groups(seqs: list[_Sequence], vocab: int) -> list[list[_Sequence]]:
+    """Consecutive groups whose [rows, longest prompt, V] logits stay under PROMPT_LOGITS_BUDGET."""
+    groups: list[list[_Sequence]] = []
+    current: list[_Sequence] = []
+    longest = 0
+    for seq in seqs:
+        length = len(seq.request.prompt_ids)
+        if current and (len(current) + 1) * max(longest, length) * vocab > PROMPT_LOGITS_BUDGET:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(seq)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _current_spec(spec: RoutingSpec, plugged: PluggedSet) -> tuple[RoutingSpec | None, str | None]:

@@ -17,6 +17,7 @@ and what is on disk agree; a restart plugs the current manifest's experts.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +39,14 @@ class ManifestConflictError(RuntimeError):
 
 class StoreCorruptError(RuntimeError):
     """A manifest or blob in the store is unreadable or does not match its hash."""
+
+
+class StoreWriteError(RuntimeError):
+    """Writing to the store failed; nothing was committed (the temp file is removed)."""
+
+
+class InsufficientStorageError(StoreWriteError):
+    """The store's disk is full (or over quota); nothing was committed."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ class ExpertStore:
         path = self._manifest_path(versions[-1])
         try:
             return Manifest.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise StoreCorruptError(f"manifest {path} is unreadable: {e}") from e
 
     def read_blob(self, digest: str) -> bytes:
@@ -170,9 +179,13 @@ class ExpertStore:
         return self.manifests / f"{version:0{MANIFEST_DIGITS}d}.json"
 
     def _write(self, path: Path, data: bytes, exclusive: bool) -> None:
-        """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create)."""
-        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.", suffix=".tmp")
+        """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create).
+
+        Raises FileExistsError (exclusive, the path exists), InsufficientStorageError (disk full) or
+        StoreWriteError; in every case the temp file is gone and the target is untouched."""
+        tmp: str | None = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=f"{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -183,8 +196,18 @@ class ExpertStore:
             else:
                 os.replace(tmp, path)
             _fsync_dir(path.parent)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorageError(
+                    f"the expert store's disk is full ({e.strerror}); nothing was changed. Free space in the "
+                    "expert store's volume and retry"
+                ) from e
+            raise StoreWriteError(f"writing to the expert store failed ({e.strerror or e}); nothing was changed") from e
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

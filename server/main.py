@@ -15,9 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import errors
 from server.admission_policy import AdmissionPolicy
 from server.api.routes import experts, generate, health, openai
+from server.auth import binds_loopback
 from server.engine import Engine
+from server.expert_sources import ExpertSources
 from server.expert_store import ExpertStore
 from server.metrics import Metrics
+from server.prompts import PromptEncoder
+from server.request_guard import RequestGuard
 from server.served_experts import ServedExperts
 from server.settings import DEMO_MODEL_DIR, Settings
 
@@ -59,19 +63,42 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = await asyncio.to_thread(load_engine, settings, metrics)
     elif engine.metrics is None:
         engine.metrics = metrics
-    served = ServedExperts(engine, ExpertStore(settings.resolved_experts_dir()), AdmissionPolicy(settings), metrics)
+    store = ExpertStore(settings.resolved_experts_dir())
+    served = ServedExperts(engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings))
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     started_here = not engine.alive
     if started_here:
         engine.start()
+    prompts = PromptEncoder(engine.tokenizer, settings.max_prompt_chars)
     app.state.engine, app.state.experts, app.state.tokenizer = engine, served, engine.tokenizer
+    app.state.prompts = prompts
     logger.info("serving %s with experts %s", settings.served_model_name(), list(engine.model.plugged.names))
+    _warn_about_access(settings)
     try:
         yield
     finally:
         if started_here:
             await asyncio.to_thread(engine.stop)
+        served.close()
+        prompts.close()
         app.state.engine = None
+
+
+def _warn_about_access(settings: Settings) -> None:
+    """Say at start what a deployment must know about who can reach the admin endpoints."""
+    if settings.admin_token:
+        return
+    if not binds_loopback(settings.host):
+        logger.warning(
+            "listening on %s without --admin-token: plugging and unplugging experts is refused to every client "
+            "(set --admin-token to allow it)",
+            settings.host,
+        )
+    else:
+        logger.info(
+            "no --admin-token: direct loopback clients may plug and unplug experts; requests through a proxy "
+            "(forwarded headers) are refused"
+        )
 
 
 class RequestMetrics:
@@ -114,5 +141,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     errors.install(app)
     for module in (health, generate, openai, experts):
         app.include_router(module.router)
+    app.add_middleware(RequestGuard, settings=settings)  # inside RequestMetrics, so its refusals are counted
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from moe import RoutingSpec
-from moe.sampling import SamplingParams
+from moe.sampling import SamplingParams, TokenLogprobs
+from moe.structured_output import GrammarSpec
 
 # why a request finished
 STOP, LENGTH, EXPERT_UNPLUGGED, CANCELLED, ERROR = "stop", "length", "expert_unplugged", "cancelled", "error"
@@ -32,13 +33,19 @@ class EngineStoppedError(RuntimeError):
     """The engine is not running (starting up or shutting down)."""
 
 
+class GenerationFailedError(RuntimeError):
+    """Generating this request failed on the server (its neighbours in the batch went on)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: prefill only (prompt logprobs), nothing generated
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     routing: RoutingSpec = RoutingSpec()
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many most likely (echo)
+    grammar: GrammarSpec | None = None  # structured output
 
 
 @dataclass
@@ -52,6 +59,10 @@ class Finished:
     shares: dict[str, float]
     routing_entropy: float
     message: str | None = None
+    error: Exception | None = None  # reason "error": why (GenerationFailedError, or EngineStoppedError at shutdown)
+    token_ids: list[int] = field(default_factory=list)  # generated, the ending EOS / stop token included
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token_ids, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (first: None), when asked
 
 
 @dataclass
@@ -61,6 +72,7 @@ class Event:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finished: Finished | None = None
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # per token_ids, when asked
 
 
 class RequestHandle:
@@ -72,6 +84,7 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self.done = False  # a finished event was pushed (the engine's side; finishing twice is a no-op)
 
     @property
     def cancelled(self) -> bool:
@@ -82,7 +95,11 @@ class RequestHandle:
         self._cancelled.set()
 
     def push(self, event: Event) -> None:
-        """From the engine thread."""
+        """From the engine thread. Nothing is pushed after the finished event."""
+        if self.done:
+            return
+        if event.finished is not None:
+            self.done = True
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more

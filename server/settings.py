@@ -18,6 +18,7 @@ from moe.admission import DEFAULT_CALIBRATION
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = INSTALL_ROOT / "demo" / "model"
 DEMO_EXPERTS_DIR = INSTALL_ROOT / "demo" / "experts"
+DEMO_SOURCE_ROOTS = (DEMO_EXPERTS_DIR, INSTALL_ROOT / "demo" / "compare")  # shipped, read-only expert files
 DEMO_MODEL_NAME = "plugmoe-demo"
 
 
@@ -51,12 +52,41 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together")
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the running batch; past it, 503")
-    max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens")
+    max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens (over it: 400)")
+    max_n: int = Field(8, ge=1, description="cap on a /v1 request's n, choices per prompt (over it: 400)")
+    max_logprobs: int = Field(20, ge=0, description="cap on logprobs / top_logprobs alternatives per token")
     context_limit: int | None = Field(None, ge=1, description="default: the model config's max positions")
     admin_token: str | None = Field(
-        None, description="bearer token for the writing /experts endpoints; unset: loopback clients only"
+        None,
+        description="bearer token for the writing /experts endpoints; unset: direct loopback clients only (no "
+        "forwarded headers, loopback bind address)",
     )
-    api_keys: str | None = Field(None, description="comma-separated bearer keys for generation; unset: open")
+    api_keys: str | None = Field(
+        None, description="comma-separated bearer keys that guard every endpoint but --open-paths; unset: open"
+    )
+    open_paths: str = Field("/health", description="comma-separated paths that --api-keys leaves open")
+    max_body_bytes: int = Field(4 << 20, ge=1, description="largest request body, JSON endpoints (413 past it)")
+    max_upload_bytes: int = Field(
+        256 << 20, ge=1, description="largest POST /experts body or fetched source: an expert file (413 past it)"
+    )
+    max_prompt_chars: int = Field(
+        200_000, ge=1, description="longest prompt (or chat messages together), checked before tokenizing (413)"
+    )
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request headers in bytes (431 past it)")
+    source_roots: str | None = Field(
+        None,
+        description="comma-separated directories a plug `source` may read files under (default: none, so local "
+        "sources are refused; with the demo model, the shipped demo/experts and demo/compare)",
+    )
+    source_hosts: str | None = Field(
+        None,
+        description="comma-separated hosts (host or host:port) an http(s) plug `source` may fetch from, redirects "
+        "included (default: none, so URL sources are refused)",
+    )
+    source_timeout_s: float = Field(30.0, gt=0, description="total deadline for fetching a plug `source`")
+    graceful_shutdown_s: float = Field(
+        5.0, ge=0, description="on SIGTERM, how long running requests may finish before they end with an error"
+    )
     calibration_file: Path = Field(DEFAULT_CALIBRATION, description="general text for the admission report")
     admission: Literal["repair", "refuse", "off"] = Field(
         "repair",
@@ -112,9 +142,26 @@ class Settings(BaseSettings):
         return DEMO_EXPERTS_DIR if self.serves_demo else None
 
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in (self.api_keys or "").split(",") if k.strip())
+        return frozenset(_items(self.api_keys))
+
+    def open_path_set(self) -> frozenset[str]:
+        return frozenset(_items(self.open_paths))
+
+    def resolved_source_roots(self) -> tuple[Path, ...]:
+        """Directories a local `source` may be read under, resolved (symlinks followed)."""
+        if self.source_roots is None:
+            return tuple(root.resolve() for root in DEMO_SOURCE_ROOTS) if self.serves_demo else ()
+        return tuple(Path(root).expanduser().resolve() for root in _items(self.source_roots))
+
+    def source_host_set(self) -> frozenset[str]:
+        return frozenset(host.lower() for host in _items(self.source_hosts))
 
     @staticmethod
     def limit(value: float | None) -> float | None:
         """An admission limit, None when disabled (None or negative)."""
         return None if value is None or value < 0 else value
+
+
+def _items(value: str | None) -> list[str]:
+    """A comma-separated setting as its non-empty items."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]

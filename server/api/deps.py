@@ -1,4 +1,4 @@
-"""What route handlers receive: the engine, the served experts, the tokenizer, the metrics."""
+"""What route handlers receive: the engine, the served experts, the tokenizer and prompt encoder, the metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from server.engine import Engine
 from server.metrics import Metrics
+from server.prompts import PromptEncoder
 from server.requests import EngineStoppedError
 from server.served_experts import ServedExperts
 
@@ -31,7 +32,15 @@ def get_tokenizer(request: Request) -> Any:
     return request.app.state.tokenizer
 
 
+def get_prompts(request: Request) -> PromptEncoder:
+    prompts = getattr(request.app.state, "prompts", None)
+    if prompts is None:
+        raise EngineStoppedError("the model is still loading")
+    return prompts
+
+
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ExpertsDep = Annotated[ServedExperts, Depends(get_experts)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 TokenizerDep = Annotated[Any, Depends(get_tokenizer)]
+PromptsDep = Annotated[PromptEncoder, Depends(get_prompts)]

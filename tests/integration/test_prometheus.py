@@ -167,7 +167,10 @@ def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path
         path.write_bytes(expert_bytes(name, open_gate=open_gate, seed=seed))
         files[name] = str(path)
 
-    server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_NUM_THREADS="1")
+    # the experts are plugged by `source` from tmp_path: allow it (--source-roots)
+    server = LiveServer(
+        tiny_model_dir, tmp_path / "experts", PLUGMOE_NUM_THREADS="1", PLUGMOE_SOURCE_ROOTS=str(tmp_path)
+    )
     try:
         with prometheus(tmp_path, server.port) as prom, httpx.Client(base_url=server.url, timeout=60) as client:
             wait_for(lambda: query(prom, 'up{job="plugmoe"} == 1')["result"], 20, "the first scrape")

@@ -237,3 +237,19 @@ def test_generate_reports_the_sequence_route_and_every_decision() -> None:
         assert g.route == route and g.finish_reason == "length" and len(g.token_ids) == 6
         fed = len(tokenizer(prompt)["input_ids"]) + len(g.token_ids) - 1  # the last token is never fed back
         assert g.counts == {"open": fed * model.num_layers, "shut": 0, "base": 0}
+
+
+def test_prefill_prompt_logits_equal_a_full_forward_under_each_rows_routing() -> None:
+    """prompt_logits=True keeps every prompt position's logits, also through sequence mode's two prefills
+    (a row that chose base keeps its observed pass, the others are prefilled again with their expert)."""
+    model = _routed("llama")
+    specs = [RoutingSpec("sequence"), RoutingSpec("token"), RoutingSpec("sequence", allow=()), RoutingSpec("off")]
+    pre = prefill(model, PROMPTS, specs, prompt_logits=True)
+    assert [s.expert for s in pre.specs] == ["shouty", None, "base", None]
+    for row, (prompt, spec, logits) in enumerate(zip(PROMPTS, pre.specs, pre.prompt_logits, strict=True)):
+        with torch.inference_mode():
+            full = model(torch.tensor([prompt]), routing=[spec]).logits[0]  # [T, V]
+        assert logits.shape == full.shape
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pre.logits[row], full[-1], atol=1e-4, rtol=1e-4)
+    assert prefill(model, PROMPTS, specs).prompt_logits is None

@@ -125,6 +125,6 @@ class LiveServer:
 def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """A real `python -m server` on a free loopback port, shared by a test module."""
     experts_dir = tmp_path_factory.mktemp("live") / "experts"
-    server = LiveServer(tiny_model_dir, experts_dir)
+    server = LiveServer(tiny_model_dir, experts_dir, PLUGMOE_SOURCE_HOSTS="127.0.0.1")  # test_live's http source
     yield server
     server.stop()

@@ -8,23 +8,27 @@ runs it between steps) and queues the action behind it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from moe import RoutedModel, RoutingSpec, UnknownExpertError
 from moe.generation import generate
 from moe.sampling import SamplingParams
+from moe.structured_output import GrammarSpec
 from server import engine as engine_module
-from server.engine import Engine
+from server.engine import Engine, _prompt_logit_groups, _Sequence
 from server.metrics import Metrics
 from server.requests import (
     CANCELLED,
     ERROR,
     EXPERT_UNPLUGGED,
     LENGTH,
+    STOP,
     ContextLimitError,
     EngineStoppedError,
     Event,
@@ -396,3 +400,72 @@ def test_stop_finishes_running_and_waiting_requests_and_refuses_new_ones(make_en
     asyncio.run(after())
     with pytest.raises(EngineStoppedError):
         engine.call(lambda: None).result(timeout=1)
+
+
+# --- prompt logprobs, logprobs and grammars in one admission ------------------------------------------------
+
+IDS = [5, 60, 7, 41, 200, 13, 99]
+
+
+def _together(engine: Engine, requests: list[GenerationRequest]) -> list[Finished]:
+    """Submit all while the engine is held, so they are admitted in one step."""
+
+    async def main() -> list[Finished]:
+        gate = hold(engine)
+        handles = engine.submit_all(requests)
+        gate.set()
+        return [await handle.result() for handle in handles]
+
+    return asyncio.run(main())
+
+
+def test_scoring_plain_and_constrained_rows_in_one_admission(make_engine) -> None:
+    """A row that scores its prompt (prompt logprobs, 0 new tokens) is prefilled apart with every position's
+    logits, beside a plain row with logprobs and a grammar-constrained row: each gets what it gets alone."""
+    engine = make_engine()
+    scored = GenerationRequest(IDS, 0, SamplingParams(logprobs=2), prompt_logprobs=2)
+    plain = GenerationRequest(IDS[:4], 5, SamplingParams(min_new_tokens=5, logprobs=0))
+    regex = GenerationRequest(IDS[:3], 20, grammar=GrammarSpec.regex("(yes|no)!"))
+    score, text, constrained = _together(engine, [scored, plain, regex])
+    alone_ = [_together(engine, [r])[0] for r in (scored, plain, regex)]
+
+    assert score.reason == LENGTH and score.completion_tokens == 0 and score.token_ids == []
+    with torch.inference_mode():
+        reference = torch.log_softmax(engine.model.backbone(torch.tensor([IDS])).logits[0].float(), dim=-1)
+    assert score.prompt_logprobs[0] is None
+    for j in range(1, len(IDS)):
+        entry = score.prompt_logprobs[j]
+        assert entry.token == IDS[j] and entry.logprob == pytest.approx(float(reference[j - 1, IDS[j]]), abs=1e-4)
+        assert [t for t, _ in entry.top] == reference[j - 1].topk(2).indices.tolist()
+    assert text.token_ids == alone_[1].token_ids and len(text.logprobs) == 5
+    assert [e.logprob for e in text.logprobs] == pytest.approx([e.logprob for e in alone_[1].logprobs], abs=1e-5)
+    assert constrained.reason == STOP and re.fullmatch("(yes|no)!", constrained.text), constrained.text
+    assert constrained.text == alone_[2].text
+
+
+def test_submit_all_is_all_or_nothing(make_engine, tokenizer) -> None:
+    engine = make_engine(max_batch_size=1, max_queue=2)
+
+    async def main() -> int:
+        gate = hold(engine)
+        try:
+            with pytest.raises(QueueFullError):
+                engine.submit_all([request(tokenizer)] * 4)
+            return engine.queue_depth
+        finally:
+            gate.set()
+
+    assert asyncio.run(main()) == 0
+
+
+def test_prompt_logit_groups_stay_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BUDGET", 1000)
+
+    def seq(length: int) -> _Sequence:
+        handle = type("Handle", (), {"request": GenerationRequest([1] * length, 0)})()
+        return _Sequence(handle, None, None, None)
+
+    groups = _prompt_logit_groups([seq(n) for n in [3, 4, 2, 30, 5, 5]], vocab=50)
+    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[3, 4, 2], [30], [5, 5]]
+    for group in groups:  # [rows, longest, V] under the budget, or a single row
+        assert len(group) == 1 or len(group) * max(len(s.request.prompt_ids) for s in group) * 50 <= 1000

@@ -14,8 +14,10 @@ import moe.errors
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
+    GrammarError,
     IncompatibleExpertError,
     InvalidExpertNameError,
+    MetadataTooLargeError,
     RoutingSpecError,
     SamplingParamsError,
     UnknownExpertError,
@@ -28,12 +30,14 @@ from server.errors import (
     AuthError,
     BadRequestError,
     ExpertSourceError,
+    HeadersTooLargeError,
     NotFoundError,
+    RequestTooLargeError,
     error_response,
     status_for,
 )
-from server.expert_store import ManifestConflictError
-from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
+from server.expert_store import InsufficientStorageError, ManifestConflictError, StoreWriteError
+from server.requests import ContextLimitError, EngineStoppedError, GenerationFailedError, QueueFullError
 from server.settings import Settings
 
 FILE_ERRORS = [kind for _, kind in inspect.getmembers(moe.errors, inspect.isclass) if issubclass(kind, ExpertFileError)]
@@ -47,23 +51,30 @@ CASES: list[tuple[BaseException, int]] = [
     (UnknownExpertError("no expert named 'x'"), 404),
     (ExpertNameTakenError("taken"), 409),
     (ManifestConflictError("raced"), 409),
-    *[(kind(f"{kind.__name__} message"), 422) for kind in FILE_ERRORS],
+    # a file is refused with a 422, one over the size limits (metadata, header) with a 413
+    *[(kind(f"{kind.__name__} message"), 413 if kind is MetadataTooLargeError else 422) for kind in FILE_ERRORS],
     (InvalidExpertNameError("bad name"), 422),
     (IncompatibleExpertError("wrong shape"), 422),
     (AdmissionRejectedError("over the limit"), 422),
     (ExpertSourceError("cannot fetch"), 422),
     (RoutingSpecError("bad routing"), 400),
     (SamplingParamsError("bad sampling"), 400),
+    (GrammarError("the JSON schema does not compile", param="response_format.json_schema.schema"), 400),
     (BadRequestError("temperature: must be finite", param="temperature"), 400),
     (QueueFullError("full"), 503),
     (EngineStoppedError("stopped"), 503),
+    (RequestTooLargeError("body over the limit", param="prompt"), 413),
+    (HeadersTooLargeError("headers over the limit"), 431),
+    (GenerationFailedError("generation failed: RuntimeError"), 500),
+    (InsufficientStorageError("disk full"), 507),
+    (StoreWriteError("cannot write"), 500),
 ]
 
 
 def test_every_row_of_the_table_is_tested() -> None:
     tested = {type(exc) for exc, _ in CASES}
     assert {kind for kind, _ in STATUS} <= tested
-    assert len(FILE_ERRORS) >= 12, "every expert-file error is a 422"
+    assert len(FILE_ERRORS) >= 12, "every expert-file error is a 4xx"
 
 
 def test_every_moe_error_a_client_can_cause_is_a_4xx() -> None:

@@ -100,9 +100,10 @@ def test_bad_name_is_422(client: TestClient, expert_bytes) -> None:
     assert _upload(client, expert_bytes("fine"), name="base").status_code == 422
 
 
-def test_plug_from_local_path_and_file_url(client: TestClient, expert_bytes, tmp_path: Path) -> None:
+def test_plug_from_local_path_and_file_url(make_client, expert_bytes, tmp_path: Path) -> None:
     path = tmp_path / "elsewhere" / "local.safetensors"
     path.parent.mkdir()
+    client = make_client(source_roots=str(path.parent))  # local sources are read under --source-roots only
     path.write_bytes(expert_bytes("local"))
     assert client.post("/experts", json={"source": str(path)}).status_code == 201
     response = client.post("/experts", json={"source": path.as_uri(), "name": "viaurl"})

@@ -103,8 +103,8 @@ def test_openai_client(live_server: LiveServer, expert_bytes) -> None:
 
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=models[0], prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError):  # n is supported up to --max-n (8 by default)
+        client.completions.create(model=models[0], prompt="x", max_tokens=2, n=9)
     assert httpx.delete(f"{live_server.url}/experts/helper").status_code == 200
 
 

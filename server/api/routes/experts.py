@@ -2,42 +2,86 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
+from starlette.datastructures import UploadFile
 
+from moe.expert import NAME_PATTERN
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
-from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse
+from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
+_TRUE, _FALSE = ("true",), ("", "false")
+_FORM_FIELDS = ("file", "name", "replace")
 
-@router.get("", response_model=list[ExpertInfo])
+# The plug body is read by hand (multipart or JSON), so it is described here for the OpenAPI schema.
+PLUG_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "the .safetensors file"},
+                        "name": {
+                            "type": "string",
+                            "pattern": f"^{NAME_PATTERN.pattern}$",
+                            "description": "plug under this name (default: the name in the file)",
+                        },
+                        "replace": {"type": "string", "enum": ["true", "false"], "default": "false"},
+                    },
+                }
+            },
+            "application/json": {"schema": PlugFromSource.model_json_schema()},
+        },
+    }
+}
+
+
+@router.get("", response_model=list[ExpertInfo], responses=error_responses(503))
 async def list_experts(experts: ExpertsDep) -> list[dict]:
     return experts.describe_all()
 
 
-@router.get("/{name}", response_model=ExpertInfo)
+@router.get("/{name}", response_model=ExpertInfo, responses=error_responses(404, 503))
 async def get_expert(name: str, experts: ExpertsDep) -> dict:
     return experts.describe(name)
 
 
-@router.post("", response_model=PlugResponse, status_code=status.HTTP_201_CREATED, dependencies=[Admin])
+@router.post(
+    "",
+    response_model=PlugResponse,
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[Admin],
+    responses=error_responses(400, 409, 422, 503, 507),
+    openapi_extra=PLUG_BODY,
+)
 async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
     """multipart/form-data: `file` (the .safetensors), optional `name` and `replace`;
-    or JSON {"source": path | file:// | http(s)://, "name", "replace"}."""
+    or JSON {"source": path | file:// | http(s)://, "name", "replace"} (sources must be allowed: see
+    --source-roots and --source-hosts)."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise BadRequestError("multipart upload needs a file in the field `file`")
-        name = form.get("name")
-        replace = str(form.get("replace", "false")).lower() in ("1", "true", "yes", "on")
-        data = await upload.read()
-        expert, report, replaced = await experts.plug_bytes(data, str(name) if name else None, replace)
+        async with request.form(max_files=1, max_fields=8) as form:
+            unknown = sorted(set(form.keys()) - set(_FORM_FIELDS))
+            if unknown:
+                raise BadRequestError(
+                    f"unknown multipart fields {unknown}; send {list(_FORM_FIELDS)}", param=unknown[0]
+                )
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise BadRequestError("multipart upload needs a file in the field `file`", param="file")
+            name = _form_text(form.get("name"), "name")
+            replace = _form_bool(form.get("replace"), "replace")
+            data = await upload.read()  # at most --max-upload-bytes: the request guard counted it
+        expert, report, replaced = await experts.plug_bytes(data, name or None, replace)
     elif content_type.startswith("application/json"):
         try:
             body = PlugFromSource.model_validate_json(await request.body())
@@ -49,9 +93,26 @@ async def plug_expert(request: Request, experts: ExpertsDep) -> dict:
     return {**experts.describe(expert.name), "replaced": replaced, "admission": report}
 
 
-@router.delete("/{name}", response_model=UnplugResponse, dependencies=[Admin])
+@router.delete(
+    "/{name}", response_model=UnplugResponse, dependencies=[Admin], responses=error_responses(400, 404, 503, 507)
+)
 async def unplug_expert(
     name: str, experts: ExpertsDep, purge: Annotated[bool, Query(description="also delete the file")] = False
 ) -> dict:
     purged = await experts.unplug(name, purge)
     return {"name": name, "unplugged": True, "purged": purged}
+
+
+def _form_text(value: object, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequestError(f"multipart field `{field}` must be text, not a file", param=field)
+
+
+def _form_bool(value: object, field: str) -> bool:
+    text = (_form_text(value, field) or "").strip()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise BadRequestError(f"multipart field `{field}` must be true or false, got {text[:20]!r}", param=field)

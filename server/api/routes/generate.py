@@ -7,16 +7,18 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import EngineDep, TokenizerDep
-from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, wait_for_result
+from server.api.deps import EngineDep, PromptsDep
+from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, stream_error, wait_for_result
 from server.auth import ApiKey, SettingsDep
+from server.errors import BadRequestError
+from server.logprobs import TokenText, generate_logprobs
 from server.requests import Finished, RequestHandle
-from server.schemas import GenerateRequest, GenerateResponse, Usage
+from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])
 
 
-def _response(done: Finished) -> GenerateResponse:
+def _response(done: Finished, texts: TokenText | None) -> GenerateResponse:
     return GenerateResponse(
         text=done.text,
         finish_reason=done.reason,
@@ -24,19 +26,35 @@ def _response(done: Finished) -> GenerateResponse:
         usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
         experts=done.shares,
         routing_entropy=done.routing_entropy,
+        logprobs=generate_logprobs(done.logprobs, texts) if texts is not None else None,
     )
 
 
-@router.post("/generate", response_model=GenerateResponse)
+_RESPONSES = {
+    **stream_response("the generation (server-sent events with stream: true)"),
+    **error_responses(400, 404, 503),
+}
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=_RESPONSES)
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, tokenizer: TokenizerDep, settings: SettingsDep
+    body: GenerateRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
-    prompt_ids = tokenizer.encode(body.prompt)
+    """A failed generation is a 500 (503 while shutting down) with the error object; a stream's last event
+    then carries `error` and finish_reason "error"."""
+    if body.logprobs is not None and body.logprobs > settings.max_logprobs:
+        raise BadRequestError(
+            f"logprobs={body.logprobs} is over this server's cap of {settings.max_logprobs} (--max-logprobs)",
+            param="logprobs",
+        )
+    prompt_ids = await prompts.encode(body.prompt)
+    explicit = "max_new_tokens" in body.model_fields_set
     job = build_request(
         engine,
         settings,
         prompt_ids,
-        max_new_tokens=body.max_new_tokens,
+        max_new_tokens=body.max_new_tokens if explicit else None,
+        default_new_tokens=body.max_new_tokens,
         min_new_tokens=body.min_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -44,17 +62,25 @@ async def generate(
         seed=body.seed,
         stop=body.stop,
         routing=body.routing,
+        logprobs=body.logprobs,
     )
     handle = engine.submit(job)
+    texts = TokenText(prompts.tokenizer) if body.logprobs is not None else None
     if body.stream:
-        return StreamingResponse(_stream(handle), media_type="text/event-stream", headers=SSE_HEADERS)
-    return _response(await wait_for_result(handle, request))
+        return StreamingResponse(_stream(handle, texts), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _response(await wait_for_result(handle, request), texts)
 
 
-async def _stream(handle: RequestHandle) -> AsyncIterator[str]:
-    """One event per token ({"text", "token_ids"}), then one with finish_reason, usage and shares."""
+async def _stream(handle: RequestHandle, texts: TokenText | None) -> AsyncIterator[str]:
+    """One event per token ({"text", "token_ids"}, and "logprobs" when asked), then one with finish_reason,
+    usage and shares."""
     async for event in events_until_done(handle):
         if event.text or event.token_ids:
-            yield sse({"text": event.text, "token_ids": event.token_ids})
+            data = {"text": event.text, "token_ids": event.token_ids}
+            if texts is not None:
+                data["logprobs"] = generate_logprobs(event.logprobs, texts)
+            yield sse(data)
         if event.finished is not None:
-            yield sse(_response(event.finished).model_dump())
+            last = _response(event.finished, texts).model_dump(exclude={"logprobs"} if texts is None else set())
+            error = stream_error(event.finished)
+            yield sse({**last, "error": error} if error else last)

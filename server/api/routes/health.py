@@ -7,17 +7,18 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import MetricsDep
+from server.schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses())
 async def health() -> dict[str, str]:
     """The process is up (the model may still be loading)."""
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "loading or stopped"}, **error_responses()})
 async def ready(request: Request) -> JSONResponse:
     """200 when the model is loaded and the engine loop runs; 503 otherwise."""
     engine = getattr(request.app.state, "engine", None)
@@ -33,6 +34,10 @@ async def ready(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses()},
+    response_class=Response,
+)
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
