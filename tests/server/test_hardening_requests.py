@@ -202,14 +202,14 @@ def test_poisoned_requests_fail_alone_beside_streaming_neighbours(client: TestCl
 @pytest.fixture
 def poisoned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling raises for any row whose seed is 666 (a stand-in for whatever may still break one row)."""
-    real = server.engine.sample
+    real = server.engine.sample_step
 
-    def sample(logits, params, generators, steps, eos_ids=()):
+    def sample_step(logits, params, generators, steps, eos_ids=(), **kwargs):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("poisoned row")
-        return real(logits, params, generators, steps, eos_ids)
+        return real(logits, params, generators, steps, eos_ids, **kwargs)
 
-    monkeypatch.setattr(server.engine, "sample", sample)
+    monkeypatch.setattr(server.engine, "sample_step", sample_step)
 
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
@@ -293,7 +293,9 @@ def test_stop_always_returns_and_answers_everything(client: TestClient) -> None:
 
 def test_sigterm_with_streams_running_exits_within_seconds(tiny_model_dir: Path, tmp_path: Path) -> None:
     server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_GRACEFUL_SHUTDOWN_S="1")
-    body = {"prompt": PROMPT, "max_new_tokens": 500, "min_new_tokens": 500, "stream": True}
+    # as long as the tiny model's 256-token context allows after the 8-token prompt (longer is a 400 since the
+    # OpenAI work's token caps); the streams are still running when SIGTERM comes (each ends with "error")
+    body = {"prompt": PROMPT, "max_new_tokens": 248, "min_new_tokens": 248, "stream": True}
     finals: list[dict | None] = []
     streaming = threading.Barrier(5)
 
