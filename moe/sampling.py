@@ -53,6 +53,8 @@ MIN_TOP_P = 1e-6  # a smaller nucleus underflows in float32; use top_k=1 for the
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; JSON clients handle signed 64-bit integers
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI)
 MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100] (OpenAI)
+# repetition_penalty lies in [0.01, 100]: dividing by a tinier one overflows logits to infinity
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if abs(getattr(self, name)) > MAX_PENALTY:
                 raise SamplingParamsError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.repetition_penalty <= 0:
-            raise SamplingParamsError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise SamplingParamsError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] (1: off), "
+                f"got {self.repetition_penalty}"
+            )
         for token, bias in self.logit_bias:
             if token < 0:
                 raise SamplingParamsError(f"logit_bias token ids must be >= 0, got {token}")

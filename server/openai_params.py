@@ -67,7 +67,7 @@ PARAMS: list[Param] = [
     Param("routing", BOTH, "extension", "plugmoe routing: mode token/sequence/pin/off, expert, allow-list"),
     Param("top_k", BOTH, "extension", "keep the k most likely tokens (0: all)"),
     Param("min_tokens", BOTH, "extension", "EOS and stop_token_ids blocked until this many tokens"),
-    Param("repetition_penalty", BOTH, "extension", "HF's, over prompt and generated tokens (1: off)"),
+    Param("repetition_penalty", BOTH, "extension", "HF's, 0.01..100, over prompt and generated tokens (1: off)"),
     Param("stop_token_ids", BOTH, "extension", "token ids that end the output like EOS"),
     Param("guided_regex", BOTH, "extension", "the output matches this regular expression"),
     Param("user", BOTH, "accepted", "an end-user id; no effect"),

@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from moe import RoutingMode
 from moe.expert import NAME_PATTERN
-from moe.sampling import MAX_SEED, MIN_TOP_P
+from moe.sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TOP_P
 
 
 def _unicode(text: str) -> str:
@@ -100,13 +100,13 @@ class GenerateResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
 
 
 class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     name: str = Field(max_length=64)
     description: str | None = None
@@ -115,7 +115,7 @@ class JSONSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
@@ -143,7 +143,9 @@ class _OpenAIRequest(BaseModel):
     response_format: ResponseFormat | None = None
     stream_options: StreamOptions | None = None
     # plugmoe / vLLM extensions (the openai client sends them through `extra_body`)
-    repetition_penalty: float = Field(1.0, gt=0, description="HF's: seen tokens' logits divided by it")
+    repetition_penalty: float = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="HF's: seen tokens' logits divided by it"
+    )
     stop_token_ids: list[Int] | None = Field(None, description="token ids that end the sequence like EOS")
     guided_regex: str | None = Field(None, description="constrain the output to this regular expression")
 

@@ -224,6 +224,8 @@ def test_allowed_tokens_mask_only_their_rows_and_restore_stops_when_nothing_is_l
         {"presence_penalty": 2.5},
         {"frequency_penalty": -3},
         {"repetition_penalty": 0},
+        {"repetition_penalty": 5e-324},  # a denormal: dividing by it overflowed logits to inf (schemathesis)
+        {"repetition_penalty": 101.0},
         {"logit_bias": ((1, 101.0),)},
         {"logit_bias": ((-1, 1.0),)},
         {"stop_token_ids": (-2,)},

@@ -67,6 +67,27 @@ def test_values_the_model_cannot_honour_are_400_naming_the_param(
         assert f"vocabulary of {VOCAB} tokens" in error["message"]
 
 
+@pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # schemathesis: overflowed logits to inf, a 500
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        (
+            {"response_format": {"type": "text", "json_schema": {"name": "", "schema": {}, "strict": 0}}},
+            "response_format.json_schema.strict",
+        ),  # schemathesis: 0 was taken as false
+        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ],
+)
+def test_openai_extensions_and_nested_fields_are_strict(
+    client: TestClient, endpoint: str, change: dict, param: str
+) -> None:
+    response = client.post(endpoint, json={**ENDPOINTS[endpoint], **change})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 @pytest.mark.parametrize(("field", "literal"), [("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN")])
 def test_nan_and_infinity_are_400(client: TestClient, endpoint: str, field: str, literal: str) -> None:
@@ -204,10 +225,10 @@ def poisoned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling raises for any row whose seed is 666 (a stand-in for whatever may still break one row)."""
     real = server.engine.sample_step
 
-    def sample_step(logits, params, generators, steps, eos_ids=(), **kwargs):
+    def sample_step(logits, params, *args, **kwargs):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("poisoned row")
-        return real(logits, params, generators, steps, eos_ids, **kwargs)
+        return real(logits, params, *args, **kwargs)
 
     monkeypatch.setattr(server.engine, "sample_step", sample_step)
 
@@ -293,9 +314,7 @@ def test_stop_always_returns_and_answers_everything(client: TestClient) -> None:
 
 def test_sigterm_with_streams_running_exits_within_seconds(tiny_model_dir: Path, tmp_path: Path) -> None:
     server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_GRACEFUL_SHUTDOWN_S="1")
-    # as long as the tiny model's 256-token context allows after the 8-token prompt (longer is a 400 since the
-    # OpenAI work's token caps); the streams are still running when SIGTERM comes (each ends with "error")
-    body = {"prompt": PROMPT, "max_new_tokens": 248, "min_new_tokens": 248, "stream": True}
+    body = {"prompt": PROMPT, "max_new_tokens": 240, "min_new_tokens": 240, "stream": True}  # fits the 256 context
     finals: list[dict | None] = []
     streaming = threading.Barrier(5)
 
