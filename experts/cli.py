@@ -265,7 +265,7 @@ def add_import_lora(subparsers: argparse._SubParsersAction) -> None:
         "text of its domain (--data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_flags(parser, ImportLoraOptions, CommonOptions, TrainInputs)
+    add_flags(parser, ImportLoraOptions, CommonOptions, TrainInputs, exclude=("adapter_from",))  # the adapter is PEFT's
     add_flags(parser, TrainConfig, only=GATE_FIELDS)
     parser.set_defaults(func=run_import_lora)
 
@@ -315,6 +315,8 @@ def run_import_lora(args: argparse.Namespace) -> int:
         description=args.description,
         examples=args.examples or (),
         provenance={**data.provenance, "converted": {"targets": report.targets, "layers": list(report.layers)}},
+        sample=data.sample,
+        repair_calibration=data.repair_calibration,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]

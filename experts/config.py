@@ -159,6 +159,11 @@ GATE_FIELDS = (
     "threshold_rule",
     "fp_cap",
     "threshold_margin",
+    "threshold_holdout",
+    "threshold_max_tokens",
+    "sample_size",
+    "max_false_positive_rate",
+    "max_steal_rate",
     "balance_steps",
     "balance_rate",
     "balance_batch",
@@ -318,14 +323,20 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def add_flags(parser: argparse.ArgumentParser, *configs: type, only: tuple[str, ...] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    *configs: type,
+    only: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
     """One flag per field of each dataclass, in order; a name already added by an earlier one is skipped, and
-    with `only`, every field not named there."""
+    with `only`, every field not named there; fields in `exclude` are never flags (the tool has no use for
+    them: a flag it would ignore is not offered)."""
     seen = {action.dest for action in parser._actions}
     for config in configs:
         hints = typing.get_type_hints(config)
         for f in dataclasses.fields(config):
-            if f.name in seen or (only is not None and f.name not in only):
+            if f.name in seen or f.name in exclude or (only is not None and f.name not in only):
                 continue
             seen.add(f.name)
             kind, extra = _flag_kind(hints[f.name])
