@@ -344,6 +344,7 @@ class ServedExperts:
                     repaired = report is not None and report.get("repair") is not None
                     # the stored file is what is plugged: its name, and the thresholds a repair raised
                     stored_bytes = ExpertFile.to_bytes(expert, self.model.fingerprint) if repaired or renamed else data
+                    expert.metadata["size_bytes"] = len(stored_bytes)  # what the store holds, not what was sent
                     stored = await asyncio.to_thread(self.store.put_blob, stored_bytes)
                     entry = ManifestEntry(expert.name, stored.sha256, stored.size)
                     try:

@@ -137,3 +137,4 @@ def test_repair_mode_plugs_a_greedy_expert_with_raised_thresholds(
     assert stored.metadata["evals"]["admission_repair"]["beside"] == ["owner"]
     described = client.get("/experts/greedy").json()
     assert described["evals"]["admission_repair"]["thresholds_after"] == pytest.approx(repair["thresholds_after"])
+    assert described["size_bytes"] == served.manifest.get("greedy").size, "the stored file's size, not the upload's"
