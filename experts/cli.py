@@ -1,4 +1,4 @@
-"""The experts' command-line tools: `train-expert`, `import-lora`, `distill` and `eval`.
+"""The experts' command-line tools: `train-expert`, `import-lora`, `distill`, `eval`, `add-sample` and `admit`.
 
 `add_subcommands(subparsers)` registers them on an argparse subparsers object (the `plugmoe` console
 script does so); `python -m experts <subcommand> ...` runs them without the server.
@@ -19,11 +19,14 @@ import torch
 
 from experts.config import (
     GATE_FIELDS,
+    AdmitConfig,
+    AdmitInputs,
     CommonOptions,
     DistillConfig,
     EvalConfig,
     EvalInputs,
     ImportLoraOptions,
+    SampleConfig,
     TrainConfig,
     TrainInputs,
     add_flags,
@@ -40,6 +43,7 @@ from experts.data import (
     write_jsonl,
 )
 from moe.admission import DEFAULT_CALIBRATION
+from moe.composition import domain_sample
 from moe.file import ExpertFile
 
 logger = logging.getLogger(__name__)
@@ -116,6 +120,8 @@ class DomainData:
     others: list
     other_examples: list
     provenance: dict
+    sample: list  # the texts the file's domain sample is drawn from (empty: the held-out examples)
+    repair_calibration: list[str]  # base-domain texts the thresholds are repaired on beside `others`
 
 
 def read_domain_data(args: argparse.Namespace, model, tool: str) -> DomainData:
@@ -131,6 +137,9 @@ def read_domain_data(args: argparse.Namespace, model, tool: str) -> DomainData:
     negative_files = args.negatives or []
     negative_records = [r for f in negative_files for r in read_records(f)]
     random.Random(f"{args.seed}/negatives").shuffle(negative_records)  # files mixed: token caps take from all
+    sample = to_examples(read_records(args.sample_from), template, extractor) if args.sample_from else []
+    calibration_records = read_records(calibration_file)[:200]
+    repair_calibration = [(e.prompt or "") + e.target for e in to_examples(calibration_records, template, extractor)]
     others, other_examples = [], []
     if args.with_experts:
         others = load_experts_dir(args.with_experts, model.fingerprint)
@@ -161,6 +170,8 @@ def read_domain_data(args: argparse.Namespace, model, tool: str) -> DomainData:
         others,
         other_examples,
         provenance,
+        sample,
+        repair_calibration,
     )
 
 
@@ -172,7 +183,9 @@ def run_train(args: argparse.Namespace) -> int:
     extractor = get_extractor(args.extractor)
     model, tokenizer = _load_model(args.model, args.device)
     data = read_domain_data(args, model, "plugmoe train-expert")
-    config = build(TrainConfig, args)
+    adapter = ExpertFile.load(args.adapter_from, model.fingerprint) if args.adapter_from else None
+    overrides = {"rank": adapter.rank, "layers": adapter.layers} if adapter is not None else {}
+    config = build(TrainConfig, args, **overrides)
     expert = train_expert(
         model,
         tokenizer,
@@ -188,22 +201,56 @@ def run_train(args: argparse.Namespace) -> int:
         description=args.description,
         examples=args.examples or (),
         provenance=data.provenance,
+        sample=data.sample,
+        repair_calibration=data.repair_calibration,
+        adapter=adapter,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB) in {time.perf_counter() - started:.0f} s")
-    print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
+    if adapter is None:
+        print(f"stage 1 best step {evals['stage1']['best_step']}: {evals['stage1']['best']}")
+    else:
+        print(f"stage 1 skipped: the adapter of {args.adapter_from}")
     print(
         f"gate recall per layer {[round(r, 3) for r in evals['gate']['recall_per_layer']]}, false positives "
         f"{[round(f, 5) for f in evals['gate']['false_positive_per_layer']]}"
     )
+    held = evals["gate"]["heldout_false_positive_per_layer"]
+    print(f"held-out calibration false positives {[round(f, 5) for f in held]}")
+    if evals.get("admission"):
+        print(_admission_summary(evals["admission"]))
     print(f"routing check (sequence mode): {evals['routing']}")
     return 0
 
 
 def load_examples_from_expert(expert, template: Template, extractor) -> list:
-    """Another expert's stored example prompts, as text examples (negatives for this expert's gate)."""
-    return to_examples([{"text": text} for text in expert.examples], template, extractor)
+    """Another expert's domain sample (or, for a file without one, its example prompts), as text examples:
+    negatives for this expert's gate."""
+    texts, _ = domain_sample(expert)
+    return to_examples([{"text": text} for text in texts], template, extractor)
+
+
+def _admission_summary(report: dict) -> str:
+    lines = []
+    for check in report["domains"]:
+        lines.append(
+            f"  {check['domain']:12s} {check['sample']:18s} ppl {check['ppl_before']:.4f} -> {check['ppl_after']:.4f} "
+            f"({check['ppl_change']:+.3%}); takes per layer {[round(r, 5) for r in check['take_rates']]}"
+        )
+    repair = report.get("repair")
+    if repair:
+        lines.append(
+            f"  repair: thresholds {[round(t, 4) for t in repair['thresholds_before']]} -> "
+            f"{[round(t, 4) for t in repair['thresholds_after']]} in {repair['rounds']} rounds; own recall per layer "
+            f"{_rounded(repair['own_recall_before'])} -> {_rounded(repair['own_recall_after'])}"
+        )
+    verdict = "admitted" if report["admitted"] else "REFUSED: " + "; ".join(report["problems"])
+    return f"admission beside the plugged experts ({report['mode']}): {verdict}\n" + "\n".join(lines)
+
+
+def _rounded(values: list[float] | None) -> list[float] | None:
+    return None if values is None else [round(v, 3) for v in values]
 
 
 # --- import-lora ----------------------------------------------------------------------------------------
@@ -218,7 +265,7 @@ def add_import_lora(subparsers: argparse._SubParsersAction) -> None:
         "text of its domain (--data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_flags(parser, ImportLoraOptions, CommonOptions, TrainInputs)
+    add_flags(parser, ImportLoraOptions, CommonOptions, TrainInputs, exclude=("adapter_from",))  # the adapter is PEFT's
     add_flags(parser, TrainConfig, only=GATE_FIELDS)
     parser.set_defaults(func=run_import_lora)
 
@@ -268,6 +315,8 @@ def run_import_lora(args: argparse.Namespace) -> int:
         description=args.description,
         examples=args.examples or (),
         provenance={**data.provenance, "converted": {"targets": report.targets, "layers": list(report.layers)}},
+        sample=data.sample,
+        repair_calibration=data.repair_calibration,
     )
     ExpertFile.save(expert, args.out, model.fingerprint)
     evals = expert.metadata["evals"]
@@ -366,6 +415,69 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- add-sample and admit ------------------------------------------------------------------------------
+
+
+def add_sample(subparsers: argparse._SubParsersAction) -> None:
+    help_text = "store a sample of an expert's own domain in its file (what admission measures the domain on)"
+    parser = subparsers.add_parser(
+        "add-sample", help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_flags(parser, SampleConfig)
+    parser.set_defaults(func=run_add_sample, threads=None)
+
+
+def run_add_sample(args: argparse.Namespace) -> int:
+    from experts.train import domain_sample_texts
+    from moe import BackboneFingerprint
+
+    _setup(args)
+    config = build(SampleConfig, args)
+    expert = ExpertFile.load(config.expert)
+    examples = to_examples(read_records(config.data), Template(config.template), get_extractor("gsm8k"))
+    texts = domain_sample_texts(examples, config.size, config.seed)
+    expert.metadata["domain_sample"] = texts
+    ExpertFile.save(expert, config.out, BackboneFingerprint(**expert.metadata["backbone"]))
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    print(f"wrote {config.out}: {expert.name!r} with a domain sample of {len(texts)} texts ({size} bytes)")
+    return 0
+
+
+def add_admit(subparsers: argparse._SubParsersAction) -> None:
+    parser = _parser(
+        subparsers,
+        "admit",
+        "the server's admission offline: a candidate beside a directory of experts (report, repair, verdict)",
+        AdmitInputs,
+        AdmitConfig,
+    )
+    parser.set_defaults(func=run_admit)
+
+
+def run_admit(args: argparse.Namespace) -> int:
+    """Exit status 0: admitted (the file at --out is what the server would plug); 3: refused."""
+    from moe.admission import admit, load_calibration_texts
+
+    _setup(args)
+    config = build(AdmitConfig, args)
+    model, tokenizer = _load_model(args.model, args.device)
+    for expert in load_experts_dir(args.experts, model.fingerprint):
+        model.plug(expert)
+    candidate = ExpertFile.load(args.candidate, model.fingerprint)
+    calibration = load_calibration_texts(args.calibration or default_calibration(args.model), config.calibration_limit)
+    result = admit(model, tokenizer, candidate, calibration, config.limits(), max_tokens=config.max_tokens)
+    report = result.report.to_dict()
+    print(_admission_summary(report))
+    print(f"({report['seconds']:.1f} s)")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
+    if args.out and result.admitted:
+        ExpertFile.save(result.expert, args.out, model.fingerprint)
+        print(f"wrote {args.out}")
+    return 0 if result.admitted else 3
+
+
 # --- wiring ---------------------------------------------------------------------------------------------
 
 
@@ -383,6 +495,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     add_import_lora(subparsers)
     add_distill(subparsers)
     add_eval(subparsers)
+    add_sample(subparsers)
+    add_admit(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from moe.admission import AdmissionLimits
+
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
 
@@ -61,7 +63,19 @@ class TrainInputs:
         None, help="other domains' text the gate must also reject (default: the calibration text alone)"
     )
     with_experts: str | None = option(
-        None, help="directory of experts already plugged beside this one (their examples are negatives)"
+        None,
+        help="directory of experts already plugged beside this one: their domain samples (or examples) are "
+        "negatives for the gate, and its thresholds are repaired beside them as the server's admission would",
+    )
+    adapter_from: str | None = option(
+        None,
+        help="an expert file whose adapter to keep: stage 1 is skipped and only the gate is trained (its rank "
+        "and layers are used)",
+    )
+    sample_from: str | None = option(
+        None,
+        help="JSONL (or text) to draw the domain sample stored in the file from (default: the held-out split; "
+        "pass the training data when --heldout is an evaluation set)",
     )
     description: str = option("", help="what the expert is for (stored in the file)")
     examples: list[str] | None = option(None, help="3-5 example prompts to store (default: held-out)")
@@ -93,6 +107,23 @@ class TrainConfig:
     )
     fp_cap: float = option(1e-3, help="at most this share of negative (token, layer) decisions may pass a gate")
     threshold_margin: float = option(0.0, help="'max' rule: threshold = highest negative score + margin")
+    threshold_holdout: float = option(
+        0.5, help="share of the calibration texts kept out of key training; the thresholds hold the cap on them too"
+    )
+    threshold_max_tokens: int = option(
+        24_000, help="held-out calibration tokens per layer the thresholds are fitted on (more: a tighter fit)"
+    )
+    sample_size: int = option(64, help="texts in the domain sample stored in the file (at most 64, 64 KiB)")
+    max_false_positive_rate: float = option(
+        AdmissionLimits.max_false_positive_rate,
+        help="with --with-experts: the repair's cap, per layer, on the share of calibration decisions the gate "
+        "takes in token mode beside them (the server's default)",
+    )
+    max_steal_rate: float = option(
+        AdmissionLimits.max_steal_rate,
+        help="with --with-experts: the repair's cap, per layer, on the share of each one's domain-sample "
+        "decisions the gate takes (the server's default)",
+    )
     balance_steps: int = option(50, help="loss-free balancing batches")
     balance_rate: float = option(1e-3, help="loss-free balancing step u in offset += u * sign(target - load)")
     balance_batch: int = option(16, help="sequences per balancing batch")
@@ -106,6 +137,13 @@ class TrainConfig:
             )
         if not 0.0 <= self.fp_cap < 1.0:
             raise ValueError(f"fp_cap must be in [0, 1), got {self.fp_cap}")
+        if not 0.0 <= self.threshold_holdout < 1.0 or self.threshold_max_tokens < 0:
+            raise ValueError(
+                f"threshold_holdout must be in [0, 1) and threshold_max_tokens >= 0, got {self.threshold_holdout} "
+                f"and {self.threshold_max_tokens}"
+            )
+        if not 0 <= self.sample_size <= 64:
+            raise ValueError(f"sample_size must be in [0, 64] (the file format's bound), got {self.sample_size}")
         if self.threshold_rule not in ("cap", "max"):
             raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
 
@@ -121,6 +159,11 @@ GATE_FIELDS = (
     "threshold_rule",
     "fp_cap",
     "threshold_margin",
+    "threshold_holdout",
+    "threshold_max_tokens",
+    "sample_size",
+    "max_false_positive_rate",
+    "max_steal_rate",
     "balance_steps",
     "balance_rate",
     "balance_batch",
@@ -196,6 +239,66 @@ class EvalConfig:
     greedy_new_tokens: int = option(32, help="base domain: tokens compared with the backbone's continuation")
 
 
+# --- add-sample and admit -------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    """`add-sample`: store a sample of an expert's own domain in its file (what admission measures it on)."""
+
+    expert: str = option(help="the expert file")
+    data: str = option(help="JSONL (or text) of the expert's domain to draw from (not an evaluation set)")
+    out: str = option(help="the file to write (may be --expert itself)")
+    size: int = option(64, help="texts in the sample (the file format allows at most 64 and 64 KiB)")
+    seed: int = option(0, help="seed of the draw")
+    template: str = option(DEFAULT_TEMPLATE, help="question/answer template with {question} and {answer}")
+    log_level: str = option("INFO", help="logging level")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.size <= 64:
+            raise ValueError(f"size must be in [1, 64] (the file format's bound), got {self.size}")
+
+
+@dataclass
+class AdmitInputs:
+    """What `admit` reads and writes."""
+
+    experts: str = option(help="directory of the experts plugged now")
+    candidate: str = option(help="the expert file to plug beside them")
+    calibration: str | None = option(
+        None, help="base-domain text, one passage per line (default: the general calibration text)"
+    )
+    out: str | None = option(None, help="write the candidate as it would be plugged (repaired thresholds) here")
+    report: str | None = option(None, help="JSON report path")
+
+
+@dataclass
+class AdmitConfig:
+    """`admit`: the server's admission, offline; limits as the server's flags (negative: off)."""
+
+    admission: Literal["repair", "refuse"] = option("repair", help="repair: raise the candidate's thresholds")
+    max_false_positive_rate: float = option(AdmissionLimits.max_false_positive_rate, help="cap per layer")
+    max_steal_rate: float = option(AdmissionLimits.max_steal_rate, help="cap per layer and plugged expert")
+    max_base_ppl_increase: float = option(AdmissionLimits.max_base_ppl_increase, help="on the calibration text")
+    max_domain_ppl_increase: float = option(
+        AdmissionLimits.max_domain_ppl_increase, help="on each plugged expert's domain sample"
+    )
+    calibration_limit: int = option(200, help="calibration passages used (the server uses 200)")
+    max_tokens: int = option(128, help="tokens per text (the server uses 128)")
+
+    def limits(self) -> AdmissionLimits:
+        def off(value: float) -> float | None:
+            return None if value < 0 else value
+
+        return AdmissionLimits(
+            max_false_positive_rate=off(self.max_false_positive_rate),
+            max_steal_rate=off(self.max_steal_rate),
+            max_base_ppl_increase=off(self.max_base_ppl_increase),
+            max_domain_ppl_increase=off(self.max_domain_ppl_increase),
+            mode=self.admission,
+        )
+
+
 # --- deriving flags ---------------------------------------------------------------------------------------
 
 
@@ -220,14 +323,20 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def add_flags(parser: argparse.ArgumentParser, *configs: type, only: tuple[str, ...] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    *configs: type,
+    only: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
     """One flag per field of each dataclass, in order; a name already added by an earlier one is skipped, and
-    with `only`, every field not named there."""
+    with `only`, every field not named there; fields in `exclude` are never flags (the tool has no use for
+    them: a flag it would ignore is not offered)."""
     seen = {action.dest for action in parser._actions}
     for config in configs:
         hints = typing.get_type_hints(config)
         for f in dataclasses.fields(config):
-            if f.name in seen or (only is not None and f.name not in only):
+            if f.name in seen or f.name in exclude or (only is not None and f.name not in only):
                 continue
             seen.add(f.name)
             kind, extra = _flag_kind(hints[f.name])

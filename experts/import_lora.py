@@ -37,7 +37,15 @@ from safetensors.torch import load_file
 
 from experts.config import TrainConfig
 from experts.data import Example
-from experts.train import heldout_loss, routing_check, single_set, train_gate
+from experts.train import (
+    domain_sample_texts,
+    heldout_loss,
+    repair_beside,
+    routing_check,
+    single_set,
+    texts_of,
+    train_gate,
+)
 from moe.backbone import family_of
 from moe.batching import batches
 from moe.expert import Expert
@@ -354,14 +362,22 @@ def import_lora(
     description: str = "",
     examples: Sequence[str] = (),
     provenance: dict | None = None,
+    sample: Sequence[Example] = (),
+    repair_calibration: Sequence[str] = (),
 ) -> Expert:
-    """Stage 2 (the gate) on a converted LoRA expert, the routing check and the held-out loss with the expert
-    pinned against the backbone alone; returns it on CPU in float32 with its evals in the metadata."""
+    """Stage 2 (the gate) on a converted LoRA expert, the repair beside `others` (as train-expert's), the
+    routing check and the held-out loss with the expert pinned against the backbone alone; returns it on CPU in
+    float32 with its evals and its domain sample (drawn from `sample`, default heldout) in the metadata."""
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     expert = expert.to(model.device, model.dtype)
     others = tuple(o.to(model.device, model.dtype) for o in others)
     gate = train_gate(model, tokenizer, expert, domain, calibration, config, negatives, others, other_examples)
+    own_sample = domain_sample_texts(sample or heldout, config.sample_size, config.seed)
+    expert.metadata = {**expert.metadata, "domain_sample": own_sample}
+    admission = None
+    if others:
+        admission = repair_beside(model, tokenizer, expert, others, repair_calibration or texts_of(calibration), config)
     routing = routing_check(model, tokenizer, expert, heldout, calibration_heldout or calibration, others)
     held = [
         b.to(model.device) for b in batches(tokenizer, list(heldout[: config.eval_examples]), 32, config.max_tokens)
@@ -375,6 +391,7 @@ def import_lora(
     expert.description = description
     expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
     expert.metadata = {
+        "domain_sample": own_sample,
         "provenance": {**expert.metadata.get("provenance", {}), **(provenance or {})},
         "evals": {
             "import": losses,
@@ -386,6 +403,7 @@ def import_lora(
                 "offset_ceiling": gate.offset_ceiling,
                 "seconds": round(gate.seconds, 1),
             },
+            "admission": admission,
             "routing": routing,
             "seconds": round(time.perf_counter() - started, 1),
         },

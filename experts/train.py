@@ -11,8 +11,11 @@
                        sigmoid(tau * (cos(x, key) - b)) (PHATGOOSE: ~100 steps), from the difference of
                        class means.
              threshold per layer, the score that at most `fp_cap` of the base-domain calibration tokens exceed
-                       ("cap"), or their highest score plus a margin ("max", stricter). Other domains'
-                       negatives train the key but do not set the threshold: the cap is about base text.
+                       ("cap"), or their highest score plus a margin ("max", stricter), on each of two parts
+                       of the calibration text: the part the key trained against and a held-out part
+                       (`threshold_holdout` of the texts, up to `threshold_max_tokens` tokens) it never saw,
+                       so that the cap holds on new text. Other domains' negatives (and the plugged experts'
+                       domain samples) train the key but do not set the threshold: the cap is about base text.
              offsets   the loss-free rule (moe.balance) over mixed batches routed in token mode, target load =
                        the domain's share of the batch's tokens; clamped so the negatives' false-positive
                        rate stays within the cap.
@@ -37,9 +40,11 @@ from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer
 from experts.evaluate import sequence_decisions
 from experts.progress import progress_bar
+from moe.admission import AdmissionLimits, admit
 from moe.balance import clamp_offsets, loss_free_update
 from moe.batching import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
 from moe.expert import BASE_ROUTE, Expert
+from moe.file import bound_domain_sample
 from moe.generation import generate
 from moe.plugged import PluggedSet
 from moe.routed import RoutedModel
@@ -65,9 +70,10 @@ class GateResult:
     """Per covered layer: recall on domain tokens, false-positive rate on negatives (after offsets)."""
 
     recall: list[float]
-    false_positive: list[float]
+    false_positive: list[float]  # on the calibration part the key trained against
     offset_ceiling: list[float]
     seconds: float = 0.0
+    heldout_false_positive: list[float] = field(default_factory=list)  # on the part it never saw
 
 
 # --- stage 1: the adapter -------------------------------------------------------------------------------
@@ -252,6 +258,44 @@ def offset_ceiling(negative_scores: torch.Tensor, threshold: float, cap: float) 
     return threshold - cap_threshold(negative_scores, cap)
 
 
+def split_calibration(calibration: Sequence[Example], share: float, seed: int) -> tuple[list, list]:
+    """(key part, threshold part): a seeded split of the calibration texts; `share` of them are kept out of key
+    training, so the thresholds are fitted on text the key never saw (a quantile of the key's own negatives is
+    biased low: the key was trained to push exactly those down)."""
+    order = list(range(len(calibration)))
+    random.Random(f"{seed}/threshold-holdout").shuffle(order)
+    cut = int(round(len(order) * share)) if len(order) > 1 else 0
+    held = set(order[:cut])
+    return [e for i, e in enumerate(calibration) if i not in held], [e for i, e in enumerate(calibration) if i in held]
+
+
+@torch.no_grad()
+def calibration_scores(
+    model: RoutedModel,
+    tokenizer,
+    texts: Sequence[Example],
+    expert: Expert,
+    keys: Sequence[torch.Tensor],
+    max_tokens: int,
+    limit: int,
+    chunk: int = 64,
+) -> list[torch.Tensor]:
+    """Per covered layer, the key's cosine scores [N] on the backbone's MLP inputs of `texts` (up to `limit`
+    tokens), captured a chunk of texts at a time so that only the scores are kept, not the inputs."""
+    scores: list[list[torch.Tensor]] = [[] for _ in expert.layers]
+    seen = 0
+    for start in range(0, len(texts), chunk):
+        captured = capture_mlp_inputs(
+            model, tokenizer, texts[start : start + chunk], RoutingSpec("off"), None, max_tokens, limit - seen
+        )
+        for i, layer in enumerate(expert.layers):
+            scores[i].append(F.normalize(captured[layer], dim=-1) @ keys[i])
+        seen += len(captured[0])
+        if seen >= limit:
+            break
+    return [torch.cat(s) if s else torch.empty(0) for s in scores]
+
+
 def train_gate(
     model: RoutedModel,
     tokenizer,
@@ -265,8 +309,10 @@ def train_gate(
 ) -> GateResult:
     """Stage 2 in place on expert.keys / thresholds / offsets (adapter frozen).
 
-    calibration: base-domain text; the key learns to reject it and the thresholds cap its false positives.
-    negatives, other_examples: other domains' text, which the key also learns to reject.
+    calibration: base-domain text; the key learns to reject part of it and the thresholds cap the false
+    positives on both parts (config.threshold_holdout of the texts are kept out of key training).
+    negatives, other_examples: other domains' text (and the plugged experts' domain samples), which the key
+    also learns to reject.
     """
     started = time.perf_counter()
     plugged = single_set(model, (expert,))
@@ -282,28 +328,33 @@ def train_gate(
     )
     pos = [torch.cat([a, b]) for a, b in zip(pinned, plain, strict=True)]
     off = RoutingSpec("off")
-    base_neg = capture_mlp_inputs(model, tokenizer, calibration, off, plugged, config.max_tokens, 2 * limit)
+    key_calibration, threshold_calibration = split_calibration(calibration, config.threshold_holdout, config.seed)
+    base_neg = capture_mlp_inputs(model, tokenizer, key_calibration, off, plugged, config.max_tokens, 2 * limit)
     neg = base_neg
     if negatives or other_examples:  # other domains are negatives for the key too (not for the threshold)
         others_text = [*negatives, *other_examples]
         extra = capture_mlp_inputs(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
         neg = [torch.cat([b[:limit], x]) for b, x in zip(base_neg, extra, strict=True)]
     logger.info("stage 2: %d domain and %d negative tokens per layer", len(pos[0]), len(neg[0]))
-    keys, thresholds, ceilings = [], [], []
-    for layer in progress_bar(expert.layers, desc=f"stage 2 {expert.name} keys", unit="layer", leave=False):
-        key = train_key(pos[layer], neg[layer], config)
-        neg_scores = F.normalize(base_neg[layer], dim=-1) @ key  # [N]: what the threshold caps
+    keys = [
+        train_key(pos[layer], neg[layer], config)
+        for layer in progress_bar(expert.layers, desc=f"stage 2 {expert.name} keys", unit="layer", leave=False)
+    ]
+    held_scores = calibration_scores(
+        model, tokenizer, threshold_calibration, expert, keys, config.max_tokens, config.threshold_max_tokens
+    )
+    thresholds, ceilings = [], []
+    for i, layer in enumerate(expert.layers):
+        parts = [p for p in (F.normalize(base_neg[layer], dim=-1) @ keys[i], held_scores[i]) if len(p)]
         if config.threshold_rule == "max":
-            threshold = float(neg_scores.max()) + config.threshold_margin
+            threshold = max(float(p.max()) for p in parts) + config.threshold_margin
         else:
-            threshold = cap_threshold(neg_scores, config.fp_cap)
-        keys.append(key)
+            threshold = max(cap_threshold(p, config.fp_cap) for p in parts)
         thresholds.append(threshold)
-        # the "max" rule promises that no calibration token passes, so balancing may not open the gate further
+        # the "max" rule promises that no calibration token passes, so balancing may not open the gate further;
+        # the cap holds on each part (the key's negatives, the held-out calibration) on its own
         cap = 0.0 if config.threshold_rule == "max" else config.fp_cap
-        ceilings.append(
-            min(offset_ceiling(neg_scores, threshold, cap), offset_ceiling(neg_scores, threshold, config.fp_cap))
-        )
+        ceilings.append(min(offset_ceiling(p, threshold, cap) for p in parts))
     device = expert.keys.device
     expert.keys = torch.stack(keys).to(device)
     expert.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
@@ -312,17 +363,23 @@ def train_gate(
     balance_offsets(
         model, tokenizer, expert, domain, [*calibration, *negatives], config, ceiling, others, other_examples
     )
-    recall, false_positive = [], []
+    recall, false_positive, heldout_false_positive = [], [], []
     for i, layer in enumerate(expert.layers):
-        score = lambda x, i=i: F.normalize(x, dim=-1) @ expert.keys[i].cpu().float() + float(expert.offsets[i])  # noqa: E731
-        recall.append(float((score(pos[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
-        false_positive.append(float((score(base_neg[layer].cpu()) > float(expert.thresholds[i])).float().mean()))
+        key, offset, threshold = expert.keys[i].cpu().float(), float(expert.offsets[i]), float(expert.thresholds[i])
+        recall.append(float((F.normalize(pos[layer].cpu(), dim=-1) @ key + offset > threshold).float().mean()))
+        false_positive.append(
+            float((F.normalize(base_neg[layer].cpu(), dim=-1) @ key + offset > threshold).float().mean())
+        )
+        held = held_scores[i]
+        heldout_false_positive.append(float((held + offset > threshold).float().mean()) if len(held) else 0.0)
     logger.info(
-        "stage 2 recall per layer %s, false positives %s",
+        "stage 2 recall per layer %s, false positives %s (held-out calibration %s, %d tokens)",
         [round(r, 3) for r in recall],
         [round(f, 5) for f in false_positive],
+        [round(f, 5) for f in heldout_false_positive],
+        len(held_scores[0]) if held_scores else 0,
     )
-    return GateResult(recall, false_positive, ceilings, time.perf_counter() - started)
+    return GateResult(recall, false_positive, ceilings, time.perf_counter() - started, heldout_false_positive)
 
 
 @torch.no_grad()
@@ -393,24 +450,56 @@ def train_expert(
     description: str = "",
     examples: Sequence[str] = (),
     provenance: dict | None = None,
+    sample: Sequence[Example] = (),
+    repair_calibration: Sequence[str] = (),
+    adapter: Expert | None = None,
 ) -> Expert:
-    """Stage 1, stage 2 and a routing check; returns the trained expert (on CPU, float32, no grad).
+    """Stage 1, stage 2, the repair beside `others` and a routing check; returns the trained expert (on CPU,
+    float32, no grad).
 
     calibration (and its held-out part, for the routing check) is base-domain text: the false-positive cap
-    applies to it. negatives are other domains' texts the gate must also reject.
+    applies to it. negatives are other domains' texts the gate must also reject. The file's domain sample is
+    drawn from `sample` (default: heldout). With `others`, the thresholds are repaired beside them on
+    `repair_calibration` (default: the calibration texts) as the server's admission does (moe.admission).
+    With `adapter` (an expert of the same layers and rank), stage 1 is skipped and its adapter kept: only
+    the gate is trained (re-fitting an expert's gate beside new experts).
     """
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     expert = trainable_expert(config, model.hidden_size, model.num_layers, model.device)
-    stage1 = train_adapter(model, tokenizer, expert, train, heldout, config, extractor)
+    if adapter is None:
+        stage1 = train_adapter(model, tokenizer, expert, train, heldout, config, extractor)
+    else:  # stage 1 skipped: the adapter comes from another file, only the gate is trained
+        if adapter.kind != "bottleneck":
+            raise TrainingError(
+                f"--adapter-from {adapter.name!r} is a {adapter.kind} expert; refit a LoRA expert's gate with "
+                "`plugmoe import-lora` from its PEFT adapter directory"
+            )
+        if (adapter.layers, adapter.rank) != (expert.layers, expert.rank):
+            raise TrainingError(
+                f"the adapter covers layers {list(adapter.layers)} at rank {adapter.rank}; the config asks for "
+                f"layers {list(expert.layers)} at rank {expert.rank}"
+            )
+        expert.down, expert.up = (t.detach().to(model.device, model.dtype) for t in (adapter.down, adapter.up))
+        stage1 = StageOneResult(
+            -1,
+            {"adapter_from": adapter.name},
+            list((adapter.metadata.get("evals") or {}).get("stage1", {}).get("history", [])),
+        )
     expert.down, expert.up = expert.down.detach(), expert.up.detach()
     others = tuple(o.to(model.device, model.dtype) for o in others)
     gate = train_gate(model, tokenizer, expert, train, calibration, config, negatives, others, other_examples)
+    own_sample = domain_sample_texts(sample or heldout, config.sample_size, config.seed)
+    expert.metadata = {"domain_sample": own_sample}
+    admission = None
+    if others:
+        admission = repair_beside(model, tokenizer, expert, others, repair_calibration or texts_of(calibration), config)
     routing = routing_check(model, tokenizer, expert, heldout, calibration_heldout or calibration, others)
     logger.info("routing check: %s", _fmt(routing))
     expert.description = description
     expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
     expert.metadata = {
+        "domain_sample": own_sample,
         "provenance": {**(provenance or {}), "config": _jsonable(asdict(config))},
         "evals": {
             "stage1": {
@@ -425,13 +514,68 @@ def train_expert(
                 "recall_per_layer": gate.recall,
                 "false_positive_per_layer": gate.false_positive,
                 "offset_ceiling": gate.offset_ceiling,
+                "heldout_false_positive_per_layer": gate.heldout_false_positive,
+                "threshold_holdout": config.threshold_holdout,
                 "seconds": round(gate.seconds, 1),
             },
+            "admission": admission,
             "routing": routing,
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
     return expert.to("cpu", torch.float32)
+
+
+def texts_of(examples: Sequence[Example]) -> list[str]:
+    """Examples as whole texts (a QA record: its prompt followed by its answer)."""
+    return [(e.prompt or "") + e.target for e in examples]
+
+
+def domain_sample_texts(examples: Sequence[Example], size: int, seed: int) -> list[str]:
+    """A seeded sample of the domain as whole texts, within the expert file's bounds (moe.file)."""
+    order = list(range(len(examples)))
+    random.Random(f"{seed}/domain-sample").shuffle(order)
+    return bound_domain_sample(texts_of([examples[i] for i in order]), max_texts=size)
+
+
+def repair_beside(
+    model: RoutedModel,
+    tokenizer,
+    expert: Expert,
+    others: Sequence[Expert],
+    calibration: Sequence[str],
+    config: TrainConfig,
+) -> dict:
+    """The server's admission with repair, run now beside `others`: raises expert.thresholds (in place) so the
+    file comes out within the caps beside the experts it will meet. Returns the report as a dict."""
+    limits = AdmissionLimits(
+        max_false_positive_rate=config.max_false_positive_rate, max_steal_rate=config.max_steal_rate
+    )
+    result = admit(
+        model, tokenizer, expert, calibration, limits, max_tokens=config.max_tokens, plugged=single_set(model, others)
+    )
+    expert.thresholds = result.expert.thresholds.to(expert.thresholds.device)
+    report = result.report
+    if report.repair is not None:
+        logger.info(
+            "repaired beside %s: thresholds %s -> %s, own recall per layer %s -> %s",
+            [o.name for o in others],
+            [round(t, 4) for t in report.repair.thresholds_before],
+            [round(t, 4) for t in report.repair.thresholds_after],
+            report.repair.own_recall_before,
+            report.repair.own_recall_after,
+        )
+    for check in report.domains:
+        logger.info(
+            "beside %s: %s token-mode perplexity %+.3f%%, takes %s",
+            [o.name for o in others],
+            check.domain,
+            100 * check.ppl_change,
+            [round(r, 5) for r in check.take_rates],
+        )
+    if report.problems:
+        logger.warning("the server's admission would refuse this expert beside them: %s", report.problems)
+    return report.to_dict()
 
 
 def routing_check(

@@ -74,6 +74,10 @@ class InvalidMetadataError(ExpertFileError):
     """A metadata field is missing or malformed (including an invalid expert name)."""
 
 
+class DomainSampleError(InvalidMetadataError):
+    """The metadata's `domain_sample` is not a JSON list of strings, or holds more than the format allows."""
+
+
 class UnsupportedExpertKindError(ExpertFileError):
     """An adapter kind this plugmoe cannot run."""
 

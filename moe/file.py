@@ -22,7 +22,10 @@ Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank), by
     format "plugmoe-expert", format_version "1", name, description, examples (JSON list), kind
     ("bottleneck" | "lora"), rank (lora: the largest r_p), layers (JSON list), backbone (JSON fingerprint:
     family, hidden_size, num_layers, vocab_size, weights_hash), provenance (JSON), evals (JSON),
-    created (ISO 8601); kind "lora" also: lora (JSON {"targets": {p: {"rank": r_p, "in": in_p, "out": out_p}}})
+    created (ISO 8601); kind "lora" also: lora (JSON {"targets": {p: {"rank": r_p, "in": in_p, "out": out_p}}});
+    optionally domain_sample (JSON list of texts from the expert's own domain, at most DOMAIN_SAMPLE_MAX_TEXTS
+    texts and DOMAIN_SAMPLE_MAX_BYTES UTF-8 bytes: what the admission report measures this domain on when
+    another expert is plugged beside it, and what other experts' gates train against; see moe.composition)
 
 Limits (a file over them is refused with MetadataTooLargeError, before any tensor is read): the header is at
 most MAX_HEADER_BYTES of JSON; examples at most MAX_EXAMPLES strings of MAX_EXAMPLES_BYTES in all (they are
@@ -39,6 +42,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -49,6 +53,7 @@ from moe import lora
 from moe.backbone import FAMILIES, BackboneFingerprint
 from moe.errors import (
     BackboneMismatchError,
+    DomainSampleError,
     InvalidMetadataError,
     MetadataTooLargeError,
     MissingTensorError,
@@ -73,6 +78,27 @@ MAX_JSON_DEPTH = 16  # nesting of provenance and evals
 MAX_ABS_WEIGHT = 1e4
 _WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _REQUIRED_METADATA = ("name", "kind", "rank", "layers", "backbone")
+DOMAIN_SAMPLE_MAX_TEXTS = 64
+DOMAIN_SAMPLE_MAX_BYTES = 64 * 1024
+
+
+def bound_domain_sample(
+    texts: Sequence[str], max_texts: int = DOMAIN_SAMPLE_MAX_TEXTS, max_bytes: int = DOMAIN_SAMPLE_MAX_BYTES
+) -> list[str]:
+    """The first texts that fit the format's bounds, in order; a text longer than a quarter of the byte budget
+    is cut there (at a character boundary), so one long text cannot crowd out the others."""
+    out: list[str] = []
+    used = 0
+    for text in texts:
+        text = text.encode("utf-8")[: max_bytes // 4].decode("utf-8", errors="ignore")
+        if not text:
+            continue
+        size = len(text.encode("utf-8"))
+        if len(out) >= max_texts or used + size > max_bytes:
+            break
+        out.append(text)
+        used += size
+    return out
 
 
 def _shapes(layers: int, hidden: int, rank: int) -> dict[str, tuple[int, ...]]:
@@ -127,6 +153,8 @@ class ExpertFile:
         }
         if isinstance(expert.adapter, lora.LoraAdapter):
             metadata["lora"] = json.dumps({"targets": expert.adapter.targets()})
+        if meta.get("domain_sample"):
+            metadata["domain_sample"] = json.dumps(_checked_domain_sample(list(meta["domain_sample"])))
         return save_safetensors(tensors, metadata=metadata)
 
     @staticmethod
@@ -244,6 +272,7 @@ class ExpertFile:
                 "format_version": FORMAT_VERSION,
                 "kind": meta["kind"],
                 "size_bytes": len(data),
+                "domain_sample": meta["domain_sample"],
             },
         )
 
@@ -325,7 +354,14 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
             raise InvalidMetadataError(f"metadata {field_name!r} must be a JSON object")
         if _depth(value) > MAX_JSON_DEPTH:
             raise MetadataTooLargeError(f"metadata {field_name!r} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        domain_sample = json.loads(metadata.get("domain_sample") or "[]")
+    except ValueError as e:
+        raise DomainSampleError(f"metadata 'domain_sample' is not valid JSON: {e}; re-export the expert") from e
+    except RecursionError:
+        raise DomainSampleError("metadata 'domain_sample' nests too deeply; re-export the expert") from None
     return {
+        "domain_sample": _checked_domain_sample(domain_sample),
         "name": metadata["name"],
         "kind": metadata["kind"],
         "lora": targets,
@@ -338,6 +374,21 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         "evals": evals,
         "created": metadata.get("created", ""),
     }
+
+
+def _checked_domain_sample(sample: object) -> list[str]:
+    """The sample itself, or DomainSampleError saying which bound it breaks (on load and on save alike)."""
+    if not isinstance(sample, list) or not all(isinstance(text, str) for text in sample):
+        raise DomainSampleError("metadata 'domain_sample' must be a JSON list of strings; re-export the expert")
+    _check_utf8("domain_sample", sample)
+    size = sum(len(text.encode("utf-8")) for text in sample)
+    if len(sample) > DOMAIN_SAMPLE_MAX_TEXTS or size > DOMAIN_SAMPLE_MAX_BYTES:
+        raise DomainSampleError(
+            f"metadata 'domain_sample' holds {len(sample)} texts of {size} bytes; the format allows at most "
+            f"{DOMAIN_SAMPLE_MAX_TEXTS} texts and {DOMAIN_SAMPLE_MAX_BYTES} bytes (`plugmoe add-sample` writes "
+            "one within the bounds)"
+        )
+    return sample
 
 
 def _check_examples(examples: list[str]) -> None:

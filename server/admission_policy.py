@@ -1,4 +1,5 @@
-"""The admission policy: run moe's admission report on a candidate and refuse it over the configured limits."""
+"""The admission policy: run moe's admission (report, and repair where allowed) on a candidate before it is
+plugged, with the limits from the settings; refuse it when it cannot meet them."""
 
 from __future__ import annotations
 
@@ -6,64 +7,54 @@ import logging
 from typing import Any
 
 from moe import Expert, RoutedModel
-from moe.admission import admission_report, calibration_inputs, load_calibration_texts
+from moe.admission import AdmissionLimits, BaselineCache, admit, load_calibration_texts
 from server.errors import AdmissionRejectedError
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The calibration text's MLP inputs are kept between reviews when they take at most this much memory (the
-# demo model: ~60 MB); a larger model recomputes them for each review.
-MAX_KEPT_CALIBRATION_BYTES = 256 << 20
-
 
 class AdmissionPolicy:
     def __init__(self, settings: Settings) -> None:
-        self.max_false_positive_rate = Settings.limit(settings.max_false_positive_rate)
-        self.max_steal_rate = Settings.limit(settings.max_steal_rate)
+        self.limits = AdmissionLimits(
+            max_false_positive_rate=Settings.limit(settings.max_false_positive_rate),
+            max_steal_rate=Settings.limit(settings.max_steal_rate),
+            max_base_ppl_increase=Settings.limit(settings.max_base_ppl_increase),
+            max_domain_ppl_increase=Settings.limit(settings.max_domain_ppl_increase),
+            mode="refuse" if settings.admission == "off" else settings.admission,
+        )
+        limits = (
+            self.limits.max_false_positive_rate,
+            self.limits.max_steal_rate,
+            self.limits.max_base_ppl_increase,
+            self.limits.max_domain_ppl_increase,
+        )
+        self.enabled = settings.admission != "off" and any(limit is not None for limit in limits)
         self.calibration_file = settings.calibration_file
         self._calibration: list[str] | None = None
-        self._inputs: list | None = None  # calibration_inputs, kept when small enough
-        self._inputs_too_large = False
+        self._baselines = BaselineCache()  # the plugged set's own passes, reused by the next plug
 
-    @property
-    def enabled(self) -> bool:
-        return self.max_false_positive_rate is not None or self.max_steal_rate is not None
-
-    def review(self, model: RoutedModel, tokenizer: Any, expert: Expert) -> dict | None:
-        """The report as a dict (None when admission is off). Raises AdmissionRejectedError over a limit.
-
-        Runs the model (observe-only forwards on the current plugged set); it touches no plugged state.
+    def review(self, model: RoutedModel, tokenizer: Any, expert: Expert) -> tuple[Expert, dict | None]:
+        """(the expert to plug, the report as a dict; None when admission is off). The expert is the candidate
+        itself, or in repair mode a copy with raised thresholds. Raises AdmissionRejectedError when it cannot
+        meet the limits. Runs the model (forwards on the current plugged set); it touches no plugged state.
         """
         if not self.enabled:
-            return None
+            return expert, None
         if self._calibration is None:
             self._calibration = load_calibration_texts(self.calibration_file)
-        inputs = self._inputs
-        if inputs is None:
-            inputs = calibration_inputs(model, tokenizer, self._calibration)
-            size = sum(x.numel() * x.element_size() for x in inputs)
-            if not self._inputs_too_large and size <= MAX_KEPT_CALIBRATION_BYTES:
-                self._inputs = inputs
-                logger.info("keeping the calibration text's MLP inputs for later reviews (%.1f MB)", size / 1e6)
-            else:
-                self._inputs_too_large = True
-        report = admission_report(model, tokenizer, expert, self._calibration, calibration=inputs)
-        problems = []
-        max_fpr, max_steal = self.max_false_positive_rate, self.max_steal_rate
-        if max_fpr is not None and report.false_positive_rate > max_fpr:
-            problems.append(
-                f"false-positive rate {report.false_positive_rate:.3f} on general text is over the limit {max_fpr}"
+        admission = admit(model, tokenizer, expert, self._calibration, self.limits, self._baselines)
+        report = admission.report.to_dict()
+        if not admission.admitted:
+            hint = (
+                "Retrain its gate beside the plugged experts (`plugmoe train-expert --with-experts`)"
+                if self.limits.mode == "repair"
+                else "Plug it with --admission repair, retrain its gate beside the plugged experts"
             )
-        if max_steal is not None:
-            problems += [
-                f"it takes {rate:.3f} of expert {other!r}'s tokens, over the limit {max_steal}"
-                for other, rate in sorted(report.steal_rates.items())
-                if rate > max_steal
-            ]
-        if problems:
             raise AdmissionRejectedError(
-                f"expert {expert.name!r} was not plugged: {'; '.join(problems)}. Retrain its gate (raise its "
-                "thresholds) or raise the limits (--max-false-positive-rate, --max-steal-rate)"
+                f"expert {expert.name!r} was not plugged: {'; '.join(admission.report.problems)}. {hint}, or "
+                "raise the limits (--max-false-positive-rate, --max-steal-rate, --max-base-ppl-increase, "
+                "--max-domain-ppl-increase)",
+                report=report,
             )
-        return report.to_dict()
+        return admission.expert, report

@@ -47,7 +47,11 @@ class NotFoundError(LookupError):
 
 
 class AdmissionRejectedError(ValueError):
-    """An expert whose admission report is over the configured limits (422)."""
+    """An expert whose admission report is over the configured limits (422); the body carries the report."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class ExpertSourceError(ValueError):
@@ -121,7 +125,10 @@ def error_object(exc: BaseException) -> dict:
 def error_body(exc: BaseException) -> dict:
     """The whole error body: `detail` as FastAPI writes it, `error` as OpenAI clients read it."""
     error = error_object(exc)
-    return {"detail": error["message"], "error": error}
+    body = {"detail": error["message"], "error": error}
+    if isinstance(exc, AdmissionRejectedError) and exc.report is not None:
+        body["admission"] = exc.report  # per-domain figures and the repair tried: what to fix
+    return body
 
 
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:

@@ -1,8 +1,9 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
     plug:   validate the file (moe.file) -> catch up with the store -> a pinned probe forward whose logits must
-            be finite -> admission (server.admission_policy) -> store the file and commit the next expert-set
-            version (server.expert_store) -> serve it
+            be finite -> admission (server.admission_policy; in repair mode it may raise the candidate's
+            thresholds, and the repaired file is what is stored) -> store the file and commit the next
+            expert-set version (server.expert_store) -> serve it
     unplug: catch up with the store -> commit the version without it -> serve it
     start:  serve the store's current version (seeded from --seed-experts on first start)
     watch:  every poll interval, read the store and serve a newer version (committed by another server or
@@ -321,26 +322,30 @@ class ServedExperts:
             try:
                 expert = await self._off_engine(ExpertFile.load, data, self.model.fingerprint, name)
                 self.model.plugged.check_fits(expert)  # e.g. a LoRA for another MLP width: refused before storing
-                if name is not None and name != ExpertFile.read_header(data)[0].get("name"):
-                    data = ExpertFile.to_bytes(expert, self.model.fingerprint)  # the stored file carries its name
+                renamed = name is not None and name != ExpertFile.read_header(data)[0].get("name")
+                candidate = expert
                 for attempt in range(1, COMMIT_ATTEMPTS + 1):
                     before = await self._catch_up()  # what other writers plugged: the name check and admission see it
-                    replaced = expert.name in before.names
+                    replaced = candidate.name in before.names
                     if replaced and not replace:  # fail before the admission report: it is the expensive part
                         raise ExpertNameTakenError(
-                            f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
+                            f"an expert named {candidate.name!r} is already plugged; unplug it first, pass replace, "
                             "or choose another name"
                         )
                     action = "replace" if replaced else "plug"
-                    if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, expert):
+                    if not await self._off_engine(probe_is_finite, self.model, self.engine.tokenizer, candidate):
                         raise NonFiniteOutputError(
-                            f"expert {expert.name!r}, pinned, makes the model's logits NaN or infinite on a short "
+                            f"expert {candidate.name!r}, pinned, makes the model's logits NaN or infinite on a short "
                             "probe text; its weights are within bounds but do not work together. Retrain it"
                         )
-                    report = await self._off_engine(
-                        self.policy.review, self.model, self.engine.tokenizer, expert, worker=self._admission
+                    expert, report = await self._off_engine(
+                        self.policy.review, self.model, self.engine.tokenizer, candidate, worker=self._admission
                     )
-                    stored = await asyncio.to_thread(self.store.put_blob, data)
+                    repaired = report is not None and report.get("repair") is not None
+                    # the stored file is what is plugged: its name, and the thresholds a repair raised
+                    stored_bytes = ExpertFile.to_bytes(expert, self.model.fingerprint) if repaired or renamed else data
+                    expert.metadata["size_bytes"] = len(stored_bytes)  # what the store holds, not what was sent
+                    stored = await asyncio.to_thread(self.store.put_blob, stored_bytes)
                     entry = ManifestEntry(expert.name, stored.sha256, stored.size)
                     try:
                         committed = await asyncio.to_thread(self.store.commit, before, before.with_expert(entry))

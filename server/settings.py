@@ -109,8 +109,31 @@ class Settings(BaseSettings):
         5.0, ge=0, description="on SIGTERM, how long running requests may finish before they end with an error"
     )
     calibration_file: Path = Field(DEFAULT_CALIBRATION, description="general text for the admission report")
-    max_false_positive_rate: float | None = Field(0.05, description="admission limit; None or negative: off")
-    max_steal_rate: float | None = Field(0.5, description="admission limit; None or negative: off")
+    admission: Literal["repair", "refuse", "off"] = Field(
+        "repair",
+        description="on plug: repair (raise a candidate's thresholds until it meets the limits), refuse (refuse "
+        "it instead), off (plug without the report)",
+    )
+    max_false_positive_rate: float | None = Field(
+        1e-4,
+        description="admission cap: per layer, the share of the calibration text's token-mode decisions a "
+        "candidate may take; None or negative: off",
+    )
+    max_steal_rate: float | None = Field(
+        2e-3,
+        description="admission cap: per layer, the share of a plugged expert's domain-sample decisions a "
+        "candidate may take (from the expert or from base); None or negative: off",
+    )
+    max_base_ppl_increase: float | None = Field(
+        2e-4,
+        description="admission limit: relative token-mode perplexity increase on the calibration text; None or "
+        "negative: off",
+    )
+    max_domain_ppl_increase: float | None = Field(
+        5e-3,
+        description="admission limit: relative token-mode perplexity increase on each plugged expert's domain "
+        "sample; None or negative: off",
+    )
     top_k: int = Field(1, ge=1, description="experts per token")
     sequence_min_share: float = Field(
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"

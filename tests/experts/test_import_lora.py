@@ -297,9 +297,34 @@ def test_import_lora_command_writes_a_gated_expert(tiny_model_dir: Path, tmp_pat
     assert provenance["source"] == "peft" and provenance["tool"] == "plugmoe import-lora"
     assert provenance["adapter_config"]["r"] == 4 and provenance["base_model_name_or_path"] == str(tiny_model_dir)
     assert set(evals) >= {"gate", "routing", "import"} and len(evals["gate"]["recall_per_layer"]) == 2
+    sample = expert.metadata["domain_sample"]  # what admission measures this domain on, beside later experts
+    assert sample and all(set(text.split()) <= {"def", "return", "(a,", "b):", "x", "+", "1"} for text in sample)
     model.plug(expert)  # as the server would
     x = ids(1, 8)
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), mlp).eval()
     with torch.no_grad():
         got = model(x, routing=[RoutingSpec("pin", "code")]).logits
         torch.testing.assert_close(got, peft(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_import_lora_offers_no_flag_it_would_ignore(capsys) -> None:
+    from experts.cli import main
+
+    with pytest.raises(SystemExit) as info:  # train-expert's --adapter-from: the adapter here is PEFT's
+        main(
+            [
+                "import-lora",
+                "dir",
+                "--model",
+                "m",
+                "--name",
+                "x",
+                "--data",
+                "d.jsonl",
+                "--out",
+                "x.safetensors",
+                "--adapter-from",
+                "y",
+            ]
+        )
+    assert info.value.code == 2 and "unrecognized arguments: --adapter-from" in capsys.readouterr().err

@@ -29,10 +29,11 @@ def test_the_probe_refuses_an_expert_that_overflows_in_float16_and_passes_a_sane
     assert model.plugged is before, "the probe plugs nothing"
 
 
-def test_a_report_on_kept_calibration_inputs_equals_one_that_computes_them() -> None:
-    """The admission policy keeps the calibration inputs between plugs (finding 3: a plug's cost); the report
-    must not change for it."""
-    from moe.admission import admission_report, calibration_inputs
+def test_a_report_on_a_cached_baseline_equals_one_computed_afresh() -> None:
+    """The admission policy keeps each plugged set's baseline passes between plugs (finding 3: a plug's cost;
+    they replaced the kept calibration inputs when admission moved to token-mode quality); the report must
+    not change for it."""
+    from moe.admission import AdmissionLimits, BaselineCache, admit
 
     model = RoutedModel(tiny_backbone("llama"))
     tokenizer = tiny_tokenizer()
@@ -44,7 +45,11 @@ def test_a_report_on_kept_calibration_inputs_equals_one_that_computes_them() -> 
     candidate.keys = -candidate.keys
     candidate.thresholds = torch.full_like(candidate.thresholds, 0.0)
     texts = ["In the morning the weather was cold.", "def add(a, b): return a + b", "Mia buys 12 eggs."]
-    kept = calibration_inputs(model, tokenizer, texts)
-    assert admission_report(model, tokenizer, candidate, texts, calibration=kept) == admission_report(
-        model, tokenizer, candidate, texts
-    )
+    measure_only = AdmissionLimits(None, None, None, None, mode="refuse")
+    cache = BaselineCache()
+    cold = admit(model, tokenizer, candidate, texts, measure_only, cache).report.to_dict()
+    assert cache.get(cache.key(model.plugged.experts, texts, 128)), "the baseline was kept"
+    warm = admit(model, tokenizer, candidate, texts, measure_only, cache).report.to_dict()
+    fresh = admit(model, tokenizer, candidate, texts, measure_only, BaselineCache()).report.to_dict()
+    cold.pop("seconds"), warm.pop("seconds"), fresh.pop("seconds")
+    assert warm == cold == fresh

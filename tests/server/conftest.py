@@ -27,8 +27,7 @@ def test_settings(model_dir: Path, tmp_path: Path, **overrides) -> Settings:
         "model": str(model_dir),
         "experts_dir": tmp_path / "experts",
         "device": "cpu",
-        "max_false_positive_rate": -1,
-        "max_steal_rate": -1,
+        "admission": "off",
         "max_new_tokens": 64,
     }
     values.update(overrides)
@@ -69,8 +68,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         environ = {
             **os.environ,
-            "PLUGMOE_MAX_FALSE_POSITIVE_RATE": "-1",
-            "PLUGMOE_MAX_STEAL_RATE": "-1",
+            "PLUGMOE_ADMISSION": "off",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
             **env,
