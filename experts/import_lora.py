@@ -39,6 +39,7 @@ from experts.config import TrainConfig
 from experts.data import Example
 from experts.train import (
     domain_sample_texts,
+    gate_evals,
     heldout_loss,
     repair_beside,
     routing_check,
@@ -395,14 +396,7 @@ def import_lora(
         "provenance": {**expert.metadata.get("provenance", {}), **(provenance or {})},
         "evals": {
             "import": losses,
-            "gate": {
-                "threshold_rule": config.threshold_rule,
-                "fp_cap": config.fp_cap,
-                "recall_per_layer": gate.recall,
-                "false_positive_per_layer": gate.false_positive,
-                "offset_ceiling": gate.offset_ceiling,
-                "seconds": round(gate.seconds, 1),
-            },
+            "gate": gate_evals(gate, config),
             "admission": admission,
             "routing": routing,
             "seconds": round(time.perf_counter() - started, 1),

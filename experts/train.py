@@ -508,22 +508,27 @@ def train_expert(
                 "history": stage1.history,
                 "seconds": round(stage1.seconds, 1),
             },
-            "gate": {
-                "threshold_rule": config.threshold_rule,
-                "fp_cap": config.fp_cap,
-                "recall_per_layer": gate.recall,
-                "false_positive_per_layer": gate.false_positive,
-                "offset_ceiling": gate.offset_ceiling,
-                "heldout_false_positive_per_layer": gate.heldout_false_positive,
-                "threshold_holdout": config.threshold_holdout,
-                "seconds": round(gate.seconds, 1),
-            },
+            "gate": gate_evals(gate, config),
             "admission": admission,
             "routing": routing,
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
     return expert.to("cpu", torch.float32)
+
+
+def gate_evals(gate: GateResult, config: TrainConfig) -> dict:
+    """Stage 2's figures as the expert file's evals record them (train-expert and import-lora alike)."""
+    return {
+        "threshold_rule": config.threshold_rule,
+        "fp_cap": config.fp_cap,
+        "recall_per_layer": gate.recall,
+        "false_positive_per_layer": gate.false_positive,
+        "offset_ceiling": gate.offset_ceiling,
+        "heldout_false_positive_per_layer": gate.heldout_false_positive,
+        "threshold_holdout": config.threshold_holdout,
+        "seconds": round(gate.seconds, 1),
+    }
 
 
 def texts_of(examples: Sequence[Example]) -> list[str]:

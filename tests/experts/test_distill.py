@@ -6,26 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from experts.distill import distill
 from moe import RoutedModel
-from tests.tiny import tiny_backbone, tiny_tokenizer
+from tests.tiny import tiny_backbone
 
 PROBLEMS = [{"question": f"Tom has {a} apples. How many?", "answer": f"He has {a}.\n#### {a}"} for a in (3, 5, 8)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from experts.config import EvalConfig
 from experts.data import DataFormatError, Example, get_extractor, gsm8k_answer, last_number
@@ -15,7 +14,7 @@ from moe import Expert, RoutedModel, RoutingSpec
 from moe.file import ExpertFile
 from moe.generation import generate
 from moe.sampling import SamplingParams
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import tiny_expert
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -23,24 +22,6 @@ TEXTS = [
     "In the morning the weather was cold.",
     "Mia buys bread, milk and 12 eggs.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture
-def model(tokenizer) -> RoutedModel:
-    return RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
 
 
 def open_expert(name: str, hidden: int, layers: int, seed: int, threshold: float = -2.0) -> Expert:

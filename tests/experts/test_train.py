@@ -31,7 +31,6 @@ from experts.train import (
 from moe import RoutedModel, RoutingSpec
 from moe.batching import batches, forward, token_nll
 from moe.file import ExpertFile
-from tests.tiny import tiny_backbone, tiny_tokenizer
 
 FAST = {
     "steps": 4,
@@ -91,25 +90,6 @@ def qa_records(n: int, seed: int = 2) -> list[dict[str, str]]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture
-def model(tokenizer) -> RoutedModel:
-    return RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
 
 
 # --- data -------------------------------------------------------------------------------------------------

@@ -12,31 +12,12 @@ import torch
 from experts.config import TrainConfig
 from experts.data import Example
 from experts.train import TrainingError, split_calibration, train_expert
-from moe import RoutedModel
 from moe.composition import sample_pass
 from moe.file import ExpertFile
 from tests.experts.test_train import FAST, code_texts, general_texts, qa_records, write_jsonl
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import tiny_expert
 
 OWNER_SAMPLE = ["Tom has 3 apples and buys 4 more. How many?", "Mia has 2 pens and buys 5 more. How many?"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture
-def model(tokenizer) -> RoutedModel:
-    return RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
 
 
 def _train(model, tokenizer, others=(), sample=(), adapter=None, **overrides):
