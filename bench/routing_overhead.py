@@ -156,15 +156,15 @@ def peft_mixed(hf, shape: str, adapters: int, rank: int) -> Callable[[torch.Tens
     return run
 
 
-def plug_latency(model: RoutedModel, counts: list[int], rank: int, trials: int) -> list[str]:
-    """Median ms of RoutedModel.plug and .unplug of one expert with `count` others plugged (capacity reserved, so
-    no plug reallocates), and of a plug that doubles the capacity (once per doubling)."""
+def plug_latency(model: RoutedModel, counts: list[int], rank: int, trials: int, kind: str) -> list[str]:
+    """Median ms of RoutedModel.plug and .unplug of one expert of `kind` with `count` others plugged (capacity
+    reserved, so no plug reallocates), and of a plug that doubles the capacity (once per doubling)."""
     device = model.device
     layers, hidden = model.num_layers, model.hidden_size
-    template = make_experts(1, hidden, layers, rank, routed=False)[0]
+    template = make_experts(1, hidden, layers, rank, routed=False, kind=kind, shapes=model.projection_shapes)[0]
     for name in list(model.plugged.names):
         model.unplug(name)
-    model.slots.reserve(max(counts) + 1, rank)
+    model.slots.reserve(max(counts) + 1, rank if kind == "bottleneck" else 0)
     lines = []
     for count in counts:
         for i in range(len(model.plugged), count):
@@ -198,17 +198,18 @@ def plug_latency(model: RoutedModel, counts: list[int], rank: int, trials: int) 
     return lines
 
 
-def memory_per_expert(model: RoutedModel, rank: int) -> str:
+def memory_per_expert(model: RoutedModel, rank: int, kind: str) -> str:
     """Bytes the storage spends per slot (weights + gates) against an expert file's size."""
     layers, hidden = model.num_layers, model.hidden_size
-    expert = make_experts(1, hidden, layers, rank)[0].to("cpu", model.dtype)
+    expert = make_experts(1, hidden, layers, rank, kind=kind, shapes=model.projection_shapes)[0]
+    expert = expert.to("cpu", model.dtype)
     file_bytes = len(ExpertFile.to_bytes(expert, model.fingerprint))
     slots = model.slots
     per_slot = slots.nbytes() / slots.capacity
     in_file = expert.nbytes
     return (
-        f"memory per plugged expert (rank {rank}, {layers} layers, {str(model.dtype).removeprefix('torch.')}): "
-        f"{per_slot / 1e6:.3f} MB in its slot (weights + gates, storage rank {slots.rank}), "
+        f"memory per plugged {kind} expert (rank {rank}, {layers} layers, {str(model.dtype).removeprefix('torch.')}): "
+        f"{per_slot / 1e6:.3f} MB in its slot (weights + gates, every slot filled with one like it), "
         f"file {file_bytes / 1e6:.3f} MB ({in_file / 1e6:.3f} MB of tensors): {per_slot / file_bytes:.2f}x the "
         "file; the plugged set keeps no other copy (its experts are weightless handles)"
     )
@@ -342,14 +343,11 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     print()
-    if args.kind != "bottleneck":  # the slot figures below are the bottleneck kind's; a LoRA plug rebuilds stacks
-        print("memory per expert and plug latency: measured for bottleneck experts (run without --kind lora)")
-        return
-    print(memory_per_expert(routed, args.rank))
+    print(memory_per_expert(routed, args.rank, args.kind))
     if args.plug_counts:
         print("\n| plug latency (RoutedModel.plug / unplug, device synchronised) | plug median [min-max] | unplug |")
         print("|---|---|---|")
-        for line in plug_latency(routed, args.plug_counts, args.rank, args.plug_trials):
+        for line in plug_latency(routed, args.plug_counts, args.rank, args.plug_trials, args.kind):
             print(line)
 
 

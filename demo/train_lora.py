@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from experts.data import load_examples
+from experts.data import load_examples, shuffled_picks
 from moe.batching import batches, token_nll
 
 
@@ -83,17 +83,11 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, min(20, args.steps // 10))
-    rng = random.Random(args.seed)
-    order: list[int] = []
+    picks = shuffled_picks(len(train), args.batch_size, random.Random(args.seed))
     losses: list[float] = []
     model.train()
     started = time.perf_counter()
-    for step in range(args.steps):
-        if len(order) < args.batch_size:
-            fresh = list(range(len(train)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        picked, order = order[: args.batch_size], order[args.batch_size :]
+    for step, picked in zip(range(args.steps), picks, strict=False):
         (batch,) = batches(tokenizer, [train[i] for i in picked], args.batch_size, args.max_tokens)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup)

@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +118,19 @@ def load_examples(
     path: str | Path, template: Template | None = None, extractor: Extractor | None = None
 ) -> list[Example]:
     return to_examples(read_records(path), template or Template(), extractor or gsm8k_answer)
+
+
+def shuffled_picks(count: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless batches of indices into `count` items (training): a seeded shuffle, a fresh one appended whenever
+    fewer than `batch_size` are left, so every item is seen once per pass."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(count))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        picked, order = order[:batch_size], order[batch_size:]
+        yield picked
 
 
 def split_heldout(items: list, fraction: float, limit: int, seed: int) -> tuple[list, list]:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from experts.config import TrainConfig
-from experts.data import Example, Extractor, gsm8k_answer
+from experts.data import Example, Extractor, gsm8k_answer, shuffled_picks
 from experts.evaluate import sequence_decisions
 from experts.progress import progress_bar
 from moe.admission import AdmissionLimits, admit
@@ -175,14 +175,9 @@ def train_adapter(
     history = [best]
     logger.info("stage 1 step 0 (backbone alone): %s", _fmt(best))
     best_weights = (expert.down.detach().clone(), expert.up.detach().clone())
-    order: list[int] = []
+    picks = shuffled_picks(len(train), config.batch_size, rng)
     bar = progress_bar(range(1, config.steps + 1), desc=f"stage 1 {config.name}", unit="step", leave=False)
-    for step in bar:
-        if len(order) < config.batch_size:
-            fresh = list(range(len(train)))
-            rng.shuffle(fresh)
-            order.extend(fresh)
-        picked, order = order[: config.batch_size], order[config.batch_size :]
+    for step, picked in zip(bar, picks, strict=False):
         (batch,) = batches(tokenizer, [train[i] for i in picked], config.batch_size, config.max_tokens)
         batch = batch.to(device)
         for group in optimizer.param_groups:

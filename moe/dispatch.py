@@ -8,7 +8,8 @@ Semantics (what `grouped_dispatch` computes, and `reference_dispatch` spells out
         for e in chosen:
             out[n] += adapter_e(x[n]) / len(chosen)
 
-`slot_dispatch` is the decode form (top-1, slot storage, no host read). The grouped form sorts routed
+`slot_dispatch` is the decode form (top-1, slot storage, no host read); `routed_rows_dispatch` is the same over
+only the rows that chose an expert, after one host read (eager decode on CPU). The grouped form sorts routed
 (token, slot) pairs by expert and runs each expert that won tokens once,
 on just its tokens (index_select, two small matmuls, index_add_). Base-route tokens are never touched,
 and experts that won nothing cost nothing, so the cost grows with the routed tokens and k, not with
@@ -17,11 +18,16 @@ the number of experts plugged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from moe.expert import adapter_delta
 from moe.plugged import LayerAdapter
+
+# routed_rows_dispatch runs slot by slot up to this many slots with rows (~5 small ops each), slot_dispatch above
+PER_SLOT_MAX = 2
 
 
 def grouped_dispatch(
@@ -61,10 +67,16 @@ def grouped_dispatch(
 
 
 def _grouped_top1(
-    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, adapters: tuple[LayerAdapter | None, ...]
+    x: torch.Tensor,
+    base: torch.Tensor,
+    choice: torch.Tensor,
+    adapters: Sequence[LayerAdapter | None],
+    counts: list[int] | None = None,
 ) -> torch.Tensor:
-    """Top-1 in few ops: one bincount read on the host, tokens sorted by expert (base first, skipped)."""
-    counts = torch.bincount(choice + 1, minlength=len(adapters) + 1).tolist()  # [base, e0, e1, ...]
+    """Top-1 in few ops: one bincount read on the host (or `counts`, already read: [base, e0, e1, ...]), tokens
+    sorted by expert (base first, skipped)."""
+    if counts is None:
+        counts = torch.bincount(choice + 1, minlength=len(adapters) + 1).tolist()
     if counts[0] == choice.shape[0]:
         return base
     order = torch.argsort(choice, stable=True)
@@ -79,6 +91,19 @@ def _grouped_top1(
         assert adapter is not None, f"expert {e} chosen on a layer it does not cover"
         out.index_add_(0, rows, adapter_delta(x.index_select(0, rows), adapter.down, adapter.up).to(out.dtype))
     return out
+
+
+class _StorageSlots(Sequence):
+    """One layer's slot storage as adapters: slot c is views of down[:, c] [H, R] and up[c] [R, H] (padding zero)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        self._down, self._up = down, up
+
+    def __len__(self) -> int:
+        return int(self._up.shape[0])
+
+    def __getitem__(self, slot: int) -> LayerAdapter:  # type: ignore[override]
+        return LayerAdapter(self._down[:, slot], self._up[slot])
 
 
 def slot_dispatch(
@@ -100,6 +125,19 @@ def slot_dispatch(
         return base
     delta = _dense_delta(x, choice, down, up) if capacity <= x.shape[0] else _gathered_delta(x, choice, down, up)
     return torch.where((choice >= 0)[:, None], base + delta.to(base.dtype), base)
+
+
+def routed_rows_dispatch(
+    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor:
+    """slot_dispatch's semantics with one host read (eager decode where a read costs no device sync, i.e. on
+    CPU; a captured step cannot read): `base` itself when no row routed; when at most PER_SLOT_MAX slots won
+    rows, each runs once on just its rows (two plain matmuls over its slice of the storage), base rows
+    untouched; else slot_dispatch (its fixed ops cost less than a run per slot)."""
+    counts = torch.bincount(choice + 1, minlength=up.shape[0] + 1).tolist()  # [base, slot 0, ...]: the read
+    if counts[0] != choice.shape[0] and sum(count > 0 for count in counts[1:]) > PER_SLOT_MAX:
+        return slot_dispatch(x, base, choice, down, up)
+    return _grouped_top1(x, base, choice, _StorageSlots(down, up), counts)
 
 
 def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

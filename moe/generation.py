@@ -319,6 +319,9 @@ class StaticDecoder:
     capture: record each (rows, columns, route) bucket's step as a CUDA graph on first use and replay it
         (CUDA only; see capture_refusal). compile_backend: torch.compile each bucket's step with this backend
         instead ("inductor"; "aot_eager" traces and functionalises without generating code), CPU or CUDA.
+    fixed_ops: run each step with no host read (what capture and compile need). Default: so when captured,
+        compiled or on a GPU; an eager CPU step instead reads each layer's choices once and runs adapters for the
+        routed rows only (moe.routed.routed_top1_host_read), where a read costs no device sync.
     """
 
     def __init__(
@@ -331,6 +334,7 @@ class StaticDecoder:
         capture: bool = False,
         compile_backend: str | None = None,
         min_columns: int = 64,
+        fixed_ops: bool | None = None,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
@@ -344,6 +348,13 @@ class StaticDecoder:
             if refusal:
                 raise ValueError(f"cannot capture decode steps: {refusal}")
         self.compile_backend = compile_backend
+        # a captured or compiled step, or any step on a GPU (a read is a sync), runs routing with no host read;
+        # an eager CPU step reads each layer's choices and runs adapters for the routed rows only
+        if fixed_ops is None:
+            fixed_ops = capture or compile_backend is not None or self.device.type != "cpu"
+        if not fixed_ops and (capture or compile_backend is not None):
+            raise ValueError("a captured or compiled decode step needs fixed_ops (no host read inside the step)")
+        self._fixed_ops = fixed_ops
         self.row_buckets = _powers_of_two(1, max_batch)
         self.min_columns = min(min_columns, self.max_len)
 
@@ -565,7 +576,7 @@ class StaticDecoder:
             use_cache=True,
             logits_to_keep=1,
             token_mask=self.active[:b, None],
-            fixed_ops=True,
+            fixed_ops=self._fixed_ops,
         )
         pos.add_(self.active[:b])
         return out.logits[:, -1], out.trace.rows, out.trace.layers

@@ -10,8 +10,11 @@ decision stays one per token per layer, made at the MLP input (moe.routed.Routed
 
 The pieces, in the order a forward uses them:
     LoraAdapter       an expert's pairs: per projection p, A [Lx, r_p, in_p], B [Lx, out_p, r_p], scaling [Lx]
-    LoraStacks        built with each plugged set: the LoRA pairs per (layer, expert), and zero-padded stacks
-                      per (layer, projection) for the gathered decode path
+    LoraSlots         the live slot storage of plugged LoRA experts (moe.plugged.ExpertSlots): one slot written
+                      per plug, the only copy of their weights
+    LoraStacks        what a plugged set reads: the LoRA pairs per (layer, expert), and zero-padded stacks per
+                      (layer, projection) for the gathered decode path (views of LoraSlots; or, for a set built
+                      from experts, built from the experts' own tensors)
     plan_lora         RoutedMLP's call on one layer: from the choice [N, k], the LoRA plan (which rows each
                       LoRA expert won, or each row's LoRA expert) and the choice left to bottleneck dispatch
     LoraPlan          the plan, set on the step while the block runs; read by the block's projections
@@ -225,7 +228,7 @@ class LoraStacks:
 
     is_lora: torch.Tensor
     on_layer: tuple[bool, ...]
-    pairs: tuple[tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None, ...], ...]
+    pairs: Sequence[Sequence[dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None]]
     a: tuple[dict[str, torch.Tensor], ...]
     b: tuple[dict[str, torch.Tensor], ...]
     s: tuple[dict[str, torch.Tensor], ...]
@@ -274,6 +277,173 @@ class LoraStacks:
             b=tuple(b),
             s=tuple(s),
         )
+
+
+class LoraSlots:
+    """Plugged LoRA experts' weights in slot storage, written in place (moe.plugged.ExpertSlots keeps one; C slots,
+    shared with the gates: a slot holds a LoRA expert or not). The only copy of a plugged LoRA expert's weights.
+
+    a[p] [L, C, R_p, in], b[p] [L, C, out, R_p], s[p] [L, C] float32   per projection p, allocated when the first
+        LoRA expert adapting p is plugged; R_p grows to the largest rank plugged on p (zero padding is exact)
+    is_lora [C] bool (device); host mirrors per slot: its ranks {p: r}, scalings {p: L floats}, layers
+
+    A plug writes one slot (zeroing what it held before), whatever the number plugged; `stacks()` lays the storage
+    out for a snapshot as views (no copy): the same LoraStacks a set built from experts gets.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers, self.device, self.dtype = num_layers, device, dtype
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.is_lora = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.ranks: list[dict[str, int]] = [{} for _ in range(capacity)]
+        self.scalings: list[dict[str, tuple[float, ...]]] = [{} for _ in range(capacity)]
+        self.layers: list[frozenset[int]] = [frozenset()] * capacity
+
+    @property
+    def capacity(self) -> int:
+        return len(self.ranks)
+
+    def resize(self, capacity: int) -> None:
+        """Grow to `capacity` slots, copying what is there (moe.plugged.ExpertSlots doubles it)."""
+        c = self.capacity
+        for p in self.a:
+            self.a[p] = _grown(self.a[p], 1, capacity)
+            self.b[p] = _grown(self.b[p], 1, capacity)
+            self.s[p] = _grown(self.s[p], 1, capacity)
+        self.is_lora = _grown(self.is_lora, 0, capacity)
+        self.ranks.extend({} for _ in range(capacity - c))
+        self.scalings.extend({} for _ in range(capacity - c))
+        self.layers.extend([frozenset()] * (capacity - c))
+
+    def _room(self, p: str, pair: LoraPair) -> None:
+        """Storage for projection p at least pair's rank (allocated, or its rank grown)."""
+        (fan_in, fan_out), rank = pair.shape, pair.rank
+        if p not in self.a:
+            L, C = self.num_layers, self.capacity  # noqa: N806
+            self.a[p] = torch.zeros(L, C, rank, fan_in, device=self.device, dtype=self.dtype)
+            self.b[p] = torch.zeros(L, C, fan_out, rank, device=self.device, dtype=self.dtype)
+            self.s[p] = torch.zeros(L, C, device=self.device)
+        elif self.a[p].shape[2] < rank:
+            self.a[p] = _grown(self.a[p], 2, rank)
+            self.b[p] = _grown(self.b[p], 3, rank)
+
+    @torch.no_grad()
+    def write(self, slot: int, expert: Expert) -> None:
+        """Clear the slot, then write `expert`'s pairs into it when it is a LoRA expert (layers by position)."""
+        for p in self.a:
+            self.a[p][:, slot].zero_()
+            self.b[p][:, slot].zero_()
+            self.s[p][:, slot].zero_()
+        self.is_lora[slot] = False
+        self.ranks[slot], self.scalings[slot], self.layers[slot] = {}, {}, frozenset()
+        if not isinstance(expert.adapter, LoraAdapter):
+            return
+        layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
+        for p, pair in expert.adapter.pairs.items():
+            self._room(p, pair)
+            r = pair.rank
+            self.a[p][layers, slot, :r] = pair.A.detach().to(self.device, self.dtype)  # [Lx, r, in]
+            self.b[p][layers, slot, :, :r] = pair.B.detach().to(self.device, self.dtype)  # [Lx, out, r]
+            self.s[p][layers, slot] = pair.scaling.detach().to(self.device, torch.float32)
+            scaling = [0.0] * self.num_layers
+            for layer, value in zip(expert.layers, pair.scaling.detach().float().cpu().tolist(), strict=True):
+                scaling[layer] = value
+            self.ranks[slot][p], self.scalings[slot][p] = r, tuple(scaling)
+        self.is_lora[slot] = True
+        self.layers[slot] = frozenset(expert.layers)
+
+    def forget(self, slot: int) -> None:
+        """The slot no longer holds a LoRA expert (unplugged: its gate is disabled; the weights stay unread until
+        the slot is written again)."""
+        self.is_lora[slot] = False
+        self.ranks[slot], self.scalings[slot], self.layers[slot] = {}, {}, frozenset()
+
+    def read(self, slot: int, layers: Sequence[int]) -> LoraAdapter:
+        """The slot's adapter copied back out (its layers in `layers` order)."""
+        index = torch.tensor(list(layers), dtype=torch.long, device=self.device)
+        return LoraAdapter(
+            {
+                p: LoraPair(
+                    self.a[p][index, slot, :r].clone(), self.b[p][index, slot, :, :r].clone(), self.s[p][index, slot]
+                )
+                for p, r in self.ranks[slot].items()
+            }
+        )
+
+    def stacks(self) -> LoraStacks | None:
+        """The storage laid out for dispatch (views, plus a copy of the host facts and of is_lora); None when no
+        slot holds a LoRA expert."""
+        slots = [c for c in range(self.capacity) if self.ranks[c]]
+        if not slots:
+            return None
+        on_layer = tuple(any(layer in self.layers[c] for c in slots) for layer in range(self.num_layers))
+        return LoraStacks(
+            is_lora=self.is_lora.clone(),
+            on_layer=on_layer,
+            pairs=_SlotPairs(self, [dict(r) for r in self.ranks], list(self.scalings), list(self.layers)),
+            a=tuple({p: t[layer] for p, t in self.a.items()} for layer in range(self.num_layers)),
+            b=tuple({p: t[layer] for p, t in self.b.items()} for layer in range(self.num_layers)),
+            s=tuple({p: t[layer] for p, t in self.s.items()} for layer in range(self.num_layers)),
+        )
+
+    def nbytes(self) -> int:
+        tensors = [*self.a.values(), *self.b.values(), *self.s.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _SlotPairs(Sequence):
+    """LoraStacks.pairs over slot storage: pairs[l][c] made on demand as views (no copy, no device read), from
+    the host facts as they were when the snapshot was taken."""
+
+    def __init__(
+        self,
+        storage: LoraSlots,
+        ranks: list[dict[str, int]],
+        scalings: list[dict[str, tuple[float, ...]]],
+        layers: list[frozenset[int]],
+    ) -> None:
+        self._a, self._b = dict(storage.a), dict(storage.b)
+        self._ranks, self._scalings, self._layers = ranks, scalings, layers
+        self._count = storage.num_layers
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, layer: int) -> _SlotPairsRow:  # type: ignore[override]
+        return _SlotPairsRow(self, layer)
+
+    def pair_set(self, layer: int, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+        ranks = self._ranks[c]
+        if not ranks or layer not in self._layers[c]:
+            return None
+        return {
+            p: (self._a[p][layer, c, :r], self._b[p][layer, c, :, :r], self._scalings[c][p][layer])
+            for p, r in ranks.items()
+        }
+
+
+class _SlotPairsRow(Sequence):
+    """One layer of _SlotPairs: row[c] is made when asked (a plan asks for the experts that won rows only)."""
+
+    def __init__(self, pairs: _SlotPairs, layer: int) -> None:
+        self._pairs, self._layer = pairs, layer
+
+    def __len__(self) -> int:
+        return len(self._pairs._ranks)
+
+    def __getitem__(self, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:  # type: ignore[override]
+        return self._pairs.pair_set(self._layer, c)
+
+
+def _grown(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A zero tensor `size` long on `dim` (otherwise tensor's shape) with `tensor` copied into its start."""
+    shape = list(tensor.shape)
+    shape[dim] = size
+    out = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+    out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return out
 
 
 # --- one layer's plan --------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ ExpertSlots, the live storage (L = backbone layers, C = slot capacity, H = hidde
                                  ranks zero-padded (exact: gelu(0) = 0)
                 AdapterReferences  adapters[l][c] referencing the experts' own tensors (training sets:
                                  gradients reach the leaves), no copy and no stacked tensors
+    lora_weights  moe.lora.LoraSlots (slot storage only): per MLP projection p, a [L, C, R_p, in], b [L, C, out, R_p],
+                  s [L, C]: the only copy of each LoRA expert's pairs
 
 Plug and unplug cost one expert's slices, whatever the number plugged:
     plug:    take a free slot (the lowest; none free: double the capacity, or grow the rank, reallocating),
@@ -31,11 +33,12 @@ that unplug must not run a forward after that plug. The engine takes `model.plug
 Experts in a set built from slots are weightless handles (shapes and metadata, tensors on the meta device);
 `read(name)` copies an expert's weights back out of its slot.
 
-LoRA experts (moe.lora) take a slot for their gate like any expert (keys, offsets, thresholds, covers; their
-bottleneck columns stay zero) but keep their own tensors: a snapshot carries `lora`, the LoRA experts laid
-out by slot (moe.lora.LoraStacks), rebuilt whenever the LoRA experts change, so a LoRA plug still costs more
-the more LoRA experts are plugged (a bottleneck plug does not). While one is plugged, decode steps take the
-grouped path and the fixed-slot decoder runs eagerly (moe.generation).
+LoRA experts (moe.lora) take a slot like any expert: their gate in the gate columns (their bottleneck columns
+stay zero) and their pairs in the same slot of `lora_weights` (moe.lora.LoraSlots: per projection, written in
+place, the only copy), so a LoRA plug too costs one expert's slices whatever the number plugged. A snapshot
+carries `lora`, that storage laid out for dispatch as views (moe.lora.LoraStacks). While a LoRA expert is
+plugged, decode steps take the grouped path and the fixed-slot decoder runs eagerly (moe.generation). A set
+built from experts (`PluggedSet.build`) builds its LoraStacks from the experts' own tensors instead.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import torch.nn.functional as F
 from moe import lora
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
 from moe.expert import ADAPTER_KIND, BottleneckAdapter, Expert
-from moe.lora import LoraStacks
+from moe.lora import LoraAdapter, LoraPair, LoraSlots, LoraStacks
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,16 @@ def _meta(t: torch.Tensor) -> torch.Tensor:
 
 
 def weightless(expert: Expert) -> Expert:
-    """A bottleneck expert's name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
+    """An expert's name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
+    if is_bottleneck(expert):
+        adapter: BottleneckAdapter | LoraAdapter = BottleneckAdapter(_meta(expert.down), _meta(expert.up))
+    else:
+        pairs = expert.adapter.pairs
+        adapter = LoraAdapter({p: LoraPair(_meta(q.A), _meta(q.B), _meta(q.scaling)) for p, q in pairs.items()})
     return Expert(
         name=expert.name,
         layers=expert.layers,
-        adapter=BottleneckAdapter(_meta(expert.down), _meta(expert.up)),
+        adapter=adapter,
         keys=_meta(expert.keys),
         offsets=_meta(expert.offsets),
         thresholds=_meta(expert.thresholds),
@@ -136,7 +144,7 @@ class BottleneckSlots:
     @torch.no_grad()
     def write(self, slot: int, layers: torch.Tensor, expert: Expert) -> None:
         """The expert's adapters into `slot` (layers [Lx] long on the device), every other layer zeroed (every
-        layer, for a LoRA expert: its weights live in the set's LoraStacks)."""
+        layer, for a LoRA expert: its weights live in moe.lora.LoraSlots)."""
         self.down[:, :, slot].zero_()
         self.up[:, slot].zero_()
         if not is_bottleneck(expert):
@@ -244,6 +252,8 @@ class ExpertSlots:
             if references
             else BottleneckSlots(num_layers, hidden, capacity, rank, self.device, dtype)
         )
+        # LoRA experts' pairs, slot by slot (a reference set builds its LoraStacks from the experts instead)
+        self.lora_weights = None if references else LoraSlots(num_layers, capacity, self.device, dtype)
         # host-side bookkeeping, per slot
         self.names: list[str | None] = [None] * capacity
         self.ranks: list[int] = [0] * capacity
@@ -257,8 +267,8 @@ class ExpertSlots:
         self._snapshot: PluggedSet | None = None
         self._live: PluggedSet | None = None
         self._live_generation = -1
-        # LoRA experts: their stacks are rebuilt when the LoRA experts or the capacity change (cost grows with the
-        # number of LoRA experts plugged), keyed by (capacity, (slot, expert) of each LoRA expert)
+        # a reference set's LoRA stacks, rebuilt when its LoRA experts or the capacity change, keyed by (capacity,
+        # (slot, expert) of each LoRA expert)
         self._lora: LoraStacks | None = None
         self._lora_key: tuple = (0, ())
         self._lora_experts: tuple = ()
@@ -295,13 +305,13 @@ class ExpertSlots:
                 "or choose another name"
             )
         rank = expert.rank if is_bottleneck(expert) else 0  # the bottleneck storage's rank for this slot
-        if not is_bottleneck(expert) and not self.references:
-            expert = expert.to(self.device, self.dtype)  # a LoRA expert keeps its own tensors (the set's stacks)
         slot = self._take_slot(rank)
         layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
         with torch.no_grad():
             # 1. weights and gate into a slot no step can choose (thresholds +inf, covers False)
             self.weights.write(slot, layers, expert)
+            if self.lora_weights is not None:
+                self.lora_weights.write(slot, expert)
             self.keys[:, slot].zero_()
             self.offsets[:, slot].zero_()
             unit = F.normalize(expert.keys.detach().float(), dim=-1).to(self.device, self.dtype)  # [Lx, H]
@@ -316,7 +326,7 @@ class ExpertSlots:
             covers[list(expert.layers)] = True
             self.thresholds[:, slot] = thresholds.to(self.device)
             self.covers[:, slot] = covers.to(self.device)
-        handle = expert if self.references or not is_bottleneck(expert) else weightless(expert)
+        handle = expert if self.references else weightless(expert)
         if old is not None:
             self._release(old)
         self.names[slot], self.ranks[slot], self.covered[slot] = expert.name, rank, frozenset(expert.layers)
@@ -366,6 +376,8 @@ class ExpertSlots:
 
     def _release(self, slot: int) -> None:
         self.names[slot], self.ranks[slot], self.covered[slot] = None, 0, frozenset()
+        if self.lora_weights is not None:
+            self.lora_weights.forget(slot)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -409,6 +421,8 @@ class ExpertSlots:
         )
         self.keys, self.offsets, self.thresholds, self.covers = keys, offsets, thresholds, covers
         self.weights.resize(capacity, rank)
+        if self.lora_weights is not None:
+            self.lora_weights.resize(capacity)
         self._free.extend(range(c, capacity))
         self.names.extend([None] * (capacity - c))
         self.ranks.extend([0] * (capacity - c))
@@ -423,8 +437,10 @@ class ExpertSlots:
         return self.snapshot()
 
     def _lora_stacks(self) -> LoraStacks | None:
-        """The LoRA experts laid out by slot (moe.lora.LoraStacks), rebuilt only when they or the capacity
-        changed: what a LoRA plug costs grows with the number of LoRA experts plugged."""
+        """The LoRA experts laid out by slot (moe.lora.LoraStacks): views of the slot storage; for a reference
+        set, built from the experts' own tensors when they or the capacity changed."""
+        if self.lora_weights is not None:
+            return self.lora_weights.stacks()
         loras = tuple((self._slot_by_name[e.name], e) for e in self._experts if not is_bottleneck(e))
         key = (self.capacity, tuple((slot, id(e)) for slot, e in loras))
         if key != self._lora_key:
@@ -487,18 +503,20 @@ class ExpertSlots:
         return self._live
 
     def read(self, name: str) -> Expert:
-        """The expert with its weights copied back out of its slot (keys come back unit-norm); a LoRA expert
-        as plugged (its own tensors)."""
+        """The expert with its weights copied back out of its slot (keys come back unit-norm)."""
         slot = self.slot_of(name)
         handle = next(e for e in self._experts if e.name == name)
-        if self.references or not is_bottleneck(handle):
+        if self.references:
             return handle
         layers = torch.tensor(handle.layers, dtype=torch.long, device=self.device)
-        down, up = self.weights.read(slot, layers, handle.rank)
+        if is_bottleneck(handle):
+            adapter: BottleneckAdapter | LoraAdapter = BottleneckAdapter(*self.weights.read(slot, layers, handle.rank))
+        else:
+            adapter = self.lora_weights.read(slot, handle.layers)
         return Expert(
             name=handle.name,
             layers=handle.layers,
-            adapter=BottleneckAdapter(down, up),
+            adapter=adapter,
             keys=self.keys[layers, slot].clone(),
             offsets=self.offsets[layers, slot].clone(),
             thresholds=self.thresholds[layers, slot].clone(),
@@ -510,7 +528,8 @@ class ExpertSlots:
     def nbytes(self) -> int:
         """Device memory of the storage: gates and weights."""
         gates = (self.keys, self.offsets, self.thresholds, self.covers)
-        return sum(t.numel() * t.element_size() for t in gates) + self.weights.nbytes()
+        lora = self.lora_weights.nbytes() if self.lora_weights is not None else 0
+        return sum(t.numel() * t.element_size() for t in gates) + self.weights.nbytes() + lora
 
 
 # --- what readers see --------------------------------------------------------------------------------------

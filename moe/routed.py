@@ -12,7 +12,8 @@
 Two dispatch paths, picked on the host from facts known before the step:
     decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
             number of ops with no host read (what a captured decode step runs; on CUDA it can be
-            torch.compile'd into a few fused kernels, see `fuse_decode_routing`)
+            torch.compile'd into a few fused kernels, see `fuse_decode_routing`); on CPU, when the step is
+            neither captured nor compiled, `routed_top1_host_read`: one host read, adapters for routed rows only
     grouped everything else (prefill, training, top-k), and every step while a LoRA expert is plugged: tokens
             grouped by expert, one host read per layer (LoRA experts: moe.lora.plan_lora, gathered without a
             host read for few top-1 tokens)
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
-from moe.dispatch import grouped_dispatch, slot_dispatch
+from moe.dispatch import grouped_dispatch, routed_rows_dispatch, slot_dispatch
 from moe.expert import Expert
 from moe.kv_cache import cache_kwarg
 from moe.lora import LoraPlan, plan_lora, wrap_projections
@@ -58,12 +59,19 @@ def routed_top1(
     keep: torch.Tensor | None,
     down: torch.Tensor,
     up: torch.Tensor,
+    dispatch: Callable[..., torch.Tensor] = slot_dispatch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's decode routing: choice = route_top1(...) [N]; out = slot_dispatch over the rows `keep`
-    allows (None: all) -> (out [N, H], choice [N], what the trace counts). No host read, fixed op count."""
+    """One layer's decode routing: choice = route_top1(...) [N]; out = dispatch over the rows `keep` allows
+    (None: all) -> (out [N, H], choice [N], what the trace counts). With slot_dispatch: no host read, a fixed
+    op count (what a captured or compiled step runs)."""
     choice = route_top1(x, keys, offsets, thresholds, covers, allowed, forced)
     applied = choice if keep is None else torch.where(keep, choice, -1)
-    return slot_dispatch(x, base, applied, down, up), choice
+    return dispatch(x, base, applied, down, up), choice
+
+
+# routed_top1 with one host read per layer: adapters run only for the rows that chose an expert, none when every
+# row takes the base route (eager decode on CPU, where a read costs no device sync). The same results.
+routed_top1_host_read = functools.partial(routed_top1, dispatch=routed_rows_dispatch)
 
 
 @functools.cache
@@ -272,8 +280,9 @@ class RoutedModel(nn.Module):
         past_key_values: a transformers Cache, written in place (passed under the name the installed
             transformers takes).
         logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
-        fixed_ops: take the decode path (no host read) whatever the token count, where it applies (top-1,
-            slot storage, no gradient): what a captured decode step needs.
+        fixed_ops: take the decode path with no host read whatever the token count, where it applies (top-1,
+            slot storage, no gradient): what a captured or compiled decode step needs. Without it, a few tokens
+            on CPU take the decode path with one host read per layer (adapters for the routed rows only).
         """
         plugged = plugged if plugged is not None else self.plugged
         batch, length = input_ids.shape
@@ -335,7 +344,8 @@ class RoutedModel(nn.Module):
             and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
             and not torch.is_grad_enabled()
         ):
-            decode = self.decode_route
+            host_read = not fixed_ops and device.type == "cpu" and self.decode_route is routed_top1
+            decode = routed_top1_host_read if host_read else self.decode_route
         return _Step(
             plugged=plugged,
             top_k=self.router.top_k,

@@ -2,9 +2,10 @@
 
     loop:
         run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
-        admit waiting requests up to max_batch_size: moe.generation.prefill them together (sequence mode is
-            decided there; requests that asked for prompt logprobs are prefilled apart, with every position's
-            logits), sample their first tokens, and join each to a free slot of the decoder
+        admit waiting requests up to max_batch_size, their prompts up to max_prefill_tokens (the rest wait a
+            step): moe.generation.prefill them together (sequence mode is decided there; requests that asked for
+            prompt logprobs are prefilled apart, with every position's logits), sample their first tokens, and
+            join each to a free slot of the decoder
         one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
             (a moe.generation.StaticDecoder step: fixed slots; on CUDA a captured graph per bucket; then
             penalties, logit bias, structured output masks: moe.sampling and moe.structured_output)
@@ -97,6 +98,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_queue: int = 64,
+        max_prefill_tokens: int = 512,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
         cuda_graphs: bool = True,
@@ -105,6 +107,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.context_limit = context_limit or context_length(model)
         self.metrics = metrics
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -334,9 +337,17 @@ class Engine:
                 future.set_exception(e)
 
     def _admit(self) -> None:
+        """Start waiting requests, first come first served, while the batch has room and their prompts fit
+        max_prefill_tokens (the first always starts): the prefill between two decode steps stays bounded, so
+        the running rows' next token is not held behind a burst of new prompts."""
         handles: list[RequestHandle] = []
+        budget = self.max_prefill_tokens
         with self._wake:
             while self._waiting and len(self._running) + len(handles) < self.max_batch_size:
+                tokens = len(self._waiting[0].request.prompt_ids)
+                if handles and tokens > budget:
+                    break
+                budget -= tokens
                 handles.append(self._waiting.popleft())
         if not handles:
             return

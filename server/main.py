@@ -53,6 +53,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         tokenizer,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        max_prefill_tokens=settings.max_prefill_tokens,
         context_limit=settings.context_limit,
         metrics=metrics,
         cuda_graphs=settings.cuda_graphs,

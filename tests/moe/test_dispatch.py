@@ -1,12 +1,12 @@
-"""Dispatch: the grouped (prefill, training) and slot (decode: dense and gathered) paths against the plain
-per-token loop."""
+"""Dispatch: the grouped (prefill, training), slot (decode: dense and gathered) and routed-rows (eager CPU decode)
+paths against the plain per-token loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moe.dispatch import grouped_dispatch, reference_dispatch, slot_dispatch
+from moe.dispatch import grouped_dispatch, reference_dispatch, routed_rows_dispatch, slot_dispatch
 from moe.plugged import LayerAdapter
 from tests.tiny import HIDDEN
 
@@ -99,6 +99,36 @@ def test_slot_dispatch_cases(case: str, form: str) -> None:
     out = slot_dispatch(x, base, choice, *stacked(layer, FORMS[form]))
     torch.testing.assert_close(out, reference_dispatch(x, base, choice[:, None], layer), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[choice < 0], base[choice < 0])
+
+
+@pytest.mark.parametrize("free", [0, 40])
+@pytest.mark.parametrize("case", [c for c in CHOICES if len(CHOICES[c][0]) == 1])
+def test_routed_rows_dispatch_cases(case: str, free: int) -> None:
+    """The eager CPU decode form: the reference loop's result, base rows bit for bit, `base` itself (no copy, no
+    adapter run) when nothing routed, and base never written in place."""
+    layer = random_adapters([4, 2, 4, 1])
+    g = torch.Generator().manual_seed(1)
+    x, base = torch.randn(4, HIDDEN, generator=g), torch.randn(4, HIDDEN, generator=g)
+    choice = torch.tensor(CHOICES[case])[:, 0]
+    before = base.clone()
+    out = routed_rows_dispatch(x, base, choice, *stacked(layer, free))
+    torch.testing.assert_close(out, reference_dispatch(x, base, choice[:, None], layer), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[choice < 0], base[choice < 0]) and torch.equal(base, before)
+    assert (out is base) == bool((choice < 0).all())
+
+
+def test_routed_rows_dispatch_equals_slot_dispatch_on_random_batches() -> None:
+    g = torch.Generator().manual_seed(3)
+    down, up = stacked(random_adapters([4, 2, 4], seed=3), free=5)
+    for n in (1, 7, 33):
+        x, base = torch.randn(n, HIDDEN, generator=g), torch.randn(n, HIDDEN, generator=g)
+        choice = torch.randint(-1, 3, (n,), generator=g)
+        torch.testing.assert_close(
+            routed_rows_dispatch(x, base, choice, down, up),
+            slot_dispatch(x, base, choice, down, up),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_top2_token_takes_the_mean_of_its_two_adapters() -> None:

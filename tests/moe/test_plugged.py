@@ -271,6 +271,31 @@ def test_a_plug_and_an_unplug_touch_one_slot_only(plugged: int) -> None:
     assert storage.snapshot().columns[3] is None and "e3" not in storage.snapshot()
 
 
+@pytest.mark.parametrize("plugged", [8, 256])
+def test_a_lora_plug_touches_one_slot_only(plugged: int) -> None:
+    """At N LoRA experts plugged, plugging another writes one slot of the LoRA storage and unplugging one writes
+    none: every other slot's pairs stay as they were, bit for bit, and no tensor is reallocated."""
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    model.slots.reserve(plugged + 1)
+    shapes = model.projection_shapes
+    for i in range(plugged):
+        model.plug(tiny_lora_expert(f"l{i}", shapes, seed=i, threshold=0.0, rank=4 if i % 2 else 2))
+    lora = model.slots.lora_weights
+    tensors = [*lora.a.values(), *lora.b.values(), *lora.s.values()]
+    before, addresses = [t.clone() for t in tensors], [t.data_ptr() for t in tensors]
+    plugged_set = model.plug(tiny_lora_expert("new", shapes, seed=999, threshold=0.1, rank=3))
+    slot = plugged_set.index("new")
+    assert slot == plugged and [t.data_ptr() for t in tensors] == addresses
+    for old, new in zip(before, tensors, strict=True):
+        keep = torch.ones(new.shape[1], dtype=torch.bool)
+        keep[slot] = False
+        assert torch.equal(old[:, keep], new[:, keep])
+    before = [t.clone() for t in tensors]
+    model.unplug("l3")
+    assert all(torch.equal(old, new) for old, new in zip(before, tensors, strict=True))
+    assert not lora.is_lora[3] and model.plugged.lora.pairs[0][3] is None and model.plugged.lora.pairs[0][slot]
+
+
 def test_memory_is_one_copy_of_the_weights() -> None:
     """Per plugged expert the storage holds its weights once (at the storage's rank) and its gates."""
     model = RoutedModel(tiny_backbone("llama", seed=0))
@@ -314,8 +339,9 @@ def test_set_all_keeps_plugged_experts_in_their_slots_and_refuses_a_bad_set_whol
 
 
 def test_lora_stacks_follow_the_lora_experts_by_slot() -> None:
-    """A LoRA expert takes a slot for its gate (its bottleneck columns stay zero); the set's LoRA stacks are laid
-    out by slot, kept across bottleneck plugs, and rebuilt when a LoRA expert leaves and another takes its slot."""
+    """A LoRA expert takes a slot for its gate (its bottleneck columns stay zero) and its pairs (the LoRA slot
+    storage, the only copy); the set's LoRA stacks are views of that storage by slot, untouched by bottleneck
+    plugs, and follow a LoRA expert that leaves and another that takes its slot."""
     model = RoutedModel(tiny_backbone("llama", seed=0))
     shapes = model.projection_shapes
     model.plug(tiny_expert("b", seed=1, threshold=0.0))
@@ -325,7 +351,16 @@ def test_lora_stacks_follow_the_lora_experts_by_slot() -> None:
     assert plugged.lora.is_lora.tolist() == [i == slot for i in range(plugged.capacity)]
     assert not plugged.down[:, :, slot].any() and not plugged.up[:, slot].any()
     assert plugged.adapters[0][slot] is None and plugged.adapters[0][plugged.index("b")] is not None
-    assert model.plug(tiny_expert("c", seed=3)).lora is plugged.lora, "a bottleneck plug keeps the LoRA stacks"
+    assert plugged.get("a").adapter.pairs["down_proj"].A.device.type == "meta", "the slot holds the only copy"
+    back = plugged.read("a").adapter.pairs
+    for p, pair in a.adapter.pairs.items():
+        assert torch.equal(back[p].A, pair.A) and torch.equal(back[p].B, pair.B), p
+        assert torch.equal(back[p].scaling, pair.scaling), p
+    storage = model.slots.lora_weights.a["down_proj"]
+    before = storage.clone()
+    after = model.plug(tiny_expert("c", seed=3))
+    assert torch.equal(storage, before), "a bottleneck plug writes nothing of the LoRA slots"
+    assert after.lora.a[0]["down_proj"].data_ptr() == storage[0].data_ptr(), "views, not copies"
     model.unplug("a")
     assert model.plugged.lora is None
     c = tiny_lora_expert("z", shapes, seed=4, threshold=0.0)

@@ -285,11 +285,12 @@ class HostReads(TorchDispatchMode):
 
 def test_a_step_reads_nothing_on_the_host() -> None:
     """The body a CUDA graph would capture (routed: pins, allow-lists, observe-free rows; and bare) runs no op
-    that reads a device value on the host or has a data-dependent shape; the grouped path (prefill) does."""
+    that reads a device value on the host or has a data-dependent shape; the grouped path (prefill) does, and so
+    does an eager CPU step by default (it runs adapters for the routed rows only)."""
     model = RoutedModel(tiny64("qwen2", seed=4))
     for expert in experts_for(model, 3, seed=9):
         model.plug(expert)
-    decoder = StaticDecoder(model, max_batch=4, max_len=32)
+    decoder = StaticDecoder(model, max_batch=4, max_len=32, fixed_ops=True)
     prompts = prompts_of(5)[:3]
     specs = [RoutingSpec("token"), RoutingSpec("pin", "e1"), RoutingSpec(allow=("e0",))]
     pre = prefill(model, prompts, specs)
@@ -307,6 +308,14 @@ def test_a_step_reads_nothing_on_the_host() -> None:
     with watch:
         prefill(model, prompts, specs)
     assert watch.reads, "the check sees host reads where there are some"
+    eager = StaticDecoder(model, max_batch=4, max_len=32)
+    slots = [eager.join(pre, row) for row in range(3)]
+    watch = HostReads()
+    with watch:
+        decode_one_token(eager, slots, [1, 2, 3], specs)
+    assert watch.reads, "an eager CPU step reads each layer's choices"
+    with pytest.raises(ValueError, match="fixed_ops"):
+        StaticDecoder(model, max_batch=4, max_len=32, compile_backend="aot_eager", fixed_ops=False)
 
 
 def test_routing_rows_follow_plugs_and_unplugs_between_steps() -> None:

@@ -307,6 +307,39 @@ def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
 # --- refusals -----------------------------------------------------------------------------------------------
 
 
+def test_prefill_between_two_steps_stays_under_max_prefill_tokens(
+    make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of prompts starts over several steps, first come first served, each step's prefill within the
+    budget (one prompt alone may exceed it); every request gets the tokens it gets alone."""
+    prompts = [PROMPT, OTHER, PROMPT + " jumps", OTHER + " return a", PROMPT + " over the lazy dog"]
+    lengths = [len(tokenizer.encode(p)) for p in prompts]
+    budget = lengths[0] + lengths[1]
+    engine = make_engine(max_prefill_tokens=budget)
+    want = [alone(engine, p, 6) for p in prompts]
+    prefilled: list[list[int]] = []
+    real = engine_module.prefill
+
+    def recording(model: Any, prompt_ids: list[list[int]], *args: Any, **kwargs: Any) -> Any:
+        prefilled.append([len(ids) for ids in prompt_ids])
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prefill", recording)
+
+    async def main() -> list[tuple[list[Event], Finished]]:
+        gate = hold(engine)  # the whole burst is waiting when the engine next admits
+        handles = [engine.submit(request(tokenizer, p, 6)) for p in prompts]
+        gate.set()
+        return list(await asyncio.gather(*(finish(h.events()) for h in handles)))
+
+    results = asyncio.run(main())
+    assert [token_ids(events) for events, _ in results] == want
+    assert all(done.reason == LENGTH for _, done in results)
+    assert [n for call in prefilled for n in call] == lengths, "first come, first served"
+    assert len(prefilled) > 1 and all(sum(call) <= budget or len(call) == 1 for call in prefilled)
+    assert prefilled[0] == lengths[:2], "the budget is used, not only one prompt per step"
+
+
 def test_a_full_queue_refuses_with_the_numbers(make_engine, tokenizer) -> None:
     engine = make_engine(max_batch_size=1, max_queue=1)
 
