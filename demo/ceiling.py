@@ -23,7 +23,7 @@ import torch
 
 from experts.config import TrainConfig
 from experts.data import load_examples, shuffled_picks
-from experts.train import _lr_at, heldout_loss, single_set, train_adapter, trainable_expert
+from experts.train import heldout_loss, lr_at, single_set, train_adapter, trainable_expert
 from moe import RoutedModel, RoutingSpec, load_backbone
 from moe.batching import batches, forward, token_nll
 
@@ -41,7 +41,7 @@ def fine_tune_whole_backbone(model: RoutedModel, tokenizer, train: list, held: l
     for step, picked in zip(range(1, config.steps + 1), picks, strict=False):
         (batch,) = batches(tokenizer, [train[i] for i in picked], config.batch_size, config.max_tokens)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step - 1, config)
+            group["lr"] = lr_at(step - 1, config)
         nll, count = token_nll(forward(model, batch, [off] * len(batch), nothing).logits, batch)
         optimizer.zero_grad(set_to_none=True)
         (nll.sum() / count.sum().clamp(min=1)).backward()

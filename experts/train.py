@@ -125,7 +125,8 @@ def behaviour_accuracy(
     return sum(hits) / max(len(hits), 1)
 
 
-def _lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Stage 1's learning rate at 0-based `step`: linear warmup to config.lr, then cosine down to 10% of it."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
@@ -181,7 +182,7 @@ def train_adapter(
         (batch,) = batches(tokenizer, [train[i] for i in picked], config.batch_size, config.max_tokens)
         batch = batch.to(device)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step - 1, config)
+            group["lr"] = lr_at(step - 1, config)
         plugged = single_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
         out = forward(model, batch, [spec] * len(batch), plugged)
         nll, count = token_nll(out.logits, batch)

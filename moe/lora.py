@@ -285,7 +285,8 @@ class LoraSlots:
 
     a[p] [L, C, R_p, in], b[p] [L, C, out, R_p], s[p] [L, C] float32   per projection p, allocated when the first
         LoRA expert adapting p is plugged; R_p grows to the largest rank plugged on p (zero padding is exact)
-    is_lora [C] bool (device); host mirrors per slot: its ranks {p: r}, scalings {p: L floats}, layers
+    is_lora [C] bool (device); host mirrors per slot: its ranks {p: r}, scalings {p: L floats} (which layers a
+        slot covers is the gate storage's host fact, passed to `stacks`)
 
     A plug writes one slot (zeroing what it held before), whatever the number plugged; `stacks()` lays the storage
     out for a snapshot as views (no copy): the same LoraStacks a set built from experts gets.
@@ -299,7 +300,6 @@ class LoraSlots:
         self.is_lora = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.ranks: list[dict[str, int]] = [{} for _ in range(capacity)]
         self.scalings: list[dict[str, tuple[float, ...]]] = [{} for _ in range(capacity)]
-        self.layers: list[frozenset[int]] = [frozenset()] * capacity
 
     @property
     def capacity(self) -> int:
@@ -315,7 +315,6 @@ class LoraSlots:
         self.is_lora = _grown(self.is_lora, 0, capacity)
         self.ranks.extend({} for _ in range(capacity - c))
         self.scalings.extend({} for _ in range(capacity - c))
-        self.layers.extend([frozenset()] * (capacity - c))
 
     def _room(self, p: str, pair: LoraPair) -> None:
         """Storage for projection p at least pair's rank (allocated, or its rank grown)."""
@@ -336,8 +335,7 @@ class LoraSlots:
             self.a[p][:, slot].zero_()
             self.b[p][:, slot].zero_()
             self.s[p][:, slot].zero_()
-        self.is_lora[slot] = False
-        self.ranks[slot], self.scalings[slot], self.layers[slot] = {}, {}, frozenset()
+        self.forget(slot)
         if not isinstance(expert.adapter, LoraAdapter):
             return
         layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
@@ -352,13 +350,12 @@ class LoraSlots:
                 scaling[layer] = value
             self.ranks[slot][p], self.scalings[slot][p] = r, tuple(scaling)
         self.is_lora[slot] = True
-        self.layers[slot] = frozenset(expert.layers)
 
     def forget(self, slot: int) -> None:
         """The slot no longer holds a LoRA expert (unplugged: its gate is disabled; the weights stay unread until
         the slot is written again)."""
         self.is_lora[slot] = False
-        self.ranks[slot], self.scalings[slot], self.layers[slot] = {}, {}, frozenset()
+        self.ranks[slot], self.scalings[slot] = {}, {}
 
     def read(self, slot: int, layers: Sequence[int]) -> LoraAdapter:
         """The slot's adapter copied back out (its layers in `layers` order)."""
@@ -372,17 +369,17 @@ class LoraSlots:
             }
         )
 
-    def stacks(self) -> LoraStacks | None:
-        """The storage laid out for dispatch (views, plus a copy of the host facts and of is_lora); None when no
-        slot holds a LoRA expert."""
+    def stacks(self, covered: Sequence[frozenset[int]]) -> LoraStacks | None:
+        """The storage laid out for dispatch (views, plus a copy of the host facts and of is_lora); covered[c]: the
+        layers slot c's expert covers. None when no slot holds a LoRA expert."""
         slots = [c for c in range(self.capacity) if self.ranks[c]]
         if not slots:
             return None
-        on_layer = tuple(any(layer in self.layers[c] for c in slots) for layer in range(self.num_layers))
+        on_layer = tuple(any(layer in covered[c] for c in slots) for layer in range(self.num_layers))
         return LoraStacks(
             is_lora=self.is_lora.clone(),
             on_layer=on_layer,
-            pairs=_SlotPairs(self, [dict(r) for r in self.ranks], list(self.scalings), list(self.layers)),
+            pairs=_SlotPairs(self, [dict(r) for r in self.ranks], list(self.scalings), list(covered)),
             a=tuple({p: t[layer] for p, t in self.a.items()} for layer in range(self.num_layers)),
             b=tuple({p: t[layer] for p, t in self.b.items()} for layer in range(self.num_layers)),
             s=tuple({p: t[layer] for p, t in self.s.items()} for layer in range(self.num_layers)),

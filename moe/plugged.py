@@ -440,7 +440,7 @@ class ExpertSlots:
         """The LoRA experts laid out by slot (moe.lora.LoraStacks): views of the slot storage; for a reference
         set, built from the experts' own tensors when they or the capacity changed."""
         if self.lora_weights is not None:
-            return self.lora_weights.stacks()
+            return self.lora_weights.stacks(self.covered)
         loras = tuple((self._slot_by_name[e.name], e) for e in self._experts if not is_bottleneck(e))
         key = (self.capacity, tuple((slot, id(e)) for slot, e in loras))
         if key != self._lora_key:
