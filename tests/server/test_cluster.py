@@ -94,7 +94,9 @@ def cluster(request: pytest.FixtureRequest, ray_serve: str, tmp_path_factory) ->
     cluster_settings = ClusterSettings(
         num_replicas=2,
         num_cpus=1,
-        plug_wait_s=2 * POLL_S,
+        # a plug answers once every replica serves the new set; a replica that lost a same-name race is still in
+        # its own admission report (seconds on 2 loaded CPU cores) before its watch applies the winner's set
+        plug_wait_s=30 * POLL_S,
         app_name=app_name,
         route_to_current=request.param == "s3",  # one deployment runs with the custom request router
     )
