@@ -3,7 +3,7 @@
     python bench/sampling_overhead.py                  # batch 16; the demo vocabulary and a 152k one
     python bench/sampling_overhead.py --vocab 2189     # one vocabulary only
 
-Per configuration: moe.sampling.sample_step on random logits [B, V] (every row with the feature), plus for
+Per configuration: moe.decode.sampling.sample_step on random logits [B, V] (every row with the feature), plus for
 `grammar` the llguidance mask fill of B JSON-schema rows on the demo tokenizer (what the engine adds per step).
 Configurations run round-robin, best of --repeats, in one run; ratios are against `plain` of the same run.
 """
@@ -16,8 +16,8 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from moe.sampling import AllowedTokens, SamplingParams, sample_step
-from moe.structured_output import GrammarCompiler, GrammarSpec
+from moe.decode.sampling import AllowedTokens, SamplingParams, sample_step
+from moe.decode.structured_output import GrammarCompiler, GrammarSpec
 from server.settings import DEMO_MODEL_DIR
 
 SCHEMA = {

@@ -74,7 +74,7 @@ def write_experts(model_dir: Path, directory: Path, routed: int, closed: int, ra
 
     from bench.shapes import DTYPES
     from moe import Expert, ExpertFile
-    from moe.backbone import fingerprint, load_backbone
+    from moe.model.backbone import fingerprint, load_backbone
 
     model, _ = load_backbone(model_dir, device="cpu", dtype="float32")
     backbone = fingerprint(model)

@@ -25,7 +25,7 @@ from experts.config import TrainConfig
 from experts.data import load_examples, shuffled_picks
 from experts.train import heldout_loss, lr_at, single_set, train_adapter, trainable_expert
 from moe import RoutedModel, RoutingSpec, load_backbone
-from moe.batching import batches, forward, token_nll
+from moe.model.text_batches import batches, forward, token_nll
 
 
 def fine_tune_whole_backbone(model: RoutedModel, tokenizer, train: list, held: list, config: TrainConfig) -> list:

@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experts.data import load_examples, shuffled_picks
-from moe.batching import batches, token_nll
+from moe.model.text_batches import batches, token_nll
 
 
 @torch.no_grad()

@@ -42,9 +42,9 @@ from experts.data import (
     to_examples,
     write_jsonl,
 )
-from moe.admission import DEFAULT_CALIBRATION
-from moe.composition import domain_sample
-from moe.file import ExpertFile
+from moe.adapters.file import ExpertFile
+from moe.admission.report import DEFAULT_CALIBRATION
+from moe.admission.samples import domain_sample
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _load_model(path: str, device: str, dtype: str = "float32"):
 
 def default_calibration(model_path: str | Path) -> Path:
     """The general calibration text: beside the model, in its sibling `data/` (the demo's layout), or the
-    copy shipped with plugmoe (`moe/calibration.txt`, what the server's admission report uses)."""
+    copy shipped with plugmoe (`moe/admission/calibration.txt`, what the server's admission report uses)."""
     model_path = Path(model_path)
     candidates = [
         model_path / CALIBRATION_NAME,
@@ -456,7 +456,7 @@ def add_admit(subparsers: argparse._SubParsersAction) -> None:
 
 def run_admit(args: argparse.Namespace) -> int:
     """Exit status 0: admitted (the file at --out is what the server would plug); 3: refused."""
-    from moe.admission import admit, load_calibration_texts
+    from moe.admission.report import admit, load_calibration_texts
 
     _setup(args)
     config = build(AdmitConfig, args)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moe.admission import AdmissionLimits
+from moe.admission.report import AdmissionLimits
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 

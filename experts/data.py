@@ -7,7 +7,7 @@ template turns into a prompt and an answer (loss on the answer tokens only):
       prompt  "Question: <q>\\nAnswer:"         (everything before {answer}, trailing space moved to the answer)
       answer  " <a>"
 
-Examples are tokenised by moe.batching.encode, as the demo backbone was trained: the tokenizer's special
+Examples are tokenised by moe.model.text_batches.encode, as the demo backbone was trained: the tokenizer's special
 prefix (if any), the text, then EOS, so an expert also learns where an answer stops.
 """
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from experts.data import Extractor, Template, cut_after_gsm8k_answer, gsm8k_answer
 from experts.progress import progress_bar
-from moe.generation import generate
-from moe.routed import RoutedModel
-from moe.router import RoutingSpec
-from moe.sampling import SamplingParams
+from moe.decode.generation import generate
+from moe.decode.sampling import SamplingParams
+from moe.model.routed import RoutedModel
+from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Evaluation of plugged experts: perplexity, behaviour and routing per domain, and the summary tables.
 
-Every run here goes through the model package's batching (`moe.batching`) and its one generation path
-(`moe.generation`), the code the server runs; nothing re-implements routing. Sequence mode's decisions come
-from `moe.generation.decide_routes`, the protocol the server's prefill follows.
+Every run here goes through the model package's batching (`moe.model.text_batches`) and its one generation path
+(`moe.decode.generation`), the code the server runs; nothing re-implements routing. Sequence mode's decisions come
+from `moe.decode.generation.decide_routes`, the protocol the server's prefill follows.
 
 `plugmoe eval`, per domain (a NAME=FILE pair; the expert of the same name is its target, `--base` names the
 base domain, whose target is the base route):
@@ -32,13 +32,13 @@ import torch
 from experts.config import EvalConfig
 from experts.data import Example, Extractor, gsm8k_answer
 from experts.progress import progress_bar
-from moe.batching import batches, forward, token_nll
-from moe.expert import BASE_ROUTE
-from moe.generation import decide_routes, generate
-from moe.plugged import PluggedSet
-from moe.routed import RoutedModel
-from moe.router import RoutingSpec
-from moe.trace import add_counts, route_shares, routing_entropy
+from moe.adapters.expert import BASE_ROUTE
+from moe.adapters.slots import PluggedSet
+from moe.decode.generation import decide_routes, generate
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import batches, forward, token_nll
+from moe.model.trace import add_counts, route_shares, routing_entropy
+from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 

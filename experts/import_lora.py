@@ -7,7 +7,7 @@
                                              only changes how PEFT merges)
 
 Conversion (`convert_adapter`): every LoRA pair on an MLP projection of the backbone's family
-(moe.backbone.FAMILIES) becomes the expert's pair for that (layer, projection), scaling = alpha / r
+(moe.model.backbone.FAMILIES) becomes the expert's pair for that (layer, projection), scaling = alpha / r
 (alpha / sqrt(r) with use_rslora), r and alpha per module through rank_pattern / alpha_pattern with PEFT's own
 matching rule (the first pattern key k with re.match(rf"(.*\\.)?({k})$", module) wins). Refused, with a
 message saying why and what to do: other PEFT types; features the LoRA kind does not reproduce (DoRA,
@@ -47,12 +47,12 @@ from experts.train import (
     texts_of,
     train_gate,
 )
-from moe.backbone import family_of
-from moe.batching import batches
-from moe.expert import Expert
-from moe.lora import LoraAdapter, LoraPair
-from moe.routed import RoutedModel
-from moe.router import RoutingSpec
+from moe.adapters.expert import Expert
+from moe.adapters.lora import LoraAdapter, LoraPair
+from moe.model.backbone import family_of
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import batches
+from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@
                        (`threshold_holdout` of the texts, up to `threshold_max_tokens` tokens) it never saw,
                        so that the cap holds on new text. Other domains' negatives (and the plugged experts'
                        domain samples) train the key but do not set the threshold: the cap is about base text.
-             offsets   the loss-free rule (moe.balance) over mixed batches routed in token mode, target load =
+             offsets   the loss-free rule (moe.routing.balance) over mixed batches routed in token mode, target load =
                        the domain's share of the batch's tokens; clamped so the negatives' false-positive
                        rate stays within the cap.
 
@@ -40,15 +40,15 @@ from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer, shuffled_picks
 from experts.evaluate import sequence_decisions
 from experts.progress import progress_bar
-from moe.admission import AdmissionLimits, admit
-from moe.balance import clamp_offsets, loss_free_update
-from moe.batching import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
-from moe.expert import BASE_ROUTE, Expert
-from moe.file import bound_domain_sample
-from moe.generation import generate
-from moe.plugged import PluggedSet
-from moe.routed import RoutedModel
-from moe.router import RoutingSpec
+from moe.adapters.expert import BASE_ROUTE, Expert
+from moe.adapters.file import bound_domain_sample
+from moe.adapters.slots import PluggedSet
+from moe.admission.report import AdmissionLimits, admit
+from moe.decode.generation import generate
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
+from moe.routing.balance import clamp_offsets, loss_free_update
+from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def train_expert(
     calibration (and its held-out part, for the routing check) is base-domain text: the false-positive cap
     applies to it. negatives are other domains' texts the gate must also reject. The file's domain sample is
     drawn from `sample` (default: heldout). With `others`, the thresholds are repaired beside them on
-    `repair_calibration` (default: the calibration texts) as the server's admission does (moe.admission).
+    `repair_calibration` (default: the calibration texts) as the server's admission does (moe.admission.report).
     With `adapter` (an expert of the same layers and rank), stage 1 is skipped and its adapter kept: only
     the gate is trained (re-fitting an expert's gate beside new experts).
     """
@@ -533,7 +533,7 @@ def texts_of(examples: Sequence[Example]) -> list[str]:
 
 
 def domain_sample_texts(examples: Sequence[Example], size: int, seed: int) -> list[str]:
-    """A seeded sample of the domain as whole texts, within the expert file's bounds (moe.file)."""
+    """A seeded sample of the domain as whole texts, within the expert file's bounds (moe.adapters.file)."""
     order = list(range(len(examples)))
     random.Random(f"{seed}/domain-sample").shuffle(order)
     return bound_domain_sample(texts_of([examples[i] for i in order]), max_texts=size)

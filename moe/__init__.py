@@ -6,7 +6,10 @@ Layers above this package: `server/` (the HTTP service) and `experts/` (offline 
 and never from each other.
 """
 
-from moe.backbone import BackboneFingerprint, fingerprint, load_backbone
+from moe.adapters.expert import BASE_ROUTE, BottleneckAdapter, Expert, check_name
+from moe.adapters.file import ExpertFile, write_atomically
+from moe.adapters.lora import LoraAdapter, LoraPair
+from moe.adapters.slots import PluggedSet
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
@@ -18,13 +21,10 @@ from moe.errors import (
     UnknownExpertError,
     UnsupportedBackboneError,
 )
-from moe.expert import BASE_ROUTE, BottleneckAdapter, Expert, check_name
-from moe.file import ExpertFile, write_atomically
-from moe.lora import LoraAdapter, LoraPair
-from moe.plugged import PluggedSet
-from moe.routed import RoutedModel, RoutedOutput
-from moe.router import MODES, RouterConfig, RoutingMode, RoutingSpec, StepRouting
-from moe.trace import RoutingTrace, route_shares, routing_entropy
+from moe.model.backbone import BackboneFingerprint, fingerprint, load_backbone
+from moe.model.routed import RoutedModel, RoutedOutput
+from moe.model.trace import RoutingTrace, route_shares, routing_entropy
+from moe.routing.router import MODES, RouterConfig, RoutingMode, RoutingSpec, StepRouting
 
 __all__ = [
     "BASE_ROUTE",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 class UnsupportedBackboneError(ValueError):
-    """The model's family has no row in moe.backbone.FAMILIES."""
+    """The model's family has no row in moe.model.backbone.FAMILIES."""
 
 
 class InvalidExpertNameError(ValueError):
@@ -107,7 +107,8 @@ class NonFiniteTensorError(ExpertFileError):
 
 
 class WeightMagnitudeError(ExpertFileError):
-    """A tensor holds values too large to serve (over moe.file.MAX_ABS_WEIGHT, or overflowing the serving dtype)."""
+    """A tensor holds values too large to serve (over moe.adapters.file.MAX_ABS_WEIGHT, or overflowing the serving
+    dtype)."""
 
 
 class MetadataTooLargeError(ExpertFileError):

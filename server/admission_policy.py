@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from moe import Expert, RoutedModel
-from moe.admission import AdmissionLimits, BaselineCache, admit, load_calibration_texts
+from moe.admission.report import AdmissionLimits, BaselineCache, admit, load_calibration_texts
 from server.errors import AdmissionRejectedError
 from server.settings import Settings
 

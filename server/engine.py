@@ -3,12 +3,12 @@
     loop:
         run queued calls (plug, unplug, anything that touches the plugged set): between steps, never during one
         admit waiting requests up to max_batch_size, their prompts up to max_prefill_tokens (the rest wait a
-            step): moe.generation.prefill them together (sequence mode is decided there; requests that asked for
+            step): moe.decode.generation.prefill them together (sequence mode is decided there; requests that asked for
             prompt logprobs are prefilled apart, with every position's logits), sample their first tokens, and
             join each to a free slot of the decoder
-        one moe.generation.decode_one_token for every running sequence, each with its own routing and sampling
-            (a moe.generation.StaticDecoder step: fixed slots; on CUDA a captured graph per bucket; then
-            penalties, logit bias, structured output masks: moe.sampling and moe.structured_output)
+        one moe.decode.generation.decode_one_token for every running sequence, each with its own routing and sampling
+            (a moe.decode.generation.StaticDecoder step: fixed slots; on CUDA a captured graph per bucket; then
+            penalties, logit bias, structured output masks: moe.decode.sampling and moe.decode.structured_output)
         emit each new token's text (server.text_stream) to its request's queue; free the slots of finished and
             cancelled rows
 
@@ -36,10 +36,17 @@ from typing import Any, TypeVar
 import torch
 
 from moe import BASE_ROUTE, Expert, GrammarError, PluggedSet, RoutedModel, RoutingSpec, route_shares, routing_entropy
-from moe.generation import StaticDecoder, capture_refusal, context_length, decode_one_token, eos_token_ids, prefill
-from moe.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
-from moe.structured_output import GrammarCompiler, advance
-from moe.trace import add_counts
+from moe.decode.generation import (
+    StaticDecoder,
+    capture_refusal,
+    context_length,
+    decode_one_token,
+    eos_token_ids,
+    prefill,
+)
+from moe.decode.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
+from moe.decode.structured_output import GrammarCompiler, advance
+from moe.model.trace import add_counts
 from server.metrics import Metrics
 from server.requests import (
     CANCELLED,

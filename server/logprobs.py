@@ -1,4 +1,4 @@
-"""Token logprobs as each API writes them (the engine hands over moe.sampling.TokenLogprobs).
+"""Token logprobs as each API writes them (the engine hands over moe.decode.sampling.TokenLogprobs).
 
     completions  {"tokens": [text], "token_logprobs": [lp | null], "top_logprobs": [null | {text: lp}],
                   "text_offset": [int]}        top dict: the chosen token and the k most likely (vLLM's shape)
@@ -16,7 +16,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from moe.sampling import TokenLogprobs
+from moe.decode.sampling import TokenLogprobs
 
 FLOOR = -9999.0
 

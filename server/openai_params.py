@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from moe.structured_output import GrammarSpec
+from moe.decode.structured_output import GrammarSpec
 from server.errors import BadRequestError
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.settings import Settings

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from moe import RoutingSpec
-from moe.sampling import SamplingParams, TokenLogprobs
-from moe.structured_output import GrammarSpec
+from moe.decode.sampling import SamplingParams, TokenLogprobs
+from moe.decode.structured_output import GrammarSpec
 
 # why a request finished
 STOP, LENGTH, EXPERT_UNPLUGGED, CANCELLED, ERROR = "stop", "length", "expert_unplugged", "cancelled", "error"

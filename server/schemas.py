@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from moe import RoutingMode
-from moe.expert import NAME_PATTERN
-from moe.sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TOP_P
+from moe.adapters.expert import NAME_PATTERN
+from moe.decode.sampling import MAX_REPETITION_PENALTY, MAX_SEED, MIN_REPETITION_PENALTY, MIN_TOP_P
 
 
 def _unicode(text: str) -> str:

@@ -1,6 +1,6 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
-    plug:   validate the file (moe.file) -> catch up with the store -> a pinned probe forward whose logits must
+    plug:   validate the file (moe.adapters.file) -> catch up with the store -> a pinned probe forward whose logits must
             be finite -> admission (server.admission_policy; in repair mode it may raise the candidate's
             thresholds, and the repaired file is what is stored) -> store the file and commit the next
             expert-set version (server.expert_store) -> serve it
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, UnknownExpertError
-from moe.admission import probe_is_finite
+from moe.admission.report import probe_is_finite
 from moe.errors import NonFiniteOutputError
 from server.admission_policy import AdmissionPolicy
 from server.engine import Engine

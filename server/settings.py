@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from moe.admission import DEFAULT_CALIBRATION
+from moe.admission.report import DEFAULT_CALIBRATION
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = INSTALL_ROOT / "demo" / "model"

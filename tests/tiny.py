@@ -18,13 +18,13 @@ from transformers import (
 )
 
 from moe import Expert
-from moe.lora import LoraAdapter, LoraPair
+from moe.adapters.lora import LoraAdapter, LoraPair
 
 VOCAB = 384
 HIDDEN = 32  # tiny_config's default hidden size
 EOS = "<|endoftext|>"
 FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2")
-# the other rows of moe.backbone.FAMILIES (Llama-like blocks; phi3 fuses gate and up): tiny_config builds them too
+# the other rows of moe.model.backbone.FAMILIES (Llama-like blocks; phi3 fuses gate and up): tiny_config builds them too
 MORE_FAMILIES = ("qwen3", "mistral", "gemma", "gemma2", "phi3", "olmo", "olmo2", "smollm3")
 
 _TEXT = [

@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import Request
 
 from moe import RoutingSpec
-from moe.sampling import SamplingParams
-from moe.structured_output import GrammarSpec
+from moe.decode.sampling import SamplingParams
+from moe.decode.structured_output import GrammarSpec
 from server.engine import Engine
 from server.errors import BadRequestError, error_object
 from server.requests import ERROR, Event, Finished, GenerationFailedError, GenerationRequest, RequestHandle

@@ -11,9 +11,9 @@ from experts.config import EvalConfig
 from experts.data import DataFormatError, Example, get_extractor, gsm8k_answer, last_number
 from experts.evaluate import evaluate, render_table, sequence_decisions
 from moe import Expert, RoutedModel, RoutingSpec
-from moe.file import ExpertFile
-from moe.generation import generate
-from moe.sampling import SamplingParams
+from moe.adapters.file import ExpertFile
+from moe.decode.generation import generate
+from moe.decode.sampling import SamplingParams
 from tests.tiny import tiny_expert
 
 TEXTS = [

@@ -20,8 +20,8 @@ from experts.import_lora import (
     convert_adapter,
 )
 from moe import RoutedModel, RoutingSpec
-from moe.backbone import FAMILIES as FAMILY_TABLE
-from moe.file import ExpertFile
+from moe.adapters.file import ExpertFile
+from moe.model.backbone import FAMILIES as FAMILY_TABLE
 from tests.tiny import FAMILIES, MORE_FAMILIES, tiny_backbone
 
 ALL_FAMILIES = (*FAMILIES, *MORE_FAMILIES)

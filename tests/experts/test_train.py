@@ -29,8 +29,8 @@ from experts.train import (
     trainable_expert,
 )
 from moe import RoutedModel, RoutingSpec
-from moe.batching import batches, forward, token_nll
-from moe.file import ExpertFile
+from moe.adapters.file import ExpertFile
+from moe.model.text_batches import batches, forward, token_nll
 
 FAST = {
     "steps": 4,

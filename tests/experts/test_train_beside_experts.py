@@ -12,8 +12,8 @@ import torch
 from experts.config import TrainConfig
 from experts.data import Example
 from experts.train import TrainingError, split_calibration, train_expert
-from moe.composition import sample_pass
-from moe.file import ExpertFile
+from moe.adapters.file import ExpertFile
+from moe.admission.samples import sample_pass
 from tests.experts.test_train import FAST, code_texts, general_texts, qa_records, write_jsonl
 from tests.tiny import tiny_expert
 

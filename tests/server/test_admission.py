@@ -2,7 +2,7 @@
 names the domain it would harm and by how much; in repair mode a greedy candidate is plugged with raised
 thresholds, and the stored file is the repaired one.
 
-The first tests stand in for moe.admission's maths (fixed verdicts) to check the server's side: limits from the
+The first tests stand in for moe.admission.report's maths (fixed verdicts) to check the server's side: limits from the
 settings, disabling, the refusal message, nothing plugged. The last ones run the real maths on the tiny model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe import ExpertFile
-from moe.admission import Admission, AdmissionReport
+from moe.admission.report import Admission, AdmissionReport
 from server import admission_policy
 from tests.tiny import tiny_expert
 
@@ -20,7 +20,7 @@ SAMPLE = ["Mia walks to the market.", "The quick brown fox jumps over the lazy d
 
 @pytest.fixture
 def admission(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Stand in for moe.admission.admit; set state['report'] to choose its verdict."""
+    """Stand in for moe.admission.report.admit; set state['report'] to choose its verdict."""
     state: dict = {"report": AdmissionReport("x", "repair", True, 0.0, 10), "calls": 0}
 
     def admit(model, tokenizer, expert, calibration, limits, cache):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from moe import RoutedModel, RoutingSpec, UnknownExpertError
-from moe.generation import generate
-from moe.sampling import SamplingParams
-from moe.structured_output import GrammarSpec
+from moe.decode.generation import generate
+from moe.decode.sampling import SamplingParams
+from moe.decode.structured_output import GrammarSpec
 from server import engine as engine_module
 from server.engine import Engine, _prompt_logit_groups, _Sequence
 from server.metrics import Metrics
@@ -71,7 +71,7 @@ def request(tokenizer, prompt: str = PROMPT, tokens: int = 8, routing: RoutingSp
 
 
 def alone(engine: Engine, prompt: str, tokens: int, spec: RoutingSpec | None = None) -> list[int]:
-    """The tokens moe.generation.generate gives for one prompt by itself (call while the engine is idle)."""
+    """The tokens moe.decode.generation.generate gives for one prompt by itself (call while the engine is idle)."""
     params = [SamplingParams(min_new_tokens=tokens)]
     return generate(engine.model, engine.tokenizer, [prompt], spec or RoutingSpec(), tokens, params)[0].token_ids
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from moe import ExpertFile, RoutedModel, RoutingSpec, load_backbone
-from moe.generation import generate
+from moe.decode.generation import generate
 from server.expert_store import ExpertStore
 from tests.tiny import tiny_lora_expert
 

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from moe import load_backbone
-from moe.sampling import SamplingParams
+from moe.decode.sampling import SamplingParams
 from server.engine import Engine
 from server.requests import CANCELLED, GenerationRequest
 

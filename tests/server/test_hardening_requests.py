@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import server.engine
-from moe.sampling import SamplingParams
+from moe.decode.sampling import SamplingParams
 from server.engine import Engine
 from server.requests import ERROR, LENGTH, EngineStoppedError, Finished, GenerationFailedError, GenerationRequest
 from tests.server.conftest import LiveServer

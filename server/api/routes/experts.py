@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 
-from moe.expert import NAME_PATTERN
+from moe.adapters.expert import NAME_PATTERN
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError

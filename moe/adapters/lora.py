@@ -1,0 +1,603 @@
+"""The LoRA expert kind: LoRA pairs on the MLP block's own projections, applied to the tokens routed to it.
+
+For a token routed to LoRA expert e on layer l, every projection p that e targets computes
+
+    y = W_p x + scaling[e, l, p] * B[e, l, p] @ (A[e, l, p] @ x)      A [r, in], B [out, r]  (PEFT's layout)
+
+inside the backbone's own MLP forward, so the block runs with the adapter in it (Llama:
+down(act(gate(x) + dg) * (up(x) + du)) + dd): what PEFT computes with that adapter active. The router's
+decision stays one per token per layer, made at the MLP input (moe.model.routed.RoutedMLP) before the block runs.
+
+The pieces, in the order a forward uses them:
+    LoraAdapter       an expert's pairs: per projection p, A [Lx, r_p, in_p], B [Lx, out_p, r_p], scaling [Lx]
+    LoraSlots         the live slot storage of plugged LoRA experts (moe.adapters.slots.ExpertSlots): one slot written
+                      per plug, the only copy of their weights
+    LoraStacks        what a plugged set reads: the LoRA pairs per (layer, expert), and zero-padded stacks per
+                      (layer, projection) for the gathered decode path (views of LoraSlots; or, for a set built
+                      from experts, built from the experts' own tensors)
+    plan_lora         RoutedMLP's call on one layer: from the choice [N, k], the LoRA plan (which rows each
+                      LoRA expert won, or each row's LoRA expert) and the choice left to bottleneck dispatch
+    LoraPlan          the plan, set on the step while the block runs; read by the block's projections
+    RoutedProjection  wraps one projection (never edited): its output, plus the plan's deltas on the routed
+                      rows only (clone + index_add_: every other row bit for bit)
+    reference_mlp     the plain per-token loop the above must equal (tests)
+
+Semantics with top-k > 1 (reference_mlp spells them out): a token that chose the experts C (any kinds,
+k' = |C|) runs the block with every chosen LoRA merged at weight 1/k' (a weight-space average,
+W_p + sum_e s_e B_e A_e / k'), and every chosen bottleneck expert's delta / k' is added to the block's
+output. For top-1 (the default) that is exactly the LoRA's own MLP, or exactly the bottleneck expert.
+
+Cost: grouped (prefill, training) reads the plan on the host once per layer (shared by the layer's
+projections), then each LoRA expert that won tokens runs two small matmuls on its rows only; experts that
+won nothing cost nothing. Gathered (decode-sized top-1) gathers each row's A, B from the stacks: no host read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from moe.errors import IncompatibleExpertError, InvalidMetadataError, MetadataTooLargeError
+
+if TYPE_CHECKING:
+    from moe.adapters.expert import Expert
+    from moe.adapters.slots import PluggedSet
+
+KIND = "lora"
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """x [N, in], a [r, in], b [out, r] -> [N, out]; PEFT's op order: lora_B(lora_A(x)) * scaling."""
+    return F.linear(F.linear(x, a), b) * scaling
+
+
+# --- an expert's adapter ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraPair:
+    """One projection's LoRA over the expert's layers (Lx = covered layers, r = largest rank on them).
+
+    A [Lx, r, in], B [Lx, out, r], scaling [Lx] float32 (alpha / r, or alpha / sqrt(r) with rsLoRA). A layer
+    with a smaller rank is zero-padded, and a layer the projection is not adapted on is all zero (scaling 0):
+    both exact, since the padded rows and columns contribute exactly nothing.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(in, out) of the projection it adapts."""
+        return int(self.A.shape[2]), int(self.B.shape[1])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraPair:
+        return LoraPair(
+            self.A.detach().to(device, dtype),
+            self.B.detach().to(device, dtype),
+            self.scaling.detach().to(device, torch.float32),
+        )
+
+
+@dataclass
+class LoraAdapter:
+    """The LoRA kind's adapter: {projection: LoraPair}, projections named as in moe.model.backbone.FAMILIES."""
+
+    pairs: dict[str, LoraPair]
+    kind: ClassVar[str] = KIND
+
+    @property
+    def rank(self) -> int:
+        return max(pair.rank for pair in self.pairs.values())
+
+    @property
+    def num_layers(self) -> int:
+        return int(next(iter(self.pairs.values())).A.shape[0])
+
+    def targets(self) -> dict[str, dict[str, int]]:
+        """{projection: {rank, in, out}}: what the expert file's `lora` metadata records."""
+        return {p: {"rank": pair.rank, "in": pair.shape[0], "out": pair.shape[1]} for p, pair in self.pairs.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for p, pair in self.pairs.items():
+            out[f"lora.{p}.A"], out[f"lora.{p}.B"], out[f"lora.{p}.scaling"] = pair.A, pair.B, pair.scaling
+        return out
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
+        return LoraAdapter({p: pair.to(device, dtype) for p, pair in self.pairs.items()})
+
+    def check(self, layers: int, hidden: int) -> None:
+        """Internal invariant (files are validated with specific errors before an Expert is built)."""
+        assert self.pairs, "a LoRA adapter adapts at least one projection"
+        for p, pair in self.pairs.items():
+            r = pair.rank
+            assert pair.A.shape[0] == pair.B.shape[0] == layers and pair.B.shape[2] == r, (p, pair.A.shape)
+            assert pair.scaling.shape == (layers,), (p, pair.scaling.shape)
+        del hidden  # which side of a projection is the hidden one depends on the family: checked at plug time
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], targets: Sequence[str]) -> LoraAdapter:
+        return cls(
+            {p: LoraPair(tensors[f"lora.{p}.A"], tensors[f"lora.{p}.B"], tensors[f"lora.{p}.scaling"]) for p in targets}
+        )
+
+
+# --- the expert file's LoRA fields (moe.adapters.file calls these for kind "lora") -------------------------------
+
+
+def parse_targets(raw: str | None) -> dict[str, dict[str, int]]:
+    """The `lora` metadata field: JSON {"targets": {projection: {"rank", "in", "out"}}}, sizes JSON integers."""
+    if not raw:
+        raise InvalidMetadataError("a LoRA expert file's metadata lacks 'lora' (its targets); re-export the expert")
+    expected = 'expected {"targets": {projection: {"rank": int, "in": int, "out": int}}}'
+    try:
+        parsed = json.loads(raw)
+    except ValueError as e:
+        raise InvalidMetadataError(f"metadata 'lora' is malformed JSON ({e}); {expected}") from None
+    except RecursionError:
+        raise MetadataTooLargeError("expert file metadata 'lora' nests too deeply") from None
+    targets = parsed.get("targets") if isinstance(parsed, dict) else None
+    if not isinstance(targets, dict):
+        raise InvalidMetadataError(f"metadata 'lora' is malformed ({raw[:200]!r}); {expected}")
+    if not targets:
+        raise InvalidMetadataError("metadata 'lora' names no target projection")
+    out: dict[str, dict[str, int]] = {}
+    for p, t in targets.items():
+        sizes = {k: t.get(k) for k in ("rank", "in", "out")} if isinstance(t, dict) else {}
+        if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values()):
+            raise InvalidMetadataError(f"metadata 'lora' is malformed: target {p!r} is {t!r}; {expected}")
+        out[p] = sizes
+    return out
+
+
+def file_shapes(
+    layers: int, hidden: int, projections: Sequence[str], targets: Mapping[str, Mapping[str, int]]
+) -> dict[str, tuple[int, ...]]:
+    """Every LoRA tensor's shape from the metadata, after checking the targets against the family:
+    each a projection of its MLP block (`projections`, input side first), the input projections reading the
+    hidden size and the last one writing it, ranks >= 1. (in, out) against the loaded backbone's modules is
+    checked at plug time (check_fits)."""
+    unknown = sorted(set(targets) - set(projections))
+    if unknown:
+        raise InvalidMetadataError(
+            f"LoRA targets {unknown} are not MLP projections of this backbone family ({list(projections)})"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p, t in targets.items():
+        rank, d_in, d_out = t["rank"], t["in"], t["out"]
+        hidden_side = d_out if p == projections[-1] else d_in
+        if rank < 1 or d_in < 1 or d_out < 1 or hidden_side != hidden:
+            raise InvalidMetadataError(
+                f"LoRA target {p} (rank {rank}, {d_in} -> {d_out}) does not fit a backbone of hidden size {hidden}"
+            )
+        shapes[f"lora.{p}.A"] = (layers, rank, d_in)
+        shapes[f"lora.{p}.B"] = (layers, d_out, rank)
+        shapes[f"lora.{p}.scaling"] = (layers,)
+    return shapes
+
+
+def check_fits(expert: Expert, projections: Mapping[str, tuple[int, int]] | None) -> None:
+    """A LoRA expert's targets and shapes against the backbone's MLP projections {name: (in, out)}."""
+    if projections is None:
+        return
+    adapter = expert.adapter
+    assert isinstance(adapter, LoraAdapter)
+    unknown = sorted(set(adapter.pairs) - set(projections))
+    if unknown:
+        raise IncompatibleExpertError(
+            f"LoRA expert {expert.name!r} adapts {unknown}, which are not MLP projections of this backbone "
+            f"({sorted(projections)})"
+        )
+    for p, pair in adapter.pairs.items():
+        if pair.shape != tuple(projections[p]):
+            raise IncompatibleExpertError(
+                f"LoRA expert {expert.name!r}: its {p} maps {pair.shape[0]} -> {pair.shape[1]}, the backbone's "
+                f"{p} maps {projections[p][0]} -> {projections[p][1]}"
+            )
+
+
+# --- per plugged set: the LoRA pairs per (layer, expert) and the gathered path's stacks ------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoraStacks:
+    """The plugged set's LoRA experts, laid out for dispatch (L layers, E columns: the set's slots, every kind;
+    `build` takes the experts by column, None for a free slot).
+
+    is_lora [E] bool                  which plugged experts are LoRA experts
+    on_layer[l]                       some plugged LoRA expert covers layer l (host fact)
+    pairs[l][e]                       {projection: (A [r, in], B [out, r], scaling float)} for a LoRA expert e
+                                      on a layer it covers, else None; references the expert's own tensors
+    a[l][p] [E, R, in], b[l][p] [E, out, R], s[l][p] [E] float32
+                                      every expert's pair padded to the largest rank R of p, zero where an
+                                      expert is not a LoRA on p and l (exact): a detached copy, for gathering
+    """
+
+    is_lora: torch.Tensor
+    on_layer: tuple[bool, ...]
+    pairs: Sequence[Sequence[dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None]]
+    a: tuple[dict[str, torch.Tensor], ...]
+    b: tuple[dict[str, torch.Tensor], ...]
+    s: tuple[dict[str, torch.Tensor], ...]
+
+    @classmethod
+    def build(
+        cls, experts: Sequence[Expert | None], num_layers: int, device: torch.device, dtype: torch.dtype
+    ) -> LoraStacks | None:
+        """None when no plugged expert is a LoRA (the bottleneck path then runs exactly as without this kind)."""
+        loras = {
+            e: expert.adapter
+            for e, expert in enumerate(experts)
+            if expert is not None and isinstance(expert.adapter, LoraAdapter)
+        }
+        if not loras:
+            return None
+        count = len(experts)
+        shapes: dict[str, tuple[int, int, int]] = {}  # projection -> (largest rank, in, out)
+        for adapter in loras.values():
+            for p, pair in adapter.pairs.items():
+                rank = max(pair.rank, shapes.get(p, (0, 0, 0))[0])
+                shapes[p] = (rank, *pair.shape)
+        pairs: list[list[dict | None]] = [[None] * count for _ in range(num_layers)]
+        a = [{p: torch.zeros(count, r, i, device=device, dtype=dtype) for p, (r, i, _) in shapes.items()}]
+        a += [{p: t.clone() for p, t in a[0].items()} for _ in range(num_layers - 1)]
+        b = [
+            {p: torch.zeros(count, o, r, device=device, dtype=dtype) for p, (r, _, o) in shapes.items()}
+            for _ in range(num_layers)
+        ]
+        s = [{p: torch.zeros(count, device=device) for p in shapes} for _ in range(num_layers)]
+        for e, adapter in loras.items():
+            for i, layer in enumerate(experts[e].layers):
+                pairs[layer][e] = {}
+                for p, pair in adapter.pairs.items():
+                    scaling = float(pair.scaling[i])
+                    pairs[layer][e][p] = (pair.A[i], pair.B[i], scaling)
+                    with torch.no_grad():
+                        a[layer][p][e, : pair.rank] = pair.A[i]
+                        b[layer][p][e, :, : pair.rank] = pair.B[i]
+                        s[layer][p][e] = scaling
+        return cls(
+            is_lora=torch.tensor([e in loras for e in range(count)], dtype=torch.bool, device=device),
+            on_layer=tuple(any(pair is not None for pair in row) for row in pairs),
+            pairs=tuple(tuple(row) for row in pairs),
+            a=tuple(a),
+            b=tuple(b),
+            s=tuple(s),
+        )
+
+
+class LoraSlots:
+    """Plugged LoRA experts' weights in slot storage, written in place (moe.adapters.slots.ExpertSlots keeps one;
+    C slots,
+    shared with the gates: a slot holds a LoRA expert or not). The only copy of a plugged LoRA expert's weights.
+
+    a[p] [L, C, R_p, in], b[p] [L, C, out, R_p], s[p] [L, C] float32   per projection p, allocated when the first
+        LoRA expert adapting p is plugged; R_p grows to the largest rank plugged on p (zero padding is exact)
+    is_lora [C] bool (device); host mirrors per slot: its ranks {p: r}, scalings {p: L floats} (which layers a
+        slot covers is the gate storage's host fact, passed to `stacks`)
+
+    A plug writes one slot (zeroing what it held before), whatever the number plugged; `stacks()` lays the storage
+    out for a snapshot as views (no copy): the same LoraStacks a set built from experts gets.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers, self.device, self.dtype = num_layers, device, dtype
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.s: dict[str, torch.Tensor] = {}
+        self.is_lora = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.ranks: list[dict[str, int]] = [{} for _ in range(capacity)]
+        self.scalings: list[dict[str, tuple[float, ...]]] = [{} for _ in range(capacity)]
+
+    @property
+    def capacity(self) -> int:
+        return len(self.ranks)
+
+    def resize(self, capacity: int) -> None:
+        """Grow to `capacity` slots, copying what is there (moe.adapters.slots.ExpertSlots doubles it)."""
+        c = self.capacity
+        for p in self.a:
+            self.a[p] = _grown(self.a[p], 1, capacity)
+            self.b[p] = _grown(self.b[p], 1, capacity)
+            self.s[p] = _grown(self.s[p], 1, capacity)
+        self.is_lora = _grown(self.is_lora, 0, capacity)
+        self.ranks.extend({} for _ in range(capacity - c))
+        self.scalings.extend({} for _ in range(capacity - c))
+
+    def _room(self, p: str, pair: LoraPair) -> None:
+        """Storage for projection p at least pair's rank (allocated, or its rank grown)."""
+        (fan_in, fan_out), rank = pair.shape, pair.rank
+        if p not in self.a:
+            L, C = self.num_layers, self.capacity  # noqa: N806
+            self.a[p] = torch.zeros(L, C, rank, fan_in, device=self.device, dtype=self.dtype)
+            self.b[p] = torch.zeros(L, C, fan_out, rank, device=self.device, dtype=self.dtype)
+            self.s[p] = torch.zeros(L, C, device=self.device)
+        elif self.a[p].shape[2] < rank:
+            self.a[p] = _grown(self.a[p], 2, rank)
+            self.b[p] = _grown(self.b[p], 3, rank)
+
+    @torch.no_grad()
+    def write(self, slot: int, expert: Expert) -> None:
+        """Clear the slot, then write `expert`'s pairs into it when it is a LoRA expert (layers by position)."""
+        for p in self.a:
+            self.a[p][:, slot].zero_()
+            self.b[p][:, slot].zero_()
+            self.s[p][:, slot].zero_()
+        self.forget(slot)
+        if not isinstance(expert.adapter, LoraAdapter):
+            return
+        layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
+        for p, pair in expert.adapter.pairs.items():
+            self._room(p, pair)
+            r = pair.rank
+            self.a[p][layers, slot, :r] = pair.A.detach().to(self.device, self.dtype)  # [Lx, r, in]
+            self.b[p][layers, slot, :, :r] = pair.B.detach().to(self.device, self.dtype)  # [Lx, out, r]
+            self.s[p][layers, slot] = pair.scaling.detach().to(self.device, torch.float32)
+            scaling = [0.0] * self.num_layers
+            for layer, value in zip(expert.layers, pair.scaling.detach().float().cpu().tolist(), strict=True):
+                scaling[layer] = value
+            self.ranks[slot][p], self.scalings[slot][p] = r, tuple(scaling)
+        self.is_lora[slot] = True
+
+    def forget(self, slot: int) -> None:
+        """The slot no longer holds a LoRA expert (unplugged: its gate is disabled; the weights stay unread until
+        the slot is written again)."""
+        self.is_lora[slot] = False
+        self.ranks[slot], self.scalings[slot] = {}, {}
+
+    def read(self, slot: int, layers: Sequence[int]) -> LoraAdapter:
+        """The slot's adapter copied back out (its layers in `layers` order)."""
+        index = torch.tensor(list(layers), dtype=torch.long, device=self.device)
+        return LoraAdapter(
+            {
+                p: LoraPair(
+                    self.a[p][index, slot, :r].clone(), self.b[p][index, slot, :, :r].clone(), self.s[p][index, slot]
+                )
+                for p, r in self.ranks[slot].items()
+            }
+        )
+
+    def stacks(self, covered: Sequence[frozenset[int]]) -> LoraStacks | None:
+        """The storage laid out for dispatch (views, plus a copy of the host facts and of is_lora); covered[c]: the
+        layers slot c's expert covers. None when no slot holds a LoRA expert."""
+        slots = [c for c in range(self.capacity) if self.ranks[c]]
+        if not slots:
+            return None
+        on_layer = tuple(any(layer in covered[c] for c in slots) for layer in range(self.num_layers))
+        return LoraStacks(
+            is_lora=self.is_lora.clone(),
+            on_layer=on_layer,
+            pairs=_SlotPairs(self, [dict(r) for r in self.ranks], list(self.scalings), list(covered)),
+            a=tuple({p: t[layer] for p, t in self.a.items()} for layer in range(self.num_layers)),
+            b=tuple({p: t[layer] for p, t in self.b.items()} for layer in range(self.num_layers)),
+            s=tuple({p: t[layer] for p, t in self.s.items()} for layer in range(self.num_layers)),
+        )
+
+    def nbytes(self) -> int:
+        tensors = [*self.a.values(), *self.b.values(), *self.s.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _SlotPairs(Sequence):
+    """LoraStacks.pairs over slot storage: pairs[l][c] made on demand as views (no copy, no device read), from
+    the host facts as they were when the snapshot was taken."""
+
+    def __init__(
+        self,
+        storage: LoraSlots,
+        ranks: list[dict[str, int]],
+        scalings: list[dict[str, tuple[float, ...]]],
+        layers: list[frozenset[int]],
+    ) -> None:
+        self._a, self._b = dict(storage.a), dict(storage.b)
+        self._ranks, self._scalings, self._layers = ranks, scalings, layers
+        self._count = storage.num_layers
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, layer: int) -> _SlotPairsRow:  # type: ignore[override]
+        return _SlotPairsRow(self, layer)
+
+    def pair_set(self, layer: int, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+        ranks = self._ranks[c]
+        if not ranks or layer not in self._layers[c]:
+            return None
+        return {
+            p: (self._a[p][layer, c, :r], self._b[p][layer, c, :, :r], self._scalings[c][p][layer])
+            for p, r in ranks.items()
+        }
+
+
+class _SlotPairsRow(Sequence):
+    """One layer of _SlotPairs: row[c] is made when asked (a plan asks for the experts that won rows only)."""
+
+    def __init__(self, pairs: _SlotPairs, layer: int) -> None:
+        self._pairs, self._layer = pairs, layer
+
+    def __len__(self) -> int:
+        return len(self._pairs._ranks)
+
+    def __getitem__(self, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:  # type: ignore[override]
+        return self._pairs.pair_set(self._layer, c)
+
+
+def _grown(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A zero tensor `size` long on `dim` (otherwise tensor's shape) with `tensor` copied into its start."""
+    shape = list(tensor.shape)
+    shape[dim] = size
+    out = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+    out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return out
+
+
+# --- one layer's plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoraGroup:
+    """The rows one LoRA expert won on a layer: rows [n]; weight [n, 1] = 1/k' per row, None for top-1."""
+
+    expert: int
+    rows: torch.Tensor
+    weight: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPlan:
+    """What the projections of the layer being run add: grouped (`groups`) or gathered (`index` [N], the
+    LoRA expert of each row, -1 for none)."""
+
+    layer: int
+    stacks: LoraStacks
+    groups: tuple[LoraGroup, ...] = ()
+    index: torch.Tensor | None = None
+
+    def apply(self, projection: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x [..., in], out [..., out] (the projection's own output) -> out with the routed rows' deltas."""
+        flat_x, flat = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        if self.index is not None:
+            return self._gathered(projection, flat_x, flat).view_as(out)
+        row_sets = self.stacks.pairs[self.layer]
+        adapted = [(g, row_sets[g.expert][projection]) for g in self.groups if projection in (row_sets[g.expert] or {})]
+        if not adapted:
+            return out
+        result = flat.clone()  # rows no LoRA won stay as the projection computed them, bit for bit
+        for group, (a, b, scaling) in adapted:
+            delta = lora_delta(flat_x.index_select(0, group.rows), a, b, scaling)
+            if group.weight is not None:
+                delta = delta * group.weight
+            result.index_add_(0, group.rows, delta.to(result.dtype))
+        return result.view_as(out)
+
+    def _gathered(self, projection: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if projection not in self.stacks.a[self.layer]:
+            return out
+        index = self.index.clamp(min=0)
+        a = self.stacks.a[self.layer][projection][index]  # [N, R, in]
+        b = self.stacks.b[self.layer][projection][index]  # [N, out, R]
+        scaling = self.stacks.s[self.layer][projection][index]  # [N]
+        delta = torch.bmm(torch.bmm(x[:, None], a.transpose(1, 2)), b.transpose(1, 2))[:, 0]  # [N, out]
+        delta = delta * scaling[:, None].to(delta.dtype)
+        return torch.where((self.index >= 0)[:, None], out + delta.to(out.dtype), out)
+
+
+def plan_lora(
+    stacks: LoraStacks, layer: int, choice: torch.Tensor, gather: bool
+) -> tuple[LoraPlan | None, torch.Tensor]:
+    """Split a layer's choice [N, k] (expert indices, -1 empty) between the kinds.
+
+    Returns (the LoRA plan, or None when no LoRA expert won a row; the choice with LoRA experts emptied,
+    for bottleneck dispatch). gather: top-1 for few rows, no host read; else one host read here.
+    """
+    lora = (choice >= 0) & stacks.is_lora[choice.clamp(min=0)]  # [N, k]
+    rest = choice.masked_fill(lora, -1)
+    if gather:
+        return LoraPlan(layer, stacks, index=torch.where(lora[:, 0], choice[:, 0], -1)), rest
+    own = choice.masked_fill(~lora, -1)
+    if choice.shape[1] == 1:
+        flat = own[:, 0]
+        counts = torch.bincount(flat + 1, minlength=len(stacks.is_lora) + 1).tolist()  # [none, e0, e1, ...]
+        if counts[0] == flat.shape[0]:
+            return None, rest
+        order = torch.argsort(flat, stable=True)
+        groups, start = [], counts[0]
+        for e, count in enumerate(counts[1:]):
+            if count:
+                groups.append(LoraGroup(e, order[start : start + count], None))
+                start += count
+        return LoraPlan(layer, stacks, tuple(groups)), rest
+    tokens, slots = (own >= 0).nonzero(as_tuple=True)
+    if tokens.numel() == 0:
+        return None, rest
+    experts = own[tokens, slots]
+    order = torch.argsort(experts, stable=True)
+    tokens, experts = tokens[order], experts[order]
+    won, counts = torch.unique_consecutive(experts, return_counts=True)
+    chosen = (choice >= 0).sum(dim=1).clamp(min=1)  # k' per row, every kind counted
+    weights = (1.0 / chosen)[tokens, None]
+    groups, start = [], 0
+    for e, count in zip(won.tolist(), counts.tolist(), strict=True):
+        groups.append(LoraGroup(e, tokens[start : start + count], weights[start : start + count]))
+        start += count
+    return LoraPlan(layer, stacks, tuple(groups)), rest
+
+
+# --- the projection wrapper --------------------------------------------------------------------------------
+
+
+class RoutedProjection(nn.Module):
+    """Wraps one MLP projection (nn.Linear or Conv1D; never edited, PEFT's `base_layer` habit). While its
+    layer runs with a LoRA plan on the step (`context.step.lora_plan`), the routed rows get their deltas."""
+
+    def __init__(self, base_layer: nn.Module, name: str, context) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.name = name
+        self._context = context  # moe.model.routed's per-thread step context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        step = self._context.step
+        plan = step.lora_plan if step is not None else None
+        return out if plan is None else plan.apply(self.name, x, out)
+
+
+def wrap_projections(block: nn.Module, projections: Sequence[str], context) -> None:
+    """Put each of the MLP block's projections inside a RoutedProjection (in place; weights untouched)."""
+    for name in projections:
+        setattr(block, name, RoutedProjection(getattr(block, name), name, context))
+
+
+# --- the plain per-token loop --------------------------------------------------------------------------------
+
+
+def reference_mlp(
+    block: nn.Module,
+    x: torch.Tensor,
+    choice: torch.Tensor,
+    plugged: PluggedSet,
+    layer: int,
+    conv1d: bool = False,
+) -> torch.Tensor:
+    """What a routed MLP block computes, one token at a time, from the experts' own tensors (for tests).
+
+    block: an MLP block of the backbone (plain, or with RoutedProjection wrappers and no plan set);
+    x [N, H] its inputs; choice [N, k] expert indices into `plugged` (-1 empty). Per token: merge its chosen
+    LoRAs into the projection weights (each at 1/k'), run the block with those weights, add its chosen
+    bottleneck experts' deltas (each at 1/k').
+    """
+    from moe.adapters.expert import adapter_delta  # here, not at the top: moe.adapters.expert imports this module
+
+    names = dict(block.named_parameters())
+    outs = []
+    for n in range(x.shape[0]):
+        chosen = [int(e) for e in choice[n].tolist() if e >= 0]
+        weights: dict[str, torch.Tensor] = {}
+        bottleneck = torch.zeros_like(x[n])
+        for e in chosen:
+            expert = plugged.experts[e]
+            i = expert.layers.index(layer)
+            if isinstance(expert.adapter, LoraAdapter):
+                for p, pair in expert.adapter.pairs.items():
+                    key = f"{p}.weight" if f"{p}.weight" in names else f"{p}.base_layer.weight"
+                    delta = pair.B[i] @ pair.A[i] * float(pair.scaling[i]) / len(chosen)  # [out, in]
+                    weights[key] = weights.get(key, names[key]) + (delta.T if conv1d else delta).to(x.dtype)
+            else:
+                bottleneck = bottleneck + adapter_delta(x[n : n + 1], expert.down[i], expert.up[i])[0] / len(chosen)
+        y = functional_call(block, weights, (x[n : n + 1],)) if weights else block(x[n : n + 1])
+        outs.append(y[0] + bottleneck)
+    return torch.stack(outs)

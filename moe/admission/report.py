@@ -1,0 +1,443 @@
+"""Admission: what plugging a candidate expert would do to every domain already served, measured before the
+plug commits, and the repair of the candidate's thresholds when it would take too much.
+
+Measured in token mode (the default routing mode) with the plugged set as it is (P) and with the candidate
+added (P + c), on the base calibration text and on each plugged expert's domain sample (moe.admission.samples):
+
+    false_positive_rate   the largest share, over the layers the candidate covers, of the calibration text's
+                          decisions the candidate wins (those tokens leave the base route)
+    steal_rates[name]     the same on expert `name`'s sample: the share of that domain's decisions the
+                          candidate takes, from the expert or from the base route
+    domains               per sample: perplexity with P and with P + c and the relative change; the
+                          candidate's own sample is listed too (what it gains; its take there is its recall)
+
+`admit` applies AdmissionLimits: takes per layer under the caps (max_false_positive_rate on the calibration
+text, max_steal_rate on each expert's sample) and perplexity changes under max_base_ppl_increase (calibration)
+and max_domain_ppl_increase (each expert's sample). A candidate within them passes untouched. Otherwise, in
+"repair" mode, only the candidate's thresholds are raised until its takes are under the caps (fitted at
+`fit_fraction` of each cap: a quantile fitted on 64 texts passes more on other texts), the quality is measured
+again, and the report carries the thresholds before and after and what the repair cost the candidate's own
+recall; in "refuse" mode, or when the repaired candidate still breaks a limit, the answer names each domain it
+would harm and by how much. Nothing here plugs anything or touches the plugged set.
+
+And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
+Weights within the file format's bounds can still combine into an overflow; that is caught here, before
+plugging, rather than as NaN logits in a client's request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moe.adapters.expert import Expert
+from moe.adapters.slots import PluggedSet
+from moe.admission.samples import (
+    BASE_SAMPLE,
+    SamplePass,
+    domain_sample,
+    raised_thresholds,
+    sample_pass,
+    with_thresholds,
+)
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import collate, forward
+from moe.routing.router import RoutingSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
+AdmissionMode = Literal["repair", "refuse"]
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """What a plug must leave intact; a limit set to None is not checked (and not repaired for)."""
+
+    max_false_positive_rate: float | None = 1e-4  # per layer, the candidate's share of calibration decisions
+    max_steal_rate: float | None = 2e-3  # per layer, its share of a plugged expert's sample decisions
+    max_base_ppl_increase: float | None = 2e-4  # relative token-mode perplexity change on the calibration text
+    max_domain_ppl_increase: float | None = 5e-3  # the same on each plugged expert's sample
+    mode: AdmissionMode = "repair"
+    fit_fraction: float = 0.5  # the repair fits each cap at this fraction of it
+    max_rounds: int = 4  # repair rounds (fit, re-check with the candidate plugged, raise again)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("repair", "refuse"):
+            raise ValueError(f"admission mode {self.mode!r} is not 'repair' or 'refuse'")
+        if not 0.0 < self.fit_fraction <= 1.0 or self.max_rounds < 1:
+            raise ValueError(f"fit_fraction {self.fit_fraction} must be in (0, 1] and max_rounds >= 1")
+
+    def cap(self, sample: str) -> float | None:
+        return self.max_false_positive_rate if sample == BASE_SAMPLE else self.max_steal_rate
+
+    def ppl_limit(self, sample: str) -> float | None:
+        return self.max_base_ppl_increase if sample == BASE_SAMPLE else self.max_domain_ppl_increase
+
+
+@dataclass
+class DomainCheck:
+    """One sample, with P and with P + candidate (take_rates: per candidate layer, its share of decisions)."""
+
+    domain: str  # "base" (the calibration text) or an expert's name
+    sample: str  # "calibration", "domain_sample", "examples", or "own domain_sample" (the candidate's)
+    texts: int
+    tokens: int
+    decisions: int
+    ppl_before: float
+    ppl_after: float
+    ppl_change: float
+    take_rates: list[float]
+    ppl_limit: float | None = None
+    cap: float | None = None
+
+
+@dataclass
+class Repair:
+    """What the repair changed: only the candidate's thresholds, per layer it covers."""
+
+    layers: list[int]
+    thresholds_before: list[float]
+    thresholds_after: list[float]
+    own_recall_before: list[float] | None  # its take on its own sample per layer (None: no sample)
+    own_recall_after: list[float] | None
+    rounds: int
+    unrepaired: list[DomainCheck]  # the checks with the thresholds as uploaded
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: 3 + 4 = 7. def f(x): return x"
+
+
+@dataclass
+class AdmissionReport:
+    expert: str
+    mode: str
+    admitted: bool
+    false_positive_rate: float
+    base_decisions: int
+    steal_rates: dict[str, float] = field(default_factory=dict)
+    domains: list[DomainCheck] = field(default_factory=list)
+    repair: Repair | None = None
+    problems: list[str] = field(default_factory=list)
+    limits: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Admission:
+    """The verdict: the expert to plug (repaired or as given) and the report."""
+
+    expert: Expert
+    report: AdmissionReport
+
+    @property
+    def admitted(self) -> bool:
+        return self.report.admitted
+
+
+def load_calibration_texts(path: str | Path | None = None, limit: int = 200) -> list[str]:
+    """One passage per non-empty line of the calibration file (default: the general text shipped here)."""
+    lines = Path(path or DEFAULT_CALIBRATION).read_text(encoding="utf-8").splitlines()
+    return [line for line in (raw.strip() for raw in lines) if line][:limit]
+
+
+def expert_digest(expert: Expert) -> str:
+    """A content hash of an expert (name, layers, every tensor): two plugged sets with the same digests route
+    and score every text the same."""
+    h = hashlib.sha256(f"{expert.name}/{expert.layers}".encode())
+    for name, tensor in sorted(expert.tensors().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class BaselineCache:
+    """Token-mode (NLL, tokens) of each sample under a plugged set, kept for the last few sets.
+
+    Keyed by the set's content (expert digests, order-free), the calibration texts and max_tokens, so each plug
+    runs only the passes with the candidate; after an admission, its passes with the candidate are the
+    baseline of the set that the plug creates.
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, dict[str, tuple[float, int]]] = OrderedDict()
+        self._digests: dict[int, tuple[Expert, str]] = {}
+
+    def _digest(self, expert: Expert) -> str:
+        held = self._digests.get(id(expert))
+        if held is None or held[0] is not expert:
+            held = (expert, expert_digest(expert))
+            self._digests[id(expert)] = held
+            if len(self._digests) > 64:
+                self._digests.pop(next(iter(self._digests)))
+        return held[1]
+
+    def key(self, experts: Sequence[Expert], calibration: Sequence[str], max_tokens: int) -> tuple:
+        cal = hashlib.sha256("\n".join(calibration).encode()).hexdigest()
+        return (tuple(sorted(self._digest(e) for e in experts)), cal, max_tokens)
+
+    def get(self, key: tuple) -> dict[str, tuple[float, int]]:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return dict(entry or {})
+
+    def put(self, key: tuple, values: dict[str, tuple[float, int]]) -> None:
+        self._entries[key] = {**self._entries.get(key, {}), **values}
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+@dataclass
+class _Samples:
+    texts: dict[str, list[str]]  # sample name -> texts (the candidate's own under its name)
+    kinds: dict[str, str]
+
+
+def _samples(others: PluggedSet, candidate: Expert, calibration: Sequence[str]) -> _Samples:
+    out, kinds = {BASE_SAMPLE: list(calibration)}, {BASE_SAMPLE: "calibration"}
+    for other in others.experts:
+        sample, kind = domain_sample(other)
+        if sample:
+            out[other.name], kinds[other.name] = sample, kind
+    own, kind = domain_sample(candidate)
+    if own and kind == "domain_sample":
+        out[candidate.name], kinds[candidate.name] = own, "own domain_sample"
+    return _Samples(out, kinds)
+
+
+def _checks(
+    samples: _Samples,
+    before: dict[str, tuple[float, int]],
+    after: dict[str, SamplePass],
+    limits: AdmissionLimits,
+    candidate: str,
+) -> list[DomainCheck]:
+    checks = []
+    for name, result in after.items():
+        nll, tokens = before[name]
+        ppl_before = math.exp(nll / max(tokens, 1))
+        own = name == candidate
+        checks.append(
+            DomainCheck(
+                domain=name,
+                sample=samples.kinds[name],
+                texts=len(samples.texts[name]),
+                tokens=result.tokens,
+                decisions=result.decisions,
+                ppl_before=ppl_before,
+                ppl_after=result.ppl,
+                ppl_change=result.ppl / ppl_before - 1.0,
+                take_rates=result.take_rates(),
+                ppl_limit=None if own else limits.ppl_limit(name),
+                cap=None if own else limits.cap(name),
+            )
+        )
+    return checks
+
+
+def _problems(checks: Sequence[DomainCheck], repaired: bool) -> list[str]:
+    """Each limit a check breaks, in words: which domain, by how much, against what."""
+    out = []
+    for c in checks:
+        where = "the general calibration text" if c.domain == BASE_SAMPLE else f"expert {c.domain!r}'s {c.sample}"
+        if c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
+            out.append(
+                f"it would raise token-mode perplexity on {where} by {c.ppl_change:+.3%} "
+                f"({c.ppl_before:.4f} -> {c.ppl_after:.4f}; limit {c.ppl_limit:+.3%})"
+            )
+        if c.cap is not None and c.take_rates and max(c.take_rates) > c.cap:
+            what = "false-positive rate" if c.domain == BASE_SAMPLE else "steal rate"
+            out.append(
+                f"its {what} on {where} is {max(c.take_rates):.4%} of a layer's decisions (limit {c.cap:.4%})"
+                + (" even with its thresholds raised" if repaired else "")
+            )
+    return out
+
+
+def _within_caps(checks: Sequence[DomainCheck]) -> bool:
+    return all(c.cap is None or not c.take_rates or max(c.take_rates) <= c.cap for c in checks)
+
+
+def _passes(
+    model: RoutedModel,
+    tokenizer,
+    samples: dict[str, list[str]],
+    plugged: PluggedSet,
+    scoring: PluggedSet,
+    candidate: str,
+    max_tokens: int,
+) -> dict[str, SamplePass]:
+    return {
+        name: sample_pass(model, tokenizer, strings, plugged, scoring, candidate, max_tokens)
+        for name, strings in samples.items()
+    }
+
+
+@torch.no_grad()
+def admit(
+    model: RoutedModel,
+    tokenizer,
+    candidate: Expert,
+    calibration: Sequence[str],
+    limits: AdmissionLimits | None = None,
+    cache: BaselineCache | None = None,
+    max_tokens: int = 128,
+    plugged: PluggedSet | None = None,
+) -> Admission:
+    """Measure the candidate beside the plugged set (default: the model's; the one of the same name is left
+    out: a replace), repair it if allowed and needed, and decide. The set is read once and never changed."""
+    started = time.perf_counter()
+    limits = limits or AdmissionLimits()
+    cache = cache if cache is not None else BaselineCache()
+    current = plugged if plugged is not None else model.plugged
+    # a set built from the experts themselves (a live set holds weightless handles of its slots): the cache
+    # digests their tensors, and the passes plug the candidate beside them
+    if candidate.name in current:
+        others = current.unplugging(candidate.name)
+    else:
+        others = current.replacing_all(tuple(current.read(n) for n in current.names))
+    candidate = candidate.to(model.device, model.dtype)
+    samples = _samples(others, candidate, calibration)
+    name = candidate.name
+
+    # baseline: each sample under P (cached per set); the candidate's own sample is never cached (its own)
+    key = cache.key(others.experts, calibration, max_tokens)
+    baseline = cache.get(key)
+    missing = {s: t for s, t in samples.texts.items() if s not in baseline or s == name}
+    for sample, strings in missing.items():
+        result = sample_pass(model, tokenizer, strings, others, None, None, max_tokens)
+        baseline[sample] = (result.nll, result.tokens)
+    cache.put(key, {s: v for s, v in baseline.items() if s != name})
+
+    with_c = others.plugging(candidate)
+    after = _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
+    checks = _checks(samples, baseline, after, limits, name)
+    problems = _problems(checks, repaired=False)
+    repair = None
+    final = candidate
+    if problems and limits.mode == "repair":
+        final, after, checks, repair = _repair(
+            model, tokenizer, candidate, others, samples, baseline, checks, limits, max_tokens
+        )
+        problems = _problems(checks, repaired=True)
+        final.metadata["evals"] = {
+            **(final.metadata.get("evals") or {}),
+            "admission_repair": {
+                "beside": list(others.names),
+                "layers": repair.layers,
+                "thresholds_before": repair.thresholds_before,
+                "thresholds_after": repair.thresholds_after,
+                "own_recall_before": repair.own_recall_before,
+                "own_recall_after": repair.own_recall_after,
+            },
+        }
+    if not problems:  # the set this plug creates: its baseline is what was just measured with the candidate
+        created = cache.key((*others.experts, final), calibration, max_tokens)
+        cache.put(created, {s: (r.nll, r.tokens) for s, r in after.items()})
+    base = next(c for c in checks if c.domain == BASE_SAMPLE)
+    report = AdmissionReport(
+        expert=name,
+        mode=limits.mode,
+        admitted=not problems,
+        false_positive_rate=max(base.take_rates, default=0.0),
+        base_decisions=base.decisions,
+        steal_rates={c.domain: max(c.take_rates, default=0.0) for c in checks if c.domain not in (BASE_SAMPLE, name)},
+        domains=checks,
+        repair=repair,
+        problems=problems,
+        limits=asdict(limits),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    logger.info("admission of %s: %s in %.1f s", name, problems or "admitted", report.seconds)
+    return Admission(final, report)
+
+
+def _repair(
+    model: RoutedModel,
+    tokenizer,
+    candidate: Expert,
+    others: PluggedSet,
+    samples: _Samples,
+    baseline: dict[str, tuple[float, int]],
+    unrepaired: list[DomainCheck],
+    limits: AdmissionLimits,
+    max_tokens: int,
+) -> tuple[Expert, dict[str, SamplePass], list[DomainCheck], Repair]:
+    """Raise the candidate's thresholds until its checks pass or nothing more can be raised (see the module
+    docstring). Per sample the fit allows fit_fraction * cap of its decisions; a sample whose perplexity still
+    breaks its limit gets half that share at the next round."""
+    name = candidate.name
+    shares = {s: limits.fit_fraction * c for s in samples.texts if s != name and (c := limits.cap(s)) is not None}
+    capped = {s: samples.texts[s] for s in shares}
+    scoring = others.plugging(candidate)  # the winning scores do not depend on the candidate's own thresholds
+    without = _passes(model, tokenizer, capped, others, scoring, name, max_tokens)
+    thresholds_before = [float(t) for t in candidate.thresholds]
+    thresholds = raised_thresholds(thresholds_before, without, shares, 1.0)
+    rounds = 0
+    while True:
+        rounds += 1
+        final = with_thresholds(candidate, thresholds)
+        with_c = others.plugging(final)
+        after = _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
+        checks = _checks(samples, baseline, after, limits, name)
+        if not _problems(checks, repaired=True) or rounds >= limits.max_rounds:
+            break
+        for c in checks:
+            if c.domain in shares and c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
+                shares[c.domain] /= 2
+        raised = raised_thresholds(thresholds, after, shares, 1.0)
+        if raised == thresholds:
+            break
+        thresholds = raised
+    own_before = next((c.take_rates for c in unrepaired if c.domain == name), None)
+    own_after = next((c.take_rates for c in checks if c.domain == name), None)
+    repair = Repair(list(candidate.layers), thresholds_before, thresholds, own_before, own_after, rounds, unrepaired)
+    logger.info(
+        "repaired %s beside %s in %d rounds: thresholds %s -> %s, own recall %s -> %s",
+        name,
+        list(others.names),
+        rounds,
+        [round(t, 4) for t in thresholds_before],
+        [round(t, 4) for t in thresholds],
+        own_before and [round(r, 3) for r in own_before],
+        own_after and [round(r, 3) for r in own_after],
+    )
+    return final, after, checks, repair
+
+
+def admission_report(
+    model: RoutedModel, tokenizer, expert: Expert, calibration: Sequence[str], max_tokens: int = 128
+) -> AdmissionReport:
+    """The measurements alone (no limits, no repair): what plugging `expert` as it is would do."""
+    none = AdmissionLimits(None, None, None, None, mode="refuse")
+    return admit(model, tokenizer, expert, calibration, none, max_tokens=max_tokens).report
+
+
+@torch.no_grad()
+def probe_is_finite(
+    model: RoutedModel, tokenizer, expert: Expert, text: str = PROBE_TEXT, max_tokens: int = 16
+) -> bool:
+    """Whether the logits stay finite with `expert` pinned on the first max_tokens tokens of `text`, in the
+    serving dtype. Nothing is plugged; the plugged set is not touched. The candidate is probed in a set of its own
+    (a pinned row reads no other expert), so the probe costs the same whatever the number plugged."""
+    candidate = expert.to(model.device, model.dtype)
+    with_candidate = PluggedSet.build((candidate,), model.num_layers, model.hidden_size, model.device, model.dtype)
+    ids = tokenizer(text)["input_ids"][:max_tokens]  # [special prefix] + text
+    batch = collate([(ids, [True] * len(ids))], pad_id=0).to(model.device)
+    out = forward(model, batch, [RoutingSpec("pin", candidate.name)], with_candidate)
+    return bool(torch.isfinite(out.logits).all())

@@ -1,0 +1,166 @@
+"""Composition: what a candidate expert does to the domains already served, in token mode, and the repair of
+its thresholds so that it leaves them as they were.
+
+Each domain is measured on a small text sample: the base calibration text, and every plugged expert's own
+`domain_sample` (carried in its file, see moe.adapters.file; an expert without one is measured on its example prompts).
+
+A pass runs one sample in token mode under a plugged set (batched forwards, nothing plugged or changed) and
+records, besides the summed NLL of the sample's tokens, for each layer the candidate covers and from the MLP
+inputs x [N, H] of the sample's real tokens:
+
+    taken     decisions the candidate wins (when the set holds it)
+    winning   [N] the candidate's score where it would win the token if its threshold let it: its score
+              beats the k-th best score among the other experts eligible there; -inf elsewhere. At threshold
+              t the candidate wins exactly the decisions whose winning score is > t (on this flow).
+
+Scores are independent (no softmax), so moving the candidate's thresholds changes no other expert's score;
+raising one only gives tokens back to whoever had them (another expert or the base route).
+
+The repair raises, per covered layer, the candidate's threshold to the lowest value at which at most
+`fraction * cap` of a sample's winning scores pass, for every sample and its cap. It is fitted first on the
+flow without the candidate (what it meets once it takes little), then re-checked on the flow with the repaired
+candidate plugged (its own decisions at earlier layers change later layers' inputs) and raised again where a
+take is still over its cap; thresholds only go up.
+
+Shapes: N = real tokens of a sample, E = experts in a set, H = hidden, Lc = layers the candidate covers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moe.adapters.expert import Expert
+from moe.adapters.slots import PluggedSet
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import batches, forward, texts, token_nll
+from moe.routing.router import RoutingSpec, choose_experts, gate_scores
+
+BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
+
+
+def domain_sample(expert: Expert) -> tuple[list[str], str]:
+    """The texts an expert's domain is measured on, and what they are: its stored `domain_sample`, or (for a
+    file without one) its example prompts."""
+    sample = list(expert.metadata.get("domain_sample") or [])
+    if sample:
+        return sample, "domain_sample"
+    return list(expert.examples), "examples"
+
+
+@dataclass
+class SamplePass:
+    """One sample's token-mode pass under a plugged set; per-layer lists follow the candidate's layers."""
+
+    nll: float  # summed NLL of the scored tokens
+    tokens: int  # scored tokens
+    decisions: int  # real tokens: routing decisions per layer
+    taken: list[int] = field(default_factory=list)  # decisions the candidate won (0 when it is not in the set)
+    winning: list[torch.Tensor] = field(default_factory=list)  # [N] float32 on CPU, see the module docstring
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / max(self.tokens, 1))
+
+    def take_rates(self) -> list[float]:
+        return [t / self.decisions if self.decisions else 0.0 for t in self.taken]
+
+
+def winning_scores(scores: torch.Tensor, thresholds: torch.Tensor, slot: int, top_k: int) -> torch.Tensor:
+    """scores [N, E] with the candidate at `slot`, thresholds [E] -> [N]: the candidate's score where it beats
+    the top_k-th eligible other expert (so it would be chosen if eligible), -inf elsewhere."""
+    others = scores.masked_fill(scores <= thresholds, float("-inf"))  # ineligible others cannot block it
+    others[:, slot] = float("-inf")
+    k = min(top_k, scores.shape[1])
+    kth_other = others.topk(k, dim=1).values[:, -1]  # [N]; -inf when fewer than k others are eligible
+    mine = scores[:, slot]
+    return torch.where(mine > kth_other, mine, torch.full_like(mine, float("-inf")))
+
+
+@torch.no_grad()
+def sample_pass(
+    model: RoutedModel,
+    tokenizer,
+    strings: Sequence[str],
+    plugged: PluggedSet,
+    scoring: PluggedSet | None = None,
+    candidate: str | None = None,
+    max_tokens: int = 128,
+    batch_size: int = 16,
+) -> SamplePass:
+    """Run `strings` in token mode under `plugged`; score the candidate named `candidate` in `scoring` (a set
+    that holds it: `plugged` itself, or the set with it when `plugged` is the set without it)."""
+    result = SamplePass(0.0, 0, 0)
+    layers: tuple[int, ...] = ()
+    slot = -1
+    if candidate is not None and scoring is not None:
+        slot = scoring.index(candidate)
+        layers = scoring.get(candidate).layers  # by name: a slot is a column, not a position
+        result.taken = [0] * len(layers)
+    applied = candidate is not None and candidate in plugged
+    winning: list[list[torch.Tensor]] = [[] for _ in layers]
+    for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
+        batch = batch.to(model.device)
+        out = forward(model, batch, [RoutingSpec()] * len(batch), plugged, capture=bool(layers))
+        nll, count = token_nll(out.logits, batch)
+        result.nll += float(nll.sum())
+        result.tokens += int(count.sum())
+        real = batch.mask.bool()
+        result.decisions += int(real.sum())
+        for i, layer in enumerate(layers):
+            x_unit = F.normalize(out.mlp_inputs[layer][real], dim=-1)  # [N, H], as the router normalises it
+            assert scoring is not None
+            scores = gate_scores(x_unit, scoring.keys[layer], scoring.offsets[layer])  # [N, E]
+            if applied:
+                choice = choose_experts(
+                    scores, scoring.thresholds[layer], None, None, scoring.covers[layer], model.router.top_k
+                )  # [N, k]
+                result.taken[i] += int((choice == slot).any(dim=1).sum())
+            winning[i].append(winning_scores(scores, scoring.thresholds[layer], slot, model.router.top_k).cpu())
+    result.winning = [torch.cat(w) if w else torch.empty(0) for w in winning]
+    return result
+
+
+def cap_threshold(winning: torch.Tensor, share: float) -> float:
+    """The lowest threshold at which at most floor(share * N) of these winning scores pass (are > it);
+    -inf when no score needs blocking."""
+    allowed = int(math.floor(share * len(winning)))
+    finite = winning[torch.isfinite(winning)]
+    if allowed >= len(finite):
+        return float("-inf")
+    return float(finite.sort(descending=True).values[allowed])
+
+
+def raised_thresholds(
+    thresholds: Sequence[float], passes: dict[str, SamplePass], caps: dict[str, float], fraction: float
+) -> list[float]:
+    """Per candidate layer, the threshold raised (never lowered) so that every sample's winning scores pass at
+    most `fraction * cap` of its decisions."""
+    out = list(thresholds)
+    for name, result in passes.items():
+        if name not in caps:
+            continue
+        for i, winning in enumerate(result.winning):
+            needed = cap_threshold(winning, fraction * caps[name])
+            if needed > out[i]:
+                out[i] = needed
+    return out
+
+
+def with_thresholds(expert: Expert, thresholds: Sequence[float]) -> Expert:
+    """The same expert (tensors shared) with new per-layer thresholds."""
+    return Expert(
+        name=expert.name,
+        layers=expert.layers,
+        adapter=expert.adapter,  # either kind: bottleneck or LoRA
+        keys=expert.keys,
+        offsets=expert.offsets,
+        thresholds=torch.tensor(list(thresholds), dtype=torch.float32, device=expert.thresholds.device),
+        description=expert.description,
+        examples=expert.examples,
+        metadata=dict(expert.metadata),
+    )

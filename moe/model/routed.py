@@ -1,0 +1,363 @@
+"""The routed model: a frozen backbone whose MLP blocks are wrapped to add the experts the router picks.
+
+    RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
+      -> for each decoder layer l, RoutedMLP:
+           scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.routing.router at the MLP input
+                                                            #   (C = expert slots)
+           choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
+           base   = mlp(x)                                  # the backbone block; its projections add the
+                                                            #   LoRA experts' deltas on their rows (moe.adapters.lora)
+           out    = base + bottleneck adapter deltas        # moe.adapters.dispatch, base rows untouched
+      -> logits, and a routing trace counted on the device
+
+Two dispatch paths, picked on the host from facts known before the step:
+    decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
+            number of ops with no host read (what a captured decode step runs; on CUDA it can be
+            torch.compile'd into a few fused kernels, see `fuse_decode_routing`); on CPU, when the step is
+            neither captured nor compiled, `routed_top1_host_read`: one host read, adapters for routed rows only
+    grouped everything else (prefill, training, top-k), and every step while a LoRA expert is plugged: tokens
+            grouped by expert, one host read per layer (LoRA experts: moe.adapters.lora.plan_lora, gathered without a
+            host read for few top-1 tokens)
+
+The experts live in preallocated slots (moe.adapters.slots.ExpertSlots) written in place between steps; one
+forward reads the plugged set once at its start.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.adapters.dispatch import grouped_dispatch, routed_rows_dispatch, slot_dispatch
+from moe.adapters.expert import Expert
+from moe.adapters.lora import LoraPlan, plan_lora, wrap_projections
+from moe.adapters.slots import ExpertSlots, PluggedSet
+from moe.model.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
+from moe.model.kv_cache import cache_kwarg
+from moe.model.trace import RoutingTrace, count_decisions
+from moe.routing.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
+
+# Decode steps (few tokens) take the fixed-op top-1 path over slot storage; above this many tokens (prefill)
+# grouping by expert costs less than running or gathering adapters per token.
+GATHER_MAX_TOKENS = 64
+
+
+def routed_top1(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    keys: torch.Tensor,
+    offsets: torch.Tensor,
+    thresholds: torch.Tensor,
+    covers: torch.Tensor,
+    allowed: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    dispatch: Callable[..., torch.Tensor] = slot_dispatch,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's decode routing: choice = route_top1(...) [N]; out = dispatch over the rows `keep` allows
+    (None: all) -> (out [N, H], choice [N], what the trace counts). With slot_dispatch: no host read, a fixed
+    op count (what a captured or compiled step runs)."""
+    choice = route_top1(x, keys, offsets, thresholds, covers, allowed, forced)
+    applied = choice if keep is None else torch.where(keep, choice, -1)
+    return dispatch(x, base, applied, down, up), choice
+
+
+# routed_top1 with one host read per layer: adapters run only for the rows that chose an expert, none when every
+# row takes the base route (eager decode on CPU, where a read costs no device sync). The same results.
+routed_top1_host_read = functools.partial(routed_top1, dispatch=routed_rows_dispatch)
+
+
+@functools.cache
+def fused_routed_top1() -> Callable:
+    """routed_top1 torch.compile'd once per process (every RoutedModel shares it; a fresh torch.compile per
+    call would recompile, and past dynamo's recompile limit run eagerly without a word). Dynamic shapes: one
+    compiled graph serves every bucket size and slot capacity; the host-known variants (dense or gathered, which
+    inputs are None) are a few more."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    return torch.compile(routed_top1, fullgraph=True, dynamic=True)
+
+
+@dataclass
+class RoutedOutput:
+    logits: torch.Tensor
+    past_key_values: object | None
+    trace: RoutingTrace
+    mlp_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] when captured
+
+
+@dataclass
+class _Step:
+    """What every RoutedMLP of one forward reads: the plugged set and per-token routing tensors."""
+
+    plugged: PluggedSet
+    top_k: int
+    allowed: torch.Tensor | None  # [N, C] bool; None: every slot allowed on every token
+    forced: torch.Tensor | None  # [N] long; None: no pins
+    skip: torch.Tensor | None  # [N, 1] bool: scored but no expert run (observe rows, padding); None: none
+    valid: torch.Tensor  # [N] float, 0 for padding
+    flat_rows: torch.Tensor  # [N] long: the batch row of each token
+    trace_rows: torch.Tensor  # [B, C + 1]
+    trace_layers: torch.Tensor  # [L, C + 1]
+    route: bool  # False: no expert can win anything this step, skip routing work
+    capture: list[torch.Tensor] | None
+    decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
+    choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
+    lora_plan: LoraPlan | None = None  # --- LoRA experts: the layer's LoRA plan, set while its MLP block runs ---
+
+
+class _Context(threading.local):
+    """The step being run, per thread: the engine decodes while an admission report runs the same model."""
+
+    step: _Step | None = None
+
+
+class RoutedMLP(nn.Module):
+    """Wraps one decoder layer's frozen MLP block (PEFT's `base_layer` habit); the block is never edited."""
+
+    def __init__(self, base_layer: nn.Module, layer: int, context: _Context) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self._context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self._context.step
+        if step is None:
+            return self.base_layer(x)
+        if step.capture is not None:
+            step.capture.append(x.detach())
+        if not step.route:
+            return self.base_layer(x)
+        hidden = x.shape[-1]
+        flat_x = x.reshape(-1, hidden)
+        plugged, layer = step.plugged, self.layer
+        if step.decode is not None:  # bottleneck experts only (no LoRA expert plugged): the fixed-op path
+            base = self.base_layer(x)
+            flat_base = base.reshape(-1, hidden)
+            keep = None if step.skip is None else ~step.skip[:, 0]
+            out, choice = step.decode(
+                flat_x,
+                flat_base,
+                plugged.keys[layer],
+                plugged.offsets[layer],
+                plugged.thresholds[layer],
+                plugged.covers[layer],
+                step.allowed,
+                step.forced,
+                keep,
+                plugged.down[layer],
+                plugged.up[layer],
+            )
+            step.choices.append(choice[:, None])
+            return out.view_as(base)
+        scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
+        choice = choose_experts(
+            scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
+        )  # [N, k]
+        step.choices.append(choice)
+        if step.skip is not None:
+            choice = choice.masked_fill(step.skip, -1)
+        # --- LoRA experts (moe.adapters.lora): the layer's LoRA plan, read by the block's projections while it runs;
+        # the bottleneck experts dispatch on the rest of the choice ---
+        chosen = None
+        if plugged.lora is not None and plugged.lora.on_layer[layer]:
+            gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+            chosen = (choice >= 0).sum(dim=1) if choice.shape[1] > 1 else None
+            step.lora_plan, choice = plan_lora(plugged.lora, layer, choice, gather)
+        try:
+            base = self.base_layer(x)
+        finally:
+            step.lora_plan = None
+        if plugged.lora is not None and not plugged.has_bottleneck:
+            return base
+        flat_base = base.reshape(-1, hidden)
+        return grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer], chosen).view_as(base)
+
+
+class RoutedModel(nn.Module):
+    """A frozen causal LM with routed, hot-pluggable experts on its MLP blocks."""
+
+    def __init__(self, backbone: nn.Module, router: RouterConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = freeze(backbone)
+        self.router = router or RouterConfig()
+        self.fingerprint = fingerprint(backbone)  # before wrapping: hashes the plain backbone's names
+        layers = decoder_layers(backbone)
+        attr = mlp_attribute(backbone)
+        self._context = _Context()
+        self.mlps: list[RoutedMLP] = []
+        self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)}: what LoRA experts adapt
+        for index, layer in enumerate(layers):
+            block = getattr(layer, attr)
+            wrap_projections(block, family_of(backbone).projections, self._context)  # LoRA experts' hook
+            wrapper = RoutedMLP(block, index, self._context)
+            setattr(layer, attr, wrapper)
+            self.mlps.append(wrapper)
+        param = next(backbone.parameters())
+        self.slots = ExpertSlots(
+            len(layers), self.hidden_size, param.device, param.dtype, projections=self.projection_shapes
+        )
+        self.cache_kwarg = cache_kwarg(backbone)
+        self.decode_route: Callable = routed_top1
+        self._swap_lock = threading.Lock()
+
+    # --- the plugged set ------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mlps)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def plugged(self) -> PluggedSet:
+        """The current set; a reference taken once stays valid and unchanged for as long as it is held."""
+        return self.slots.snapshot()
+
+    def plug(self, expert: Expert, replace: bool = False) -> PluggedSet:
+        """Write an expert into a free slot (or over the one of the same name, with replace); applies from the
+        next forward. Costs one expert's weights, whatever the number plugged."""
+        with self._swap_lock:
+            return self.slots.plug(expert, replace=replace)
+
+    def set_experts(self, experts: tuple[Expert, ...]) -> PluggedSet:
+        """Make the plugged set exactly these experts in this order; experts already plugged (the same handle)
+        keep their slots untouched, the others are written into slots. Applies from the next forward."""
+        with self._swap_lock:
+            return self.slots.set_all(experts)
+
+    def unplug(self, name: str) -> Expert:
+        """Disable the expert's slot; returns it (a weightless handle: its name, shapes and metadata)."""
+        with self._swap_lock:
+            return self.slots.unplug(name)
+
+    def fuse_decode_routing(self, enabled: bool = True) -> None:
+        """Run the decode routing of each layer as one torch.compile'd function (a few fused kernels on CUDA,
+        where launches are what routing costs). Off: the plain torch ops, as on CPU."""
+        if not enabled:
+            self.decode_route = routed_top1
+            return
+        self.decode_route = fused_routed_top1()
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        routing: StepRouting | list[RoutingSpec] | None = None,
+        plugged: PluggedSet | None = None,
+        past_key_values: object | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool = False,
+        capture_mlp_inputs: bool = False,
+        logits_to_keep: int = 0,
+        token_mask: torch.Tensor | None = None,
+        fixed_ops: bool = False,
+    ) -> RoutedOutput:
+        """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token), or a 4D additive
+        mask [B, 1, T, S] (then token_mask [B, T] says which new tokens are real; default all).
+
+        routing: one RoutingSpec per row (default: token mode for every row) or a prepared StepRouting.
+        plugged: the set to use (default: the current one, read once here).
+        past_key_values: a transformers Cache, written in place (passed under the name the installed
+            transformers takes).
+        logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
+        fixed_ops: take the decode path with no host read whatever the token count, where it applies (top-1,
+            slot storage, no gradient): what a captured or compiled decode step needs. Without it, a few tokens
+            on CPU take the decode path with one host read per layer (adapters for the routed rows only).
+        """
+        plugged = plugged if plugged is not None else self.plugged
+        batch, length = input_ids.shape
+        if token_mask is None and attention_mask is not None and attention_mask.ndim == 2:
+            token_mask = attention_mask[:, -length:]
+        if routing is None:
+            routing = [RoutingSpec()] * batch
+        if not isinstance(routing, StepRouting):
+            routing = StepRouting.from_specs(routing, plugged)
+        self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs, fixed_ops)
+        cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
+        try:
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **cache,
+            )
+        finally:
+            step, self._context.step = self._context.step, None
+        count_decisions(step.choices, step.valid, step.flat_rows, step.trace_rows, step.trace_layers)
+        if not step.route:
+            # nothing could route: every real token took the base route on every layer
+            valid_per_row = step.valid.view(batch, length).sum(dim=1)
+            step.trace_rows[:, -1] = valid_per_row * self.num_layers
+            step.trace_layers[:, -1] = valid_per_row.sum()
+        trace = RoutingTrace(plugged.columns, step.trace_rows, step.trace_layers)
+        return RoutedOutput(out.logits, past_key_values if use_cache else None, trace, step.capture or [])
+
+    def _prepare(
+        self,
+        plugged: PluggedSet,
+        routing: StepRouting,
+        token_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        capture: bool,
+        fixed_ops: bool = False,
+    ) -> _Step:
+        device, columns = self.device, plugged.capacity
+        tokens = batch * length
+        rows = torch.arange(batch, device=device)  # [B]
+        if length > 1:
+            rows = rows.repeat_interleave(length)  # [N]: the batch row of each token
+        valid = token_mask.reshape(-1).float() if token_mask is not None else torch.ones(tokens, device=device)
+        simple = routing.all_token_mode
+        skip = None
+        if not routing.applies_everywhere or (token_mask is not None and length > 1):  # observe rows, padding
+            apply = routing.apply if length == 1 else routing.apply[rows]
+            skip = ~(apply & (valid > 0))[:, None]
+        per_token = (lambda t: t) if length == 1 else (lambda t: t[rows])  # decode: rows are the tokens
+        decode = None
+        if (
+            self.router.top_k == 1
+            and plugged.down is not None
+            and plugged.lora is None  # LoRA experts change the block's projections: the grouped path runs them
+            and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
+            and not torch.is_grad_enabled()
+        ):
+            host_read = not fixed_ops and device.type == "cpu" and self.decode_route is routed_top1
+            decode = routed_top1_host_read if host_read else self.decode_route
+        return _Step(
+            plugged=plugged,
+            top_k=self.router.top_k,
+            allowed=None if simple else per_token(routing.allowed),
+            forced=None if simple else per_token(routing.forced),
+            skip=skip,
+            valid=valid,
+            flat_rows=rows,
+            trace_rows=torch.zeros(batch, columns + 1, device=device),
+            trace_layers=torch.zeros(self.num_layers, columns + 1, device=device),
+            route=routing.routes_anything,
+            capture=[] if capture else None,
+            decode=decode,
+        )
