@@ -41,6 +41,7 @@ from moe.model.text_batches import batches, forward, texts, token_nll
 from moe.routing.router import RoutingSpec, choose_experts, gate_scores
 
 BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
+MAX_TOKENS = 128  # tokens per text an admission pass scores (longer ones are cut)
 
 
 def domain_sample(expert: Expert) -> tuple[list[str], str]:
@@ -89,7 +90,7 @@ def sample_pass(
     plugged: PluggedSet,
     scoring: PluggedSet | None = None,
     candidate: str | None = None,
-    max_tokens: int = 128,
+    max_tokens: int = MAX_TOKENS,
     batch_size: int = 16,
 ) -> SamplePass:
     """Run `strings` in token mode under `plugged`; score the candidate named `candidate` in `scoring` (a set
