@@ -40,13 +40,15 @@ from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer, shuffled_picks
 from experts.evaluate import sequence_decisions
 from experts.progress import progress_bar
+from experts.schedule import warmup_cosine
 from moe.adapters.expert import BASE_ROUTE, Expert
 from moe.adapters.file import bound_domain_sample
 from moe.adapters.slots import PluggedSet
 from moe.admission.report import AdmissionLimits, admit
+from moe.admission.samples import cap_threshold
 from moe.decode.generation import generate
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
+from moe.model.text_batches import TokenBatch, batches, capture_mlp_inputs, forward, summed_nll, token_nll
 from moe.routing.balance import clamp_offsets, loss_free_update
 from moe.routing.router import RoutingSpec
 
@@ -101,12 +103,7 @@ def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) 
 
 def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, held: list[TokenBatch]) -> float:
     """Mean NLL per scored token over held-out batches."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in held:
-            out = forward(model, batch, [spec] * len(batch), plugged)
-            nll, n = token_nll(out.logits, batch)
-            total, count = total + float(nll.sum()), count + int(n.sum())
+    total, count = summed_nll(held, lambda batch: forward(model, batch, [spec] * len(batch), plugged).logits)
     return total / max(count, 1)
 
 
@@ -127,10 +124,7 @@ def behaviour_accuracy(
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Stage 1's learning rate at 0-based `step`: linear warmup to config.lr, then cosine down to 10% of it."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, config.lr, config.warmup_steps, config.steps, floor=0.1)
 
 
 def train_adapter(
@@ -238,13 +232,6 @@ def train_key(positives: torch.Tensor, negatives: torch.Tensor, config: TrainCon
         loss.backward()
         optimizer.step()
     return F.normalize(key.detach(), dim=0)
-
-
-def cap_threshold(scores: torch.Tensor, cap: float) -> float:
-    """The lowest threshold that at most floor(cap * N) of these scores exceed (strictly)."""
-    allowed = int(math.floor(cap * len(scores)))
-    ordered = scores.sort(descending=True).values
-    return float(ordered[min(allowed, len(ordered) - 1)])
 
 
 def offset_ceiling(negative_scores: torch.Tensor, threshold: float, cap: float) -> float:

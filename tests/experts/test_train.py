@@ -20,7 +20,6 @@ from experts.data import (
     to_examples,
 )
 from experts.train import (
-    cap_threshold,
     heldout_loss,
     offset_ceiling,
     single_set,
@@ -30,6 +29,7 @@ from experts.train import (
 )
 from moe import RoutedModel, RoutingSpec
 from moe.adapters.file import ExpertFile
+from moe.admission.samples import cap_threshold
 from moe.model.text_batches import batches, forward, token_nll
 
 FAST = {
