@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -51,7 +50,7 @@ from moe.admission.samples import (
     with_thresholds,
 )
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import collate, forward
+from moe.model.text_batches import collate, forward, perplexity
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
@@ -264,7 +263,7 @@ def _checks(
     checks = []
     for name, result in after.items():
         nll, tokens = before[name]
-        ppl_before = math.exp(nll / max(tokens, 1))
+        ppl_before = perplexity(nll, tokens)
         own = name == candidate
         checks.append(
             DomainCheck(
@@ -448,14 +447,6 @@ def _repair(
         own_after and [round(r, 3) for r in own_after],
     )
     return final, after, checks, repair
-
-
-def admission_report(
-    model: RoutedModel, tokenizer, expert: Expert, calibration: Sequence[str], max_tokens: int = MAX_TOKENS
-) -> AdmissionReport:
-    """The measurements alone (no limits, no repair): what plugging `expert` as it is would do."""
-    none = AdmissionLimits(None, None, None, None, mode="refuse")
-    return admit(model, tokenizer, expert, calibration, none, max_tokens=max_tokens).report
 
 
 @torch.no_grad()
