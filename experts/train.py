@@ -94,7 +94,7 @@ def trainable_expert(config: TrainConfig, hidden: int, num_layers: int, device: 
     return expert
 
 
-def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
+def reference_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
     """A plugged set that holds references to these experts' tensors (no copy, gradients flow)."""
     return PluggedSet.build(
         tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version, model.projection_shapes
@@ -148,7 +148,7 @@ def train_adapter(
     optimizer = torch.optim.AdamW([expert.down, expert.up], lr=config.lr, weight_decay=config.weight_decay)
 
     def evaluate(step: int) -> dict[str, float]:
-        plugged = single_set(model, (expert,))
+        plugged = reference_set(model, (expert,))
         metric = {"step": step, "heldout_loss": heldout_loss(model, plugged, spec, held)}
         if qa:
             metric["heldout_accuracy"] = behaviour_accuracy(
@@ -177,7 +177,7 @@ def train_adapter(
         batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, config)
-        plugged = single_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
+        plugged = reference_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
         out = forward(model, batch, [spec] * len(batch), plugged)
         nll, count = token_nll(out.logits, batch)
         loss = nll.sum() / count.sum().clamp(min=1)
@@ -298,7 +298,7 @@ def train_gate(
     also learns to reject.
     """
     started = time.perf_counter()
-    plugged = single_set(model, (expert,))
+    plugged = reference_set(model, (expert,))
     limit = config.gate_max_tokens
     # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
     # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
@@ -400,7 +400,7 @@ def balance_offsets(
             is_domain.extend([kind == "domain"] * len(chosen))
         (batch,) = batches(tokenizer, picked, len(picked), config.max_tokens)
         batch = batch.to(model.device)
-        plugged = single_set(model, (*others, expert))
+        plugged = reference_set(model, (*others, expert))
         out = forward(model, batch, [RoutingSpec()] * len(picked), plugged)
         tokens = batch.mask.sum(dim=1).float()  # [B]
         target = float(tokens[torch.tensor(is_domain, device=tokens.device)].sum() / tokens.sum())
@@ -480,7 +480,7 @@ def train_expert(
     routing = routing_check(model, tokenizer, expert, heldout, calibration_heldout or calibration, others)
     logger.info("routing check: %s", _fmt(routing))
     expert.description = description
-    expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+    expert.examples = example_prompts(examples, heldout)
     expert.metadata = {
         "domain_sample": own_sample,
         "provenance": {**(provenance or {}), "config": _jsonable(asdict(config))},
@@ -519,6 +519,12 @@ def texts_of(examples: Sequence[Example]) -> list[str]:
     return [(e.prompt or "") + e.target for e in examples]
 
 
+def example_prompts(given: Sequence[str], heldout: Sequence[Example]) -> tuple[str, ...]:
+    """The example prompts an expert file carries: the given ones, else the first 3 held-out prompts (a text
+    record's text), 200 characters at most."""
+    return tuple(given) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+
+
 def domain_sample_texts(examples: Sequence[Example], size: int, seed: int) -> list[str]:
     """A seeded sample of the domain as whole texts, within the expert file's bounds (moe.adapters.file)."""
     order = list(range(len(examples)))
@@ -540,7 +546,13 @@ def repair_beside(
         max_false_positive_rate=config.max_false_positive_rate, max_steal_rate=config.max_steal_rate
     )
     result = admit(
-        model, tokenizer, expert, calibration, limits, max_tokens=config.max_tokens, plugged=single_set(model, others)
+        model,
+        tokenizer,
+        expert,
+        calibration,
+        limits,
+        max_tokens=config.max_tokens,
+        plugged=reference_set(model, others),
     )
     expert.thresholds = result.expert.thresholds.to(expert.thresholds.device)
     report = result.report
@@ -577,7 +589,7 @@ def routing_check(
 ) -> dict[str, float]:
     """Sequence-mode decisions on held-out prompts: share of domain prompts sent to the expert and of
     negative texts sent to base (QA records: their prompt; text records: the whole text)."""
-    plugged = single_set(model, (*others, expert))
+    plugged = reference_set(model, (*others, expert))
     domain_texts = [e.prompt or e.target for e in domain[:limit]]
     negative_texts = [e.prompt or e.target for e in negatives[:limit]]
     to_expert = sequence_decisions(model, tokenizer, domain_texts, plugged)

@@ -1,12 +1,8 @@
-"""Findings 3, 4 and 7 of the hardening review, at the served expert set.
-
-3: admission ran on the engine thread, stalling every stream for seconds, and an expert carrying 15 MB of
-   examples made the next plug run for minutes: admission now runs on the plug worker thread while decoding
-   goes on, and metadata is capped (413) so every report is bounded.
-4: one bad file stopped the server from starting; a third copy of an expert under a new name was a 500.
-   Seeding skips a bad file with a log line and serves the rest; a name claimed by several files is
-   seeded from the file named after it, never by file-name order.
-7: an expert whose weights combine into non-finite logits is refused by a pinned probe (422).
+"""The served expert set (server/served_experts.py) through the app: seeding skips a bad file with a log line
+and serves the rest, and a name claimed by several files is seeded from the file named after it (never by file-name
+order); copies of one expert under new names are a 201, 409 or 422, never a 500; admission runs on its own worker
+thread while decoding goes on; metadata over the format's limits is a 413 before admission; an expert whose
+weights combine into non-finite logits is refused by the pinned probe (422) and nothing changes.
 """
 
 from __future__ import annotations
