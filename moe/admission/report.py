@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -60,7 +60,7 @@ CALIBRATION_PASSAGES = 200  # calibration passages an admission reads (the first
 AdmissionMode = Literal["repair", "refuse"]
 
 
-def _limit(default: float, help: str) -> float | None:  # noqa: A002
+def _limit(default: float, help: str) -> Any:  # noqa: A002
     """A limit field; its help (what it bounds) is the one text every flag that sets it derives from."""
     return field(default=default, metadata={"help": help})
 
