@@ -23,7 +23,7 @@ import torch
 
 from experts.config import TrainConfig
 from experts.data import load_examples, shuffled_picks
-from experts.train import heldout_loss, lr_at, single_set, train_adapter, trainable_expert
+from experts.train import heldout_loss, lr_at, reference_set, train_adapter, trainable_expert
 from moe import RoutedModel, RoutingSpec, load_backbone
 from moe.model.text_batches import batches, forward, token_nll
 
@@ -34,7 +34,7 @@ def fine_tune_whole_backbone(model: RoutedModel, tokenizer, train: list, held: l
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    nothing, off = single_set(model, ()), RoutingSpec("off")
+    nothing, off = reference_set(model, ()), RoutingSpec("off")
     held_batches = batches(tokenizer, held, 32, config.max_tokens)
     history = [(0, heldout_loss(model, nothing, off, held_batches))]
     picks = shuffled_picks(len(train), config.batch_size, random.Random(f"{config.seed}/batches"))

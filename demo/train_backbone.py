@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from demo.corpus import extract_final_number, format_math, math_prompt, read_jsonl
+from experts.schedule import warmup_cosine
+from moe.model.text_batches import TokenBatch, collate, summed_nll
+from moe.model.text_batches import perplexity as perplexity_of
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +245,7 @@ def make_model(tokenizer: PreTrainedTokenizerFast, settings: ModelSettings) -> L
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
+    return warmup_cosine(step, settings.lr, settings.warmup_steps, settings.steps, floor=settings.min_lr_ratio)
 
 
 def train(model: LlamaForCausalLM, batches: torch.Tensor, settings: TrainSettings) -> float:
@@ -297,22 +295,15 @@ def train(model: LlamaForCausalLM, batches: torch.Tensor, settings: TrainSetting
 @torch.no_grad()
 def perplexity(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, texts: list[str], bs: int) -> float:
     """Token-level perplexity of ``EOS text EOS`` documents (predicting text and the final EOS)."""
-    total_nll, total_tok = 0.0, 0
-    for i in range(0, len(texts), bs):
-        ids = [t + [tokenizer.eos_token_id] for t in tokenizer(texts[i : i + bs])["input_ids"]]
-        width = max(map(len, ids))
-        inp = torch.full((len(ids), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for j, row in enumerate(ids):
-            inp[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
-        target = inp[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        valid = mask[:, 1:].bool()
-        total_nll += nll[valid].sum().item()
-        total_tok += int(valid.sum())
-    return math.exp(total_nll / total_tok)
+
+    def documents(start: int) -> TokenBatch:  # every token is scored: each one after the first is predicted
+        ids = [t + [tokenizer.eos_token_id] for t in tokenizer(texts[start : start + bs])["input_ids"]]
+        return collate([(row, [True] * len(row)) for row in ids], tokenizer.pad_token_id)
+
+    def logits(batch: TokenBatch) -> torch.Tensor:
+        return model(input_ids=batch.ids, attention_mask=batch.mask).logits
+
+    return perplexity_of(*summed_nll((documents(start) for start in range(0, len(texts), bs)), logits))
 
 
 @torch.no_grad()

@@ -27,20 +27,22 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experts.data import load_examples, shuffled_picks
-from moe.model.text_batches import batches, token_nll
+from moe.model.text_batches import batches, summed_nll, token_nll
+from moe.model.text_batches import perplexity as perplexity_of
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, examples, max_tokens: int, batch_size: int = 32) -> float:
     """Per scored token, over `examples` (what `plugmoe eval` calls ppl)."""
-    total, count = 0.0, 0
-    for batch in batches(tokenizer, examples, batch_size, max_tokens):
-        nll, n = token_nll(model(input_ids=batch.ids, attention_mask=batch.mask).logits, batch)
-        total, count = total + float(nll.sum()), count + int(n.sum())
-    return math.exp(total / max(count, 1))
+    held = batches(tokenizer, examples, batch_size, max_tokens)
+    return perplexity_of(*summed_nll(held, lambda batch: model(input_ids=batch.ids, attention_mask=batch.mask).logits))
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Not experts.schedule.warmup_cosine: here a linear ramp over the first `warmup` steps scales a cosine that
+    runs from step 0 (stage 1 warms up first, then starts the cosine). The demo's adapters were trained with this
+    one, and it stays so that they rebuild bit for bit (even pi * (step / steps) in place of pi * step / steps
+    moves some rates by an ulp)."""
     return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 

@@ -43,7 +43,7 @@ from experts.data import (
     write_jsonl,
 )
 from moe.adapters.file import ExpertFile
-from moe.admission.report import DEFAULT_CALIBRATION
+from moe.admission.report import CALIBRATION_PASSAGES, DEFAULT_CALIBRATION
 from moe.admission.samples import domain_sample
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def read_domain_data(args: argparse.Namespace, model, tool: str) -> DomainData:
     negative_records = [r for f in negative_files for r in read_records(f)]
     random.Random(f"{args.seed}/negatives").shuffle(negative_records)  # files mixed: token caps take from all
     sample = to_examples(read_records(args.sample_from), template, extractor) if args.sample_from else []
-    calibration_records = read_records(calibration_file)[:200]
+    calibration_records = read_records(calibration_file)[:CALIBRATION_PASSAGES]  # the passages admission reads
     repair_calibration = [(e.prompt or "") + e.target for e in to_examples(calibration_records, template, extractor)]
     others, other_examples = [], []
     if args.with_experts:

@@ -15,7 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moe.admission.report import AdmissionLimits
+from moe.adapters.file import DOMAIN_SAMPLE_MAX_BYTES, DOMAIN_SAMPLE_MAX_TEXTS
+from moe.admission.report import CALIBRATION_PASSAGES, LIMIT_HELP, LIMIT_NAMES, MAX_TOKENS, AdmissionLimits
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
@@ -26,6 +27,17 @@ def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool 
     if default is dataclasses.MISSING:
         return field(metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
+
+
+def admission_limit(name: str, context: str = "", off: bool = False) -> Any:
+    """A flag for one of the admission limits: its default and help are AdmissionLimits' (the server's)."""
+    help_text = context + LIMIT_HELP[name] + ("; negative: off" if off else "")
+    return option(getattr(AdmissionLimits, name), help=help_text)
+
+
+SAMPLE_BOUND = (
+    f"at most {DOMAIN_SAMPLE_MAX_TEXTS} texts and {DOMAIN_SAMPLE_MAX_BYTES // 1024} KiB: the file format's bound"
+)
 
 
 @dataclass
@@ -113,16 +125,14 @@ class TrainConfig:
     threshold_max_tokens: int = option(
         24_000, help="held-out calibration tokens per layer the thresholds are fitted on (more: a tighter fit)"
     )
-    sample_size: int = option(64, help="texts in the domain sample stored in the file (at most 64, 64 KiB)")
-    max_false_positive_rate: float = option(
-        AdmissionLimits.max_false_positive_rate,
-        help="with --with-experts: the repair's cap, per layer, on the share of calibration decisions the gate "
-        "takes in token mode beside them (the server's default)",
+    sample_size: int = option(
+        DOMAIN_SAMPLE_MAX_TEXTS, help=f"texts in the domain sample stored in the file ({SAMPLE_BOUND})"
     )
-    max_steal_rate: float = option(
-        AdmissionLimits.max_steal_rate,
-        help="with --with-experts: the repair's cap, per layer, on the share of each one's domain-sample "
-        "decisions the gate takes (the server's default)",
+    max_false_positive_rate: float = admission_limit(
+        "max_false_positive_rate", "with --with-experts, the repair beside them holds the server's "
+    )
+    max_steal_rate: float = admission_limit(
+        "max_steal_rate", "with --with-experts, the repair beside them holds the server's "
     )
     balance_steps: int = option(50, help="loss-free balancing batches")
     balance_rate: float = option(1e-3, help="loss-free balancing step u in offset += u * sign(target - load)")
@@ -142,8 +152,10 @@ class TrainConfig:
                 f"threshold_holdout must be in [0, 1) and threshold_max_tokens >= 0, got {self.threshold_holdout} "
                 f"and {self.threshold_max_tokens}"
             )
-        if not 0 <= self.sample_size <= 64:
-            raise ValueError(f"sample_size must be in [0, 64] (the file format's bound), got {self.sample_size}")
+        if not 0 <= self.sample_size <= DOMAIN_SAMPLE_MAX_TEXTS:
+            raise ValueError(
+                f"sample_size must be in [0, {DOMAIN_SAMPLE_MAX_TEXTS}] ({SAMPLE_BOUND}), got {self.sample_size}"
+            )
         if self.threshold_rule not in ("cap", "max"):
             raise ValueError(f"threshold rule {self.threshold_rule!r} is not 'cap' or 'max'")
 
@@ -249,14 +261,14 @@ class SampleConfig:
     expert: str = option(help="the expert file")
     data: str = option(help="JSONL (or text) of the expert's domain to draw from (not an evaluation set)")
     out: str = option(help="the file to write (may be --expert itself)")
-    size: int = option(64, help="texts in the sample (the file format allows at most 64 and 64 KiB)")
+    size: int = option(DOMAIN_SAMPLE_MAX_TEXTS, help=f"texts in the sample ({SAMPLE_BOUND})")
     seed: int = option(0, help="seed of the draw")
     template: str = option(DEFAULT_TEMPLATE, help="question/answer template with {question} and {answer}")
     log_level: str = option("INFO", help="logging level")
 
     def __post_init__(self) -> None:
-        if not 1 <= self.size <= 64:
-            raise ValueError(f"size must be in [1, 64] (the file format's bound), got {self.size}")
+        if not 1 <= self.size <= DOMAIN_SAMPLE_MAX_TEXTS:
+            raise ValueError(f"size must be in [1, {DOMAIN_SAMPLE_MAX_TEXTS}] ({SAMPLE_BOUND}), got {self.size}")
 
 
 @dataclass
@@ -277,26 +289,17 @@ class AdmitConfig:
     """`admit`: the server's admission, offline; limits as the server's flags (negative: off)."""
 
     admission: Literal["repair", "refuse"] = option("repair", help="repair: raise the candidate's thresholds")
-    max_false_positive_rate: float = option(AdmissionLimits.max_false_positive_rate, help="cap per layer")
-    max_steal_rate: float = option(AdmissionLimits.max_steal_rate, help="cap per layer and plugged expert")
-    max_base_ppl_increase: float = option(AdmissionLimits.max_base_ppl_increase, help="on the calibration text")
-    max_domain_ppl_increase: float = option(
-        AdmissionLimits.max_domain_ppl_increase, help="on each plugged expert's domain sample"
+    max_false_positive_rate: float = admission_limit("max_false_positive_rate", off=True)
+    max_steal_rate: float = admission_limit("max_steal_rate", off=True)
+    max_base_ppl_increase: float = admission_limit("max_base_ppl_increase", off=True)
+    max_domain_ppl_increase: float = admission_limit("max_domain_ppl_increase", off=True)
+    calibration_limit: int = option(
+        CALIBRATION_PASSAGES, help=f"calibration passages used (the server uses {CALIBRATION_PASSAGES})"
     )
-    calibration_limit: int = option(200, help="calibration passages used (the server uses 200)")
-    max_tokens: int = option(128, help="tokens per text (the server uses 128)")
+    max_tokens: int = option(MAX_TOKENS, help=f"tokens per text (the server uses {MAX_TOKENS})")
 
     def limits(self) -> AdmissionLimits:
-        def off(value: float) -> float | None:
-            return None if value < 0 else value
-
-        return AdmissionLimits(
-            max_false_positive_rate=off(self.max_false_positive_rate),
-            max_steal_rate=off(self.max_steal_rate),
-            max_base_ppl_increase=off(self.max_base_ppl_increase),
-            max_domain_ppl_increase=off(self.max_domain_ppl_increase),
-            mode=self.admission,
-        )
+        return AdmissionLimits.from_flags(self.admission, **{name: getattr(self, name) for name in LIMIT_NAMES})
 
 
 # --- deriving flags ---------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Shapes: B = rows in a batch, T = tokens, V = vocabulary.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -36,7 +35,7 @@ from moe.adapters.expert import BASE_ROUTE
 from moe.adapters.slots import PluggedSet
 from moe.decode.generation import decide_routes, generate
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import batches, forward, token_nll
+from moe.model.text_batches import batches, forward, perplexity, token_nll
 from moe.model.trace import add_counts, route_shares, routing_entropy
 from moe.routing.router import RoutingSpec
 
@@ -92,10 +91,6 @@ class DomainResult:
         return {m: self.ppl[m] / self.ppl["oracle"] - 1.0 for m in ("token", "sequence") if m in self.ppl}
 
 
-def _ppl(nll: float, count: int) -> float:
-    return math.exp(nll / max(count, 1))
-
-
 @torch.no_grad()
 def sequence_nll(
     model: RoutedModel,
@@ -144,13 +139,13 @@ def evaluate_domain(
             model, tokenizer, examples, [RoutingSpec("pin", name)] * n, plugged, config
         )
     tokens = int(count.sum())
-    ppl = {"off": _ppl(float(route_nll[BASE_ROUTE].sum()), tokens)}
+    ppl = {"off": perplexity(float(route_nll[BASE_ROUTE].sum()), tokens)}
     for name in names:
-        ppl[f"pin:{name}"] = _ppl(float(route_nll[name].sum()), tokens)
-    ppl["oracle"] = _ppl(float(torch.stack(list(route_nll.values())).min(dim=0).values.sum()), tokens)
+        ppl[f"pin:{name}"] = perplexity(float(route_nll[name].sum()), tokens)
+    ppl["oracle"] = perplexity(float(torch.stack(list(route_nll.values())).min(dim=0).values.sum()), tokens)
     # token routing
     nll, _, token_counts = sequence_nll(model, tokenizer, examples, [RoutingSpec()] * n, plugged, config)
-    ppl["token"] = _ppl(float(nll.sum()), tokens)
+    ppl["token"] = perplexity(float(nll.sum()), tokens)
     totals: dict[str, float] = {}
     for row in token_counts:
         add_counts(totals, row)
@@ -163,7 +158,7 @@ def evaluate_domain(
     )
     specs = [RoutingSpec("sequence", expert=d) for d in decisions]
     nll, _, _ = sequence_nll(model, tokenizer, examples, specs, plugged, config)
-    ppl["sequence"] = _ppl(float(nll.sum()), tokens)
+    ppl["sequence"] = perplexity(float(nll.sum()), tokens)
     token_routes = route_shares(totals)
     sequence_routes = {r: decisions.count(r) / max(n, 1) for r in sorted(set(decisions))}
     result = DomainResult(

@@ -39,11 +39,12 @@ from experts.config import TrainConfig
 from experts.data import Example
 from experts.train import (
     domain_sample_texts,
+    example_prompts,
     gate_evals,
     heldout_loss,
+    reference_set,
     repair_beside,
     routing_check,
-    single_set,
     texts_of,
     train_gate,
 )
@@ -383,14 +384,14 @@ def import_lora(
     held = [
         b.to(model.device) for b in batches(tokenizer, list(heldout[: config.eval_examples]), 32, config.max_tokens)
     ]
-    plugged = single_set(model, (expert,))
+    plugged = reference_set(model, (expert,))
     losses = {
         "heldout_loss_off": heldout_loss(model, plugged, RoutingSpec("off"), held),
         "heldout_loss_pinned": heldout_loss(model, plugged, RoutingSpec("pin", expert.name), held),
     }
     logger.info("routing check: %s; held-out loss %s", routing, losses)
     expert.description = description
-    expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+    expert.examples = example_prompts(examples, heldout)
     expert.metadata = {
         "domain_sample": own_sample,
         "provenance": {**expert.metadata.get("provenance", {}), **(provenance or {})},

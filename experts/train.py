@@ -40,13 +40,15 @@ from experts.config import TrainConfig
 from experts.data import Example, Extractor, gsm8k_answer, shuffled_picks
 from experts.evaluate import sequence_decisions
 from experts.progress import progress_bar
+from experts.schedule import warmup_cosine
 from moe.adapters.expert import BASE_ROUTE, Expert
 from moe.adapters.file import bound_domain_sample
 from moe.adapters.slots import PluggedSet
 from moe.admission.report import AdmissionLimits, admit
+from moe.admission.samples import cap_threshold
 from moe.decode.generation import generate
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import TokenBatch, batches, capture_mlp_inputs, forward, token_nll
+from moe.model.text_batches import TokenBatch, batches, capture_mlp_inputs, forward, summed_nll, token_nll
 from moe.routing.balance import clamp_offsets, loss_free_update
 from moe.routing.router import RoutingSpec
 
@@ -92,7 +94,7 @@ def trainable_expert(config: TrainConfig, hidden: int, num_layers: int, device: 
     return expert
 
 
-def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
+def reference_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
     """A plugged set that holds references to these experts' tensors (no copy, gradients flow)."""
     return PluggedSet.build(
         tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version, model.projection_shapes
@@ -101,12 +103,7 @@ def single_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) 
 
 def heldout_loss(model: RoutedModel, plugged: PluggedSet, spec: RoutingSpec, held: list[TokenBatch]) -> float:
     """Mean NLL per scored token over held-out batches."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in held:
-            out = forward(model, batch, [spec] * len(batch), plugged)
-            nll, n = token_nll(out.logits, batch)
-            total, count = total + float(nll.sum()), count + int(n.sum())
+    total, count = summed_nll(held, lambda batch: forward(model, batch, [spec] * len(batch), plugged).logits)
     return total / max(count, 1)
 
 
@@ -127,10 +124,7 @@ def behaviour_accuracy(
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Stage 1's learning rate at 0-based `step`: linear warmup to config.lr, then cosine down to 10% of it."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(step, config.lr, config.warmup_steps, config.steps, floor=0.1)
 
 
 def train_adapter(
@@ -154,7 +148,7 @@ def train_adapter(
     optimizer = torch.optim.AdamW([expert.down, expert.up], lr=config.lr, weight_decay=config.weight_decay)
 
     def evaluate(step: int) -> dict[str, float]:
-        plugged = single_set(model, (expert,))
+        plugged = reference_set(model, (expert,))
         metric = {"step": step, "heldout_loss": heldout_loss(model, plugged, spec, held)}
         if qa:
             metric["heldout_accuracy"] = behaviour_accuracy(
@@ -183,7 +177,7 @@ def train_adapter(
         batch = batch.to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, config)
-        plugged = single_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
+        plugged = reference_set(model, (expert,))  # rebuilt each step: views of the leaves, never stale
         out = forward(model, batch, [spec] * len(batch), plugged)
         nll, count = token_nll(out.logits, batch)
         loss = nll.sum() / count.sum().clamp(min=1)
@@ -238,13 +232,6 @@ def train_key(positives: torch.Tensor, negatives: torch.Tensor, config: TrainCon
         loss.backward()
         optimizer.step()
     return F.normalize(key.detach(), dim=0)
-
-
-def cap_threshold(scores: torch.Tensor, cap: float) -> float:
-    """The lowest threshold that at most floor(cap * N) of these scores exceed (strictly)."""
-    allowed = int(math.floor(cap * len(scores)))
-    ordered = scores.sort(descending=True).values
-    return float(ordered[min(allowed, len(ordered) - 1)])
 
 
 def offset_ceiling(negative_scores: torch.Tensor, threshold: float, cap: float) -> float:
@@ -311,7 +298,7 @@ def train_gate(
     also learns to reject.
     """
     started = time.perf_counter()
-    plugged = single_set(model, (expert,))
+    plugged = reference_set(model, (expert,))
     limit = config.gate_max_tokens
     # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
     # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
@@ -413,7 +400,7 @@ def balance_offsets(
             is_domain.extend([kind == "domain"] * len(chosen))
         (batch,) = batches(tokenizer, picked, len(picked), config.max_tokens)
         batch = batch.to(model.device)
-        plugged = single_set(model, (*others, expert))
+        plugged = reference_set(model, (*others, expert))
         out = forward(model, batch, [RoutingSpec()] * len(picked), plugged)
         tokens = batch.mask.sum(dim=1).float()  # [B]
         target = float(tokens[torch.tensor(is_domain, device=tokens.device)].sum() / tokens.sum())
@@ -493,7 +480,7 @@ def train_expert(
     routing = routing_check(model, tokenizer, expert, heldout, calibration_heldout or calibration, others)
     logger.info("routing check: %s", _fmt(routing))
     expert.description = description
-    expert.examples = tuple(examples) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+    expert.examples = example_prompts(examples, heldout)
     expert.metadata = {
         "domain_sample": own_sample,
         "provenance": {**(provenance or {}), "config": _jsonable(asdict(config))},
@@ -532,6 +519,12 @@ def texts_of(examples: Sequence[Example]) -> list[str]:
     return [(e.prompt or "") + e.target for e in examples]
 
 
+def example_prompts(given: Sequence[str], heldout: Sequence[Example]) -> tuple[str, ...]:
+    """The example prompts an expert file carries: the given ones, else the first 3 held-out prompts (a text
+    record's text), 200 characters at most."""
+    return tuple(given) or tuple((e.prompt or e.target)[:200] for e in heldout[:3])
+
+
 def domain_sample_texts(examples: Sequence[Example], size: int, seed: int) -> list[str]:
     """A seeded sample of the domain as whole texts, within the expert file's bounds (moe.adapters.file)."""
     order = list(range(len(examples)))
@@ -553,7 +546,13 @@ def repair_beside(
         max_false_positive_rate=config.max_false_positive_rate, max_steal_rate=config.max_steal_rate
     )
     result = admit(
-        model, tokenizer, expert, calibration, limits, max_tokens=config.max_tokens, plugged=single_set(model, others)
+        model,
+        tokenizer,
+        expert,
+        calibration,
+        limits,
+        max_tokens=config.max_tokens,
+        plugged=reference_set(model, others),
     )
     expert.thresholds = result.expert.thresholds.to(expert.thresholds.device)
     report = result.report
@@ -590,7 +589,7 @@ def routing_check(
 ) -> dict[str, float]:
     """Sequence-mode decisions on held-out prompts: share of domain prompts sent to the expert and of
     negative texts sent to base (QA records: their prompt; text records: the whole text)."""
-    plugged = single_set(model, (*others, expert))
+    plugged = reference_set(model, (*others, expert))
     domain_texts = [e.prompt or e.target for e in domain[:limit]]
     negative_texts = [e.prompt or e.target for e in negatives[:limit]]
     to_expert = sequence_decisions(model, tokenizer, domain_texts, plugged)

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from moe import Expert, RoutedModel
-from moe.admission.report import AdmissionLimits, BaselineCache, admit, load_calibration_texts
+from moe.admission.report import LIMIT_NAMES, AdmissionLimits, BaselineCache, admit, load_calibration_texts
 from server.errors import AdmissionRejectedError
 from server.settings import Settings
 
@@ -16,20 +16,9 @@ logger = logging.getLogger(__name__)
 
 class AdmissionPolicy:
     def __init__(self, settings: Settings) -> None:
-        self.limits = AdmissionLimits(
-            max_false_positive_rate=Settings.limit(settings.max_false_positive_rate),
-            max_steal_rate=Settings.limit(settings.max_steal_rate),
-            max_base_ppl_increase=Settings.limit(settings.max_base_ppl_increase),
-            max_domain_ppl_increase=Settings.limit(settings.max_domain_ppl_increase),
-            mode="refuse" if settings.admission == "off" else settings.admission,
-        )
-        limits = (
-            self.limits.max_false_positive_rate,
-            self.limits.max_steal_rate,
-            self.limits.max_base_ppl_increase,
-            self.limits.max_domain_ppl_increase,
-        )
-        self.enabled = settings.admission != "off" and any(limit is not None for limit in limits)
+        mode = "refuse" if settings.admission == "off" else settings.admission  # off: never run, see enabled
+        self.limits = AdmissionLimits.from_flags(mode, **{name: getattr(settings, name) for name in LIMIT_NAMES})
+        self.enabled = settings.admission != "off" and self.limits.checks_anything
         self.calibration_file = settings.calibration_file
         self._calibration: list[str] | None = None
         self._baselines = BaselineCache()  # the plugged set's own passes, reused by the next plug

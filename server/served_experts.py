@@ -1,9 +1,9 @@
 """The served expert set: plug and unplug through the store, the admission policy and the engine.
 
-    plug:   validate the file (moe.adapters.file) -> catch up with the store -> a pinned probe forward whose logits must
-            be finite -> admission (server.admission_policy; in repair mode it may raise the candidate's
-            thresholds, and the repaired file is what is stored) -> store the file and commit the next
-            expert-set version (server.expert_store) -> serve it
+    plug:   validate the file (`_load`: moe.adapters.file, then its fit to the model) -> catch up with the store
+            -> a pinned probe forward whose logits must be finite -> admission (server.admission_policy; in repair
+            mode it may raise the candidate's thresholds, and the repaired file is what is stored) -> store the
+            file and commit the next expert-set version (server.expert_store) -> serve it
     unplug: catch up with the store -> commit the version without it -> serve it
     start:  serve the store's current version (seeded from --seed-experts on first start)
     watch:  every poll interval, read the store and serve a newer version (committed by another server or
@@ -266,14 +266,21 @@ class ServedExperts:
                 experts.append(plugged.get(entry.name))
                 continue
             try:
-                expert = ExpertFile.load(self.store.read_blob(entry.sha256), self.model.fingerprint, entry.name)
-                plugged.check_fits(expert)
+                expert = self._load(self.store.read_blob(entry.sha256), entry.name)
             except (ExpertFileError, StoreCorruptError, ValueError) as e:
                 logger.error("not plugging %r of expert-set version %d: %s", entry.name, target.version, e)
                 skipped[entry.name] = str(e)
                 continue
             experts.append(expert)
         return tuple(experts), skipped
+
+    def _load(self, data: bytes, name: str | None) -> Expert:
+        """An expert file read and checked against the served model: its format and backbone fingerprint
+        (ExpertFile.load), then its fit (hidden size, layers, a LoRA's projections: e.g. a LoRA for another MLP
+        width). The one validation a file gets in the server, for a plug and for a file read from the store."""
+        expert = ExpertFile.load(data, self.model.fingerprint, name)
+        self.model.plugged.check_fits(expert)
+        return expert
 
     def _served(self, manifest: Manifest, experts: tuple[Expert, ...], skipped: dict[str, str]) -> None:
         """Bookkeeping once `experts` (the model's set now) serve `manifest`: metrics, hashes, times."""
@@ -320,8 +327,7 @@ class ServedExperts:
         start = time.perf_counter()
         async with self._lock:
             try:
-                expert = await self._off_engine(ExpertFile.load, data, self.model.fingerprint, name)
-                self.model.plugged.check_fits(expert)  # e.g. a LoRA for another MLP width: refused before storing
+                expert = await self._off_engine(self._load, data, name)  # refused before anything is stored
                 renamed = name is not None and name != ExpertFile.read_header(data)[0].get("name")
                 candidate = expert
                 for attempt in range(1, COMMIT_ATTEMPTS + 1):

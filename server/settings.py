@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from moe.admission.report import DEFAULT_CALIBRATION
+from moe.admission.report import DEFAULT_CALIBRATION, LIMIT_HELP, AdmissionLimits
 
 INSTALL_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = INSTALL_ROOT / "demo" / "model"
@@ -27,6 +27,11 @@ def user_data_dir() -> Path:
     """Where plugmoe keeps what it writes at run time: $XDG_DATA_HOME/plugmoe (~/.local/share/plugmoe)."""
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "plugmoe"
+
+
+def _admission_limit(name: str) -> Any:
+    """An admission limit's setting: AdmissionLimits' default and help; None or negative turns it off."""
+    return Field(getattr(AdmissionLimits, name), description=f"{LIMIT_HELP[name]}; None or negative: off")
 
 
 class Settings(BaseSettings):
@@ -120,26 +125,11 @@ class Settings(BaseSettings):
         description="on plug: repair (raise a candidate's thresholds until it meets the limits), refuse (refuse "
         "it instead), off (plug without the report)",
     )
-    max_false_positive_rate: float | None = Field(
-        1e-4,
-        description="admission cap: per layer, the share of the calibration text's token-mode decisions a "
-        "candidate may take; None or negative: off",
-    )
-    max_steal_rate: float | None = Field(
-        2e-3,
-        description="admission cap: per layer, the share of a plugged expert's domain-sample decisions a "
-        "candidate may take (from the expert or from base); None or negative: off",
-    )
-    max_base_ppl_increase: float | None = Field(
-        2e-4,
-        description="admission limit: relative token-mode perplexity increase on the calibration text; None or "
-        "negative: off",
-    )
-    max_domain_ppl_increase: float | None = Field(
-        5e-3,
-        description="admission limit: relative token-mode perplexity increase on each plugged expert's domain "
-        "sample; None or negative: off",
-    )
+    # the admission limits: defaults and meaning are moe.admission.report.AdmissionLimits'
+    max_false_positive_rate: float | None = _admission_limit("max_false_positive_rate")
+    max_steal_rate: float | None = _admission_limit("max_steal_rate")
+    max_base_ppl_increase: float | None = _admission_limit("max_base_ppl_increase")
+    max_domain_ppl_increase: float | None = _admission_limit("max_domain_ppl_increase")
     top_k: int = Field(1, ge=1, description="experts per token")
     sequence_min_share: float = Field(
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"
@@ -201,11 +191,6 @@ class Settings(BaseSettings):
 
     def source_host_set(self) -> frozenset[str]:
         return frozenset(host.lower() for host in _items(self.source_hosts))
-
-    @staticmethod
-    def limit(value: float | None) -> float | None:
-        """An admission limit, None when disabled (None or negative)."""
-        return None if value is None or value < 0 else value
 
 
 def _items(value: str | None) -> list[str]:

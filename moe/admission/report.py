@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,6 +42,7 @@ from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
 from moe.admission.samples import (
     BASE_SAMPLE,
+    MAX_TOKENS,
     SamplePass,
     domain_sample,
     raised_thresholds,
@@ -50,23 +50,42 @@ from moe.admission.samples import (
     with_thresholds,
 )
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import collate, forward
+from moe.model.text_batches import collate, forward, perplexity
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
+CALIBRATION_PASSAGES = 200  # calibration passages an admission reads (the first lines of the file)
 AdmissionMode = Literal["repair", "refuse"]
+
+
+def _limit(default: float, help: str) -> Any:  # noqa: A002
+    """A limit field; its help (what it bounds) is the one text every flag that sets it derives from."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    """What a plug must leave intact; a limit set to None is not checked (and not repaired for)."""
+    """What a plug must leave intact; a limit set to None is not checked (and not repaired for). The defaults
+    and the help of the four limits are the server's and the tooling's (`plugmoe serve`, `plugmoe admit`,
+    `plugmoe train-expert --with-experts`): their flags derive from these fields."""
 
-    max_false_positive_rate: float | None = 1e-4  # per layer, the candidate's share of calibration decisions
-    max_steal_rate: float | None = 2e-3  # per layer, its share of a plugged expert's sample decisions
-    max_base_ppl_increase: float | None = 2e-4  # relative token-mode perplexity change on the calibration text
-    max_domain_ppl_increase: float | None = 5e-3  # the same on each plugged expert's sample
+    max_false_positive_rate: float | None = _limit(
+        1e-4,
+        "admission cap: per layer, the share of the calibration text's token-mode decisions a candidate may take",
+    )
+    max_steal_rate: float | None = _limit(
+        2e-3,
+        "admission cap: per layer, the share of a plugged expert's domain-sample decisions a candidate may take "
+        "(from the expert or from base)",
+    )
+    max_base_ppl_increase: float | None = _limit(
+        2e-4, "admission limit: relative token-mode perplexity increase on the calibration text"
+    )
+    max_domain_ppl_increase: float | None = _limit(
+        5e-3, "admission limit: relative token-mode perplexity increase on each plugged expert's domain sample"
+    )
     mode: AdmissionMode = "repair"
     fit_fraction: float = 0.5  # the repair fits each cap at this fraction of it
     max_rounds: int = 4  # repair rounds (fit, re-check with the candidate plugged, raise again)
@@ -77,11 +96,25 @@ class AdmissionLimits:
         if not 0.0 < self.fit_fraction <= 1.0 or self.max_rounds < 1:
             raise ValueError(f"fit_fraction {self.fit_fraction} must be in (0, 1] and max_rounds >= 1")
 
+    @classmethod
+    def from_flags(cls, mode: AdmissionMode, **limits: float | None) -> AdmissionLimits:
+        """Limits as the flags give them (names of LIMIT_NAMES), where None or a negative value turns a limit
+        off."""
+        return cls(**{name: None if value is None or value < 0 else value for name, value in limits.items()}, mode=mode)
+
+    @property
+    def checks_anything(self) -> bool:
+        return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
     def cap(self, sample: str) -> float | None:
         return self.max_false_positive_rate if sample == BASE_SAMPLE else self.max_steal_rate
 
     def ppl_limit(self, sample: str) -> float | None:
         return self.max_base_ppl_increase if sample == BASE_SAMPLE else self.max_domain_ppl_increase
+
+
+LIMIT_NAMES = ("max_false_positive_rate", "max_steal_rate", "max_base_ppl_increase", "max_domain_ppl_increase")
+LIMIT_HELP = {f.name: f.metadata["help"] for f in fields(AdmissionLimits) if f.name in LIMIT_NAMES}
 
 
 @dataclass
@@ -147,7 +180,7 @@ class Admission:
         return self.report.admitted
 
 
-def load_calibration_texts(path: str | Path | None = None, limit: int = 200) -> list[str]:
+def load_calibration_texts(path: str | Path | None = None, limit: int = CALIBRATION_PASSAGES) -> list[str]:
     """One passage per non-empty line of the calibration file (default: the general text shipped here)."""
     lines = Path(path or DEFAULT_CALIBRATION).read_text(encoding="utf-8").splitlines()
     return [line for line in (raw.strip() for raw in lines) if line][:limit]
@@ -230,7 +263,7 @@ def _checks(
     checks = []
     for name, result in after.items():
         nll, tokens = before[name]
-        ppl_before = math.exp(nll / max(tokens, 1))
+        ppl_before = perplexity(nll, tokens)
         own = name == candidate
         checks.append(
             DomainCheck(
@@ -269,10 +302,6 @@ def _problems(checks: Sequence[DomainCheck], repaired: bool) -> list[str]:
     return out
 
 
-def _within_caps(checks: Sequence[DomainCheck]) -> bool:
-    return all(c.cap is None or not c.take_rates or max(c.take_rates) <= c.cap for c in checks)
-
-
 def _passes(
     model: RoutedModel,
     tokenizer,
@@ -296,7 +325,7 @@ def admit(
     calibration: Sequence[str],
     limits: AdmissionLimits | None = None,
     cache: BaselineCache | None = None,
-    max_tokens: int = 128,
+    max_tokens: int = MAX_TOKENS,
     plugged: PluggedSet | None = None,
 ) -> Admission:
     """Measure the candidate beside the plugged set (default: the model's; the one of the same name is left
@@ -418,14 +447,6 @@ def _repair(
         own_after and [round(r, 3) for r in own_after],
     )
     return final, after, checks, repair
-
-
-def admission_report(
-    model: RoutedModel, tokenizer, expert: Expert, calibration: Sequence[str], max_tokens: int = 128
-) -> AdmissionReport:
-    """The measurements alone (no limits, no repair): what plugging `expert` as it is would do."""
-    none = AdmissionLimits(None, None, None, None, mode="refuse")
-    return admit(model, tokenizer, expert, calibration, none, max_tokens=max_tokens).report
 
 
 @torch.no_grad()

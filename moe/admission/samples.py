@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import batches, forward, texts, token_nll
+from moe.model.text_batches import batches, forward, perplexity, texts, token_nll
 from moe.routing.router import RoutingSpec, choose_experts, gate_scores
 
 BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
+MAX_TOKENS = 128  # tokens per text an admission pass scores (longer ones are cut)
 
 
 def domain_sample(expert: Expert) -> tuple[list[str], str]:
@@ -64,7 +65,7 @@ class SamplePass:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll / max(self.tokens, 1))
+        return perplexity(self.nll, self.tokens)
 
     def take_rates(self) -> list[float]:
         return [t / self.decisions if self.decisions else 0.0 for t in self.taken]
@@ -89,7 +90,7 @@ def sample_pass(
     plugged: PluggedSet,
     scoring: PluggedSet | None = None,
     candidate: str | None = None,
-    max_tokens: int = 128,
+    max_tokens: int = MAX_TOKENS,
     batch_size: int = 16,
 ) -> SamplePass:
     """Run `strings` in token mode under `plugged`; score the candidate named `candidate` in `scoring` (a set
@@ -125,11 +126,13 @@ def sample_pass(
     return result
 
 
-def cap_threshold(winning: torch.Tensor, share: float) -> float:
-    """The lowest threshold at which at most floor(share * N) of these winning scores pass (are > it);
-    -inf when no score needs blocking."""
-    allowed = int(math.floor(share * len(winning)))
-    finite = winning[torch.isfinite(winning)]
+def cap_threshold(scores: torch.Tensor, share: float) -> float:
+    """The lowest threshold at which at most floor(share * N) of these N scores pass (are > it); -inf when no
+    score needs blocking. Scores that are not finite count in N and never pass: a decision the candidate does not
+    win (winning_scores' -inf). The one rule for a threshold under a cap: admission's repair and train-expert's
+    stage 2 (its thresholds on calibration text) both fit with it."""
+    allowed = int(math.floor(share * len(scores)))
+    finite = scores[torch.isfinite(scores)]
     if allowed >= len(finite):
         return float("-inf")
     return float(finite.sort(descending=True).values[allowed])

@@ -5,7 +5,9 @@ Training, distillation, evaluation and the admission report all batch text the s
     encode      special prefix + prompt + target (+ EOS), truncated; `scored` marks the target tokens
     batches     right-padded TokenBatch of ids, mask and scored flags  [B, T]
     forward     one RoutedModel forward of a TokenBatch under per-row RoutingSpecs
-    token_nll   summed next-token NLL of each row's scored tokens, and their count
+    token_nll   summed next-token NLL of each row's scored tokens, and their count (the one NLL: every loss,
+                held-out score and perplexity in plugmoe is computed with it; summed_nll and perplexity
+                sum it over batches)
     capture_mlp_inputs
                 per layer, the MLP inputs of real tokens: what a gate is trained on and what admission scores
 
@@ -14,7 +16,8 @@ Shapes: B = rows, T = tokens, V = vocabulary, L = layers, H = hidden, N = captur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,6 +138,22 @@ def token_nll(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, to
     nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch.ids[:, 1:], reduction="none")  # [B, T-1]
     nll = nll * targets
     return nll.sum(dim=1), targets.sum(dim=1)
+
+
+@torch.no_grad()
+def summed_nll(batches: Iterable[TokenBatch], logits_of: Callable[[TokenBatch], torch.Tensor]) -> tuple[float, int]:
+    """token_nll over every batch, summed: (NLL of all scored tokens, their count). `logits_of` runs the model
+    on a batch (a routed forward, a plain HF or PEFT model) and returns its logits [B, T, V]."""
+    total, count = 0.0, 0
+    for batch in batches:
+        nll, n = token_nll(logits_of(batch), batch)
+        total, count = total + float(nll.sum()), count + int(n.sum())
+    return total, count
+
+
+def perplexity(nll: float, count: int) -> float:
+    """exp of the mean NLL per scored token (1.0 with no token scored)."""
+    return math.exp(nll / max(count, 1))
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
-"""What route handlers receive: the engine, the served experts, the tokenizer and prompt encoder, the metrics."""
+"""What route handlers receive: the engine, the served experts, the prompt encoder, the metrics."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -28,10 +28,6 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_tokenizer(request: Request) -> Any:
-    return request.app.state.tokenizer
-
-
 def get_prompts(request: Request) -> PromptEncoder:
     prompts = getattr(request.app.state, "prompts", None)
     if prompts is None:
@@ -42,5 +38,4 @@ def get_prompts(request: Request) -> PromptEncoder:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ExpertsDep = Annotated[ServedExperts, Depends(get_experts)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-TokenizerDep = Annotated[Any, Depends(get_tokenizer)]
 PromptsDep = Annotated[PromptEncoder, Depends(get_prompts)]

@@ -20,16 +20,16 @@ from experts.data import (
     to_examples,
 )
 from experts.train import (
-    cap_threshold,
     heldout_loss,
     offset_ceiling,
-    single_set,
+    reference_set,
     train_adapter,
     train_expert,
     trainable_expert,
 )
 from moe import RoutedModel, RoutingSpec
 from moe.adapters.file import ExpertFile
+from moe.admission.samples import cap_threshold
 from moe.model.text_batches import batches, forward, token_nll
 
 FAST = {
@@ -140,7 +140,7 @@ def test_gradients_reach_the_adapter_through_the_pinned_route(model, tokenizer) 
     expert = trainable_expert(config, model.hidden_size, model.num_layers, model.device)
     expert.up.data.normal_(0, 0.1)
     (batch,) = batches(tokenizer, [Example("", t) for t in code_texts(4)], 4, 32)
-    out = forward(model, batch, [RoutingSpec("pin", "code")] * 4, single_set(model, (expert,)))
+    out = forward(model, batch, [RoutingSpec("pin", "code")] * 4, reference_set(model, (expert,)))
     nll, count = token_nll(out.logits, batch)
     (nll.sum() / count.sum()).backward()
     assert expert.down.grad is not None and expert.down.grad.abs().sum() > 0
@@ -157,7 +157,7 @@ def test_stage_one_keeps_the_best_step_not_the_last(model, tokenizer) -> None:
     losses = [h["heldout_loss"] for h in result.history]
     assert result.best_metric["heldout_loss"] == min(losses)
     held_batches = batches(tokenizer, held, 32, 32)
-    now = heldout_loss(model, single_set(model, (expert,)), RoutingSpec("pin", "code"), held_batches)
+    now = heldout_loss(model, reference_set(model, (expert,)), RoutingSpec("pin", "code"), held_batches)
     assert now == pytest.approx(min(losses), rel=1e-5)
 
 

@@ -62,3 +62,25 @@ def test_serve_cluster_has_every_setting_and_cluster_option() -> None:
     argv = ["serve-cluster", "--num-replicas", "3", "--expert-store", "s3://b/p", "--route-to-current"]
     args = parser.parse_args(argv)
     assert args.num_replicas == 3 and args.expert_store == "s3://b/p" and args.route_to_current is True
+
+
+def test_admission_limit_flags_share_one_definition() -> None:
+    """`plugmoe serve`, `plugmoe admit` and `plugmoe train-expert` take the limits' defaults and help from
+    moe.admission.report.AdmissionLimits (negative turns a limit off in both serve and admit)."""
+    import dataclasses
+
+    from experts.config import AdmitConfig, TrainConfig
+    from moe.admission.report import LIMIT_HELP, LIMIT_NAMES, AdmissionLimits
+
+    admit = {f.name: f for f in dataclasses.fields(AdmitConfig)}
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in LIMIT_NAMES:
+        default = getattr(AdmissionLimits(), name)
+        assert Settings.model_fields[name].default == admit[name].default == default, name
+        assert (
+            LIMIT_HELP[name] in Settings.model_fields[name].description
+            and LIMIT_HELP[name] in admit[name].metadata["help"]
+        )
+        if name in train:
+            assert train[name].default == default and LIMIT_HELP[name] in train[name].metadata["help"]
+    assert AdmitConfig(max_steal_rate=-1).limits().max_steal_rate is None

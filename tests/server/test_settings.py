@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from moe.admission.report import AdmissionLimits
+from server.admission_policy import AdmissionPolicy
 from server.settings import Settings, user_data_dir
 
 
@@ -28,7 +30,14 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert elsewhere.resolved_experts_dir() == user_data_dir() / "qwen" / "experts"
     assert elsewhere.resolved_seed_experts() is None
     assert Settings(api_keys=" a, b ,").api_key_set() == {"a", "b"}
-    assert Settings.limit(-1) is None and Settings.limit(None) is None and Settings.limit(0.1) == 0.1
+    # the admission limits: AdmissionLimits' defaults (the README's table), None or negative turns one off
+    limits = (settings.max_false_positive_rate, settings.max_steal_rate)
+    assert (*limits, settings.max_base_ppl_increase, settings.max_domain_ppl_increase) == (1e-4, 2e-3, 2e-4, 5e-3)
+    assert AdmissionPolicy(settings).limits == AdmissionLimits()
+    limits = AdmissionLimits.from_flags(
+        "repair", max_steal_rate=-1, max_false_positive_rate=None, max_domain_ppl_increase=0.1
+    )
+    assert (limits.max_steal_rate, limits.max_false_positive_rate, limits.max_domain_ppl_increase) == (None, None, 0.1)
 
 
 def test_served_model_name() -> None:
@@ -53,7 +62,7 @@ def test_environment_variables_fill_every_setting(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PLUGMOE_MAX_STEAL_RATE", "-1")
     settings = Settings()
     assert (settings.max_batch_size, settings.dtype, settings.admin_token) == (3, "bfloat16", "s3cret")
-    assert Settings.limit(settings.max_steal_rate) is None
+    assert AdmissionPolicy(settings).limits.max_steal_rate is None
     assert Settings(max_batch_size=8).max_batch_size == 8, "given values win over the environment"
 
 

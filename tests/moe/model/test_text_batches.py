@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tokenizers import processors
 
 from moe import RoutedModel, RoutingSpec
-from moe.model.text_batches import Text, batches, capture_mlp_inputs, collate, encode, special_prefix, texts, token_nll
+from moe.model.text_batches import (
+    Text,
+    batches,
+    capture_mlp_inputs,
+    collate,
+    encode,
+    perplexity,
+    special_prefix,
+    summed_nll,
+    texts,
+    token_nll,
+)
 from tests.tiny import EOS, tiny_backbone, tiny_expert, tiny_tokenizer
 
 QA = Text("Question: Tom has 3 apples and buys 4 more. How many?\nAnswer:", " 3 + 4 = 7.\n#### 7")
@@ -111,6 +124,21 @@ def test_token_nll_equals_a_plain_per_row_loop() -> None:
                 want -= float(F.log_softmax(logits[row, t - 1], dim=-1)[ids[t]])
                 n += 1
         assert float(nll[row]) == pytest.approx(want, abs=1e-5) and int(count[row]) == n
+
+
+def test_summed_nll_and_perplexity_over_batches() -> None:
+    g = torch.Generator().manual_seed(1)
+    batches_ = [
+        collate([([5, 6, 7], [False, True, True]), ([1, 2], [True, True])], 0),
+        collate([([3, 4], [False, True])], 0),
+    ]
+    logits = {id(b): torch.randn(len(b), b.ids.shape[1], 11, generator=g) for b in batches_}
+    total, count = summed_nll(batches_, lambda b: logits[id(b)])
+    rows = [token_nll(logits[id(b)], b) for b in batches_]
+    assert count == 4 == sum(int(n.sum()) for _, n in rows)
+    assert total == pytest.approx(sum(float(nll.sum()) for nll, _ in rows))
+    assert perplexity(total, count) == pytest.approx(math.exp(total / 4))
+    assert perplexity(0.0, 0) == 1.0, "no token scored"
 
 
 # --- capture_mlp_inputs -------------------------------------------------------------------------------------

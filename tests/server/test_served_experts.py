@@ -1,18 +1,22 @@
-"""Findings 3, 4 and 7 of the hardening review, at the served expert set.
-
-3: admission ran on the engine thread, stalling every stream for seconds, and an expert carrying 15 MB of
-   examples made the next plug run for minutes: admission now runs on the plug worker thread while decoding
-   goes on, and metadata is capped (413) so every report is bounded.
-4: one bad file stopped the server from starting; a third copy of an expert under a new name was a 500.
-   Seeding skips a bad file with a log line and serves the rest; a name claimed by several files is
-   seeded from the file named after it, never by file-name order.
-7: an expert whose weights combine into non-finite logits is refused by a pinned probe (422).
+"""The served expert set (server/served_experts.py) through the app: seeding skips a bad file with a log line
+and serves the rest, and a name claimed by several files is seeded from the file named after it (never by file-name
+order); copies of one expert under new names are a 201, 409 or 422, never a 500; admission runs on its own worker
+thread while decoding goes on; metadata over the format's limits is a 413 before admission; an expert whose
+weights combine into non-finite logits is refused by the pinned probe (422) and nothing changes. Disk first, then
+memory: a full disk refuses a plug (507) with nothing swapped and an unplug with the expert still plugged, and what
+a write killed midway leaves in the store's tmp/ is removed at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 import server.served_experts
 from moe import ExpertFile
 from server.expert_store import ExpertStore
+from tests.server.conftest import REPO
 from tests.tiny import tiny_expert
 
 
@@ -158,3 +163,110 @@ def test_an_expert_whose_pinned_logits_are_not_finite_is_422_and_nothing_changes
     assert response.status_code == 422, response.text
     assert response.json()["error"]["type"] == "NonFiniteOutputError" and "NaN" in response.json()["detail"]
     assert client.get("/experts").json() == [] and store.current() == before
+
+
+# --- disk first, then memory: the answer, the model and the store agree --------------------------------------
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch):
+    """Every fsync in the store fails as a full disk does (the data never reaches the disk)."""
+    state = {"full": False}
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if state["full"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr("server.expert_store.os.fsync", fsync)
+    return state
+
+
+def test_a_full_disk_refuses_the_plug_with_507_and_nothing_swapped(
+    make_client, expert_bytes, tmp_path: Path, full_disk: dict
+) -> None:
+    client = make_client()
+    assert _upload(client, expert_bytes("kept")).status_code == 201
+    store = ExpertStore(tmp_path / "experts")
+    before = store.current()
+    full_disk["full"] = True
+    response = _upload(client, expert_bytes("new", seed=3))
+    assert response.status_code == 507, response.text
+    assert (
+        response.json()["error"]["type"] == "InsufficientStorageError" and "disk is full" in response.json()["detail"]
+    )
+    assert [e["name"] for e in client.get("/experts").json()] == ["kept"]  # memory agrees with the answer
+    assert store.current() == before  # and so does the disk
+    assert list(store.tmp.iterdir()) == [], "the failed write left no temp file"
+    replaced = _upload(client, expert_bytes("kept", seed=4), replace="true")
+    assert replaced.status_code == 507 and store.current() == before
+    full_disk["full"] = False
+    assert _upload(client, expert_bytes("new", seed=3)).status_code == 201, "a retry is not a 409"
+    restarted = make_client()
+    assert [e["name"] for e in restarted.get("/experts").json()] == ["kept", "new"]
+
+
+def test_a_full_disk_refuses_the_unplug_and_the_expert_stays(
+    make_client, expert_bytes, tmp_path: Path, full_disk: dict
+) -> None:
+    client = make_client()
+    assert _upload(client, expert_bytes("stays")).status_code == 201
+    full_disk["full"] = True
+    response = client.delete("/experts/stays")
+    assert response.status_code == 507, response.text
+    pinned = {"prompt": "hi", "max_new_tokens": 2, "routing": {"mode": "pin", "expert": "stays"}}
+    assert client.post("/generate", json=pinned).status_code == 200, "still plugged in memory"
+    assert ExpertStore(tmp_path / "experts").current().names == ("stays",)
+    full_disk["full"] = False
+    assert [e["name"] for e in make_client().get("/experts").json()] == ["stays"]  # and after a restart
+
+
+_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    from server.expert_store import ExpertStore
+
+    store = ExpertStore({root!r}).open()
+    real_fsync = os.fsync
+
+    def fsync_then_hang(fd):
+        real_fsync(fd)
+        print("writing", flush=True)
+        time.sleep(600)  # killed here: the blob is complete in tmp/, not yet renamed into place
+
+    os.fsync = fsync_then_hang
+    store.put_blob(b"x" * (8 << 20))
+    """
+)
+
+
+def test_kill_9_mid_write_leaves_nothing_after_a_restart(
+    make_client, expert_bytes, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    client = make_client()
+    assert _upload(client, expert_bytes("before")).status_code == 201
+    client.__exit__(None, None, None)
+    root = tmp_path / "experts"
+    store = ExpertStore(root)
+    committed = store.current()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER.format(repo=str(REPO), root=str(root))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    stale = list(store.tmp.iterdir())
+    assert len(stale) == 1 and stale[0].stat().st_size == 8 << 20, "the kill left a temp file"
+    assert store.current() == committed and len(list(store.blobs.iterdir())) == 1
+
+    started = time.monotonic()
+    restarted = make_client()
+    assert list(store.tmp.iterdir()) == [], "the next start removed it"
+    assert [e["name"] for e in restarted.get("/experts").json()] == ["before"]
+    assert time.monotonic() - started < 120

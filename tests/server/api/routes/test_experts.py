@@ -1,5 +1,5 @@
 """/experts in-process: plug (upload, source), describe, unplug, persistence, metrics, memory. Access control:
-test_auth.py."""
+tests/server/test_auth.py."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
-"""Finding 5 of the hardening review: the admin `source` read anything the process could.
+"""Expert sources (server/expert_sources.py): what an admin plug `source` may read.
 
-/dev/zero grew memory by 480 MB/s, six FIFOs exhausted the thread pool, a server trickling a byte every 20 s
-held a fetch for 200 s, redirects to internal URLs were followed, and the errors told whether a path existed
-or a port was open. Now a local source must be a regular file under --source-roots (opened non-blocking,
-checked with fstat), a URL must be on --source-hosts at every redirect, the fetch has one deadline and one
-size cap, and a refused source gets the same answer whatever is or is not there.
-"""
+A local source must be a regular file under --source-roots (opened non-blocking, checked with fstat; FIFOs,
+devices and directories are refused at once), a URL must be on --source-hosts at every redirect, the fetch has
+one deadline and one size cap (413), and a refused source gets the same answer whatever is or is not there (no
+probing for paths or open ports)."""
 
 from __future__ import annotations
 
