@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from moe import RoutedModel, RoutingSpec
 from moe.adapters import lora as lora_module
-from moe.adapters.lora import LoraStacks, lora_delta, plan_lora, reference_mlp
+from moe.adapters.lora import LoraStacks, lora_delta, plan_lora
+from moe.adapters.reference import reference_mlp
 from moe.decode.generation import generate
 from moe.errors import IncompatibleExpertError
 from moe.model import routed as routed_module
@@ -206,7 +207,7 @@ def test_plan_groups_rows_by_lora_expert_and_leaves_bottleneck_choices() -> None
     model = RoutedModel(tiny_backbone("llama", seed=0))
     model.plug(tiny_expert("b", seed=1))
     model.plug(tiny_lora_expert("l", model.projection_shapes, seed=2))
-    stacks = model.plugged.lora
+    stacks = model.plugged.layouts["lora"]
     choice = torch.tensor([[1, 0], [0, -1], [-1, -1], [1, -1]])
     plan, rest = plan_lora(stacks, 0, choice, gather=False)
     assert rest.tolist() == [[-1, 0], [0, -1], [-1, -1], [-1, -1]]
@@ -223,9 +224,12 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
     a = tiny_lora_expert("a", shapes, seed=1, rank=2, layers=(1,))
     b = tiny_lora_expert("b", shapes, seed=2, rank=5, targets=["down_proj"])
     plugged = model.plugged.plugging(tiny_expert("x", seed=3)).plugging(a.to("cpu", torch.float32)).plugging(b)
-    stacks = plugged.lora
+    stacks = plugged.layouts["lora"]
     assert stacks.is_lora.tolist() == [False, True, True] and stacks.on_layer == (True, True)
-    assert plugged.adapters[1][1] is None and plugged.adapters[1][0] is not None, "bottleneck dispatch skips LoRAs"
+    assert (
+        plugged.layouts["bottleneck"].adapters[1][1] is None
+        and plugged.layouts["bottleneck"].adapters[1][0] is not None
+    ), "bottleneck dispatch skips LoRAs"
     assert stacks.a[1]["down_proj"].shape == (3, 5, 64) and stacks.b[1]["down_proj"].shape == (3, 32, 5)
     assert stacks.a[1]["gate_proj"].shape == (3, 2, 32), "the largest rank among the experts that target it"
     assert torch.equal(stacks.a[1]["down_proj"][1, :2], plugged.get("a").adapter.pairs["down_proj"].A[0])
@@ -233,7 +237,7 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
     assert stacks.s[1]["gate_proj"].tolist() == [0.0, 2.0, 0.0]
     assert stacks.pairs[0][1] is None and set(stacks.pairs[0][2]) == {"down_proj"}
     assert stacks.pairs[0][2]["down_proj"][0].data_ptr() == plugged.get("b").adapter.pairs["down_proj"].A[0].data_ptr()
-    assert LoraStacks.build(plugged.experts[:1], 2, torch.device("cpu"), torch.float32) is None
+    assert LoraStacks.build([None, None], 2, torch.device("cpu"), torch.float32) is None
 
 
 def test_plug_refuses_lora_that_does_not_fit_the_projections() -> None:
