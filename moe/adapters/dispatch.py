@@ -43,10 +43,14 @@ class InBlock:
 @dataclass(frozen=True, eq=False)
 class AfterBlock:
     """A kind run after the block: delta(x [N, H], base [N, H], choice [N, k], layers[l], chosen [N] | None)
-    -> out [N, H], base rows untouched (`base` itself when no row of this kind routed)."""
+    -> out [N, H], base rows untouched (`base` itself when no row of this kind routed).
+
+    own [C] bool: the slots holding this kind's experts, set by the snapshot only when experts of more than one
+    kind run after the block (each stage then sees its own experts' choices, and chosen counts them all)."""
 
     delta: Callable[..., torch.Tensor]
     layers: Sequence[object]  # the kind's operand per layer (e.g. its adapters by slot)
+    own: torch.Tensor | None = None
 
 
 @runtime_checkable

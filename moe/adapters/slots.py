@@ -41,6 +41,7 @@ no such form: then decode steps take the grouped path and the fixed-slot decoder
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,9 +121,9 @@ class ExpertSlots:
         self._snapshot: PluggedSet | None = None
         self._live: PluggedSet | None = None
         self._live_generation = -1
-        # some plugged expert's kind runs inside the block on a plan made on the host per layer (no fixed-op form):
-        # a host fact, read every decode step
-        self.host_planned = False
+        # some plugged expert's kind has no fixed-op decode form (LoRA: a plan made on the host per layer): no
+        # captured or compiled step may run the set (moe.decode.generation runs it eagerly); read every decode step
+        self.eager_only = False
 
     @property
     def capacity(self) -> int:
@@ -130,8 +131,8 @@ class ExpertSlots:
 
     @property
     def has_lora(self) -> bool:
-        """`host_planned` under the name moe.decode.generation reads (until it reads host_planned)."""
-        return self.host_planned
+        """`eager_only` under the name moe.decode.generation reads (until it reads eager_only)."""
+        return self.eager_only
 
     def check_fits(self, expert: Expert) -> None:
         check_fits(expert, self.num_layers, self.hidden, self.projections)
@@ -282,7 +283,7 @@ class ExpertSlots:
         self.version += 1
         self._snapshot = None
         snapshot = self.snapshot()
-        self.host_planned = bool(snapshot.in_block)
+        self.eager_only = snapshot.eager_only
         return snapshot
 
     # --- reading ---------------------------------------------------------------------------------------------
@@ -398,26 +399,44 @@ class PluggedSet:
         object.__setattr__(self, "_slot_of", {e.name: s for e, s in zip(self.experts, self.slots, strict=True)})
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
         held = {e.kind for e in self.experts}
-        run = [layout for name, layout in self.layouts.items() if layout is not None and (self.live or name in held)]
-        object.__setattr__(self, "in_block", tuple(r.in_block for r in run if r.in_block is not None))
-        object.__setattr__(self, "after_block", tuple(r.after_block for r in run if r.after_block is not None))
+        run = {
+            name: layout for name, layout in self.layouts.items() if layout is not None and (self.live or name in held)
+        }
+        object.__setattr__(self, "in_block", tuple(r.in_block for r in run.values() if r.in_block is not None))
+        after = {name: r.after_block for name, r in run.items() if r.after_block is not None}
+        if len(after) > 1:  # several kinds after the block: each stage runs its own experts' choices only
+            device = self.keys.device
+            after = {
+                name: dataclasses.replace(
+                    stage,
+                    own=torch.tensor([c is not None and c.kind == name for c in self._by_slot()], device=device),
+                )
+                for name, stage in after.items()
+            }
+        object.__setattr__(self, "after_block", tuple(after.values()))
         # the fixed-op decode path: one kind's form, while every expert of the set is of a kind that has it
-        forms = [r.fixed for r in run]
+        forms = [r.fixed for r in run.values()]
         if not run:  # no expert: the form of whichever kind offers one (the empty set decodes as before a plug)
             forms = [layout.fixed for layout in self.layouts.values() if layout is not None][:1]
         fixed = forms[0] if len(forms) == 1 else None
         object.__setattr__(self, "fixed", fixed)
 
-    @property
-    def host_planned(self) -> bool:
-        """Some expert's kind runs inside the block on a plan made on the host per layer: no captured or compiled
-        step runs this set (moe.decode.generation runs it eagerly)."""
-        return bool(self.in_block)
+    def _by_slot(self) -> list[Expert | None]:
+        by_slot: list[Expert | None] = [None] * self.capacity
+        for expert, slot in zip(self.experts, self.slots, strict=True):
+            by_slot[slot] = expert
+        return by_slot
 
     @property
-    def lora(self) -> KindLayout | None:
-        """Not None while `host_planned`: the name moe.decode reads (until it reads host_planned)."""
-        return self.in_block[0] if self.in_block else None
+    def eager_only(self) -> bool:
+        """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
+        holds references): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
+        return self.fixed is None
+
+    @property
+    def lora(self) -> PluggedSet | None:
+        """Not None exactly when `eager_only`: the test moe.decode.generation reads (until it reads eager_only)."""
+        return self if self.eager_only else None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -181,11 +181,18 @@ class RoutedMLP(nn.Module):
             base = self.base_layer(x)
         finally:
             step.block_plan = None
-        if not plugged.after_block:
+        stages = plugged.after_block
+        if not stages:
             return base
+        if stages[0].own is None:  # one kind after the block (the usual case): its choices are the rest
+            stage = stages[0]
+            return stage.delta(flat_x, base.reshape(-1, hidden), choice, stage.layers[layer], chosen).view_as(base)
+        if chosen is None and choice.shape[1] > 1:
+            chosen = (choice >= 0).sum(dim=1)
         out = base.reshape(-1, hidden)
-        for stage in plugged.after_block:
-            out = stage.delta(flat_x, out, choice, stage.layers[layer], chosen)
+        for stage in stages:  # several kinds after the block: each runs its own experts' choices
+            own = choice.masked_fill(~stage.own[choice.clamp(min=0)], -1)
+            out = stage.delta(flat_x, out, own, stage.layers[layer], chosen)
         return out.view_as(base)
 
 

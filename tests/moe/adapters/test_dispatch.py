@@ -36,7 +36,7 @@ def test_stages_follow_the_kinds_plugged(case: str) -> None:
     assert len(plugged.in_block) == in_block and all(isinstance(s, InBlock) for s in plugged.in_block)
     assert len(plugged.after_block) == after_block and all(isinstance(s, AfterBlock) for s in plugged.after_block)
     assert (plugged.fixed is not None) == fixed
-    assert plugged.host_planned == model.slots.host_planned == (in_block > 0)
+    assert plugged.eager_only == model.slots.eager_only == (not fixed)
     if in_block:
         assert plugged.in_block[0].on_layer == (False, True), "the LoRA covers layer 1 only"
     live = model.slots.live()  # what captured decode steps read: the fixed-op kinds only, whatever is plugged
@@ -50,12 +50,12 @@ def test_a_set_built_from_experts_has_no_fixed_op_path() -> None:
     assert built.fixed is None and len(built.after_block) == 1 and built.in_block == ()
 
 
-def test_unplugging_the_last_host_planned_expert_restores_the_fixed_op_path() -> None:
+def test_unplugging_the_last_lora_expert_restores_the_fixed_op_path() -> None:
     model = RoutedModel(tiny_backbone("llama", seed=0))
     _plug(model, ("bottleneck", "lora"))
     assert model.plugged.fixed is None
     model.unplug("l1")
-    assert model.plugged.fixed is not None and not model.slots.host_planned
+    assert model.plugged.fixed is not None and not model.slots.eager_only
     layer = 1
     down, up = model.plugged.fixed[layer]
     storage = model.slots.weights["bottleneck"]

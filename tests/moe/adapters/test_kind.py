@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe import Expert, ExpertFile, RoutedModel
+from moe import Expert, ExpertFile, RoutedModel, RoutingSpec
 from moe.adapters.dispatch import KindLayout
 from moe.adapters.kind import KINDS, Adapter, AdapterKind, KindSlots
-from moe.adapters.reference import ORACLES
-from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert
+from moe.adapters.reference import ORACLES, reference_forward
+from moe.model import routed as routed_module
+from moe.routing.router import RouterConfig
+from tests.moe.adapters import gain_kind
+from tests.tiny import HIDDEN, tiny_backbone, tiny_expert, tiny_lora_expert
 
 ROOT = Path(__file__).resolve().parents[3]
 KIND_MODULES = {"moe/adapters/bottleneck.py", "moe/adapters/lora.py"}
@@ -88,3 +91,69 @@ def test_no_kind_branches_outside_the_kind_modules() -> None:
     modules = [p for p in (ROOT / "moe").rglob("*.py") if str(p.relative_to(ROOT)) not in KIND_MODULES]
     assert len(modules) > 10
     assert [b for p in modules for b in _kind_branches(p)] == []
+
+
+# --- a new kind: one module (tests/moe/adapters/gain_kind.py) and one line in the table --------------------
+
+
+@pytest.fixture
+def gain(monkeypatch: pytest.MonkeyPatch) -> gain_kind.Gain:
+    monkeypatch.setitem(KINDS, gain_kind.GAIN.name, gain_kind.GAIN)  # the table's one line
+    monkeypatch.setitem(ORACLES, gain_kind.GAIN.name, gain_kind.oracle)  # its test oracle
+    return gain_kind.GAIN
+
+
+def gain_expert(name: str, seed: int, layers: tuple[int, ...] = (0, 1), threshold: float = 0.0) -> Expert:
+    g = torch.Generator().manual_seed(seed)
+    return Expert(
+        name=name,
+        layers=layers,
+        adapter=gain_kind.GainAdapter(torch.randn(len(layers), HIDDEN, generator=g) * 0.5),
+        **{**Expert.closed_gate(len(layers), HIDDEN, g), "thresholds": torch.full((len(layers),), threshold)},
+    )
+
+
+def test_a_new_kind_provides_the_protocol_and_round_trips_through_the_file(gain: gain_kind.Gain) -> None:
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    expert = gain_expert("g", seed=1)
+    assert isinstance(gain, AdapterKind) and isinstance(expert.adapter, Adapter)
+    loaded = ExpertFile.load(ExpertFile.to_bytes(expert, model.fingerprint), model.fingerprint)
+    assert loaded.kind == "gain" and torch.equal(loaded.adapter.gain, expert.adapter.gain)
+    model.plug(loaded)
+    assert torch.equal(model.plugged.read("g").adapter.gain, expert.adapter.gain), "slot storage: one copy"
+    assert model.plugged.get("g").adapter.gain.is_meta
+    assert model.slots.eager_only and model.plugged.lora is not None, "no fixed-op form: decode runs it eagerly"
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+@torch.no_grad()
+def test_a_new_kind_runs_beside_bottleneck_and_lora_experts_as_the_per_token_loop(
+    gain: gain_kind.Gain, top_k: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing outside its module knows the gain kind, yet a batch mixing all three kinds (two run after the
+    block: each sees its own experts' choices) equals the plain per-token loop, decisions included."""
+    if path == "grouped":
+        monkeypatch.setattr(routed_module, "GATHER_MAX_TOKENS", 0)
+    model = RoutedModel(tiny_backbone("llama", seed=0), RouterConfig(top_k=top_k))
+    shapes = model.projection_shapes
+    experts = [
+        tiny_expert("ba", seed=3, threshold=0.0),
+        gain_expert("ga", seed=6, threshold=-0.05),
+        tiny_lora_expert("la", shapes, seed=1, threshold=0.0, rank=3),
+        gain_expert("gb", seed=7, layers=(1,), threshold=0.02),
+        tiny_lora_expert("lb", shapes, seed=2, threshold=-0.02, layers=(1,), rank=2),
+    ]
+    for expert in experts:
+        model.plug(expert)
+    assert len(model.plugged.after_block) == 2 and len(model.plugged.in_block) == 1 and model.plugged.fixed is None
+    x = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(9))
+    pins = {1: model.plugged.index("gb")}  # row 1 pinned to a gain expert that covers layer 1 only
+    routing = [RoutingSpec(), RoutingSpec("pin", "gb"), RoutingSpec()]
+    reference = model.plugged.replacing_all(tuple(experts))
+    want, counts = reference_forward(tiny_backbone("llama", seed=0), reference, x, top_k, pins)
+    out = model(x, routing=routing)
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-4)
+    assert out.trace.row_counts() == counts
+    used = {name for row in counts for name, count in row.items() if count}
+    assert used == {"ba", "ga", "la", "gb", "lb", "base"}, f"the case needs every route: {counts}"

@@ -3,8 +3,6 @@ per-token loop (LoRA and bottleneck experts mixed in one batch), and what pluggi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from moe import RoutedModel, RoutingSpec
 from moe.adapters import lora as lora_module
 from moe.adapters.lora import LoraStacks, lora_delta, plan_lora
-from moe.adapters.reference import reference_mlp
+from moe.adapters.reference import reference_forward
 from moe.decode.generation import generate
 from moe.errors import IncompatibleExpertError
 from moe.model import routed as routed_module
@@ -77,53 +75,6 @@ def test_base_rows_stay_bit_exact_beside_lora_rows(family: str, length: int) -> 
     out = model(x, routing=[RoutingSpec("pin", "a"), RoutingSpec("off"), RoutingSpec("pin", "a")]).logits
     assert torch.equal(out[1], want[1]), "an off row next to pinned rows"
     assert not torch.allclose(out[0], want[0], atol=1e-3)
-
-
-def reference_forward(plain: torch.nn.Module, plugged, x: torch.Tensor, top_k: int, pins: dict[int, int]):
-    """The routed forward spelled out on the unwrapped backbone: per token, each expert scores
-    cos(x, key) + offset and passes above its threshold, the top-k passing win (a pinned row: its expert
-    alone, where it covers the layer), and the MLP block's output is reference_mlp's. Returns (logits,
-    per-row decision counts)."""
-    family = FAMILIES[plain.config.model_type]
-    names = [*plugged.names, "base"]
-    counts = [dict.fromkeys(names, 0.0) for _ in range(x.shape[0])]
-    blocks = [copy.deepcopy(getattr(layer, family.mlp)) for layer in decoder_layers(plain)]
-
-    def hook(layer: int, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        h = inputs[0]
-        choice = torch.full((h.shape[0] * h.shape[1], top_k), -1, dtype=torch.long)
-        for b in range(h.shape[0]):
-            for t in range(h.shape[1]):
-                row = b * h.shape[1] + t
-                if b in pins:
-                    e = pins[b]
-                    chosen = [e] if layer in plugged.experts[e].layers else []
-                else:
-                    scored = []
-                    for e, expert in enumerate(plugged.experts):
-                        if layer in expert.layers:
-                            i = expert.layers.index(layer)
-                            score = F.cosine_similarity(h[b, t], expert.keys[i], dim=0) + expert.offsets[i]
-                            if score > expert.thresholds[i]:
-                                scored.append((float(score), e))
-                    chosen = [e for _, e in sorted(scored, reverse=True)[:top_k]]
-                choice[row, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
-                for e in chosen:
-                    counts[b][names[e]] += 1
-                if not chosen:
-                    counts[b]["base"] += 1
-        out = reference_mlp(blocks[layer], h.reshape(-1, h.shape[-1]), choice, plugged, layer, family.conv1d)
-        return out.view_as(output)
-
-    handles = [
-        getattr(block, family.mlp).register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
-        for layer, block in enumerate(decoder_layers(plain))
-    ]
-    try:
-        return plain(x).logits, counts
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
