@@ -6,7 +6,8 @@ Layers above this package: `server/` (the HTTP service) and `experts/` (offline 
 and never from each other.
 """
 
-from moe.adapters.expert import BASE_ROUTE, BottleneckAdapter, Expert, check_name
+from moe.adapters.bottleneck import BottleneckAdapter
+from moe.adapters.expert import BASE_ROUTE, Expert, check_name
 from moe.adapters.file import ExpertFile, write_atomically
 from moe.adapters.lora import LoraAdapter, LoraPair
 from moe.adapters.slots import PluggedSet

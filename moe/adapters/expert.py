@@ -1,15 +1,9 @@
 """An expert: an adapter on the MLP of some layers, and its gate on each of those layers.
 
-Two adapter kinds, side by side in one plugged set:
-- bottleneck (below): runs in parallel with the frozen MLP block of a layer;
+The adapter is of one kind (moe.adapters.kind: the table of kinds), each kind one module:
+- bottleneck (moe.adapters.bottleneck): runs in parallel with the frozen MLP block of a layer;
 - lora (moe.adapters.lora): LoRA pairs on the block's own projections, e.g. an imported PEFT adapter.
-
-The bottleneck adapter:
-
-    mlp_out(x) = mlp(x) + up(gelu(down(x)))          down: hidden -> rank, up: rank -> hidden
-
-`up` starts at zero (as litgpt's LoRA does), so a fresh expert changes nothing until trained. The
-same code serves every family, since it only needs the MLP block's input and output.
+An Expert holds its adapter and never asks which kind it is.
 
 Each expert also carries, per layer it covers, its router gate: a key vector, an offset (its
 balancing bias) and a threshold. See moe.routing.router for how they are scored.
@@ -19,17 +13,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from moe.adapters.lora import LoraAdapter
+from moe.adapters.bottleneck import BottleneckAdapter
 from moe.errors import InvalidExpertNameError
+
+if TYPE_CHECKING:
+    from moe.adapters.kind import Adapter
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # the whole name: fullmatch
 BASE_ROUTE = "base"  # reserved: the route that runs the backbone's MLP alone
-ADAPTER_KIND = "bottleneck"
 
 
 def check_name(name: str) -> str:
@@ -47,53 +42,18 @@ def check_name(name: str) -> str:
     return name
 
 
-def adapter_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The adapter's contribution for tokens x: [N, H], down: [H, r], up: [r, H] -> [N, H]."""
-    return F.gelu(x @ down) @ up
-
-
-@dataclass
-class BottleneckAdapter:
-    """The bottleneck kind: down [Lx, H, r], up [Lx, r, H], added beside the MLP block (see the module doc)."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    kind: ClassVar[str] = ADAPTER_KIND
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[2])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.down.shape[0])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"down": self.down, "up": self.up}
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> BottleneckAdapter:
-        return BottleneckAdapter(self.down.detach().to(device, dtype), self.up.detach().to(device, dtype))
-
-    def check(self, layers: int, hidden: int) -> None:
-        """Internal invariant (files are validated with specific errors before an Expert is built)."""
-        assert self.down.shape[:2] == (layers, hidden), self.down.shape
-        assert self.up.shape == (layers, self.rank, hidden), self.up.shape
-
-
-Adapter = BottleneckAdapter | LoraAdapter
-KINDS: tuple[str, ...] = (BottleneckAdapter.kind, LoraAdapter.kind)
-
-
 @dataclass
 class Expert:
     """One expert: its adapter (a kind-specific object) and its gate; tensors indexed by position in `layers`,
     not by layer number.
 
     Shapes (Lx = len(layers), H = hidden size):
-        adapter  BottleneckAdapter (down [Lx, H, r], up [Lx, r, H]) or moe.adapters.lora.LoraAdapter (LoRA pairs on the
-                 MLP's projections)
+        adapter  its kind's adapter (moe.adapters.kind.Adapter), e.g. moe.adapters.bottleneck.BottleneckAdapter
+                 (down [Lx, H, r], up [Lx, r, H]) or moe.adapters.lora.LoraAdapter (LoRA pairs on the MLP's
+                 projections)
         keys [Lx, H], offsets [Lx], thresholds [Lx]
-    `down`, `up` read and set the bottleneck kind's tensors (training and tests use them).
+    `down`, `up` read and set the adapter's own `down`, `up` (the bottleneck kind's; training and tests use
+    them): AttributeError for an adapter without them.
     """
 
     name: str
@@ -130,24 +90,27 @@ class Expert:
 
     @property
     def down(self) -> torch.Tensor:
-        return self._bottleneck().down
+        return self._adapter_tensor("down")
 
     @down.setter
     def down(self, value: torch.Tensor) -> None:
-        self._bottleneck().down = value
+        self._adapter_tensor("down")
+        self.adapter.down = value
 
     @property
     def up(self) -> torch.Tensor:
-        return self._bottleneck().up
+        return self._adapter_tensor("up")
 
     @up.setter
     def up(self, value: torch.Tensor) -> None:
-        self._bottleneck().up = value
+        self._adapter_tensor("up")
+        self.adapter.up = value
 
-    def _bottleneck(self) -> BottleneckAdapter:
-        if not isinstance(self.adapter, BottleneckAdapter):
-            raise AttributeError(f"expert {self.name!r} is a {self.kind} expert: it has no bottleneck down/up")
-        return self.adapter
+    def _adapter_tensor(self, name: str) -> torch.Tensor:
+        try:
+            return getattr(self.adapter, name)
+        except AttributeError:
+            raise AttributeError(f"expert {self.name!r} is a {self.kind} expert: it has no {name}") from None
 
     @property
     def nbytes(self) -> int:
@@ -177,6 +140,20 @@ class Expert:
             metadata=dict(self.metadata),
         )
 
+    def weightless(self) -> Expert:
+        """Its name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
+        return Expert(
+            name=self.name,
+            layers=self.layers,
+            adapter=self.adapter.weightless(),
+            keys=_meta(self.keys),
+            offsets=_meta(self.offsets),
+            thresholds=_meta(self.thresholds),
+            description=self.description,
+            examples=self.examples,
+            metadata=dict(self.metadata),
+        )
+
     @staticmethod
     def closed_gate(layers: int, hidden_size: int, generator: torch.Generator | None = None) -> dict:
         """Gate tensors that let nothing through (threshold 2 > any cosine): random unit keys, zero offsets."""
@@ -200,11 +177,9 @@ class Expert:
         """A new untrained expert: `down` random, `up` zero (changes nothing), gate closed (threshold 2 > any
         cosine), so it wins no token until its gate is trained or it is pinned."""
         n = len(layers)
-        scale = init_scale if init_scale is not None else hidden_size**-0.5
-        down = torch.randn(n, hidden_size, rank, generator=generator) * scale
-        return cls(
-            name=name,
-            layers=tuple(layers),
-            adapter=BottleneckAdapter(down, torch.zeros(n, rank, hidden_size)),
-            **cls.closed_gate(n, hidden_size, generator),
-        )
+        adapter = BottleneckAdapter.fresh(n, hidden_size, rank, generator, init_scale)  # draws first: seeds stay
+        return cls(name=name, layers=tuple(layers), adapter=adapter, **cls.closed_gate(n, hidden_size, generator))
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")

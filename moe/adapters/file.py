@@ -1,6 +1,8 @@
 """The expert file: one `.safetensors` per expert, validated whole before anything is plugged.
 
-Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank), by kind:
+Tensors (Lx = number of layers the expert covers, H = hidden size, r = rank), by kind (each kind's module says
+which fields and tensors it adds, moe.adapters.kind.AdapterKind; this module asks the kind table, never which
+kind it reads):
 
     bottleneck
     down        [Lx, H, r]   float32 | bfloat16 | float16
@@ -50,8 +52,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from moe.adapters import lora
-from moe.adapters.expert import ADAPTER_KIND, KINDS, BottleneckAdapter, Expert, InvalidExpertNameError, check_name
+from moe.adapters.expert import Expert, InvalidExpertNameError, check_name
+from moe.adapters.kind import KINDS, AdapterKind
 from moe.errors import (
     BackboneMismatchError,
     DomainSampleError,
@@ -68,7 +70,7 @@ from moe.errors import (
     UnsupportedFormatVersionError,
     WeightMagnitudeError,
 )
-from moe.model.backbone import FAMILIES, BackboneFingerprint
+from moe.model.backbone import BackboneFingerprint
 
 FORMAT = "plugmoe-expert"
 FORMAT_VERSION = 1
@@ -102,26 +104,13 @@ def bound_domain_sample(
     return out
 
 
-def _shapes(layers: int, hidden: int, rank: int) -> dict[str, tuple[int, ...]]:
-    return {
-        "down": (layers, hidden, rank),
-        "up": (layers, rank, hidden),
-        "keys": (layers, hidden),
-        "offsets": (layers,),
-        "thresholds": (layers,),
-    }
+def _gate_shapes(layers: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {"keys": (layers, hidden), "offsets": (layers,), "thresholds": (layers,)}
 
 
-def _lora_shapes(layers: int, fp: BackboneFingerprint, targets: dict) -> dict[str, tuple[int, ...]]:
-    if fp.family not in FAMILIES:
-        raise InvalidMetadataError(f"LoRA expert for family {fp.family!r}, which has no MLP projection table")
-    shapes = lora.file_shapes(layers, fp.hidden_size, FAMILIES[fp.family].projections, targets)
-    return {**shapes, "keys": (layers, fp.hidden_size), "offsets": (layers,), "thresholds": (layers,)}
-
-
-def _is_float32_field(tensor_name: str) -> bool:
+def _is_float32_field(kind: AdapterKind, tensor_name: str) -> bool:
     """Compared or scalar values, never weights: always float32 in the file."""
-    return tensor_name in ("offsets", "thresholds") or tensor_name.endswith(".scaling")
+    return tensor_name in ("offsets", "thresholds") or kind.is_float32(tensor_name)
 
 
 class ExpertFile:
@@ -131,10 +120,13 @@ class ExpertFile:
     def to_bytes(expert: Expert, backbone: BackboneFingerprint) -> bytes:
         """The file's bytes. Raises MetadataTooLargeError for examples the reader would refuse."""
         _check_examples(list(expert.examples))
-        first = next(iter(expert.adapter.tensors().values()))  # down, or the first LoRA A
+        kind = KINDS[expert.kind]
+        first = next(iter(expert.adapter.tensors().values()))  # the kind's first weight (down, the first LoRA A)
         weight_dtype = first.dtype if first.dtype in _WEIGHT_DTYPES.values() else torch.float32
         tensors = {
-            name: tensor.detach().to("cpu", torch.float32 if _is_float32_field(name) else weight_dtype).contiguous()
+            name: tensor.detach()
+            .to("cpu", torch.float32 if _is_float32_field(kind, name) else weight_dtype)
+            .contiguous()
             for name, tensor in expert.tensors().items()
         }
         meta = expert.metadata
@@ -152,8 +144,7 @@ class ExpertFile:
             "evals": json.dumps(meta.get("evals", {})),
             "created": meta.get("created") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        if isinstance(expert.adapter, lora.LoraAdapter):
-            metadata["lora"] = json.dumps({"targets": expert.adapter.targets()})
+        metadata.update(kind.file_fields(expert.adapter))
         if meta.get("domain_sample"):
             metadata["domain_sample"] = json.dumps(_checked_domain_sample(list(meta["domain_sample"])))
         return save_safetensors(tensors, metadata=metadata)
@@ -231,12 +222,12 @@ class ExpertFile:
                     f"expert {final_name!r} was trained for another backbone ({'; '.join(mismatches)}, "
                     "served != file). Train it for the served model, or serve the model it was trained on."
                 )
-        layers, rank, hidden = meta["layers"], meta["rank"], fp.hidden_size
-        if meta["kind"] == lora.KIND:
-            expected = _lora_shapes(len(layers), fp, meta["lora"])
-        else:
-            expected = _shapes(len(layers), hidden, rank)
-        _check_tensor_infos(infos, expected, meta["kind"])
+        layers, rank, kind = meta["layers"], meta["rank"], KINDS[meta["kind"]]
+        expected = {
+            **kind.file_shapes(meta["fields"], len(layers), rank, fp),
+            **_gate_shapes(len(layers), fp.hidden_size),
+        }
+        _check_tensor_infos(infos, expected, kind)
         try:
             tensors = load_safetensors(data)
         except Exception as e:  # safetensors raises its own error types for corrupt payloads
@@ -252,14 +243,10 @@ class ExpertFile:
                     f"tensor {tensor_name!r} holds values up to {largest:.3g} in magnitude, over the bound "
                     f"{MAX_ABS_WEIGHT:g} (it would overflow or swamp the model when served); retrain the expert"
                 )
-        if meta["kind"] == lora.KIND:
-            adapter = lora.LoraAdapter.from_tensors(tensors, list(meta["lora"]))
-        else:
-            adapter = BottleneckAdapter(tensors["down"], tensors["up"])
         return Expert(
             name=final_name,
             layers=tuple(layers),
-            adapter=adapter,
+            adapter=kind.from_tensors(tensors, meta["fields"]),
             keys=tensors["keys"],
             offsets=tensors["offsets"],
             thresholds=tensors["thresholds"],
@@ -322,7 +309,8 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         raise UnsupportedExpertKindError(
             f"adapter kind {metadata['kind']!r} is not supported; this plugmoe runs {list(KINDS)}"
         )
-    targets = lora.parse_targets(metadata.get("lora")) if metadata["kind"] == lora.KIND else None
+    kind = KINDS[metadata["kind"]]
+    fields = kind.parse_fields(metadata)  # the kind's own metadata (LoRA: its targets)
     rank = _metadata_json(metadata, "rank", None)
     layers = _metadata_json(metadata, "layers", None)
     backbone = _metadata_json(metadata, "backbone", None)
@@ -340,8 +328,7 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         raise InvalidMetadataError(f"layers {layers} must be distinct and below the backbone's {fp.num_layers} layers")
     if not isinstance(examples, list) or not all(isinstance(x, str) for x in examples):
         raise InvalidMetadataError("metadata 'examples' must be a JSON list of strings")
-    if targets is not None and rank != max(t["rank"] for t in targets.values()):
-        raise InvalidMetadataError(f"metadata rank {rank} is not the largest LoRA target rank ({targets})")
+    kind.check_rank(rank, fields)
     _check_examples(examples)
     for field_name, value in (
         ("description", metadata.get("description", "")),
@@ -365,7 +352,7 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
         "domain_sample": _checked_domain_sample(domain_sample),
         "name": metadata["name"],
         "kind": metadata["kind"],
-        "lora": targets,
+        "fields": fields,
         "description": metadata.get("description", ""),
         "examples": examples,
         "rank": rank,
@@ -452,14 +439,14 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]], kind: str) -> None:
+def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, ...]], kind: AdapterKind) -> None:
     missing = sorted(set(expected) - set(infos))
     if missing:
         raise MissingTensorError(f"expert file lacks tensors {missing}; it needs {sorted(expected)}")
     extra = sorted(set(infos) - set(expected))
     if extra:
         raise UnexpectedTensorError(f"expert file has tensors {extra} that the format does not define")
-    weight_dtype = infos[next(iter(expected))].get("dtype")  # down, or the first LoRA A
+    weight_dtype = infos[next(iter(expected))].get("dtype")  # the kind's first weight (down, the first LoRA A)
     for tensor_name, shape in expected.items():
         info = infos[tensor_name]
         raw = info.get("shape")
@@ -471,15 +458,14 @@ def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, .
         if got != shape:
             raise TensorShapeError(
                 f"tensor {tensor_name!r} has shape {list(got)}, expected {list(shape)} from the metadata's "
-                f"layers and {'rank' if kind == ADAPTER_KIND else 'lora targets'} and the backbone's hidden size"
+                f"layers and {kind.shape_source} and the backbone's hidden size"
             )
         dtype = info.get("dtype")
-        if _is_float32_field(tensor_name):
+        if _is_float32_field(kind, tensor_name):
             if dtype != "F32":
                 raise TensorDtypeError(f"tensor {tensor_name!r} has dtype {dtype!r}, expected F32")
         elif not isinstance(dtype, str) or dtype not in _WEIGHT_DTYPES or dtype != weight_dtype:
-            weights = "down, up" if kind == ADAPTER_KIND else "the LoRA A and B tensors"
             raise TensorDtypeError(
-                f"tensor {tensor_name!r} has dtype {dtype!r}; {weights} and keys must share one of "
+                f"tensor {tensor_name!r} has dtype {dtype!r}; {kind.weight_names} and keys must share one of "
                 f"{sorted(_WEIGHT_DTYPES)}"
             )

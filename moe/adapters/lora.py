@@ -10,21 +10,25 @@ decision stays one per token per layer, made at the MLP input (moe.model.routed.
 
 The pieces, in the order a forward uses them:
     LoraAdapter       an expert's pairs: per projection p, A [Lx, r_p, in_p], B [Lx, out_p, r_p], scaling [Lx]
+    Lora              the kind (moe.adapters.kind.AdapterKind): its expert-file fields (`lora` metadata: the
+                      targets; tensors lora.<p>.A/B/scaling), its fit check against the MLP's projections, the
+                      projection wrappers, its slot storage
     LoraSlots         the live slot storage of plugged LoRA experts (moe.adapters.slots.ExpertSlots): one slot written
-                      per plug, the only copy of their weights
-    LoraStacks        what a plugged set reads: the LoRA pairs per (layer, expert), and zero-padded stacks per
-                      (layer, projection) for the gathered decode path (views of LoraSlots; or, for a set built
-                      from experts, built from the experts' own tensors)
-    plan_lora         RoutedMLP's call on one layer: from the choice [N, k], the LoRA plan (which rows each
-                      LoRA expert won, or each row's LoRA expert) and the choice left to bottleneck dispatch
+                      per plug, the only copy of their weights (LoraReferences: a training set's, by reference)
+    LoraStacks        what a plugged set reads (its layout, moe.adapters.dispatch.KindLayout): the LoRA pairs per
+                      (layer, expert), and zero-padded stacks per (layer, projection) for the gathered decode path
+                      (views of LoraSlots; or, for a set built from experts, built from the experts' own tensors)
+    plan_lora         RoutedMLP's call on one layer (the kind's in-block stage): from the choice [N, k], the LoRA
+                      plan (which rows each LoRA expert won, or each row's LoRA expert) and the choice left to the
+                      kinds run after the block
     LoraPlan          the plan, set on the step while the block runs; read by the block's projections
     RoutedProjection  wraps one projection (never edited): its output, plus the plan's deltas on the routed
                       rows only (clone + index_add_: every other row bit for bit)
-    reference_mlp     the plain per-token loop the above must equal (tests)
+The plain per-token loop all this must equal is moe.adapters.reference.reference_mlp (tests).
 
-Semantics with top-k > 1 (reference_mlp spells them out): a token that chose the experts C (any kinds,
-k' = |C|) runs the block with every chosen LoRA merged at weight 1/k' (a weight-space average,
-W_p + sum_e s_e B_e A_e / k'), and every chosen bottleneck expert's delta / k' is added to the block's
+Semantics with top-k > 1 (moe.adapters.reference.reference_mlp spells them out): a token that chose the
+experts C (any kinds, k' = |C|) runs the block with every chosen LoRA merged at weight 1/k' (a weight-space
+average, W_p + sum_e s_e B_e A_e / k'), and every chosen bottleneck expert's delta / k' is added to the block's
 output. For top-1 (the default) that is exactly the LoRA's own MLP, or exactly the bottleneck expert.
 
 Cost: grouped (prefill, training) reads the plan on the host once per layer (shared by the layer's
@@ -34,23 +38,21 @@ won nothing cost nothing. Gathered (decode-sized top-1) gathers each row's A, B 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from moe.adapters.dispatch import InBlock
 from moe.errors import IncompatibleExpertError, InvalidMetadataError, MetadataTooLargeError
+from moe.model.backbone import FAMILIES, BackboneFingerprint
 
-if TYPE_CHECKING:
-    from moe.adapters.expert import Expert
-    from moe.adapters.slots import PluggedSet
-
-KIND = "lora"
+NAME = "lora"
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ class LoraAdapter:
     """The LoRA kind's adapter: {projection: LoraPair}, projections named as in moe.model.backbone.FAMILIES."""
 
     pairs: dict[str, LoraPair]
-    kind: ClassVar[str] = KIND
+    kind: ClassVar[str] = NAME
 
     @property
     def rank(self) -> int:
@@ -119,6 +121,10 @@ class LoraAdapter:
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LoraAdapter:
         return LoraAdapter({p: pair.to(device, dtype) for p, pair in self.pairs.items()})
 
+    def weightless(self) -> LoraAdapter:
+        """Shapes and dtypes only: tensors on the meta device."""
+        return LoraAdapter({p: LoraPair(_meta(q.A), _meta(q.B), _meta(q.scaling)) for p, q in self.pairs.items()})
+
     def check(self, layers: int, hidden: int) -> None:
         """Internal invariant (files are validated with specific errors before an Expert is built)."""
         assert self.pairs, "a LoRA adapter adapts at least one projection"
@@ -135,7 +141,11 @@ class LoraAdapter:
         )
 
 
-# --- the expert file's LoRA fields (moe.adapters.file calls these for kind "lora") -------------------------------
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+# --- the expert file's LoRA fields (the kind's file calls, below) --------------------------------------------
 
 
 def parse_targets(raw: str | None) -> dict[str, dict[str, int]]:
@@ -189,22 +199,20 @@ def file_shapes(
     return shapes
 
 
-def check_fits(expert: Expert, projections: Mapping[str, tuple[int, int]] | None) -> None:
+def check_fits(name: str, adapter: LoraAdapter, projections: Mapping[str, tuple[int, int]] | None) -> None:
     """A LoRA expert's targets and shapes against the backbone's MLP projections {name: (in, out)}."""
     if projections is None:
         return
-    adapter = expert.adapter
-    assert isinstance(adapter, LoraAdapter)
     unknown = sorted(set(adapter.pairs) - set(projections))
     if unknown:
         raise IncompatibleExpertError(
-            f"LoRA expert {expert.name!r} adapts {unknown}, which are not MLP projections of this backbone "
+            f"LoRA expert {name!r} adapts {unknown}, which are not MLP projections of this backbone "
             f"({sorted(projections)})"
         )
     for p, pair in adapter.pairs.items():
         if pair.shape != tuple(projections[p]):
             raise IncompatibleExpertError(
-                f"LoRA expert {expert.name!r}: its {p} maps {pair.shape[0]} -> {pair.shape[1]}, the backbone's "
+                f"LoRA expert {name!r}: its {p} maps {pair.shape[0]} -> {pair.shape[1]}, the backbone's "
                 f"{p} maps {projections[p][0]} -> {projections[p][1]}"
             )
 
@@ -215,7 +223,7 @@ def check_fits(expert: Expert, projections: Mapping[str, tuple[int, int]] | None
 @dataclass(frozen=True, eq=False)
 class LoraStacks:
     """The plugged set's LoRA experts, laid out for dispatch (L layers, E columns: the set's slots, every kind;
-    `build` takes the experts by column, None for a free slot).
+    `build` takes (layers, adapter) by column, None for a free slot or another kind's expert).
 
     is_lora [E] bool                  which plugged experts are LoRA experts
     on_layer[l]                       some plugged LoRA expert covers layer l (host fact)
@@ -233,21 +241,34 @@ class LoraStacks:
     b: tuple[dict[str, torch.Tensor], ...]
     s: tuple[dict[str, torch.Tensor], ...]
 
+    @property
+    def in_block(self) -> InBlock:
+        """The kind's stage in a layer: plan_lora over these stacks (moe.adapters.dispatch)."""
+        return InBlock(functools.partial(plan_lora, self), self.on_layer)
+
+    @property
+    def after_block(self) -> None:
+        return None
+
+    @property
+    def fixed(self) -> None:
+        return None  # no fixed-op decode form: a set holding a LoRA expert decodes on the grouped path
+
     @classmethod
     def build(
-        cls, experts: Sequence[Expert | None], num_layers: int, device: torch.device, dtype: torch.dtype
+        cls,
+        by_slot: Sequence[tuple[Sequence[int], LoraAdapter] | None],
+        num_layers: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> LoraStacks | None:
-        """None when no plugged expert is a LoRA (the bottleneck path then runs exactly as without this kind)."""
-        loras = {
-            e: expert.adapter
-            for e, expert in enumerate(experts)
-            if expert is not None and isinstance(expert.adapter, LoraAdapter)
-        }
+        """None when no plugged expert is a LoRA (the other kinds then run exactly as without this kind)."""
+        loras = {e: entry for e, entry in enumerate(by_slot) if entry is not None}
         if not loras:
             return None
-        count = len(experts)
+        count = len(by_slot)
         shapes: dict[str, tuple[int, int, int]] = {}  # projection -> (largest rank, in, out)
-        for adapter in loras.values():
+        for _, adapter in loras.values():
             for p, pair in adapter.pairs.items():
                 rank = max(pair.rank, shapes.get(p, (0, 0, 0))[0])
                 shapes[p] = (rank, *pair.shape)
@@ -259,8 +280,8 @@ class LoraStacks:
             for _ in range(num_layers)
         ]
         s = [{p: torch.zeros(count, device=device) for p in shapes} for _ in range(num_layers)]
-        for e, adapter in loras.items():
-            for i, layer in enumerate(experts[e].layers):
+        for e, (layers, adapter) in loras.items():
+            for i, layer in enumerate(layers):
                 pairs[layer][e] = {}
                 for p, pair in adapter.pairs.items():
                     scaling = float(pair.scaling[i])
@@ -306,8 +327,9 @@ class LoraSlots:
     def capacity(self) -> int:
         return len(self.ranks)
 
-    def resize(self, capacity: int) -> None:
-        """Grow to `capacity` slots, copying what is there (moe.adapters.slots.ExpertSlots doubles it)."""
+    def resize(self, capacity: int, rank: int = 0) -> None:
+        """Grow to `capacity` slots, copying what is there (moe.adapters.slots.ExpertSlots doubles it); each
+        projection's rank grows when a LoRA of a larger rank is written (`rank` is the other kinds')."""
         c = self.capacity
         for p in self.a:
             self.a[p] = _grown(self.a[p], 1, capacity)
@@ -330,24 +352,24 @@ class LoraSlots:
             self.b[p] = _grown(self.b[p], 3, rank)
 
     @torch.no_grad()
-    def write(self, slot: int, expert: Expert) -> None:
-        """Clear the slot, then write `expert`'s pairs into it when it is a LoRA expert (layers by position)."""
+    def write(self, slot: int, layers: Sequence[int], adapter: object) -> None:
+        """Clear the slot, then write the adapter's pairs into it when it is a LoRA (layers by position)."""
         for p in self.a:
             self.a[p][:, slot].zero_()
             self.b[p][:, slot].zero_()
             self.s[p][:, slot].zero_()
         self.forget(slot)
-        if not isinstance(expert.adapter, LoraAdapter):
+        if not isinstance(adapter, LoraAdapter):
             return
-        layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
-        for p, pair in expert.adapter.pairs.items():
+        index = torch.tensor(list(layers), dtype=torch.long, device=self.device)
+        for p, pair in adapter.pairs.items():
             self._room(p, pair)
             r = pair.rank
-            self.a[p][layers, slot, :r] = pair.A.detach().to(self.device, self.dtype)  # [Lx, r, in]
-            self.b[p][layers, slot, :, :r] = pair.B.detach().to(self.device, self.dtype)  # [Lx, out, r]
-            self.s[p][layers, slot] = pair.scaling.detach().to(self.device, torch.float32)
+            self.a[p][index, slot, :r] = pair.A.detach().to(self.device, self.dtype)  # [Lx, r, in]
+            self.b[p][index, slot, :, :r] = pair.B.detach().to(self.device, self.dtype)  # [Lx, out, r]
+            self.s[p][index, slot] = pair.scaling.detach().to(self.device, torch.float32)
             scaling = [0.0] * self.num_layers
-            for layer, value in zip(expert.layers, pair.scaling.detach().float().cpu().tolist(), strict=True):
+            for layer, value in zip(layers, pair.scaling.detach().float().cpu().tolist(), strict=True):
                 scaling[layer] = value
             self.ranks[slot][p], self.scalings[slot][p] = r, tuple(scaling)
         self.is_lora[slot] = True
@@ -358,7 +380,7 @@ class LoraSlots:
         self.is_lora[slot] = False
         self.ranks[slot], self.scalings[slot] = {}, {}
 
-    def read(self, slot: int, layers: Sequence[int]) -> LoraAdapter:
+    def read(self, slot: int, layers: Sequence[int], handle: LoraAdapter | None = None) -> LoraAdapter:
         """The slot's adapter copied back out (its layers in `layers` order)."""
         index = torch.tensor(list(layers), dtype=torch.long, device=self.device)
         return LoraAdapter(
@@ -370,9 +392,10 @@ class LoraSlots:
             }
         )
 
-    def stacks(self, covered: Sequence[frozenset[int]]) -> LoraStacks | None:
+    def layout(self, covered: Sequence[frozenset[int]], live: bool = False) -> LoraStacks | None:
         """The storage laid out for dispatch (views, plus a copy of the host facts and of is_lora); covered[c]: the
-        layers slot c's expert covers. None when no slot holds a LoRA expert."""
+        layers slot c's expert covers. None when no slot holds a LoRA expert. (Always a copy of the host facts:
+        a live set runs only kinds with a fixed-op form, never this one.)"""
         slots = [c for c in range(self.capacity) if self.ranks[c]]
         if not slots:
             return None
@@ -389,6 +412,42 @@ class LoraSlots:
     def nbytes(self) -> int:
         tensors = [*self.a.values(), *self.b.values(), *self.s.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class LoraReferences:
+    """LoRA experts by reference (sets built from experts: training, what-ifs): no slot copy; their LoraStacks are
+    built from the experts' own tensors when the LoRA experts or the capacity changed."""
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers, self.device, self.dtype = num_layers, device, dtype
+        self.by_slot: list[tuple[tuple[int, ...], LoraAdapter] | None] = [None] * capacity
+        self._stacks: LoraStacks | None = None
+        self._stale = False
+
+    def resize(self, capacity: int, rank: int = 0) -> None:
+        self.by_slot.extend([None] * (capacity - len(self.by_slot)))
+        self._stale = True
+
+    def write(self, slot: int, layers: Sequence[int], adapter: object) -> None:
+        if self.by_slot[slot] is not None or isinstance(adapter, LoraAdapter):
+            self._stale = True
+        self.by_slot[slot] = (tuple(layers), adapter) if isinstance(adapter, LoraAdapter) else None
+
+    def forget(self, slot: int) -> None:
+        if self.by_slot[slot] is not None:
+            self.by_slot[slot], self._stale = None, True
+
+    def read(self, slot: int, layers: Sequence[int], handle: LoraAdapter) -> LoraAdapter:
+        return handle  # the expert's own tensors
+
+    def layout(self, covered: Sequence[frozenset[int]], live: bool = False) -> LoraStacks | None:
+        if self._stale:
+            self._stacks = LoraStacks.build(self.by_slot, self.num_layers, self.device, self.dtype)
+            self._stale = False
+        return self._stacks
+
+    def nbytes(self) -> int:
+        return 0
 
 
 class _SlotPairs(Sequence):
@@ -541,7 +600,7 @@ def plan_lora(
 
 class RoutedProjection(nn.Module):
     """Wraps one MLP projection (nn.Linear or Conv1D; never edited, PEFT's `base_layer` habit). While its
-    layer runs with a LoRA plan on the step (`context.step.lora_plan`), the routed rows get their deltas."""
+    layer runs with a LoRA plan on the step (`context.step.block_plan`), the routed rows get their deltas."""
 
     def __init__(self, base_layer: nn.Module, name: str, context) -> None:
         super().__init__()
@@ -552,7 +611,7 @@ class RoutedProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         step = self._context.step
-        plan = step.lora_plan if step is not None else None
+        plan = step.block_plan if step is not None else None
         return out if plan is None else plan.apply(self.name, x, out)
 
 
@@ -562,42 +621,64 @@ def wrap_projections(block: nn.Module, projections: Sequence[str], context) -> N
         setattr(block, name, RoutedProjection(getattr(block, name), name, context))
 
 
-# --- the plain per-token loop --------------------------------------------------------------------------------
+# --- the kind ---------------------------------------------------------------------------------------------
 
 
-def reference_mlp(
-    block: nn.Module,
-    x: torch.Tensor,
-    choice: torch.Tensor,
-    plugged: PluggedSet,
-    layer: int,
-    conv1d: bool = False,
-) -> torch.Tensor:
-    """What a routed MLP block computes, one token at a time, from the experts' own tensors (for tests).
+class Lora:
+    """The LoRA kind (moe.adapters.kind.AdapterKind)."""
 
-    block: an MLP block of the backbone (plain, or with RoutedProjection wrappers and no plan set);
-    x [N, H] its inputs; choice [N, k] expert indices into `plugged` (-1 empty). Per token: merge its chosen
-    LoRAs into the projection weights (each at 1/k'), run the block with those weights, add its chosen
-    bottleneck experts' deltas (each at 1/k').
-    """
-    from moe.adapters.expert import adapter_delta  # here, not at the top: moe.adapters.expert imports this module
+    name = NAME
+    adapter = LoraAdapter
+    shape_source = "lora targets"  # what its file's tensor shapes follow (error text)
+    weight_names = "the LoRA A and B tensors"
 
-    names = dict(block.named_parameters())
-    outs = []
-    for n in range(x.shape[0]):
-        chosen = [int(e) for e in choice[n].tolist() if e >= 0]
-        weights: dict[str, torch.Tensor] = {}
-        bottleneck = torch.zeros_like(x[n])
-        for e in chosen:
-            expert = plugged.experts[e]
-            i = expert.layers.index(layer)
-            if isinstance(expert.adapter, LoraAdapter):
-                for p, pair in expert.adapter.pairs.items():
-                    key = f"{p}.weight" if f"{p}.weight" in names else f"{p}.base_layer.weight"
-                    delta = pair.B[i] @ pair.A[i] * float(pair.scaling[i]) / len(chosen)  # [out, in]
-                    weights[key] = weights.get(key, names[key]) + (delta.T if conv1d else delta).to(x.dtype)
-            else:
-                bottleneck = bottleneck + adapter_delta(x[n : n + 1], expert.down[i], expert.up[i])[0] / len(chosen)
-        y = functional_call(block, weights, (x[n : n + 1],)) if weights else block(x[n : n + 1])
-        outs.append(y[0] + bottleneck)
-    return torch.stack(outs)
+    # --- the expert file: metadata `lora` (its targets), tensors lora.<p>.A / .B / .scaling ---
+
+    def file_fields(self, adapter: LoraAdapter) -> dict[str, str]:
+        return {"lora": json.dumps({"targets": adapter.targets()})}
+
+    def parse_fields(self, metadata: Mapping[str, str]) -> dict[str, dict[str, int]]:
+        return parse_targets(metadata.get("lora"))
+
+    def check_rank(self, rank: int, fields: dict[str, dict[str, int]]) -> None:
+        if rank != max(t["rank"] for t in fields.values()):
+            raise InvalidMetadataError(f"metadata rank {rank} is not the largest LoRA target rank ({fields})")
+
+    def file_shapes(
+        self, fields: dict[str, dict[str, int]], layers: int, rank: int, backbone: BackboneFingerprint
+    ) -> dict[str, tuple[int, ...]]:
+        if backbone.family not in FAMILIES:
+            raise InvalidMetadataError(f"LoRA expert for family {backbone.family!r}, which has no MLP projection table")
+        return file_shapes(layers, backbone.hidden_size, FAMILIES[backbone.family].projections, fields)
+
+    def is_float32(self, tensor_name: str) -> bool:
+        return tensor_name.endswith(".scaling")
+
+    def from_tensors(self, tensors: Mapping[str, torch.Tensor], fields: dict[str, dict[str, int]]) -> LoraAdapter:
+        return LoraAdapter.from_tensors(tensors, list(fields))
+
+    # --- the backbone ---
+
+    def check_fits(self, name: str, adapter: LoraAdapter, projections: Mapping[str, tuple[int, int]] | None) -> None:
+        check_fits(name, adapter, projections)
+
+    def wrap_block(self, block: nn.Module, projections: Sequence[str], context: object) -> None:
+        wrap_projections(block, projections, context)
+
+    # --- slot storage ---
+
+    def slot_rank(self, adapter: LoraAdapter) -> int:
+        return 0  # its ranks are per projection, held by its own storage
+
+    def slots(
+        self, num_layers: int, hidden: int, capacity: int, rank: int, device: torch.device, dtype: torch.dtype
+    ) -> LoraSlots:
+        return LoraSlots(num_layers, capacity, device, dtype)
+
+    def references(
+        self, num_layers: int, hidden: int, capacity: int, device: torch.device, dtype: torch.dtype
+    ) -> LoraReferences:
+        return LoraReferences(num_layers, capacity, device, dtype)
+
+
+LORA = Lora()

@@ -7,14 +7,10 @@ ExpertSlots, the live storage (L = backbone layers, C = slot capacity, H = hidde
     offsets     [L, C] f32
     thresholds  [L, C] f32    +inf where a slot is free, disabled or skips the layer: never eligible
     covers      [L, C] bool   the slot has an adapter on that layer (what a pin may use)
-    weights     one storage object per adapter kind:
-                BottleneckSlots  down [L, H, C, R], up [L, C, R, H]: the only copy of each expert's weights,
-                                 ranks zero-padded (exact: gelu(0) = 0)
-                AdapterReferences  adapters[l][c] referencing the experts' own tensors (training sets:
-                                 gradients reach the leaves), no copy and no stacked tensors
-    lora_weights  moe.adapters.lora.LoraSlots (slot storage only): per MLP projection p,
-                  a [L, C, R_p, in], b [L, C, out, R_p],
-                  s [L, C]: the only copy of each LoRA expert's pairs
+    weights     {kind: its slot storage} for every kind in moe.adapters.kind.KINDS (each kind's own layout, e.g.
+                moe.adapters.bottleneck.BottleneckSlots down [L, H, C, R], up [L, C, R, H]; moe.adapters.lora.LoraSlots
+                per projection): the only copy of each plugged expert's weights. A set built from experts holds
+                each kind's storage by reference instead (training sets: gradients reach the leaves, no copy)
 
 Plug and unplug cost one expert's slices, whatever the number plugged:
     plug:    take a free slot (the lowest; none free: double the capacity, or grow the rank, reallocating),
@@ -34,17 +30,18 @@ that unplug must not run a forward after that plug. The engine takes `model.plug
 Experts in a set built from slots are weightless handles (shapes and metadata, tensors on the meta device);
 `read(name)` copies an expert's weights back out of its slot.
 
-LoRA experts (moe.adapters.lora) take a slot like any expert: their gate in the gate columns (their bottleneck columns
-stay zero) and their pairs in the same slot of `lora_weights` (moe.adapters.lora.LoraSlots: per projection, written in
-place, the only copy), so a LoRA plug too costs one expert's slices whatever the number plugged. A snapshot
-carries `lora`, that storage laid out for dispatch as views (moe.adapters.lora.LoraStacks). While a LoRA expert is
-plugged, decode steps take the grouped path and the fixed-slot decoder runs eagerly (moe.decode.generation). A set
-built from experts (`PluggedSet.build`) builds its LoraStacks from the experts' own tensors instead.
+Every kind's expert takes a slot the same way: its gate in the gate columns, its weights in the same slot of its
+kind's storage (the other kinds' storages hold nothing there), so any plug costs one expert's slices whatever the
+number plugged. Nothing here asks which kind an expert is: the kind table (moe.adapters.kind.KINDS) gives each
+kind's fit check and storage. A snapshot carries each kind's layout of its storage (`layouts`, views) and the
+stages a layer runs, resolved once from them (moe.adapters.dispatch): `in_block` (e.g. the LoRA plan), `after_block`
+(e.g. bottleneck deltas) and `fixed` (the fixed-op decode path's operands; None while a plugged expert's kind has
+no such form: then decode steps take the grouped path and the fixed-slot decoder runs eagerly, moe.decode.generation).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,9 +49,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moe.adapters import lora
-from moe.adapters.expert import ADAPTER_KIND, BottleneckAdapter, Expert
-from moe.adapters.lora import LoraAdapter, LoraPair, LoraSlots, LoraStacks
+from moe.adapters.dispatch import AfterBlock, InBlock, KindLayout
+from moe.adapters.expert import Expert
+from moe.adapters.kind import KINDS, KindSlots
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
 
 logger = logging.getLogger(__name__)
@@ -62,47 +59,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_CAPACITY = 8
 
 
-@dataclass(frozen=True)
-class LayerAdapter:
-    """One expert's adapter weights on one layer: down [H, r], up [r, H]."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-
-
-def _meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-
-def weightless(expert: Expert) -> Expert:
-    """An expert's name, layers, shapes and metadata, with its tensors on the meta device (no memory)."""
-    if is_bottleneck(expert):
-        adapter: BottleneckAdapter | LoraAdapter = BottleneckAdapter(_meta(expert.down), _meta(expert.up))
-    else:
-        pairs = expert.adapter.pairs
-        adapter = LoraAdapter({p: LoraPair(_meta(q.A), _meta(q.B), _meta(q.scaling)) for p, q in pairs.items()})
-    return Expert(
-        name=expert.name,
-        layers=expert.layers,
-        adapter=adapter,
-        keys=_meta(expert.keys),
-        offsets=_meta(expert.offsets),
-        thresholds=_meta(expert.thresholds),
-        description=expert.description,
-        examples=expert.examples,
-        metadata=dict(expert.metadata),
-    )
-
-
-def is_bottleneck(expert: Expert) -> bool:
-    return expert.kind == ADAPTER_KIND
-
-
 def check_fits(
     expert: Expert, num_layers: int, hidden: int, projections: Mapping[str, tuple[int, int]] | None = None
 ) -> None:
-    """Raise IncompatibleExpertError unless the expert's hidden size and layers fit the backbone (and, for a
-    LoRA expert, its projections fit the backbone's MLP projections {name: (in, out)})."""
+    """Raise IncompatibleExpertError unless the expert's hidden size and layers fit the backbone, and its adapter
+    fits the backbone's MLP projections {name: (in, out)} as its kind requires."""
     if expert.hidden_size != hidden:
         raise IncompatibleExpertError(
             f"expert {expert.name!r} has hidden size {expert.hidden_size}, the backbone has {hidden}"
@@ -113,115 +74,7 @@ def check_fits(
             f"expert {expert.name!r} covers layers {list(expert.layers)}; the backbone has layers "
             f"0..{num_layers - 1} and each may appear once"
         )
-    if expert.kind == lora.KIND:
-        lora.check_fits(expert, projections)
-
-
-# --- adapter weights, one storage object per adapter kind --------------------------------------------------
-
-
-class BottleneckSlots:
-    """The bottleneck adapters' weights, one slot per expert: down [L, H, C, R], up [L, C, R, H].
-
-    down is laid out [L, H, C * R] so the dense decode path runs every slot as one [H, C*R] matmul; a slot's
-    [H, r] block is down[l, :, c, :r].
-    """
-
-    def __init__(
-        self, num_layers: int, hidden: int, capacity: int, rank: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        self.num_layers, self.hidden, self.device, self.dtype = num_layers, hidden, device, dtype
-        self.down = torch.zeros(num_layers, hidden, capacity, rank, device=device, dtype=dtype)
-        self.up = torch.zeros(num_layers, capacity, rank, hidden, device=device, dtype=dtype)
-
-    def resize(self, capacity: int, rank: int) -> None:
-        old_down, old_up = self.down, self.up
-        c, r = old_up.shape[1], old_up.shape[2]
-        self.down = torch.zeros(self.num_layers, self.hidden, capacity, rank, device=self.device, dtype=self.dtype)
-        self.up = torch.zeros(self.num_layers, capacity, rank, self.hidden, device=self.device, dtype=self.dtype)
-        self.down[:, :, :c, :r] = old_down
-        self.up[:, :c, :r] = old_up
-
-    @torch.no_grad()
-    def write(self, slot: int, layers: torch.Tensor, expert: Expert) -> None:
-        """The expert's adapters into `slot` (layers [Lx] long on the device), every other layer zeroed (every
-        layer, for a LoRA expert: its weights live in moe.adapters.lora.LoraSlots)."""
-        self.down[:, :, slot].zero_()
-        self.up[:, slot].zero_()
-        if not is_bottleneck(expert):
-            return
-        r = expert.rank
-        self.down[layers, :, slot, :r] = expert.down.detach().to(self.device, self.dtype)  # [Lx, H, r]
-        self.up[layers, slot, :r] = expert.up.detach().to(self.device, self.dtype)  # [Lx, r, H]
-
-    def read(self, slot: int, layers: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down [Lx, H, r], up [Lx, r, H]) copied out of the slot."""
-        return self.down[layers, :, slot, :rank].clone(), self.up[layers, slot, :rank].clone()
-
-    def layer_adapters(self, layer: int, ranks: Sequence[int], covered: Sequence[frozenset[int]]) -> _SlotViews:
-        return _SlotViews(self.down[layer], self.up[layer], layer, ranks, covered)
-
-    @property
-    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.down, self.up
-
-    def nbytes(self) -> int:
-        return self.down.numel() * self.down.element_size() + self.up.numel() * self.up.element_size()
-
-
-class _SlotViews(Sequence):
-    """One layer's adapters by slot, as views into the slot storage (made when grouped dispatch asks)."""
-
-    def __init__(
-        self,
-        down: torch.Tensor,
-        up: torch.Tensor,
-        layer: int,
-        ranks: Sequence[int],
-        covered: Sequence[frozenset[int]],
-    ) -> None:
-        self._down, self._up, self._layer, self._ranks, self._covered = down, up, layer, ranks, covered
-
-    def __len__(self) -> int:
-        return len(self._ranks)
-
-    def __getitem__(self, slot: int) -> LayerAdapter | None:  # type: ignore[override]
-        if self._layer not in self._covered[slot] or not self._ranks[slot]:
-            return None  # the slot skips the layer, or holds a LoRA expert (rank 0 here)
-        r = self._ranks[slot]
-        return LayerAdapter(self._down[:, slot, :r], self._up[slot, :r])  # [H, r], [r, H]
-
-
-class AdapterReferences:
-    """Adapters by reference to the experts' own tensors (no copy): training sets, whose leaves need gradients."""
-
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        self.table: list[list[LayerAdapter | None]] = [[None] * capacity for _ in range(num_layers)]
-
-    def resize(self, capacity: int, rank: int) -> None:
-        for row in self.table:
-            row.extend([None] * (capacity - len(row)))
-
-    def write(self, slot: int, layers: torch.Tensor, expert: Expert) -> None:
-        for row in self.table:
-            row[slot] = None
-        if not is_bottleneck(expert):
-            return
-        with torch.enable_grad():  # views of leaves that require grad keep their path back to them
-            for i, layer in enumerate(expert.layers):
-                self.table[layer][slot] = LayerAdapter(expert.down[i], expert.up[i])
-
-    def layer_adapters(
-        self, layer: int, ranks: Sequence[int], covered: Sequence[frozenset[int]]
-    ) -> tuple[LayerAdapter | None, ...]:
-        return tuple(self.table[layer])
-
-    @property
-    def stacks(self) -> tuple[None, None]:
-        return None, None
-
-    def nbytes(self) -> int:
-        return 0
+    KINDS[expert.kind].check_fits(expert.name, expert.adapter, projections)
 
 
 # --- the live storage ---------------------------------------------------------------------------------------
@@ -248,16 +101,16 @@ class ExpertSlots:
         self.offsets = torch.zeros(num_layers, capacity, device=device)
         self.thresholds = torch.full((num_layers, capacity), float("inf"), device=device)
         self.covers = torch.zeros(num_layers, capacity, dtype=torch.bool, device=device)
-        self.weights: BottleneckSlots | AdapterReferences = (
-            AdapterReferences(num_layers, capacity)
+        self.references = references
+        # one storage per kind, slot by slot (a reference set's hold the experts' own tensors)
+        self.weights: dict[str, KindSlots] = {
+            name: kind.references(num_layers, hidden, capacity, self.device, dtype)
             if references
-            else BottleneckSlots(num_layers, hidden, capacity, rank, self.device, dtype)
-        )
-        # LoRA experts' pairs, slot by slot (a reference set builds its LoraStacks from the experts instead)
-        self.lora_weights = None if references else LoraSlots(num_layers, capacity, self.device, dtype)
+            else kind.slots(num_layers, hidden, capacity, rank, self.device, dtype)
+            for name, kind in KINDS.items()
+        }
         # host-side bookkeeping, per slot
         self.names: list[str | None] = [None] * capacity
-        self.ranks: list[int] = [0] * capacity
         self.covered: list[frozenset[int]] = [frozenset()] * capacity
         self._free: list[int] = list(range(capacity))  # reusable now, lowest first
         self._pending: list[tuple[int, torch.cuda.Event | None]] = []  # disabled, steps may still read them
@@ -268,20 +121,18 @@ class ExpertSlots:
         self._snapshot: PluggedSet | None = None
         self._live: PluggedSet | None = None
         self._live_generation = -1
-        # a reference set's LoRA stacks, rebuilt when its LoRA experts or the capacity change, keyed by (capacity,
-        # (slot, expert) of each LoRA expert)
-        self._lora: LoraStacks | None = None
-        self._lora_key: tuple = (0, ())
-        self._lora_experts: tuple = ()
-        self.has_lora = False  # some plugged expert is a LoRA expert
+        # some plugged expert's kind has no fixed-op decode form (LoRA: a plan made on the host per layer): no
+        # captured or compiled step may run the set (moe.decode.generation runs it eagerly); read every decode step
+        self.eager_only = False
 
     @property
     def capacity(self) -> int:
         return len(self.names)
 
     @property
-    def references(self) -> bool:
-        return isinstance(self.weights, AdapterReferences)
+    def has_lora(self) -> bool:
+        """`eager_only` under the name moe.decode.generation reads (until it reads eager_only)."""
+        return self.eager_only
 
     def check_fits(self, expert: Expert) -> None:
         check_fits(expert, self.num_layers, self.hidden, self.projections)
@@ -305,14 +156,13 @@ class ExpertSlots:
                 f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
                 "or choose another name"
             )
-        rank = expert.rank if is_bottleneck(expert) else 0  # the bottleneck storage's rank for this slot
-        slot = self._take_slot(rank)
+        slot = self._take_slot(KINDS[expert.kind].slot_rank(expert.adapter))
         layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            # 1. weights and gate into a slot no step can choose (thresholds +inf, covers False)
-            self.weights.write(slot, layers, expert)
-            if self.lora_weights is not None:
-                self.lora_weights.write(slot, expert)
+            # 1. weights and gate into a slot no step can choose (thresholds +inf, covers False); every kind's
+            # storage clears the slot, the expert's own kind writes it
+            for storage in self.weights.values():
+                storage.write(slot, expert.layers, expert.adapter)
             self.keys[:, slot].zero_()
             self.offsets[:, slot].zero_()
             unit = F.normalize(expert.keys.detach().float(), dim=-1).to(self.device, self.dtype)  # [Lx, H]
@@ -327,10 +177,10 @@ class ExpertSlots:
             covers[list(expert.layers)] = True
             self.thresholds[:, slot] = thresholds.to(self.device)
             self.covers[:, slot] = covers.to(self.device)
-        handle = expert if self.references else weightless(expert)
+        handle = expert if self.references else expert.weightless()
         if old is not None:
             self._release(old)
-        self.names[slot], self.ranks[slot], self.covered[slot] = expert.name, rank, frozenset(expert.layers)
+        self.names[slot], self.covered[slot] = expert.name, frozenset(expert.layers)
         self._slot_by_name[expert.name] = slot
         if old is not None:
             self._experts = [handle if e.name == expert.name else e for e in self._experts]
@@ -376,9 +226,9 @@ class ExpertSlots:
         self.covers[:, slot] = False
 
     def _release(self, slot: int) -> None:
-        self.names[slot], self.ranks[slot], self.covered[slot] = None, 0, frozenset()
-        if self.lora_weights is not None:
-            self.lora_weights.forget(slot)
+        self.names[slot], self.covered[slot] = None, frozenset()
+        for storage in self.weights.values():
+            storage.forget(slot)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -421,45 +271,27 @@ class ExpertSlots:
             self.covers,
         )
         self.keys, self.offsets, self.thresholds, self.covers = keys, offsets, thresholds, covers
-        self.weights.resize(capacity, rank)
-        if self.lora_weights is not None:
-            self.lora_weights.resize(capacity)
+        for storage in self.weights.values():
+            storage.resize(capacity, rank)
         self._free.extend(range(c, capacity))
         self.names.extend([None] * (capacity - c))
-        self.ranks.extend([0] * (capacity - c))
         self.covered.extend([frozenset()] * (capacity - c))
         self.rank = rank
         self.generation += 1
 
     def _changed(self) -> PluggedSet:
         self.version += 1
-        self.has_lora = any(not is_bottleneck(e) for e in self._experts)  # a host fact, read every decode step
         self._snapshot = None
-        return self.snapshot()
-
-    def _lora_stacks(self) -> LoraStacks | None:
-        """The LoRA experts laid out by slot (moe.adapters.lora.LoraStacks): views of the slot storage; for a reference
-        set, built from the experts' own tensors when they or the capacity changed."""
-        if self.lora_weights is not None:
-            return self.lora_weights.stacks(self.covered)
-        loras = tuple((self._slot_by_name[e.name], e) for e in self._experts if not is_bottleneck(e))
-        key = (self.capacity, tuple((slot, id(e)) for slot, e in loras))
-        if key != self._lora_key:
-            by_slot: list[Expert | None] = [None] * self.capacity
-            for slot, expert in loras:
-                by_slot[slot] = expert
-            self._lora = LoraStacks.build(by_slot, self.num_layers, self.device, self.dtype) if loras else None
-            self._lora_key = key
-            self._lora_experts = loras  # held while they key the stacks: no other expert can take their ids
-        return self._lora
+        snapshot = self.snapshot()
+        self.eager_only = snapshot.eager_only
+        return snapshot
 
     # --- reading ---------------------------------------------------------------------------------------------
 
     def snapshot(self) -> PluggedSet:
         """The set as it is now (cached until the next plug or unplug)."""
         if self._snapshot is None:
-            down, up = self.weights.stacks
-            ranks, covered = tuple(self.ranks), tuple(self.covered)
+            covered = tuple(self.covered)
             self._snapshot = PluggedSet(
                 experts=tuple(self._experts),
                 slots=tuple(self._slot_by_name[e.name] for e in self._experts),
@@ -468,12 +300,9 @@ class ExpertSlots:
                 offsets=self.offsets,
                 thresholds=self.thresholds.clone(),
                 covers=self.covers.clone(),
-                down=down,
-                up=up,
-                adapters=tuple(self.weights.layer_adapters(layer, ranks, covered) for layer in range(self.num_layers)),
+                layouts={name: storage.layout(covered, live=False) for name, storage in self.weights.items()},
                 version=self.version,
                 storage=self,
-                lora=self._lora_stacks(),
                 projections=self.projections,
             )
         return self._snapshot
@@ -481,10 +310,11 @@ class ExpertSlots:
     def live(self) -> PluggedSet:
         """The storage's own tensors as a set, for decode steps: its thresholds and covers are the live columns,
         so a step sees what was published before it ran, and a captured step keeps reading these addresses
-        until the storage grows. It names no expert: the trace's names come from `snapshot()`."""
+        until the storage grows. It names no expert (the trace's names come from `snapshot()`) and holds the
+        kinds with a fixed-op form only (it serves while no other kind's expert is plugged)."""
         if self._live is None or self._live_generation != self.generation:
             self._live_generation = self.generation
-            down, up = self.weights.stacks
+            layouts = {name: storage.layout(self.covered, live=True) for name, storage in self.weights.items()}
             self._live = PluggedSet(
                 experts=(),
                 slots=(),
@@ -493,13 +323,10 @@ class ExpertSlots:
                 offsets=self.offsets,
                 thresholds=self.thresholds,
                 covers=self.covers,
-                down=down,
-                up=up,
-                adapters=tuple(
-                    self.weights.layer_adapters(layer, self.ranks, self.covered) for layer in range(self.num_layers)
-                ),
+                layouts={name: layout for name, layout in layouts.items() if layout is not None and layout.fixed},
                 version=-1,
                 storage=self,
+                live=True,
             )
         return self._live
 
@@ -510,14 +337,10 @@ class ExpertSlots:
         if self.references:
             return handle
         layers = torch.tensor(handle.layers, dtype=torch.long, device=self.device)
-        if is_bottleneck(handle):
-            adapter: BottleneckAdapter | LoraAdapter = BottleneckAdapter(*self.weights.read(slot, layers, handle.rank))
-        else:
-            adapter = self.lora_weights.read(slot, handle.layers)
         return Expert(
             name=handle.name,
             layers=handle.layers,
-            adapter=adapter,
+            adapter=self.weights[handle.kind].read(slot, handle.layers, handle.adapter),
             keys=self.keys[layers, slot].clone(),
             offsets=self.offsets[layers, slot].clone(),
             thresholds=self.thresholds[layers, slot].clone(),
@@ -529,8 +352,8 @@ class ExpertSlots:
     def nbytes(self) -> int:
         """Device memory of the storage: gates and weights."""
         gates = (self.keys, self.offsets, self.thresholds, self.covers)
-        lora = self.lora_weights.nbytes() if self.lora_weights is not None else 0
-        return sum(t.numel() * t.element_size() for t in gates) + self.weights.nbytes() + lora
+        weights = sum(storage.nbytes() for storage in self.weights.values())
+        return sum(t.numel() * t.element_size() for t in gates) + weights
 
 
 # --- what readers see --------------------------------------------------------------------------------------
@@ -543,12 +366,14 @@ class PluggedSet:
     Shapes (L layers, C = capacity, the columns; H hidden; R largest rank):
         keys [L, C, H] unit-norm; offsets, thresholds [L, C] (+inf: never eligible); covers [L, C] bool
         columns[c]: the name in slot c, None for a free slot; slots[i]: the slot of experts[i]
-        adapters[l][c]: LayerAdapter or None (views of the slots, or the experts' own tensors for a set
-            built by `build`: gradients flow)
-        down [L, H, C, R], up [L, C, R, H]: the slot storage (None for a set built by `build`); zero in a LoRA
-            expert's slot
-        lora: the LoRA experts laid out by slot for dispatch (moe.adapters.lora.LoraStacks), None when none is plugged
-        projections: the backbone's MLP projections {name: (in, out)}, what a LoRA expert must fit (None: unchecked)
+        layouts[kind]: each kind's storage laid out for dispatch (moe.adapters.dispatch.KindLayout: views of the
+            slots, or the experts' own tensors for a set built by `build`: gradients flow); None when it holds nothing
+        projections: the backbone's MLP projections {name: (in, out)}, what an adapter must fit (None: unchecked)
+    Resolved once from the layouts of the kinds the set holds experts of (every kind with a fixed-op form, for the
+    live set), so a forward never consults the kind table (moe.adapters.dispatch):
+        in_block     the stages run inside a layer's block (a plan its modules read), in table order
+        after_block  the stages whose deltas are added to the block's output, in table order
+        fixed        per layer, the fixed-op decode path's operands; None when some expert's kind has no such form
     An expert's index (`index`) is its slot: the column of its scores, choices and trace counts.
     """
 
@@ -559,20 +384,59 @@ class PluggedSet:
     offsets: torch.Tensor
     thresholds: torch.Tensor
     covers: torch.Tensor
-    down: torch.Tensor | None
-    up: torch.Tensor | None
-    adapters: tuple[Sequence[LayerAdapter | None], ...]
+    layouts: Mapping[str, KindLayout | None]
     version: int = 0
     storage: ExpertSlots | None = None
-    # --- LoRA experts (moe.adapters.lora): their stacks by slot, and what they must fit ---
-    lora: LoraStacks | None = None
     projections: Mapping[str, tuple[int, int]] | None = None
+    live: bool = False
+    in_block: tuple[InBlock, ...] = field(init=False)
+    after_block: tuple[AfterBlock, ...] = field(init=False)
+    fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
     _slot_of: dict[str, int] = field(init=False, repr=False)
     _position: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_slot_of", {e.name: s for e, s in zip(self.experts, self.slots, strict=True)})
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
+        held = {e.kind for e in self.experts}
+        run = {
+            name: layout for name, layout in self.layouts.items() if layout is not None and (self.live or name in held)
+        }
+        object.__setattr__(self, "in_block", tuple(r.in_block for r in run.values() if r.in_block is not None))
+        after = {name: r.after_block for name, r in run.items() if r.after_block is not None}
+        if len(after) > 1:  # several kinds after the block: each stage runs its own experts' choices only
+            device = self.keys.device
+            after = {
+                name: dataclasses.replace(
+                    stage,
+                    own=torch.tensor([c is not None and c.kind == name for c in self._by_slot()], device=device),
+                )
+                for name, stage in after.items()
+            }
+        object.__setattr__(self, "after_block", tuple(after.values()))
+        # the fixed-op decode path: one kind's form, while every expert of the set is of a kind that has it
+        forms = [r.fixed for r in run.values()]
+        if not run:  # no expert: the form of whichever kind offers one (the empty set decodes as before a plug)
+            forms = [layout.fixed for layout in self.layouts.values() if layout is not None][:1]
+        fixed = forms[0] if len(forms) == 1 else None
+        object.__setattr__(self, "fixed", fixed)
+
+    def _by_slot(self) -> list[Expert | None]:
+        by_slot: list[Expert | None] = [None] * self.capacity
+        for expert, slot in zip(self.experts, self.slots, strict=True):
+            by_slot[slot] = expert
+        return by_slot
+
+    @property
+    def eager_only(self) -> bool:
+        """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
+        holds references): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
+        return self.fixed is None
+
+    @property
+    def lora(self) -> PluggedSet | None:
+        """Not None exactly when `eager_only`: the test moe.decode.generation reads (until it reads eager_only)."""
+        return self if self.eager_only else None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -601,11 +465,6 @@ class PluggedSet:
         """The expert as plugged (a weightless handle for slot storage: use `read` for its weights)."""
         self.index(name)  # raises UnknownExpertError
         return self.experts[self._position[name]]
-
-    @functools.cached_property
-    def has_bottleneck(self) -> bool:
-        """Some plugged expert is of the bottleneck kind: a host fact, no device read."""
-        return any(is_bottleneck(e) for e in self.experts)
 
     def read(self, name: str) -> Expert:
         """The expert with its weights (copied back out of its slot for slot storage)."""

@@ -5,9 +5,10 @@
            scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.routing.router at the MLP input
                                                             #   (C = expert slots)
            choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
-           base   = mlp(x)                                  # the backbone block; its projections add the
-                                                            #   LoRA experts' deltas on their rows (moe.adapters.lora)
-           out    = base + bottleneck adapter deltas        # moe.adapters.dispatch, base rows untouched
+           base   = mlp(x)                                  # the backbone block; the kinds run inside it add
+                                                            #   their deltas on their rows (LoRA: its projections)
+           out    = base + deltas of the kinds run after it # bottleneck; base rows untouched
+                                                            #   (the stages: moe.adapters.dispatch)
       -> logits, and a routing trace counted on the device
 
 Two dispatch paths, picked on the host from facts known before the step:
@@ -15,9 +16,11 @@ Two dispatch paths, picked on the host from facts known before the step:
             number of ops with no host read (what a captured decode step runs; on CUDA it can be
             torch.compile'd into a few fused kernels, see `fuse_decode_routing`); on CPU, when the step is
             neither captured nor compiled, `routed_top1_host_read`: one host read, adapters for routed rows only
-    grouped everything else (prefill, training, top-k), and every step while a LoRA expert is plugged: tokens
-            grouped by expert, one host read per layer (LoRA experts: moe.adapters.lora.plan_lora, gathered without a
-            host read for few top-1 tokens)
+    grouped everything else (prefill, training, top-k), and every step while an expert of a kind without a
+            fixed-op form is plugged (LoRA): tokens grouped by expert, one host read per layer (LoRA experts:
+            moe.adapters.lora.plan_lora, gathered without a host read for few top-1 tokens)
+The stages each layer runs are the plugged set's (`in_block`, `after_block`, `fixed`), resolved per snapshot from
+the kind table: no lookup per layer.
 
 The experts live in preallocated slots (moe.adapters.slots.ExpertSlots) written in place between steps; one
 forward reads the plugged set once at its start.
@@ -34,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.adapters.dispatch import grouped_dispatch, routed_rows_dispatch, slot_dispatch
+from moe.adapters.bottleneck import routed_rows_dispatch, slot_dispatch
 from moe.adapters.expert import Expert
-from moe.adapters.lora import LoraPlan, plan_lora, wrap_projections
+from moe.adapters.kind import KINDS
 from moe.adapters.slots import ExpertSlots, PluggedSet
 from moe.model.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
 from moe.model.kv_cache import cache_kwarg
@@ -64,7 +67,8 @@ def routed_top1(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's decode routing: choice = route_top1(...) [N]; out = dispatch over the rows `keep` allows
     (None: all) -> (out [N, H], choice [N], what the trace counts). With slot_dispatch: no host read, a fixed
-    op count (what a captured or compiled step runs)."""
+    op count (what a captured or compiled step runs). down, up: the layer's fixed-op operands (the plugged set's
+    `fixed[layer]`: the bottleneck kind's slot storage, moe.adapters.bottleneck)."""
     choice = route_top1(x, keys, offsets, thresholds, covers, allowed, forced)
     applied = choice if keep is None else torch.where(keep, choice, -1)
     return dispatch(x, base, applied, down, up), choice
@@ -110,7 +114,7 @@ class _Step:
     capture: list[torch.Tensor] | None
     decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
-    lora_plan: LoraPlan | None = None  # --- LoRA experts: the layer's LoRA plan, set while its MLP block runs ---
+    block_plan: object | None = None  # the plan of the kind run inside the block (LoRA), set while the block runs
 
 
 class _Context(threading.local):
@@ -139,7 +143,7 @@ class RoutedMLP(nn.Module):
         hidden = x.shape[-1]
         flat_x = x.reshape(-1, hidden)
         plugged, layer = step.plugged, self.layer
-        if step.decode is not None:  # bottleneck experts only (no LoRA expert plugged): the fixed-op path
+        if step.decode is not None:  # every plugged expert's kind has the fixed-op form: the fixed-op path
             base = self.base_layer(x)
             flat_base = base.reshape(-1, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
@@ -153,8 +157,7 @@ class RoutedMLP(nn.Module):
                 step.allowed,
                 step.forced,
                 keep,
-                plugged.down[layer],
-                plugged.up[layer],
+                *plugged.fixed[layer],
             )
             step.choices.append(choice[:, None])
             return out.view_as(base)
@@ -165,21 +168,32 @@ class RoutedMLP(nn.Module):
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
-        # --- LoRA experts (moe.adapters.lora): the layer's LoRA plan, read by the block's projections while it runs;
-        # the bottleneck experts dispatch on the rest of the choice ---
+        # the kinds run inside the block (LoRA): the layer's plan, read by the block's modules while it runs; the
+        # kinds run after it dispatch on the rest of the choice (chosen: k' per row, every kind counted)
         chosen = None
-        if plugged.lora is not None and plugged.lora.on_layer[layer]:
-            gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
-            chosen = (choice >= 0).sum(dim=1) if choice.shape[1] > 1 else None
-            step.lora_plan, choice = plan_lora(plugged.lora, layer, choice, gather)
+        for stage in plugged.in_block:
+            if stage.on_layer[layer]:
+                gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+                if chosen is None and choice.shape[1] > 1:
+                    chosen = (choice >= 0).sum(dim=1)
+                step.block_plan, choice = stage.plan(layer, choice, gather)
         try:
             base = self.base_layer(x)
         finally:
-            step.lora_plan = None
-        if plugged.lora is not None and not plugged.has_bottleneck:
+            step.block_plan = None
+        stages = plugged.after_block
+        if not stages:
             return base
-        flat_base = base.reshape(-1, hidden)
-        return grouped_dispatch(flat_x, flat_base, choice, plugged.adapters[layer], chosen).view_as(base)
+        if stages[0].own is None:  # one kind after the block (the usual case): its choices are the rest
+            stage = stages[0]
+            return stage.delta(flat_x, base.reshape(-1, hidden), choice, stage.layers[layer], chosen).view_as(base)
+        if chosen is None and choice.shape[1] > 1:
+            chosen = (choice >= 0).sum(dim=1)
+        out = base.reshape(-1, hidden)
+        for stage in stages:  # several kinds after the block: each runs its own experts' choices
+            own = choice.masked_fill(~stage.own[choice.clamp(min=0)], -1)
+            out = stage.delta(flat_x, out, own, stage.layers[layer], chosen)
+        return out.view_as(base)
 
 
 class RoutedModel(nn.Module):
@@ -197,7 +211,8 @@ class RoutedModel(nn.Module):
         self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)}: what LoRA experts adapt
         for index, layer in enumerate(layers):
             block = getattr(layer, attr)
-            wrap_projections(block, family_of(backbone).projections, self._context)  # LoRA experts' hook
+            for kind in KINDS.values():  # the kinds run inside the block wrap its modules (LoRA: its projections)
+                kind.wrap_block(block, family_of(backbone).projections, self._context)
             wrapper = RoutedMLP(block, index, self._context)
             setattr(layer, attr, wrapper)
             self.mlps.append(wrapper)
@@ -340,8 +355,7 @@ class RoutedModel(nn.Module):
         decode = None
         if (
             self.router.top_k == 1
-            and plugged.down is not None
-            and plugged.lora is None  # LoRA experts change the block's projections: the grouped path runs them
+            and plugged.fixed is not None  # every expert's kind has the fixed-op form (LoRA: the grouped path)
             and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
             and not torch.is_grad_enabled()
         ):

@@ -3,15 +3,14 @@ per-token loop (LoRA and bottleneck experts mixed in one batch), and what pluggi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moe import RoutedModel, RoutingSpec
 from moe.adapters import lora as lora_module
-from moe.adapters.lora import LoraStacks, lora_delta, plan_lora, reference_mlp
+from moe.adapters.lora import LoraStacks, lora_delta, plan_lora
+from moe.adapters.reference import reference_forward
 from moe.decode.generation import generate
 from moe.errors import IncompatibleExpertError
 from moe.model import routed as routed_module
@@ -76,53 +75,6 @@ def test_base_rows_stay_bit_exact_beside_lora_rows(family: str, length: int) -> 
     out = model(x, routing=[RoutingSpec("pin", "a"), RoutingSpec("off"), RoutingSpec("pin", "a")]).logits
     assert torch.equal(out[1], want[1]), "an off row next to pinned rows"
     assert not torch.allclose(out[0], want[0], atol=1e-3)
-
-
-def reference_forward(plain: torch.nn.Module, plugged, x: torch.Tensor, top_k: int, pins: dict[int, int]):
-    """The routed forward spelled out on the unwrapped backbone: per token, each expert scores
-    cos(x, key) + offset and passes above its threshold, the top-k passing win (a pinned row: its expert
-    alone, where it covers the layer), and the MLP block's output is reference_mlp's. Returns (logits,
-    per-row decision counts)."""
-    family = FAMILIES[plain.config.model_type]
-    names = [*plugged.names, "base"]
-    counts = [dict.fromkeys(names, 0.0) for _ in range(x.shape[0])]
-    blocks = [copy.deepcopy(getattr(layer, family.mlp)) for layer in decoder_layers(plain)]
-
-    def hook(layer: int, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        h = inputs[0]
-        choice = torch.full((h.shape[0] * h.shape[1], top_k), -1, dtype=torch.long)
-        for b in range(h.shape[0]):
-            for t in range(h.shape[1]):
-                row = b * h.shape[1] + t
-                if b in pins:
-                    e = pins[b]
-                    chosen = [e] if layer in plugged.experts[e].layers else []
-                else:
-                    scored = []
-                    for e, expert in enumerate(plugged.experts):
-                        if layer in expert.layers:
-                            i = expert.layers.index(layer)
-                            score = F.cosine_similarity(h[b, t], expert.keys[i], dim=0) + expert.offsets[i]
-                            if score > expert.thresholds[i]:
-                                scored.append((float(score), e))
-                    chosen = [e for _, e in sorted(scored, reverse=True)[:top_k]]
-                choice[row, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
-                for e in chosen:
-                    counts[b][names[e]] += 1
-                if not chosen:
-                    counts[b]["base"] += 1
-        out = reference_mlp(blocks[layer], h.reshape(-1, h.shape[-1]), choice, plugged, layer, family.conv1d)
-        return out.view_as(output)
-
-    handles = [
-        getattr(block, family.mlp).register_forward_hook(lambda m, i, o, layer=layer: hook(layer, i, o))
-        for layer, block in enumerate(decoder_layers(plain))
-    ]
-    try:
-        return plain(x).logits, counts
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -206,7 +158,7 @@ def test_plan_groups_rows_by_lora_expert_and_leaves_bottleneck_choices() -> None
     model = RoutedModel(tiny_backbone("llama", seed=0))
     model.plug(tiny_expert("b", seed=1))
     model.plug(tiny_lora_expert("l", model.projection_shapes, seed=2))
-    stacks = model.plugged.lora
+    stacks = model.plugged.layouts["lora"]
     choice = torch.tensor([[1, 0], [0, -1], [-1, -1], [1, -1]])
     plan, rest = plan_lora(stacks, 0, choice, gather=False)
     assert rest.tolist() == [[-1, 0], [0, -1], [-1, -1], [-1, -1]]
@@ -223,9 +175,12 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
     a = tiny_lora_expert("a", shapes, seed=1, rank=2, layers=(1,))
     b = tiny_lora_expert("b", shapes, seed=2, rank=5, targets=["down_proj"])
     plugged = model.plugged.plugging(tiny_expert("x", seed=3)).plugging(a.to("cpu", torch.float32)).plugging(b)
-    stacks = plugged.lora
+    stacks = plugged.layouts["lora"]
     assert stacks.is_lora.tolist() == [False, True, True] and stacks.on_layer == (True, True)
-    assert plugged.adapters[1][1] is None and plugged.adapters[1][0] is not None, "bottleneck dispatch skips LoRAs"
+    assert (
+        plugged.layouts["bottleneck"].adapters[1][1] is None
+        and plugged.layouts["bottleneck"].adapters[1][0] is not None
+    ), "bottleneck dispatch skips LoRAs"
     assert stacks.a[1]["down_proj"].shape == (3, 5, 64) and stacks.b[1]["down_proj"].shape == (3, 32, 5)
     assert stacks.a[1]["gate_proj"].shape == (3, 2, 32), "the largest rank among the experts that target it"
     assert torch.equal(stacks.a[1]["down_proj"][1, :2], plugged.get("a").adapter.pairs["down_proj"].A[0])
@@ -233,7 +188,7 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
     assert stacks.s[1]["gate_proj"].tolist() == [0.0, 2.0, 0.0]
     assert stacks.pairs[0][1] is None and set(stacks.pairs[0][2]) == {"down_proj"}
     assert stacks.pairs[0][2]["down_proj"][0].data_ptr() == plugged.get("b").adapter.pairs["down_proj"].A[0].data_ptr()
-    assert LoraStacks.build(plugged.experts[:1], 2, torch.device("cpu"), torch.float32) is None
+    assert LoraStacks.build([None, None], 2, torch.device("cpu"), torch.float32) is None
 
 
 def test_plug_refuses_lora_that_does_not_fit_the_projections() -> None:

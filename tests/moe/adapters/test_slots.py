@@ -28,7 +28,7 @@ def assert_gates(plugged: PluggedSet, experts: list[Expert], slots: list[int]) -
             expert = experts[slots.index(c)] if c in slots else None
             if expert is None or layer not in expert.layers:  # never eligible, nothing a pin may use
                 assert not plugged.covers[layer, c] and plugged.thresholds[layer, c] == float("inf")
-                assert plugged.adapters[layer][c] is None
+                assert plugged.layouts["bottleneck"].adapters[layer][c] is None
                 if expert is not None:
                     assert plugged.offsets[layer, c] == 0 and not plugged.keys[layer, c].any()
                 continue
@@ -37,7 +37,7 @@ def assert_gates(plugged: PluggedSet, experts: list[Expert], slots: list[int]) -
             torch.testing.assert_close(plugged.keys[layer, c], F.normalize(expert.keys[i], dim=0))
             assert plugged.offsets[layer, c] == expert.offsets[i]
             assert plugged.thresholds[layer, c] == expert.thresholds[i]
-            adapter = plugged.adapters[layer][c]
+            adapter = plugged.layouts["bottleneck"].adapters[layer][c]
             assert torch.equal(adapter.down, expert.down[i]) and torch.equal(adapter.up, expert.up[i])
 
 
@@ -49,13 +49,17 @@ def assert_state(plugged: PluggedSet, experts: list[Expert], version: int) -> No
     assert plugged.version == version
     assert all(a is b for a, b in zip(plugged.experts, experts, strict=True))
     assert plugged.slots == tuple(range(count)) and plugged.capacity == count
-    assert plugged.down is None and plugged.up is None, "no stacked copy of the weights"
-    assert len(plugged.adapters) == LAYERS and all(len(row) == count for row in plugged.adapters)
+    assert plugged.layouts["bottleneck"].down is None and plugged.layouts["bottleneck"].up is None, (
+        "no stacked copy of the weights"
+    )
+    assert len(plugged.layouts["bottleneck"].adapters) == LAYERS and all(
+        len(row) == count for row in plugged.layouts["bottleneck"].adapters
+    )
     assert_gates(plugged, experts, list(range(count)))
     for layer in range(LAYERS):
         for e, expert in enumerate(experts):
             if layer in expert.layers:
-                i, adapter = expert.layers.index(layer), plugged.adapters[layer][e]
+                i, adapter = expert.layers.index(layer), plugged.layouts["bottleneck"].adapters[layer][e]
                 assert adapter.down.data_ptr() == expert.down[i].data_ptr(), "adapters reference the expert's tensors"
                 assert adapter.up.data_ptr() == expert.up[i].data_ptr()
 
@@ -70,9 +74,12 @@ def assert_slots(model: RoutedModel, experts: list[Expert], version: int) -> Non
     assert len(set(slots)) == len(slots)
     assert_gates(plugged, experts, slots)
     rank = storage.rank
-    assert plugged.down is storage.weights.down and plugged.up is storage.weights.up
-    assert plugged.down.shape == (LAYERS, HIDDEN, plugged.capacity, rank)
-    assert plugged.up.shape == (LAYERS, plugged.capacity, rank, HIDDEN)
+    assert (
+        plugged.layouts["bottleneck"].down is storage.weights["bottleneck"].down
+        and plugged.layouts["bottleneck"].up is storage.weights["bottleneck"].up
+    )
+    assert plugged.layouts["bottleneck"].down.shape == (LAYERS, HIDDEN, plugged.capacity, rank)
+    assert plugged.layouts["bottleneck"].up.shape == (LAYERS, plugged.capacity, rank, HIDDEN)
     for expert, slot, handle in zip(experts, slots, plugged.experts, strict=True):
         assert handle.down.device.type == "meta", "the set keeps no copy of the weights"
         assert (handle.name, handle.layers, handle.rank, handle.nbytes) == (
@@ -88,20 +95,30 @@ def assert_slots(model: RoutedModel, experts: list[Expert], version: int) -> Non
         )
         for layer in range(LAYERS):
             if layer not in expert.layers:
-                assert not plugged.down[layer, :, slot].any() and not plugged.up[layer, slot].any()
+                assert (
+                    not plugged.layouts["bottleneck"].down[layer, :, slot].any()
+                    and not plugged.layouts["bottleneck"].up[layer, slot].any()
+                )
                 continue
             i = expert.layers.index(layer)
-            assert torch.equal(plugged.down[layer, :, slot, : expert.rank], expert.down[i])
-            assert torch.equal(plugged.up[layer, slot, : expert.rank], expert.up[i])
-            assert not plugged.down[layer, :, slot, expert.rank :].any()
-            assert not plugged.up[layer, slot, expert.rank :].any()
+            assert torch.equal(plugged.layouts["bottleneck"].down[layer, :, slot, : expert.rank], expert.down[i])
+            assert torch.equal(plugged.layouts["bottleneck"].up[layer, slot, : expert.rank], expert.up[i])
+            assert not plugged.layouts["bottleneck"].down[layer, :, slot, expert.rank :].any()
+            assert not plugged.layouts["bottleneck"].up[layer, slot, expert.rank :].any()
         back = plugged.read(expert.name)
         for key in ("down", "up", "offsets", "thresholds"):
             assert torch.equal(back.tensors()[key], expert.tensors()[key]), key
         torch.testing.assert_close(back.keys, F.normalize(expert.keys, dim=-1))
     assert storage.nbytes() == sum(
         t.numel() * t.element_size()
-        for t in (storage.keys, storage.offsets, storage.thresholds, storage.covers, plugged.down, plugged.up)
+        for t in (
+            storage.keys,
+            storage.offsets,
+            storage.thresholds,
+            storage.covers,
+            plugged.layouts["bottleneck"].down,
+            plugged.layouts["bottleneck"].up,
+        )
     )
 
 
@@ -154,11 +171,11 @@ def test_refused_plugs_leave_the_set_as_it_was(expert: Expert, error: type, mess
     model = RoutedModel(tiny_backbone("llama", seed=0))  # the live storage refuses the same way
     a = tiny_expert("a", seed=1)
     model.plug(a)
-    before = [t.clone() for t in (model.slots.keys, model.slots.thresholds, model.slots.weights.down)]
+    before = [t.clone() for t in (model.slots.keys, model.slots.thresholds, model.slots.weights["bottleneck"].down)]
     with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
         model.plug(expert)
     assert_slots(model, [a], 1)
-    after = (model.slots.keys, model.slots.thresholds, model.slots.weights.down)
+    after = (model.slots.keys, model.slots.thresholds, model.slots.weights["bottleneck"].down)
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True)), "a refused plug writes nothing"
 
 
@@ -190,7 +207,7 @@ def test_slot_state_after_each_plug_replace_and_unplug() -> None:
     assert_slots(model, [a, b, c], 3)
     assert model.slots.rank == 8 and state.slots == (0, 1, 2) and state.capacity == DEFAULT_CAPACITY
     assert state.covers.tolist()[0][:3] == [True, False, True] and state.thresholds[0, 1] == float("inf")
-    assert state.adapters[0][1] is None and state.adapters[1][1] is not None
+    assert state.layouts["bottleneck"].adapters[0][1] is None and state.layouts["bottleneck"].adapters[1][1] is not None
     model.unplug("b")
     assert model.plugged.names == ("a", "c") and model.plugged.columns[:3] == ("a", None, "c")
     assert_slots(model, [a, c], 4)
@@ -230,7 +247,14 @@ def test_capacity_doubles_keeping_every_slot() -> None:
 
 
 def _slot_tensors(storage: ExpertSlots) -> list[torch.Tensor]:
-    return [storage.keys, storage.offsets, storage.thresholds, storage.covers, storage.weights.down, storage.weights.up]
+    return [
+        storage.keys,
+        storage.offsets,
+        storage.thresholds,
+        storage.covers,
+        storage.weights["bottleneck"].down,
+        storage.weights["bottleneck"].up,
+    ]
 
 
 def _column(tensors: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
@@ -280,7 +304,7 @@ def test_a_lora_plug_touches_one_slot_only(plugged: int) -> None:
     shapes = model.projection_shapes
     for i in range(plugged):
         model.plug(tiny_lora_expert(f"l{i}", shapes, seed=i, threshold=0.0, rank=4 if i % 2 else 2))
-    lora = model.slots.lora_weights
+    lora = model.slots.weights["lora"]
     tensors = [*lora.a.values(), *lora.b.values(), *lora.s.values()]
     before, addresses = [t.clone() for t in tensors], [t.data_ptr() for t in tensors]
     plugged_set = model.plug(tiny_lora_expert("new", shapes, seed=999, threshold=0.1, rank=3))
@@ -293,7 +317,11 @@ def test_a_lora_plug_touches_one_slot_only(plugged: int) -> None:
     before = [t.clone() for t in tensors]
     model.unplug("l3")
     assert all(torch.equal(old, new) for old, new in zip(before, tensors, strict=True))
-    assert not lora.is_lora[3] and model.plugged.lora.pairs[0][3] is None and model.plugged.lora.pairs[0][slot]
+    assert (
+        not lora.is_lora[3]
+        and model.plugged.layouts["lora"].pairs[0][3] is None
+        and model.plugged.layouts["lora"].pairs[0][slot]
+    )
 
 
 def test_memory_is_one_copy_of_the_weights() -> None:
@@ -305,7 +333,7 @@ def test_memory_is_one_copy_of_the_weights() -> None:
     for expert in experts[1:]:
         model.plug(expert)
     assert model.slots.nbytes() == first, "slots are preallocated: plugging up to capacity allocates nothing"
-    weights_per_slot = model.slots.weights.nbytes() / model.slots.capacity
+    weights_per_slot = model.slots.weights["bottleneck"].nbytes() / model.slots.capacity
     assert weights_per_slot == experts[0].down.nbytes + experts[0].up.nbytes
     assert all(e.down.device.type == "meta" for e in model.plugged.experts)
 
@@ -348,22 +376,27 @@ def test_lora_stacks_follow_the_lora_experts_by_slot() -> None:
     a = tiny_lora_expert("a", shapes, seed=2, threshold=0.0)
     plugged = model.plug(a)
     slot = plugged.index("a")
-    assert plugged.lora.is_lora.tolist() == [i == slot for i in range(plugged.capacity)]
-    assert not plugged.down[:, :, slot].any() and not plugged.up[:, slot].any()
-    assert plugged.adapters[0][slot] is None and plugged.adapters[0][plugged.index("b")] is not None
+    assert plugged.layouts["lora"].is_lora.tolist() == [i == slot for i in range(plugged.capacity)]
+    assert (
+        not plugged.layouts["bottleneck"].down[:, :, slot].any() and not plugged.layouts["bottleneck"].up[:, slot].any()
+    )
+    assert (
+        plugged.layouts["bottleneck"].adapters[0][slot] is None
+        and plugged.layouts["bottleneck"].adapters[0][plugged.index("b")] is not None
+    )
     assert plugged.get("a").adapter.pairs["down_proj"].A.device.type == "meta", "the slot holds the only copy"
     back = plugged.read("a").adapter.pairs
     for p, pair in a.adapter.pairs.items():
         assert torch.equal(back[p].A, pair.A) and torch.equal(back[p].B, pair.B), p
         assert torch.equal(back[p].scaling, pair.scaling), p
-    storage = model.slots.lora_weights.a["down_proj"]
+    storage = model.slots.weights["lora"].a["down_proj"]
     before = storage.clone()
     after = model.plug(tiny_expert("c", seed=3))
     assert torch.equal(storage, before), "a bottleneck plug writes nothing of the LoRA slots"
-    assert after.lora.a[0]["down_proj"].data_ptr() == storage[0].data_ptr(), "views, not copies"
+    assert after.layouts["lora"].a[0]["down_proj"].data_ptr() == storage[0].data_ptr(), "views, not copies"
     model.unplug("a")
-    assert model.plugged.lora is None
+    assert model.plugged.layouts["lora"] is None
     c = tiny_lora_expert("z", shapes, seed=4, threshold=0.0)
     plugged = model.plug(c)
     assert plugged.index("z") == slot, "the freed slot is reused"
-    torch.testing.assert_close(plugged.lora.a[0]["down_proj"][slot], c.adapter.pairs["down_proj"].A[0])
+    torch.testing.assert_close(plugged.layouts["lora"].a[0]["down_proj"][slot], c.adapter.pairs["down_proj"].A[0])

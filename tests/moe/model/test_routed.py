@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import Expert, RoutedModel, RoutingSpec
-from moe.adapters.expert import adapter_delta
+from moe.adapters.bottleneck import adapter_delta
 from moe.model import routed as routed_module
 from moe.model.backbone import decoder_layers, mlp_attribute
 from moe.routing.router import RouterConfig
