@@ -150,12 +150,17 @@ class ExpertSlots:
         """Write `expert` into a free slot and publish it; with replace, the expert of the same name is
         disabled in the same call and the new one keeps its place in plug order. Returns the new set."""
         self.check_fits(expert)
-        old = self._slot_by_name.get(expert.name)
-        if old is not None and not replace:
+        if expert.name in self._slot_by_name and not replace:
             raise ExpertNameTakenError(
                 f"an expert named {expert.name!r} is already plugged; unplug it first, pass replace, "
                 "or choose another name"
             )
+        self._write(expert)
+        return self._changed()
+
+    def _write(self, expert: Expert) -> None:
+        """Write a checked expert into a free slot and publish it (over the one of the same name, if any)."""
+        old = self._slot_by_name.get(expert.name)
         slot = self._take_slot(KINDS[expert.kind].slot_rank(expert.adapter))
         layers = torch.tensor(expert.layers, dtype=torch.long, device=self.device)
         with torch.no_grad():
@@ -186,7 +191,6 @@ class ExpertSlots:
             self._experts = [handle if e.name == expert.name else e for e in self._experts]
         else:
             self._experts.append(handle)
-        return self._changed()
 
     def unplug(self, name: str) -> Expert:
         """Disable the expert's slot (no step can choose it from now on); it is reused once steps already
@@ -204,19 +208,19 @@ class ExpertSlots:
     def set_all(self, experts: Sequence[Expert]) -> PluggedSet:
         """Make the plugged experts exactly these, in this order (a whole expert-set version at once): experts
         not named leave, an expert that is already plugged (the same object as its handle) keeps its slot
-        untouched, every other one is written into a slot (over the one of the same name). Everything is checked
-        first, so a refused set changes nothing."""
+        untouched, every other one is written into a slot (over the one of the same name). Every expert to write
+        is checked first (the kept ones were checked when plugged), so a refused set changes nothing."""
         names = [expert.name for expert in experts]
         if len(set(names)) != len(names):
             raise ExpertNameTakenError(f"an expert set names an expert twice: {names}")
-        for expert in experts:
-            self.check_fits(expert)
         current = {e.name: e for e in self._experts}
+        new = [expert for expert in experts if current.get(expert.name) is not expert]
+        for expert in new:
+            self.check_fits(expert)
         for name in [n for n in current if n not in set(names)]:
             self.unplug(name)
-        for expert in experts:
-            if current.get(expert.name) is not expert:
-                self.plug(expert, replace=expert.name in self._slot_by_name)
+        for expert in new:
+            self._write(expert)
         by_name = {e.name: e for e in self._experts}
         self._experts = [by_name[name] for name in names]
         return self._changed()
@@ -513,8 +517,7 @@ class PluggedSet:
 
     def plugging(self, expert: Expert, replace: bool = False) -> PluggedSet:
         """A new set (built from experts, see `build`) with `expert` added, or swapped in place of the same name
-        when replace. This set is unchanged."""
-        self.check_fits(expert)
+        when replace. This set is unchanged (`build` checks the experts)."""
         if expert.name in self:
             if not replace:
                 raise ExpertNameTakenError(
@@ -527,12 +530,11 @@ class PluggedSet:
         return self._rebuild(experts)
 
     def replacing_all(self, experts: tuple[Expert, ...]) -> PluggedSet:
-        """A new set (built from experts) of exactly these experts, in this order. This set is unchanged."""
+        """A new set (built from experts, which checks them) of exactly these experts, in this order. This set is
+        unchanged."""
         names = [expert.name for expert in experts]
         if len(set(names)) != len(names):
             raise ExpertNameTakenError(f"an expert set names an expert twice: {names}")
-        for expert in experts:
-            self.check_fits(expert)
         return self._rebuild(experts)
 
     def unplugging(self, name: str) -> PluggedSet:
