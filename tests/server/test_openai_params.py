@@ -614,6 +614,7 @@ CLIENT_BODIES: list[tuple[str, str, dict]] = [
             "seed": 1234,
         },
     ),
+    ("langchain ChatOpenAI", "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": False}),
     (
         "langchain ChatOpenAI stream",
         "chat/completions",
