@@ -66,6 +66,12 @@ class PromptEncoder:
                 raise BadRequestError(f"the model's chat template refused these messages: {e}", "messages") from e
             except ValueError as e:  # continue_final_message whose last message the template does not end with
                 raise BadRequestError(f"the chat template cannot render these messages: {e}", "messages") from e
+            except TypeError as e:  # a template variable of the wrong type, e.g. a number where it loops
+                if len(options) == 2:  # no chat_template_kwargs: not the request's doing
+                    raise
+                raise BadRequestError(
+                    f"the chat template cannot render with these chat_template_kwargs: {e}", "chat_template_kwargs"
+                ) from e
         else:  # a plain fallback for tokenizers without a template
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             if options["continue_final_message"]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from moe import RoutingSpec
 from moe.decode.sampling import SamplingParams
@@ -42,13 +43,15 @@ from server.settings import Settings
 from server.text_stream import TextOptions
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# chat_template_kwargs may not name apply_chat_template's own arguments (they are parameters of their own,
-# or would change what it returns): only template variables
-_TEMPLATE_ARGUMENTS = frozenset(
+# chat_template_kwargs are template variables only: not the template call's own arguments (parameters of
+# their own, or what it returns), not the variables and functions the renderer provides (`messages`,
+# `raise_exception`, ...)
+_TEMPLATE_RESERVED = frozenset(
     name
-    for name, parameter in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.items()
+    for function in (PreTrainedTokenizerBase.apply_chat_template, render_jinja_template)
+    for name, parameter in inspect.signature(function).parameters.items()
     if parameter.kind is not inspect.Parameter.VAR_KEYWORD
-)
+) | {"messages", "raise_exception", "strftime_now", "namespace", "dict", "self"}
 
 OpenAIBody = CompletionRequest | ChatCompletionRequest
 
@@ -255,11 +258,11 @@ def _check_template_options(body: ChatCompletionRequest) -> None:
             f"{body.messages[-1].role!r}",
             param="continue_final_message",
         )
-    taken = sorted(set(body.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+    taken = sorted(set(body.chat_template_kwargs or {}) & _TEMPLATE_RESERVED)
     if taken:
         raise BadRequestError(
-            f"chat_template_kwargs may only hold template variables; {taken} are arguments of the template call "
-            "(add_generation_prompt and continue_final_message are request parameters of their own)",
+            f"chat_template_kwargs may only hold template variables; {taken} are the template call's arguments or "
+            "the renderer's own names (add_generation_prompt and continue_final_message are request parameters)",
             param=f"chat_template_kwargs.{taken[0]}",
         )
 

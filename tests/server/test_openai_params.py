@@ -559,6 +559,7 @@ def test_chat_template_options(client, model_name, reference) -> None:
     for extra, param in [
         ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages"),  # the renderer's own
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             prompt_tokens(**extra)
