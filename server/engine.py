@@ -391,7 +391,7 @@ class Engine:
         try:
             generator = request.sampling.generator(self.model.device)
             stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
-            stream = TextStream(self.tokenizer, request.stop, tuple(sorted(stop_ids)))
+            stream = TextStream(self.tokenizer, request.stop, tuple(sorted(stop_ids)), request.text)
             seq = _Sequence(handle, spec, generator, stream, last_token_at=now, stop_ids=stop_ids)
             if request.grammar is not None:  # checked before queueing; a failure here fails this request only
                 seq.matcher = self.grammars.matcher(request.grammar)

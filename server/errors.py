@@ -1,9 +1,19 @@
-"""Every exception the API can answer with, mapped to its HTTP status in one place."""
+"""Every exception the API can answer with, mapped to its HTTP status in one place; and the one log line
+every refused request (4xx) leaves:
+
+    refused POST /v1/completions 400 param=max_tokens request=3f2a...: max_tokens=600 is over this server's cap ...
+
+The request id is the client's X-Request-Id when it is sane (REQUEST_ID), else one made up by the request
+guard (server.request_guard); every response carries it back in X-Request-Id.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -105,6 +115,41 @@ STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasse
 ]
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # a client's id is taken when it looks like one
+
+
+def request_id(incoming: str | None) -> str:
+    """The client's id when it is sane (printable, no spaces, at most 128 characters), else a new one."""
+    if incoming is not None and REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def scope_request_id(scope: MutableMapping[str, Any]) -> str | None:
+    """The id the request guard gave this request (None outside it: an app without the guard)."""
+    return scope.get("state", {}).get("request_id")
+
+
+def log_refusal(scope: MutableMapping[str, Any], status: int, error: dict[str, Any]) -> None:
+    """One line per refused request (4xx): method, path, status, param, request id and the reason."""
+    if not 400 <= status < 500:
+        return
+    state = scope.setdefault("state", {})
+    if state.get("refusal_logged"):  # the guard replaced an answer the app already logged
+        return
+    state["refusal_logged"] = True
+    logger.info(
+        "refused %s %s %d param=%s request=%s: %s",
+        scope.get("method"),
+        scope.get("path"),
+        status,
+        error.get("param"),
+        state.get("request_id"),
+        error.get("message"),
+    )
+
+
 def status_for(exc: BaseException) -> int:
     if isinstance(exc, AuthError):
         return exc.status
@@ -178,7 +223,9 @@ def _field_path(loc: tuple | list) -> list[str]:
 def install(app: FastAPI) -> None:
     def handle(request: Request, exc: Exception) -> JSONResponse:
         settings = getattr(request.app.state, "settings", None)
-        return error_response(exc, settings.retry_after_s if settings else 1)
+        response = error_response(exc, settings.retry_after_s if settings else 1)
+        log_refusal(request.scope, response.status_code, error_object(exc))
+        return response
 
     def handle_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -199,6 +246,7 @@ def install(app: FastAPI) -> None:
                 for method in route.methods or ()
             }
             headers["Allow"] = ", ".join(sorted(methods))
+        log_refusal(request.scope, exc.status_code, body["error"])
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -4,6 +4,7 @@
                   "text_offset": [int]}        top dict: the chosen token and the k most likely (vLLM's shape)
     chat         {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
     /generate    [{"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}]}]
+    prompt       [null, {token id: {"logprob", "rank", "decoded_token"}}, ...]   vLLM's prompt_logprobs
 
 A token's text is its own decoding; `bytes` are its raw bytes (a byte-level BPE token may hold part of a
 UTF-8 character, which decodes to U+FFFD alone). -inf (a token the model cannot produce) is written as
@@ -130,3 +131,23 @@ def generate_logprobs(entries: list[TokenLogprobs | None], texts: TokenText) -> 
             }
         )
     return out
+
+
+def prompt_logprobs(entries: list[TokenLogprobs | None], k: int, texts: TokenText) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the prompt's token and the k most likely (rank: 1 = the most likely)."""
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        tokens = {str(entry.token): {"logprob": _finite(entry.logprob), "rank": entry.rank}}
+        for rank, (alternative, logprob) in enumerate(entry.top[:k], start=1):
+            tokens.setdefault(str(alternative), {"logprob": _finite(logprob), "rank": rank})
+        out.append({t: {**v, "decoded_token": texts.text(int(t))} for t, v in tokens.items()})
+    return out
+
+
+def trimmed(entries: list[TokenLogprobs | None], k: int) -> list[TokenLogprobs | None]:
+    """The entries with at most k alternatives each (the engine computed as many as the largest request)."""
+    return [None if e is None else TokenLogprobs(e.token, e.logprob, e.top[:k], e.rank) for e in entries]

@@ -10,20 +10,28 @@
 
 The limit is --max-upload-bytes for POST /experts (an expert file) and --max-body-bytes for everything else.
 A refusal is the API's usual error object and closes the connection (the rest of the body is never read).
+
+Every request gets an id first (the client's X-Request-Id if sane, else a new one: server.errors.request_id),
+kept in the ASGI scope's state for the routes and the refusal log line, and sent back in X-Request-Id on
+every response, refusals included.
 """
 
 from __future__ import annotations
-
-import logging
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import refusal
-from server.errors import HeadersTooLargeError, RequestTooLargeError, error_body, error_response, status_for
+from server.errors import (
+    REQUEST_ID_HEADER,
+    HeadersTooLargeError,
+    RequestTooLargeError,
+    error_object,
+    error_response,
+    log_refusal,
+    request_id,
+)
 from server.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 class RequestGuard:
@@ -41,9 +49,22 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        ident = request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        scope.setdefault("state", {})["request_id"] = ident
+        id_header = (REQUEST_ID_HEADER.lower().encode(), ident.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), id_header]}
+            await send(message)
+
+        await self._guarded(scope, receive, send_with_id)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # "name: value\r\n"
         if header_bytes > self.settings.max_header_bytes:
             await _respond(
+                scope,
                 send,
                 HeadersTooLargeError(
                     f"the request headers are {header_bytes} bytes, over {self.settings.max_header_bytes} "
@@ -56,13 +77,13 @@ class RequestGuard:
         client = scope.get("client")
         refused = refusal(method, path, headers, client[0] if client else None, self.settings)
         if refused is not None:
-            await _respond(send, refused)
+            await _respond(scope, send, refused)
             return
         limit, flag = self.limit_for(method, path)
         too_large = RequestTooLargeError(f"the request body is over {limit} bytes, this endpoint's limit ({flag})")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _respond(send, too_large)
+            await _respond(scope, send, too_large)
             return
 
         state = {"received": 0, "over": False, "started": False}
@@ -80,7 +101,7 @@ class RequestGuard:
             if message["type"] == "http.response.start":
                 state["started"] = True
                 if state["over"]:  # the app turned the overflow into another answer (a body parse error)
-                    await _respond(send, too_large)
+                    await _respond(scope, send, too_large)
                     state["replaced"] = True
                     return
             if state.get("replaced"):
@@ -92,14 +113,13 @@ class RequestGuard:
         except RequestTooLargeError:
             if state["started"]:
                 raise
-            await _respond(send, too_large)
+            await _respond(scope, send, too_large)
 
 
-async def _respond(send: Send, exc: Exception) -> None:
+async def _respond(scope: Scope, send: Send, exc: Exception) -> None:
     """The error object as a complete response that closes the connection (the body is left unread)."""
     response = error_response(exc)
     response.headers["connection"] = "close"
-    if status_for(exc) in (413, 431):
-        logger.info("refused a request: %s", error_body(exc)["detail"])
+    log_refusal(scope, response.status_code, error_object(exc))
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from moe import RoutingSpec
 from moe.decode.sampling import SamplingParams, TokenLogprobs
 from moe.decode.structured_output import GrammarSpec
+from server.text_stream import TextOptions
 
 # why a request finished
 STOP, LENGTH, EXPERT_UNPLUGGED, CANCELLED, ERROR = "stop", "length", "expert_unplugged", "cancelled", "error"
@@ -46,6 +47,7 @@ class GenerationRequest:
     routing: RoutingSpec = RoutingSpec()
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many most likely (echo)
     grammar: GrammarSpec | None = None  # structured output
+    text: TextOptions = TextOptions()  # how the generated ids become text (detokenisation)
 
 
 @dataclass

@@ -104,6 +104,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: with include_usage, usage on every chunk")
 
 
 class JSONSchemaFormat(BaseModel):
@@ -149,6 +150,15 @@ class _OpenAIRequest(BaseModel):
     )
     stop_token_ids: list[Int] | None = Field(None, description="token ids that end the sequence like EOS")
     guided_regex: str | None = Field(None, description="constrain the output to this regular expression")
+    # vLLM's request extensions (vllm/entrypoints/openai protocol: same names, types and defaults)
+    ignore_eos: bool = Field(False, description="EOS does not end the output (stop_token_ids still do)")
+    skip_special_tokens: bool = Field(True, description="special tokens' text left out of the output")
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = Field(False, description="the output keeps the stop string that ended it")
+    truncate_prompt_tokens: Int | None = Field(
+        None, ge=-1, description="keep the prompt's last k tokens (-1: as many as the context leaves room for)"
+    )
+    prompt_logprobs: Int | None = Field(None, ge=0, description="each prompt token's logprob and k alternatives")
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -176,6 +186,10 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0)
+    # vLLM's chat template extensions
+    add_generation_prompt: bool = Field(True, description="end the prompt with the template's assistant turn")
+    continue_final_message: bool = Field(False, description="the output continues the last message")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra variables for the chat template")
 
 
 class ModelCard(BaseModel):

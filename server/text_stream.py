@@ -6,19 +6,36 @@
 
 Text is decoded from all generated ids each time (byte-level BPE can only be cut between whole
 characters), then held back while it ends in an incomplete character or in something that may grow into
-a stop string; a stop string cuts the text where it starts.
+a stop string; a stop string cuts the text where it starts (or, with include_stop_str_in_output, where it ends).
+
+TextOptions are a request's detokenisation settings (vLLM's names and defaults).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    skip_special_tokens: bool = True  # special tokens' text (EOS, template markers) left out of the text
+    spaces_between_special_tokens: bool = True  # passed to the tokenizer's decode (slow tokenizers use it)
+    include_stop_str_in_output: bool = False  # the text keeps the stop string (or the ending EOS's text)
+
+
 class TextStream:
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), eos_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: tuple[str, ...] = (),
+        eos_ids: tuple[int, ...] = (),
+        options: TextOptions = TextOptions(),
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.eos_ids = eos_ids
+        self.options = options
         self.ids: list[int] = []
         self.emitted = 0  # characters of text already handed out
         self._text = ""
@@ -31,9 +48,12 @@ class TextStream:
     def add(self, token: int) -> tuple[str, bool]:
         """Record one generated token -> (newly final text, whether a stop string or EOS ended the text)."""
         if token in self.eos_ids:
+            if self.options.include_stop_str_in_output:
+                self.ids.append(token)
+                self._text = self._decode()
             return self.flush(), True
         self.ids.append(token)
-        self._text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._text = self._decode()
         cut = self._find_stop()
         if cut is not None:
             self._text = self._text[:cut]
@@ -51,14 +71,24 @@ class TextStream:
         self.emitted = len(self._text)
         return piece
 
+    def _decode(self) -> str:
+        return self.tokenizer.decode(
+            self.ids,
+            skip_special_tokens=self.options.skip_special_tokens,
+            spaces_between_special_tokens=self.options.spaces_between_special_tokens,
+        )
+
     def _find_stop(self) -> int | None:
-        """Index where the earliest stop string starts in the not-yet-final part of the text, or None."""
-        best: int | None = None
+        """Where the text ends because of the earliest stop string in its not-yet-final part (its start, or
+        its end with include_stop_str_in_output), or None."""
+        best: tuple[int, int] | None = None  # (start, end) of the earliest stop string
         for stop in self.stop:
             index = self._text.find(stop, max(0, self.emitted - len(stop) + 1))
-            if index >= 0 and (best is None or index < best):
-                best = index
-        return best
+            if index >= 0 and (best is None or index < best[0]):
+                best = (index, index + len(stop))
+        if best is None:
+            return None
+        return best[1] if self.options.include_stop_str_in_output else best[0]
 
     def _held_back(self, text: str) -> int:
         """Length of the longest suffix of text that is a proper prefix of a stop string."""

@@ -9,6 +9,7 @@ Semantics of `sample_step` (what the batched code computes; `sample` is the same
             logprobs[i] = (lp[token[i]], the params[i].logprobs largest entries of lp)
         stops = eos_ids + params[i].stop_token_ids
         if step[i] < params[i].min_new_tokens: x[stops] = -inf
+        elif params[i].ignore_eos: x[eos_ids] = -inf
         for t, b in params[i].logit_bias: x[t] += b
         for t in set(prompts[i] + outputs[i]):                                      # repetition_penalty r
             x[t] = x[t] * r if x[t] < 0 else x[t] / r
@@ -64,6 +65,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no limit
     seed: int | None = None
     min_new_tokens: int = 0  # EOS and stop_token_ids are blocked until this many tokens were generated
+    ignore_eos: bool = False  # EOS is blocked at every step (stop_token_ids still end the row): fixed lengths
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # HF/CTRL: divides (or multiplies, if negative) seen tokens' logits
@@ -128,6 +130,7 @@ class TokenLogprobs:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens are more likely than `token` (prompt logprobs only)
 
 
 @dataclass(frozen=True)
@@ -216,12 +219,17 @@ def process_logits(
 
 
 def _block_stops(x: torch.Tensor, params: list[SamplingParams], steps: list[int], eos_ids: tuple[int, ...]) -> None:
-    """x[i, eos + stop_token_ids] = -inf for rows under their min_new_tokens (in place)."""
+    """x[i, eos + stop_token_ids] = -inf for rows under their min_new_tokens, x[i, eos] = -inf for rows that
+    ignore EOS (in place)."""
     rows: list[int] = []
     columns: list[int] = []
     for i, p in enumerate(params):
+        stops: set[int] = set()
         if steps[i] < p.min_new_tokens:
             stops = set(eos_ids) | set(p.stop_token_ids)
+        elif p.ignore_eos:
+            stops = set(eos_ids)
+        if stops:
             rows += [i] * len(stops)
             columns += sorted(stops)
     if rows:
@@ -331,13 +339,15 @@ def prompt_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int) -> list[To
     token: None for the first (nothing predicts it), then each token's logprob and the k most likely."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [T - 1, V]
     targets = torch.as_tensor(list(ids[1:]), dtype=torch.long, device=logits.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    chosen_column = logprobs.gather(1, targets[:, None])  # [T - 1, 1]
+    ranks = ((logprobs > chosen_column).sum(dim=-1) + 1).tolist()
+    chosen = chosen_column[:, 0].tolist()
     k = min(k, logprobs.shape[1])
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     values, top = top_values.tolist(), top_ids.tolist()
     entries: list[TokenLogprobs | None] = [None]
     for j, token in enumerate(ids[1:]):
-        entries.append(TokenLogprobs(int(token), chosen[j], tuple(zip(top[j], values[j], strict=True))))
+        entries.append(TokenLogprobs(int(token), chosen[j], tuple(zip(top[j], values[j], strict=True)), ranks[j]))
     return entries
 
 

@@ -69,7 +69,7 @@ def test_lm_eval_local_completions_scores_like_a_direct_forward(tmp_path: Path) 
     command += ["--tasks", "plugmoe_tiny", "--include_path", str(TASKS), "--output_path", str(tmp_path / "out")]
     command += ["--log_samples"]
     try:
-        run = subprocess.run(command, cwd=TASKS, env=env, capture_output=True, text=True, timeout=900)
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     finally:
         server.stop()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -8,13 +8,19 @@ runs it between steps) and queues the action behind it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from moe import RoutedModel, RoutingSpec, UnknownExpertError
 from moe.decode.generation import generate
@@ -33,10 +39,12 @@ from server.requests import (
     EngineStoppedError,
     Event,
     Finished,
+    GenerationFailedError,
     GenerationRequest,
     QueueFullError,
 )
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.server.conftest import LiveServer
+from tests.tiny import VOCAB, tiny_backbone, tiny_expert, tiny_tokenizer
 
 PROMPT = "The quick brown fox"
 OTHER = "def add(a, b):"
@@ -505,3 +513,246 @@ def test_prompt_logit_groups_stay_under_the_budget(monkeypatch: pytest.MonkeyPat
     assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[3, 4, 2], [30], [5, 5]]
     for group in groups:  # [rows, longest, V] under the budget, or a single row
         assert len(group) == 1 or len(group) * max(len(s.request.prompt_ids) for s in group) * 50 <= 1000
+
+
+# --- through the app: the engine isolates what fails --------------------------------------------------------
+# (moved from the hardening review's tests: the failing row alone ends with an error, a 500 or the stream's
+# last event; its neighbours go on, and the loop and shutdown never stop working)
+
+APP_ENDPOINTS = {
+    "/generate": {"prompt": PROMPT, "max_new_tokens": 4},
+    "/v1/completions": {"prompt": PROMPT, "max_tokens": 4},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4},
+}
+
+
+def _poisoned(params: SamplingParams, **fields) -> SamplingParams:
+    """Sampling params with values validation would refuse (the engine must survive them all the same)."""
+    for name, value in fields.items():
+        object.__setattr__(params, name, value)
+    return params
+
+
+def _submit_and_wait(client: TestClient, request: GenerationRequest) -> Finished:
+    engine: Engine = client.app.state.engine
+
+    async def run() -> Finished:
+        return await engine.submit(request).result()
+
+    return client.portal.call(run)
+
+
+def _stream(client: TestClient, body: dict) -> tuple[str, dict]:
+    with client.stream("POST", "/generate", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    return "".join(e["text"] for e in events[:-1]), events[-1]
+
+
+def _hold(engine: Engine) -> threading.Event:
+    gate = threading.Event()
+    engine.call(gate.wait)  # the engine waits here, so everything submitted meanwhile joins one batch
+    return gate
+
+
+def test_poisoned_requests_fail_alone_beside_streaming_neighbours(client: TestClient) -> None:
+    engine: Engine = client.app.state.engine
+    tokenizer = client.app.state.tokenizer
+    neighbours = [{"prompt": p, "max_new_tokens": 16, "min_new_tokens": 16} for p in ("The quick", "Mia walks", "def")]
+    alone = [_stream(client, body) for body in neighbours]
+    prompt_ids = tokenizer.encode(PROMPT)
+    poisons = [
+        # the review's seed past int64 (raised in admission, outside its error handling)
+        GenerationRequest(prompt_ids, 8, _poisoned(SamplingParams(temperature=1.0), seed=2**64)),
+        # top_k past int64 (broke the sampling of every row in the batch)
+        GenerationRequest(prompt_ids, 8, _poisoned(SamplingParams(temperature=1.0, seed=1), top_k=2**70)),
+        # a token id the model does not have (breaks the prefill of the whole batch)
+        GenerationRequest([*prompt_ids, VOCAB * 10], 8),
+    ]
+    gate = _hold(engine)
+    results: dict[str, object] = {}
+
+    def run(key: str, fn: Callable[[], object]) -> None:
+        results[key] = fn()
+
+    threads = [
+        threading.Thread(target=run, args=(f"n{i}", lambda b=b: _stream(client, b))) for i, b in enumerate(neighbours)
+    ]
+    threads += [
+        threading.Thread(target=run, args=(f"p{i}", lambda r=r: _submit_and_wait(client, r)))
+        for i, r in enumerate(poisons)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while engine.queue_depth < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.queue_depth == len(threads), "all requests wait for one batch"
+    gate.set()
+    for thread in threads:
+        thread.join(60)
+
+    for i, (text, last) in enumerate(alone):
+        got_text, got_last = results[f"n{i}"]
+        assert got_last["finish_reason"] == LENGTH and got_last["usage"]["completion_tokens"] == 16
+        assert (got_text, got_last["text"]) == (text, last["text"]), "a neighbour's stream is exactly as alone"
+    for i in range(len(poisons)):
+        finished = results[f"p{i}"]
+        assert isinstance(finished, Finished) and finished.reason == ERROR, finished
+        assert isinstance(finished.error, GenerationFailedError)
+    assert engine.alive and client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).status_code == 200
+
+
+@pytest.fixture
+def poisoned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling raises for any row whose seed is 666 (a stand-in for whatever may still break one row)."""
+    real = engine_module.sample_step
+
+    def sample_step(logits, params, *args, **kwargs):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("poisoned row")
+        return real(logits, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_step", sample_step)
+
+
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
+def test_a_failed_generation_is_a_500_with_the_error_object(
+    client: TestClient, poisoned_sampling: None, endpoint: str
+) -> None:
+    response = client.post(endpoint, json={**APP_ENDPOINTS[endpoint], "seed": 666, "temperature": 1.0})
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["type"] == "GenerationFailedError" and "poisoned row" in error["message"] and error["code"] == 500
+
+
+def test_a_failed_stream_ends_with_an_error_event_and_its_neighbours_go_on(
+    client: TestClient, poisoned_sampling: None
+) -> None:
+    engine: Engine = client.app.state.engine
+    healthy = {"prompt": PROMPT, "max_new_tokens": 12, "min_new_tokens": 12, "temperature": 1.0, "seed": 5}
+    expected = _stream(client, healthy)
+    gate = _hold(engine)
+    results: dict[str, tuple[str, dict]] = {}
+    bodies = {"healthy": healthy, "poisoned": {**healthy, "seed": 666}}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, _stream(client, bodies[k]))) for k in bodies]
+    for thread in threads:
+        thread.start()
+    while engine.queue_depth < 2:
+        time.sleep(0.01)
+    gate.set()
+    for thread in threads:
+        thread.join(60)
+    assert results["healthy"] == expected
+    _, last = results["poisoned"]
+    assert last["finish_reason"] == "error" and last["error"]["type"] == "GenerationFailedError"
+    assert last["error"]["code"] == 500 and "poisoned row" in last["error"]["message"]
+
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={**APP_ENDPOINTS["/v1/completions"], "seed": 666, "stream": True, "temperature": 1.0},
+    ) as response:
+        chunks = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    final = json.loads(chunks[-2])
+    assert chunks[-1] == "[DONE]" and final["choices"][0]["finish_reason"] == "error"
+    assert final["error"]["code"] == 500
+
+
+def test_requests_while_shutting_down_are_503(client: TestClient) -> None:
+    engine: Engine = client.app.state.engine
+    gate = _hold(engine)
+    answer: dict[str, httpx.Response] = {}
+    waiting = threading.Thread(target=lambda: answer.setdefault("r", client.post("/generate", json={"prompt": PROMPT})))
+    waiting.start()
+    while engine.queue_depth < 1:
+        time.sleep(0.01)
+    engine.drain(0.0)
+    gate.set()
+    waiting.join(30)
+    assert answer["r"].status_code == 503 and answer["r"].json()["error"]["type"] == "EngineStoppedError"
+    refused = client.post("/generate", json={"prompt": PROMPT})
+    assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
+    assert refused.headers["retry-after"]
+
+
+def test_stop_always_returns_and_answers_everything(client: TestClient) -> None:
+    engine: Engine = client.app.state.engine
+    tokenizer = client.app.state.tokenizer
+    gate = _hold(engine)
+    finished: list[Finished] = []
+    waiting = threading.Thread(
+        target=lambda: finished.append(_submit_and_wait(client, GenerationRequest(tokenizer.encode(PROMPT), 4)))
+    )
+    waiting.start()
+    while engine.queue_depth < 1:
+        time.sleep(0.01)
+    started = time.monotonic()
+    engine.stop(timeout=0.5)  # the engine is stuck in `gate.wait`: stop gives up on it and returns
+    assert time.monotonic() - started < 5
+    waiting.join(10)
+    assert finished and finished[0].reason == ERROR and isinstance(finished[0].error, EngineStoppedError)
+    gate.set()
+
+
+def test_sigterm_with_streams_running_exits_within_seconds(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = LiveServer(tiny_model_dir, tmp_path / "experts", PLUGMOE_GRACEFUL_SHUTDOWN_S="1")
+    body = {"prompt": PROMPT, "max_new_tokens": 240, "min_new_tokens": 240, "stream": True}  # fits the 256 context
+    finals: list[dict | None] = []
+    streaming = threading.Barrier(5)
+
+    def stream() -> None:
+        last = None
+        with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as response:
+            for i, line in enumerate(response.iter_lines()):
+                if i == 0:
+                    streaming.wait(30)
+                if line.startswith("data: "):
+                    last = json.loads(line[6:])
+        finals.append(last)
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        streaming.wait(60)  # every stream has its first token
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(20)
+        took = time.monotonic() - started
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        server.log.close()
+    for thread in threads:
+        thread.join(10)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught, so the exit status is SIGTERM's
+    assert code in (0, -signal.SIGTERM) and took < 10, (code, took)
+    assert len(finals) == 4
+    for last in finals:  # each stream ended with its last event: finished, or told why it was cut
+        assert last is not None and "finish_reason" in last, last
+        if last["finish_reason"] == "error":
+            assert last["error"]["code"] == 503 and "shutting down" in last["error"]["message"]
+        else:
+            assert last["finish_reason"] == LENGTH
+
+
+def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever raises in a decode step fails the running rows with an error; the loop goes on."""
+    engine: Engine = client.app.state.engine
+    real = engine_module.decode_one_token
+    calls = {"n": 0}
+
+    def decode_one_token(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the device fell over")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_one_token", decode_one_token)
+    response = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "min_new_tokens": 8})
+    assert response.status_code == 500 and "the device fell over" in response.json()["detail"]
+    assert engine.alive
+    assert client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4}).status_code == 200

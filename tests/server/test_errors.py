@@ -145,3 +145,65 @@ def test_an_app_answers_every_row_through_its_handlers() -> None:
             }
             if status == 503:
                 assert response.headers["retry-after"] == "5"
+
+
+# --- the refusal log line and the request id ---------------------------------------------------------------
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == "server.errors" and r.getMessage().startswith("refused")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "param"),
+    [
+        ("POST", "/v1/completions", {"json": {"prompt": "hi", "max_tokens": 600}}, 400, "max_tokens"),  # a route
+        ("POST", "/v1/completions", {"json": {"prompt": "hi", "frobnicate": 1}}, 400, "frobnicate"),  # the table
+        ("POST", "/generate", {"json": {"prompt": "hi", "temperature": "hot"}}, 400, "temperature"),  # pydantic
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"json": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
+            404,
+            None,
+        ),
+        ("GET", "/no/such/route", {}, 404, None),  # starlette's own answer
+        (
+            "POST",
+            "/generate",
+            {"content": b"x" * 200, "headers": {"content-type": "application/json"}},
+            413,
+            None,
+        ),  # the guard
+    ],
+)
+def test_every_refusal_leaves_one_log_line_with_the_request_id_of_the_response(
+    make_client, caplog: pytest.LogCaptureFixture, method: str, path: str, kwargs: dict, status: int, param: str | None
+) -> None:
+    client = make_client(max_body_bytes=100)
+    with caplog.at_level("INFO", logger="server.errors"):
+        response = client.request(method, path, **kwargs)
+    assert response.status_code == status
+    ident = response.headers["x-request-id"]
+    [line] = _refusals(caplog)
+    assert line.startswith(f"refused {method} {path} {status} param={param} request={ident}: ")
+    assert line.endswith(response.json()["error"]["message"])
+
+
+def test_a_sane_request_id_is_honoured_and_an_odd_one_replaced(make_client, caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client(api_keys="k1")
+    with caplog.at_level("INFO", logger="server.errors"):
+        refused = client.post("/v1/completions", json={"prompt": "hi"}, headers={"X-Request-Id": "run-7:req.42"})
+    assert refused.status_code == 401 and refused.headers["x-request-id"] == "run-7:req.42"
+    assert _refusals(caplog) == [
+        f"refused POST /v1/completions 401 param=None request=run-7:req.42: {refused.json()['error']['message']}"
+    ]
+    odd = client.get("/health", headers={"X-Request-Id": "two words\x7f" + "x" * 200})
+    assert odd.status_code == 200 and len(odd.headers["x-request-id"]) == 32 and " " not in odd.headers["x-request-id"]
+    served = client.post(
+        "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, headers={"Authorization": "Bearer k1"}
+    )
+    assert served.status_code == 200 and served.headers["x-request-id"] != odd.headers["x-request-id"]
+    assert len(_refusals(caplog)) == 1  # a request served is no refusal

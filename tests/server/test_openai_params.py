@@ -4,6 +4,7 @@ refused one is a 400 naming it, and the README's parameter table says exactly wh
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -376,6 +377,273 @@ def test_stream_options_include_usage(client, model_name) -> None:
     assert info.value.param == "stream_options"
 
 
+# --- vLLM's request extensions ------------------------------------------------------------------------
+
+
+def test_ignore_eos_runs_to_the_length_and_stop_token_ids_still_end(client, model_name) -> None:
+    eos_first = {str(EOS): 100}  # EOS is the most likely token at every step
+    plain = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias=eos_first
+    )
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens == 1
+    kept = client.completions.create(
+        model=model_name,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        logit_bias=eos_first,
+        extra_body={"ignore_eos": True},
+    )
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 8
+    other = {**eos_first, "7": 99}  # token 7 next-most likely: it ends the output as a stop token id
+    ended = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=8,
+        temperature=0,
+        logit_bias=other,
+        extra_body={"ignore_eos": True, "stop_token_ids": [7]},
+    )
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
+
+
+def test_continuous_usage_stats_put_the_usage_on_every_chunk(client, model_name) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(
+        client.completions.create(
+            model=model_name,
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options=options,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert all(c.usage is not None and c.usage.prompt_tokens == len(PROMPT) for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6 and chunks[-1].choices == []
+    assert all(c.usage.total_tokens == len(PROMPT) + c.usage.completion_tokens for c in chunks)
+    chat = list(
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options=options,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chat[0].usage.completion_tokens == 0 and chat[-1].usage.completion_tokens == 3
+    without_usage = list(  # as in vLLM: continuous_usage_stats only adds to include_usage
+        client.completions.create(
+            model=model_name, prompt=PROMPT, max_tokens=2, stream=True, stream_options={"continuous_usage_stats": True}
+        )
+    )
+    assert all(c.usage is None for c in without_usage)
+
+
+def test_detokenisation_options(client, model_name, reference) -> None:
+    """skip_special_tokens, include_stop_str_in_output and spaces_between_special_tokens change the text as
+    the tokenizer's decode does."""
+    model, tokenizer = reference
+    eos_first = {str(EOS): 100}
+
+    def text(**extra) -> str:
+        out = client.completions.create(
+            model=model_name, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias=eos_first, extra_body=extra
+        )
+        return out.choices[0].text
+
+    assert text() == "" and text(include_stop_str_in_output=True) == ""  # EOS's text is skipped by default
+    assert text(include_stop_str_in_output=True, skip_special_tokens=False) == tokenizer.decode([EOS])
+    assert text(skip_special_tokens=False) == ""  # the ending EOS is not the output's, unless asked
+
+    generated = _greedy(model, PROMPT, 8)
+    reference_text = _text(tokenizer, generated)
+    start = next(i for i in range(1, len(reference_text) - 1) if reference_text.find(reference_text[i : i + 2]) == i)
+    stop = reference_text[start : start + 2]
+    cut = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=8, temperature=0, stop=[stop])
+    kept = client.completions.create(
+        model=model_name,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        stop=[stop],
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert cut.choices[0].text == reference_text[:start] and kept.choices[0].text == reference_text[: start + 2]
+
+    forced = {str(EOS): 100}
+    spaced = client.completions.create(
+        model=model_name,
+        prompt=PROMPT,
+        max_tokens=3,
+        temperature=0,
+        logit_bias=forced,
+        extra_body={
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+            "ignore_eos": False,
+            "include_stop_str_in_output": True,
+        },
+    )
+    assert spaced.choices[0].text == tokenizer.decode(
+        [EOS], skip_special_tokens=False, spaces_between_special_tokens=False
+    )
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, model_name, reference) -> None:
+    model, tokenizer = reference
+    out = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=3, temperature=0, extra_body={"truncate_prompt_tokens": 3}
+    )
+    assert out.usage.prompt_tokens == 3 and out.choices[0].text == _text(tokenizer, _greedy(model, PROMPT[-3:], 3))
+    long_prompt = (PROMPT * 40)[:250]
+    fit = client.completions.create(
+        model=model_name, prompt=long_prompt, max_tokens=10, extra_body={"truncate_prompt_tokens": -1}
+    )
+    assert fit.usage.prompt_tokens == 256 - 10  # the tiny model's context is 256 positions
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=model_name, prompt=PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": 0}
+        )
+    assert info.value.param == "truncate_prompt_tokens"
+
+
+def test_prompt_logprobs_equal_a_direct_forward(client, model_name, reference) -> None:
+    model, _ = reference
+    expected = _logprobs(model, PROMPT)
+    out = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 2}
+    )
+    entries = out.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(PROMPT) and entries[0] is None
+    for j, entry in enumerate(entries[1:], start=1):
+        row = expected[j - 1]
+        token = entry[str(PROMPT[j])]
+        assert token["logprob"] == pytest.approx(float(row[PROMPT[j]]), abs=1e-4)
+        assert token["rank"] == int((row > row[PROMPT[j]]).sum()) + 1
+        best = row.topk(2).indices.tolist()
+        assert {str(t) for t in best} <= set(entry) and len(entry) <= 3
+        assert entry[str(best[0])]["rank"] == 1 and isinstance(token["decoded_token"], str)
+    chat = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    scored = chat.model_extra["prompt_logprobs"]
+    assert len(scored) == chat.usage.prompt_tokens and scored[0] is None and all(len(e) == 1 for e in scored[1:])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(
+            model=model_name, prompt=PROMPT, max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1}
+        )
+    assert info.value.param == "prompt_logprobs"
+
+
+def test_chat_template_options(client, model_name, reference) -> None:
+    _, tokenizer = reference
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello the"}]
+
+    def prompt_tokens(**extra) -> int:
+        out = client.chat.completions.create(model=model_name, messages=messages, max_tokens=1, extra_body=extra)
+        return out.usage.prompt_tokens
+
+    def template(**options) -> int:
+        return len(tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, **options)))
+
+    assert prompt_tokens() == template(add_generation_prompt=True)
+    assert prompt_tokens(add_generation_prompt=False) == template(add_generation_prompt=False)
+    continued = prompt_tokens(add_generation_prompt=False, continue_final_message=True)
+    assert continued == template(continue_final_message=True) < template(add_generation_prompt=False)
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) == template(add_generation_prompt=True)
+    for extra, param in [
+        ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt defaults to true
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages"),  # the renderer's own
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            prompt_tokens(**extra)
+        assert info.value.param == param
+
+
+# what popular clients send unasked (their request builders, read from their source: GuideLLM 0.8.1's
+# openai_http backend with fixed output tokens, lm-eval 0.4's local-completions / local-chat-completions,
+# LangChain's ChatOpenAI, the openai client) is honoured, never refused
+CLIENT_BODIES: list[tuple[str, str, dict]] = [
+    (
+        "guidellm completions",
+        "completions",
+        {
+            "prompt": "The quick brown fox",
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_tokens": 8,
+            "stop": None,
+            "ignore_eos": True,
+        },
+    ),
+    (
+        "guidellm chat",
+        "chat/completions",
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "The quick brown fox"}]}],
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "max_completion_tokens": 8,
+            "stop": None,
+            "ignore_eos": True,
+        },
+    ),
+    (
+        "lm-eval generate",
+        "completions",
+        {"prompt": "The quick", "max_tokens": 8, "temperature": 0, "stop": ["\n\n"], "seed": 1234},
+    ),
+    (
+        "lm-eval loglikelihood",
+        "completions",
+        {"prompt": PROMPT, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True},
+    ),
+    (
+        "lm-eval chat",
+        "chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stop": ["\n\n"],
+            "seed": 1234,
+        },
+    ),
+    ("langchain ChatOpenAI", "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": False}),
+    (
+        "langchain ChatOpenAI stream",
+        "chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": 8,
+        },
+    ),
+    ("openai chat", "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body"), [c[1:] for c in CLIENT_BODIES], ids=[c[0] for c in CLIENT_BODIES])
+def test_what_clients_send_by_default_is_honoured(live_server: LiveServer, model_name, endpoint, body) -> None:
+    url = f"{live_server.url}/v1/{endpoint}"
+    response = httpx.post(url, json={"model": model_name, **body}, timeout=60)
+    assert response.status_code == 200, response.text
+    if not body.get("stream"):
+        assert response.json()["usage"]["completion_tokens"] >= 1
+        return
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    usage = events[-1]["usage"]
+    if body.get("ignore_eos"):  # fixed output tokens: every chunk counts them, and all of them come
+        assert usage["completion_tokens"] == 8 and all(e["usage"] is not None for e in events)
+
+
 # --- refusals and errors -----------------------------------------------------------------------------
 
 REFUSED: list[tuple[str, str, dict, str]] = [  # (endpoint, param, body extras, param named in the 400)
@@ -534,6 +802,15 @@ TESTED_SUPPORTED = {  # supported and extension parameters -> the test that asse
     "repetition_penalty": "test_repetition_penalty_matches_hf_processor",
     "stop_token_ids": "test_min_tokens_and_stop_token_ids",
     "guided_regex": "tests/server/test_structured_output.py",
+    "ignore_eos": "test_ignore_eos_runs_to_the_length_and_stop_token_ids_still_end",
+    "skip_special_tokens": "test_detokenisation_options",
+    "spaces_between_special_tokens": "test_detokenisation_options",
+    "include_stop_str_in_output": "test_detokenisation_options",
+    "truncate_prompt_tokens": "test_truncate_prompt_tokens_keeps_the_last_tokens",
+    "prompt_logprobs": "test_prompt_logprobs_equal_a_direct_forward",
+    "add_generation_prompt": "test_chat_template_options",
+    "continue_final_message": "test_chat_template_options",
+    "chat_template_kwargs": "tests/server/test_prompts.py",
 }
 
 

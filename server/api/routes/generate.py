@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import EngineDep, PromptsDep
-from server.api.streaming import SSE_HEADERS, build_request, events_until_done, sse, stream_error, wait_for_result
+from server.api.streaming import SSE_HEADERS, events_until_done, sse, stream_error, wait_for_result
+from server.api.validation import generate_job
 from server.auth import ApiKey, SettingsDep
-from server.errors import BadRequestError
 from server.logprobs import TokenText, generate_logprobs
 from server.requests import Finished, RequestHandle
 from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
@@ -42,29 +42,7 @@ async def generate(
 ):
     """A failed generation is a 500 (503 while shutting down) with the error object; a stream's last event
     then carries `error` and finish_reason "error"."""
-    if body.logprobs is not None and body.logprobs > settings.max_logprobs:
-        raise BadRequestError(
-            f"logprobs={body.logprobs} is over this server's cap of {settings.max_logprobs} (--max-logprobs)",
-            param="logprobs",
-        )
-    prompt_ids = await prompts.encode(body.prompt)
-    explicit = "max_new_tokens" in body.model_fields_set
-    job = build_request(
-        engine,
-        settings,
-        prompt_ids,
-        max_new_tokens=body.max_new_tokens if explicit else None,
-        default_new_tokens=body.max_new_tokens,
-        min_new_tokens=body.min_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=body.stop,
-        routing=body.routing,
-        logprobs=body.logprobs,
-    )
-    handle = engine.submit(job)
+    handle = engine.submit(await generate_job(body, engine, prompts, settings))
     texts = TokenText(prompts.tokenizer) if body.logprobs is not None else None
     if body.stream:
         return StreamingResponse(_stream(handle, texts), media_type="text/event-stream", headers=SSE_HEADERS)

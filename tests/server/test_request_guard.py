@@ -1,22 +1,19 @@
-"""Finding 2 of the hardening review: request size limits, and tokenizing off the event loop.
+"""server.request_guard: request size limits and access control before the app reads a body.
 
-A 50 MB prompt froze /health for 60 s (it was tokenized on the event loop); with --api-keys a 200 MB body
-was parsed before the 401; a 2 GB multipart upload was read whole into memory. Now bodies are counted as they
-stream and refused past --max-body-bytes / --max-upload-bytes (413, Content-Length checked first), an
-unauthenticated request is refused before its body is read, prompts are capped in characters before any
-tokenizing (413), and tokenizing runs on a worker thread.
+With --api-keys a 200 MB body used to be parsed before the 401, and a 2 GB multipart upload was read whole
+into memory. Now bodies are counted as they stream and refused past --max-body-bytes / --max-upload-bytes
+(413, Content-Length checked first), an unauthenticated request is refused before its body is read, and
+headers over --max-header-bytes are a 431. (Prompt lengths and tokenizing: tests/server/test_prompts.py.)
 """
 
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.server.conftest import LiveServer
 
@@ -55,50 +52,6 @@ def test_a_multipart_upload_over_the_limit_is_413_and_nothing_is_plugged(make_cl
     assert client.get("/experts").json() == []
     # the upload limit, not the JSON one, applies to plugs: a real expert file (a few KB) plugs
     assert client.post("/experts", files={"file": ("ok.safetensors", expert_bytes("fits"))}).status_code == 201
-
-
-@pytest.mark.parametrize(
-    ("endpoint", "body", "param"),
-    [
-        ("/generate", {"prompt": "x" * 1001}, "prompt"),
-        ("/v1/completions", {"prompt": "x" * 1001}, "prompt"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}] * 2}, "messages"),
-    ],
-)
-def test_a_prompt_over_max_prompt_chars_is_413_before_tokenizing(
-    make_client, monkeypatch: pytest.MonkeyPatch, endpoint: str, body: dict, param: str
-) -> None:
-    client = make_client(max_prompt_chars=1000)
-    tokenizer = client.app.state.tokenizer
-    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a prompt over the limit"))
-    error = _error(client.post(endpoint, json=body), 413)
-    assert error["param"] == param and "--max-prompt-chars" in error["message"]
-
-
-def test_tokenizing_runs_off_the_event_loop(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a prompt is being tokenized (here: held), the server answers /health."""
-    tokenizer = client.app.state.tokenizer
-    real_encode = tokenizer.encode
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_encode(*args, **kwargs):
-        entered.set()
-        release.wait(30)
-        return real_encode(*args, **kwargs)
-
-    monkeypatch.setattr(tokenizer, "encode", slow_encode)
-    answers: list[int] = []
-    generating = threading.Thread(
-        target=lambda: answers.append(client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code)
-    )
-    generating.start()
-    assert entered.wait(30)
-    started = time.monotonic()
-    assert client.get("/health").status_code == 200  # the event loop is free
-    assert time.monotonic() - started < 5
-    release.set()
-    generating.join(30)
-    assert answers == [200]
 
 
 # --- against a real server: bodies refused before they are read, header size ------------------------------
