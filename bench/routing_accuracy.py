@@ -336,7 +336,8 @@ def confusion(shares: Shares, classes: Classes, kind: str) -> str:
 def time_ops(experts: int, layers: int, hidden: int, rows: int, repeats: int) -> dict[str, float]:
     """Microseconds per decode step (all layers, `rows` rows) of each rule's routing maths, eager torch on CPU:
     today's route_top1 per layer; the context rule's context_step per layer (its state update included); the
-    step rule's one classifier over all layers' sums per step plus the per-layer sum updates."""
+    step rule's one classifier over all layers' sums per step plus the per-layer sum updates. "floors 0": the
+    context rule when no floor binds (every expert's is zero, as fitted on the demo), a plain argmax."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, hidden, generator=g)
     keys = F.normalize(torch.randn(experts, hidden, generator=g), dim=-1)
@@ -357,6 +358,10 @@ def time_ops(experts: int, layers: int, hidden: int, rows: int, repeats: int) ->
         for layer in range(layers):
             context_step(sums[:, layer], x, w_layer, bias, floors)
 
+    def context_unfloored() -> None:
+        for layer in range(layers):
+            context_step(sums[:, layer], x, w_layer, bias, None)
+
     def step() -> None:
         features = F.normalize(sums, dim=-1).flatten(1) / math.sqrt(layers)
         best, choice = (features @ w_step.T + bias).softmax(-1).max(-1)
@@ -372,7 +377,13 @@ def time_ops(experts: int, layers: int, hidden: int, rows: int, repeats: int) ->
             best, choice = (z @ w_mix.T + bias).softmax(-1).max(-1)
             torch.where(best > floors[choice], choice, 0)
 
-    rules = {"cosine (today)": cosine, "context": context, "context/step": step, "token+context": token_context}
+    rules = {
+        "cosine (today)": cosine,
+        "context": context,
+        "context, floors 0": context_unfloored,
+        "context/step": step,
+        "token+context": token_context,
+    }
     times: dict[str, list[float]] = {name: [] for name in rules}
     for _ in range(20):
         for fn in rules.values():

@@ -97,6 +97,11 @@ class ContextClassifier:
     def with_floors(self, floors: torch.Tensor) -> ContextClassifier:
         return ContextClassifier(self.classes, self.center, self.scale, self.weight, self.bias, floors)
 
+    @property
+    def floored(self) -> bool:
+        """Whether some expert's floor is above zero (else a decision is a plain argmax)."""
+        return bool((self.floors[1:] > 0).any())
+
     def input_space(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [C, D], bias [C]) acting on raw features, the standardisation folded in: what a decode step
         multiplies by (logits = features @ weight.T + bias equals self.logits(features))."""
@@ -168,20 +173,24 @@ class ContextRouter:
 
 
 def context_step(
-    sums: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, floors: torch.Tensor
+    sums: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, floors: torch.Tensor | None
 ) -> torch.Tensor:
     """One layer of one decode step for B rows, in place on the rows' running sums -> class index [B] (0 = base).
 
     sums [B, H] the layer's sum of the rows' unit inputs so far (the per-row state: zeros after the prefix);
-    x [B, H] this token's MLP inputs; weight [C, H], bias [C] a layer classifier's input_space(); floors [C].
-    Equals ContextRouter.token_routes at the token's position, computed one token at a time:
+    x [B, H] this token's MLP inputs; weight [C, H], bias [C] a layer classifier's input_space(); floors [C], or
+    None when the classifier's are all zero (ContextClassifier.floored is False: known at fit time), which
+    leaves a plain argmax. Equals ContextRouter.token_routes at the token's position, one token at a time:
 
         sums += unit(x)
         p     = softmax(unit(sums) @ weight.T + bias)
         route = argmax(p) if max(p) > floors[argmax(p)] else base
     """
     sums += F.normalize(x.float(), dim=-1)
-    best, choice = (F.normalize(sums, dim=-1) @ weight.T + bias).softmax(dim=-1).max(dim=-1)
+    logits = torch.addmm(bias, F.normalize(sums, dim=-1), weight.T)  # [B, C]
+    if floors is None:
+        return logits.argmax(dim=-1)  # every probability is > 0: the floors of zero never bind
+    best, choice = logits.softmax(dim=-1).max(dim=-1)
     return torch.where(best > floors[choice], choice, 0)
 
 

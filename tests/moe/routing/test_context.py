@@ -166,10 +166,20 @@ def test_decode_step_equals_the_batched_token_routes(router) -> None:
             live = [row for row, x in enumerate(texts) if t < len(x)]
             x = torch.stack([texts[row][t, layer] for row in live])
             state = sums[live]
-            routes = context_step(state, x, weight, bias, gate.floors)
+            routes = context_step(state, x, weight, bias, gate.floors if gate.floored else None)
             sums[live] = state
             for i, row in enumerate(live):
                 assert int(routes[i]) == int(expected[row][t, layer]), (row, t, layer)
+
+
+def test_decode_step_without_floors_is_the_argmax(router) -> None:
+    gate = router.layers[0].with_floors(torch.zeros(len(router.classes)))
+    assert not gate.floored
+    weight, bias = gate.input_space()
+    x = torch.randn(5, HIDDEN)
+    plain = context_step(torch.zeros(5, HIDDEN), x, weight, bias, None)
+    floored = context_step(torch.zeros(5, HIDDEN), x, weight, bias, gate.floors)
+    assert torch.equal(plain, floored) and torch.equal(plain, gate.decide(F.normalize(x, dim=-1)))
 
 
 def test_refit_is_a_function_of_the_set(router) -> None:
