@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="fit on the samples' backbone inputs only, or also on their inputs with their expert pinned",
     )
+    parser.add_argument(
+        "--sample-texts", type=int, default=None, help="fit on at most this many of each domain sample's texts"
+    )
     parser.add_argument("--skip-joint", action="store_true", help="leave the joint threshold refit out")
     parser.add_argument("--time", action="store_true", help="also time each rule's routing maths per decode step")
     parser.add_argument("--seed", type=int, default=0)
@@ -457,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_sets = {BASE_ROUTE: capture(model, tokenizer, texts_as_examples(calib_fit), args.max_tokens, args.batch_size)}
     for expert in experts:
         sample, source = domain_sample(expert)
+        sample = sample[: args.sample_texts]
         logger.info("%s: %d texts from its %s", expert.name, len(sample), source)
         fit_sets[expert.name] = capture(model, tokenizer, texts_as_examples(sample), args.max_tokens, args.batch_size)
         if args.fit_flows == "both":  # also as the sample flows when routed to its expert (as stage 2 does)
