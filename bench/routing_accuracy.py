@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sample-texts", type=int, default=None, help="fit on at most this many of each domain sample's texts"
     )
+    parser.add_argument(
+        "--prompt-tokens", type=int, nargs="+", default=[2, 4, 8, 16], help="short-prompt table: prompt lengths"
+    )
     parser.add_argument("--skip-joint", action="store_true", help="leave the joint threshold refit out")
     parser.add_argument("--time", action="store_true", help="also time each rule's routing maths per decode step")
     parser.add_argument("--seed", type=int, default=0)
@@ -603,6 +606,24 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append("tok " + confusion(shares, classes, "tok"))
             print(f"  {name:15s} {domain:8s} " + "; ".join(parts))
     timings = {}
+    # short prompts: the sequence decision from only the first k tokens after the prefix
+    short: dict[str, dict[str, dict[int, float]]] = {}
+    print("\nsequence decisions from the prompt's first k tokens after the prefix (share to target; base: fp):")
+    print("| mechanism | domain | " + " | ".join(f"k={k}" for k in args.prompt_tokens) + " |")
+    print("|---" * (len(args.prompt_tokens) + 2) + "|")
+    for name, decide in (("cosine (today)", cosine_seq), ("context", context_seq)):
+        for domain, captured in held.items():
+            cells = []
+            for k in args.prompt_tokens:
+                hits = [
+                    decide(x, min(prompt, skip + k), skip) == targets[domain]
+                    for x, prompt in zip(captured.inputs, captured.prompt, strict=True)
+                ]
+                share = sum(hits) / len(hits)
+                share = 1.0 - share if domain == args.base else share
+                short.setdefault(name, {}).setdefault(domain, {})[k] = share
+                cells.append(f"{100 * share:.1f}%")
+            print(f"| {name} | {domain} | " + " | ".join(cells) + " |")
     if args.time:
         for rows in (1, 16):
             timings[rows] = time_ops(len(experts), layers, hidden, rows, repeats=200)
@@ -623,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seq": seq_figures,
                     "tok": tok_figures,
                     "tok_right_flow": right_figures,
+                    "seq_short_prompts": short,
                     "fit_seconds": fit_seconds,
                     "context_router_fit_seconds": router_seconds,
                     "timings_us": timings,
