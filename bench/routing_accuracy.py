@@ -39,7 +39,11 @@ Mechanisms (sequence decisions / token decisions):
     token+context    token only: per layer, logistic regression on [unit(x), running context] of that layer
 
 Every mechanism but `cosine routed` reads the backbone's MLP inputs (RoutingSpec("off")): what sequence mode
-observes before it decides and what the gates are trained on. Calibration text is split (--calibration-holdout
+observes before it decides and what the gates are trained on. A second token table reads the inputs of right
+routing (each domain's expert pinned), the flow a token router that is right meets at later layers; a third
+table decides sequences from the prompt's first k tokens only (--prompt-tokens). Experts are fitted on their
+samples' inputs on both flows (--fit-flows both, as stage 2 trains keys); --sample-texts fits on fewer texts.
+Calibration text is split (--calibration-holdout
 of its lines) into a fitting part and a part for caps, as train-expert does. Costs per decode step of each
 rule's routing maths are timed at the end (--time; the ops a decode step would run, eager, not wired into the
 decoder).

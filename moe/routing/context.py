@@ -23,7 +23,8 @@ the state is one running sum [L, H] per row (no count: a sum has its mean's dire
 the token's unit input and multiplies by a [C, H] matrix, as today's gates multiply by [E, H] keys
 (`context_step` is that decode op).
 
-Plugging or unplugging an expert refits the classifier over the new set (a few seconds on CPU for the demo):
+Plugging or unplugging an expert refits the router over the new set (demo set of three: 19-29 s from captured
+inputs on one busy CPU thread, bench/routing_accuracy.py; subsample positions to go faster):
 a fitted classifier is a value (`ContextClassifier`), so a plugged set can keep the one it was fitted with and
 an unplug restores the previous one exactly.
 
