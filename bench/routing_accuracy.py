@@ -43,10 +43,9 @@ observes before it decides and what the gates are trained on. A second token tab
 routing (each domain's expert pinned), the flow a token router that is right meets at later layers; a third
 table decides sequences from the prompt's first k tokens only (--prompt-tokens). Experts are fitted on their
 samples' inputs on both flows (--fit-flows both, as stage 2 trains keys); --sample-texts fits on fewer texts.
-Calibration text is split (--calibration-holdout
-of its lines) into a fitting part and a part for caps, as train-expert does. Costs per decode step of each
-rule's routing maths are timed at the end (--time; the ops a decode step would run, eager, not wired into the
-decoder).
+Calibration text is split (--calibration-holdout of its lines) into a fitting part and a part for caps, as
+train-expert does. Costs per decode step of each rule's routing maths are timed at the end (--time; the ops a
+decode step would run, eager, not wired into the decoder).
 
 Writes the tables (and, with --json, every figure) and nothing else; runs on CPU in a few minutes at --threads 1.
 """
