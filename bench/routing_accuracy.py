@@ -75,7 +75,7 @@ from moe import RoutedModel, load_backbone  # noqa: E402
 from moe.adapters.expert import BASE_ROUTE, Expert  # noqa: E402
 from moe.adapters.file import ExpertFile  # noqa: E402
 from moe.admission.samples import domain_sample  # noqa: E402
-from moe.model.text_batches import batches, forward, special_prefix  # noqa: E402
+from moe.model.text_batches import batches, forward, special_prefix, token_nll  # noqa: E402
 from moe.routing.context import (  # noqa: E402
     ContextClassifier,
     cap_floor,
@@ -283,6 +283,28 @@ def share_of(shares: Shares, target: int) -> tuple[float | None, float | None]:
     seq = sum(d == target for d in shares.seq) / len(shares.seq) if shares.seq else None
     tok = float(shares.tok[target] / shares.tok.sum()) if shares.tok is not None else None
     return seq, tok
+
+
+@torch.no_grad()
+def sequence_nll(
+    model: RoutedModel,
+    tokenizer,
+    items: Sequence[Example],
+    specs: Sequence[RoutingSpec],
+    max_tokens: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the summed NLL of its scored tokens [S] and their count [S] under its spec (as `plugmoe eval`
+    scores them: EOS appended)."""
+    nlls, counts = [], []
+    for start, batch in zip(
+        range(0, len(items), batch_size), batches(tokenizer, items, batch_size, max_tokens), strict=True
+    ):
+        out = forward(model, batch, list(specs[start : start + batch_size]))
+        nll, count = token_nll(out.logits, batch)
+        nlls.append(nll)
+        counts.append(count)
+    return torch.cat(nlls), torch.cat(counts)
 
 
 def evaluate(
@@ -609,6 +631,32 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append("tok " + confusion(shares, classes, "tok"))
             print(f"  {name:15s} {domain:8s} " + "; ".join(parts))
     timings = {}
+    # sequence mode's perplexity with each mechanism's decisions: a decided row runs as its route pinned, so
+    # this is what sequence mode would score with that rule (and its gap to the per-sequence best route)
+    seq_ppl: dict[str, dict[str, dict[str, float]]] = {}
+    print("\nsequence-mode perplexity with each mechanism's decisions (oracle gap: vs the best route per sequence):")
+    print("| mechanism | " + " | ".join(held) + " |")
+    print("|---" * (len(held) + 1) + "|")
+    deciders = {name: fns[0] for name, fns in mechanisms.items() if fns[0] is not None}
+    rows: dict[str, list[str]] = {name: [] for name in deciders}
+    for domain, items in examples.items():
+        routes = {c: pin(c) if c != BASE_ROUTE else RoutingSpec("off") for c in classes}
+        per_route = {c: sequence_nll(model, tokenizer, items, [spec] * len(items), args.max_tokens, args.batch_size)
+                     for c, spec in routes.items()}  # fmt: skip
+        count = per_route[BASE_ROUTE][1]
+        nll_by_route = torch.stack([per_route[c][0] for c in classes])  # [C, S]
+        oracle = math.exp(float(nll_by_route.min(dim=0).values.sum() / count.sum()))
+        for name, decide in deciders.items():
+            decided = [
+                decide(x, p, held[domain].skip) for x, p in zip(held[domain].inputs, held[domain].prompt, strict=True)
+            ]
+            nll = nll_by_route.gather(0, torch.tensor(decided)[None])[0]  # each sequence's NLL on its decided route
+            ppl = math.exp(float(nll.sum() / count.sum()))
+            seq_ppl.setdefault(name, {})[domain] = {"ppl": ppl, "oracle": oracle, "gap": ppl / oracle - 1}
+            rows[name].append(f"{ppl:.4g} ({100 * (ppl / oracle - 1):+.2f}%)")
+    for name, cells in rows.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
     # short prompts: the sequence decision from only the first k tokens after the prefix
     short: dict[str, dict[str, dict[int, float]]] = {}
     print("\nsequence decisions from the prompt's first k tokens after the prefix (share to target; base: fp):")
@@ -648,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tok": tok_figures,
                     "tok_right_flow": right_figures,
                     "seq_short_prompts": short,
+                    "seq_ppl": seq_ppl,
                     "fit_seconds": fit_seconds,
                     "context_router_fit_seconds": router_seconds,
                     "timings_us": timings,
