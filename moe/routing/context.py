@@ -1,0 +1,257 @@
+"""Routing from the sequence's context: a route chosen from the pooled MLP inputs of the tokens so far.
+
+A cosine gate scores one token's MLP input against one key, so on two neighbouring domains (demo math and
+percentage problems share most of their words) it cannot tell them apart on most tokens: the domain is a
+property of the sequence. This module holds the maths of a router that sees the sequence, as Arrow /
+PHATGOOSE-style prototypes and per-query routers do, with nothing wired into decode:
+
+    context     per position t and layer l, the unit-normalised running mean of the unit MLP inputs of the
+                tokens after the special prefix up to t:  m[t, l] = unit(sum_{s<=t} unit(x[s, l]))
+                (the prefix token, BOS, carries no domain and is left out)                   [T, L, H]
+    features    the layers' contexts side by side, divided by sqrt(L) so a feature has norm 1  [T, L*H]
+    classifier  multinomial logistic regression over the classes (base, expert_1, ..., expert_E), fitted on
+                every plugged expert's domain sample (class e) and base calibration text (class base), at
+                every position of every text (a prompt of any length is a prefix of such a text)
+    floors      per expert, the lowest probability with which it may win: raised until at most `cap` of the
+                base calibration's held-out positions go to it (the same cap rule the cosine gates use)
+    decide      the most probable class when it is an expert whose probability clears its floor, else base
+
+A sequence-mode request is decided once, from the features at its prompt's last token (all layers, as an
+observed prefill captures them). Token mode has one classifier per layer on that layer's context mean, the
+token itself included, so a single forward pass (prefill or decode) has all it needs when the layer runs:
+the state is one running sum [L, H] per row (no count: a sum has its mean's direction), and each layer adds
+the token's unit input and multiplies by a [C, H] matrix, as today's gates multiply by [E, H] keys
+(`context_step` is that decode op).
+
+Plugging or unplugging an expert refits the router over the new set (demo set of three: 19-29 s from captured
+inputs on one busy CPU thread, bench/routing_accuracy.py; subsample positions to go faster):
+a fitted classifier is a value (`ContextClassifier`), so a plugged set can keep the one it was fitted with and
+an unplug restores the previous one exactly.
+
+Shapes: T = positions, L = layers, H = hidden, D = L*H features, N = samples, C = classes (base first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe.adapters.expert import BASE_ROUTE
+
+
+def context_means(x: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """x [T, L, H] one text's MLP inputs -> [T, L, H] unit running means of its unit inputs.
+
+    Positions before `skip` (the special prefix) are left out of every mean and get zeros themselves (no
+    context yet). Equals, for each t >= skip and layer l:  unit(sum(unit(x[s, l]) for s in range(skip, t + 1))).
+    """
+    unit = F.normalize(x.float(), dim=-1)
+    sums = torch.zeros_like(unit)
+    sums[skip:] = unit[skip:].cumsum(dim=0)
+    return F.normalize(sums, dim=-1)  # zero rows stay zero
+
+
+def context_features(x: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """x [T, L, H] -> [T, L*H]: each position's context means, layers side by side, norm 1 (0 before skip)."""
+    means = context_means(x, skip)
+    return means.flatten(1) / math.sqrt(means.shape[1])
+
+
+@dataclass(frozen=True)
+class ContextClassifier:
+    """A fitted router over `classes` (base first): standardised features, a linear layer, probability floors.
+
+    center, scale [D]; weight [C, D]; bias [C]; floors [C] (floors[0], base's, is unused: base needs none).
+    """
+
+    classes: tuple[str, ...]
+    center: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    floors: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.classes and self.classes[0] == BASE_ROUTE, self.classes
+        assert self.weight.shape == (len(self.classes), self.center.shape[0]), self.weight.shape
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, D] -> [N, C]."""
+        return ((features - self.center) / self.scale) @ self.weight.T + self.bias
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits(features).softmax(dim=-1)
+
+    def decide(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, D] -> [N] class index: the most probable class if it clears its floor, else 0 (base)."""
+        best, choice = self.probabilities(features).max(dim=-1)
+        return torch.where(best > self.floors[choice], choice, 0)
+
+    def routes(self, features: torch.Tensor) -> list[str]:
+        """features [N, D] -> the route of each row, a class name ('base' or an expert's)."""
+        return [self.classes[i] for i in self.decide(features).tolist()]
+
+    def with_floors(self, floors: torch.Tensor) -> ContextClassifier:
+        return ContextClassifier(self.classes, self.center, self.scale, self.weight, self.bias, floors)
+
+    @property
+    def floored(self) -> bool:
+        """Whether some expert's floor is above zero (else a decision is a plain argmax)."""
+        return bool((self.floors[1:] > 0).any())
+
+    def input_space(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [C, D], bias [C]) acting on raw features, the standardisation folded in: what a decode step
+        multiplies by (logits = features @ weight.T + bias equals self.logits(features))."""
+        weight = self.weight / self.scale
+        return weight, self.bias - weight @ self.center
+
+
+def fit_classifier(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    weight_decay: float = 1e-3,
+    steps: int = 100,
+) -> ContextClassifier:
+    """Multinomial logistic regression: features [N, D], labels [N] in 0..C-1 (0 = base) -> a classifier with
+    zero floors. Classes are weighted equally whatever their sample sizes (a domain sample holds 64 texts, the
+    calibration text hundreds); full-batch L-BFGS, deterministic for the same inputs."""
+    classes = tuple(classes)
+    if not classes or classes[0] != BASE_ROUTE:
+        raise ValueError(f"classes must start with {BASE_ROUTE!r}, got {classes}")
+    counts = torch.bincount(labels, minlength=len(classes)).float()
+    if (counts == 0).any():
+        empty = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
+        raise ValueError(f"no samples for classes {empty}: every class needs a sample to fit on")
+    features = features.float()
+    center = features.mean(dim=0)
+    scale = features.std(dim=0).clamp(min=1e-6)
+    z = (features - center) / scale
+    class_weight = counts.sum() / (len(classes) * counts)  # [C]
+    weight = torch.zeros(len(classes), z.shape[1], requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss_fn() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, labels, weight=class_weight) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(loss_fn)
+    return ContextClassifier(classes, center, scale, weight.detach(), bias.detach(), torch.zeros(len(classes)))
+
+
+@dataclass(frozen=True)
+class ContextRouter:
+    """The routes of one plugged set: a sequence classifier on context_features (every layer, at a prompt's
+    last token) and, per layer, a token classifier on that layer's context mean (with the token itself), which
+    needs nothing that a single forward pass has not computed by then (prefill and decode alike)."""
+
+    sequence: ContextClassifier
+    layers: tuple[ContextClassifier, ...]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.sequence.classes
+
+    def sequence_route(self, x: torch.Tensor, skip: int = 0) -> str:
+        """x [T, L, H] a prompt's MLP inputs (as an observed prefill captures them) -> its route's name."""
+        if x.shape[0] <= skip:
+            return BASE_ROUTE  # no token after the prefix: nothing to tell a domain by
+        return self.sequence.routes(context_features(x, skip)[-1:])[0]
+
+    def token_routes(self, x: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """x [T, L, H] -> [T, L] class indices (0 = base) of every (token, layer) decision; prefix: base."""
+        means = context_means(x, skip)  # [T, L, H]
+        routes = torch.stack([gate.decide(means[:, layer]) for layer, gate in enumerate(self.layers)], dim=1)
+        routes[:skip] = 0
+        return routes
+
+
+def context_step(
+    sums: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, floors: torch.Tensor | None
+) -> torch.Tensor:
+    """One layer of one decode step for B rows, in place on the rows' running sums -> class index [B] (0 = base).
+
+    sums [B, H] the layer's sum of the rows' unit inputs so far (the per-row state: zeros after the prefix);
+    x [B, H] this token's MLP inputs; weight [C, H], bias [C] a layer classifier's input_space(); floors [C], or
+    None when the classifier's are all zero (ContextClassifier.floored is False: known at fit time), which
+    leaves a plain argmax. Equals ContextRouter.token_routes at the token's position, one token at a time:
+
+        sums += unit(x)
+        p     = softmax(unit(sums) @ weight.T + bias)
+        route = argmax(p) if max(p) > floors[argmax(p)] else base
+    """
+    sums += F.normalize(x.float(), dim=-1)
+    logits = torch.addmm(bias, F.normalize(sums, dim=-1), weight.T)  # [B, C]
+    if floors is None:
+        return logits.argmax(dim=-1)  # every probability is > 0: the floors of zero never bind
+    best, choice = logits.softmax(dim=-1).max(dim=-1)
+    return torch.where(best > floors[choice], choice, 0)
+
+
+def fit_context_router(
+    experts: dict[str, Sequence[torch.Tensor]],
+    base: Sequence[torch.Tensor],
+    base_heldout: Sequence[torch.Tensor],
+    skip: int = 0,
+    cap: float = 1e-3,
+    weight_decay: float = 1e-3,
+) -> ContextRouter:
+    """Fit the router of a plugged set from texts' MLP inputs, each x [T, L, H]: `experts` maps each expert's
+    name to its domain sample's texts, `base` is calibration text; `base_heldout` (other calibration texts)
+    sets the floors so that at most `cap` of its positions go to any expert, for the sequence classifier and
+    each layer's. Classes are ('base', *experts in the mapping's order). Every position after the prefix
+    is a training point labelled with its text's class (a prompt of any length is such a prefix)."""
+    classes = (BASE_ROUTE, *experts)
+    texts = [(x, 0) for x in base] + [(x, c) for c, name in enumerate(experts, 1) for x in experts[name]]
+    labels = torch.cat([torch.full((max(len(x) - skip, 0),), c) for x, c in texts])
+    means = [context_means(x, skip)[skip:] for x, _ in texts]  # each [T - skip, L, H]
+    held = [context_means(x, skip)[skip:] for x in base_heldout]
+
+    def fitted(pick) -> ContextClassifier:
+        classifier = fit_classifier(torch.cat([pick(m) for m in means]), labels, classes, weight_decay)
+        return fit_floors(classifier, torch.cat([pick(m) for m in held]), cap)
+
+    sequence = fitted(lambda m: m.flatten(1) / math.sqrt(m.shape[1]))  # = context_features after the prefix
+    per_layer = tuple(fitted(lambda m, layer=layer: m[:, layer]) for layer in range(means[0].shape[1]))
+    return ContextRouter(sequence, per_layer)
+
+
+def cap_floor(winning: torch.Tensor, total: int, cap: float) -> float:
+    """The lowest floor at which at most floor(cap * total) of the `winning` probabilities pass (p > floor).
+
+    winning [M]: the probabilities of the calibration positions where this expert is the most probable class.
+    """
+    allowed = int(cap * total)
+    if len(winning) <= allowed:
+        return 0.0
+    return float(winning.sort(descending=True).values[allowed])
+
+
+def fit_floors(classifier: ContextClassifier, calibration: torch.Tensor, cap: float) -> ContextClassifier:
+    """Floors for every expert so that at most `cap` of the base calibration positions [N, D] go to each
+    (fit them on positions the classifier was not fitted on: its own training positions look safer)."""
+    best, choice = classifier.probabilities(calibration).max(dim=-1)
+    floors = torch.zeros(len(classifier.classes))
+    for c in range(1, len(classifier.classes)):
+        floors[c] = cap_floor(best[choice == c], len(calibration), cap)
+    return classifier.with_floors(floors)
+
+
+__all__ = [
+    "ContextClassifier",
+    "ContextRouter",
+    "cap_floor",
+    "context_step",
+    "context_features",
+    "context_means",
+    "fit_classifier",
+    "fit_context_router",
+    "fit_floors",
+]
