@@ -12,10 +12,11 @@ from fastapi import Request
 
 from moe import RoutingSpec
 from moe.decode.sampling import SamplingParams
+from moe.decode.sequence import ERROR, Event, Finished, GenerationFailedError, GenerationRequest
 from moe.decode.structured_output import GrammarSpec
 from server.engine import Engine
 from server.errors import BadRequestError, error_object
-from server.requests import ERROR, Event, Finished, GenerationFailedError, GenerationRequest, RequestHandle
+from server.requests import RequestHandle
 from server.schemas import Routing
 from server.settings import Settings
 

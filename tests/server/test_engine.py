@@ -16,26 +16,15 @@ from typing import Any
 import pytest
 import torch
 
-from moe import RoutedModel, RoutingSpec, UnknownExpertError
+from moe import Expert, PluggedSet, RoutedModel, RoutingSpec, UnknownExpertError
+from moe.decode import scheduler as scheduler_module
 from moe.decode.generation import generate
 from moe.decode.sampling import SamplingParams
+from moe.decode.sequence import CANCELLED, ERROR, EXPERT_UNPLUGGED, LENGTH, STOP, Event, Finished, GenerationRequest
 from moe.decode.structured_output import GrammarSpec
-from server import engine as engine_module
-from server.engine import Engine, _prompt_logit_groups, _Sequence
+from server.engine import Engine
 from server.metrics import Metrics
-from server.requests import (
-    CANCELLED,
-    ERROR,
-    EXPERT_UNPLUGGED,
-    LENGTH,
-    STOP,
-    ContextLimitError,
-    EngineStoppedError,
-    Event,
-    Finished,
-    GenerationRequest,
-    QueueFullError,
-)
+from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
 PROMPT = "The quick brown fox"
@@ -88,8 +77,9 @@ def token_ids(events: list[Event]) -> list[int]:
 
 
 async def between_steps(engine: Engine, action: Awaitable[Any]) -> tuple[int, Any]:
-    """Hold the engine thread between two steps, queue `action` (Engine.plug / unplug) behind the hold, release.
-    Returns (sequences running when the action ran, its result): no step runs between the hold and the action."""
+    """Hold the engine thread between two steps, queue `action` (plug / unplug below: Engine.set_experts) behind
+    the hold, release. Returns (sequences running when the action ran, its result): no step runs between the hold
+    and the action."""
     gate, running = threading.Event(), []
     engine.call(lambda: (running.append(engine.running), gate.wait()))
     task = asyncio.ensure_future(action)
@@ -97,6 +87,17 @@ async def between_steps(engine: Engine, action: Awaitable[Any]) -> tuple[int, An
     gate.set()
     result = await task
     return running[0], result
+
+
+def plug(engine: Engine, expert: Expert) -> Awaitable[PluggedSet]:
+    """engine.set_experts with `expert` added (or replacing the plugged one of its name)."""
+    kept = tuple(e for e in engine.model.plugged.experts if e.name != expert.name)
+    return engine.set_experts((*kept, expert))
+
+
+def unplug(engine: Engine, name: str) -> Awaitable[PluggedSet]:
+    """engine.set_experts without the expert called `name`."""
+    return engine.set_experts(tuple(e for e in engine.model.plugged.experts if e.name != name))
 
 
 def hold(engine: Engine) -> threading.Event:
@@ -196,16 +197,16 @@ def test_plug_and_unplug_between_steps_while_a_request_runs(make_engine, tokeniz
         handle = engine.submit(request(tokenizer, tokens=60))
         events = handle.events()
         await anext(events)  # prefilled with nothing plugged: its prompt went to base
-        running_at_plug, plugged = await between_steps(engine, engine.plug(open_expert))
-        assert plugged.name == "open" and engine.model.plugged.names == ("open",)
+        running_at_plug, plugged = await between_steps(engine, plug(engine, open_expert))
+        assert plugged.names == ("open",) and engine.model.plugged.names == ("open",)
         routed = 0.0
         for _ in range(40):  # tokens streamed before the plug may still be queued: wait for a routed step
             await anext(events)
             routed = await engine.run(lambda: engine.tokens_routed("open"))
             if routed > 0:
                 break
-        running_at_unplug, unplugged = await between_steps(engine, engine.unplug("open"))
-        assert unplugged.name == "open" and engine.model.plugged.names == ()
+        running_at_unplug, unplugged = await between_steps(engine, unplug(engine, "open"))
+        assert unplugged.names == () and engine.model.plugged.names == ()
         _, done = await finish(events)
         return running_at_plug, running_at_unplug, routed, engine.tokens_routed("open"), done
 
@@ -220,11 +221,11 @@ def test_replace_swaps_in_place_for_a_pinned_request(make_engine, tokenizer) -> 
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("pinned", threshold=-2.0))
+        await plug(engine, tiny_expert("pinned", threshold=-2.0))
         handle = engine.submit(request(tokenizer, tokens=30, routing=RoutingSpec("pin", "pinned")))
         events = handle.events()
         await anext(events)
-        await between_steps(engine, engine.plug(tiny_expert("pinned", seed=5, threshold=-2.0), replace=True))
+        await between_steps(engine, plug(engine, tiny_expert("pinned", seed=5, threshold=-2.0)))
         return (await finish(events))[1]
 
     done = asyncio.run(main())
@@ -238,11 +239,11 @@ def test_unplugging_a_running_requests_expert_finishes_it(make_engine, tokenizer
     engine = make_engine()
 
     async def main() -> tuple[int, list[Event], Finished]:
-        await engine.plug(tiny_expert("gone", threshold=-2.0))  # the sequence-mode prompt picks it
+        await plug(engine, tiny_expert("gone", threshold=-2.0))  # the sequence-mode prompt picks it
         handle = engine.submit(request(tokenizer, tokens=200, routing=routing))
         events = handle.events()
         first = await anext(events)
-        running, _ = await between_steps(engine, engine.unplug("gone"))
+        running, _ = await between_steps(engine, unplug(engine, "gone"))
         rest, done = await finish(events)
         return running, [first, *rest], done
 
@@ -257,13 +258,13 @@ def test_a_waiting_request_whose_expert_is_unplugged_finishes_before_running(mak
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("gone", threshold=-2.0))
+        await plug(engine, tiny_expert("gone", threshold=-2.0))
         gate = hold(engine)
         handle = engine.submit(request(tokenizer, routing=RoutingSpec("pin", "gone")))  # accepted: still plugged
-        unplug = asyncio.ensure_future(engine.unplug("gone"))  # queued behind the hold: runs before admission
+        unplugging = asyncio.ensure_future(unplug(engine, "gone"))  # queued behind the hold: runs before admission
         await asyncio.sleep(0)
         gate.set()
-        await unplug
+        await unplugging
         return (await finish(handle.events()))[1]
 
     done = asyncio.run(main())
@@ -274,12 +275,12 @@ def test_an_allow_list_loses_an_unplugged_expert_and_goes_on(make_engine, tokeni
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("stays"))
-        await engine.plug(tiny_expert("goes", seed=1, threshold=-2.0))
+        await plug(engine, tiny_expert("stays"))
+        await plug(engine, tiny_expert("goes", seed=1, threshold=-2.0))
         handle = engine.submit(request(tokenizer, tokens=40, routing=RoutingSpec(allow=("stays", "goes"))))
         events = handle.events()
         await anext(events)
-        await between_steps(engine, engine.unplug("goes"))
+        await between_steps(engine, unplug(engine, "goes"))
         return (await finish(events))[1]
 
     done = asyncio.run(main())
@@ -291,8 +292,8 @@ def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
     engine = make_engine()
 
     async def main() -> list[Finished]:
-        await engine.plug(tiny_expert("open", threshold=-2.0))
-        await engine.plug(tiny_expert("shut", seed=1))
+        await plug(engine, tiny_expert("open", threshold=-2.0))
+        await plug(engine, tiny_expert("shut", seed=1))
         specs = [RoutingSpec("sequence"), RoutingSpec("sequence", allow=("shut",))]
         handles = [engine.submit(request(tokenizer, tokens=n, routing=s)) for s in specs for n in (1, 5)]
         return [(await finish(h.events()))[1] for h in handles]
@@ -318,13 +319,13 @@ def test_prefill_between_two_steps_stays_under_max_prefill_tokens(
     engine = make_engine(max_prefill_tokens=budget)
     want = [alone(engine, p, 6) for p in prompts]
     prefilled: list[list[int]] = []
-    real = engine_module.prefill
+    real = scheduler_module.prefill
 
     def recording(model: Any, prompt_ids: list[list[int]], *args: Any, **kwargs: Any) -> Any:
         prefilled.append([len(ids) for ids in prompt_ids])
         return real(model, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "prefill", recording)
+    monkeypatch.setattr(scheduler_module, "prefill", recording)
 
     async def main() -> list[tuple[list[Event], Finished]]:
         gate = hold(engine)  # the whole burst is waiting when the engine next admits
@@ -392,7 +393,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
     make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine()
-    real = engine_module.decode_one_token
+    real = scheduler_module.decode_one_token
     calls = []
 
     def fails_once(*args: Any, **kwargs: Any) -> Any:
@@ -401,7 +402,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "decode_one_token", fails_once)
+    monkeypatch.setattr(scheduler_module, "decode_one_token", fails_once)
 
     async def main() -> tuple[Finished, Finished]:
         failed = (await finish(engine.submit(request(tokenizer)).events()))[1]
@@ -492,16 +493,3 @@ def test_submit_all_is_all_or_nothing(make_engine, tokenizer) -> None:
             gate.set()
 
     assert asyncio.run(main()) == 0
-
-
-def test_prompt_logit_groups_stay_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BUDGET", 1000)
-
-    def seq(length: int) -> _Sequence:
-        handle = type("Handle", (), {"request": GenerationRequest([1] * length, 0)})()
-        return _Sequence(handle, None, None, None)
-
-    groups = _prompt_logit_groups([seq(n) for n in [3, 4, 2, 30, 5, 5]], vocab=50)
-    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[3, 4, 2], [30], [5, 5]]
-    for group in groups:  # [rows, longest, V] under the budget, or a single row
-        assert len(group) == 1 or len(group) * max(len(s.request.prompt_ids) for s in group) * 50 <= 1000

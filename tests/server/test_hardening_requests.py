@@ -22,10 +22,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-import server.engine
+import moe.decode.scheduler
 from moe.decode.sampling import SamplingParams
+from moe.decode.sequence import ERROR, LENGTH, Finished, GenerationFailedError, GenerationRequest
 from server.engine import Engine
-from server.requests import ERROR, LENGTH, EngineStoppedError, Finished, GenerationFailedError, GenerationRequest
+from server.requests import EngineStoppedError
 from tests.server.conftest import LiveServer
 from tests.tiny import VOCAB
 
@@ -223,14 +224,14 @@ def test_poisoned_requests_fail_alone_beside_streaming_neighbours(client: TestCl
 @pytest.fixture
 def poisoned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling raises for any row whose seed is 666 (a stand-in for whatever may still break one row)."""
-    real = server.engine.sample_step
+    real = moe.decode.scheduler.sample_step
 
     def sample_step(logits, params, *args, **kwargs):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("poisoned row")
         return real(logits, params, *args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "sample_step", sample_step)
+    monkeypatch.setattr(moe.decode.scheduler, "sample_step", sample_step)
 
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
@@ -359,7 +360,7 @@ def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
 ) -> None:
     """Whatever raises in a decode step fails the running rows with an error; the loop goes on."""
     engine: Engine = client.app.state.engine
-    real = server.engine.decode_one_token
+    real = moe.decode.scheduler.decode_one_token
     calls = {"n": 0}
 
     def decode_one_token(*args, **kwargs):
@@ -368,7 +369,7 @@ def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
             raise RuntimeError("the device fell over")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "decode_one_token", decode_one_token)
+    monkeypatch.setattr(moe.decode.scheduler, "decode_one_token", decode_one_token)
     response = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "min_new_tokens": 8})
     assert response.status_code == 500 and "the device fell over" in response.json()["detail"]
     assert engine.alive

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from moe.decode.sequence import Event, Finished
 from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, build_request, merged_events, sse, stream_error, wait_for_results
 from server.auth import ApiKey, SettingsDep
@@ -27,7 +28,7 @@ from server.errors import BadRequestError, NotFoundError
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from server.openai_params import check_request, grammar_spec, logit_bias, top_logprobs
 from server.prompts import PromptEncoder
-from server.requests import Event, Finished, RequestHandle
+from server.requests import RequestHandle
 from server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
