@@ -1,5 +1,7 @@
 """The engine driven directly with a tiny model, no HTTP: events, continuous batching, cancelling, plugging and
-unplugging between steps while requests run, the queue and the context limit, and failures.
+unplugging between steps (set_experts) while requests run, the queue and the context limit, and failures. The
+scheduler's own rules (admission budget, prompt logprobs, EOS, stop strings, rows that fail alone) are tested
+without a thread in tests/moe/decode/test_scheduler.py.
 
 Engine.submit is called from an event loop (as the HTTP layer calls it), so each test runs one with asyncio.run.
 To act "between two steps" deterministically a test holds the engine thread with a queued call (Engine.call
@@ -8,20 +10,17 @@ runs it between steps) and queues the action behind it."""
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from moe import Expert, PluggedSet, RoutedModel, RoutingSpec, UnknownExpertError
 from moe.decode import scheduler as scheduler_module
 from moe.decode.generation import generate
 from moe.decode.sampling import SamplingParams
-from moe.decode.sequence import CANCELLED, ERROR, EXPERT_UNPLUGGED, LENGTH, STOP, Event, Finished, GenerationRequest
-from moe.decode.structured_output import GrammarSpec
+from moe.decode.sequence import CANCELLED, ERROR, EXPERT_UNPLUGGED, LENGTH, Event, Finished, GenerationRequest
 from server.engine import Engine
 from server.metrics import Metrics
 from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
@@ -308,39 +307,6 @@ def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
 # --- refusals -----------------------------------------------------------------------------------------------
 
 
-def test_prefill_between_two_steps_stays_under_max_prefill_tokens(
-    make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A burst of prompts starts over several steps, first come first served, each step's prefill within the
-    budget (one prompt alone may exceed it); every request gets the tokens it gets alone."""
-    prompts = [PROMPT, OTHER, PROMPT + " jumps", OTHER + " return a", PROMPT + " over the lazy dog"]
-    lengths = [len(tokenizer.encode(p)) for p in prompts]
-    budget = lengths[0] + lengths[1]
-    engine = make_engine(max_prefill_tokens=budget)
-    want = [alone(engine, p, 6) for p in prompts]
-    prefilled: list[list[int]] = []
-    real = scheduler_module.prefill
-
-    def recording(model: Any, prompt_ids: list[list[int]], *args: Any, **kwargs: Any) -> Any:
-        prefilled.append([len(ids) for ids in prompt_ids])
-        return real(model, prompt_ids, *args, **kwargs)
-
-    monkeypatch.setattr(scheduler_module, "prefill", recording)
-
-    async def main() -> list[tuple[list[Event], Finished]]:
-        gate = hold(engine)  # the whole burst is waiting when the engine next admits
-        handles = [engine.submit(request(tokenizer, p, 6)) for p in prompts]
-        gate.set()
-        return list(await asyncio.gather(*(finish(h.events()) for h in handles)))
-
-    results = asyncio.run(main())
-    assert [token_ids(events) for events, _ in results] == want
-    assert all(done.reason == LENGTH for _, done in results)
-    assert [n for call in prefilled for n in call] == lengths, "first come, first served"
-    assert len(prefilled) > 1 and all(sum(call) <= budget or len(call) == 1 for call in prefilled)
-    assert prefilled[0] == lengths[:2], "the budget is used, not only one prompt per step"
-
-
 def test_a_full_queue_refuses_with_the_numbers(make_engine, tokenizer) -> None:
     engine = make_engine(max_batch_size=1, max_queue=1)
 
@@ -439,45 +405,7 @@ def test_stop_finishes_running_and_waiting_requests_and_refuses_new_ones(make_en
         engine.call(lambda: None).result(timeout=1)
 
 
-# --- prompt logprobs, logprobs and grammars in one admission ------------------------------------------------
-
-IDS = [5, 60, 7, 41, 200, 13, 99]
-
-
-def _together(engine: Engine, requests: list[GenerationRequest]) -> list[Finished]:
-    """Submit all while the engine is held, so they are admitted in one step."""
-
-    async def main() -> list[Finished]:
-        gate = hold(engine)
-        handles = engine.submit_all(requests)
-        gate.set()
-        return [await handle.result() for handle in handles]
-
-    return asyncio.run(main())
-
-
-def test_scoring_plain_and_constrained_rows_in_one_admission(make_engine) -> None:
-    """A row that scores its prompt (prompt logprobs, 0 new tokens) is prefilled apart with every position's
-    logits, beside a plain row with logprobs and a grammar-constrained row: each gets what it gets alone."""
-    engine = make_engine()
-    scored = GenerationRequest(IDS, 0, SamplingParams(logprobs=2), prompt_logprobs=2)
-    plain = GenerationRequest(IDS[:4], 5, SamplingParams(min_new_tokens=5, logprobs=0))
-    regex = GenerationRequest(IDS[:3], 20, grammar=GrammarSpec.regex("(yes|no)!"))
-    score, text, constrained = _together(engine, [scored, plain, regex])
-    alone_ = [_together(engine, [r])[0] for r in (scored, plain, regex)]
-
-    assert score.reason == LENGTH and score.completion_tokens == 0 and score.token_ids == []
-    with torch.inference_mode():
-        reference = torch.log_softmax(engine.model.backbone(torch.tensor([IDS])).logits[0].float(), dim=-1)
-    assert score.prompt_logprobs[0] is None
-    for j in range(1, len(IDS)):
-        entry = score.prompt_logprobs[j]
-        assert entry.token == IDS[j] and entry.logprob == pytest.approx(float(reference[j - 1, IDS[j]]), abs=1e-4)
-        assert [t for t, _ in entry.top] == reference[j - 1].topk(2).indices.tolist()
-    assert text.token_ids == alone_[1].token_ids and len(text.logprobs) == 5
-    assert [e.logprob for e in text.logprobs] == pytest.approx([e.logprob for e in alone_[1].logprobs], abs=1e-5)
-    assert constrained.reason == STOP and re.fullmatch("(yes|no)!", constrained.text), constrained.text
-    assert constrained.text == alone_[2].text
+# --- submitting several at once -----------------------------------------------------------------------------
 
 
 def test_submit_all_is_all_or_nothing(make_engine, tokenizer) -> None:
