@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel
 from moe.decode.scheduler import Scheduler, SchedulerObserver
-from moe.decode.sequence import ERROR, GenerationRequest, Sequence
+from moe.decode.sequence import ERROR, GenerationFailedError, GenerationRequest, Sequence
 from moe.decode.static_decoder import StaticDecoder, capture_refusal, context_length
 from moe.decode.structured_output import GrammarCompiler
 from server.metrics import Metrics
@@ -203,13 +203,19 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         break
-                self._run_calls()
-                with self._wake:  # under the lock: submit_all's queue bound never sees a request twice or not at all
-                    scheduler.add(self._submitted)
-                    self._submitted.clear()
-                if self._drain_deadline is not None:
-                    self._drain()
-                scheduler.step()
+                try:
+                    self._run_calls()
+                    if self._submitted:
+                        with self._wake:  # under the lock: submit_all's queue bound counts each request once
+                            scheduler.add(self._submitted)
+                            self._submitted.clear()
+                    if self._drain_deadline is not None:
+                        self._drain()
+                    scheduler.step()  # a sequence's faults stay in it; this catches the rest
+                except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
+                    logger.exception("engine step failed")
+                    error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
+                    scheduler.finish_running(ERROR, str(error), error)
                 self._set_gauges()
         finally:  # stopping, or something no step should raise: every request still here gets its answer
             scheduler.finish_running(ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
@@ -280,7 +286,7 @@ class _EngineObserver(SchedulerObserver):
     def token(self, seq: Sequence) -> None:
         metrics = self.engine.metrics
         if metrics:
-            handle: RequestHandle = seq.output  # type: ignore[assignment]  # the engine's sequences have one
+            handle: Any = seq.output  # the RequestHandle submit_all gave it
             now = time.perf_counter()
             metrics.generated_tokens.inc()
             if len(seq.token_ids) == 1:

@@ -329,21 +329,23 @@ class Scheduler:
                     self.decoder.leave(seq.slot)
             self.running = [self.running[row] for row in keep]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int | None], list[Any]]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Any], list[Any]]:
         """Each row's next token (and logprobs) under its own sampling settings and grammar; grammars then move
         past their tokens, row by row. A row whose sampling raises is finished with an error (token None)
         while the others are sampled alone, exactly as they would have been together; a row whose grammar
         rejects its token is finished with an error, and the others keep theirs."""
-        tokens: list[int | None]
+        matchers = [s.matcher for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        tokens: list[Any]  # int, or None for a row that failed
         try:
-            sampled = self._sample_rows(seqs, logits)
-            tokens, logprobs = list(sampled.tokens), list(sampled.logprobs)
+            sampled = self._sample_rows(seqs, logits, matchers if constrained else None)
+            tokens, logprobs = sampled.tokens, sampled.logprobs  # fresh lists, ours to edit
         except Exception:
             logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
             tokens, logprobs = [], []
             for row, seq in enumerate(seqs):
                 try:
-                    one = self._sample_rows([seq], logits[row : row + 1])
+                    one = self._sample_rows([seq], logits[row : row + 1], [seq.matcher] if seq.matcher else None)
                     tokens.append(one.tokens[0])
                     logprobs.append(one.logprobs[0])
                 except Exception as e:
@@ -351,20 +353,20 @@ class Scheduler:
                     self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
                     tokens.append(None)
                     logprobs.append(None)
-        for row, seq in enumerate(seqs):
-            token = tokens[row]
-            if seq.matcher is not None and token is not None:
+        if constrained:
+            for row, (matcher, token) in enumerate(zip(matchers, tokens, strict=True)):
+                if matcher is None or token is None:
+                    continue
                 try:
-                    consume(seq.matcher, token, seq.stop_ids)
+                    consume(matcher, token, seqs[row].stop_ids)
                 except Exception as e:
                     logger.exception("structured output failed")
-                    self._fail(seq, f"structured output failed: {type(e).__name__}: {e}")
+                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {e}")
                     tokens[row] = None
         return tokens, logprobs
 
-    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
-        matchers = [s.matcher for s in seqs]
-        allowed = self.grammars.allowed_tokens(matchers) if any(m is not None for m in matchers) else None
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, matchers: list[Any] | None) -> Sampled:
+        """sample_step over these rows; matchers: their grammars (None: no row is constrained)."""
         return sample_step(
             logits,
             [s.request.sampling for s in seqs],
@@ -373,7 +375,7 @@ class Scheduler:
             self.eos_ids,
             prompts=[s.request.prompt_ids for s in seqs],
             outputs=[s.token_ids for s in seqs],
-            allowed=allowed,
+            allowed=self.grammars.allowed_tokens(matchers) if matchers is not None else None,
         )
 
     # --- per token and at the end -------------------------------------------------------------------------------
