@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from bench.routing_overhead import make_experts  # noqa: E402
 from bench.shapes import SHAPES, build  # noqa: E402
 from moe import RoutedModel, RoutingSpec  # noqa: E402
-from moe.decode.generation import StaticDecoder, decode_one_token, prefill  # noqa: E402
+from moe.decode.prefill import prefill  # noqa: E402
+from moe.decode.static_decoder import StaticDecoder, decode_one_token  # noqa: E402
 
 FAILED: list[str] = []
 

@@ -12,7 +12,7 @@ shape, bench/shapes.py) and reads each step's tokens on the host, as a server mu
     PEFT mixed      PEFT LoRA, 8 adapters of rank 16 on the MLP's down projection, one per row (`adapter_names`),
                     DynamicCache, eager: what a transformers user would pick for per-request adapters
     routed before   RoutedModel with a DynamicCache, eager: plugmoe's decode path before the fixed-slot decoder
-    bare, routed    moe.decode.generation.StaticDecoder with routing off / 8 experts routing every token (thresholds -1:
+    bare, routed    static_decoder.StaticDecoder with routing off / 8 experts routing every token (thresholds -1:
                     every token pays for an adapter, the worst case), eager; on CUDA also captured (CUDA graphs,
                     decode routing torch.compile'd: --fuse)
 
@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 from bench.shapes import SHAPES, build, mlp_down_projection  # noqa: E402
 from moe import Expert, LoraAdapter, LoraPair, RoutedModel, RoutingSpec  # noqa: E402
 from moe.adapters.file import ExpertFile  # noqa: E402
-from moe.decode.generation import StaticDecoder, decode_one_token, prefill  # noqa: E402
+from moe.decode.prefill import prefill  # noqa: E402
+from moe.decode.static_decoder import StaticDecoder, decode_one_token  # noqa: E402
 from moe.model.kv_cache import cache_kwarg  # noqa: E402
 
 

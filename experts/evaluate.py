@@ -2,7 +2,7 @@
 
 Every run here goes through the model package's batching (`moe.model.text_batches`) and its one generation path
 (`moe.decode.generation`), the code the server runs; nothing re-implements routing. Sequence mode's decisions come
-from `moe.decode.generation.decide_routes`, the protocol the server's prefill follows.
+from `moe.decode.prefill.decide_routes`, the protocol the server's prefill follows.
 
 `plugmoe eval`, per domain (a NAME=FILE pair; the expert of the same name is its target, `--base` names the
 base domain, whose target is the base route):
@@ -33,7 +33,8 @@ from experts.data import Example, Extractor, gsm8k_answer
 from experts.progress import progress_bar
 from moe.adapters.expert import BASE_ROUTE
 from moe.adapters.slots import PluggedSet
-from moe.decode.generation import decide_routes, generate
+from moe.decode.generation import generate
+from moe.decode.prefill import decide_routes
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, perplexity, token_nll
 from moe.model.trace import add_counts, route_shares, routing_entropy

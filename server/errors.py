@@ -31,6 +31,7 @@ from moe import (
     SamplingParamsError,
     UnknownExpertError,
 )
+from moe.decode.sequence import GenerationFailedError
 from moe.errors import MetadataTooLargeError
 from server.expert_store import (
     InsufficientStorageError,
@@ -39,7 +40,7 @@ from server.expert_store import (
     StoreUnavailableError,
     StoreWriteError,
 )
-from server.requests import ContextLimitError, EngineStoppedError, GenerationFailedError, QueueFullError
+from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger(__name__)
 

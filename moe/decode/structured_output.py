@@ -5,7 +5,7 @@
     compiler.check(spec)                      # GrammarError (what is wrong, and which param) before queueing
     matchers = [compiler.matcher(spec), None, ...]                  # one per constrained row, None: free
     allowed = compiler.allowed_tokens(matchers)     # AllowedTokens -> moe.decode.sampling masks those rows' logits
-    advance(matchers, tokens, stop_ids)                             # after sampling: each row's grammar moves
+    consume(matchers[i], token, stop_ids)           # after sampling: row i's grammar moves past its token
 
 The grammar engine is llguidance (vLLM's `guidance` backend): it compiles lazily (no wait for large
 schemas), reports bad schemas as values, handles maxLength, escapes, integer bounds and `pattern`
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -134,15 +135,12 @@ class GrammarCompiler:
         return AllowedTokens(rows, bitmask)
 
 
-def advance(matchers: list[llguidance.LLMatcher | None], tokens: list[int], stop_ids: list[set[int]]) -> None:
-    """Move each constrained row's grammar past its sampled token (a stop token ends the row instead).
-
-    The mask allowed only tokens the grammar accepts, so a rejection is an internal error."""
-    for i, (matcher, token) in enumerate(zip(matchers, tokens, strict=True)):
-        if matcher is None or token in stop_ids[i]:
-            continue
-        if not matcher.consume_token(token):
-            raise RuntimeError(f"row {i}: the grammar rejected token {token}: {matcher.get_error()}")
+def consume(matcher: llguidance.LLMatcher, token: int, stop_ids: Collection[int]) -> None:
+    """Move one row's grammar past its sampled token (a stop token ends the row instead)."""
+    if token in stop_ids:
+        return
+    if not matcher.consume_token(token):
+        raise RuntimeError(f"the grammar rejected token {token}: {matcher.get_error()}")
 
 
 def _describe(spec: GrammarSpec) -> str:

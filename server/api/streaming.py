@@ -10,8 +10,9 @@ from typing import Any
 
 from fastapi import Request
 
+from moe.decode.sequence import ERROR, Event, Finished, GenerationFailedError
 from server.errors import error_object
-from server.requests import ERROR, Event, Finished, GenerationFailedError, RequestHandle
+from server.requests import RequestHandle
 
 DISCONNECT_POLL_S = 0.25
 

@@ -25,7 +25,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from moe import RoutingSpec
 from moe.decode.sampling import SamplingParams
+from moe.decode.sequence import GenerationRequest
 from moe.decode.structured_output import GrammarSpec
+from moe.decode.text_stream import TextOptions
 from server.engine import Engine
 from server.errors import BadRequestError, NotFoundError
 from server.openai_params import (
@@ -37,10 +39,8 @@ from server.openai_params import (
     Endpoint,
 )
 from server.prompts import PromptEncoder
-from server.requests import GenerationRequest
 from server.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest, Routing
 from server.settings import Settings
-from server.text_stream import TextOptions
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # chat_template_kwargs are template variables only: not the template call's own arguments (parameters of

@@ -1,5 +1,7 @@
 """The engine driven directly with a tiny model, no HTTP: events, continuous batching, cancelling, plugging and
-unplugging between steps while requests run, the queue and the context limit, and failures.
+unplugging between steps (set_experts) while requests run, the queue and the context limit, and failures. The
+scheduler's own rules (admission budget, prompt logprobs, EOS, stop strings, rows that fail alone) are tested
+without a thread in tests/moe/decode/test_scheduler.py.
 
 Engine.submit is called from an event loop (as the HTTP layer calls it), so each test runs one with asyncio.run.
 To act "between two steps" deterministically a test holds the engine thread with a queued call (Engine.call
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import threading
 import time
@@ -19,30 +20,25 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from moe import RoutedModel, RoutingSpec, UnknownExpertError
+from moe import Expert, PluggedSet, RoutedModel, RoutingSpec, UnknownExpertError
+from moe.decode import scheduler as scheduler_module
 from moe.decode.generation import generate
 from moe.decode.sampling import SamplingParams
-from moe.decode.structured_output import GrammarSpec
-from server import engine as engine_module
-from server.engine import Engine, _prompt_logit_groups, _Sequence
-from server.metrics import Metrics
-from server.requests import (
+from moe.decode.sequence import (
     CANCELLED,
     ERROR,
     EXPERT_UNPLUGGED,
     LENGTH,
-    STOP,
-    ContextLimitError,
-    EngineStoppedError,
     Event,
     Finished,
     GenerationFailedError,
     GenerationRequest,
-    QueueFullError,
 )
+from server.engine import Engine
+from server.metrics import Metrics
+from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 from tests.server.conftest import LiveServer
 from tests.tiny import VOCAB, tiny_backbone, tiny_expert, tiny_tokenizer
 
@@ -96,8 +92,9 @@ def token_ids(events: list[Event]) -> list[int]:
 
 
 async def between_steps(engine: Engine, action: Awaitable[Any]) -> tuple[int, Any]:
-    """Hold the engine thread between two steps, queue `action` (Engine.plug / unplug) behind the hold, release.
-    Returns (sequences running when the action ran, its result): no step runs between the hold and the action."""
+    """Hold the engine thread between two steps, queue `action` (plug / unplug below: Engine.set_experts) behind
+    the hold, release. Returns (sequences running when the action ran, its result): no step runs between the hold
+    and the action."""
     gate, running = threading.Event(), []
     engine.call(lambda: (running.append(engine.running), gate.wait()))
     task = asyncio.ensure_future(action)
@@ -105,6 +102,17 @@ async def between_steps(engine: Engine, action: Awaitable[Any]) -> tuple[int, An
     gate.set()
     result = await task
     return running[0], result
+
+
+def plug(engine: Engine, expert: Expert) -> Awaitable[PluggedSet]:
+    """engine.set_experts with `expert` added (or replacing the plugged one of its name)."""
+    kept = tuple(e for e in engine.model.plugged.experts if e.name != expert.name)
+    return engine.set_experts((*kept, expert))
+
+
+def unplug(engine: Engine, name: str) -> Awaitable[PluggedSet]:
+    """engine.set_experts without the expert called `name`."""
+    return engine.set_experts(tuple(e for e in engine.model.plugged.experts if e.name != name))
 
 
 def hold(engine: Engine) -> threading.Event:
@@ -204,16 +212,16 @@ def test_plug_and_unplug_between_steps_while_a_request_runs(make_engine, tokeniz
         handle = engine.submit(request(tokenizer, tokens=60))
         events = handle.events()
         await anext(events)  # prefilled with nothing plugged: its prompt went to base
-        running_at_plug, plugged = await between_steps(engine, engine.plug(open_expert))
-        assert plugged.name == "open" and engine.model.plugged.names == ("open",)
+        running_at_plug, plugged = await between_steps(engine, plug(engine, open_expert))
+        assert plugged.names == ("open",) and engine.model.plugged.names == ("open",)
         routed = 0.0
         for _ in range(40):  # tokens streamed before the plug may still be queued: wait for a routed step
             await anext(events)
             routed = await engine.run(lambda: engine.tokens_routed("open"))
             if routed > 0:
                 break
-        running_at_unplug, unplugged = await between_steps(engine, engine.unplug("open"))
-        assert unplugged.name == "open" and engine.model.plugged.names == ()
+        running_at_unplug, unplugged = await between_steps(engine, unplug(engine, "open"))
+        assert unplugged.names == () and engine.model.plugged.names == ()
         _, done = await finish(events)
         return running_at_plug, running_at_unplug, routed, engine.tokens_routed("open"), done
 
@@ -228,11 +236,11 @@ def test_replace_swaps_in_place_for_a_pinned_request(make_engine, tokenizer) -> 
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("pinned", threshold=-2.0))
+        await plug(engine, tiny_expert("pinned", threshold=-2.0))
         handle = engine.submit(request(tokenizer, tokens=30, routing=RoutingSpec("pin", "pinned")))
         events = handle.events()
         await anext(events)
-        await between_steps(engine, engine.plug(tiny_expert("pinned", seed=5, threshold=-2.0), replace=True))
+        await between_steps(engine, plug(engine, tiny_expert("pinned", seed=5, threshold=-2.0)))
         return (await finish(events))[1]
 
     done = asyncio.run(main())
@@ -246,11 +254,11 @@ def test_unplugging_a_running_requests_expert_finishes_it(make_engine, tokenizer
     engine = make_engine()
 
     async def main() -> tuple[int, list[Event], Finished]:
-        await engine.plug(tiny_expert("gone", threshold=-2.0))  # the sequence-mode prompt picks it
+        await plug(engine, tiny_expert("gone", threshold=-2.0))  # the sequence-mode prompt picks it
         handle = engine.submit(request(tokenizer, tokens=200, routing=routing))
         events = handle.events()
         first = await anext(events)
-        running, _ = await between_steps(engine, engine.unplug("gone"))
+        running, _ = await between_steps(engine, unplug(engine, "gone"))
         rest, done = await finish(events)
         return running, [first, *rest], done
 
@@ -265,13 +273,13 @@ def test_a_waiting_request_whose_expert_is_unplugged_finishes_before_running(mak
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("gone", threshold=-2.0))
+        await plug(engine, tiny_expert("gone", threshold=-2.0))
         gate = hold(engine)
         handle = engine.submit(request(tokenizer, routing=RoutingSpec("pin", "gone")))  # accepted: still plugged
-        unplug = asyncio.ensure_future(engine.unplug("gone"))  # queued behind the hold: runs before admission
+        unplugging = asyncio.ensure_future(unplug(engine, "gone"))  # queued behind the hold: runs before admission
         await asyncio.sleep(0)
         gate.set()
-        await unplug
+        await unplugging
         return (await finish(handle.events()))[1]
 
     done = asyncio.run(main())
@@ -282,12 +290,12 @@ def test_an_allow_list_loses_an_unplugged_expert_and_goes_on(make_engine, tokeni
     engine = make_engine()
 
     async def main() -> Finished:
-        await engine.plug(tiny_expert("stays"))
-        await engine.plug(tiny_expert("goes", seed=1, threshold=-2.0))
+        await plug(engine, tiny_expert("stays"))
+        await plug(engine, tiny_expert("goes", seed=1, threshold=-2.0))
         handle = engine.submit(request(tokenizer, tokens=40, routing=RoutingSpec(allow=("stays", "goes"))))
         events = handle.events()
         await anext(events)
-        await between_steps(engine, engine.unplug("goes"))
+        await between_steps(engine, unplug(engine, "goes"))
         return (await finish(events))[1]
 
     done = asyncio.run(main())
@@ -299,8 +307,8 @@ def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
     engine = make_engine()
 
     async def main() -> list[Finished]:
-        await engine.plug(tiny_expert("open", threshold=-2.0))
-        await engine.plug(tiny_expert("shut", seed=1))
+        await plug(engine, tiny_expert("open", threshold=-2.0))
+        await plug(engine, tiny_expert("shut", seed=1))
         specs = [RoutingSpec("sequence"), RoutingSpec("sequence", allow=("shut",))]
         handles = [engine.submit(request(tokenizer, tokens=n, routing=s)) for s in specs for n in (1, 5)]
         return [(await finish(h.events()))[1] for h in handles]
@@ -313,39 +321,6 @@ def test_sequence_mode_shares_list_every_route(make_engine, tokenizer) -> None:
 
 
 # --- refusals -----------------------------------------------------------------------------------------------
-
-
-def test_prefill_between_two_steps_stays_under_max_prefill_tokens(
-    make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A burst of prompts starts over several steps, first come first served, each step's prefill within the
-    budget (one prompt alone may exceed it); every request gets the tokens it gets alone."""
-    prompts = [PROMPT, OTHER, PROMPT + " jumps", OTHER + " return a", PROMPT + " over the lazy dog"]
-    lengths = [len(tokenizer.encode(p)) for p in prompts]
-    budget = lengths[0] + lengths[1]
-    engine = make_engine(max_prefill_tokens=budget)
-    want = [alone(engine, p, 6) for p in prompts]
-    prefilled: list[list[int]] = []
-    real = engine_module.prefill
-
-    def recording(model: Any, prompt_ids: list[list[int]], *args: Any, **kwargs: Any) -> Any:
-        prefilled.append([len(ids) for ids in prompt_ids])
-        return real(model, prompt_ids, *args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "prefill", recording)
-
-    async def main() -> list[tuple[list[Event], Finished]]:
-        gate = hold(engine)  # the whole burst is waiting when the engine next admits
-        handles = [engine.submit(request(tokenizer, p, 6)) for p in prompts]
-        gate.set()
-        return list(await asyncio.gather(*(finish(h.events()) for h in handles)))
-
-    results = asyncio.run(main())
-    assert [token_ids(events) for events, _ in results] == want
-    assert all(done.reason == LENGTH for _, done in results)
-    assert [n for call in prefilled for n in call] == lengths, "first come, first served"
-    assert len(prefilled) > 1 and all(sum(call) <= budget or len(call) == 1 for call in prefilled)
-    assert prefilled[0] == lengths[:2], "the budget is used, not only one prompt per step"
 
 
 def test_a_full_queue_refuses_with_the_numbers(make_engine, tokenizer) -> None:
@@ -400,7 +375,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
     make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine()
-    real = engine_module.decode_one_token
+    real = scheduler_module.decode_one_token
     calls = []
 
     def fails_once(*args: Any, **kwargs: Any) -> Any:
@@ -409,7 +384,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "decode_one_token", fails_once)
+    monkeypatch.setattr(scheduler_module, "decode_one_token", fails_once)
 
     async def main() -> tuple[Finished, Finished]:
         failed = (await finish(engine.submit(request(tokenizer)).events()))[1]
@@ -446,45 +421,7 @@ def test_stop_finishes_running_and_waiting_requests_and_refuses_new_ones(make_en
         engine.call(lambda: None).result(timeout=1)
 
 
-# --- prompt logprobs, logprobs and grammars in one admission ------------------------------------------------
-
-IDS = [5, 60, 7, 41, 200, 13, 99]
-
-
-def _together(engine: Engine, requests: list[GenerationRequest]) -> list[Finished]:
-    """Submit all while the engine is held, so they are admitted in one step."""
-
-    async def main() -> list[Finished]:
-        gate = hold(engine)
-        handles = engine.submit_all(requests)
-        gate.set()
-        return [await handle.result() for handle in handles]
-
-    return asyncio.run(main())
-
-
-def test_scoring_plain_and_constrained_rows_in_one_admission(make_engine) -> None:
-    """A row that scores its prompt (prompt logprobs, 0 new tokens) is prefilled apart with every position's
-    logits, beside a plain row with logprobs and a grammar-constrained row: each gets what it gets alone."""
-    engine = make_engine()
-    scored = GenerationRequest(IDS, 0, SamplingParams(logprobs=2), prompt_logprobs=2)
-    plain = GenerationRequest(IDS[:4], 5, SamplingParams(min_new_tokens=5, logprobs=0))
-    regex = GenerationRequest(IDS[:3], 20, grammar=GrammarSpec.regex("(yes|no)!"))
-    score, text, constrained = _together(engine, [scored, plain, regex])
-    alone_ = [_together(engine, [r])[0] for r in (scored, plain, regex)]
-
-    assert score.reason == LENGTH and score.completion_tokens == 0 and score.token_ids == []
-    with torch.inference_mode():
-        reference = torch.log_softmax(engine.model.backbone(torch.tensor([IDS])).logits[0].float(), dim=-1)
-    assert score.prompt_logprobs[0] is None
-    for j in range(1, len(IDS)):
-        entry = score.prompt_logprobs[j]
-        assert entry.token == IDS[j] and entry.logprob == pytest.approx(float(reference[j - 1, IDS[j]]), abs=1e-4)
-        assert [t for t, _ in entry.top] == reference[j - 1].topk(2).indices.tolist()
-    assert text.token_ids == alone_[1].token_ids and len(text.logprobs) == 5
-    assert [e.logprob for e in text.logprobs] == pytest.approx([e.logprob for e in alone_[1].logprobs], abs=1e-5)
-    assert constrained.reason == STOP and re.fullmatch("(yes|no)!", constrained.text), constrained.text
-    assert constrained.text == alone_[2].text
+# --- submitting several at once -----------------------------------------------------------------------------
 
 
 def test_submit_all_is_all_or_nothing(make_engine, tokenizer) -> None:
@@ -500,19 +437,6 @@ def test_submit_all_is_all_or_nothing(make_engine, tokenizer) -> None:
             gate.set()
 
     assert asyncio.run(main()) == 0
-
-
-def test_prompt_logit_groups_stay_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BUDGET", 1000)
-
-    def seq(length: int) -> _Sequence:
-        handle = type("Handle", (), {"request": GenerationRequest([1] * length, 0)})()
-        return _Sequence(handle, None, None, None)
-
-    groups = _prompt_logit_groups([seq(n) for n in [3, 4, 2, 30, 5, 5]], vocab=50)
-    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[3, 4, 2], [30], [5, 5]]
-    for group in groups:  # [rows, longest, V] under the budget, or a single row
-        assert len(group) == 1 or len(group) * max(len(s.request.prompt_ids) for s in group) * 50 <= 1000
 
 
 # --- through the app: the engine isolates what fails --------------------------------------------------------
@@ -606,14 +530,14 @@ def test_poisoned_requests_fail_alone_beside_streaming_neighbours(client: TestCl
 @pytest.fixture
 def poisoned_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling raises for any row whose seed is 666 (a stand-in for whatever may still break one row)."""
-    real = engine_module.sample_step
+    real = scheduler_module.sample_step
 
     def sample_step(logits, params, *args, **kwargs):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("poisoned row")
         return real(logits, params, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "sample_step", sample_step)
+    monkeypatch.setattr(scheduler_module, "sample_step", sample_step)
 
 
 @pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
@@ -742,7 +666,7 @@ def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
 ) -> None:
     """Whatever raises in a decode step fails the running rows with an error; the loop goes on."""
     engine: Engine = client.app.state.engine
-    real = engine_module.decode_one_token
+    real = scheduler_module.decode_one_token
     calls = {"n": 0}
 
     def decode_one_token(*args, **kwargs):
@@ -751,7 +675,7 @@ def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
             raise RuntimeError("the device fell over")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "decode_one_token", decode_one_token)
+    monkeypatch.setattr(scheduler_module, "decode_one_token", decode_one_token)
     response = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "min_new_tokens": 8})
     assert response.status_code == 500 and "the device fell over" in response.json()["detail"]
     assert engine.alive

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import moe.errors
+from moe.decode.sequence import GenerationFailedError
 from moe.errors import (
     ExpertFileError,
     ExpertNameTakenError,
@@ -43,7 +44,7 @@ from server.expert_store import (
     StoreUnavailableError,
     StoreWriteError,
 )
-from server.requests import ContextLimitError, EngineStoppedError, GenerationFailedError, QueueFullError
+from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
 from server.settings import Settings
 
 FILE_ERRORS = [kind for _, kind in inspect.getmembers(moe.errors, inspect.isclass) if issubclass(kind, ExpertFileError)]

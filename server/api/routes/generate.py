@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from moe.decode.sequence import Finished
 from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, events_until_done, sse, stream_error, wait_for_result
 from server.api.validation import generate_job
 from server.auth import ApiKey, SettingsDep
 from server.logprobs import TokenText, generate_logprobs
-from server.requests import Finished, RequestHandle
+from server.requests import RequestHandle
 from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])

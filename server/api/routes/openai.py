@@ -20,13 +20,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from moe.decode.sequence import Event, Finished
 from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, merged_events, sse, stream_error, wait_for_results
 from server.api.validation import OpenAIPlan, Prompt, openai_plan
 from server.auth import ApiKey, SettingsDep
 from server.engine import Engine
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, prompt_logprobs, trimmed
-from server.requests import Event, Finished, RequestHandle
+from server.requests import RequestHandle
 from server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,

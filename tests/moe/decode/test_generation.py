@@ -11,7 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe import RoutedModel, RoutingSpec
-from moe.decode.generation import StaticDecoder, decode_one_token, eos_token_ids, generate, prefill, prefill_rows
+from moe.decode.generation import generate
+from moe.decode.prefill import prefill, prefill_rows
+from moe.decode.scheduler import eos_token_ids
+from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from tests.tiny import FAMILIES, tiny_backbone, tiny_config, tiny_expert, tiny_tokenizer
 
 PROMPTS = [[5, 17, 42, 9], [7, 3], [11, 12, 13, 14, 15, 16, 17], [100, 101, 102]]
@@ -222,16 +225,16 @@ def test_generate_stops_at_every_eos_id_and_says_why() -> None:
     for g, tokens, at in zip(results, greedy, cut, strict=True):
         if at is None:
             assert (g.token_ids, g.finish_reason) == (tokens, "length")
-        else:
-            assert (g.token_ids, g.finish_reason) == (tokens[:at], "stop"), "the EOS id itself is not returned"
-        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        else:  # the EOS rule (moe.decode.sequence): token_ids keep the ending EOS id, the text never has it
+            assert (g.token_ids, g.finish_reason) == (tokens[: at + 1], "stop")
+        assert g.text == tokenizer.decode(tokens[:at], skip_special_tokens=True)
         assert g.route is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_equals_transformers_generate(family: str) -> None:
     """generate (prefill, then the fixed-slot decoder; 4 prompts through 2 slots) gives, token for token, what
-    transformers' own greedy `generate` gives for each prompt alone (its EOS, which we do not return, cut off)."""
+    transformers' own greedy `generate` gives for each prompt alone, up to and including its EOS."""
     tokenizer = tiny_tokenizer()
     config = tiny_config(family, vocab=len(tokenizer))
     config.initializer_range = 0.2  # the default repeats one token forever: a weak test
@@ -245,9 +248,10 @@ def test_generate_equals_transformers_generate(family: str) -> None:
         with torch.inference_mode():
             out = plain.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=0)
         want = out[0, ids.shape[1] :].tolist()
-        want = want[: want.index(0)] if 0 in want else want
+        want = want[: want.index(0) + 1] if 0 in want else want
         assert g.token_ids == want, prompt
-        assert g.finish_reason == ("stop" if len(want) < 20 else "length")
+        assert g.finish_reason == ("stop" if 0 in want else "length")
+        assert g.text == tokenizer.decode(want, skip_special_tokens=True)
     assert len({tuple(g.token_ids) for g in got}) == len(prompts), "the case needs distinct sequences"
 
 

@@ -1,4 +1,4 @@
-"""The fixed-slot decoder (moe.decode.generation.StaticDecoder): rows joining and leaving at any step decode exactly as
+"""The fixed-slot decoder (static_decoder.StaticDecoder): rows joining and leaving at any step decode exactly as
 each sequence alone through transformers' DynamicCache (bare, every family) and through the routed model (token,
 pin, allow-list and off rows), base-route rows stay bit-exact, a step reads no value on the host, routing rows
 follow plugs and unplugs (no allow-list or pin is inherited by a reused slot), buckets and columns follow the
@@ -16,7 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe import Expert, RoutedModel, RoutingSpec, UnknownExpertError
-from moe.decode.generation import StaticDecoder, capture_refusal, decode_one_token, generate, prefill
+from moe.decode.generation import generate
+from moe.decode.prefill import prefill
+from moe.decode.static_decoder import StaticDecoder, capture_refusal, decode_one_token
 from moe.model.kv_cache import cache_kwarg
 from tests.tiny import FAMILIES, tiny_config, tiny_expert, tiny_lora_expert, tiny_tokenizer
 
@@ -418,7 +420,7 @@ def test_warm_up_before_a_capture_leaves_the_rows_as_they_were() -> None:
         slots = [decoder.join(pre, row) for row in range(2)]
         assert decoder.bucket() == (2, 8) and decoder.lengths[0] + 1 == 8, "row 0 takes the bucket's last column"
         if warm:
-            decoder._sync_routing(decoder._plugged())
+            decoder._sync_routing(decoder.plugged)
             pos, bias = decoder.pos.clone(), decoder.bias.clone()
             with torch.no_grad():
                 decoder._warm_up(2, 8, decoder._routing, decoder._step_set(), times=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe.decode.sampling import SamplingParams, sample_step, token_mask
-from moe.decode.structured_output import GrammarCompiler, GrammarSpec, advance, close_objects
+from moe.decode.structured_output import GrammarCompiler, GrammarSpec, close_objects, consume
 from moe.errors import GrammarError
 from tests.tiny import tiny_backbone, tiny_tokenizer
 
@@ -99,8 +99,8 @@ def test_constrained_decoding_of_a_random_model_matches(compiler: GrammarCompile
                 eos,
                 allowed=compiler.allowed_tokens([matchers[i] for i in live]),
             )
-            advance([matchers[i] for i in live], out.tokens, [set(eos)] * len(live))
             for i, token in zip(live, out.tokens, strict=True):
+                consume(matchers[i], token, eos)
                 done[i] = token in eos
             for i in range(len(params)):
                 ids[i].append(out.tokens[live.index(i)] if i in live else eos[0])

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from moe import load_backbone
 from moe.decode.sampling import SamplingParams
+from moe.decode.sequence import CANCELLED, GenerationRequest
 from server.engine import Engine
-from server.requests import CANCELLED, GenerationRequest
 
 PROMPT = "The quick brown fox"
 

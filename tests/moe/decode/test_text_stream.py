@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.text_stream import TextStream
+from moe.decode.text_stream import TextStream
 from tests.tiny import tiny_tokenizer
 
 EOS = 0

@@ -1,0 +1,470 @@
+"""The scheduler: the one owner of a sequence's life, from the waiting queue to its finish. Every caller runs
+through it: the server's engine (a thread that calls `step` in a loop) and offline generation
+(moe.decode.generation.generate, which steps until every prompt is done).
+
+    scheduler = Scheduler(model, tokenizer, StaticDecoder(model, max_batch, max_len))
+    scheduler.add([Sequence(request, output)])
+    while scheduler.busy:
+        scheduler.step()
+
+One step:
+
+    admit waiting sequences up to the decoder's slots, their prompts up to max_prefill_tokens (the first always
+        starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
+        there; sequences that asked for prompt logprobs are prefilled apart, every position's logits, in groups
+        under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot
+    finish cancelled sequences and those whose pinned expert was unplugged; drop unplugged names from
+        allow-lists
+    one moe.decode.static_decoder.decode_one_token for every running sequence, each with its own routing
+    sample every row (moe.decode.sampling.sample_step: penalties, logit bias, structured output masks from
+        moe.decode.structured_output), move each grammar past its token
+    per token: record it, detokenise it (moe.decode.text_stream), push its Event; finish on EOS or a
+        stop_token_id or a stop string (STOP), max_new_tokens or the context (LENGTH); free the slots of
+        finished rows
+
+The EOS rule (moe.decode.sequence): token_ids keep the token that ended the sequence; its text never does.
+
+One sequence cannot harm another: a prefill that raises is retried row by row, so a bad row fails alone; a
+row whose sampling raises is finished with an error while its neighbours are sampled alone, as they would
+have been together; a row whose grammar rejects its token is finished alone (the other rows keep the tokens
+they sampled, their grammars moved once); whatever else a step raises fails the running batch with an
+error, and the next step goes on. Every sequence taken from the queue gets its finish.
+
+The scheduler knows nothing of threads, event loops or metrics: what the server counts it reads from a
+SchedulerObserver (prefilled prompts, routed tokens per layer, batch sizes, each token, each finish).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from moe.adapters.expert import BASE_ROUTE
+from moe.adapters.slots import PluggedSet
+from moe.decode.prefill import prefill
+from moe.decode.sampling import Sampled, TokenLogprobs, prompt_logprobs, sample_step
+from moe.decode.sequence import (
+    CANCELLED,
+    ERROR,
+    EXPERT_UNPLUGGED,
+    LENGTH,
+    STOP,
+    Event,
+    Finished,
+    GenerationFailedError,
+    Sequence,
+)
+from moe.decode.static_decoder import StaticDecoder, decode_one_token
+from moe.decode.structured_output import GrammarCompiler, consume
+from moe.decode.text_stream import TextStream
+from moe.errors import GrammarError
+from moe.model.routed import RoutedModel
+from moe.model.trace import add_counts, route_shares, routing_entropy
+from moe.routing.router import RoutingSpec
+
+logger = logging.getLogger(__name__)
+
+# Logits one prefill may hold for prompt logprobs ([rows, longest prompt, V] elements; 256 MiB in float32):
+# sequences that ask for them are prefilled in groups under this, one row at least.
+PROMPT_LOGITS_BUDGET = 1 << 26
+
+
+def eos_token_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
+    """Every id that ends a sequence: the generation config's, the model config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model.backbone, "generation_config", None), model.backbone.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))
+
+
+def logits_width(model: RoutedModel) -> int:
+    """V: the width of the model's logits (it may exceed the tokenizer's vocabulary)."""
+    head = model.backbone.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.backbone.config.vocab_size)
+
+
+class SchedulerObserver:
+    """What a step reports as it goes; this one ignores it all (the server's engine counts it)."""
+
+    def prefilled(self, seq: Sequence) -> None:
+        """seq's prompt was prefilled."""
+
+    def routed(self, layer_counts: list[dict[str, float]]) -> None:
+        """One forward's applied decisions, per layer {route: (token, layer) decisions}."""
+
+    def decoded(self, rows: int) -> None:
+        """One decode step ran this many rows."""
+
+    def token(self, seq: Sequence) -> None:
+        """seq sampled a token (seq.token_ids[-1]); called before its Event is pushed."""
+
+    def finished(self, seq: Sequence) -> None:
+        """seq finished (seq.finished); called before its last Event is pushed."""
+
+
+class Scheduler:
+    """Waiting and running sequences over one StaticDecoder (its slots are the batch, its max_len the context).
+
+    max_prefill_tokens: prompt tokens one step may prefill (None: as many as there are free slots).
+    The decoder's plugged set is the one routed over: the model's live slots (what the server plugs between
+    steps) or a fixed set. Not thread-safe: one thread calls add, step and finish_*.
+    """
+
+    def __init__(
+        self,
+        model: RoutedModel,
+        tokenizer: Any,
+        decoder: StaticDecoder,
+        *,
+        max_prefill_tokens: int | None = None,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.max_batch_size = decoder.max_batch
+        self.context_limit = decoder.max_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.observer = observer or SchedulerObserver()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()  # the compiler is built from whichever side asks first
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured output's compiler, built on first use (it converts the vocabulary once)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            return self._grammars
+
+    def add(self, seqs: Iterable[Sequence]) -> None:
+        """Queue sequences (first come, first served)."""
+        self.waiting.extend(seqs)
+
+    def step(self) -> None:
+        """Admit what fits, then decode one token for every running sequence. Never raises for a sequence's
+        fault: whatever a step raises fails the running batch with an error, and the scheduler goes on."""
+        try:
+            self._admit()
+            if self.running:
+                self._decode()
+        except Exception as e:
+            logger.exception("scheduler step failed")
+            error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
+            self.finish_running(ERROR, str(error), error)
+
+    def finish_waiting(self, reason: str, message: str | None, error: Exception | None = None) -> None:
+        while self.waiting:
+            self.finish(self.waiting.popleft(), reason, message, error)
+
+    def finish_running(self, reason: str, message: str | None, error: Exception | None = None) -> None:
+        for seq in self.running:
+            self.finish(seq, reason, message, error)
+        self.running = []
+        self.decoder.reset()
+
+    # --- admission ----------------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Start waiting sequences, first come first served, while the decoder has free slots and their prompts
+        fit max_prefill_tokens (the first always starts): the prefill between two decode steps stays bounded,
+        so the running rows' next token is not held behind a burst of new prompts."""
+        admitted: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            if budget is not None:
+                tokens = len(self.waiting[0].request.prompt_ids)
+                if admitted and tokens > budget:
+                    break
+                budget -= tokens
+            admitted.append(self.waiting.popleft())
+        if not admitted:
+            return
+        try:
+            plugged = self.decoder.plugged
+            seqs = [seq for seq in admitted if self._arm(seq, plugged)]
+            scored = [s for s in seqs if s.request.prompt_logprobs is not None]
+            for group in prompt_logit_groups(scored, self.vocab_size):
+                self._start(group, plugged, prompt_logits=True)
+            plain = [s for s in seqs if s.request.prompt_logprobs is None]
+            if plain:
+                self._start(plain, plugged)
+        finally:  # whatever happened above, no sequence taken from the queue is left without an answer
+            for seq in admitted:
+                if seq.finished is None and seq.slot < 0:
+                    error = GenerationFailedError("the request could not start (see the server log)")
+                    self.finish(seq, ERROR, str(error), error)
+
+    def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
+        """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
+        start (cancelled, its expert gone, a bad setting), and was finished."""
+        request = seq.request
+        if seq.output is not None and seq.output.cancelled:
+            self.finish(seq, CANCELLED, "the client went away")
+            return False
+        spec, message = current_spec(request.routing, plugged)
+        if spec is None:
+            self.finish(seq, EXPERT_UNPLUGGED, message)
+            return False
+        seq.spec = spec
+        try:
+            seq.generator = request.sampling.generator(self.model.device)
+            seq.stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
+            seq.text = TextStream(
+                self.tokenizer, request.stop, tuple(sorted(seq.stop_ids)), request.text, pieces=seq.output is not None
+            )
+            if request.grammar is not None:  # checked before queueing; a failure here fails this sequence only
+                seq.matcher = self.grammars.matcher(request.grammar)
+        except GrammarError as e:
+            self.finish(seq, ERROR, f"structured output failed: {e}")
+            return False
+        except Exception as e:  # this sequence cannot start; the others can
+            logger.exception("cannot start a request")
+            error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
+            self.finish(seq, ERROR, str(error), error)
+            return False
+        return True
+
+    def _start(self, seqs: list[Sequence], plugged: PluggedSet, prompt_logits: bool = False) -> None:
+        """Prefill new sequences together, sample their first tokens, and join them to the running batch.
+
+        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). A prefill that
+        raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompts = [s.request.prompt_ids for s in seqs]
+        try:
+            pre = prefill(self.model, prompts, [s.spec for s in seqs], plugged, prompt_logits=prompt_logits)
+        except Exception as e:
+            if len(seqs) > 1:
+                logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
+                for seq in seqs:
+                    self._start([seq], plugged, prompt_logits)
+                return
+            logger.exception("prefill failed")
+            error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
+            self.finish(seqs[0], ERROR, str(error), error)
+            return
+        self.observer.routed(pre.layer_counts)
+        for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
+            seq.spec = spec
+            add_counts(seq.counts, row_counts)
+            self.observer.prefilled(seq)
+        if pre.prompt_logits is not None:
+            for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
+                seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
+        live = [row for row, seq in enumerate(seqs) if seq.request.max_new_tokens > 0]
+        for seq in seqs:
+            if seq.request.max_new_tokens == 0:  # scoring only (echo with max_tokens 0)
+                self.finish(seq, LENGTH, None)
+        if not live:
+            return
+        rows = [seqs[row] for row in live]
+        logits = pre.logits if len(live) == len(seqs) else pre.logits[live]
+        tokens, logprobs = self._sample(rows, logits)
+        keep = [
+            row
+            for row, seq, token, row_logprobs in zip(live, rows, tokens, logprobs, strict=True)
+            if token is not None and not self._advance(seq, token, row_logprobs)
+        ]
+        for row in keep:
+            seqs[row].slot = self.decoder.join(pre, row)
+            self.running.append(seqs[row])
+
+    # --- a decode step ------------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        plugged = self.decoder.plugged
+        keep: list[int] = []
+        for row, seq in enumerate(self.running):
+            if seq.output is not None and seq.output.cancelled:
+                self.finish(seq, CANCELLED, "the client went away")
+                continue
+            spec, message = current_spec(seq.spec, plugged)
+            if spec is None:
+                self.finish(seq, EXPERT_UNPLUGGED, message)
+                continue
+            seq.spec = spec
+            keep.append(row)
+        self._drop(keep)
+        if not self.running:
+            return
+        seqs = self.running
+        out = decode_one_token(
+            self.decoder, [s.slot for s in seqs], [s.token_ids[-1] for s in seqs], [s.spec for s in seqs]
+        )
+        self.observer.routed(out.layer_counts)
+        self.observer.decoded(len(seqs))
+        tokens, logprobs = self._sample(seqs, out.logits)
+        keep = []
+        for row, (seq, token, row_logprobs, row_counts) in enumerate(
+            zip(seqs, tokens, logprobs, out.row_counts, strict=True)
+        ):
+            add_counts(seq.counts, row_counts)
+            if token is not None and not self._advance(seq, token, row_logprobs):
+                keep.append(row)
+        self._drop(keep)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep these rows of the running batch (in order); free the decoder slots of the others."""
+        if len(keep) != len(self.running):
+            kept = set(keep)
+            for row, seq in enumerate(self.running):
+                if row not in kept:
+                    self.decoder.leave(seq.slot)
+            self.running = [self.running[row] for row in keep]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[Any], list[Any]]:
+        """Each row's next token (and logprobs) under its own sampling settings and grammar; grammars then move
+        past their tokens, row by row. A row whose sampling raises is finished with an error (token None)
+        while the others are sampled alone, exactly as they would have been together; a row whose grammar
+        rejects its token is finished with an error, and the others keep theirs."""
+        matchers = [s.matcher for s in seqs]
+        constrained = any(m is not None for m in matchers)
+        tokens: list[Any]  # int, or None for a row that failed
+        try:
+            sampled = self._sample_rows(seqs, logits, matchers if constrained else None)
+            tokens, logprobs = sampled.tokens, sampled.logprobs  # fresh lists, ours to edit
+        except Exception:
+            logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(seqs), exc_info=True)
+            tokens, logprobs = [], []
+            for row, seq in enumerate(seqs):
+                try:
+                    one = self._sample_rows([seq], logits[row : row + 1], [seq.matcher] if seq.matcher else None)
+                    tokens.append(one.tokens[0])
+                    logprobs.append(one.logprobs[0])
+                except Exception as e:
+                    logger.exception("sampling failed")
+                    self._fail(seq, f"sampling failed: {type(e).__name__}: {e}")
+                    tokens.append(None)
+                    logprobs.append(None)
+        if constrained:
+            for row, (matcher, token) in enumerate(zip(matchers, tokens, strict=True)):
+                if matcher is None or token is None:
+                    continue
+                try:
+                    consume(matcher, token, seqs[row].stop_ids)
+                except Exception as e:
+                    logger.exception("structured output failed")
+                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {e}")
+                    tokens[row] = None
+        return tokens, logprobs
+
+    def _sample_rows(self, seqs: list[Sequence], logits: torch.Tensor, matchers: list[Any] | None) -> Sampled:
+        """sample_step over these rows; matchers: their grammars (None: no row is constrained)."""
+        return sample_step(
+            logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [len(s.token_ids) for s in seqs],
+            self.eos_ids,
+            prompts=[s.request.prompt_ids for s in seqs],
+            outputs=[s.token_ids for s in seqs],
+            allowed=self.grammars.allowed_tokens(matchers) if matchers is not None else None,
+        )
+
+    # --- per token and at the end -------------------------------------------------------------------------------
+
+    def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """Record a sampled token, stream its text, and finish the sequence if it is done. True: finished."""
+        request = seq.request
+        seq.token_ids.append(token)
+        wants_logprobs = request.sampling.logprobs is not None
+        if wants_logprobs:
+            seq.logprobs.append(logprobs)
+        piece, stopped = seq.text.add(token)
+        reason = STOP if stopped else None
+        if reason is None and (
+            len(seq.token_ids) >= request.max_new_tokens
+            or len(request.prompt_ids) + len(seq.token_ids) >= self.context_limit
+        ):
+            reason, piece = LENGTH, piece + seq.text.flush()
+        self.observer.token(seq)
+        if seq.output is not None:
+            seq.output.push(Event(piece, [token], logprobs=[logprobs] if wants_logprobs else []))
+        if reason is None:
+            return False
+        self.finish(seq, reason, None)
+        return True
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        error = GenerationFailedError(message)
+        self.finish(seq, ERROR, str(error), error)
+
+    def finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
+        """End a sequence (once): its held-back text, then its Finished. Its slot is freed by the caller."""
+        if seq.finished is not None:
+            return
+        text = ""
+        if seq.text is not None:
+            rest = seq.text.flush()
+            if rest and seq.output is not None:
+                seq.output.push(Event(rest))
+            text = seq.text.text
+        shares = route_shares(seq.counts)
+        seq.finished = Finished(
+            reason,
+            text,
+            len(seq.request.prompt_ids),
+            len(seq.token_ids),
+            shares,
+            routing_entropy(shares),
+            message,
+            error,
+            token_ids=list(seq.token_ids),
+            logprobs=list(seq.logprobs),
+            prompt_logprobs=seq.prompt_logprobs,
+        )
+        self.observer.finished(seq)
+        if seq.output is not None:
+            seq.output.push(Event(finished=seq.finished))
+
+
+def prompt_logit_groups(seqs: list[Sequence], vocab: int) -> list[list[Sequence]]:
+    """Consecutive groups whose [rows, longest prompt, V] logits stay under PROMPT_LOGITS_BUDGET."""
+    groups: list[list[Sequence]] = []
+    current: list[Sequence] = []
+    longest = 0
+    for seq in seqs:
+        length = len(seq.request.prompt_ids)
+        if current and (len(current) + 1) * max(longest, length) * vocab > PROMPT_LOGITS_BUDGET:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(seq)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def current_spec(spec: RoutingSpec, plugged: PluggedSet) -> tuple[RoutingSpec | None, str | None]:
+    """The spec to run this step, or (None, why) when its pinned expert is gone.
+
+    A pinned (or sequence-chosen) expert that was unplugged ends the sequence; names in an allow-list that
+    were unplugged are dropped from it, so the sequence goes on with the experts it may still use.
+    """
+    if spec.expert and spec.expert != BASE_ROUTE and spec.expert not in plugged:
+        return None, (
+            f"expert {spec.expert!r} was unplugged while this request was running; "
+            f"plugged now: {list(plugged.names) or 'none'}"
+        )
+    if spec.allow is not None and any(name not in plugged for name in spec.allow):
+        spec = RoutingSpec(spec.mode, spec.expert, tuple(n for n in spec.allow if n in plugged))
+    return spec, None
