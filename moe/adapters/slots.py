@@ -129,11 +129,6 @@ class ExpertSlots:
     def capacity(self) -> int:
         return len(self.names)
 
-    @property
-    def has_lora(self) -> bool:
-        """`eager_only` under the name moe.decode.generation reads (until it reads eager_only)."""
-        return self.eager_only
-
     def check_fits(self, expert: Expert) -> None:
         check_fits(expert, self.num_layers, self.hidden, self.projections)
 
@@ -436,11 +431,6 @@ class PluggedSet:
         """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
         holds references): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
         return self.fixed is None
-
-    @property
-    def lora(self) -> PluggedSet | None:
-        """Not None exactly when `eager_only`: the test moe.decode.generation reads (until it reads eager_only)."""
-        return self if self.eager_only else None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -230,11 +230,11 @@ class StaticDecoder:
         return self._fixed_set if self._fixed_set is not None else self.model.plugged
 
     def _step_set(self) -> PluggedSet:
-        """The tensors a step reads: the storage itself for live slots (its gate columns as published); while a
-        LoRA expert is plugged, the current snapshot (its LoRA stacks), run eagerly (see `_run`)."""
+        """The tensors a step reads: the storage itself for live slots (its gate columns as published); while an
+        expert whose kind has no fixed-op form (LoRA) is plugged, the current snapshot, run eagerly (see `_run`)."""
         if self._fixed_set is not None:
             return self._fixed_set
-        return self.model.plugged if self.model.slots.has_lora else self.model.slots.live()
+        return self.model.plugged if self.model.slots.eager_only else self.model.slots.live()
 
     # --- rows joining and leaving (between steps) ---------------------------------------------------------
 
@@ -403,9 +403,9 @@ class StaticDecoder:
     def _run(self, b: int, s: int, routing_mode: str) -> tuple[torch.Tensor, ...]:
         key = (b, s, routing_mode)
         plugged = self._step_set()
-        if plugged.lora is not None:
-            # LoRA experts change the block's projections through a plan made on the host per layer (moe.adapters.lora):
-            # no captured or compiled step runs them; the plain eager routed step does, until they are unplugged
+        if plugged.eager_only:
+            # a kind with no fixed-op form (LoRA: a plan made on the host per layer, moe.adapters.lora) is run by no
+            # captured or compiled step; the plain eager routed step runs it, until the last such expert is unplugged
             return self._body(b, s, routing_mode, plugged)
         if self.capture:
             captured = self._graphs.get(key) or self._capture(key, plugged)
