@@ -147,6 +147,23 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
     log_level: str = Field("info", description="logging level")
 
+    # --- expert-store hygiene (issue 24) ---
+    store_gc_keep_versions: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="garbage-collect the expert store: after each replace or unplug this server commits (and on "
+        "POST /experts/gc), delete the stored expert files that none of the newest K expert-set versions names "
+        "(default: unset, files are deleted only by an unplug with purge)",
+    )
+    store_gc_grace_s: float = Field(
+        300.0,
+        ge=0,
+        le=86_400 * 30,
+        description="the garbage collector keeps a file written or reused by a plug less than this many seconds ago "
+        "(another server's plug may be about to commit it)",
+    )
+
     @field_validator("expert_store_options")
     @classmethod
     def _options_are_a_json_object(cls, value: str | None) -> str | None:

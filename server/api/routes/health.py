@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import MetricsDep
+from server.expert_store import StoreCorruptError, StoreUnavailableError
+from server.metrics import STORE_USAGE_MAX_AGE_S
 from server.schemas import error_responses
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -49,5 +57,20 @@ async def ready(request: Request) -> JSONResponse:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **error_responses()},
     response_class=Response,
 )
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(request: Request, metrics: MetricsDep) -> Response:
+    await _read_store_usage(request)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_store_usage(request: Request) -> None:
+    """Refresh the expert store's size metrics, at most every STORE_USAGE_MAX_AGE_S (a listing of the store
+    per scrape would be one LIST request per scrape on S3). A store that cannot be read keeps the last values."""
+    served = getattr(request.app.state, "experts", None)
+    last = getattr(request.app.state, "store_usage_read_at", None)
+    if served is None or (last is not None and time.monotonic() - last < STORE_USAGE_MAX_AGE_S):
+        return
+    request.app.state.store_usage_read_at = time.monotonic()
+    try:
+        await asyncio.to_thread(served.read_store_usage)
+    except (StoreUnavailableError, StoreCorruptError, OSError) as e:
+        logger.warning("cannot read the expert store's size for /metrics: %s", e)
