@@ -91,7 +91,11 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(
         None, description="comma-separated bearer keys that guard every endpoint but --open-paths; unset: open"
     )
-    open_paths: str = Field("/health", description="comma-separated paths that --api-keys leaves open")
+    open_paths: str = Field(
+        "/health,/ready",
+        description="comma-separated paths that --api-keys leaves open (probes need /health and /ready; /ready "
+        "shows a caller without a key its status only)",
+    )
     max_body_bytes: int = Field(4 << 20, ge=1, description="largest request body, JSON endpoints (413 past it)")
     max_upload_bytes: int = Field(
         256 << 20, ge=1, description="largest POST /experts body or fetched source: an expert file (413 past it)"

@@ -22,7 +22,6 @@ EVERY_ENDPOINT = [
     ("POST", "/experts"),
     ("DELETE", "/experts/x"),
     ("GET", "/metrics"),
-    ("GET", "/ready"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/v1/models"),
@@ -33,7 +32,7 @@ EVERY_ENDPOINT = [
 ]
 
 
-def test_api_keys_guard_every_endpoint_but_health(make_client) -> None:
+def test_api_keys_guard_every_endpoint_but_health_and_ready(make_client) -> None:
     client = make_client(api_keys="k1")
     for method, path in EVERY_ENDPOINT:
         response = client.request(method, path)
@@ -44,6 +43,7 @@ def test_api_keys_guard_every_endpoint_but_health(make_client) -> None:
         right = client.request(method, path, headers={"Authorization": "Bearer k1"})
         assert right.status_code not in (401, 403), (method, path, right.status_code)
     assert client.get("/health").status_code == 200
+    assert client.get("/ready").json() == {"status": "ready"}, "open for probes (tests/server/test_health.py)"
 
 
 def test_open_paths_are_configurable(make_client) -> None:

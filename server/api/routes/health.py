@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.deps import MetricsDep
+from server.auth import has_api_key
 from server.expert_store import StoreCorruptError, StoreUnavailableError
 from server.metrics import STORE_USAGE_MAX_AGE_S
 from server.schemas import error_responses
@@ -30,7 +31,8 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     """200 when the model is loaded, the engine loop runs and the expert set served is the store's current
     one; 503 otherwise: loading, stopped, or stale (the store has held a newer expert-set version for more
-    than two poll intervals and this server could not apply it)."""
+    than two poll intervals and this server could not apply it). Under --api-keys it is open (a probe sends
+    no key) and answers a caller without a key with its status only."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.alive:
         return JSONResponse({"status": "loading" if engine is None else "stopped"}, status_code=503)
@@ -49,6 +51,8 @@ async def ready(request: Request) -> JSONResponse:
         body["skipped"] = served.skipped
     if served.store_error:
         body["store_error"] = served.store_error
+    if not has_api_key(request.headers, request.app.state.settings):  # open for probes: the status, no details
+        body = {"status": body["status"]}
     return JSONResponse(body, status_code=503 if stale else 200)
 
 
