@@ -221,6 +221,8 @@ async def _serve_directly(app: FastAPI, host: str) -> Any:
     the single-process server's protections (server.cli.run_serve): header limit, no proxy headers trusted."""
     import uvicorn
 
+    from server.connection_guard import guarded_protocol
+
     settings: Settings = app.state.settings
     config = uvicorn.Config(
         app,
@@ -228,7 +230,7 @@ async def _serve_directly(app: FastAPI, host: str) -> Any:
         port=0,
         lifespan="off",
         log_level="warning",
-        http="h11",
+        http=guarded_protocol(settings),  # h11, with the header deadline and the connection cap
         h11_max_incomplete_event_size=settings.max_header_bytes,
         proxy_headers=False,
     )

@@ -151,6 +151,22 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
     log_level: str = Field("info", description="logging level")
 
+    # --- connections (issue 24: server.connection_guard) ---
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a request's line and headers must arrive within this many seconds of the connection opening "
+        "(or of the previous response on a kept-alive connection); past it, 408 and the connection is closed",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="open connections at most; past it a new connection gets 503 with Retry-After and is closed "
+        "before it is read",
+    )
+
     # --- expert-store hygiene (issue 24) ---
     store_gc_keep_versions: int | None = Field(
         None,

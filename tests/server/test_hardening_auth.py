@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.cli import main
 
@@ -101,4 +102,4 @@ def test_uvicorn_does_not_trust_forwarded_headers(monkeypatch: pytest.MonkeyPatc
     assert main(["serve", "--model", str(tiny_model_dir), "--max-header-bytes", "4096"]) == 0
     (config,) = seen
     assert config.proxy_headers is False
-    assert config.http == "h11" and config.h11_max_incomplete_event_size == 4096
+    assert issubclass(config.http, H11Protocol) and config.h11_max_incomplete_event_size == 4096  # h11, guarded
