@@ -274,8 +274,8 @@ class ClusterSettings(BaseSettings):
     )
     replica_host: str | None = Field(
         "127.0.0.1",
-        description="each replica also serves the app on this host and a free port, for its own /metrics "
-        "(listed by GET /cluster/sd) and direct checks; 0.0.0.0 for Prometheus on other hosts; empty: off",
+        description="each replica also serves its /metrics, /health and /ready (nothing else) on this host and a "
+        "free port, listed by GET /cluster/sd for Prometheus; empty: off",
     )
     route_to_current: bool = Field(
         False,
