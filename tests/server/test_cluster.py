@@ -356,6 +356,12 @@ def test_kill_9_of_a_replica_under_load_fails_no_plain_request_and_ends_broken_s
         in_flight_at_kill = len(load.results)
         os.kill(victim["pid"], signal.SIGKILL)
         time.sleep(8)
+    streams = [r for r in load.results if r not in load.plain]
+    print(  # the figures, with -s
+        f"kill -9 under 8 clients: {len(load.plain)} non-streamed requests ({sum(not r[1] for r in load.plain)} "
+        f"failed), {len(streams)} streams ({sum(r[1] for r in streams)} finished, {len(load.broken)} ended with an "
+        f"error event, {sum(not r[1] for r in streams) - len(load.broken)} otherwise broken)"
+    )
     assert len(load.plain) >= 8 and len(load.results) > in_flight_at_kill, "the load ran across the kill"
     assert not [r for r in load.plain if not r[1]], [r for r in load.plain if not r[1]][:5]
     streamed_failures = [r for r in load.results if not r[1] and r not in load.plain]
