@@ -164,9 +164,13 @@ def test_gc_keeps_the_files_of_the_newest_k_versions(make_client, expert_bytes) 
     assert client.post("/experts/gc", params={"keep_versions": 2}).json()["deleted"] == []
 
 
-def test_gc_needs_a_keep_count(client: TestClient) -> None:
-    response = client.post("/experts/gc")
-    assert response.status_code == 400 and response.json()["error"]["param"] == "keep_versions"
+def test_gc_without_a_keep_count_keeps_the_served_versions_files(client: TestClient, expert_bytes) -> None:
+    for seed in range(2):
+        assert _upload(client, expert_bytes("a", seed=seed), replace="true").status_code == 201
+    _age(client.app.state.experts.store, 3600)
+    report = client.post("/experts/gc").json()  # no --store-gc-keep-versions, no keep_versions: 1
+    assert report["kept_versions"] == [2] and len(report["deleted"]) == 1
+    assert _blobs(client) == _served_shas(client)
     assert client.post("/experts/gc", params={"keep_versions": 0}).status_code == 400
 
 

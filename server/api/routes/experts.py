@@ -154,7 +154,8 @@ async def collect_garbage(
         Query(
             ge=1,
             le=1_000_000,
-            description="keep the files of the newest K versions (default: --store-gc-keep-versions)",
+            description="keep the files of the newest K versions (default: --store-gc-keep-versions; unset, 1: "
+            "the served version's files, and those younger than the grace period)",
         ),
     ] = None,
     grace_s: Annotated[
@@ -167,13 +168,7 @@ async def collect_garbage(
     """Delete the stored expert files that none of the newest `keep_versions` expert-set versions names
     (safe beside other servers and replicas plugging into the same store: see server.expert_store)."""
     settings = request.app.state.settings
-    keep = keep_versions if keep_versions is not None else settings.store_gc_keep_versions
-    if keep is None:
-        raise BadRequestError(
-            "pass keep_versions (how many of the newest expert-set versions keep their files), or start the "
-            "server with --store-gc-keep-versions",
-            param="keep_versions",
-        )
+    keep = keep_versions or settings.store_gc_keep_versions or 1
     return await experts.collect_garbage(keep, settings.store_gc_grace_s if grace_s is None else grace_s)
 
 
