@@ -345,6 +345,28 @@ def test_a_replica_port_serves_metrics_and_health_only(cluster: Cluster) -> None
 
 
 @pytest.mark.parametrize("cluster", ["local"], indirect=True)
+def test_a_client_that_leaves_a_stream_through_the_ingress_frees_its_sequence(cluster: Cluster) -> None:
+    """The ingress relays a client's departure: the replica's generation is cancelled, not run to its end."""
+
+    def cluster_sum(client: httpx.Client, metric: str) -> float:
+        lines = client.get("/cluster/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(metric + "{"))
+
+    body = {"prompt": "The otter is", "max_new_tokens": 400, "min_new_tokens": 400, "stream": True}  # context: 512
+    with httpx.Client(base_url=cluster.proxy, timeout=60) as client:
+        before = cluster_sum(client, "plugmoe_generated_tokens_total")
+        with client.stream("POST", "/generate", json=body) as response:
+            assert response.status_code == 200
+            assert any(line.startswith("data: ") for line in response.iter_lines())  # under way; then gone
+        deadline = time.monotonic() + 60
+        while cluster_sum(client, "plugmoe_running_sequences") > 0:
+            assert time.monotonic() < deadline, "the sequence still runs 60 s after its client left"
+            time.sleep(0.2)
+        generated = cluster_sum(client, "plugmoe_generated_tokens_total") - before
+    assert generated < 300, f"{generated} of 400 tokens generated for a client that left after the first"
+
+
+@pytest.mark.parametrize("cluster", ["local"], indirect=True)
 def test_kill_9_of_a_replica_under_load_fails_no_plain_request_and_ends_broken_streams(cluster: Cluster) -> None:
     """The issue's target: kill -9 of one replica under 8-client load (half the requests streamed): 0 failed
     non-streamed requests (each one in flight on the victim is retried on the other replica) and every stream
