@@ -1,8 +1,10 @@
 """Access control: who may call what. Checked by server.request_guard before the app reads a byte of the
 body, and again as route dependencies.
 
-API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health) needs
-`Authorization: Bearer <key>` (a listed key, or the admin token): 401 without one, 403 with a wrong one.
+API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health and /ready,
+so liveness and readiness probes work without a key) needs `Authorization: Bearer <key>` (a listed key, or
+the admin token): 401 without one, 403 with a wrong one. /ready answers a caller without a key with its
+status only (ready, loading, stopped, stale), never the experts, versions or queue.
 
 Admin (the writing /experts endpoints): with PLUGMOE_ADMIN_TOKEN set, `Authorization: Bearer <token>` is
 required (401 without, 403 wrong). Unset, only a direct loopback client may write, and the server trusts
@@ -109,8 +111,20 @@ def admin_refusal(headers: Mapping[str, str], client_host: str | None, settings:
 
 def api_key_refusal(headers: Mapping[str, str], path: str, settings: Settings) -> AuthError | None:
     """Why this request may not use the API (None: it may)."""
+    if path in settings.open_path_set():
+        return None
+    return _key_refusal(headers, settings)
+
+
+def has_api_key(headers: Mapping[str, str], settings: Settings) -> bool:
+    """Whether this request may see what --api-keys guards (no keys are set, or it sends a valid one): an open
+    path such as /ready answers a caller without one, but with less."""
+    return _key_refusal(headers, settings) is None
+
+
+def _key_refusal(headers: Mapping[str, str], settings: Settings) -> AuthError | None:
     keys = settings.api_key_set()
-    if not keys or path in settings.open_path_set():
+    if not keys:
         return None
     token = _bearer(headers)
     if token is None:

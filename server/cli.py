@@ -80,6 +80,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from server.connection_guard import guarded_protocol
     from server.main import create_app
 
     settings = _settings(args)
@@ -89,7 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http="h11",  # h11 enforces the header size limit below
+        # h11 (it enforces the header size limit below) with a header deadline and a connection cap
+        http=guarded_protocol(settings),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         proxy_headers=False,  # the client is the socket's peer: a header cannot make a remote client loopback
         timeout_graceful_shutdown=max(1, int(settings.graceful_shutdown_s) + 5),  # a backstop after the drain

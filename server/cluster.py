@@ -9,14 +9,23 @@ model and plugs the expert store's current version before it yields, and Ray Ser
 only once its initialisation (that lifespan included) is done: a replica that starts or restarts serves the
 current set before it takes a request. Then every replica follows the shared store (ServedExperts.watch).
 
+Requests reach the replicas through an ingress of their own (PlugmoeIngress, the application's HTTP entry,
+no CPU reserved): it reads the request (the app's access control and body limits first, server.request_guard),
+hands it to a replica through a Ray Serve handle (PlugmoeReplica.forward runs it through that replica's app and
+streams its ASGI messages back) and relays the answer. A replica that dies before the first byte of its answer
+reached the client produced nothing: the request is sent to another replica (at most FORWARD_ATTEMPTS times;
+never a plug or unplug, which may have committed). A stream whose replica dies after its first byte ends
+with an error event (`data: {"error": ...}`, then `data: [DONE]` on /v1), never a silent cut.
+
 What this module adds around the app:
 - the replicas' view of each other (RayReplicaSet): the controller's RUNNING replicas, and from each replica
   actor (record_routing_stats) the expert-set version it serves. A plug through any replica waits on it
   until every live replica serves the version it committed (201), or answers 202 with /cluster/versions/N;
 - /cluster/replicas, /cluster/versions/{N}, /cluster/sd (a Prometheus http_sd target list: one target per
   replica, labelled replica=<id>), /cluster/metrics (every replica's /metrics with a replica label);
-- per replica, the same app served directly on a free port (`--replica-host`; lifespan off: it shares the
-  replica's model), so each replica's own metrics can be scraped and each replica asked directly;
+- per replica, its /metrics, /health and /ready served directly on a free port (`--replica-host`; lifespan
+  off: it shares the replica's model), so each replica's own metrics can be scraped and its readiness probed;
+  the rest of the API is the proxy's alone (a replica port gets 404), so binding it wider exposes no API;
 - check_health: liveness only (the engine thread runs); failing it makes Ray Serve replace the replica;
 - optionally (--route-to-current), CurrentSetRouter: requests go only to replicas that report the newest
   expert-set version (Ray Serve's custom request router, an alpha API).
@@ -28,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
 import signal
 import time
@@ -40,19 +51,31 @@ from urllib.parse import urlparse
 import httpx
 import ray
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.auth import is_admin_request
+from server.errors import NotFoundError, error_response
 from server.main import create_app
+from server.request_guard import RequestGuard
 from server.served_experts import ServedExperts
 from server.settings import ClusterSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT = "plugmoe"
+INGRESS = "plugmoe-ingress"
+FORWARD_ATTEMPTS = 4  # replicas tried for one request that produced nothing before its replica died
+DIRECT_PATHS = frozenset({"/metrics", "/health", "/ready"})  # what a replica's own port serves
+# the parts of an HTTP scope a replica needs to run the request (plain data: it crosses processes)
+FORWARDED_SCOPE_KEYS = (
+    "type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string",
+    "headers", "client", "server",
+)  # fmt: skip
 REPLICA_HEADER = "X-Plugmoe-Replica"
 CONTROLLER, NAMESPACE = "SERVE_CONTROLLER_ACTOR", "serve"  # ray.serve._private.constants
 
@@ -216,19 +239,40 @@ def build_replica_app(settings: Settings, cluster: ClusterSettings, app_name: st
     return app
 
 
+class DirectPathsOnly:
+    """A replica's own port: /metrics, /health and /ready (DIRECT_PATHS); every other path is a 404 that says
+    where the API is. The API goes through the proxy and the ingress, which retries and ends broken streams."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in DIRECT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        message = (
+            f"a replica's own port serves {sorted(DIRECT_PATHS)} only; send {scope['path']} to the cluster's "
+            "address (Ray Serve's proxy)"
+        )
+        await error_response(NotFoundError(message))(scope, receive, send)
+
+
 async def _serve_directly(app: FastAPI, host: str) -> Any:
-    """Serve `app` on host:<free port> too (lifespan off: it shares this replica's model and experts), with
-    the single-process server's protections (server.cli.run_serve): header limit, no proxy headers trusted."""
+    """Serve `app`'s /metrics, /health and /ready on host:<free port> too (lifespan off: it shares this
+    replica's model and experts), with the single-process server's protections (server.cli.run_serve): header
+    limit, header deadline, connection cap, no proxy headers trusted."""
     import uvicorn
+
+    from server.connection_guard import guarded_protocol
 
     settings: Settings = app.state.settings
     config = uvicorn.Config(
-        app,
+        DirectPathsOnly(app),
         host=host,
         port=0,
         lifespan="off",
         log_level="warning",
-        http="h11",
+        http=guarded_protocol(settings),  # h11, with the header deadline and the connection cap
         h11_max_incomplete_event_size=settings.max_header_bytes,
         proxy_headers=False,
     )
@@ -280,6 +324,41 @@ class PlugmoeReplica:
         if engine is not None and not engine.alive:
             raise RuntimeError("the engine thread stopped")
 
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[Message]:
+        """One HTTP request relayed by PlugmoeIngress, run through this replica's app: yields the app's ASGI
+        messages as it sends them. The app sees the whole body at once, then a disconnect once the ingress
+        stops reading (the client went away: a generation is cancelled as with a direct client)."""
+        assert self.api is not None, "the replica's app is built before it takes requests"
+        sent: asyncio.Queue[Message | None] = asyncio.Queue()
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def run() -> None:
+            try:
+                await self.api({**scope, "state": {}}, receive, sent.put)
+            finally:
+                sent.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await sent.get()) is not None:
+                yield message
+            await task  # what the app raised, if anything
+        finally:
+            gone.set()
+            if not task.done():
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(task), 5)  # it sees the disconnect and cancels
+                task.cancel()
+
     def record_routing_stats(self) -> dict[str, Any]:
         """What this replica serves: read by other replicas (a plug's wait), tests and CurrentSetRouter."""
         served = self._served()
@@ -289,7 +368,132 @@ class PlugmoeReplica:
             "store_version": served.store_version if served is not None else None,
             "experts": list(served.model.plugged.names) if served is not None else [],
             "url": self.api.state.replica_url if self.api is not None else None,
+            "pid": os.getpid(),  # the replica's process (tests and operators signal it)
         }
+
+
+class ReplicaDiedError(RuntimeError):
+    """The replica serving a request stopped before the answer was complete."""
+
+
+class ForwardToReplicas:
+    """The ingress's work for one HTTP request: read it whole behind the app's own access control and body
+    limits (server.request_guard), run it on a replica through `replicas` (PlugmoeReplica.forward, streamed)
+    and answer with what the replica's app sent. The answer's head is held until its first body byte, so a
+    replica that dies before then has produced nothing the client saw: the request goes to another replica
+    (FORWARD_ATTEMPTS in all), unless it is a plug or unplug (it may have committed: the client checks
+    /experts and retries). A replica that dies later ends a stream with an error event, and a plain answer
+    with a body shorter than its Content-Length (the client sees a broken connection)."""
+
+    def __init__(self, replicas: DeploymentHandle, settings: Settings) -> None:
+        self.replicas = replicas.options(stream=True)
+        self.settings = settings
+
+    async def answer(self, request: Request) -> Response:
+        body = await self._read(request)
+        if isinstance(body, Response):
+            return body
+        scope = {key: request.scope[key] for key in FORWARDED_SCOPE_KEYS if key in request.scope}
+        retryable = not is_admin_request(scope["method"], scope["path"])
+        for attempt in range(1, FORWARD_ATTEMPTS + 1):
+            replies = self.replicas.forward.remote(scope, body)
+            head: Message | None = None
+            try:
+                async for message in replies:  # to the head and the first piece of the body
+                    if message["type"] == "http.response.start":
+                        head = message
+                    elif message["type"] == "http.response.body" and head is not None:
+                        return self._relay(scope, head, message, replies)
+                raise ReplicaDiedError("the replica's answer ended before its first byte")
+            except (ray.exceptions.RayActorError, ReplicaDiedError) as e:
+                if not retryable or attempt == FORWARD_ATTEMPTS:
+                    logger.error("%s %s: its replica stopped before answering: %s", scope["method"], scope["path"], e)
+                    return self._unavailable(attempt)
+                logger.warning(
+                    "%s %s: its replica stopped before answering (%s); retrying on another (attempt %d of %d)",
+                    scope["method"],
+                    scope["path"],
+                    type(e).__name__,
+                    attempt + 1,
+                    FORWARD_ATTEMPTS,
+                )
+                await asyncio.sleep(0.2 * attempt)  # Ray Serve's router drops the dead replica meanwhile
+        raise AssertionError("unreachable: the last attempt returns")
+
+    async def _read(self, request: Request) -> bytes | Response:
+        """The request's body, read through RequestGuard (refusals: 401/403, 413, 431 as one process answers
+        them), or the guard's refusal as a response."""
+        chunks: list[bytes] = []
+        refusal: list[Message] = []
+
+        async def read_body(scope: Scope, receive: Receive, send: Send) -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+        async def keep(message: Message) -> None:
+            refusal.append(message)
+
+        await RequestGuard(read_body, self.settings)(request.scope, request.receive, keep)
+        if not refusal:
+            return b"".join(chunks)
+        response = Response(b"".join(m.get("body", b"") for m in refusal[1:]), status_code=refusal[0]["status"])
+        response.raw_headers = list(refusal[0].get("headers", []))
+        return response
+
+    def _relay(self, scope: dict[str, Any], head: Message, first: Message, replies: Any) -> Response:
+        """The client's response from the replica's head and first body piece; the rest streams after it."""
+        if not first.get("more_body", False):
+            response = Response(first.get("body", b""), status_code=head["status"])
+        else:
+            response = StreamingResponse(self._rest(scope, head, first, replies), status_code=head["status"])
+        response.raw_headers = list(head.get("headers", []))
+        return response
+
+    async def _rest(self, scope: dict[str, Any], head: Message, first: Message, replies: Any) -> AsyncIterator[bytes]:
+        yield first.get("body", b"")
+        try:
+            async for message in replies:
+                if message["type"] == "http.response.body":
+                    yield message.get("body", b"")
+                    if not message.get("more_body", False):
+                        return
+            raise ReplicaDiedError("the replica's answer ended before its last byte")
+        except (ray.exceptions.RayActorError, ReplicaDiedError) as e:
+            logger.error("%s %s: its replica stopped mid-answer: %s", scope["method"], scope["path"], e)
+            content_type = dict(head.get("headers", [])).get(b"content-type", b"")
+            if content_type.startswith(b"text/event-stream"):
+                yield _error_events(scope["path"], "the replica serving this stream stopped mid-answer")
+        finally:
+            replies.cancel()  # the client went away, or the answer is over: nothing more to run
+
+    def _unavailable(self, attempts: int) -> Response:
+        detail = f"the replica serving this request stopped before it answered ({attempts} tried); retry the request"
+        error = {"message": detail, "type": ReplicaDiedError.__name__, "param": None, "code": 503}
+        headers = {"Retry-After": str(self.settings.retry_after_s)}
+        return JSONResponse({"detail": detail, "error": error}, status_code=503, headers=headers)
+
+
+def _error_events(path: str, detail: str) -> bytes:
+    """A stream's last events when its replica died: the error object (then [DONE] on /v1, as OpenAI ends)."""
+    error = {"message": f"{detail}; retry the request", "type": ReplicaDiedError.__name__, "param": None, "code": 503}
+    events = f"data: {json.dumps({'error': error})}\n\n"
+    return (events + ("data: [DONE]\n\n" if path.startswith("/v1/") else "")).encode()
+
+
+@serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+class PlugmoeIngress:
+    """The application's HTTP entry (no CPU reserved): every request goes to a replica (ForwardToReplicas)."""
+
+    def __init__(self, replicas: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.forwarder = ForwardToReplicas(replicas, Settings(**settings))
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.forwarder.answer(request)
 
 
 class CurrentSetRouter(FIFOMixin, RequestRouter):
@@ -332,7 +536,8 @@ def build_application(settings: Settings, cluster: ClusterSettings) -> serve.App
             request_routing_stats_period_s=0.5,
             request_routing_stats_timeout_s=2,
         )
-    return PlugmoeReplica.options(**options).bind(given, cluster.model_dump(mode="json"))
+    replicas = PlugmoeReplica.options(**options).bind(given, cluster.model_dump(mode="json"))
+    return PlugmoeIngress.bind(replicas, given)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -10,7 +10,9 @@ Only what the operator allowed is read:
 - the whole fetch has one deadline (--source-timeout-s) and one size cap (--max-upload-bytes, 413 past it).
 
 A source outside the lists is refused with the same message whether or not the path exists or the port
-answers, so the error cannot be used to probe the server's filesystem or network.
+answers, so the error cannot be used to probe the server's filesystem or network. A path starting with `~` is
+never expanded (`Path.expanduser` raises for an unknown account and finds a known one's home, so expanding it
+would tell which accounts exist): every `~...` source gets one 422.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ class ExpertSources:
 
     async def fetch(self, source: str) -> bytes:
         """The bytes of an allowed expert file. Raises ExpertSourceError (422) or RequestTooLargeError (413)."""
-        parsed = urllib.parse.urlsplit(source)
+        try:
+            source.encode("utf-8")  # a lone surrogate (JSON allows "\\ud800") names no file and no URL
+            parsed = urllib.parse.urlsplit(source)
+        except ValueError:  # UnicodeEncodeError, or a malformed URL such as http://[::1
+            raise ExpertSourceError(
+                f"source {_safe(source)} is not a valid path or URL; use a local path, file:// or http(s)://"
+            ) from None
         if parsed.scheme in ("http", "https"):
             try:
                 return await asyncio.wait_for(self._download(source), self.timeout_s)
@@ -73,7 +81,12 @@ class ExpertSources:
             )
         if "\x00" in raw:
             raise self._not_allowed(source)
-        resolved = Path(os.path.abspath(Path(raw).expanduser())).resolve()  # symlinks followed, existing or not
+        if raw.startswith("~"):  # the server's accounts are not the client's business: one answer for every ~user
+            raise ExpertSourceError(
+                f"source {_safe(source)} is not allowed: `~` is not expanded in a source; give the file's absolute "
+                "path under the server's --source-roots"
+            )
+        resolved = Path(os.path.abspath(raw)).resolve()  # symlinks followed, existing or not
         if not any(resolved.is_relative_to(root) for root in self.roots):
             raise self._not_allowed(source)
         try:  # O_NONBLOCK: opening a FIFO never waits for a writer; O_NOFOLLOW: no symlink swapped in since
@@ -121,9 +134,9 @@ class ExpertSources:
                 f"source {_safe(source)} is not allowed: this server fetches no URLs (start it with "
                 "--source-hosts HOST to allow a host, or upload the file with multipart `file`)"
             )
-        parts = urllib.parse.urlsplit(url)
-        host = (parts.hostname or "").lower()
-        try:
+        try:  # a redirect's Location may be malformed (http://[::1): refused like any host off the list
+            parts = urllib.parse.urlsplit(url)
+            host = (parts.hostname or "").lower()
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise self._not_allowed(source) from None

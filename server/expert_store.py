@@ -23,6 +23,15 @@ version N finds newer ones by probing N + 1, N + 2 ... (one read each; `newer_th
 
 The server writes here before it swaps an expert in or out, so what the client is told, what is in memory
 and what is on disk agree; a restart plugs the current manifest's experts.
+
+Cleaning up (nothing else ever deletes): an unplug with purge deletes the expert's file unless the new set
+uses it, and so does a purge of an expert unplugged earlier (every file a manifest ever named it by, less
+those the current set uses); the garbage collector (collect_garbage, --store-gc-keep-versions K) deletes
+every file that none of the newest K manifests names. Manifests are never deleted (a reader that is behind
+finds newer versions by probing, one at a time). The collector is safe beside other writers: a plug stores
+(or, reusing a stored file, touches) its file right before it commits, so a file written or reused within
+the grace period (--store-gc-grace-s) is never collected; manifests committed while the collector runs are
+read again before anything is deleted, and a file's age is read again right before it is deleted.
 """
 
 from __future__ import annotations
@@ -69,6 +78,37 @@ class StoreWriteError(RuntimeError):
 
 class InsufficientStorageError(StoreWriteError):
     """The store's disk is full (or over quota); nothing was committed."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An expert file in the store: its hash, size, and seconds since it was written or last reused (None
+    when the backend does not say)."""
+
+    sha256: str
+    size: int
+    age_s: float | None
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    files: int
+    bytes: int
+    manifests: int
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    """What a garbage collection did: the newest version it read, the versions whose files it kept, what it
+    deleted, and what the store holds after it."""
+
+    version: int
+    kept_versions: list[int]
+    deleted: list[str]
+    freed_bytes: int
+    kept_young: int  # unreferenced files left because they were written or reused within the grace period
+    files: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -155,6 +195,30 @@ class _LocalFiles:
         except FileNotFoundError:
             return []
 
+    def listing(self, directory: PurePath) -> list[tuple[str, int, float | None]]:
+        """(name, size, seconds since it was modified) of each file in `directory`."""
+        now, found = time.time(), []
+        for name in self.names(directory):
+            try:
+                info = (Path(directory) / name).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            found.append((name, info.st_size, now - info.st_mtime))
+        return found
+
+    def age_s(self, path: PurePath) -> float | None:
+        try:
+            return time.time() - Path(path).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def touch(self, path: PurePath, data: bytes) -> None:
+        """Mark a stored file as just used (its mtime); rewrite it when it belongs to another user."""
+        try:
+            os.utime(path)
+        except PermissionError:
+            self.write(path, data, exclusive=False)
+
     def write(self, path: PurePath, data: bytes, exclusive: bool) -> None:
         """Write through a complete, fsynced temp file; then rename (replace) or hard-link (exclusive create).
 
@@ -226,6 +290,30 @@ class _FsspecFiles:
         except FileNotFoundError:
             return []
         return [PurePosixPath(p).name for p in listed]
+
+    def listing(self, directory: PurePath) -> list[tuple[str, int, float | None]]:
+        """(name, size, seconds since it was written, None when the backend does not say) of each file."""
+        try:
+            listed = self._call(f"listing {directory}", self.fs.ls, str(directory), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [
+            (PurePosixPath(info["name"]).name, int(info.get("size") or 0), _age_s(info))
+            for info in listed
+            if info.get("type", "file") == "file"
+        ]
+
+    def age_s(self, path: PurePath) -> float | None:
+        self.fs.invalidate_cache(str(path))
+        try:
+            return _age_s(self._call(f"looking up {path}", self.fs.info, str(path)))
+        except FileNotFoundError:
+            return None
+
+    def touch(self, path: PurePath, data: bytes) -> None:
+        """Mark a stored file as just used: an object store has no mtime to set, so it is written again (one
+        atomic PUT of the same bytes)."""
+        self.write(path, data, exclusive=False)
 
     def write(self, path: PurePath, data: bytes, exclusive: bool) -> None:
         mode = "create" if exclusive else "overwrite"
@@ -350,10 +438,13 @@ class ExpertStore:
     # --- writing ------------------------------------------------------------------------------------------
 
     def put_blob(self, data: bytes) -> ManifestEntry:
-        """Store an expert file (a no-op when the same bytes are stored); returns its entry without a name."""
+        """Store an expert file (when the same bytes are stored, they are only touched: the garbage collector
+        leaves a file reused this recently alone); returns its entry without a name."""
         digest = sha256(data)
         path = self._blob_path(digest)
-        if not self._files.exists(path):
+        if self._files.exists(path):
+            self._files.touch(path, data)
+        else:
             self._files.write(path, data, exclusive=False)
         return ManifestEntry("", digest, len(data))
 
@@ -377,6 +468,88 @@ class ExpertStore:
     def delete_blob(self, digest: str) -> bool:
         """Remove a stored file (purge). Older manifests may still name it; only the current one is served."""
         return self._files.delete(self._blob_path(digest))
+
+    # --- cleaning up --------------------------------------------------------------------------------------
+
+    def stored_files(self) -> list[StoredFile]:
+        """Every expert file in blobs/ (one listing)."""
+        found = []
+        for name, size, age in self._files.listing(self.blobs):
+            digest = name.removesuffix(".safetensors")
+            if name.endswith(".safetensors") and _SHA256.match(digest):
+                found.append(StoredFile(digest, size, age))
+        return found
+
+    def usage(self) -> StoreUsage:
+        """How many expert files and bytes the store holds, and how many manifests (two listings)."""
+        files = self.stored_files()
+        return StoreUsage(len(files), sum(f.size for f in files), len(self.versions()))
+
+    def files_named(self, name: str) -> set[str]:
+        """The hash of every file any manifest named `name` by (reads every manifest: for a purge of an
+        expert unplugged earlier)."""
+        found = set()
+        for version in self.versions():
+            manifest = self.read_manifest(version)
+            entry = manifest.get(name) if manifest is not None else None
+            if entry is not None:
+                found.add(entry.sha256)
+        return found
+
+    def collect_garbage(self, keep_versions: int, grace_s: float) -> GarbageReport:
+        """Delete every expert file that none of the newest `keep_versions` manifests names and that was not
+        written or reused within `grace_s` seconds (see the module docstring for why this is safe beside other
+        writers). A manifest of those versions that cannot be read raises: nothing is deleted on a guess."""
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        versions = self.versions()
+        newest = versions[-1] if versions else 0
+        kept = [v for v in versions if v > newest - keep_versions]
+        referenced = set()
+        for version in kept:
+            manifest = self.read_manifest(version)
+            if manifest is None:
+                raise StoreCorruptError(f"manifest {version} of {self.url} disappeared while it was read")
+            referenced |= {e.sha256 for e in manifest.experts}
+        stored = self.stored_files()
+        unreferenced = [f for f in stored if f.sha256 not in referenced]
+        candidates = [f for f in unreferenced if _older_than(f.age_s, grace_s)]
+        # a writer may have committed since the listing: what its manifests name is kept too
+        while (manifest := self.read_manifest(newest + 1)) is not None:
+            referenced |= {e.sha256 for e in manifest.experts}
+            newest, kept = newest + 1, [*kept, newest + 1]
+        deleted, freed = [], 0
+        for file in candidates:
+            path = self._blob_path(file.sha256)
+            # its age read again right before the delete: a plug that reuses it touches it first
+            if file.sha256 in referenced or not _older_than(self._files.age_s(path), grace_s):
+                continue
+            if self._files.delete(path):
+                deleted.append(file.sha256)
+                freed += file.size
+        if deleted:
+            version = newest
+            while (manifest := self.read_manifest(version + 1)) is not None:
+                version += 1
+                lost = set(deleted) & {e.sha256 for e in manifest.experts}
+                if lost:  # a writer committed a deleted file in the instant between the last check and the delete
+                    logger.error(
+                        "the garbage collector deleted %s, which expert-set version %d (committed meanwhile) "
+                        "names; plug those experts again",
+                        sorted(lost),
+                        version,
+                    )
+            logger.info("garbage collection deleted %d expert files (%d bytes) of %s", len(deleted), freed, self.url)
+        remaining = [f for f in stored if f.sha256 not in set(deleted)]
+        return GarbageReport(
+            version=newest,
+            kept_versions=kept,
+            deleted=deleted,
+            freed_bytes=freed,
+            kept_young=len(unreferenced) - len(candidates),
+            files=len(remaining),
+            bytes=sum(f.size for f in remaining),
+        )
 
     def _blob_path(self, digest: str) -> PurePath:
         return self.blobs / f"{digest}.safetensors"
@@ -408,6 +581,19 @@ def _abandoned(name: str) -> bool:
     except OSError:  # it runs, as another user
         return False
     return False
+
+
+def _older_than(age_s: float | None, grace_s: float) -> bool:
+    """Whether a file of this age may be collected (an unknown age only with no grace period at all)."""
+    return grace_s == 0 if age_s is None else age_s >= grace_s
+
+
+def _age_s(info: dict[str, Any]) -> float | None:
+    """Seconds since an fsspec listing entry was written: s3's LastModified, or mtime / created."""
+    stamp = info.get("LastModified", info.get("mtime", info.get("created")))
+    if isinstance(stamp, dt.datetime):
+        stamp = stamp.timestamp()
+    return time.time() - float(stamp) if isinstance(stamp, (int, float)) else None
 
 
 def _mtime(path: Path) -> float:

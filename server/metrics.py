@@ -13,6 +13,7 @@ SHARE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(21))  # 0, 0.05, ..., 1.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+STORE_USAGE_MAX_AGE_S = 10.0  # a scrape reads the store's listing at most this often
 
 
 class Metrics:
@@ -86,6 +87,23 @@ class Metrics:
         )
         self.running_sequences = Gauge("plugmoe_running_sequences", "Sequences in the running batch", registry=r)
         self.request_expert_share.labels(expert=BASE_ROUTE)
+        # the expert store's size (read at most every STORE_USAGE_MAX_AGE_S, on a scrape, and after a collection)
+        self.store_files = Gauge("plugmoe_expert_store_files", "Expert files in the expert store", registry=r)
+        self.store_bytes = Gauge("plugmoe_expert_store_bytes", "Bytes of expert files in the expert store", registry=r)
+        self.store_served_bytes = Gauge(
+            "plugmoe_expert_store_served_bytes",
+            "Bytes of the expert files the served expert-set version names (the rest is history or garbage)",
+            registry=r,
+        )
+        self.store_manifests = Gauge(
+            "plugmoe_expert_store_manifests", "Expert-set versions (manifests) in the expert store", registry=r
+        )
+        self.expert_store_deleted = Counter(
+            "plugmoe_expert_store_deleted_files",
+            "Expert files this server deleted from the store, by reason (purge, gc)",
+            ["reason"],
+            registry=r,
+        )
 
     def expert_plugged(self, name: str, layers: int, plugged_count: int) -> None:
         """A new expert: its info series, and its routed-tokens series at 0 on every layer (so experts that

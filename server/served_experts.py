@@ -46,6 +46,7 @@ from server.errors import AdmissionRejectedError, RequestTooLargeError
 from server.expert_sources import ExpertSources
 from server.expert_store import (
     ExpertStore,
+    GarbageReport,
     Manifest,
     ManifestConflictError,
     ManifestEntry,
@@ -73,6 +74,7 @@ class PlugResult(NamedTuple):
 class UnplugResult(NamedTuple):
     purged: bool
     version: int
+    unplugged: bool = True  # False: a purge of an expert unplugged earlier (nothing was committed)
 
 
 class Convergence(NamedTuple):
@@ -401,13 +403,16 @@ class ServedExperts:
 
     async def unplug(self, name: str, purge: bool) -> UnplugResult:
         """Commit the set without it, then swap it out. purge: also delete its file (when the new set does
-        not use the same file under another name)."""
+        not use the same file under another name); of an expert unplugged earlier, purge deletes every file a
+        manifest named it by that the current set does not use."""
         start = time.perf_counter()
         async with self._lock:
             try:
                 for attempt in range(1, COMMIT_ATTEMPTS + 1):
                     before = await self._catch_up()
                     entry = before.get(name)
+                    if entry is None and purge:
+                        return await self._purge_unplugged(name, before)
                     if entry is None:
                         raise UnknownExpertError(
                             f"no expert named {name!r} is plugged; plugged: {list(before.names) or 'none'}"
@@ -429,6 +434,7 @@ class ServedExperts:
             purged = False
             if purge and all(e.sha256 != entry.sha256 for e in committed.experts):
                 purged = await asyncio.to_thread(self.store.delete_blob, entry.sha256)
+                self.metrics.expert_store_deleted.labels(reason="purge").inc(int(purged))
             self.metrics.plug_operations.labels(action="unplug", result="ok").inc()
             self.metrics.plug_duration.labels(action="unplug").observe(time.perf_counter() - start)
             logger.info(
@@ -438,6 +444,40 @@ class ServedExperts:
                 committed.version,
             )
             return UnplugResult(purged, committed.version)
+
+    async def _purge_unplugged(self, name: str, current: Manifest) -> UnplugResult:
+        """(lock held) Delete the files of `name`, unplugged earlier, that the current set does not use."""
+        named = await asyncio.to_thread(self.store.files_named, name)
+        if not named:
+            raise UnknownExpertError(
+                f"no expert named {name!r} is plugged or was ever stored; plugged: {list(current.names) or 'none'}"
+            )
+        in_use = {e.sha256 for e in current.experts}
+        deleted = [
+            digest for digest in sorted(named - in_use) if await asyncio.to_thread(self.store.delete_blob, digest)
+        ]
+        self.metrics.expert_store_deleted.labels(reason="purge").inc(len(deleted))
+        logger.info("purged %d stored files of %s (unplugged earlier)", len(deleted), name)
+        return UnplugResult(bool(deleted), current.version, unplugged=False)
+
+    async def collect_garbage(self, keep_versions: int, grace_s: float) -> GarbageReport:
+        """Run the store's garbage collector (ExpertStore.collect_garbage), one change at a time with this
+        server's own plugs and unplugs; the store's size metrics follow."""
+        async with self._lock:
+            report = await asyncio.to_thread(self.store.collect_garbage, keep_versions, grace_s)
+        self.metrics.expert_store_deleted.labels(reason="gc").inc(len(report.deleted))
+        self.metrics.store_files.set(report.files)
+        self.metrics.store_bytes.set(report.bytes)
+        return report
+
+    def read_store_usage(self) -> None:
+        """(a worker thread) Set the store's size metrics from two listings of the store."""
+        usage = self.store.usage()
+        served = {e.sha256: e.size for e in self.manifest.experts}
+        self.metrics.store_files.set(usage.files)
+        self.metrics.store_bytes.set(usage.bytes)
+        self.metrics.store_served_bytes.set(sum(served.values()))
+        self.metrics.store_manifests.set(usage.manifests)
 
     async def _revert(self, committed: Manifest, before: Manifest) -> None:
         """(lock held) Commit `before`'s experts on top of `committed`, which this server failed to apply."""

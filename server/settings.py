@@ -96,7 +96,11 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(
         None, description="comma-separated bearer keys that guard every endpoint but --open-paths; unset: open"
     )
-    open_paths: str = Field("/health", description="comma-separated paths that --api-keys leaves open")
+    open_paths: str = Field(
+        "/health,/ready",
+        description="comma-separated paths that --api-keys leaves open (probes need /health and /ready; /ready "
+        "shows a caller without a key its status only)",
+    )
     max_body_bytes: int = Field(4 << 20, ge=1, description="largest request body, JSON endpoints (413 past it)")
     max_upload_bytes: int = Field(
         256 << 20, ge=1, description="largest POST /experts body or fetched source: an expert file (413 past it)"
@@ -136,6 +140,39 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
     log_level: str = Field("info", description="logging level")
+
+    # --- connections (issue 24: server.connection_guard) ---
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a request's line and headers must arrive within this many seconds of the connection opening "
+        "(or of the previous response on a kept-alive connection); past it, 408 and the connection is closed",
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        le=1_000_000,
+        description="open connections at most; past it a new connection gets 503 with Retry-After and is closed "
+        "before it is read",
+    )
+
+    # --- expert-store hygiene (issue 24) ---
+    store_gc_keep_versions: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="garbage-collect the expert store: after each replace or unplug this server commits (and on "
+        "POST /experts/gc), delete the stored expert files that none of the newest K expert-set versions names "
+        "(default: unset, files are deleted only by an unplug with purge)",
+    )
+    store_gc_grace_s: float = Field(
+        300.0,
+        ge=0,
+        le=86_400 * 30,
+        description="the garbage collector keeps a file written or reused by a plug less than this many seconds ago "
+        "(another server's plug may be about to commit it)",
+    )
 
     @field_validator("expert_store_options")
     @classmethod
@@ -222,8 +259,8 @@ class ClusterSettings(BaseSettings):
     )
     replica_host: str | None = Field(
         "127.0.0.1",
-        description="each replica also serves the app on this host and a free port, for its own /metrics "
-        "(listed by GET /cluster/sd) and direct checks; 0.0.0.0 for Prometheus on other hosts; empty: off",
+        description="each replica also serves its /metrics, /health and /ready (nothing else) on this host and a "
+        "free port, listed by GET /cluster/sd for Prometheus; empty: off",
     )
     route_to_current: bool = Field(
         False,

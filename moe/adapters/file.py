@@ -147,7 +147,7 @@ class ExpertFile:
         metadata.update(kind.file_fields(expert.adapter))
         if meta.get("domain_sample"):
             metadata["domain_sample"] = json.dumps(_checked_domain_sample(list(meta["domain_sample"])))
-        return save_safetensors(tensors, metadata=metadata)
+        return _canonical_header(save_safetensors(tensors, metadata=metadata))  # same expert, same bytes
 
     @staticmethod
     def save(expert: Expert, path: str | Path, backbone: BackboneFingerprint) -> Path:
@@ -469,3 +469,14 @@ def _check_tensor_infos(infos: dict[str, dict], expected: dict[str, tuple[int, .
                 f"tensor {tensor_name!r} has dtype {dtype!r}; {kind.weight_names} and keys must share one of "
                 f"{sorted(_WEIGHT_DTYPES)}"
             )
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its header JSON in one canonical form (keys sorted, no spaces, padded to
+    8 bytes with spaces as safetensors pads it). safetensors writes `__metadata__` from a Rust HashMap, in a
+    new random order on every call, so without this one expert serialised twice is two different files (and
+    two blobs in a content-addressed store). The tensor bytes and their offsets are untouched."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size :]

@@ -11,6 +11,7 @@ import logging
 import pytest
 import uvicorn
 from starlette.requests import Request
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.auth import is_loopback, require_admin, require_api_key
 from server.cli import main
@@ -164,7 +165,6 @@ EVERY_ENDPOINT = [
     ("POST", "/experts"),
     ("DELETE", "/experts/x"),
     ("GET", "/metrics"),
-    ("GET", "/ready"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/v1/models"),
@@ -175,7 +175,7 @@ EVERY_ENDPOINT = [
 ]
 
 
-def test_api_keys_guard_every_endpoint_but_health(make_client) -> None:
+def test_api_keys_guard_every_endpoint_but_health_and_ready(make_client) -> None:
     client = make_client(api_keys="k1")
     for method, path in EVERY_ENDPOINT:
         response = client.request(method, path)
@@ -186,6 +186,7 @@ def test_api_keys_guard_every_endpoint_but_health(make_client) -> None:
         right = client.request(method, path, headers={"Authorization": "Bearer k1"})
         assert right.status_code not in (401, 403), (method, path, right.status_code)
     assert client.get("/health").status_code == 200
+    assert client.get("/ready").json() == {"status": "ready"}, "open for probes (tests/server/test_health.py)"
 
 
 def test_open_paths_are_configurable(make_client) -> None:
@@ -243,4 +244,4 @@ def test_uvicorn_does_not_trust_forwarded_headers(monkeypatch: pytest.MonkeyPatc
     assert main(["serve", "--model", str(tiny_model_dir), "--max-header-bytes", "4096"]) == 0
     (config,) = seen
     assert config.proxy_headers is False
-    assert config.http == "h11" and config.h11_max_incomplete_event_size == 4096
+    assert issubclass(config.http, H11Protocol) and config.h11_max_incomplete_event_size == 4096  # h11, guarded

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -106,12 +107,15 @@ def cluster(request: pytest.FixtureRequest, ray_serve: str, tmp_path_factory) ->
 
 
 class Load:
-    """`clients` threads streaming /generate through the proxy until stopped; each result is (replica that
-    answered, ok, expert-set version header, finish time)."""
+    """`clients` threads calling /generate through the proxy until stopped (streamed; with `mixed`, every other
+    request not streamed); each result is (replica that answered, ok, expert-set version header, finish time).
+    `broken` collects the streams that ended with an error event instead of their finish."""
 
-    def __init__(self, base: str, clients: int = 8) -> None:
-        self.base, self.stop = base, threading.Event()
+    def __init__(self, base: str, clients: int = 8, mixed: bool = False) -> None:
+        self.base, self.stop, self.mixed = base, threading.Event(), mixed
         self.results: list[tuple[str, bool, str, float]] = []
+        self.plain: list[tuple[str, bool, str, float]] = []  # the non-streamed requests' results
+        self.broken: list[str] = []  # the last event of each stream that ended with an error event
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
     def client(self, i: int) -> None:
@@ -122,14 +126,25 @@ class Load:
             while not self.stop.is_set():
                 n += 1
                 replica, version, ok = "?", "?", False
-                body = {"prompt": PROMPTS[(i + n) % 3], "max_new_tokens": 16, "stream": True}
+                stream = not self.mixed or n % 2 == 0
+                body = {"prompt": PROMPTS[(i + n) % 3], "max_new_tokens": 16, "stream": stream}
                 try:
+                    if not stream:
+                        response = client.post("/generate", json=body)
+                        replica = response.headers.get("x-plugmoe-replica", "?")
+                        version = response.headers.get(VERSION_HEADER, "?")
+                        ok = response.status_code == 200 and response.json().get("finish_reason") is not None
+                        self.plain.append((replica, ok, version, time.monotonic()))
+                        self.results.append((replica, ok, version, time.monotonic()))
+                        continue
                     with client.stream("POST", "/generate", json=body) as response:
                         replica = response.headers.get("x-plugmoe-replica", "?")
                         version = response.headers.get(VERSION_HEADER, "?")
                         events = [line for line in response.iter_lines() if line.startswith("data: ")]
                         ok = response.status_code == 200 and '"finish_reason"' in events[-1]
-                except (httpx.HTTPError, IndexError):
+                        if response.status_code == 200 and '"error"' in events[-1]:
+                            self.broken.append(events[-1])
+                except (httpx.HTTPError, IndexError, ValueError):
                     ok = False
                 self.results.append((replica, ok, version, time.monotonic()))
 
@@ -147,12 +162,18 @@ class Load:
             thread.join(120)
 
 
-def direct_generate(replica: dict, prompt: str) -> dict:
+def generate_on_each(proxy: str, replicas: list[dict], prompt: str) -> dict[str, dict]:
+    """The answer of every replica to `prompt`, through the proxy (its ports serve metrics and health only):
+    requests are sent until each replica has answered one."""
     body = {"prompt": prompt, "max_new_tokens": 4, "routing": {"mode": "sequence"}}
-    response = httpx.post(f"{replica['url']}/generate", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    assert response.headers["x-plugmoe-replica"] == replica["replica"]
-    return response.json()
+    answers: dict[str, dict] = {}
+    for _ in range(60):
+        response = httpx.post(f"{proxy}/generate", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        answers.setdefault(response.headers["x-plugmoe-replica"], response.json())
+        if set(answers) >= {r["replica"] for r in replicas}:
+            return answers
+    raise AssertionError(f"60 requests reached only {sorted(answers)}")
 
 
 def test_a_plug_under_load_reaches_every_replica(cluster: Cluster) -> None:
@@ -169,10 +190,11 @@ def test_a_plug_under_load_reaches_every_replica(cluster: Cluster) -> None:
         assert body["name"] == "code" and body["version"] == 2 and body["converged"] is True
         assert sorted(r["replica"] for r in body["replicas"]) == sorted(r["replica"] for r in before)
         assert response.headers[VERSION_HEADER] == "2"
-        for replica in cluster.replicas():  # each replica, asked on its actor and on its own port
+        replicas = cluster.replicas()
+        for replica in replicas:  # each replica, asked on its actor
             assert replica["version"] == 2 and replica["experts"] == ["math", "code"], replica
-            assert direct_generate(replica, CODE_PROMPT)["experts"]["code"] == 1.0
-            assert direct_generate(replica, MATH_PROMPT)["experts"]["math"] == 1.0
+        assert all(a["experts"]["code"] == 1.0 for a in generate_on_each(cluster.proxy, replicas, CODE_PROMPT).values())
+        assert all(a["experts"]["math"] == 1.0 for a in generate_on_each(cluster.proxy, replicas, MATH_PROMPT).values())
         time.sleep(1)
     assert len(load.results) >= 16 and not load.failures(), load.failures()[:5]
     assert {r[0] for r in load.results} == {r["replica"] for r in before}  # the load was split
@@ -180,6 +202,8 @@ def test_a_plug_under_load_reaches_every_replica(cluster: Cluster) -> None:
 
 
 def test_same_name_plugs_through_two_replicas(cluster: Cluster) -> None:
+    """Two plugs of one name at once through the proxy (each lands on either replica: the store's
+    compare-and-swap decides across replicas, the replica's lock within one)."""
     replicas = cluster.replicas()
     answers: list[httpx.Response] = []
     barrier = threading.Barrier(len(replicas))
@@ -187,7 +211,7 @@ def test_same_name_plugs_through_two_replicas(cluster: Cluster) -> None:
     def plug(replica: dict) -> None:
         barrier.wait()
         files = {"file": ("math.safetensors", MATH)}
-        answers.append(httpx.post(f"{replica['url']}/experts", files=files, data={"name": "twin"}, timeout=120))
+        answers.append(httpx.post(f"{cluster.proxy}/experts", files=files, data={"name": "twin"}, timeout=120))
 
     threads = [threading.Thread(target=plug, args=(r,)) for r in replicas]
     for thread in threads:
@@ -307,6 +331,71 @@ def test_a_killed_replica_is_replaced_with_the_current_set_before_it_takes_traff
     assert failed <= {victim["replica"], "?"}, load.failures()[:5]  # only what was in flight on the victim
 
 
+@pytest.mark.parametrize("cluster", ["local"], indirect=True)  # the ports do not depend on the store
+def test_a_replica_port_serves_metrics_and_health_only(cluster: Cluster) -> None:
+    for replica in cluster.replicas():
+        url = replica["url"]
+        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/ready", timeout=30).json()["status"] == "ready"
+        for method, path in (("POST", "/generate"), ("POST", "/experts"), ("GET", "/experts"), ("GET", "/docs")):
+            refused = httpx.request(method, f"{url}{path}", timeout=30)
+            assert refused.status_code == 404 and "proxy" in refused.json()["detail"], (method, path)
+    assert httpx.get(f"{cluster.proxy}/experts", timeout=30).status_code == 200, "the API is the proxy's"
+
+
+@pytest.mark.parametrize("cluster", ["local"], indirect=True)
+def test_a_client_that_leaves_a_stream_through_the_ingress_frees_its_sequence(cluster: Cluster) -> None:
+    """The ingress relays a client's departure: the replica's generation is cancelled, not run to its end."""
+
+    def cluster_sum(client: httpx.Client, metric: str) -> float:
+        lines = client.get("/cluster/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(metric + "{"))
+
+    body = {"prompt": "The otter is", "max_new_tokens": 400, "min_new_tokens": 400, "stream": True}  # context: 512
+    with httpx.Client(base_url=cluster.proxy, timeout=60) as client:
+        before = cluster_sum(client, "plugmoe_generated_tokens_total")
+        with client.stream("POST", "/generate", json=body) as response:
+            assert response.status_code == 200
+            assert any(line.startswith("data: ") for line in response.iter_lines())  # under way; then gone
+        deadline = time.monotonic() + 60
+        while cluster_sum(client, "plugmoe_running_sequences") > 0:
+            assert time.monotonic() < deadline, "the sequence still runs 60 s after its client left"
+            time.sleep(0.2)
+        generated = cluster_sum(client, "plugmoe_generated_tokens_total") - before
+    assert generated < 300, f"{generated} of 400 tokens generated for a client that left after the first"
+
+
+@pytest.mark.parametrize("cluster", ["local"], indirect=True)
+def test_kill_9_of_a_replica_under_load_fails_no_plain_request_and_ends_broken_streams(cluster: Cluster) -> None:
+    """The issue's target: kill -9 of one replica under 8-client load (half the requests streamed): 0 failed
+    non-streamed requests (each one in flight on the victim is retried on the other replica) and every stream
+    cut by the kill ends with an error event."""
+    replicas = cluster.replicas()
+    victim = replicas[0]
+    with Load(cluster.proxy, mixed=True) as load:
+        time.sleep(3)
+        in_flight_at_kill = len(load.results)
+        os.kill(victim["pid"], signal.SIGKILL)
+        time.sleep(8)
+    streams = [r for r in load.results if r not in load.plain]
+    print(  # the figures, with -s
+        f"kill -9 under 8 clients: {len(load.plain)} non-streamed requests ({sum(not r[1] for r in load.plain)} "
+        f"failed), {len(streams)} streams ({sum(r[1] for r in streams)} finished, {len(load.broken)} ended with an "
+        f"error event, {sum(not r[1] for r in streams) - len(load.broken)} otherwise broken)"
+    )
+    assert len(load.plain) >= 8 and len(load.results) > in_flight_at_kill, "the load ran across the kill"
+    assert not [r for r in load.plain if not r[1]], [r for r in load.plain if not r[1]][:5]
+    streamed_failures = [r for r in load.results if not r[1] and r not in load.plain]
+    assert len(streamed_failures) == len(load.broken), (streamed_failures[:5], load.broken[:5])
+    for event in load.broken:  # each names what happened
+        assert "ReplicaDiedError" in event and "retry" in event, event
+    deadline = time.monotonic() + 180  # Ray Serve replaces the victim (the module's later tests need two)
+    while len([r for r in cluster.replicas() if r["replica"] != victim["replica"]]) < 2:
+        assert time.monotonic() < deadline, "no replacement replica within 180 s"
+        time.sleep(0.5)
+
+
 # --- without a Ray cluster ---------------------------------------------------------------------------------
 
 
@@ -341,7 +430,7 @@ def test_the_kuberay_manifest_is_a_valid_serve_config_for_the_app_builder() -> N
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == __import__("ray").__version__
     (application,) = ServeDeploySchema(**yaml.safe_load(service["spec"]["serveConfigV2"])).applications
     assert application.import_path == "server.cluster:app_builder"
-    deployment = app_builder(dict(application.args))._bound_deployment
+    deployment = replica_deployment(app_builder(dict(application.args)))
     assert deployment.num_replicas == 2 and deployment.ray_actor_options["num_gpus"] == 1
     assert deployment.init_args[0]["expert_store"].startswith("s3://")
 
@@ -378,7 +467,7 @@ def test_current_set_router_routes_to_replicas_on_the_newest_version() -> None:
 def test_the_application_carries_settings_and_cluster_options() -> None:
     from server.cluster import app_builder
 
-    fixed = app_builder({"num_replicas": 3, "num_cpus": 2, "device": "cpu", "max_queue": 10})._bound_deployment
+    fixed = replica_deployment(app_builder({"num_replicas": 3, "num_cpus": 2, "device": "cpu", "max_queue": 10}))
     settings, cluster = fixed.init_args
     assert settings == {"device": "cpu", "max_queue": 10, "num_threads": 2}  # only what was set, plus threads
     assert cluster["num_replicas"] == 3 and fixed.num_replicas == 3
@@ -387,10 +476,178 @@ def test_the_application_carries_settings_and_cluster_options() -> None:
     assert fixed._deployment_config.autoscaling_config is None
     assert fixed._deployment_config.request_router_config.request_router_class != "server.cluster:CurrentSetRouter"
 
-    scaled = app_builder({"num_replicas": 2, "max_replicas": 6, "route_to_current": True})._bound_deployment
+    scaled = replica_deployment(app_builder({"num_replicas": 2, "max_replicas": 6, "route_to_current": True}))
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (2, 6, 8)
     router = scaled._deployment_config.request_router_config
     assert router.request_router_class == "server.cluster:CurrentSetRouter"
     with pytest.raises(ValueError, match="unknown settings \\['replicas'\\]"):
         app_builder({"replicas": 2})
+
+
+def replica_deployment(application):
+    """The replicas' deployment of the application app_builder builds (its root is the ingress)."""
+    from server.cluster import DEPLOYMENT, INGRESS
+
+    ingress = application._bound_deployment
+    assert ingress.name == INGRESS and ingress.ray_actor_options["num_cpus"] == 0
+    replicas = ingress.init_args[0]._bound_deployment
+    assert replicas.name == DEPLOYMENT
+    return replicas
+
+
+def test_the_ingress_takes_the_settings_and_the_replicas() -> None:
+    from server.cluster import app_builder
+
+    ingress = app_builder({"num_replicas": 2, "max_body_bytes": 1024, "api_keys": "k"})._bound_deployment
+    replicas, settings = ingress.init_args
+    assert settings == {"max_body_bytes": 1024, "api_keys": "k", "num_threads": 1}  # its guard's limits
+    assert replicas._bound_deployment.init_args[0] == settings
+
+
+# --- the ingress's relay, with scripted replicas (no Ray cluster) --------------------------------------------
+
+START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+
+
+def _body(data: bytes, more: bool = False) -> dict:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+class ScriptedReplicas:
+    """Stands in for the replicas' DeploymentHandle: each forward call plays the next script (a list of ASGI
+    messages; an exception in it is raised there, as a replica that dies raises ActorDiedError)."""
+
+    def __init__(self, *scripts: list) -> None:
+        self.scripts, self.calls = list(scripts), []
+        self.forward = self
+
+    def options(self, stream: bool) -> ScriptedReplicas:
+        assert stream
+        return self
+
+    def remote(self, scope: dict, body: bytes) -> ScriptedReplies:
+        self.calls.append((scope["method"], scope["path"], body))
+        return ScriptedReplies(self.scripts.pop(0))
+
+
+class ScriptedReplies:
+    def __init__(self, script: list) -> None:
+        self.script, self.cancelled = script, False
+
+    def __aiter__(self) -> ScriptedReplies:
+        return self
+
+    async def __anext__(self) -> dict:
+        if not self.script:
+            raise StopAsyncIteration
+        item = self.script.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _relay(replicas: ScriptedReplicas, method: str, path: str, body: bytes = b"{}", **settings) -> tuple:
+    """(status, headers, body) of the ingress's answer to one request."""
+    from starlette.requests import Request
+
+    from server.cluster import ForwardToReplicas
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "scheme": "http",
+        "http_version": "1.1",
+    }
+
+    read = []
+
+    async def receive() -> dict:
+        if read:  # the client stays: a response waits for a disconnect that never comes
+            await asyncio.Event().wait()
+        read.append(True)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def run() -> tuple:
+        response = await ForwardToReplicas(replicas, Settings(**settings)).answer(Request(scope, receive))
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await response(scope, receive, send)
+        data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return sent[0]["status"], dict(sent[0]["headers"]), data
+
+    return asyncio.run(run())
+
+
+def test_a_request_whose_replica_dies_before_answering_is_retried() -> None:
+    died = ray.exceptions.ActorDiedError()
+    replicas = ScriptedReplicas([START, died], [died], [START, _body(b'{"text": "ok"}')])
+    status, headers, body = _relay(replicas, "POST", "/generate", b'{"prompt": "x"}')
+    assert (status, body) == (200, b'{"text": "ok"}') and headers[b"content-type"] == b"application/json"
+    assert replicas.calls == [("POST", "/generate", b'{"prompt": "x"}')] * 3
+
+
+def test_a_stream_whose_replica_dies_mid_answer_ends_with_an_error_event() -> None:
+    died = ray.exceptions.ActorDiedError()
+    for path, last in (("/generate", b"}}\n\n"), ("/v1/completions", b"data: [DONE]\n\n")):
+        replicas = ScriptedReplicas([SSE_START, _body(b'data: {"text": "a"}\n\n', more=True), died])
+        status, _, body = _relay(replicas, "POST", path)
+        events = body.decode().strip().split("\n\n")
+        assert status == 200 and events[0] == 'data: {"text": "a"}' and body.endswith(last), body
+        assert json.loads(events[1].removeprefix("data: "))["error"]["type"] == "ReplicaDiedError"
+        assert len(replicas.calls) == 1, "a stream under way is never replayed"
+
+
+def test_a_stream_that_ends_without_its_last_byte_gets_the_error_event_too() -> None:
+    replicas = ScriptedReplicas([SSE_START, _body(b'data: {"text": "a"}\n\n', more=True)])
+    _, _, body = _relay(replicas, "POST", "/generate")
+    assert b"ReplicaDiedError" in body
+
+
+def test_plugs_are_not_retried_and_every_try_failing_is_503() -> None:
+    died = ray.exceptions.ActorDiedError()
+    replicas = ScriptedReplicas([died])
+    status, headers, body = _relay(replicas, "POST", "/experts")
+    assert status == 503 and len(replicas.calls) == 1 and json.loads(body)["error"]["type"] == "ReplicaDiedError"
+    replicas = ScriptedReplicas(*[[died] for _ in range(4)])
+    status, headers, body = _relay(replicas, "GET", "/experts")
+    assert status == 503 and len(replicas.calls) == 4 and headers[b"retry-after"] == b"1"
+    assert "retry the request" in json.loads(body)["detail"]
+
+
+def test_the_ingress_applies_the_apps_guard_before_relaying() -> None:
+    replicas = ScriptedReplicas()
+    status, _, body = _relay(replicas, "POST", "/generate", api_keys="k1")
+    assert status == 401 and replicas.calls == []
+    status, _, _ = _relay(replicas, "POST", "/generate", b"x" * 2048, max_body_bytes=1024)
+    assert status == 413 and replicas.calls == []
+
+
+def test_a_replica_port_refuses_everything_but_metrics_and_health() -> None:
+    from fastapi.testclient import TestClient
+
+    from server.cluster import DirectPathsOnly
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"app"})
+
+    client = TestClient(DirectPathsOnly(app))  # no lifespan: the replica's app runs its own
+    assert [client.get(p).text for p in ("/metrics", "/health", "/ready")] == ["app"] * 3
+    for method, path in (("POST", "/generate"), ("POST", "/experts"), ("GET", "/cluster/replicas")):
+        refused = client.request(method, path)
+        assert refused.status_code == 404 and "proxy" in refused.json()["detail"]

@@ -7,8 +7,11 @@ probing for paths or open ports)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import getpass
 import http.server
+import json
 import os
 import socket
 import threading
@@ -18,6 +21,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+
+from server.errors import ExpertSourceError
+from server.expert_sources import ExpertSources
+from server.settings import Settings
 
 
 def _plug(client: TestClient, source: str, **extra) -> object:
@@ -208,3 +215,52 @@ def test_a_url_claiming_more_than_the_cap_is_413_before_its_body(make_client, we
     client = make_client(source_hosts=host, max_upload_bytes=1 << 20)
     response = _plug(client, f"http://{host}/huge")
     assert response.status_code == 413 and response.json()["error"]["param"] == "source"
+
+
+# --- `~` and malformed sources: one 422 whatever the account, never a 5xx (issue 24, finding 3) ---------
+# (`~user/...` was a 500 for an unknown account, and `~root` a 422: it told which accounts exist)
+
+
+def _json_refusal(client: TestClient, source: str) -> str:
+    body = json.dumps({"source": source})  # ASCII with \u escapes: lone surrogates travel as JSON allows
+    response = client.post("/experts", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, (source, response.status_code, response.text)
+    return response.json()["detail"]
+
+
+def test_an_unknown_account_is_a_422_not_a_500(client: TestClient) -> None:
+    message = _json_refusal(client, "~nosuchuser-plugmoe/experts/x.safetensors")
+    assert "not expanded" in message and "--source-roots" in message
+
+
+def test_existing_and_missing_accounts_get_the_same_answer(client: TestClient) -> None:
+    sources = {
+        "root": "~root/x.safetensors",
+        "the server's own account": f"~{getpass.getuser()}/x.safetensors",
+        "the server's home": "~/x.safetensors",
+        "missing account": "~nosuchuser-plugmoe/x.safetensors",
+        "file URL without a slash": "file:~root/x.safetensors",
+    }
+    answers = {
+        case: _json_refusal(client, source).replace(repr(source), "<source>") for case, source in sources.items()
+    }
+    assert len(set(answers.values())) == 1, answers
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["\ud800", "/tmp/\udcff.safetensors", "http://[::1", "https://[fe80::1/x", "file://%zz/x"],
+    ids=["lone surrogate", "surrogate in a path", "unclosed IPv6 host", "unclosed IPv6 https", "bad file host"],
+)
+def test_malformed_sources_are_4xx(client: TestClient, source: str) -> None:
+    body = json.dumps({"source": source})
+    response = client.post("/experts", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)  # the JSON parser may refuse first
+    assert client.get("/experts").json() == []
+
+
+@pytest.mark.parametrize("source", ["\ud800", "/tmp/\udcff.safetensors", "http://[::1", "~root/x", "~nobody-x/x"])
+def test_expert_sources_raise_a_source_error_for_what_no_parser_refused(tmp_path: Path, source: str) -> None:
+    sources = ExpertSources(Settings(source_roots=str(tmp_path), source_hosts="example.org"))
+    with pytest.raises(ExpertSourceError):
+        asyncio.run(sources.fetch(source))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -11,8 +12,11 @@ from moe.adapters.expert import NAME_PATTERN
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
+from server.expert_store import GarbageReport, StoreCorruptError, StoreUnavailableError
 from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
 from server.served_experts import VERSION_HEADER, ServedExperts
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/experts", tags=["experts"])
 
@@ -110,7 +114,10 @@ async def plug_expert(request: Request, response: Response, experts: ExpertsDep)
     else:
         raise BadRequestError("send multipart/form-data with a `file`, or JSON with a `source`")
     body = {**experts.describe(result.expert.name), "replaced": result.replaced, "admission": result.admission}
-    return await answer(experts, result.version, response, body)
+    answered = await answer(experts, result.version, response, body)
+    if result.replaced:
+        await _collect_after_change(request, experts)
+    return answered
 
 
 @router.delete(
@@ -122,12 +129,60 @@ async def plug_expert(request: Request, response: Response, experts: ExpertsDep)
 )
 async def unplug_expert(
     name: str,
+    request: Request,
     response: Response,
     experts: ExpertsDep,
-    purge: Annotated[bool, Query(description="also delete the file")] = False,
+    purge: Annotated[
+        bool,
+        Query(description="also delete the file; of an expert unplugged earlier: delete its files (`unplugged` false)"),
+    ] = False,
 ) -> dict:
     result = await experts.unplug(name, purge)
-    return await answer(experts, result.version, response, {"name": name, "unplugged": True, "purged": result.purged})
+    body = {"name": name, "unplugged": result.unplugged, "purged": result.purged}
+    answered = await answer(experts, result.version, response, body)
+    if result.unplugged:
+        await _collect_after_change(request, experts)
+    return answered
+
+
+@router.post("/gc", response_model=GarbageReport, dependencies=[Admin], responses=error_responses(400, 503))
+async def collect_garbage(
+    request: Request,
+    experts: ExpertsDep,
+    keep_versions: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=1_000_000,
+            description="keep the files of the newest K versions (default: --store-gc-keep-versions; unset, 1: "
+            "the served version's files, and those younger than the grace period)",
+        ),
+    ] = None,
+    grace_s: Annotated[
+        float | None,
+        Query(
+            ge=0, le=86_400 * 30, description="keep files written or reused this recently (default: --store-gc-grace-s)"
+        ),
+    ] = None,
+) -> GarbageReport:
+    """Delete the stored expert files that none of the newest `keep_versions` expert-set versions names
+    (safe beside other servers and replicas plugging into the same store: see server.expert_store)."""
+    settings = request.app.state.settings
+    keep = keep_versions or settings.store_gc_keep_versions or 1
+    return await experts.collect_garbage(keep, settings.store_gc_grace_s if grace_s is None else grace_s)
+
+
+async def _collect_after_change(request: Request, experts: ServedExperts) -> None:
+    """With --store-gc-keep-versions, collect the store's garbage after a replace or unplug this server
+    committed. The change stands whatever happens here: a failure is logged, and the next change retries."""
+    settings = request.app.state.settings
+    if settings.store_gc_keep_versions is None:
+        return
+    try:
+        await experts.collect_garbage(settings.store_gc_keep_versions, settings.store_gc_grace_s)
+    except (StoreUnavailableError, StoreCorruptError, OSError) as e:
+        experts.metrics.expert_store_errors.inc()
+        logger.error("garbage collection of the expert store after a change failed: %s", e)
 
 
 def _form_text(value: object, field: str) -> str | None:
