@@ -1,4 +1,4 @@
-"""Access control: who may call what. Checked by server.request_guard before the app reads a byte of the
+"""Access control: who may call what. Checked by server.middleware before the app reads a byte of the
 body, and again as route dependencies.
 
 API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health and /ready,

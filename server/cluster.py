@@ -10,7 +10,7 @@ only once its initialisation (that lifespan included) is done: a replica that st
 current set before it takes a request. Then every replica follows the shared store (ServedExperts.watch).
 
 Requests reach the replicas through an ingress of their own (PlugmoeIngress, the application's HTTP entry,
-no CPU reserved): it reads the request (the app's access control and body limits first, server.request_guard),
+no CPU reserved): it reads the request (the app's access control and body limits first, server.middleware),
 hands it to a replica through a Ray Serve handle (PlugmoeReplica.forward runs it through that replica's app and
 streams its ASGI messages back) and relays the answer. A replica that dies before the first byte of its answer
 reached the client produced nothing: the request is sent to another replica (at most FORWARD_ATTEMPTS times;
@@ -61,7 +61,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.auth import is_admin_request
 from server.errors import NotFoundError, error_response
 from server.main import create_app
-from server.request_guard import RequestGuard
+from server.middleware import RequestGuard
 from server.served_experts import ServedExperts
 from server.settings import ClusterSettings, Settings
 
@@ -378,7 +378,7 @@ class ReplicaDiedError(RuntimeError):
 
 class ForwardToReplicas:
     """The ingress's work for one HTTP request: read it whole behind the app's own access control and body
-    limits (server.request_guard), run it on a replica through `replicas` (PlugmoeReplica.forward, streamed)
+    limits (server.middleware), run it on a replica through `replicas` (PlugmoeReplica.forward, streamed)
     and answer with what the replica's app sent. The answer's head is held until its first body byte, so a
     replica that dies before then has produced nothing the client saw: the request goes to another replica
     (FORWARD_ATTEMPTS in all), unless it is a plug or unplug (it may have committed: the client checks

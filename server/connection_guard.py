@@ -10,7 +10,7 @@
                       clients do, and the requests already running keep being served.
 
 Both answer with the API's error object, written as raw bytes (h11 cannot send a response before it has
-parsed a request). The request body is not covered here: its size is bounded by server.request_guard, and
+parsed a request). The request body is not covered here: its size is bounded by server.middleware, and
 a body that trickles in holds one connection of the cap.
 
 `plugmoe serve` (server.cli) and each cluster replica's own port (server.cluster) run uvicorn with

@@ -4,7 +4,7 @@ every refused request (4xx) leaves:
     refused POST /v1/completions 400 param=max_tokens request=3f2a...: max_tokens=600 is over this server's cap ...
 
 The request id is the client's X-Request-Id when it is sane (REQUEST_ID), else one made up by the request
-guard (server.request_guard); every response carries it back in X-Request-Id.
+guard (server.middleware); every response carries it back in X-Request-Id.
 """
 
 from __future__ import annotations

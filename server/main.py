@@ -1,18 +1,16 @@
-"""The FastAPI app: settings, the model loaded in lifespan, routers, error mapping, request metrics."""
+"""The FastAPI app: settings, the model loaded in lifespan, routers, error mapping, the ASGI layers
+(server.middleware)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import errors
 from server.admission_policy import AdmissionPolicy
@@ -22,9 +20,9 @@ from server.engine import Engine
 from server.expert_sources import ExpertSources
 from server.expert_store import ExpertStore
 from server.metrics import Metrics
+from server.middleware import ExpertSetVersionHeader, RequestGuard, RequestMetrics
 from server.prompts import PromptEncoder
-from server.request_guard import RequestGuard
-from server.served_experts import VERSION_HEADER, ServedExperts
+from server.served_experts import ServedExperts
 from server.settings import DEMO_MODEL_DIR, Settings
 
 logger = logging.getLogger(__name__)
@@ -117,58 +115,6 @@ def _warn_about_access(settings: Settings) -> None:
             "no --admin-token: direct loopback clients may plug and unplug experts; requests through a proxy "
             "(forwarded headers) are refused"
         )
-
-
-class ExpertSetVersionHeader:
-    """Every response says which expert-set version answered it (`X-Plugmoe-Expert-Set-Version`), unless
-    the route set the header itself (a plug answers with the version it committed)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_version(message: Message) -> None:
-            served = getattr(scope["app"].state, "experts", None) if "app" in scope else None
-            if message["type"] == "http.response.start" and served is not None:
-                headers = MutableHeaders(scope=message)
-                if VERSION_HEADER not in headers:
-                    headers[VERSION_HEADER] = str(served.version)
-            await send(message)
-
-        await self.app(scope, receive, send_with_version)
-
-
-class RequestMetrics:
-    """Counts requests by route template and status, and times them to the last byte (streams included)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_and_watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-            if endpoint != "unmatched":
-                self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

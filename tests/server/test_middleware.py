@@ -1,4 +1,4 @@
-"""server.request_guard: request size limits and access control before the app reads a body.
+"""server.middleware: request size limits and access control before the app reads a body.
 
 With --api-keys a 200 MB body used to be parsed before the 401, and a 2 GB multipart upload was read whole
 into memory. Now bodies are counted as they stream and refused past --max-body-bytes / --max-upload-bytes

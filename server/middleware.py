@@ -1,4 +1,10 @@
-"""The ASGI layer in front of every route: access control and body limits, before the app reads the body.
+"""The ASGI layers every request passes before and after a route, outermost first (server.main stacks them):
+
+    RequestMetrics          counts requests by route template and status, times them to the last byte
+    RequestGuard            a request id, then access control and body limits before the app reads the body
+    ExpertSetVersionHeader  every response names the expert-set version that answered it
+
+RequestGuard, in order (the cluster's ingress runs it alone, server.cluster):
 
     1. headers over --max-header-bytes: 431 (uvicorn's h11 also refuses a head that grows past it while
        still incomplete, with a plain 400)
@@ -18,7 +24,9 @@ every response, refusals included.
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
+import time
+
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import refusal
@@ -31,6 +39,8 @@ from server.errors import (
     log_refusal,
     request_id,
 )
+from server.metrics import Metrics
+from server.served_experts import VERSION_HEADER
 from server.settings import Settings
 
 
@@ -123,3 +133,55 @@ async def _respond(scope: Scope, send: Send, exc: Exception) -> None:
     log_refusal(scope, response.status_code, error_object(exc))
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+class ExpertSetVersionHeader:
+    """Every response says which expert-set version answered it (`X-Plugmoe-Expert-Set-Version`), unless
+    the route set the header itself (a plug answers with the version it committed)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: Message) -> None:
+            served = getattr(scope["app"].state, "experts", None) if "app" in scope else None
+            if message["type"] == "http.response.start" and served is not None:
+                headers = MutableHeaders(scope=message)
+                if VERSION_HEADER not in headers:
+                    headers[VERSION_HEADER] = str(served.version)
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
+
+
+class RequestMetrics:
+    """Counts requests by route template and status, and times them to the last byte (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+            if endpoint != "unmatched":
+                self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
