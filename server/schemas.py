@@ -197,12 +197,32 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "plugmoe"
+    root: str | None = Field(None, description="as vLLM: the backbone's path; an expert's source (or its name)")
+    parent: str | None = Field(None, description="as vLLM: an adapter's base model id; null for the backbone")
     plugmoe_kind: Literal["backbone", "expert"] = "backbone"
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- vLLM's runtime LoRA adapter API ----------------------------------------------------------------------
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's LoadLoRAAdapterRequest (other fields are ignored, as vLLM does)."""
+
+    lora_name: str = Field("", description="the adapter's name: use it as `model`")
+    lora_path: str = Field("", description="a PEFT adapter directory under --source-roots (or on --source-hosts)")
+    load_inplace: bool = Field(False, description="replace an adapter already loaded under this name")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's UnloadLoRAAdapterRequest (lora_int_id is accepted and not used)."""
+
+    lora_name: str = Field("", description="the adapter to unload")
+    lora_int_id: int | None = None
 
 
 # --- experts --------------------------------------------------------------------------------------------
@@ -242,6 +262,11 @@ class ExpertInfo(BaseModel):
     size_bytes: int
     plugged_at: str | None
     tokens_routed: float = Field(description="(token, layer) routing decisions won since it was plugged")
+    routes: bool = Field(
+        True,
+        description="whether it takes part in token and sequence routing; false: pin-only (a closed gate, e.g. a "
+        "LoRA loaded with /v1/load_lora_adapter), served only when named as `model` or pinned",
+    )
     provenance: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     created: str | None = None
