@@ -75,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     if settings.lora_modules:
-        await lora_adapters.seed_lora_modules(served, settings.lora_module_list())
+        await lora_adapters.seed_lora_modules(served, settings.lora_module_list(), settings.model)
     started_here = not engine.alive
     if started_here:
         engine.start()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import functools
 import logging
 import os
 import threading
@@ -417,12 +418,26 @@ class ServedExperts:
         return await self.plug_bytes(data, name, replace)
 
     async def plug_peft(
-        self, config: dict, tensors: dict[str, torch.Tensor], name: str, source: str, replace: bool
+        self,
+        config: dict,
+        tensors: dict[str, torch.Tensor],
+        name: str,
+        source: str,
+        replace: bool,
+        served_model: str | None = None,
     ) -> PlugResult:
         """A PEFT LoRA adapter (its config and tensors, read by the caller: fetch_peft, or a trusted path at
         start) converted to a pin-only LoRA expert (moe.adapters.peft: no training), then plugged as any file
-        is. Raises moe.adapters.peft.LoraImportError naming what does not fit."""
-        expert, _ = await self._off_engine(convert_peft, config, tensors, self.model, name, source)
+        is. Its base model's name against `served_model` is a warning in its provenance, not a refusal (as in
+        vLLM; shapes are always checked). Raises moe.adapters.peft.LoraImportError naming what does not fit."""
+        expert, _ = await self._off_engine(
+            functools.partial(convert_peft, served=served_model, ignore_base_model=True),
+            config,
+            tensors,
+            self.model,
+            name,
+            source,
+        )
         return await self.plug_bytes(ExpertFile.to_bytes(expert, self.model.fingerprint), None, replace)
 
     async def fetch_peft(self, directory: str) -> tuple[dict, dict[str, torch.Tensor]]:

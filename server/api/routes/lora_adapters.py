@@ -36,7 +36,7 @@ from moe.adapters.expert import check_name
 from moe.adapters.peft import LoraImportError, read_adapter
 from moe.errors import NonFiniteOutputError
 from server.api.deps import ExpertsDep
-from server.auth import Admin, ApiKey
+from server.auth import Admin, ApiKey, SettingsDep
 from server.errors import BadRequestError, ExpertSourceError, NotFoundError
 from server.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest, error_responses
 from server.served_experts import ServedExperts
@@ -65,12 +65,14 @@ def unloaded_message(name: str) -> str:
     dependencies=[Admin],
     responses=error_responses(400, 404, 413, 503, 507),
 )
-async def load_lora_adapter(body: LoadLoraAdapterRequest, experts: ExpertsDep) -> PlainTextResponse:
+async def load_lora_adapter(
+    body: LoadLoraAdapterRequest, experts: ExpertsDep, settings: SettingsDep
+) -> PlainTextResponse:
     """Load a PEFT LoRA adapter directory as a pin-only expert named `lora_name` (use it as `model`)."""
     name, path = body.lora_name, body.lora_path
     if not name or not path:
         raise InvalidUserInput("Both 'lora_name' and 'lora_path' must be provided.")
-    await load_adapter(experts, name, path, body.load_inplace, trusted=False)
+    await load_adapter(experts, name, path, body.load_inplace, trusted=False, served_model=settings.model)
     return PlainTextResponse(loaded_message(name))
 
 
@@ -92,9 +94,12 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, experts: ExpertsDe
     return PlainTextResponse(unloaded_message(name))
 
 
-async def load_adapter(experts: ServedExperts, name: str, path: str, replace: bool, trusted: bool) -> None:
+async def load_adapter(
+    experts: ServedExperts, name: str, path: str, replace: bool, trusted: bool, served_model: str | None
+) -> None:
     """Convert and plug; every refusal as vLLM answers it. `trusted`: the path is the operator's
-    (--lora-modules at start), read directly; otherwise through the source allow-lists."""
+    (--lora-modules at start), read directly; otherwise through the source allow-lists. `served_model`: the
+    backbone's path or id, which the adapter's base_model_name_or_path is compared with (a warning)."""
     try:
         check_name(name)
     except InvalidExpertNameError as e:
@@ -106,7 +111,7 @@ async def load_adapter(experts: ServedExperts, name: str, path: str, replace: bo
             config, tensors = await asyncio.to_thread(read_adapter, path)
         else:
             config, tensors = await experts.fetch_peft(path)
-        result = await experts.plug_peft(config, tensors, name, path, replace)
+        result = await experts.plug_peft(config, tensors, name, path, replace, served_model)
     except ExpertSourceError as e:
         if str(e).startswith(_NO_FILE):
             raise NotFoundError(f"No adapter found for {path!r}: {e}") from None
@@ -118,7 +123,7 @@ async def load_adapter(experts: ServedExperts, name: str, path: str, replace: bo
     logger.info("loaded LoRA adapter %r from %s (expert-set version %d)", name, path, result.version)
 
 
-async def seed_lora_modules(experts: ServedExperts, modules: list[tuple[str, str]]) -> None:
+async def seed_lora_modules(experts: ServedExperts, modules: list[tuple[str, str]], served_model: str) -> None:
     """--lora-modules at start: each adapter plugged (replacing one of the same name that came from another
     path). One that cannot be served stops the start, as in vLLM: the operator asked for it by name."""
     for name, path in modules:
@@ -128,6 +133,6 @@ async def seed_lora_modules(experts: ServedExperts, modules: list[tuple[str, str
                 logger.info("LoRA adapter %r from %s is already plugged (the expert store kept it)", name, path)
                 continue
         try:
-            await load_adapter(experts, name, path, replace=True, trusted=True)
+            await load_adapter(experts, name, path, replace=True, trusted=True, served_model=served_model)
         except (BadRequestError, NotFoundError) as e:
             raise RuntimeError(f"--lora-modules {name}={path}: {e}") from e

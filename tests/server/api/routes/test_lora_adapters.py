@@ -82,6 +82,7 @@ def test_load_list_use_unload_as_a_vllm_user_does(lora_client: TestClient, adapt
     assert routed["experts"].get("sql", 0.0) == 0.0, "pin-only: it never wins a token in token mode"
     (info,) = [e for e in lora_client.get("/experts").json() if e["name"] == "sql"]
     assert info["routes"] is False and info["kind"] == "lora" and info["provenance"]["source"] == "peft"
+    assert info["provenance"]["warnings"] == [], "the adapter's base model is the served model"
     assert lora_client.get("/experts/sql").json()["routes"] is False
 
     response = lora_client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
