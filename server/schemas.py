@@ -228,6 +228,14 @@ class UnloadLoraAdapterRequest(BaseModel):
 # --- experts --------------------------------------------------------------------------------------------
 
 
+class DomainSample(BaseModel):
+    model_config = STRICT
+
+    texts: list[str] = Field(
+        min_length=1, description="example texts of the expert's domain (the first 64 texts, 64 KiB, are kept)"
+    )
+
+
 class PlugFromSource(BaseModel):
     model_config = STRICT
 
@@ -267,6 +275,7 @@ class ExpertInfo(BaseModel):
         description="whether it takes part in token and sequence routing; false: pin-only (a closed gate, e.g. a "
         "LoRA loaded with /v1/load_lora_adapter), served only when named as `model` or pinned",
     )
+    domain_sample_texts: int = Field(0, description="texts in its domain sample (admission measures its domain on it)")
     provenance: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     created: str | None = None

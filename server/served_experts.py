@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, UnknownExpertError
+from moe.adapters.file import bound_domain_sample
 from moe.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft, parse_adapter
 from moe.admission.report import probe_is_finite
 from moe.errors import NonFiniteOutputError
@@ -450,6 +451,19 @@ class ServedExperts:
         weights = await self.sources.fetch(f"{base}/{WEIGHTS_FILE}")
         return await asyncio.to_thread(parse_adapter, config, weights, directory)
 
+    async def set_domain_sample(self, name: str, texts: list[str]) -> PlugResult:
+        """The plugged expert's stored file with `texts` (bounded as the format bounds them) as its domain
+        sample, plugged in its place through the plug path (admission measures its domain on it; a pin-only
+        expert stays pin-only: no gate is trained here). What a context router fitted from domain samples
+        will read to route to it."""
+        entry = (await self.reconcile()).get(name)
+        if entry is None:
+            raise UnknownExpertError(f"no expert named {name!r} is plugged; plugged: {list(self.manifest.names)}")
+        data = await asyncio.to_thread(self.store.read_blob, entry.sha256)
+        expert = ExpertFile.load(data, self.model.fingerprint)
+        expert.metadata["domain_sample"] = bound_domain_sample(texts)
+        return await self.plug_bytes(ExpertFile.to_bytes(expert, self.model.fingerprint), None, replace=True)
+
     async def unplug(self, name: str, purge: bool) -> UnplugResult:
         """Commit the set without it, then swap it out. purge: also delete its file (when the new set does
         not use the same file under another name)."""
@@ -525,6 +539,7 @@ class ServedExperts:
             "plugged_at": self.plugged_at.get(name),
             "tokens_routed": self.engine.tokens_routed(name),
             "routes": self._routes.get(name, True),
+            "domain_sample_texts": len(meta.get("domain_sample") or ()),
             "provenance": meta.get("provenance") or {},
             "evals": meta.get("evals") or {},
             "created": meta.get("created") or None,

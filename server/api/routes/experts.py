@@ -11,7 +11,7 @@ from moe.adapters.expert import NAME_PATTERN
 from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
-from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
+from server.schemas import DomainSample, ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
 from server.served_experts import VERSION_HEADER, ServedExperts
 
 router = APIRouter(prefix="/experts", tags=["experts"])
@@ -111,6 +111,22 @@ async def plug_expert(request: Request, response: Response, experts: ExpertsDep)
         raise BadRequestError("send multipart/form-data with a `file`, or JSON with a `source`")
     body = {**experts.describe(result.expert.name), "replaced": result.replaced, "admission": result.admission}
     return await answer(experts, result.version, response, body)
+
+
+@router.put(
+    "/{name}/domain-sample",
+    response_model=PlugResponse,
+    response_model_exclude_unset=True,
+    dependencies=[Admin],
+    responses=error_responses(400, 404, 409, 422, 503, 507),
+)
+async def set_domain_sample(name: str, body: DomainSample, response: Response, experts: ExpertsDep) -> dict:
+    """Store a sample of the expert's own domain in its file (what `plugmoe add-sample` does offline) and plug
+    it again: admission measures its domain on it, and a router fitted from domain samples can route to it.
+    No gate is trained: a pin-only expert stays pin-only (`routes: false`) until then."""
+    result = await experts.set_domain_sample(name, body.texts)
+    answer_body = {**experts.describe(name), "replaced": True, "admission": result.admission}
+    return await answer(experts, result.version, response, answer_body)
 
 
 @router.delete(

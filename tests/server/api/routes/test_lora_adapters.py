@@ -85,6 +85,14 @@ def test_load_list_use_unload_as_a_vllm_user_does(lora_client: TestClient, adapt
     assert info["provenance"]["warnings"] == [], "the adapter's base model is the served model"
     assert lora_client.get("/experts/sql").json()["routes"] is False
 
+    texts = ["SELECT name FROM users WHERE id = 3;", "SELECT count(*) FROM orders;"]
+    response = lora_client.put("/experts/sql/domain-sample", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    assert response.json()["domain_sample_texts"] == 2 and response.json()["routes"] is False, "still pin-only"
+    assert _complete(oai, "sql") == by_name, "the same weights"
+    assert lora_client.put("/experts/sql/domain-sample", json={"texts": []}).status_code == 400
+    assert lora_client.put("/experts/ghost/domain-sample", json={"texts": texts}).status_code == 404
+
     response = lora_client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
     assert response.status_code == 200 and response.text == "Success: LoRA adapter 'sql' removed successfully."
     assert "sql" not in {m.id for m in oai.models.list().data}
