@@ -1,4 +1,5 @@
-"""The plugged experts: list, describe, plug (upload or source), unplug."""
+"""The plugged experts: list, describe (`routes: false` for a pin-only one), plug (upload or source), give one a
+domain sample, unplug."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models (each expert as vLLM lists a
+LoRA adapter: `parent` the backbone, `root` its source). vLLM's /v1/load_lora_adapter: server.api.routes.lora_adapters.
 
 `model` is the backbone's name (routing as the request's `routing` extension says, token mode by default)
 or a plugged expert's name, which pins that expert. Every parameter is honoured or refused with a 400
