@@ -195,3 +195,11 @@ def test_lora_modules_flag_takes_vllms_forms() -> None:
         parse_lora_module("just-a-name")
     with pytest.raises(ValueError, match="must be name=path"):
         Settings(lora_modules=["a"])
+
+
+def test_experts_say_whether_they_route(client: TestClient, expert_bytes) -> None:
+    """Any expert file with a closed gate is pin-only, however it was plugged; an open gate routes."""
+    for name, open_gate in (("shut", False), ("open", True)):
+        response = client.post("/experts", files={"file": ("x.safetensors", expert_bytes(name, open_gate=open_gate))})
+        assert response.status_code == 201 and response.json()["routes"] is open_gate, response.text
+    assert {e["name"]: e["routes"] for e in client.get("/experts").json()} == {"shut": False, "open": True}
