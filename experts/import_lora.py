@@ -1,19 +1,8 @@
 """`plugmoe import-lora`: a PEFT LoRA adapter directory in, a routed LoRA expert file out (only its gate trained).
 
-    ADAPTER_DIR/adapter_config.json          PEFT's LoraConfig as JSON (peft_type "LORA")
-    ADAPTER_DIR/adapter_model.safetensors    base_model.model.<module>.lora_A.weight [r, in]
-                                             base_model.model.<module>.lora_B.weight [out, r]
-                                             (GPT-2's Conv1D projections keep this layout: fan_in_fan_out
-                                             only changes how PEFT merges)
-
-Conversion (`convert_adapter`): every LoRA pair on an MLP projection of the backbone's family
-(moe.model.backbone.FAMILIES) becomes the expert's pair for that (layer, projection), scaling = alpha / r
-(alpha / sqrt(r) with use_rslora), r and alpha per module through rank_pattern / alpha_pattern with PEFT's own
-matching rule (the first pattern key k with re.match(rf"(.*\\.)?({k})$", module) wins). Refused, with a
-message saying why and what to do: other PEFT types; features the LoRA kind does not reproduce (DoRA,
-lora_bias, trained biases, base-rewriting inits such as PiSSA/OLoRA/LoftQ, layer replication, ...); an
-adapter for another base model or with other shapes; and tensors outside the MLP blocks (attention LoRAs,
-modules_to_save, trainable tokens), unless `mlp_only`, which drops them after a warning.
+Conversion: moe.adapters.peft.convert_adapter (the adapter's LoRA pairs on the MLP projections, scaling,
+rank_pattern / alpha_pattern, rsLoRA; refusals naming what the LoRA kind does not serve; --mlp-only drops the
+rest). The server's POST /v1/load_lora_adapter runs the same conversion and serves the expert gateless.
 
 Then stage 2 of training (experts.train.train_gate: keys, thresholds under the false-positive cap, loss-free
 offsets) on example text of the adapter's domain, with the adapter frozen, and the usual routing check.
@@ -22,18 +11,11 @@ Reads JSON and safetensors only: PEFT itself is not needed.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from experts.config import TrainConfig
 from experts.data import Example
@@ -49,302 +31,20 @@ from experts.train import (
     train_gate,
 )
 from moe.adapters.expert import Expert
-from moe.adapters.lora import LoraAdapter, LoraPair
-from moe.model.backbone import family_of
+from moe.adapters.peft import (  # noqa: F401  (re-exported: the command and its tests use them from here)
+    AdapterMismatchError,
+    ImportReport,
+    LoraImportError,
+    NonMlpTargetsError,
+    UnsupportedAdapterError,
+    convert_adapter,
+    read_adapter,
+)
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
-
-PREFIX = "base_model.model."
-_PAIR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
-# LoraConfig fields that change what the adapter computes in ways the LoRA kind does not reproduce
-UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (a learned magnitude per output column)",
-    "lora_bias": "a bias on lora_B",
-    "layer_replication": "layer replication (it changes the backbone's layer stack)",
-    "alora_invocation_tokens": "activated LoRA (applies only after invocation tokens)",
-    "target_parameters": "LoRA on raw parameters (MoE expert weights)",
-    "use_qalora": "QA-LoRA (pools the input)",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing among LoRAs",
-    "kasa_config": "KaSA",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-}
-# init methods that leave the base weights as they are (pissa, olora, corda, lora_ga, loftq rewrite them)
-SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-
-
-class LoraImportError(ValueError):
-    """The adapter directory cannot be converted; the message says why and what to do."""
-
-
-class UnsupportedAdapterError(LoraImportError):
-    """The adapter uses a PEFT feature the LoRA expert kind does not reproduce."""
-
-
-class NonMlpTargetsError(LoraImportError):
-    """The adapter also changes modules outside the MLP blocks (and mlp_only was not asked for)."""
-
-
-class AdapterMismatchError(LoraImportError):
-    """The adapter was made for another backbone (base model, family, layers or projection shapes)."""
-
-
-@dataclass
-class ImportReport:
-    """What the conversion found: per projection its largest rank, the layers, what was dropped, warnings."""
-
-    base_model: str | None
-    targets: dict[str, int] = field(default_factory=dict)
-    layers: tuple[int, ...] = ()
-    dropped: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json as a dict, the tensors of adapter_model.safetensors)."""
-    directory = Path(adapter_dir)
-    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    if not config_path.is_file():
-        raise LoraImportError(
-            f"{directory} has no adapter_config.json: pass a PEFT adapter directory (what save_pretrained writes)"
-        )
-    if not weights_path.is_file():
-        hint = (
-            " (only adapter_model.bin is there: re-save it with save_pretrained(..., safe_serialization=True))"
-            if (directory / "adapter_model.bin").exists()
-            else ""
-        )
-        raise LoraImportError(f"{directory} has no adapter_model.safetensors{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraImportError(f"{config_path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise LoraImportError(f"{config_path} is not a JSON object")
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError) as e:
-        raise LoraImportError(f"{weights_path} cannot be read as safetensors: {e}") from e
-    return config, tensors
-
-
-def check_config(config: dict, report: ImportReport) -> None:
-    """Refuse what the LoRA kind cannot reproduce (the message names it and what to do instead)."""
-    if config.get("peft_type") != "LORA":
-        raise UnsupportedAdapterError(
-            f"peft_type is {config.get('peft_type')!r}; only LoRA adapters (peft_type LORA) can be imported"
-        )
-    used = [f"{key}: {why}" for key, why in UNSUPPORTED_FIELDS.items() if config.get(key)]
-    if used:
-        raise UnsupportedAdapterError(
-            f"the adapter uses {'; '.join(used)}. plugmoe imports plain LoRA only: retrain without it"
-        )
-    if config.get("bias", "none") != "none":
-        raise UnsupportedAdapterError(
-            f"bias={config['bias']!r}: the adapter also trained the backbone's biases, which a routed expert "
-            "cannot change for its tokens only; retrain with bias='none'"
-        )
-    init = config.get("init_lora_weights", True)
-    if init not in SAFE_INITS:
-        raise UnsupportedAdapterError(
-            f"init_lora_weights={init!r} rewrites the base weights, so this adapter only fits its own modified "
-            "backbone; convert it to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)"
-        )
-    if config.get("task_type") not in (None, "CAUSAL_LM"):
-        report.warnings.append(f"task_type is {config['task_type']!r}, not CAUSAL_LM")
-
-
-def check_base_model(config: dict, served: str | None, report: ImportReport, ignore: bool) -> None:
-    """The adapter's base_model_name_or_path against the served model's name or path. Shapes are checked
-    whatever this says; the name is what catches a LoRA for a same-shaped sibling (base vs instruct)."""
-    base = config.get("base_model_name_or_path")
-    if not base or not served:
-        report.warnings.append(
-            f"cannot check the base model (adapter: {base or 'not recorded'}, served: {served or 'unknown'}); "
-            "only shapes are checked"
-        )
-        return
-    if _same_model(base, served):
-        return
-    message = f"the adapter was trained on {base!r}, the backbone is {served!r}"
-    if not ignore:
-        raise AdapterMismatchError(
-            f"{message}. A LoRA only fits the weights it was trained on; pass --ignore-base-model if both "
-            "name the same model"
-        )
-    report.warnings.append(f"{message} (--ignore-base-model: shapes are checked, weights are not)")
-
-
-def _same_model(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    path_a, path_b = Path(a).expanduser(), Path(b).expanduser()
-    if path_a.exists() and path_b.exists():
-        return path_a.resolve() == path_b.resolve()
-    return path_a.name == path_b.name  # a hub id against a local copy named after it
-
-
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's get_pattern_key: the first pattern key that matches the module's name ends, in dict order."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
-
-
-def summarise(modules: Sequence[str]) -> str:
-    """'self_attn.q_proj (layers [0, 1]), lm_head' from full module names."""
-    by_suffix: dict[str, set[int]] = {}
-    for module in modules:
-        found = re.match(r".*?\.(\d+)\.(.+)$", module)
-        if found:
-            by_suffix.setdefault(found.group(2), set()).add(int(found.group(1)))
-        else:
-            by_suffix.setdefault(module, set())
-    return ", ".join(
-        f"{suffix} (layers {sorted(layers)})" if layers else suffix for suffix, layers in sorted(by_suffix.items())
-    )
-
-
-def convert_adapter(
-    adapter_dir: str | Path,
-    model: RoutedModel,
-    name: str,
-    mlp_only: bool = False,
-    served: str | None = None,
-    ignore_base_model: bool = False,
-    seed: int = 0,
-) -> tuple[Expert, ImportReport]:
-    """A LoRA expert from a PEFT adapter directory, for `model`'s backbone, its gate closed (threshold 2: it
-    wins nothing until train_gate or a pin). Raises a LoraImportError subclass naming what does not fit."""
-    config, tensors = read_adapter(adapter_dir)
-    report = ImportReport(base_model=config.get("base_model_name_or_path"))
-    check_config(config, report)
-    check_base_model(config, served, report, ignore_base_model)
-    backbone = model.backbone
-    family = family_of(backbone)
-    base_class = (config.get("auto_mapping") or {}).get("base_model_class")
-    if base_class and base_class != type(backbone).__name__:
-        report.warnings.append(f"the adapter was made on a {base_class}, the backbone is a {type(backbone).__name__}")
-
-    prefix = f"{re.escape(family.layers)}\\.(\\d+)\\.{re.escape(family.mlp)}\\."
-    mlp_module = re.compile(rf"^{prefix}({'|'.join(map(re.escape, family.projections))})$")
-    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    other: set[str] = set()
-    for key, tensor in tensors.items():
-        module = key.removeprefix(PREFIX)
-        pair = _PAIR_KEY.match(module)
-        target = mlp_module.match(pair.group("module")) if pair else None
-        if target is not None:
-            found.setdefault((int(target.group(1)), target.group(2)), {})[pair.group("side")] = tensor
-            continue
-        owner = pair.group("module") if pair else re.sub(r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "", module)
-        owner = re.sub(r"\.(weight|bias|token_adapter\..*)$", "", owner)
-        if mlp_module.match(owner):
-            raise UnsupportedAdapterError(
-                f"tensor {key!r} on an MLP projection is not a plain LoRA pair (lora_A/lora_B weights); "
-                "plugmoe imports plain LoRA only"
-            )
-        other.add(owner)
-    if not found:
-        raise LoraImportError(
-            f"the adapter has no LoRA on the MLP projections {list(family.projections)} of this "
-            f"{backbone.config.model_type} backbone (module names like "
-            f"{family.layers}.0.{family.mlp}.{family.projections[0]}); it adapts "
-            f"{summarise(sorted(other)) or 'nothing'}: it was made for another model family, or targets no MLP "
-            "projection"
-        )
-    if other:
-        if not mlp_only:
-            raise NonMlpTargetsError(
-                f"the adapter also changes modules outside the MLP blocks: {summarise(sorted(other))}. A routed "
-                "expert applies at the MLP blocks only: retrain with MLP-only target_modules "
-                f"({list(family.projections)}), or pass --mlp-only to drop them (the expert then differs from "
-                "the adapter as trained)"
-            )
-        report.dropped = sorted(other)
-        report.warnings.append(
-            f"--mlp-only: dropping {summarise(report.dropped)}; the expert will not reproduce the adapter as "
-            "trained. Measure the effect with `plugmoe eval` (pinned and token-routed perplexity per domain)"
-        )
-
-    layers = tuple(sorted({layer for layer, _ in found}))
-    if layers[-1] >= model.num_layers:
-        raise AdapterMismatchError(
-            f"the adapter adapts layers up to {layers[-1]}; the backbone has {model.num_layers} layers"
-        )
-    pairs = {
-        p: _pair(config, family, p, {layer: sides for (layer, q), sides in found.items() if q == p}, layers, model)
-        for p in family.projections
-        if any(q == p for _, q in found)
-    }
-    report.layers, report.targets = layers, {p: pair.rank for p, pair in pairs.items()}
-    gate = Expert.closed_gate(len(layers), model.hidden_size, torch.Generator().manual_seed(seed))
-    expert = Expert(name=name, layers=layers, adapter=LoraAdapter(pairs), **gate)
-    keep = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "layers_to_transform")
-    expert.metadata = {
-        "provenance": {
-            "source": "peft",
-            "adapter_dir": str(adapter_dir),
-            "peft_version": config.get("peft_version"),
-            "base_model_name_or_path": report.base_model,
-            "adapter_config": {k: config.get(k) for k in keep},
-            "dropped": report.dropped,
-            "warnings": report.warnings,
-        }
-    }
-    for warning in report.warnings:
-        logger.warning("%s", warning)
-    return expert, report
-
-
-def _pair(
-    config: dict,
-    family,
-    projection: str,
-    entries: dict[int, dict[str, torch.Tensor]],
-    layers: tuple[int, ...],
-    model: RoutedModel,
-) -> LoraPair:
-    """One projection's pairs over the expert's layers (zero where the adapter skips a layer)."""
-    d_in, d_out = model.projection_shapes[projection]
-    rank = 0
-    for layer, sides in entries.items():
-        where = f"{family.layers}.{layer}.{family.mlp}.{projection}"
-        if set(sides) != {"A", "B"}:
-            raise LoraImportError(f"{where} has lora_{next(iter(sides))} but not its pair")
-        a, b = sides["A"], sides["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterMismatchError(f"{where}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not pair")
-        if (a.shape[1], b.shape[0]) != (d_in, d_out):
-            raise AdapterMismatchError(
-                f"{where}: the LoRA maps {a.shape[1]} -> {b.shape[0]}, the backbone's {projection} maps "
-                f"{d_in} -> {d_out}: the adapter was made for another model"
-            )
-        r_config = pattern_value(config.get("rank_pattern") or {}, where, config.get("r"))
-        if r_config is not None and int(r_config) != a.shape[0]:
-            raise LoraImportError(f"{where}: the tensors have rank {a.shape[0]}, the config says {r_config}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise LoraImportError(f"{where}: NaN or infinity in the LoRA weights")
-        rank = max(rank, int(a.shape[0]))
-    big_a = torch.zeros(len(layers), rank, d_in)
-    big_b = torch.zeros(len(layers), d_out, rank)
-    scaling = torch.zeros(len(layers))
-    for i, layer in enumerate(layers):
-        if layer not in entries:
-            continue  # zero A, B and scaling: no change to this projection on this layer (exact)
-        a, b = entries[layer]["A"].float(), entries[layer]["B"].float()
-        r = a.shape[0]
-        where = f"{family.layers}.{layer}.{family.mlp}.{projection}"
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, where, config.get("lora_alpha", 8)))
-        big_a[i, :r], big_b[i, :, :r] = a, b
-        scaling[i] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return LoraPair(big_a, big_b, scaling)
-
 
 # --- the whole import: convert, gate, check ------------------------------------------------------------
 

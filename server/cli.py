@@ -45,7 +45,14 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_class: type[Bas
         if kind is None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+            many = "+" if _is_list(field.annotation) else None  # e.g. --lora-modules a=/p b=/q, as vLLM takes it
+            parser.add_argument(flag, type=kind, choices=choices, nargs=many, default=argparse.SUPPRESS, help=help_text)
+
+
+def _is_list(annotation: object) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:

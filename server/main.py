@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from server import errors
 from server.admission_policy import AdmissionPolicy
-from server.api.routes import experts, generate, health, openai
+from server.api.routes import experts, generate, health, lora_adapters, openai
 from server.auth import binds_loopback
 from server.engine import Engine
 from server.expert_sources import ExpertSources
@@ -72,6 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings), replicas=app.state.replicas
     )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
+    if settings.lora_modules:
+        await lora_adapters.seed_lora_modules(served, settings.lora_module_list(), settings.model)
     started_here = not engine.alive
     if started_here:
         engine.start()
@@ -128,7 +130,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.experts = None
     app.state.replicas = None  # a cluster's replicas (server.cluster sets it before the lifespan runs)
     errors.install(app)
-    for module in (health, generate, openai, experts):
+    for module in (health, generate, openai, lora_adapters, experts):
         app.include_router(module.router)
     app.add_middleware(ExpertSetVersionHeader)
     app.add_middleware(RequestGuard, settings=settings)  # inside RequestMetrics, so its refusals are counted

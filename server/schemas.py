@@ -197,6 +197,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "plugmoe"
+    root: str | None = Field(None, description="as vLLM: the backbone's path; an expert's source (or its name)")
+    parent: str | None = Field(None, description="as vLLM: an adapter's base model id; null for the backbone")
     plugmoe_kind: Literal["backbone", "expert"] = "backbone"
 
 
@@ -205,7 +207,33 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# --- vLLM's runtime LoRA adapter API ----------------------------------------------------------------------
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's LoadLoRAAdapterRequest (other fields are ignored, as vLLM does)."""
+
+    lora_name: str = Field("", description="the adapter's name: use it as `model`")
+    lora_path: str = Field("", description="a PEFT adapter directory under --source-roots (or on --source-hosts)")
+    load_inplace: bool = Field(False, description="replace an adapter already loaded under this name")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """vLLM's UnloadLoRAAdapterRequest (lora_int_id is accepted and not used)."""
+
+    lora_name: str = Field("", description="the adapter to unload")
+    lora_int_id: int | None = None
+
+
 # --- experts --------------------------------------------------------------------------------------------
+
+
+class DomainSample(BaseModel):
+    model_config = STRICT
+
+    texts: list[str] = Field(
+        min_length=1, description="example texts of the expert's domain (the first 64 texts, 64 KiB, are kept)"
+    )
 
 
 class PlugFromSource(BaseModel):
@@ -242,6 +270,12 @@ class ExpertInfo(BaseModel):
     size_bytes: int
     plugged_at: str | None
     tokens_routed: float = Field(description="(token, layer) routing decisions won since it was plugged")
+    routes: bool = Field(
+        True,
+        description="whether it takes part in token and sequence routing; false: pin-only (a closed gate, e.g. a "
+        "LoRA loaded with /v1/load_lora_adapter), served only when named as `model` or pinned",
+    )
+    domain_sample_texts: int = Field(0, description="texts in its domain sample (admission measures its domain on it)")
     provenance: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     created: str | None = None

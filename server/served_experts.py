@@ -2,14 +2,20 @@
 
     plug:   validate the file (`_load`: moe.adapters.file, then its fit to the model) -> catch up with the store
             -> a pinned probe forward whose logits must be finite -> admission (server.admission_policy; in repair
-            mode it may raise the candidate's thresholds, and the repaired file is what is stored) -> store the
-            file and commit the next expert-set version (server.expert_store) -> serve it
+            mode it may raise the candidate's thresholds, and the repaired file is what is stored; skipped for a
+            pin-only expert, whose closed gate takes no decision it could measure) -> store the file and commit
+            the next expert-set version (server.expert_store) -> serve it
     unplug: catch up with the store -> commit the version without it -> serve it
     start:  serve the store's current version (seeded from --seed-experts on first start)
     watch:  every poll interval, read the store and serve a newer version (committed by another server or
             replica)
     serve a version: its experts in manifest order (files read and checked against their hashes unless
             already plugged), swapped in whole with one Engine.set_experts, between two steps
+
+Pin-only (gateless) experts: an expert whose gate is closed (moe.adapters.expert.Expert.closed_gate: on no
+layer can a score pass its threshold) never wins a token in token or sequence mode; it serves when pinned
+(`routing.mode=pin`, or its name as an OpenAI `model`). A PEFT LoRA loaded with POST /v1/load_lora_adapter
+is one. `describe` says `routes: false` for it.
 
 Disk first, then memory: a plug that cannot be stored (a full disk: 507) is refused before anything is
 swapped, and an unplug that cannot be committed leaves the expert plugged, so the client's answer, the model
@@ -28,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import functools
 import logging
 import os
 import threading
@@ -35,9 +42,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, UnknownExpertError
+from moe.adapters.file import bound_domain_sample
+from moe.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft, parse_adapter
 from moe.admission.report import probe_is_finite
 from moe.errors import NonFiniteOutputError
 from server.admission_policy import AdmissionPolicy
@@ -54,6 +63,9 @@ from server.expert_store import (
     StoreUnavailableError,
 )
 from server.metrics import Metrics
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 ADMISSION_NICENESS = 10  # under full load, the admission report gets ~10% of a core beside decoding (CFS weights)
@@ -118,6 +130,7 @@ class ServedExperts:
         self.skipped: dict[str, str] = {}  # experts of the served version that could not be plugged, and why
         self.plugged_at: dict[str, str] = {}
         self._shas: dict[str, str] = {}  # plugged name -> the SHA-256 of its file
+        self._routes: dict[str, bool] = {}  # plugged name -> whether its gate can take a token (False: pin-only)
         self._lock = asyncio.Lock()
         # validation and the probe (quick) on one worker; the admission report (many forwards) on another,
         # at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
@@ -290,11 +303,13 @@ class ServedExperts:
         for name in list(self._shas):
             if name not in shas or name in skipped:
                 self._shas.pop(name)
+                self._routes.pop(name, None)
                 self.plugged_at.pop(name, None)
                 self.metrics.expert_unplugged(name, self.model.num_layers, len(experts))
         for expert in experts:
             if self._shas.get(expert.name) != shas[expert.name]:
                 self._shas[expert.name] = shas[expert.name]
+                self._routes[expert.name] = gate_routes(expert)  # a new file: a loaded expert, weights at hand
                 self._plugged(expert)
         self.metrics.experts_plugged.set(len(experts))
         self.manifest, self.skipped = manifest, skipped
@@ -346,9 +361,13 @@ class ServedExperts:
                             f"expert {candidate.name!r}, pinned, makes the model's logits NaN or infinite on a short "
                             "probe text; its weights are within bounds but do not work together. Retrain it"
                         )
-                    expert, report = await self._off_engine(
-                        self.policy.review, self.model, self.engine.tokenizer, candidate, worker=self._admission
-                    )
+                    if gate_routes(candidate):
+                        expert, report = await self._off_engine(
+                            self.policy.review, self.model, self.engine.tokenizer, candidate, worker=self._admission
+                        )
+                    else:  # pin-only: its gate takes no decision, so the report could not change anything
+                        expert, report = candidate, None
+                        logger.info("%s is pin-only (its gate is closed): no admission report", candidate.name)
                     repaired = report is not None and report.get("repair") is not None
                     # the stored file is what is plugged: its name, and the thresholds a repair raised
                     stored_bytes = ExpertFile.to_bytes(expert, self.model.fingerprint) if repaired or renamed else data
@@ -400,6 +419,52 @@ class ServedExperts:
             raise RuntimeError("this server was built without expert sources")
         data = await self.sources.fetch(source)
         return await self.plug_bytes(data, name, replace)
+
+    async def plug_peft(
+        self,
+        config: dict,
+        tensors: dict[str, torch.Tensor],
+        name: str,
+        source: str,
+        replace: bool,
+        served_model: str | None = None,
+    ) -> PlugResult:
+        """A PEFT LoRA adapter (its config and tensors, read by the caller: fetch_peft, or a trusted path at
+        start) converted to a pin-only LoRA expert (moe.adapters.peft: no training), then plugged as any file
+        is. Its base model's name against `served_model` is a warning in its provenance, not a refusal (as in
+        vLLM; shapes are always checked). Raises moe.adapters.peft.LoraImportError naming what does not fit."""
+        expert, _ = await self._off_engine(
+            functools.partial(convert_peft, served=served_model, ignore_base_model=True),
+            config,
+            tensors,
+            self.model,
+            name,
+            source,
+        )
+        return await self.plug_bytes(ExpertFile.to_bytes(expert, self.model.fingerprint), None, replace)
+
+    async def fetch_peft(self, directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        """A PEFT adapter directory's two files, read through the source allow-lists (server.expert_sources:
+        each file under --source-roots, or on --source-hosts), then parsed."""
+        if self.sources is None:
+            raise RuntimeError("this server was built without expert sources")
+        base = directory.rstrip("/")
+        config = await self.sources.fetch(f"{base}/{CONFIG_FILE}")
+        weights = await self.sources.fetch(f"{base}/{WEIGHTS_FILE}")
+        return await asyncio.to_thread(parse_adapter, config, weights, directory)
+
+    async def set_domain_sample(self, name: str, texts: list[str]) -> PlugResult:
+        """The plugged expert's stored file with `texts` (bounded as the format bounds them) as its domain
+        sample, plugged in its place through the plug path (admission measures its domain on it; a pin-only
+        expert stays pin-only: no gate is trained here). What a context router fitted from domain samples
+        will read to route to it."""
+        entry = (await self.reconcile()).get(name)
+        if entry is None:
+            raise UnknownExpertError(f"no expert named {name!r} is plugged; plugged: {list(self.manifest.names)}")
+        data = await asyncio.to_thread(self.store.read_blob, entry.sha256)
+        expert = ExpertFile.load(data, self.model.fingerprint)
+        expert.metadata["domain_sample"] = bound_domain_sample(texts)
+        return await self.plug_bytes(ExpertFile.to_bytes(expert, self.model.fingerprint), None, replace=True)
 
     async def unplug(self, name: str, purge: bool) -> UnplugResult:
         """Commit the set without it, then swap it out. purge: also delete its file (when the new set does
@@ -513,6 +578,8 @@ class ServedExperts:
             "size_bytes": int(meta.get("size_bytes") or expert.nbytes),
             "plugged_at": self.plugged_at.get(name),
             "tokens_routed": self.engine.tokens_routed(name),
+            "routes": self._routes.get(name, True),
+            "domain_sample_texts": len(meta.get("domain_sample") or ()),
             "provenance": meta.get("provenance") or {},
             "evals": meta.get("evals") or {},
             "created": meta.get("created") or None,
@@ -520,6 +587,12 @@ class ServedExperts:
 
     def describe_all(self) -> list[dict[str, Any]]:
         return [self.describe(name) for name in self.model.plugged.names]
+
+
+def gate_routes(expert: Expert) -> bool:
+    """Whether the expert's gate can take a token: on some layer a score (a cosine, at most 1, plus the offset)
+    can pass its threshold. False for a closed gate (Expert.closed_gate, threshold 2): a pin-only expert."""
+    return bool((expert.thresholds.float() < 1.0 + expert.offsets.float()).any())
 
 
 def _yield_to_decoding() -> None:

@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 503 queue full")
+    # --- vLLM-style LoRA adapters (server.api.routes.lora_adapters) ---
+    lora_modules: list[str] | None = Field(
+        None,
+        description="PEFT LoRA adapters plugged at start, pin-only, as vLLM's flag takes them: name=path items, or "
+        'JSON objects {"name", "path"} (env: a JSON list of those strings). Paths are the operator\'s: not '
+        "limited to --source-roots",
+    )
     log_level: str = Field("info", description="logging level")
 
     # --- connections (issue 24: server.connection_guard) ---
@@ -228,6 +235,39 @@ class Settings(BaseSettings):
 
     def source_host_set(self) -> frozenset[str]:
         return frozenset(host.lower() for host in _items(self.source_hosts))
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_modules_parse(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or ():
+            parse_lora_module(item)
+        return value
+
+    def lora_module_list(self) -> list[tuple[str, str]]:
+        """--lora-modules as (name, path) pairs, in the order given."""
+        return [parse_lora_module(item) for item in self.lora_modules or ()]
+
+
+def parse_lora_module(item: str) -> tuple[str, str]:
+    """(name, path) from vLLM's --lora-modules item: `name=path`, or `{"name": ..., "path": ...}` (vLLM's JSON
+    form; its base_model_name is accepted and not needed: one backbone is served)."""
+    text = item.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"lora_modules item {text[:80]!r} is not valid JSON: {e}") from e
+        if (
+            not isinstance(parsed, dict)
+            or not isinstance(parsed.get("name"), str)
+            or not isinstance(parsed.get("path"), str)
+        ):
+            raise ValueError(f'lora_modules item {text[:80]!r} must be {{"name": "...", "path": "..."}}')
+        return parsed["name"], parsed["path"]
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"lora_modules item {text[:80]!r} must be name=path (or a JSON object with name and path)")
+    return name, path
 
 
 def _items(value: str | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The plugged experts: list, describe, plug (upload or source), unplug."""
+"""The plugged experts: list, describe (`routes: false` for a pin-only one), plug (upload or source), give one a
+domain sample, unplug."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from server.api.deps import ExpertsDep
 from server.auth import Admin
 from server.errors import BadRequestError
 from server.expert_store import GarbageReport, StoreCorruptError, StoreUnavailableError
-from server.schemas import ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
+from server.schemas import DomainSample, ExpertInfo, PlugFromSource, PlugResponse, UnplugResponse, error_responses
 from server.served_experts import VERSION_HEADER, ServedExperts
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,22 @@ async def plug_expert(request: Request, response: Response, experts: ExpertsDep)
     if result.replaced:
         await _collect_after_change(request, experts)
     return answered
+
+
+@router.put(
+    "/{name}/domain-sample",
+    response_model=PlugResponse,
+    response_model_exclude_unset=True,
+    dependencies=[Admin],
+    responses=error_responses(400, 404, 409, 422, 503, 507),
+)
+async def set_domain_sample(name: str, body: DomainSample, response: Response, experts: ExpertsDep) -> dict:
+    """Store a sample of the expert's own domain in its file (what `plugmoe add-sample` does offline) and plug
+    it again: admission measures its domain on it, and a router fitted from domain samples can route to it.
+    No gate is trained: a pin-only expert stays pin-only (`routes: false`) until then."""
+    result = await experts.set_domain_sample(name, body.texts)
+    answer_body = {**experts.describe(name), "replaced": True, "admission": result.admission}
+    return await answer(experts, result.version, response, answer_body)
 
 
 @router.delete(

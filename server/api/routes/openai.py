@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models (each expert as vLLM lists a
+LoRA adapter: `parent` the backbone, `root` its source). vLLM's /v1/load_lora_adapter: server.api.routes.lora_adapters.
 
 `model` is the backbone's name (routing as the request's `routing` extension says, token mode by default)
 or a plugged expert's name, which pins that expert. Every parameter is honoured or refused with a 400
@@ -47,8 +48,15 @@ _GENERATION = {
 
 @router.get("/models", response_model=ModelList, responses=error_responses(503))
 async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
-    cards = [ModelCard(id=settings.served_model_name(), created=STARTED)]
-    cards += [ModelCard(id=name, created=STARTED, plugmoe_kind="expert") for name in engine.model.plugged.names]
+    """The backbone, then every plugged expert as vLLM lists a LoRA adapter: `parent` the backbone's id, `root`
+    its source (a PEFT adapter's directory) or its name."""
+    base = settings.served_model_name()
+    cards = [ModelCard(id=base, created=STARTED, root=settings.model)]
+    plugged = engine.model.plugged
+    for name in plugged.names:
+        provenance = plugged.get(name).metadata.get("provenance") or {}
+        root = provenance.get("adapter_dir") if provenance.get("source") == "peft" else None
+        cards.append(ModelCard(id=name, created=STARTED, root=root or name, parent=base, plugmoe_kind="expert"))
     return ModelList(data=cards)
 
 
