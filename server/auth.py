@@ -63,8 +63,13 @@ def binds_loopback(host: str) -> bool:
     return host == "localhost" or is_loopback(host)
 
 
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # vLLM's runtime adapter API: plugs too
+
+
 def is_admin_request(method: str, path: str) -> bool:
-    """The writing /experts endpoints (plug, unplug)."""
+    """The writing /experts endpoints (plug, unplug, purge, GC, domain sample) and vLLM's adapter API."""
+    if path in ADMIN_PATHS:
+        return True
     return (path == "/experts" or path.startswith("/experts/")) and method.upper() not in _READING_METHODS
 
 
