@@ -174,6 +174,43 @@ class Settings(BaseSettings):
         "(another server's plug may be about to commit it)",
     )
 
+    # --- request shares (issue 24: server.api.validation, server.engine, moe.decode.scheduler) ---
+    max_stop_strings: int = Field(
+        16, ge=0, le=1024, description="stop strings per request at most (over it: 400 stating the caps)"
+    )
+    max_stop_chars: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="characters in one stop string at most (the stop check holds back and searches this much text "
+        "per token; over it: 400)",
+    )
+    max_stop_total_chars: int = Field(
+        1024, ge=1, le=1_000_000, description="characters of a request's stop strings together at most (over it: 400)"
+    )
+    max_expert_rank: int = Field(
+        256,
+        ge=1,
+        le=65_536,
+        description="largest rank an expert file may declare (slot storage pads every plugged expert to the largest "
+        "rank, so rank is memory for every expert; over it: 422)",
+    )
+    max_sequences_per_request: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="sequences one request may ask for (prompts x n) at most; over it: 400 stating the cap "
+        "(default: --max-batch-size, so the largest request fits the batch and others still queue beside it)",
+    )
+    max_sequences_per_client: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="sequences one client (its API key; without --api-keys, its address) may have in flight, "
+        "waiting or running, at most; a request past it gets 429 with Retry-After (default: "
+        "--max-sequences-per-request)",
+    )
+
     @field_validator("expert_store_options")
     @classmethod
     def _options_are_a_json_object(cls, value: str | None) -> str | None:
@@ -213,6 +250,14 @@ class Settings(BaseSettings):
         if self.seed_experts is not None:
             return self.seed_experts
         return DEMO_EXPERTS_DIR if self.serves_demo else None
+
+    def sequences_per_request(self) -> int:
+        """--max-sequences-per-request, or the batch size (the largest request fits the batch)."""
+        return self.max_sequences_per_request or self.max_batch_size
+
+    def sequences_per_client(self) -> int:
+        """--max-sequences-per-client, or what one request may ask for."""
+        return self.max_sequences_per_client or self.sequences_per_request()
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_items(self.api_keys))

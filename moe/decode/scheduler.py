@@ -141,6 +141,8 @@ class Scheduler:
         self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._admissions = 0  # sequences admitted so far: the clock of _last_admitted
+        self._last_admitted: dict[str, int] = {}  # client tag -> when it last had a sequence admitted
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()  # the compiler is built from whichever side asks first
 
@@ -157,7 +159,8 @@ class Scheduler:
             return self._grammars
 
     def add(self, seqs: Iterable[Sequence]) -> None:
-        """Queue sequences (first come, first served)."""
+        """Queue sequences (admitted round-robin over their requests' client tags, first come first served
+        within one client)."""
         self.waiting.extend(seqs)
 
     def step(self) -> None:
@@ -185,18 +188,28 @@ class Scheduler:
     # --- admission ----------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Start waiting sequences, first come first served, while the decoder has free slots and their prompts
-        fit max_prefill_tokens (the first always starts): the prefill between two decode steps stays bounded,
-        so the running rows' next token is not held behind a burst of new prompts."""
+        """Start waiting sequences, round-robin over clients (the client admitted least recently goes next,
+        its oldest sequence first), while the decoder has free slots and their prompts fit max_prefill_tokens
+        (the first always starts): one client's burst cannot hold the slots that free up while another client
+        waits, and the prefill between two decode steps stays bounded, so the running rows' next token is not
+        held behind a burst of new prompts."""
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            index = self._next_waiting()
             if budget is not None:
-                tokens = len(self.waiting[0].request.prompt_ids)
+                tokens = len(self.waiting[index].request.prompt_ids)
                 if admitted and tokens > budget:
                     break
                 budget -= tokens
-            admitted.append(self.waiting.popleft())
+            seq = self.waiting[index]
+            del self.waiting[index]
+            self._admissions += 1
+            self._last_admitted[seq.request.client] = self._admissions
+            admitted.append(seq)
+        if len(self._last_admitted) > 4 * self.max_batch_size:  # forget clients with nothing here
+            present = {s.request.client for s in (*self.waiting, *self.running, *admitted)}
+            self._last_admitted = {c: t for c, t in self._last_admitted.items() if c in present}
         if not admitted:
             return
         try:
@@ -213,6 +226,21 @@ class Scheduler:
                 if seq.finished is None and seq.slot < 0:
                     error = GenerationFailedError("the request could not start (see the server log)")
                     self.finish(seq, ERROR, str(error), error)
+
+    def _next_waiting(self) -> int:
+        """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
+        recently (a client never admitted first; ties by queue order). O(waiting), which the queue bounds."""
+        best, best_time = 0, None
+        seen: set[str] = set()
+        for index, seq in enumerate(self.waiting):
+            client = seq.request.client
+            if client in seen:
+                continue
+            seen.add(client)
+            time = self._last_admitted.get(client, 0)
+            if best_time is None or time < best_time:
+                best, best_time = index, time
+        return best
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
