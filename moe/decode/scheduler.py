@@ -391,7 +391,10 @@ class Scheduler:
                     consume(matcher, token, seqs[row].stop_ids)
                 except Exception as e:
                     logger.exception("structured output failed")
-                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {e}")
+                    # the first line: a grammar engine's error goes on with its state and the whole grammar (the log
+                    # has them), which the client sent and does not need back
+                    reason = (str(e).splitlines() or [""])[0]
+                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {reason}")
                     tokens[row] = None
         return tokens, logprobs
 
