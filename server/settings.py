@@ -200,15 +200,17 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="sequences one request may ask for (prompts x n) at most; over it: 400 stating the cap "
-        "(default: --max-batch-size, so the largest request fits the batch and others still queue beside it)",
+        "(default: half of --max-batch-size, at least 1: the largest request fits the batch and leaves the other "
+        "half to other clients; with the default batch of 16 that is 8, --max-n)",
     )
     max_sequences_per_client: int | None = Field(
         None,
         ge=1,
         le=1_000_000,
-        description="sequences one client (its API key; without --api-keys, its address) may have in flight, "
-        "waiting or running, at most; a request past it gets 429 with Retry-After (default: "
-        "--max-sequences-per-request)",
+        description="sequences one client (its API key; without --api-keys, its address: clients behind one proxy "
+        "or on one host share it) may have in flight, waiting or running, at most; a request past it gets 429 with "
+        "Retry-After (default: --max-sequences-per-request, so one client never holds more than its half of the "
+        "batch and others start at once)",
     )
 
     @field_validator("expert_store_options")
@@ -252,8 +254,8 @@ class Settings(BaseSettings):
         return DEMO_EXPERTS_DIR if self.serves_demo else None
 
     def sequences_per_request(self) -> int:
-        """--max-sequences-per-request, or the batch size (the largest request fits the batch)."""
-        return self.max_sequences_per_request or self.max_batch_size
+        """--max-sequences-per-request, or half the batch (at least 1)."""
+        return self.max_sequences_per_request or max(1, self.max_batch_size // 2)
 
     def sequences_per_client(self) -> int:
         """--max-sequences-per-client, or what one request may ask for."""

@@ -108,7 +108,7 @@ async def openai_plan(
     if sequences > cap:
         raise BadRequestError(
             f"{len(encoded)} prompts x n={body.n} is {sequences} sequences; one request may ask for at most {cap} "
-            "(--max-sequences-per-request, default --max-batch-size: the share that leaves others served)",
+            "(--max-sequences-per-request, default half of --max-batch-size: the share that leaves others served)",
             param="prompt" if len(encoded) > 1 else "n",
         )
     top = top_logprobs(body)

@@ -8,6 +8,7 @@ prefill of every request in the same batch; NaN, a lone surrogate or a malformed
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from fastapi.testclient import TestClient
@@ -157,25 +158,36 @@ def test_stop_strings_within_the_caps_are_served(client: TestClient) -> None:
 
 def test_more_sequences_than_one_request_may_ask_for_is_400(make_client) -> None:
     """The review's request: 10 prompts x n=8 = 80 sequences (batch + queue). One request may ask for at most
-    --max-sequences-per-request (default: the batch), so others are never crowded out."""
+    --max-sequences-per-request (default: half the batch), so others are never crowded out."""
     client = make_client(max_batch_size=16)
     body = {"prompt": ["x"] * 10, "n": 8, "max_tokens": 500}
     response = client.post("/v1/completions", json={**body, "max_tokens": 8})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
-    assert "80 sequences; one request may ask for at most 16 (--max-sequences-per-request" in response.text
-    response = client.post("/v1/completions", json={"prompt": ["x"] * 2, "n": 8, "max_tokens": 2})
-    assert response.status_code == 200 and len(response.json()["choices"]) == 16
+    assert "80 sequences; one request may ask for at most 8 (--max-sequences-per-request" in response.text
+    assert client.post("/v1/completions", json={"prompt": "x", "n": 8, "max_tokens": 2}).status_code == 200
+    response = client.post("/v1/completions", json={"prompt": ["x"] * 2, "n": 4, "max_tokens": 2})
+    assert response.status_code == 200 and len(response.json()["choices"]) == 8
+    wider = make_client(max_batch_size=16, max_sequences_per_request=16)
+    assert wider.post("/v1/completions", json={"prompt": ["x"] * 2, "n": 8, "max_tokens": 2}).status_code == 200
 
 
 def test_a_client_over_its_share_in_flight_is_429_with_retry_after(make_client) -> None:
     """Per client (its address without --api-keys): sequences in flight past --max-sequences-per-client are a
-    429 with Retry-After; here the cap is 1 and a streamed request holds it."""
+    429 with Retry-After; here the cap is 1 and a request waiting behind a held engine holds it."""
     client = make_client(max_sequences_per_client=1)
-    with client.stream("POST", "/generate", json={"prompt": PROMPT, "max_new_tokens": 64, "stream": True}) as held:
-        next(held.iter_lines())  # it runs
-        response = client.post("/generate", json=ENDPOINTS["/generate"])
-        assert response.status_code == 429, response.text
-        assert response.headers["Retry-After"] == "1" and "--max-sequences-per-client" in response.text
+    engine = client.app.state.engine
+    gate = threading.Event()
+    engine.call(gate.wait)  # the engine thread waits: the first request stays in flight
+    first = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": ENDPOINTS["/generate"]})
+    first.start()
+    while engine.queue_depth < 1:
+        threading.Event().wait(0.01)
+    response = client.post("/generate", json=ENDPOINTS["/generate"])
+    gate.set()
+    first.join(60)
+    assert response.status_code == 429, response.text
+    assert response.headers["Retry-After"] == "1" and "--max-sequences-per-client" in response.text
+    assert client.post("/generate", json=ENDPOINTS["/generate"]).status_code == 200, "its share is free again"
 
 
 @pytest.mark.parametrize(
