@@ -7,7 +7,8 @@ call queue, the HTTP side's submissions and the metrics.
         scheduler.step(): admit, prefill, join, decode one token for every running sequence, sample, stream,
             finish (every rule of a sequence's life is there)
 
-Requests are submitted from the event loop (`submit_all`: its checks, the queue bound) and read back through
+Requests are submitted from the event loop (`submit_all`: its checks, the queue bound, the client's share of
+sequences in flight, whose tag it sets on each request for the scheduler's round-robin) and read back through
 an asyncio queue per request (server.requests.RequestHandle, the scheduler's SequenceOutput), so the HTTP layer
 never blocks on the model. Metrics are read from the scheduler as it goes (_EngineObserver).
 

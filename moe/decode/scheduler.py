@@ -9,8 +9,9 @@ through it: the server's engine (a thread that calls `step` in a loop) and offli
 
 One step:
 
-    admit waiting sequences up to the decoder's slots, their prompts up to max_prefill_tokens (the first always
-        starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
+    admit waiting sequences up to the decoder's slots, round-robin over their requests' `client` tags (one
+        client's burst does not hold the slots that free up), their prompts up to max_prefill_tokens (the first
+        always starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
         there; sequences that asked for prompt logprobs are prefilled apart, every position's logits, in groups
         under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot
     finish cancelled sequences and those whose pinned expert was unplugged; drop unplugged names from
