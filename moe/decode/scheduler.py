@@ -231,16 +231,16 @@ class Scheduler:
     def _next_waiting(self) -> int:
         """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
         recently (a client never admitted first; ties by queue order). O(waiting), which the queue bounds."""
-        best, best_time = 0, None
+        best, best_last = 0, None
         seen: set[str] = set()
         for index, seq in enumerate(self.waiting):
             client = seq.request.client
             if client in seen:
                 continue
             seen.add(client)
-            time = self._last_admitted.get(client, 0)
-            if best_time is None or time < best_time:
-                best, best_time = index, time
+            last = self._last_admitted.get(client, 0)
+            if best_last is None or last < best_last:
+                best, best_last = index, last
         return best
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
