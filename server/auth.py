@@ -16,6 +16,7 @@ off, so the client address is the socket's peer, never a header's claim.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -145,6 +146,16 @@ def refusal(method: str, path: str, headers: Mapping[str, str], client_host: str
     if refused is None and is_admin_request(method, path):
         refused = admin_refusal(headers, client_host, settings)
     return refused
+
+
+def client_identity(request: Request, settings: Settings) -> str:
+    """Who a generation request comes from, for the per-client share of sequences in flight and the scheduler's
+    round-robin: its API key under --api-keys (hashed: the tag is logged and kept, the key is not), else its
+    address (the socket's peer: proxy headers are never read)."""
+    token = _bearer(request.headers) if settings.api_key_set() else None
+    if token is not None:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "unknown")
 
 
 def require_admin(request: Request, settings: SettingsDep) -> None:

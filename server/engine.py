@@ -7,7 +7,8 @@ call queue, the HTTP side's submissions and the metrics.
         scheduler.step(): admit, prefill, join, decode one token for every running sequence, sample, stream,
             finish (every rule of a sequence's life is there)
 
-Requests are submitted from the event loop (`submit_all`: its checks, the queue bound) and read back through
+Requests are submitted from the event loop (`submit_all`: its checks, the queue bound, the client's share of
+sequences in flight, whose tag it sets on each request for the scheduler's round-robin) and read back through
 an asyncio queue per request (server.requests.RequestHandle, the scheduler's SequenceOutput), so the HTTP layer
 never blocks on the model. Metrics are read from the scheduler as it goes (_EngineObserver).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -32,7 +34,7 @@ from moe.decode.sequence import ERROR, GenerationFailedError, GenerationRequest,
 from moe.decode.static_decoder import StaticDecoder, capture_refusal, context_length
 from moe.decode.structured_output import GrammarCompiler
 from server.metrics import Metrics
-from server.requests import ContextLimitError, EngineStoppedError, QueueFullError, RequestHandle
+from server.requests import ClientBusyError, ContextLimitError, EngineStoppedError, QueueFullError, RequestHandle
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +70,7 @@ class Engine:
         self.vocab_size = self.scheduler.vocab_size  # tokens the model scores: the largest sensible top_k
         self._routed_totals: dict[str, float] = {}  # (token, layer) decisions per expert since it was plugged
         self._submitted: deque[Sequence] = deque()  # from the event loop; moved to the scheduler between steps
+        self._handles: dict[str, list[RequestHandle]] = {}  # client tag -> its sequences in flight (submit_all)
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
@@ -113,8 +116,16 @@ class Engine:
         """Queue a request (from the event loop). Raises QueueFullError, ContextLimitError, UnknownExpertError."""
         return self.submit_all([request])[0]
 
-    def submit_all(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
-        """Queue several sequences of one HTTP request (n choices, several prompts): all of them or none."""
+    def submit_all(
+        self, requests: list[GenerationRequest], client: str = "", client_cap: int | None = None
+    ) -> list[RequestHandle]:
+        """Queue several sequences of one HTTP request (n choices, several prompts): all of them or none.
+
+        client: who asks (an opaque tag: the server's API key or address), set on every request; the scheduler
+        admits round-robin over clients. client_cap: sequences this client may have in flight (waiting or
+        running) with these; past it ClientBusyError (429), and nothing is queued."""
+        if client:
+            requests = [dataclasses.replace(request, client=client) for request in requests]
         if not self.alive:
             raise EngineStoppedError("the engine is not running")
         if self._drain_deadline is not None:
@@ -130,6 +141,13 @@ class Engine:
             request.routing.check_against(self.model.plugged)
         loop = asyncio.get_running_loop()
         with self._wake:
+            in_flight = self._in_flight(client)
+            if client_cap is not None and in_flight + len(requests) > client_cap:
+                raise ClientBusyError(
+                    f"this client has {in_flight} sequences in flight (waiting or running) and asks for "
+                    f"{len(requests)} more; one client may have at most {client_cap} "
+                    "(--max-sequences-per-client): retry when some have finished"
+                )
             waiting, running = self.queue_depth, self.running
             if waiting + running + len(requests) > self.max_batch_size + self.max_queue:
                 raise QueueFullError(
@@ -137,10 +155,22 @@ class Engine:
                     f"the queue holds {self.max_queue} beyond a batch of {self.max_batch_size}"
                 )
             handles = [RequestHandle(request, loop) for request in requests]
+            self._handles.setdefault(client, []).extend(handles)
             self._submitted.extend(Sequence(handle.request, handle) for handle in handles)
             self._set_gauges()
             self._wake.notify_all()
         return handles
+
+    def _in_flight(self, client: str) -> int:
+        """Sequences of this client not finished yet; forgets every client's finished ones (a handle is done
+        once its finish event is pushed, on the engine thread)."""
+        for tag in list(self._handles):
+            live = [handle for handle in self._handles[tag] if not handle.done]
+            if live:
+                self._handles[tag] = live
+            else:
+                del self._handles[tag]
+        return len(self._handles.get(client, ()))
 
     @property
     def grammars(self) -> GrammarCompiler:

@@ -40,7 +40,7 @@ from server.expert_store import (
     StoreUnavailableError,
     StoreWriteError,
 )
-from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
+from server.requests import ClientBusyError, ContextLimitError, EngineStoppedError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,11 @@ class BadRequestError(ValueError):
 
 
 class NotFoundError(LookupError):
-    """A model or resource that does not exist (404)."""
+    """A model or resource that does not exist (404). `param` names the field that named it, if one did."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class AdmissionRejectedError(ValueError):
@@ -107,6 +111,7 @@ STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasse
     (SamplingParamsError, 400),
     (GrammarError, 400),
     (QueueFullError, 503),
+    (ClientBusyError, 429),
     (EngineStoppedError, 503),
     (GenerationFailedError, 500),
     (InsufficientStorageError, 507),
@@ -180,7 +185,8 @@ def error_body(exc: BaseException) -> dict:
 def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
     status = status_for(exc)
     headers: dict[str, str] = {}
-    if status == 503:  # every "not now": a full queue, a stopping engine, an expert store that cannot be read
+    # every "not now": a full queue, a stopping engine, an expert store that cannot be read, a client over its share
+    if status in (429, 503):
         headers["Retry-After"] = str(retry_after_s)
     if isinstance(exc, AuthError):
         headers["WWW-Authenticate"] = "Bearer"

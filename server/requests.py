@@ -20,6 +20,10 @@ class QueueFullError(RuntimeError):
     """Too many requests waiting; the client should retry later."""
 
 
+class ClientBusyError(RuntimeError):
+    """One client has its share of sequences in flight (429): it should retry when some have finished."""
+
+
 class ContextLimitError(ValueError):
     """A prompt that does not fit the model's context."""
 

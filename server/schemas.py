@@ -29,7 +29,9 @@ def _json_integer(value: Any) -> Any:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 Int = Annotated[int, BeforeValidator(_json_integer)]
-StopStrings = Text | Annotated[list[Text], Field(max_length=16)] | None
+# how many and how long: the server's caps (--max-stop-strings ...), checked in server.api.validation so that the
+# answer states them (a length bound here made a long list "Input should be a valid string")
+StopStrings = Text | list[Text] | None
 # an integer in [0, 2^63 - 1]; JSON true/false, "1" or 1.5 are refused, not coerced
 Seed = Annotated[Int | None, Field(ge=0, le=MAX_SEED)]
 ExpertName = Annotated[str, Field(pattern=f"^{NAME_PATTERN.pattern}$")]
@@ -276,6 +278,9 @@ class ExpertInfo(BaseModel):
         "LoRA loaded with /v1/load_lora_adapter), served only when named as `model` or pinned",
     )
     domain_sample_texts: int = Field(0, description="texts in its domain sample (admission measures its domain on it)")
+    memory_bytes: int | None = Field(
+        None, description="bytes its slot takes in the expert storage: gates and weights, padded to the largest rank"
+    )
     provenance: dict[str, Any] = {}
     evals: dict[str, Any] = {}
     created: str | None = None
@@ -309,6 +314,7 @@ ERROR_DESCRIPTIONS = {
     409: "an expert of that name is plugged (pass replace)",
     413: "the body, upload, prompt, fetched file or expert metadata is over its limit",
     422: "the expert file or source cannot be plugged (why is in the message)",
+    429: "this client has its share of sequences in flight (--max-sequences-per-client; Retry-After)",
     431: "the request headers are over --max-header-bytes",
     500: "the server failed (generation failed: the error object says why)",
     503: "the model is loading, the queue is full or the server is shutting down (Retry-After)",

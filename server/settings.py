@@ -181,6 +181,45 @@ class Settings(BaseSettings):
         "(another server's plug may be about to commit it)",
     )
 
+    # --- request shares (issue 24: server.api.validation, server.engine, moe.decode.scheduler) ---
+    max_stop_strings: int = Field(
+        16, ge=0, le=1024, description="stop strings per request at most (over it: 400 stating the caps)"
+    )
+    max_stop_chars: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="characters in one stop string at most (the stop check holds back and searches this much text "
+        "per token; over it: 400)",
+    )
+    max_stop_total_chars: int = Field(
+        1024, ge=1, le=1_000_000, description="characters of a request's stop strings together at most (over it: 400)"
+    )
+    max_expert_rank: int = Field(
+        256,
+        ge=1,
+        le=65_536,
+        description="largest rank an expert file may declare (slot storage pads every plugged expert to the largest "
+        "rank, so rank is memory for every expert; over it: 422)",
+    )
+    max_sequences_per_request: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="sequences one request may ask for (prompts x n) at most; over it: 400 stating the cap "
+        "(default: half of --max-batch-size, at least 1: the largest request fits the batch and leaves the other "
+        "half to other clients; with the default batch of 16 that is 8, --max-n)",
+    )
+    max_sequences_per_client: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="sequences one client (its API key; without --api-keys, its address: clients behind one proxy "
+        "or on one host share it) may have in flight, waiting or running, at most; a request past it gets 429 with "
+        "Retry-After (default: --max-sequences-per-request, so one client never holds more than its half of the "
+        "batch and others start at once)",
+    )
+
     @field_validator("expert_store_options")
     @classmethod
     def _options_are_a_json_object(cls, value: str | None) -> str | None:
@@ -220,6 +259,14 @@ class Settings(BaseSettings):
         if self.seed_experts is not None:
             return self.seed_experts
         return DEMO_EXPERTS_DIR if self.serves_demo else None
+
+    def sequences_per_request(self) -> int:
+        """--max-sequences-per-request, or half the batch (at least 1)."""
+        return self.max_sequences_per_request or max(1, self.max_batch_size // 2)
+
+    def sequences_per_client(self) -> int:
+        """--max-sequences-per-client, or what one request may ask for."""
+        return self.max_sequences_per_client or self.sequences_per_request()
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_items(self.api_keys))

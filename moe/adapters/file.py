@@ -78,6 +78,10 @@ MAX_HEADER_BYTES = 1 << 20  # 1 MiB of header JSON
 MAX_EXAMPLES = 64
 MAX_EXAMPLES_BYTES = 64 * 1024  # UTF-8 bytes of all examples together
 MAX_JSON_DEPTH = 16  # nesting of provenance and evals
+# The largest rank a file may declare (LoRA: its largest target rank). Slot storage pads every plugged expert to
+# the largest rank plugged, so one high-rank file grows every slot: the rank is a memory size, bounded here
+# before any tensor is read (the server's --max-expert-rank passes its own cap as `max_rank`).
+MAX_RANK = 256
 MAX_ABS_WEIGHT = 1e4
 _WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _REQUIRED_METADATA = ("name", "kind", "rank", "layers", "backbone")
@@ -202,14 +206,16 @@ class ExpertFile:
         source: str | Path | bytes,
         backbone: BackboneFingerprint | None = None,
         name: str | None = None,
+        max_rank: int = MAX_RANK,
     ) -> Expert:
-        """Validate everything, then build the Expert. `name` overrides the file's name.
+        """Validate everything, then build the Expert. `name` overrides the file's name; `max_rank` is the
+        largest rank accepted (RankTooLargeError past it).
 
         Raises a subclass of ExpertFileError naming what is wrong; nothing is plugged here.
         """
         data = _read_source(source)
         metadata, infos = ExpertFile.read_header(data)
-        meta = _parse_metadata(metadata)
+        meta = _parse_metadata(metadata, max_rank)
         try:
             final_name = check_name(name or meta["name"])
         except InvalidExpertNameError as e:
@@ -290,7 +296,7 @@ def _read_source(source: str | Path | bytes) -> bytes:
         raise UnreadableExpertFileError(f"cannot read expert file {str(source)!r}: {e.strerror or e}") from e
 
 
-def _parse_metadata(metadata: dict[str, str]) -> dict:
+def _parse_metadata(metadata: dict[str, str], max_rank: int = MAX_RANK) -> dict:
     if metadata.get("format") != FORMAT:
         raise NotAnExpertFileError(
             f"this safetensors file is not a plugmoe expert (metadata 'format' is {metadata.get('format')!r}, "
@@ -319,6 +325,12 @@ def _parse_metadata(metadata: dict[str, str]) -> dict:
     evals = _metadata_json(metadata, "evals", {})
     if not _is_int(rank) or rank < 1:
         raise InvalidMetadataError(f"expert file metadata has rank {metadata['rank']!r}: it must be an integer >= 1")
+    if rank > max_rank:
+        raise InvalidMetadataError(
+            f"expert file metadata has rank {rank}, over the cap of {max_rank} (max_rank; the server's "
+            "--max-expert-rank): slot storage pads every plugged expert to the largest rank, so the rank is memory "
+            "for every expert; retrain at a lower rank or raise the cap"
+        )
     if not isinstance(layers, list) or not layers or not all(_is_int(i) and i >= 0 for i in layers):
         raise InvalidMetadataError(
             f"expert file metadata has layers {metadata['layers']!r}: it must be a non-empty JSON list of layer indices"

@@ -9,8 +9,9 @@ through it: the server's engine (a thread that calls `step` in a loop) and offli
 
 One step:
 
-    admit waiting sequences up to the decoder's slots, their prompts up to max_prefill_tokens (the first always
-        starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
+    admit waiting sequences up to the decoder's slots, round-robin over their requests' `client` tags (one
+        client's burst does not hold the slots that free up), their prompts up to max_prefill_tokens (the first
+        always starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
         there; sequences that asked for prompt logprobs are prefilled apart, every position's logits, in groups
         under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot
     finish cancelled sequences and those whose pinned expert was unplugged; drop unplugged names from
@@ -141,6 +142,8 @@ class Scheduler:
         self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._admissions = 0  # sequences admitted so far: the clock of _last_admitted
+        self._last_admitted: dict[str, int] = {}  # client tag -> when it last had a sequence admitted
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()  # the compiler is built from whichever side asks first
 
@@ -157,7 +160,8 @@ class Scheduler:
             return self._grammars
 
     def add(self, seqs: Iterable[Sequence]) -> None:
-        """Queue sequences (first come, first served)."""
+        """Queue sequences (admitted round-robin over their requests' client tags, first come first served
+        within one client)."""
         self.waiting.extend(seqs)
 
     def step(self) -> None:
@@ -185,18 +189,28 @@ class Scheduler:
     # --- admission ----------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Start waiting sequences, first come first served, while the decoder has free slots and their prompts
-        fit max_prefill_tokens (the first always starts): the prefill between two decode steps stays bounded,
-        so the running rows' next token is not held behind a burst of new prompts."""
+        """Start waiting sequences, round-robin over clients (the client admitted least recently goes next,
+        its oldest sequence first), while the decoder has free slots and their prompts fit max_prefill_tokens
+        (the first always starts): one client's burst cannot hold the slots that free up while another client
+        waits, and the prefill between two decode steps stays bounded, so the running rows' next token is not
+        held behind a burst of new prompts."""
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            index = self._next_waiting()
             if budget is not None:
-                tokens = len(self.waiting[0].request.prompt_ids)
+                tokens = len(self.waiting[index].request.prompt_ids)
                 if admitted and tokens > budget:
                     break
                 budget -= tokens
-            admitted.append(self.waiting.popleft())
+            seq = self.waiting[index]
+            del self.waiting[index]
+            self._admissions += 1
+            self._last_admitted[seq.request.client] = self._admissions
+            admitted.append(seq)
+        if len(self._last_admitted) > 4 * self.max_batch_size:  # forget clients with nothing here
+            present = {s.request.client for s in (*self.waiting, *self.running, *admitted)}
+            self._last_admitted = {c: t for c, t in self._last_admitted.items() if c in present}
         if not admitted:
             return
         try:
@@ -213,6 +227,21 @@ class Scheduler:
                 if seq.finished is None and seq.slot < 0:
                     error = GenerationFailedError("the request could not start (see the server log)")
                     self.finish(seq, ERROR, str(error), error)
+
+    def _next_waiting(self) -> int:
+        """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
+        recently (a client never admitted first; ties by queue order). O(waiting), which the queue bounds."""
+        best, best_last = 0, None
+        seen: set[str] = set()
+        for index, seq in enumerate(self.waiting):
+            client = seq.request.client
+            if client in seen:
+                continue
+            seen.add(client)
+            last = self._last_admitted.get(client, 0)
+            if best_last is None or last < best_last:
+                best, best_last = index, last
+        return best
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
@@ -363,7 +392,10 @@ class Scheduler:
                     consume(matcher, token, seqs[row].stop_ids)
                 except Exception as e:
                     logger.exception("structured output failed")
-                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {e}")
+                    # the first line: a grammar engine's error goes on with its state and the whole grammar (the log
+                    # has them), which the client sent and does not need back
+                    reason = (str(e).splitlines() or [""])[0]
+                    self._fail(seqs[row], f"structured output failed: {type(e).__name__}: {reason}")
                     tokens[row] = None
         return tokens, logprobs
 

@@ -41,6 +41,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many most likely (echo)
     grammar: GrammarSpec | None = None  # structured output
     text: TextOptions = TextOptions()  # how the generated ids become text (detokenisation)
+    client: str = ""  # who asked (an opaque tag from the caller): the scheduler admits round-robin over tags
 
 
 @dataclass

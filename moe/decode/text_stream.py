@@ -4,11 +4,16 @@
     piece, stopped = stream.add(token)     # the text that became final with this token
     text = stream.text                      # everything final so far (the stop string itself excluded)
 
-Text is decoded from all generated ids each time (byte-level BPE can only be cut between whole
-characters), then held back while it ends in an incomplete character or in something that may grow into
+Text is decoded incrementally (as vLLM does): each token decodes a short window of ids, the few ids before the
+newest settled ones (so a tokenizer that joins tokens with spaces or cleans them up sees its context) and the
+ids since, and the text the window adds past its settled part is appended; a window that ends in an incomplete
+character (byte-level BPE can only be cut between whole characters) is not settled and grows with the next
+token. The text is then held back while it ends in an incomplete character or in something that may grow into
 a stop string; a stop string cuts the text where it starts (or, with include_stop_str_in_output, where it ends).
 Only the text that is not final yet is searched for stop strings (what was held back and the new piece: at most
-the longest stop string plus the new characters), never the whole text again.
+the longest stop string plus the new characters), never the whole text again. So a token's cost (`work`: ids
+decoded plus characters searched) does not grow with the text already emitted; the server bounds the stop
+strings themselves (count, length, total).
 
 TextOptions are a request's detokenisation settings (vLLM's names and defaults).
 
@@ -39,13 +44,20 @@ class TextStream:
         pieces: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stop = tuple(s for s in stop if s)  # an empty stop string stops nothing
         self.eos_ids = eos_ids
         self.options = options
         self.ids: list[int] = []
         self.emitted = 0  # characters of text already handed out
         self._text = ""
-        self._lazy = not pieces and not stop  # decode once, at the end
+        self._lazy = not pieces and not self.stop  # decode once, at the end
+        # incremental decoding: ids[:_read] are settled as _settled (the text they decode to, for good); the
+        # window decoded each token is ids[_prefix:], whose settled head ids[_prefix:_read] decodes to _head
+        self._prefix = 0
+        self._read = 0
+        self._settled = ""
+        self._head = ""
+        self.work = 0  # ids decoded + characters searched for stop strings, so far: what the stream has cost
 
     @property
     def text(self) -> str:
@@ -58,12 +70,12 @@ class TextStream:
             if self.options.include_stop_str_in_output:
                 self.ids.append(token)
                 if not self._lazy:
-                    self._text = self._decode()
+                    self._text = self._decode_new()
             return self.flush(), True
         self.ids.append(token)
         if self._lazy:
             return "", False
-        text = self._text = self._decode()
+        text = self._text = self._decode_new()
         cut = self._find_stop(text)
         if cut is not None:
             self._text = text[:cut]
@@ -85,19 +97,35 @@ class TextStream:
         self.emitted = len(self._text)
         return piece
 
-    def _decode(self) -> str:
+    def _decode(self, ids: list[int] | None = None) -> str:
+        ids = self.ids if ids is None else ids
+        self.work += len(ids)
         return self.tokenizer.decode(
-            self.ids,
+            ids,
             skip_special_tokens=self.options.skip_special_tokens,
             spaces_between_special_tokens=self.options.spaces_between_special_tokens,
         )
+
+    def _decode_new(self) -> str:
+        """The whole text so far, decoding only the window ids[_prefix:] (see the module docstring)."""
+        window = self._decode(self.ids[self._prefix :])
+        if not window.startswith(self._head):  # the tokenizer rewrote the settled head: decode it all, once
+            window, self._prefix, self._head, self._settled = self._decode(), 0, "", ""
+        text = self._settled + window[len(self._head) :]
+        if not text.endswith("\ufffd"):  # whole characters: settle, and the next window starts nearer the end
+            self._prefix, self._read = self._read, len(self.ids)
+            self._settled = text
+            self._head = self._decode(self.ids[self._prefix : self._read])
+        return text
 
     def _find_stop(self, text: str) -> int | None:
         """Where the text ends because of the earliest stop string in its not-yet-final part (its start, or
         its end with include_stop_str_in_output), or None."""
         best: tuple[int, int] | None = None  # (start, end) of the earliest stop string
         for stop in self.stop:
-            index = text.find(stop, max(0, self.emitted - len(stop) + 1))
+            start = max(0, self.emitted - len(stop) + 1)
+            self.work += len(text) - start
+            index = text.find(stop, start)
             if index >= 0 and (best is None or index < best[0]):
                 best = (index, index + len(stop))
         if best is None:
@@ -105,11 +133,17 @@ class TextStream:
         return best[1] if self.options.include_stop_str_in_output else best[0]
 
     def _held_back(self, text: str, end: int) -> int:
-        """Length of the longest suffix of text[:end] that is a proper prefix of a stop string."""
+        """Length of the longest suffix of text[:end] that is a proper prefix of a stop string: only the last
+        len(stop) - 1 characters are looked at, and only where the stop string's first character is."""
         held = 0
         for stop in self.stop:
-            for n in range(min(len(stop) - 1, end), held, -1):
-                if stop.startswith(text[end - n : end]):
-                    held = n
+            low = max(0, end - len(stop) + 1)
+            self.work += end - low
+            i = text.find(stop[0], low, end)  # the earliest candidate is the longest suffix
+            while i >= 0 and end - i > held:
+                self.work += end - i
+                if stop.startswith(text[i:end]):
+                    held = end - i
                     break
+                i = text.find(stop[0], i + 1, end)
         return held

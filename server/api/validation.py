@@ -6,11 +6,12 @@
 Routes only parse (pydantic: types and plain ranges, server.schemas), call one of these, submit the
 GenerationRequests and format what comes back. Decided here, in this order: the OpenAI parameter table
 (server.openai_params: refused, unknown, message parts), combinations of parameters, the server's caps (n,
-logprobs, --max-new-tokens, batch + queue), the model's bounds (vocabulary, context room), routing names,
-the chat template's options; then the prompts are encoded (server.prompts: 413 past --max-prompt-chars) and
-truncated, and each sequence becomes a GenerationRequest. SamplingParams (moe.decode.sampling) and
-RoutingSpec keep their own invariants and the engine its queue and context checks: they are called, not
-repeated (their errors are 400s and 503s in server.errors).
+logprobs, stop strings, --max-new-tokens, sequences per request), the model's bounds (vocabulary, context
+room), routing names (404 naming `model` or `routing.expert`), the chat template's options; then the prompts
+are encoded (server.prompts: 413 past --max-prompt-chars) and truncated, and each sequence becomes a
+GenerationRequest. SamplingParams (moe.decode.sampling) and RoutingSpec keep their own invariants and the
+engine its queue, per-client and context checks: they are called, not repeated (their errors are 400s, 429s
+and 503s in server.errors).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ async def openai_plan(
 ) -> OpenAIPlan:
     check_openai(body, endpoint, settings, engine.vocab_size)
     routing = _openai_routing(body.model, body.routing, engine, settings)
+    if body.model is None or body.model == settings.served_model_name():
+        check_pinned(routing, engine)
     grammar = grammar_spec(body)
     if grammar is not None:
         await asyncio.to_thread(engine.grammars.check, grammar)
@@ -101,11 +104,11 @@ async def openai_plan(
     if body.truncate_prompt_tokens is not None:
         encoded = [await _truncated(p, body.truncate_prompt_tokens, max_tokens, engine, prompts) for p in encoded]
     sequences = len(encoded) * body.n
-    capacity = settings.max_batch_size + settings.max_queue
-    if sequences > capacity:
+    cap = min(settings.sequences_per_request(), settings.max_batch_size + settings.max_queue)
+    if sequences > cap:
         raise BadRequestError(
-            f"{len(encoded)} prompts x n={body.n} is {sequences} sequences; this server holds at most {capacity} "
-            "(--max-batch-size + --max-queue)",
+            f"{len(encoded)} prompts x n={body.n} is {sequences} sequences; one request may ask for at most {cap} "
+            "(--max-sequences-per-request, default half of --max-batch-size: the share that leaves others served)",
             param="prompt" if len(encoded) > 1 else "n",
         )
     top = top_logprobs(body)
@@ -196,11 +199,32 @@ def check_openai(body: OpenAIBody, endpoint: Endpoint, settings: Settings, vocab
             param="truncate_prompt_tokens",
         )
     logit_bias(body, vocab_size)
+    check_stop(body.stop, settings)
     for token in body.stop_token_ids or ():
         if not 0 <= token < vocab_size:
             raise BadRequestError(f"stop_token_ids: {token} is not a token id (0..{vocab_size - 1})", "stop_token_ids")
     if body.response_format is not None and body.response_format.type != "text" and body.guided_regex is not None:
         raise BadRequestError("give response_format or guided_regex, not both", param="guided_regex")
+
+
+def check_stop(stop: str | list[str] | None, settings: Settings) -> None:
+    """400 stating the caps for stop strings past --max-stop-strings, --max-stop-chars or --max-stop-total-chars
+    (the stop check holds back and searches up to the longest stop string at every token)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    caps = (
+        f"this server takes at most {settings.max_stop_strings} stop strings (--max-stop-strings) of at most "
+        f"{settings.max_stop_chars} characters each (--max-stop-chars), {settings.max_stop_total_chars} together "
+        "(--max-stop-total-chars)"
+    )
+    if len(stops) > settings.max_stop_strings:
+        raise BadRequestError(f"stop holds {len(stops)} strings; {caps}", param="stop")
+    for i, text in enumerate(stops):
+        if len(text) > settings.max_stop_chars:
+            where = "stop" if isinstance(stop, str) else f"stop[{i}]"
+            raise BadRequestError(f"{where} is {len(text)} characters long; {caps}", param=where)
+    total = sum(len(text) for text in stops)
+    if total > settings.max_stop_total_chars:
+        raise BadRequestError(f"stop strings hold {total} characters together; {caps}", param="stop")
 
 
 def check_params(body: OpenAIBody, endpoint: Endpoint) -> None:
@@ -316,8 +340,21 @@ def _openai_routing(model: str | None, routing: Routing | None, engine: Engine, 
         return Routing(mode="pin", expert=model, allow=routing.allow if routing else None)
     raise NotFoundError(
         f"model {model!r} does not exist; serving {settings.served_model_name()!r} and experts "
-        f"{list(engine.model.plugged.names)}"
+        f"{list(engine.model.plugged.names)}",
+        param="model",
     )
+
+
+def check_pinned(routing: Routing | None, engine: Engine) -> None:
+    """404 naming routing.expert when a pin names an expert that is not plugged (the engine checks again at
+    submission, for an unplug in between)."""
+    pinned = routing.expert if routing is not None and routing.mode == "pin" else None
+    if pinned is not None and pinned not in engine.model.plugged:
+        raise NotFoundError(
+            f"routing.expert: no expert named {pinned!r} is plugged; plugged: "
+            f"{list(engine.model.plugged.names) or 'none'}",
+            param="routing.expert",
+        )
 
 
 async def _chat_prompt(body: ChatCompletionRequest, prompts: PromptEncoder) -> list[int]:
@@ -392,6 +429,8 @@ async def generate_job(
             f"logprobs={body.logprobs} is over this server's cap of {settings.max_logprobs} (--max-logprobs)",
             param="logprobs",
         )
+    check_stop(body.stop, settings)
+    check_pinned(body.routing, engine)
     prompt_ids = await prompts.encode(body.prompt)
     explicit = "max_new_tokens" in body.model_fields_set
     return generation_request(

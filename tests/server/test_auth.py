@@ -13,7 +13,7 @@ import uvicorn
 from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.auth import is_loopback, require_admin, require_api_key
+from server.auth import client_identity, is_loopback, require_admin, require_api_key
 from server.cli import main
 from server.errors import AuthError
 from server.settings import Settings
@@ -245,3 +245,44 @@ def test_uvicorn_does_not_trust_forwarded_headers(monkeypatch: pytest.MonkeyPatc
     (config,) = seen
     assert config.proxy_headers is False
     assert issubclass(config.http, H11Protocol) and config.h11_max_incomplete_event_size == 4096  # h11, guarded
+
+
+# --- client identity (issue 24 item 2: per-client shares and round-robin) -----------------------------------
+
+
+def test_client_identity_is_the_key_hashed_else_the_address() -> None:
+
+    keyed = Settings(api_keys="alpha,beta")
+    alpha, beta = (client_identity(http_request(f"Bearer {key}"), keyed) for key in ("alpha", "beta"))
+    assert alpha.startswith("key:") and alpha != beta and "alpha" not in alpha, "the key itself is never kept"
+    assert client_identity(http_request("Bearer alpha", host="10.0.0.9"), keyed) == alpha, "the key, not where"
+    open_server = Settings()
+    assert client_identity(http_request("Bearer alpha", host="10.0.0.9"), open_server) == "addr:10.0.0.9"
+    assert client_identity(http_request(host="10.0.0.8"), open_server) == "addr:10.0.0.8"
+
+
+def test_a_key_over_its_share_is_429_and_another_key_is_served(make_client) -> None:
+    """One client (key) holds its share of sequences in flight; the other key is not refused."""
+    import threading
+
+    client = make_client(api_keys="heavy,light", max_sequences_per_client=1)
+    engine = client.app.state.engine
+    body = {"prompt": "The quick brown fox", "max_new_tokens": 4}
+    heavy, light = ({"Authorization": f"Bearer {key}"} for key in ("heavy", "light"))
+    gate = threading.Event()
+    engine.call(gate.wait)  # the engine thread waits: heavy's first request stays in flight
+    first = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": body, "headers": heavy})
+    first.start()
+    while engine.queue_depth < 1:
+        threading.Event().wait(0.01)
+    refused = client.post("/generate", json=body, headers=heavy)
+    served: list = []
+    second = threading.Thread(target=lambda: served.append(client.post("/generate", json=body, headers=light)))
+    second.start()
+    while engine.queue_depth < 2:
+        threading.Event().wait(0.01)
+    gate.set()
+    first.join(60)
+    second.join(60)
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert served[0].status_code == 200

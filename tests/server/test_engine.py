@@ -680,3 +680,31 @@ def test_engine_loop_survives_a_failing_step_and_its_requests_are_answered(
     assert response.status_code == 500 and "the device fell over" in response.json()["detail"]
     assert engine.alive
     assert client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4}).status_code == 200
+
+
+# --- per-client share (issue 24 item 2) ---------------------------------------------------------------------
+
+
+def test_a_client_over_its_share_gets_429_and_others_are_still_served(make_engine, tokenizer) -> None:
+    """A client at its cap of sequences in flight (waiting + running) is refused (ClientBusyError: 429 with
+    Retry-After) without queueing anything; another client submitting meanwhile is served; once the first
+    client's sequences finish, its share is free again."""
+    from server.requests import ClientBusyError
+
+    engine = make_engine(max_batch_size=2, max_queue=8)
+
+    async def main() -> tuple[list[Finished], list[Finished]]:
+        gate = hold(engine)
+        mine = engine.submit_all([request(tokenizer) for _ in range(3)], client="key:a", client_cap=4)
+        with pytest.raises(ClientBusyError, match="has 3 sequences in flight .* at most 4"):
+            engine.submit_all([request(tokenizer) for _ in range(2)], client="key:a", client_cap=4)
+        assert engine.queue_depth == 3, "the refused request queued nothing"
+        theirs = engine.submit_all([request(tokenizer) for _ in range(4)], client="key:b", client_cap=4)
+        gate.set()
+        done = [(await finish(h.events()))[1] for h in mine], [(await finish(h.events()))[1] for h in theirs]
+        again = engine.submit_all([request(tokenizer) for _ in range(4)], client="key:a", client_cap=4)
+        await asyncio.gather(*(finish(h.events()) for h in again))
+        return done
+
+    mine, theirs = asyncio.run(main())
+    assert [d.reason for d in mine + theirs] == [LENGTH] * 7

@@ -44,7 +44,7 @@ from server.expert_store import (
     StoreUnavailableError,
     StoreWriteError,
 )
-from server.requests import ContextLimitError, EngineStoppedError, QueueFullError
+from server.requests import ClientBusyError, ContextLimitError, EngineStoppedError, QueueFullError
 from server.settings import Settings
 
 FILE_ERRORS = [kind for _, kind in inspect.getmembers(moe.errors, inspect.isclass) if issubclass(kind, ExpertFileError)]
@@ -69,6 +69,7 @@ CASES: list[tuple[BaseException, int]] = [
     (GrammarError("the JSON schema does not compile", param="response_format.json_schema.schema"), 400),
     (BadRequestError("temperature: must be finite", param="temperature"), 400),
     (QueueFullError("full"), 503),
+    (ClientBusyError("over its share"), 429),
     (EngineStoppedError("stopped"), 503),
     (RequestTooLargeError("body over the limit", param="prompt"), 413),
     (HeadersTooLargeError("headers over the limit"), 431),
@@ -104,7 +105,7 @@ def test_status_and_body(exc: BaseException, status: int) -> None:
         "detail": message,
         "error": {"message": message, "type": type(exc).__name__, "param": getattr(exc, "param", None), "code": status},
     }
-    assert ("retry-after" in response.headers) == (status == 503)
+    assert ("retry-after" in response.headers) == (status in (429, 503))
     assert ("www-authenticate" in response.headers) == isinstance(exc, AuthError)
     if status == 503:
         assert response.headers["retry-after"] == "7"
@@ -168,7 +169,7 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
             "/v1/chat/completions",
             {"json": {"model": "nope", "messages": [{"role": "user", "content": "x"}]}},
             404,
-            None,
+            "model",  # issue 24: the 404 names the field
         ),
         ("GET", "/no/such/route", {}, 404, None),  # starlette's own answer
         (

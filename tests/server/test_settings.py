@@ -98,3 +98,27 @@ def test_expert_store_options_must_be_a_json_object() -> None:
         Settings(expert_store_options="{endpoint")
     assert Settings(experts_dir=Path("/e")).resolved_expert_store() == Path("/e")
     assert Settings(experts_dir=Path("/e"), expert_store="s3://b/p").resolved_expert_store() == "s3://b/p"
+
+
+def test_request_shares_default_to_half_the_batch_and_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 24: stop strings, sequences per request and per client, expert rank."""
+    settings = Settings()
+    assert (settings.max_stop_strings, settings.max_stop_chars, settings.max_stop_total_chars) == (16, 256, 1024)
+    assert settings.max_expert_rank == 256
+    assert settings.sequences_per_request() == settings.sequences_per_client() == 8  # half of 16
+    assert Settings(max_batch_size=1).sequences_per_request() == 1
+    assert Settings(max_sequences_per_request=12).sequences_per_client() == 12
+    monkeypatch.setenv("PLUGMOE_MAX_SEQUENCES_PER_CLIENT", "3")
+    monkeypatch.setenv("PLUGMOE_MAX_STOP_CHARS", "40")
+    from_env = Settings()
+    assert from_env.sequences_per_client() == 3 and from_env.max_stop_chars == 40
+    for field, value in (
+        ("max_stop_strings", -1),
+        ("max_stop_chars", 0),
+        ("max_stop_total_chars", 0),
+        ("max_sequences_per_request", 0),
+        ("max_sequences_per_client", 0),
+        ("max_expert_rank", 0),
+    ):
+        with pytest.raises(ValidationError):
+            Settings(**{field: value})

@@ -53,12 +53,20 @@ PLUG_BODY: dict[str, Any] = {
 
 @router.get("", response_model=list[ExpertInfo], responses=error_responses(503))
 async def list_experts(experts: ExpertsDep) -> list[dict]:
-    return experts.describe_all()
+    slot = _slot_bytes(experts)
+    return [{**info, "memory_bytes": slot} for info in experts.describe_all()]
 
 
 @router.get("/{name}", response_model=ExpertInfo, responses=error_responses(404, 503))
 async def get_expert(name: str, experts: ExpertsDep) -> dict:
-    return experts.describe(name)
+    return {**experts.describe(name), "memory_bytes": _slot_bytes(experts)}
+
+
+def _slot_bytes(experts: ServedExperts) -> int:
+    """Bytes one plugged expert takes in the slot storage: every slot is padded to the largest rank plugged, so
+    each takes the same share of the storage (gates and every kind's weights)."""
+    slots = experts.model.slots
+    return slots.nbytes() // max(1, slots.capacity)
 
 
 async def answer(experts: ServedExperts, version: int, response: Response, body: dict) -> dict:

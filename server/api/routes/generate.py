@@ -11,7 +11,7 @@ from moe.decode.sequence import Finished
 from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, events_until_done, sse, stream_error, wait_for_result
 from server.api.validation import generate_job
-from server.auth import ApiKey, SettingsDep
+from server.auth import ApiKey, SettingsDep, client_identity
 from server.logprobs import TokenText, generate_logprobs
 from server.requests import RequestHandle
 from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
@@ -33,7 +33,7 @@ def _response(done: Finished, texts: TokenText | None) -> GenerateResponse:
 
 _RESPONSES = {
     **stream_response("the generation (server-sent events with stream: true)"),
-    **error_responses(400, 404, 503),
+    **error_responses(400, 404, 429, 503),
 }
 
 
@@ -43,7 +43,8 @@ async def generate(
 ):
     """A failed generation is a 500 (503 while shutting down) with the error object; a stream's last event
     then carries `error` and finish_reason "error"."""
-    handle = engine.submit(await generate_job(body, engine, prompts, settings))
+    job = await generate_job(body, engine, prompts, settings)
+    handle = engine.submit_all([job], client_identity(request, settings), settings.sequences_per_client())[0]
     texts = TokenText(prompts.tokenizer) if body.logprobs is not None else None
     if body.stream:
         return StreamingResponse(_stream(handle, texts), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -25,7 +25,7 @@ from moe.decode.sequence import Event, Finished
 from server.api.deps import EngineDep, PromptsDep
 from server.api.streaming import SSE_HEADERS, merged_events, sse, stream_error, wait_for_results
 from server.api.validation import OpenAIPlan, Prompt, openai_plan
-from server.auth import ApiKey, SettingsDep
+from server.auth import ApiKey, SettingsDep, client_identity
 from server.engine import Engine
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, prompt_logprobs, trimmed
 from server.requests import RequestHandle
@@ -37,12 +37,13 @@ from server.schemas import (
     error_responses,
     stream_response,
 )
+from server.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
 STARTED = int(time.time())
 _GENERATION = {
     **stream_response("a completion (server-sent chunks with stream: true)"),
-    **error_responses(400, 404, 503),
+    **error_responses(400, 404, 429, 503),
 }
 
 
@@ -65,7 +66,7 @@ async def completions(
     body: CompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
     plan = await openai_plan(body, "completions", engine, prompts, settings)
-    return await _serve(plan, "text_completion", body.n, body.stream, request, engine, prompts.tokenizer)
+    return await _serve(plan, "text_completion", body.n, body.stream, request, engine, prompts.tokenizer, settings)
 
 
 @router.post("/chat/completions", responses=_GENERATION)
@@ -73,11 +74,20 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
 ):
     plan = await openai_plan(body, "chat", engine, prompts, settings)
-    return await _serve(plan, "chat.completion", body.n, body.stream, request, engine, prompts.tokenizer)
+    return await _serve(plan, "chat.completion", body.n, body.stream, request, engine, prompts.tokenizer, settings)
 
 
-async def _serve(plan: OpenAIPlan, kind: str, n: int, stream: bool, request: Request, engine: Engine, tokenizer: Any):
-    handles = engine.submit_all(plan.jobs)
+async def _serve(
+    plan: OpenAIPlan,
+    kind: str,
+    n: int,
+    stream: bool,
+    request: Request,
+    engine: Engine,
+    tokenizer: Any,
+    settings: Settings,
+):
+    handles = engine.submit_all(plan.jobs, client_identity(request, settings), settings.sequences_per_client())
     shape = _Shape(kind, plan, TokenText(tokenizer), n)
     if stream:
         return StreamingResponse(_stream(handles, shape), media_type="text/event-stream", headers=SSE_HEADERS)

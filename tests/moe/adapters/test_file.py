@@ -319,3 +319,33 @@ def test_weights_at_the_bound_load_and_are_finite_in_every_serving_dtype() -> No
 def test_the_writer_refuses_what_the_reader_would() -> None:
     with pytest.raises(MetadataTooLargeError, match="examples"):
         ExpertFile.to_bytes(tiny_expert("many", examples=tuple(["x"] * (MAX_EXAMPLES + 1))), FINGERPRINT)
+
+
+# --- rank is memory (issue 24 item 4) -----------------------------------------------------------------------
+
+
+def test_a_rank_over_the_cap_is_refused_before_any_tensor_is_read(model: RoutedModel) -> None:
+    """The review's file: rank 4096 on one layer (8 MB) grew every slot to rank 4096 (+280 MB). The rank is
+    checked against the cap from the metadata, before the tensors are read or checked."""
+    from moe.adapters.file import MAX_RANK
+
+    assert MAX_RANK == 256
+    with pytest.raises(InvalidMetadataError, match=r"rank 4096, over the cap of 256 \(max_rank; the server's "):
+        ExpertFile.load(_edit_metadata(rank="4096"), FINGERPRINT)
+    high = ExpertFile.to_bytes(tiny_expert("wide", rank=300, layers=(0,)), model.fingerprint)
+    with pytest.raises(InvalidMetadataError, match="--max-expert-rank"):
+        ExpertFile.load(high, model.fingerprint)
+    with pytest.raises(InvalidMetadataError, match="rank 300, over the cap of 64"):
+        ExpertFile.load(high, model.fingerprint, max_rank=64)
+    assert ExpertFile.load(high, model.fingerprint, max_rank=300).adapter.rank == 300
+
+
+def test_a_lora_target_rank_over_the_cap_is_refused(model: RoutedModel) -> None:
+    """LoRA: the metadata rank is the largest target rank (check_rank), so the cap bounds every target."""
+    from tests.tiny import tiny_lora_expert
+
+    lora = tiny_lora_expert("wide", model.projection_shapes, rank={"c_fc": 3, "c_proj": 40})
+    data = ExpertFile.to_bytes(lora, model.fingerprint)
+    with pytest.raises(InvalidMetadataError, match="rank 40, over the cap of 32"):
+        ExpertFile.load(data, model.fingerprint, max_rank=32)
+    assert ExpertFile.load(data, model.fingerprint, max_rank=40).name == "wide"

@@ -287,3 +287,23 @@ def test_finished_is_set_once_for_a_sequence_never_started(model, tokenizer) -> 
     sched.finish(seq, CANCELLED, "again")
     assert isinstance(seq.finished, Finished) and (seq.finished.reason, seq.finished.text) == (ERROR, "")
     assert [e.finished for e in seq.output.events] == [seq.finished] and not sched.busy
+
+
+# --- fair admission (issue 24 item 2) -----------------------------------------------------------------------
+
+
+def test_admission_is_round_robin_over_clients(model, tokenizer) -> None:
+    """One client's burst queued first does not hold the slots that free up: each admission takes the client
+    admitted least recently (its oldest sequence), so the second client's sequences start beside the burst."""
+    admitted: list[str] = []
+
+    class Recording(scheduler_module.SchedulerObserver):
+        def prefilled(self, seq: Sequence) -> None:
+            admitted.append(seq.request.client)
+
+    ids = tokenizer.encode(PROMPTS[0])
+    burst = [exactly(3, ids, client="a") for _ in range(4)]
+    other = [exactly(3, ids, client="b") for _ in range(2)]
+    seqs = run(scheduler(model, tokenizer, max_batch=2, observer=Recording()), [*burst, *other])
+    assert admitted == ["a", "b", "a", "b", "a", "a"], "first come first served would be a, a, a, a, b, b"
+    assert all(s.finished is not None and s.finished.completion_tokens == 3 for s in seqs)

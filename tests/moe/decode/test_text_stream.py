@@ -88,3 +88,37 @@ def test_flush_at_the_length_limit_hands_out_the_rest(tokenizer) -> None:
 def test_a_stop_string_is_cut_where_it_starts_even_inside_a_token(tokenizer) -> None:
     pieces, stopped, stream = stream_all(tokenizer, "The quick brown fox", ("own f",))
     assert stopped and stream.text == "The quick br" and "".join(pieces) == "The quick br"
+
+
+# --- cost per token (issue 24 item 1) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        (),
+        ("zebra crossing", "lazy cat"),  # prefixes that show up and never complete
+        ("o" * 200, "The quick brown fox jumps over the lazy cat"),  # long ones, "o" everywhere in the text
+    ],
+)
+def test_a_tokens_cost_does_not_grow_with_the_text_already_emitted(tokenizer, stop: tuple[str, ...]) -> None:
+    """The review: the hold-back check re-scanned the emitted text at every token (and every token decoded all
+    ids again). Work per token (ids decoded + characters searched: TextStream.work) is the same at token 1500
+    as at token 100, and the text is exactly the whole decode."""
+    text = "The quick brown fox jumps over the lazy dog. naïve café 😀 done. " * 60
+    ids = tokenizer.encode(text)
+    assert len(ids) > 1500
+    stream = TextStream(tokenizer, stop, (EOS,))
+    costs, pieces = [], []
+    for token in ids:
+        before = stream.work
+        piece, stopped = stream.add(token)
+        assert not stopped
+        pieces.append(piece)
+        costs.append(stream.work - before)
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text == stream.text
+    early, late = max(costs[50:250]), max(costs[-200:])
+    assert late <= early, f"a late token cost {late}, an early one at most {early}"
+    bound = 3 * 8 + 3 * sum(len(s) for s in stop) + 16  # a few ids per window, each stop's tail, new characters
+    assert max(costs) <= bound + max(len(s) for s in stop or ("",)) ** 2 // 2

@@ -176,8 +176,9 @@ def _rss_bytes() -> int:
 
 
 def test_200_plug_unplug_cycles_keep_memory_flat(client: TestClient, expert_bytes) -> None:
-    # rank 512 on 2 layers: ~260 KB of weights per expert, so a leak of every copy would add ~50 MB
-    data = expert_bytes("cycle", rank=512)
+    # rank 256 (the default --max-expert-rank) on 2 layers: ~130 KB of weights per expert, so a leak of every copy
+    # would add ~26 MB
+    data = expert_bytes("cycle", rank=256)
 
     def cycle() -> None:
         assert _upload(client, data).status_code == 201
@@ -194,3 +195,22 @@ def test_200_plug_unplug_cycles_keep_memory_flat(client: TestClient, expert_byte
     grown = _rss_bytes() - before
     assert grown < 15 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 200 cycles"
     assert client.get("/experts").json() == []
+
+
+def test_memory_per_plugged_expert_counts_the_padding(client: TestClient, expert_bytes) -> None:
+    """issue 24 item 4: GET /experts reports the bytes each expert's slot takes; slots are padded to the largest
+    rank plugged, so plugging a higher-rank expert grows every expert's figure."""
+    assert _upload(client, expert_bytes("narrow", rank=4)).status_code == 201
+    (before,) = [e["memory_bytes"] for e in client.get("/experts").json()]
+    assert before > 0 and client.get("/experts/narrow").json()["memory_bytes"] == before
+    assert _upload(client, expert_bytes("wide", rank=12, seed=2)).status_code == 201
+    after = {e["name"]: e["memory_bytes"] for e in client.get("/experts").json()}
+    assert after["narrow"] == after["wide"] > before
+    # down [H, r] and up [r, H] per layer, float32: 8 more ranks on at least one layer
+    assert after["wide"] - before >= 2 * 32 * 8 * 4
+
+
+def test_an_expert_file_over_the_rank_cap_is_422_naming_it(client: TestClient, expert_bytes) -> None:
+    response = _upload(client, expert_bytes("huge", rank=300))
+    assert response.status_code == 422, response.text
+    assert "rank 300, over the cap of 256" in response.text and "--max-expert-rank" in response.text

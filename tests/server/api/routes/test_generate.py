@@ -119,7 +119,7 @@ def test_mixed_routing_in_one_batch_matches_each_alone(make_client, expert_bytes
 @pytest.mark.parametrize(
     ("body", "status", "needle", "param"),
     [
-        ({"routing": {"mode": "pin", "expert": "ghost"}}, 404, "ghost", None),
+        ({"routing": {"mode": "pin", "expert": "ghost"}}, 404, "ghost", "routing.expert"),  # issue 24: names it
         ({"routing": {"mode": "pin"}}, 400, "needs an expert", None),
         ({"routing": {"mode": "token", "expert": "x"}}, 400, "takes no expert", None),
         ({"routing": {"mode": "banana"}}, 400, "routing.mode", "routing.mode"),
@@ -146,7 +146,8 @@ def test_prompt_over_context_limit_is_400_with_the_limit(make_client) -> None:
 
 
 def test_full_queue_is_503_with_retry_after(make_client) -> None:
-    client = make_client(max_batch_size=1, max_queue=1, retry_after_s=3)
+    # one client sends all three: its share must not be what refuses the third
+    client = make_client(max_batch_size=1, max_queue=1, retry_after_s=3, max_sequences_per_client=3)
     engine: Engine = client.app.state.engine
     gate = threading.Event()
     engine.call(gate.wait)
