@@ -69,7 +69,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.metrics = metrics
     store = ExpertStore(settings.resolved_expert_store(), settings.expert_store_storage_options())
     served = ServedExperts(
-        engine, store, AdmissionPolicy(settings), metrics, ExpertSources(settings), replicas=app.state.replicas
+        engine,
+        store,
+        AdmissionPolicy(settings),
+        metrics,
+        ExpertSources(settings),
+        replicas=app.state.replicas,
+        max_rank=settings.max_expert_rank,
     )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     if settings.lora_modules:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, UnknownExpertError
-from moe.adapters.file import bound_domain_sample
+from moe.adapters.file import MAX_RANK, bound_domain_sample
 from moe.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft, parse_adapter
 from moe.admission.report import probe_is_finite
 from moe.errors import NonFiniteOutputError
@@ -116,8 +116,10 @@ class ServedExperts:
         metrics: Metrics,
         sources: ExpertSources | None = None,
         replicas: ReplicaSet | None = None,
+        max_rank: int = MAX_RANK,
     ) -> None:
         self.engine = engine
+        self.max_rank = max_rank  # --max-expert-rank: the largest rank a file may declare
         self.store = store
         self.policy = policy
         self.metrics = metrics
@@ -181,7 +183,7 @@ class ServedExperts:
         for path in sorted(Path(seed_dir).glob("*.safetensors")):
             try:
                 data = path.read_bytes()
-                expert = ExpertFile.load(data, self.model.fingerprint)
+                expert = ExpertFile.load(data, self.model.fingerprint, max_rank=self.max_rank)
             except (OSError, ExpertFileError, ValueError) as e:
                 logger.error("not seeding %s: %s", path, e)
                 continue
@@ -293,7 +295,7 @@ class ServedExperts:
         """An expert file read and checked against the served model: its format and backbone fingerprint
         (ExpertFile.load), then its fit (hidden size, layers, a LoRA's projections: e.g. a LoRA for another MLP
         width). The one validation a file gets in the server, for a plug and for a file read from the store."""
-        expert = ExpertFile.load(data, self.model.fingerprint, name)
+        expert = ExpertFile.load(data, self.model.fingerprint, name, max_rank=self.max_rank)
         self.model.plugged.check_fits(expert)
         return expert
 
@@ -462,7 +464,7 @@ class ServedExperts:
         if entry is None:
             raise UnknownExpertError(f"no expert named {name!r} is plugged; plugged: {list(self.manifest.names)}")
         data = await asyncio.to_thread(self.store.read_blob, entry.sha256)
-        expert = ExpertFile.load(data, self.model.fingerprint)
+        expert = ExpertFile.load(data, self.model.fingerprint, max_rank=self.max_rank)
         expert.metadata["domain_sample"] = bound_domain_sample(texts)
         return await self.plug_bytes(ExpertFile.to_bytes(expert, self.model.fingerprint), None, replace=True)
 

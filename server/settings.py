@@ -214,10 +214,10 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1_000_000,
-        description="sequences one client (its API key; without --api-keys, its address: clients behind one proxy "
-        "or on one host share it) may have in flight, waiting or running, at most; a request past it gets 429 with "
-        "Retry-After (default: --max-sequences-per-request, so one client never holds more than its half of the "
-        "batch and others start at once)",
+        description="sequences one client (its API key) may have in flight, waiting or running, at most; a request "
+        "past it gets 429 with Retry-After (default under --api-keys: --max-sequences-per-request, so one client "
+        "never holds more than its half of the batch and others start at once; without --api-keys, off unless set: "
+        "a client is then its address, which every client behind one proxy or on one host shares)",
     )
 
     @field_validator("expert_store_options")
@@ -264,9 +264,12 @@ class Settings(BaseSettings):
         """--max-sequences-per-request, or half the batch (at least 1)."""
         return self.max_sequences_per_request or max(1, self.max_batch_size // 2)
 
-    def sequences_per_client(self) -> int:
-        """--max-sequences-per-client, or what one request may ask for."""
-        return self.max_sequences_per_client or self.sequences_per_request()
+    def sequences_per_client(self) -> int | None:
+        """--max-sequences-per-client; unset: what one request may ask for under --api-keys, else no per-client cap
+        (an address is no client: a proxy, a NAT or one host's benchmark clients share it)."""
+        if self.max_sequences_per_client is not None:
+            return self.max_sequences_per_client
+        return self.sequences_per_request() if self.api_key_set() else None
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(_items(self.api_keys))

@@ -214,3 +214,12 @@ def test_an_expert_file_over_the_rank_cap_is_422_naming_it(client: TestClient, e
     response = _upload(client, expert_bytes("huge", rank=300))
     assert response.status_code == 422, response.text
     assert "rank 300, over the cap of 256" in response.text and "--max-expert-rank" in response.text
+
+
+def test_the_rank_cap_is_the_servers_setting(make_client, expert_bytes) -> None:
+    client = make_client(max_expert_rank=8)
+    response = _upload(client, expert_bytes("wide", rank=12))
+    assert response.status_code == 422, response.text
+    assert "rank 12, over the cap of 8" in response.text and "--max-expert-rank" in response.text
+    assert _upload(client, expert_bytes("narrow", rank=8)).status_code == 201
+    assert [e["name"] for e in client.get("/experts").json()] == ["narrow"]
