@@ -44,6 +44,7 @@ from moe.adapters.slots import ExpertSlots, PluggedSet
 from moe.model.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
 from moe.model.kv_cache import cache_kwarg
 from moe.model.trace import RoutingTrace, count_decisions
+from moe.routing.context import ContextRouter
 from moe.routing.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
 
 # Decode steps (few tokens) take the fixed-op top-1 path over slot storage; above this many tokens (prefill)
@@ -263,6 +264,12 @@ class RoutedModel(nn.Module):
         """Disable the expert's slot; returns it (a weightless handle: its name, shapes and metadata)."""
         with self._swap_lock:
             return self.slots.unplug(name)
+
+    def offer_router(self, router: ContextRouter) -> None:
+        """Keep a context router fitted for a set (moe.admission.router_fit): the set of exactly those experts is
+        published with it, now if it is the current one, else from the plug or swap that makes it current."""
+        with self._swap_lock:
+            self.slots.offer_router(router)
 
     def fuse_decode_routing(self, enabled: bool = True) -> None:
         """Run the decode routing of each layer as one torch.compile'd function (a few fused kernels on CUDA,

@@ -1,0 +1,131 @@
+"""The integration step after a plug: fit the context router of the plugged set (moe.routing.context).
+
+    fitter = ContextRouterFitter(model, tokenizer)
+    fitter.offer(experts)      fit the router for exactly these experts (in plug order) and hand it to the model's
+                               slots (ExpertSlots.offer_router), which publish it with the set of those experts:
+                               call it before the plug or swap (off the engine thread), or after (it then
+                               republishes the current set with it)
+
+What it is fitted on: the backbone's MLP inputs (RoutingSpec("off"): whatever is plugged) of each expert's
+domain texts (its `domain_sample`, or its example prompts: moe.routing.context.domain_texts) and of the base
+calibration text (moe/admission/calibration.txt), split into a part to fit on and a held-out part that sets the
+probability floors (at most `cap` of its positions to any expert). The inputs do not depend on the set, so they
+are captured once: the calibration text's on the first fit, an expert's when it is first seen (cached by name
+and sample digest). A plug then costs one expert's capture and a refit over the set; the fit is deterministic,
+and the slots keep the previous sets' routers, so an unplug publishes the router it had before, the same object.
+
+No router is fitted (None: sequence mode falls back to the cosine gates' counts, moe.decode.prefill) for an
+empty set or when an expert has no domain texts at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from moe.adapters.expert import Expert
+from moe.model.routed import RoutedModel
+from moe.model.text_batches import batches, forward, special_prefix, texts
+from moe.routing.context import ContextRouter, domain_texts, fit_context_router, sample_digest
+from moe.routing.router import RoutingSpec
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
+CALIBRATION_HOLDOUT = 0.3  # share of the calibration lines kept out of the fit, to set the floors on
+SAMPLE_TEXTS = 64  # domain texts per expert a fit reads (a domain sample holds at most this many)
+FIT_MAX_TOKENS = 128  # tokens per text captured
+
+
+@torch.no_grad()
+def capture_texts(
+    model: RoutedModel, tokenizer, strings: Sequence[str], max_tokens: int = FIT_MAX_TOKENS, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Each text's MLP inputs on the backbone alone: per text x [T, L, H] float32 on CPU (its real tokens,
+    the special prefix included)."""
+    inputs = []
+    for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
+        batch = batch.to(model.device)
+        out = forward(model, batch, [RoutingSpec("off")] * len(batch), capture=True)
+        stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], left-padded
+        for row in range(len(batch)):
+            length = int(batch.mask[row].sum())
+            inputs.append(stacked[row, stacked.shape[1] - length :].float().cpu())
+    return inputs
+
+
+class ContextRouterFitter:
+    """Fits plugged sets' context routers for one model and tokenizer (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: RoutedModel,
+        tokenizer,
+        calibration: Sequence[str] | None = None,
+        holdout: float = CALIBRATION_HOLDOUT,
+        cap: float = 1e-3,
+        token: bool = False,
+        max_tokens: int = FIT_MAX_TOKENS,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        if calibration is None:
+            calibration = [
+                line for line in DEFAULT_CALIBRATION.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        order = list(range(len(calibration)))
+        random.Random(f"{seed}/calibration-holdout").shuffle(order)
+        cut = int(round(len(calibration) * holdout))
+        self._calibration_fit = [calibration[i] for i in sorted(order[cut:])]
+        self._calibration_held = [calibration[i] for i in sorted(order[:cut])]
+        if not self._calibration_fit or not self._calibration_held:
+            raise ValueError(
+                f"the calibration text has {len(calibration)} passages: too few to split at holdout {holdout}"
+            )
+        self.cap, self.token, self.max_tokens = cap, token, max_tokens
+        self.skip = len(special_prefix(tokenizer))
+        self._base: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._inputs: dict[tuple[str, str], list[torch.Tensor]] = {}  # (name, sample digest) -> per text [T, L, H]
+
+    def _capture(self, strings: Sequence[str]) -> list[torch.Tensor]:
+        return capture_texts(self.model, self.tokenizer, strings, self.max_tokens)
+
+    def inputs(self, expert: Expert) -> list[torch.Tensor]:
+        """The expert's domain texts' MLP inputs (captured once per name and sample)."""
+        key = (expert.name, sample_digest(expert))
+        if key not in self._inputs:
+            self._inputs[key] = self._capture(domain_texts(expert)[0][:SAMPLE_TEXTS])
+        return self._inputs[key]
+
+    def fit(self, experts: Sequence[Expert]) -> ContextRouter | None:
+        """The router of a set of exactly these experts, in this order (None: empty, or an expert has no texts)."""
+        missing = [e.name for e in experts if not domain_texts(e)[0]]
+        if not experts or missing:
+            if missing:
+                logger.info("no context router: %s have no domain sample nor example prompts", missing)
+            return None
+        started = time.perf_counter()
+        if self._base is None:
+            self._base = (self._capture(self._calibration_fit), self._capture(self._calibration_held))
+        samples = {e.name: self.inputs(e) for e in experts}
+        fitted_on = tuple((e.name, sample_digest(e)) for e in experts)
+        router = fit_context_router(
+            samples, self._base[0], self._base[1], self.skip, self.cap, token=self.token, fitted_on=fitted_on
+        )
+        logger.info("context router for %s fitted in %.1f s", [e.name for e in experts], time.perf_counter() - started)
+        return router
+
+    def offer(self, experts: Sequence[Expert]) -> ContextRouter | None:
+        """Fit the router for these experts and hand it to the model's slots (published with that set)."""
+        router = self.fit(experts)
+        if router is not None:
+            self.model.offer_router(router)
+        return router
+
+
+__all__ = ["ContextRouterFitter", "capture_texts"]
