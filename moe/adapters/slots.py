@@ -53,7 +53,7 @@ from moe.adapters.dispatch import AfterBlock, InBlock, KindLayout
 from moe.adapters.expert import Expert
 from moe.adapters.kind import KINDS, KindSlots
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
-from moe.routing.context import ContextRouter, sample_digest
+from moe.routing.context import ContextGates, ContextRouter, sample_digest
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,8 @@ class PluggedSet:
         fixed        per layer, the fixed-op decode path's operands; None when some expert's kind has no such form
     context: the context router fitted for exactly these experts (moe.routing.context; classes base + names in
         plug order), or None: sequence mode then decides from the cosine gates' counts (decide_sequence)
+    gates: its token classifiers laid out over the slot columns (when it has them): token mode's choice (top-1),
+        in place of the cosine gates; None: the cosine gates choose
     An expert's index (`index`) is its slot: the column of its scores, choices and trace counts.
     """
 
@@ -415,6 +417,7 @@ class PluggedSet:
     live: bool = False
     context: ContextRouter | None = None
     in_block: tuple[InBlock, ...] = field(init=False)
+    gates: ContextGates | None = field(init=False)  # the context router's token classifiers over the slot columns
     after_block: tuple[AfterBlock, ...] = field(init=False)
     fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
     _slot_of: dict[str, int] = field(init=False, repr=False)
@@ -426,6 +429,10 @@ class PluggedSet:
             [e.name for e in self.experts],
         )
         object.__setattr__(self, "_slot_of", {e.name: s for e, s in zip(self.experts, self.slots, strict=True)})
+        gates = None
+        if self.context is not None and self.context.layers:
+            gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device)
+        object.__setattr__(self, "gates", gates)
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
         held = {e.kind for e in self.experts}
         run = {
@@ -459,8 +466,9 @@ class PluggedSet:
     @property
     def eager_only(self) -> bool:
         """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
-        holds references): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
-        return self.fixed is None
+        holds references; or token mode routes by the context router's gates, which the fixed-op step does not
+        run): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
+        return self.fixed is None or self.gates is not None
 
     @property
     def names(self) -> tuple[str, ...]:

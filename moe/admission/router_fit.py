@@ -14,8 +14,10 @@ are captured once: the calibration text's on the first fit, an expert's when it 
 and sample digest). A plug then costs one expert's capture and a refit over the set; the fit is deterministic,
 and the slots keep the previous sets' routers, so an unplug publishes the router it had before, the same object.
 
-No router is fitted (None: sequence mode falls back to the cosine gates' counts, moe.decode.prefill) for an
-empty set or when an expert has no domain texts at all.
+No router is fitted (None: routing falls back to the cosine gates, and sequence mode to their counts,
+moe.decode.prefill) for an empty set or when an expert has fewer than MIN_TEXTS domain texts (a file with no
+domain sample and a few example prompts, as tests' tiny experts are). token=True (default) also fits the per-layer token
+classifiers, which token mode then routes by (PluggedSet.gates); token=False, sequence mode only.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
 CALIBRATION_HOLDOUT = 0.3  # share of the calibration lines kept out of the fit, to set the floors on
 SAMPLE_TEXTS = 64  # domain texts per expert a fit reads (a domain sample holds at most this many)
+# the fewest domain texts an expert needs for a router to be fitted: a classifier fitted on one or two example
+# prompts learns those prompts, not a domain, and sends the rest of the domain to base (worse than the gates)
+MIN_TEXTS = 8
 FIT_MAX_TOKENS = 128  # tokens per text captured
 
 
@@ -52,10 +57,9 @@ def capture_texts(
     for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
         batch = batch.to(model.device)
         out = forward(model, batch, [RoutingSpec("off")] * len(batch), capture=True)
-        stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], left-padded
+        stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], padded
         for row in range(len(batch)):
-            length = int(batch.mask[row].sum())
-            inputs.append(stacked[row, stacked.shape[1] - length :].float().cpu())
+            inputs.append(stacked[row][batch.mask[row].bool()].float().cpu())  # [T_i, L, H], real tokens
     return inputs
 
 
@@ -69,7 +73,7 @@ class ContextRouterFitter:
         calibration: Sequence[str] | None = None,
         holdout: float = CALIBRATION_HOLDOUT,
         cap: float = 1e-3,
-        token: bool = False,
+        token: bool = True,
         max_tokens: int = FIT_MAX_TOKENS,
         seed: int = 0,
     ) -> None:
@@ -103,11 +107,14 @@ class ContextRouterFitter:
         return self._inputs[key]
 
     def fit(self, experts: Sequence[Expert]) -> ContextRouter | None:
-        """The router of a set of exactly these experts, in this order (None: empty, or an expert has no texts)."""
-        missing = [e.name for e in experts if not domain_texts(e)[0]]
+        """The router of a set of exactly these experts, in this order (None: empty, or an expert has fewer than
+        MIN_TEXTS domain texts)."""
+        missing = [e.name for e in experts if len(domain_texts(e)[0]) < MIN_TEXTS]
         if not experts or missing:
             if missing:
-                logger.info("no context router: %s have no domain sample nor example prompts", missing)
+                logger.info(
+                    "no context router (the gates route): %s have fewer than %d domain texts", missing, MIN_TEXTS
+                )
             return None
         started = time.perf_counter()
         if self._base is None:

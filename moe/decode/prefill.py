@@ -50,6 +50,7 @@ class PromptKV:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     lengths: list[int]  # real tokens of each row (its last lengths[i] columns)
+    context: torch.Tensor | None = None  # [B, L, H] each row's running context sums (token mode's context gates)
 
     def row(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row i's real columns, per layer (keys, values) [kv, T_i, D]."""
@@ -78,6 +79,11 @@ class Prefill:
     def row_kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         kv, i = self.sources[row]
         return kv.row(i)
+
+    def row_context(self, row: int) -> torch.Tensor | None:
+        """[L, H] the row's running context sums after its prompt (None: its set had no context gates)."""
+        kv, i = self.sources[row]
+        return None if kv.context is None else kv.context[i]
 
 
 def prefill_rows(
@@ -121,7 +127,7 @@ def prefill_rows(
             logits_to_keep=0 if all_logits else 1,
             capture_mlp_inputs=capture,
         )
-    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts])
+    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts], out.context)
     step = _step_output(out)
     step.all_logits = out.logits if all_logits else None
     step.mlp_inputs = out.mlp_inputs

@@ -200,6 +200,69 @@ class ContextRouter:
         return routes
 
 
+@dataclass(frozen=True)
+class ContextGates:
+    """A router's per-layer token classifiers laid out over a plugged set's slot columns, for the routed forward:
+    column 0 is base, column 1 + c is slot c (a free slot, or one no class names: bias -inf, never chosen).
+
+    weight [L, 1 + C, H] and bias [L, 1 + C] act on the unit running context (the standardisation folded in,
+    ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    floors: torch.Tensor
+    floored: bool
+    skip: int
+
+    @classmethod
+    def of(cls, router: ContextRouter, slots: Sequence[int], capacity: int, device: torch.device) -> ContextGates:
+        """slots[i]: the slot of class i + 1 (the set's experts in plug order, the router's classes after base)."""
+        assert router.layers and len(slots) == len(router.classes) - 1, (len(slots), router.classes)
+        columns = torch.tensor([0, *(1 + s for s in slots)])
+        hidden = router.layers[0].center.shape[0]
+        weight = torch.zeros(len(router.layers), 1 + capacity, hidden)
+        bias = torch.full((len(router.layers), 1 + capacity), float("-inf"))
+        floors = torch.zeros(len(router.layers), 1 + capacity)
+        for layer, classifier in enumerate(router.layers):
+            w, b = classifier.input_space()
+            weight[layer, columns], bias[layer, columns], floors[layer, columns] = w, b, classifier.floors
+        floored = any(c.floored for c in router.layers)
+        return cls(weight.to(device), bias.to(device), floors.to(device), floored, router.skip)
+
+    def choose(
+        self,
+        sums: torch.Tensor,
+        layer: int,
+        allowed: torch.Tensor | None,
+        forced: torch.Tensor | None,
+        covers: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> torch.Tensor:
+        """sums [N, H] each token's running context on this layer (its own unit input included) -> choice [N]
+        (a slot, -1 = base). allowed [N, C] bool (None: all), forced [N] (-1: none; None: no pins), covers [C]
+        (the layer's), counted [N] bool (False: a prefix or padding position, base). Semantics, per token:
+
+            p      = softmax(unit(sums) @ weight[layer].T + bias[layer]) over base and the allowed slots
+            choice = argmax(p) - 1 if max(p) > floors[layer, argmax(p)] and that slot covers the layer, else base
+            a pinned token takes its pin where it covers the layer (as route_top1 does)
+        """
+        logits = torch.addmm(self.bias[layer], F.normalize(sums, dim=-1), self.weight[layer].T)  # [N, 1 + C]
+        if allowed is not None:
+            logits[:, 1:] = logits[:, 1:].masked_fill(~allowed, float("-inf"))
+        if self.floored:
+            best, column = logits.softmax(dim=-1).max(dim=-1)
+            column = torch.where(best > self.floors[layer][column], column, 0)
+        else:
+            column = logits.argmax(dim=-1)  # every probability is > 0: floors of zero never bind
+        choice = column - 1
+        choice = torch.where((choice >= 0) & covers[choice.clamp(min=0)] & counted, choice, -1)
+        if forced is not None:
+            pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
+            choice = torch.where(forced >= 0, pin, choice)
+        return choice
+
+
 def context_step(
     sums: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, floors: torch.Tensor | None
 ) -> torch.Tensor:
@@ -277,6 +340,7 @@ def fit_floors(classifier: ContextClassifier, calibration: torch.Tensor, cap: fl
 
 __all__ = [
     "ContextClassifier",
+    "ContextGates",
     "ContextRouter",
     "cap_floor",
     "context_step",
