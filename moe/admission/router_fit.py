@@ -6,13 +6,15 @@
                                call it before the plug or swap (off the engine thread), or after (it then
                                republishes the current set with it)
 
-What it is fitted on: the backbone's MLP inputs (RoutingSpec("off"): whatever is plugged) of each expert's
-domain texts (its `domain_sample`, or its example prompts: moe.routing.context.domain_texts) and of the base
-calibration text (moe/admission/calibration.txt), split into a part to fit on and a held-out part that sets the
-probability floors (at most `cap` of its positions to any expert). The inputs do not depend on the set, so they
-are captured once: the calibration text's on the first fit, an expert's when it is first seen (cached by name
-and sample digest). A plug then costs one expert's capture and a refit over the set; the fit is deterministic,
-and the slots keep the previous sets' routers, so an unplug publishes the router it had before, the same object.
+What it is fitted on: the MLP inputs of each expert's domain texts (its `domain_sample`, or its example prompts:
+moe.routing.context.domain_texts) as they flow on the backbone (RoutingSpec("off"): what sequence mode observes)
+and with the expert pinned (what token mode meets at later layers when it routes them right), and of the base
+calibration text on the backbone (moe/admission/calibration.txt), split into a part to fit on and a held-out
+part that sets the probability floors (at most `cap` of its positions to any expert). The inputs do not depend
+on the set, so they are captured once: the calibration text's on the first fit, an expert's when it is first
+seen (cached by name and sample digest). A plug then costs one expert's capture and a refit over the set; the
+fit is deterministic, and the slots keep the previous sets' routers, so an unplug publishes the router it had
+before, the same object.
 
 No router is fitted (None: routing falls back to the cosine gates, and sequence mode to their counts,
 moe.decode.prefill) for an empty set or when an expert has fewer than MIN_TEXTS domain texts (a file with no
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moe.adapters.expert import Expert
+from moe.adapters.slots import PluggedSet
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, special_prefix, texts
 from moe.routing.context import ContextRouter, domain_texts, fit_context_router, sample_digest
@@ -49,14 +52,21 @@ FIT_MAX_TOKENS = 128  # tokens per text captured
 
 @torch.no_grad()
 def capture_texts(
-    model: RoutedModel, tokenizer, strings: Sequence[str], max_tokens: int = FIT_MAX_TOKENS, batch_size: int = 16
+    model: RoutedModel,
+    tokenizer,
+    strings: Sequence[str],
+    max_tokens: int = FIT_MAX_TOKENS,
+    batch_size: int = 16,
+    spec: RoutingSpec | None = None,
+    plugged: PluggedSet | None = None,
 ) -> list[torch.Tensor]:
-    """Each text's MLP inputs on the backbone alone: per text x [T, L, H] float32 on CPU (its real tokens,
-    the special prefix included)."""
+    """Each text's MLP inputs under `spec` (default off: the backbone alone): per text x [T, L, H] float32 on
+    CPU (its real tokens, the special prefix included)."""
     inputs = []
+    spec = spec or RoutingSpec("off")
     for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
         batch = batch.to(model.device)
-        out = forward(model, batch, [RoutingSpec("off")] * len(batch), capture=True)
+        out = forward(model, batch, [spec] * len(batch), plugged, capture=True)
         stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], padded
         for row in range(len(batch)):
             inputs.append(stacked[row][batch.mask[row].bool()].float().cpu())  # [T_i, L, H], real tokens
@@ -103,8 +113,34 @@ class ContextRouterFitter:
         """The expert's domain texts' MLP inputs (captured once per name and sample)."""
         key = (expert.name, sample_digest(expert))
         if key not in self._inputs:
-            self._inputs[key] = self._capture(domain_texts(expert)[0][:SAMPLE_TEXTS])
+            strings = domain_texts(expert)[0][:SAMPLE_TEXTS]
+            inputs = self._capture(strings)
+            pinned = self._set_with(expert)
+            if pinned is not None:  # also as its texts flow when routed to it: what token mode meets at later layers
+                spec = RoutingSpec("pin", expert.name)
+                inputs += capture_texts(self.model, self.tokenizer, strings, self.max_tokens, spec=spec, plugged=pinned)
+            self._inputs[key] = inputs
         return self._inputs[key]
+
+    def _set_with(self, expert: Expert) -> PluggedSet | None:
+        """A set holding the expert's weights, to pin it in: its own (a loaded expert), or the model's (a plugged
+        handle of the same texts); None when neither holds them (then only the backbone flow is fitted on)."""
+        model = self.model
+        if expert.keys.device.type != "meta":
+            own = expert.to(model.device, model.dtype)
+            return PluggedSet.build(
+                (own,),
+                model.num_layers,
+                model.hidden_size,
+                model.device,
+                model.dtype,
+                projections=model.projection_shapes,
+            )
+        plugged = model.plugged
+        if expert.name in plugged and sample_digest(plugged.get(expert.name)) == sample_digest(expert):
+            return plugged
+        logger.info("%s: fitted on the backbone flow only (no weights at hand to pin it)", expert.name)
+        return None
 
     def fit(self, experts: Sequence[Expert]) -> ContextRouter | None:
         """The router of a set of exactly these experts, in this order (None: empty, or an expert has fewer than
