@@ -147,9 +147,12 @@ class ServedExperts:
         """Fit the context router of the set of these experts and hand it to the model (moe.admission.router_fit:
         each expert's texts captured once, a refit per set); none fits a set whose experts lack domain texts,
         and sequence mode then decides from the gates' counts."""
+        self._fitter().offer(experts)
+
+    def _fitter(self) -> ContextRouterFitter:
         if self._router_fitter is None:
             self._router_fitter = ContextRouterFitter(self.model, self.engine.tokenizer)
-        self._router_fitter.offer(experts)
+        return self._router_fitter
 
     # --- start --------------------------------------------------------------------------------------------
 
@@ -360,7 +363,12 @@ class ServedExperts:
                             "probe text; its weights are within bounds but do not work together. Retrain it"
                         )
                     expert, report = await self._off_engine(
-                        self.policy.review, self.model, self.engine.tokenizer, candidate, worker=self._admission
+                        self.policy.review,
+                        self.model,
+                        self.engine.tokenizer,
+                        candidate,
+                        self._fitter(),
+                        worker=self._admission,
                     )
                     repaired = report is not None and report.get("repair") is not None
                     # the stored file is what is plugged: its name, and the thresholds a repair raised

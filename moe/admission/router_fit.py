@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from moe.adapters.expert import Expert
-from moe.adapters.slots import PluggedSet
+from moe.adapters.slots import ROUTERS_KEPT, PluggedSet
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, special_prefix, texts
 from moe.routing.context import ContextRouter, domain_texts, fit_context_router, sample_digest
@@ -105,6 +105,7 @@ class ContextRouterFitter:
         self.skip = len(special_prefix(tokenizer))
         self._base: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._inputs: dict[tuple[str, str], list[torch.Tensor]] = {}  # (name, sample digest) -> per text [T, L, H]
+        self._routers: dict[tuple[tuple[str, str], ...], ContextRouter] = {}  # by the set fitted on, newest last
 
     def _capture(self, strings: Sequence[str]) -> list[torch.Tensor]:
         return capture_texts(self.model, self.tokenizer, strings, self.max_tokens)
@@ -152,16 +153,59 @@ class ContextRouterFitter:
                     "no context router (the gates route): %s have fewer than %d domain texts", missing, MIN_TEXTS
                 )
             return None
+        fitted_on = tuple((e.name, sample_digest(e)) for e in experts)
+        if fitted_on in self._routers:  # e.g. admission fitted it, then the swap asks again
+            return self._routers[fitted_on]
         started = time.perf_counter()
         if self._base is None:
             self._base = (self._capture(self._calibration_fit), self._capture(self._calibration_held))
         samples = {e.name: self.inputs(e) for e in experts}
-        fitted_on = tuple((e.name, sample_digest(e)) for e in experts)
         router = fit_context_router(
             samples, self._base[0], self._base[1], self.skip, self.cap, token=self.token, fitted_on=fitted_on
         )
         logger.info("context router for %s fitted in %.1f s", [e.name for e in experts], time.perf_counter() - started)
+        self._routers[fitted_on] = router
+        while len(self._routers) > ROUTERS_KEPT:
+            self._routers.pop(next(iter(self._routers)))
         return router
+
+    def measure(self, router: ContextRouter, expert: Expert) -> dict[str, float | int | str]:
+        """How the router treats an expert's domain (admission reports it, so a plug that is safe but useless says
+        so) and the held-out calibration text:
+
+            sequence_recall               share of its domain texts whose sequence decision is the expert
+            token_recall                  share of its texts' (token, layer) decisions after the prefix that go
+                                          to it, as they flow when routed to it (pinned; else on the backbone)
+            sequence_false_positive_rate  share of held-out calibration texts decided for the expert
+            token_false_positive_rate     the largest share, over layers, of their positions routed to it
+
+        Its recall is measured on the texts the router was fitted on: an upper bound on held-out text."""
+        c = router.classes.index(expert.name)
+        inputs = self.inputs(expert)
+        texts = len(domain_texts(expert)[0][:SAMPLE_TEXTS])
+        observed, flowing = inputs[:texts], inputs[texts:] or inputs[:texts]
+        sequence = [router.sequence_route(x) == expert.name for x in observed]
+        token_hits = token_total = 0
+        for x in flowing:
+            routes = router.token_routes(x, router.skip)[router.skip :] if router.layers else None
+            if routes is not None:
+                token_hits += int((routes == c).sum())
+                token_total += routes.numel()
+        assert self._base is not None  # fitted before
+        held = self._base[1]
+        false_sequence = sum(router.sequence_route(x) == expert.name for x in held) / max(len(held), 1)
+        false_token = 0.0
+        if router.layers:
+            per_layer = torch.cat([router.token_routes(x, router.skip)[router.skip :] for x in held])  # [N, L]
+            false_token = float((per_layer == c).float().mean(dim=0).max())
+        return {
+            "texts": texts,
+            "sequence_recall": sum(sequence) / max(len(sequence), 1),
+            "token_recall": token_hits / token_total if token_total else 0.0,
+            "sequence_false_positive_rate": false_sequence,
+            "token_false_positive_rate": false_token,
+            "measured_on": "its own domain sample (the router was fitted on it: an upper bound)",
+        }
 
     def offer(self, experts: Sequence[Expert]) -> ContextRouter | None:
         """Fit the router for these experts and hand it to the model's slots (published with that set)."""

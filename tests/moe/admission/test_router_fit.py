@@ -12,6 +12,7 @@ import torch
 
 from moe import RoutedModel
 from moe.adapters.expert import BASE_ROUTE
+from moe.admission.report import admit
 from moe.admission.router_fit import ContextRouterFitter
 from moe.decode.prefill import decide_routes, prefill
 from moe.routing.router import RoutingSpec
@@ -125,8 +126,8 @@ def test_a_plug_refits_and_an_unplug_restores_the_router_exactly(setup, tokenize
     model.unplug("other")
     assert model.plugged.context is router  # the previous set's router, the same object
     assert _routes(model, tokenizer, _texts("near", 8, 2) + _texts("far", 8, 2)) == before
-    # and a refit gives the same router: the fit is deterministic
-    again = fitter.fit(experts)
+    # and a refit from scratch (a fresh fitter: nothing cached) gives the same router: the fit is deterministic
+    again = ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02).fit(experts)
     assert again is not None
     for a, b in zip((router.sequence, *router.layers), (again.sequence, *again.layers), strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and torch.equal(a.floors, b.floors)
@@ -142,3 +143,17 @@ def test_no_router_for_an_expert_without_domain_texts(setup, tokenizer) -> None:
         assert set(_routes(model, tokenizer, _texts("near", 4, 3))) <= {"near", "far", "bare", BASE_ROUTE}
     finally:
         model.unplug("bare")
+
+
+def test_admission_reports_the_candidates_recall_under_the_refit_router(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    fitter.offer(experts)
+    other = _expert("other", 3, 0.5)
+    report = admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4), router_fitter=fitter).report
+    routing = report.context_routing
+    assert routing is not None and routing["texts"] == 32
+    assert routing["sequence_recall"] >= 0.6 and routing["token_recall"] > 0.3, routing
+    assert routing["sequence_false_positive_rate"] <= 0.1 and routing["token_false_positive_rate"] <= 0.1, routing
+    assert report.notes == []  # it would serve its domain
+    assert model.plugged.names == ("near", "far")  # nothing was plugged
+    assert admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4)).report.context_routing is None  # not asked
