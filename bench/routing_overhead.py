@@ -15,6 +15,9 @@ shape, bench/shapes.py) and reads each step's tokens on the host, as a server mu
     bare, routed    static_decoder.StaticDecoder with routing off / 8 experts routing every token (thresholds -1:
                     every token pays for an adapter, the worst case), eager; on CUDA also captured (CUDA graphs,
                     decode routing torch.compile'd: --fuse)
+    routed context  the same decoder, eager, token mode routed by a context router (moe.routing.context: a
+                    running context sum per row and layer, one [1 + C, H] product per layer; random classifiers,
+                    floors of zero, as a fitted router without a binding floor): it always runs eagerly
 
 Ratios compare columns of the same run: routed / bare run the same way (both eager, both captured). Configurations
 run round-robin, `--repeats` times; each cell is the median over repeats and [min-max] is printed beside it.
@@ -28,7 +31,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -39,10 +42,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.shapes import SHAPES, build, mlp_down_projection  # noqa: E402
 from moe import Expert, LoraAdapter, LoraPair, RoutedModel, RoutingSpec  # noqa: E402
+from moe.adapters.expert import BASE_ROUTE  # noqa: E402
 from moe.adapters.file import ExpertFile  # noqa: E402
+from moe.adapters.slots import PluggedSet  # noqa: E402
 from moe.decode.prefill import prefill  # noqa: E402
 from moe.decode.static_decoder import StaticDecoder, decode_one_token  # noqa: E402
 from moe.model.kv_cache import cache_kwarg  # noqa: E402
+from moe.routing.context import ContextClassifier, ContextRouter  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,10 +126,37 @@ def routed_before(model: RoutedModel, ids: torch.Tensor, new: int) -> float:
 
 
 @torch.no_grad()
-def static_decode(decoder: StaticDecoder, model: RoutedModel, ids: torch.Tensor, new: int, spec: RoutingSpec) -> float:
+def random_context_router(names: Sequence[str], layers: int, hidden: int) -> ContextRouter:
+    """A context router over (base, *names) with random classifiers and floors of zero (what a decode step costs
+    does not depend on the fitted values)."""
+    g = torch.Generator().manual_seed(3)
+    classes = (BASE_ROUTE, *names)
+
+    def classifier(features: int) -> ContextClassifier:
+        weight = torch.randn(len(classes), features, generator=g) * 0.1
+        return ContextClassifier(
+            classes,
+            torch.zeros(features),
+            torch.ones(features),
+            weight,
+            torch.zeros(len(classes)),
+            torch.zeros(len(classes)),
+        )
+
+    return ContextRouter(classifier(layers * hidden), tuple(classifier(hidden) for _ in range(layers)))
+
+
+def static_decode(
+    decoder: StaticDecoder,
+    model: RoutedModel,
+    ids: torch.Tensor,
+    new: int,
+    spec: RoutingSpec,
+    plugged: PluggedSet | None = None,
+) -> float:
     """Prefill every row into a slot (not timed), then `new` decoder steps (sampling's host read included)."""
     specs = [spec] * ids.shape[0]
-    pre = prefill(model, ids.tolist(), specs)
+    pre = prefill(model, ids.tolist(), specs, plugged)
     slots = [decoder.join(pre, row) for row in range(ids.shape[0])]
     tokens = pre.logits.argmax(-1).tolist()
     synchronize(ids.device)
@@ -239,6 +272,9 @@ def configurations(
 
     runs["routed before"] = before
     for kind, decoder in decoders.items():
+        if kind == "context":
+            runs["routed context"] = lambda d=decoder: static_decode(d, routed, ids, new, RoutingSpec(), d.plugged)
+            continue
         runs[f"bare {kind}"] = lambda d=decoder: static_decode(d, routed, ids, new, RoutingSpec("off"))
         runs[f"routed {kind}"] = lambda d=decoder: static_decode(d, routed, ids, new, RoutingSpec())
     return runs
@@ -257,7 +293,8 @@ def table_row(batch: int, columns: list[str], times: dict[str, list[float]]) -> 
         f"| {batch} | "
         + " | ".join(cell(c) for c in columns)
         + f" | {ratio('routed eager', 'bare eager')} | {ratio('routed captured', 'bare captured')} | "
-        f"{ratio('PEFT mixed', 'HF bare')} | {ratio('routed eager', 'HF bare')} |"
+        f"{ratio('PEFT mixed', 'HF bare')} | {ratio('routed eager', 'HF bare')} | "
+        f"{ratio('routed context', 'bare eager')} |"
     )
 
 
@@ -312,20 +349,26 @@ def main() -> None:
         f"{args.new} new tokens; median of {args.repeats} [min-max]; decode routing fused: {fuse}; torch "
         f"{torch.__version__}\n"
     )
-    columns = ["HF bare", "PEFT mixed", "routed before", "bare eager", "routed eager"]
+    columns = ["HF bare", "PEFT mixed", "routed before", "bare eager", "routed eager", "routed context"]
     if cuda:
         columns += ["bare captured", "routed captured"]
     if args.batches:
         print(
             "| batch | "
             + " | ".join(columns)
-            + " | routed/bare eager | routed/bare captured | PEFT/HF bare | routed eager/HF bare |"
+            + " | routed/bare eager | routed/bare captured | PEFT/HF bare | routed eager/HF bare | context/bare eager |"
         )
-        print("|---" * (len(columns) + 5) + "|")
+        print("|---" * (len(columns) + 6) + "|")
+    # token mode by a context router: the same experts, a set that carries one (a fixed set: the model's stays as is)
+    router = random_context_router(routed.plugged.names, routed.num_layers, routed.hidden_size)
+    with_router = dataclasses.replace(routed.plugged, context=router)
     for batch in args.batches:
         ids = torch.randint(1, 30000, (batch, args.prompt), generator=torch.Generator().manual_seed(2)).to(device)
         routed.fuse_decode_routing(fuse)
-        decoders = {"eager": StaticDecoder(routed, batch, args.prompt + args.new + 2)}
+        decoders = {
+            "eager": StaticDecoder(routed, batch, args.prompt + args.new + 2),
+            "context": StaticDecoder(routed, batch, args.prompt + args.new + 2, plugged=with_router),
+        }
         if cuda:
             decoders["captured"] = StaticDecoder(routed, batch, args.prompt + args.new + 2, capture=True)
         runs = configurations(hf, peft_run, routed, decoders, ids, args.new, fuse)

@@ -33,6 +33,7 @@ from experts.data import Example, Extractor, gsm8k_answer
 from experts.progress import progress_bar
 from moe.adapters.expert import BASE_ROUTE
 from moe.adapters.slots import PluggedSet
+from moe.admission.router_fit import ContextRouterFitter
 from moe.decode.generation import generate
 from moe.decode.prefill import decide_routes
 from moe.model.routed import RoutedModel
@@ -217,13 +218,19 @@ def evaluate(
     domains: dict[str, Sequence[Example]],
     config: EvalConfig,
     extractor: Extractor = gsm8k_answer,
+    fit_router: bool = True,
 ) -> dict:
-    """Every domain, then the cross-domain summary; a JSON-ready dict."""
+    """Every domain, then the cross-domain summary; a JSON-ready dict. fit_router: first fit the plugged set's
+    context router as a server does after a plug (moe.admission.router_fit), so sequence mode decides with it;
+    without it, or for experts without domain texts, sequence mode decides from the gates' counts."""
+    if fit_router and len(model.plugged):
+        ContextRouterFitter(model, tokenizer).offer(model.plugged.experts)
     fired: dict[str, float] = {}
     results = [evaluate_domain(model, tokenizer, d, ex, config, extractor, fired) for d, ex in domains.items()]
     never = [name for name in model.plugged.names if fired.get(name, 0.0) == 0.0]
     return {
         "experts": list(model.plugged.names),
+        "sequence_router": "context" if model.plugged.context is not None else "gate counts",
         "config": asdict(config),
         "domains": [{**asdict(r), "ppl_change": r.ppl_change, "oracle_gap": r.oracle_gap} for r in results],
         "never_fired": never,

@@ -8,6 +8,7 @@ from typing import Any
 
 from moe import Expert, RoutedModel
 from moe.admission.report import LIMIT_NAMES, AdmissionLimits, BaselineCache, admit, load_calibration_texts
+from moe.admission.router_fit import ContextRouterFitter
 from server.errors import AdmissionRejectedError
 from server.settings import Settings
 
@@ -23,16 +24,21 @@ class AdmissionPolicy:
         self._calibration: list[str] | None = None
         self._baselines = BaselineCache()  # the plugged set's own passes, reused by the next plug
 
-    def review(self, model: RoutedModel, tokenizer: Any, expert: Expert) -> tuple[Expert, dict | None]:
+    def review(
+        self, model: RoutedModel, tokenizer: Any, expert: Expert, router_fitter: ContextRouterFitter | None = None
+    ) -> tuple[Expert, dict | None]:
         """(the expert to plug, the report as a dict; None when admission is off). The expert is the candidate
         itself, or in repair mode a copy with raised thresholds. Raises AdmissionRejectedError when it cannot
         meet the limits. Runs the model (forwards on the current plugged set); it touches no plugged state.
+        router_fitter: the report also gives the candidate's recall under the set's refit context router.
         """
         if not self.enabled:
             return expert, None
         if self._calibration is None:
             self._calibration = load_calibration_texts(self.calibration_file)
-        admission = admit(model, tokenizer, expert, self._calibration, self.limits, self._baselines)
+        admission = admit(
+            model, tokenizer, expert, self._calibration, self.limits, self._baselines, router_fitter=router_fitter
+        )
         report = admission.report.to_dict()
         if not admission.admitted:
             hint = (

@@ -48,6 +48,7 @@ from moe import Expert, ExpertFile, ExpertFileError, ExpertNameTakenError, Unkno
 from moe.adapters.file import MAX_RANK, bound_domain_sample
 from moe.adapters.peft import CONFIG_FILE, WEIGHTS_FILE, convert_peft, parse_adapter
 from moe.admission.report import probe_is_finite
+from moe.admission.router_fit import ContextRouterFitter
 from moe.errors import NonFiniteOutputError
 from server.admission_policy import AdmissionPolicy
 from server.engine import Engine
@@ -134,6 +135,7 @@ class ServedExperts:
         self._shas: dict[str, str] = {}  # plugged name -> the SHA-256 of its file
         self._routes: dict[str, bool] = {}  # plugged name -> whether its gate can take a token (False: pin-only)
         self._lock = asyncio.Lock()
+        self._router_fitter: ContextRouterFitter | None = None  # made on the first set served
         # validation and the probe (quick) on one worker; the admission report (many forwards) on another,
         # at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugmoe-plug")
@@ -156,6 +158,17 @@ class ServedExperts:
     def model(self):
         return self.engine.model
 
+    def _fit_router(self, experts: tuple[Expert, ...]) -> None:
+        """Fit the context router of the set of these experts and hand it to the model (moe.admission.router_fit:
+        each expert's texts captured once, a refit per set); none fits a set whose experts lack domain texts,
+        and sequence mode then decides from the gates' counts."""
+        self._fitter().offer(experts)
+
+    def _fitter(self) -> ContextRouterFitter:
+        if self._router_fitter is None:
+            self._router_fitter = ContextRouterFitter(self.model, self.engine.tokenizer)
+        return self._router_fitter
+
     # --- start --------------------------------------------------------------------------------------------
 
     def load(self, seed_dir: Path | None = None) -> list[str]:
@@ -167,6 +180,7 @@ class ServedExperts:
         if manifest.version == 0 and seed_dir is not None:
             manifest = self._seed(seed_dir)
         experts, skipped = self._resolve(manifest, {})
+        self._fit_router(experts)
         self.model.set_experts(experts)
         self._served(manifest, experts, skipped)
         names = [e.name for e in experts]
@@ -264,6 +278,8 @@ class ServedExperts:
     async def _apply(self, target: Manifest, loaded: dict[str, Expert]) -> None:
         """(lock held) Serve `target`: its experts in its order, in one swap between two steps."""
         experts, skipped = await asyncio.to_thread(self._resolve, target, loaded)
+        # the integration step: the set's context router, fitted before the swap (published with the set)
+        await self._off_engine(self._fit_router, experts, worker=self._admission)
         await self.engine.set_experts(experts)
         self._served(target, experts, skipped)
         logger.info("serving expert-set version %d: %s", target.version, [e.name for e in experts])
@@ -365,7 +381,12 @@ class ServedExperts:
                         )
                     if gate_routes(candidate):
                         expert, report = await self._off_engine(
-                            self.policy.review, self.model, self.engine.tokenizer, candidate, worker=self._admission
+                            self.policy.review,
+                            self.model,
+                            self.engine.tokenizer,
+                            candidate,
+                            self._fitter(),
+                            worker=self._admission,
                         )
                     else:  # pin-only: its gate takes no decision, so the report could not change anything
                         expert, report = candidate, None

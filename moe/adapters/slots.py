@@ -53,10 +53,12 @@ from moe.adapters.dispatch import AfterBlock, InBlock, KindLayout
 from moe.adapters.expert import Expert
 from moe.adapters.kind import KINDS, KindSlots
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
+from moe.routing.context import ContextGates, ContextRouter, sample_digest
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 8
+ROUTERS_KEPT = 8  # fitted context routers kept by the sets they serve (an unplug finds the previous set's)
 
 
 def check_fits(
@@ -124,6 +126,24 @@ class ExpertSlots:
         # some plugged expert's kind has no fixed-op decode form (LoRA: a plan made on the host per layer): no
         # captured or compiled step may run the set (moe.decode.generation runs it eagerly); read every decode step
         self.eager_only = False
+        # fitted context routers by the set they serve, ((name, sample digest), ...) in plug order, newest last:
+        # each change of the set publishes the one fitted for the new set, or none (sequence mode then decides
+        # from the cosine gates' counts). An unplug finds the router of the set before the plug, the same object.
+        self._routers: dict[tuple[tuple[str, str], ...], ContextRouter] = {}
+        self._digests: dict[str, str] = {}  # per plugged name, sample_digest of its domain texts
+
+    def offer_router(self, router: ContextRouter) -> None:
+        """Keep a fitted context router for the set it was fitted on (`router.fitted_on`); it is published with
+        the set whenever the plugged experts are exactly those (now, or after the plug or swap to come)."""
+        self._routers.pop(router.fitted_on, None)
+        self._routers[router.fitted_on] = router
+        while len(self._routers) > ROUTERS_KEPT:
+            self._routers.pop(next(iter(self._routers)))
+        if router.fitted_on == self._router_key():
+            self._changed()
+
+    def _router_key(self) -> tuple[tuple[str, str], ...]:
+        return tuple((e.name, self._digests[e.name]) for e in self._experts)
 
     @property
     def capacity(self) -> int:
@@ -182,6 +202,7 @@ class ExpertSlots:
             self._release(old)
         self.names[slot], self.covered[slot] = expert.name, frozenset(expert.layers)
         self._slot_by_name[expert.name] = slot
+        self._digests[expert.name] = sample_digest(expert)
         if old is not None:
             self._experts = [handle if e.name == expert.name else e for e in self._experts]
         else:
@@ -195,6 +216,7 @@ class ExpertSlots:
             self._disable(slot)
         self._release(slot)
         del self._slot_by_name[name]
+        del self._digests[name]
         expert = next(e for e in self._experts if e.name == name)
         self._experts = [e for e in self._experts if e.name != name]
         self._changed()
@@ -303,6 +325,7 @@ class ExpertSlots:
                 version=self.version,
                 storage=self,
                 projections=self.projections,
+                context=self._routers.get(self._router_key()) if self._experts else None,
             )
         return self._snapshot
 
@@ -373,6 +396,10 @@ class PluggedSet:
         in_block     the stages run inside a layer's block (a plan its modules read), in table order
         after_block  the stages whose deltas are added to the block's output, in table order
         fixed        per layer, the fixed-op decode path's operands; None when some expert's kind has no such form
+    context: the context router fitted for exactly these experts (moe.routing.context; classes base + names in
+        plug order), or None: sequence mode then decides from the cosine gates' counts (decide_sequence)
+    gates: its token classifiers laid out over the slot columns (when it has them): token mode's choice (top-1),
+        in place of the cosine gates; None: the cosine gates choose
     An expert's index (`index`) is its slot: the column of its scores, choices and trace counts.
     """
 
@@ -388,14 +415,24 @@ class PluggedSet:
     storage: ExpertSlots | None = None
     projections: Mapping[str, tuple[int, int]] | None = None
     live: bool = False
+    context: ContextRouter | None = None
     in_block: tuple[InBlock, ...] = field(init=False)
+    gates: ContextGates | None = field(init=False)  # the context router's token classifiers over the slot columns
     after_block: tuple[AfterBlock, ...] = field(init=False)
     fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
     _slot_of: dict[str, int] = field(init=False, repr=False)
     _position: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        assert self.context is None or self.context.classes[1:] == tuple(e.name for e in self.experts), (
+            self.context.classes,
+            [e.name for e in self.experts],
+        )
         object.__setattr__(self, "_slot_of", {e.name: s for e, s in zip(self.experts, self.slots, strict=True)})
+        gates = None
+        if self.context is not None and self.context.layers:
+            gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device)
+        object.__setattr__(self, "gates", gates)
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
         held = {e.kind for e in self.experts}
         run = {
@@ -429,8 +466,9 @@ class PluggedSet:
     @property
     def eager_only(self) -> bool:
         """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
-        holds references): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
-        return self.fixed is None
+        holds references; or token mode routes by the context router's gates, which the fixed-op step does not
+        run): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
+        return self.fixed is None or self.gates is not None
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ import torch
 
 from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
+from moe.admission.router_fit import ContextRouterFitter
 from moe.admission.samples import (
     BASE_SAMPLE,
     MAX_TOKENS,
@@ -54,6 +55,8 @@ from moe.model.text_batches import collate, forward, perplexity
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
+
+LOW_RECALL = 0.5  # below this share of its own sample routed to it (sequence mode), a report notes the plug is useless
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
 CALIBRATION_PASSAGES = 200  # calibration passages an admission reads (the first lines of the file)
@@ -163,6 +166,10 @@ class AdmissionReport:
     problems: list[str] = field(default_factory=list)
     limits: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # how the set's refit context router (moe.admission.router_fit) treats the candidate's domain and general text:
+    # ContextRouterFitter.measure's figures; None when no router is fitted (the gates route)
+    context_routing: dict | None = None
+    notes: list[str] = field(default_factory=list)  # what a plug that passes should still know (e.g. low recall)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -327,9 +334,12 @@ def admit(
     cache: BaselineCache | None = None,
     max_tokens: int = MAX_TOKENS,
     plugged: PluggedSet | None = None,
+    router_fitter: ContextRouterFitter | None = None,
 ) -> Admission:
     """Measure the candidate beside the plugged set (default: the model's; the one of the same name is left
-    out: a replace), repair it if allowed and needed, and decide. The set is read once and never changed."""
+    out: a replace), repair it if allowed and needed, and decide. The set is read once and never changed.
+    router_fitter: also fit the context router of the set with the candidate and report its recall and false
+    positives there (AdmissionReport.context_routing; a note when it would route little of its own domain)."""
     started = time.perf_counter()
     limits = limits or AdmissionLimits()
     cache = cache if cache is not None else BaselineCache()
@@ -379,6 +389,17 @@ def admit(
         created = cache.key((*others.experts, final), calibration, max_tokens)
         cache.put(created, {s: (r.nll, r.tokens) for s, r in after.items()})
     base = next(c for c in checks if c.domain == BASE_SAMPLE)
+    context_routing, notes = None, []
+    if router_fitter is not None:
+        router = router_fitter.fit((*others.experts, final))
+        if router is not None:
+            context_routing = router_fitter.measure(router, final)
+            if context_routing["sequence_recall"] < LOW_RECALL:
+                notes.append(
+                    f"the context router would send only {context_routing['sequence_recall']:.0%} of {name!r}'s own "
+                    "domain sample to it in sequence mode: plugged, it would serve little of its domain. Give it a "
+                    "domain sample that tells its domain apart from the plugged experts'"
+                )
     report = AdmissionReport(
         expert=name,
         mode=limits.mode,
@@ -391,6 +412,8 @@ def admit(
         problems=problems,
         limits=asdict(limits),
         seconds=round(time.perf_counter() - started, 2),
+        context_routing=context_routing,
+        notes=notes,
     )
     logger.info("admission of %s: %s in %.1f s", name, problems or "admitted", report.seconds)
     return Admission(final, report)

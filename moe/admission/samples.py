@@ -38,6 +38,7 @@ from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, perplexity, texts, token_nll
+from moe.routing.context import domain_texts
 from moe.routing.router import RoutingSpec, choose_experts, gate_scores
 
 BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
@@ -46,11 +47,8 @@ MAX_TOKENS = 128  # tokens per text an admission pass scores (longer ones are cu
 
 def domain_sample(expert: Expert) -> tuple[list[str], str]:
     """The texts an expert's domain is measured on, and what they are: its stored `domain_sample`, or (for a
-    file without one) its example prompts."""
-    sample = list(expert.metadata.get("domain_sample") or [])
-    if sample:
-        return sample, "domain_sample"
-    return list(expert.examples), "examples"
+    file without one) its example prompts (moe.routing.context.domain_texts: the router is fitted on the same)."""
+    return domain_texts(expert)
 
 
 @dataclass

@@ -8,9 +8,11 @@
     decide_routes(model, prompts, specs)       the route sequence mode keeps for each prompt
 
 Sequence mode's protocol, in one place: a row in `sequence` mode without a decision is first prefilled
-*observed* (scored and traced on the plain backbone, no expert applied), `decide_sequence` picks one route
-from its prompt's decisions, and the row is prefilled again with that expert; a row that chose base keeps
-the observed keys and values, which are exactly the backbone's.
+*observed* (scored and traced on the plain backbone, no expert applied), one route is picked from it, and
+the row is prefilled again with that expert; a row that chose base keeps the observed keys and values, which
+are exactly the backbone's. The route: the plugged set's context router (moe.routing.context, fitted on the
+plugged experts' domain samples, PluggedSet.context) on the prompt's MLP inputs; for a set without a fitted
+router (e.g. experts without domain texts, or nobody fitted one) `decide_sequence` on the cosine gates' counts.
 
 A prefilled row joins a moe.decode.static_decoder.StaticDecoder slot; moe.decode.scheduler decides when.
 """
@@ -39,6 +41,7 @@ class StepOutput:
     row_counts: list[dict[str, float]]  # per row {expert: decisions, ..., 'base': decisions}
     layer_counts: list[dict[str, float]]  # per layer, summed over rows
     all_logits: torch.Tensor | None = None  # [B, T, V] every position's logits (left-padded), when asked
+    mlp_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] (left-padded), when asked
 
 
 @dataclass
@@ -47,6 +50,7 @@ class PromptKV:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     lengths: list[int]  # real tokens of each row (its last lengths[i] columns)
+    context: torch.Tensor | None = None  # [B, L, H] each row's running context sums (token mode's context gates)
 
     def row(self, i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Row i's real columns, per layer (keys, values) [kv, T_i, D]."""
@@ -76,6 +80,11 @@ class Prefill:
         kv, i = self.sources[row]
         return kv.row(i)
 
+    def row_context(self, row: int) -> torch.Tensor | None:
+        """[L, H] the row's running context sums after its prompt (None: its set had no context gates)."""
+        kv, i = self.sources[row]
+        return None if kv.context is None else kv.context[i]
+
 
 def prefill_rows(
     model: RoutedModel,
@@ -84,12 +93,14 @@ def prefill_rows(
     plugged: PluggedSet | None = None,
     observe: list[bool] | None = None,
     all_logits: bool = False,
+    capture: bool = False,
 ) -> tuple[PromptKV, StepOutput]:
     """Run the prompts (left-padded to the longest) under their specs as given, and keep their keys and values.
 
     observe[i]: score and trace row i on the plain backbone without applying experts, so its keys and values
     are the exact backbone's. all_logits: keep every position's logits (StepOutput.all_logits), not only the
-    last. `prefill` below is what callers use; this is its building block.
+    last. capture: keep every layer's MLP inputs (StepOutput.mlp_inputs). `prefill` below is what callers use;
+    this is its building block.
     """
     plugged = plugged if plugged is not None else model.plugged
     device = model.device
@@ -114,15 +125,49 @@ def prefill_rows(
             position_ids=positions,
             use_cache=True,
             logits_to_keep=0 if all_logits else 1,
+            capture_mlp_inputs=capture,
         )
-    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts])
+    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts], out.context)
     step = _step_output(out)
     step.all_logits = out.logits if all_logits else None
+    step.mlp_inputs = out.mlp_inputs
     return kv, step
 
 
-def _decide(out: StepOutput, plugged: PluggedSet, model: RoutedModel) -> list[str]:
-    return [decide_sequence(counts, plugged.names, model.router.sequence_min_share) for counts in out.row_counts]
+def _decide(
+    out: StepOutput, plugged: PluggedSet, model: RoutedModel, prompts: list[list[int]], specs: Sequence[RoutingSpec]
+) -> list[str]:
+    """Each observed row's route: the set's context router on the prompt's MLP inputs (its features at the
+    last token), or, for a set without one, the most-chosen expert of the cosine gates' counts."""
+    if plugged.context is None:
+        return [decide_sequence(counts, plugged.names, model.router.sequence_min_share) for counts in out.row_counts]
+    routes = []
+    for row, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
+        x = torch.stack([layer[row, layer.shape[1] - len(prompt) :] for layer in out.mlp_inputs], dim=1)  # [T, L, H]
+        routes.append(plugged.context.sequence_route(x.float(), allow=spec.allow))
+    return routes
+
+
+def _observe(
+    model: RoutedModel,
+    prompts: list[list[int]],
+    specs: list[RoutingSpec],
+    plugged: PluggedSet,
+    all_logits: bool = False,
+) -> tuple[PromptKV, StepOutput, list[str]]:
+    """The observed prefill of sequence-mode rows and each row's decision."""
+    kv, out = prefill_rows(
+        model,
+        prompts,
+        specs,
+        plugged,
+        observe=[True] * len(prompts),
+        all_logits=all_logits,
+        capture=plugged.context is not None,
+    )
+    routes = _decide(out, plugged, model, prompts, specs)
+    out.mlp_inputs = []  # [B, T, H] per layer: not kept past the decision
+    return kv, out, routes
 
 
 def decide_routes(
@@ -132,8 +177,7 @@ def decide_routes(
     if not prompts:
         return []
     plugged = plugged if plugged is not None else model.plugged
-    _, out = prefill_rows(model, prompts, specs, plugged, observe=[True] * len(prompts))
-    return _decide(out, plugged, model)
+    return _observe(model, prompts, specs, plugged)[2]
 
 
 def prefill(
@@ -156,13 +200,8 @@ def prefill(
         per_row = _per_row(out.all_logits, prompts) if prompt_logits else None
         sources = [(kv, i) for i in range(len(prompts))]
         return Prefill(out.logits, specs, out.row_counts, out.layer_counts, sources, per_row)
-    observed, seen = prefill_rows(
-        model,
-        [prompts[r] for r in undecided],
-        [specs[r] for r in undecided],
-        plugged,
-        observe=[True] * len(undecided),
-        all_logits=prompt_logits,
+    observed, seen, decided = _observe(
+        model, [prompts[r] for r in undecided], [specs[r] for r in undecided], plugged, all_logits=prompt_logits
     )
     seen_rows = _per_row(seen.all_logits, [prompts[r] for r in undecided]) if prompt_logits else None
     full: dict[int, torch.Tensor] = {}
@@ -170,7 +209,7 @@ def prefill(
     logits: dict[int, torch.Tensor] = {}
     row_counts: dict[int, dict[str, float]] = {}
     base_tokens = 0.0
-    for position, (row, route) in enumerate(zip(undecided, _decide(seen, plugged, model), strict=True)):
+    for position, (row, route) in enumerate(zip(undecided, decided, strict=True)):
         specs[row] = RoutingSpec("sequence", expert=route, allow=specs[row].allow)
         if route == BASE_ROUTE:  # keeps the observed keys and values: the backbone's, bit for bit
             sources[row], logits[row] = (observed, position), seen.logits[position]

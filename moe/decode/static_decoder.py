@@ -14,6 +14,9 @@ The decoder's buffers (B = slots, S = columns allocated, L layers):
     active              [B] long              1 for a live row; a free slot keeps pos 0 and attends column 0
     bias                [B, 1, 1, S]          additive attention mask: 0 where a row may attend, min elsewhere
     allowed [B, C] bool, forced [B] long, apply [B] bool   each row's routing (moe.routing.router.StepRouting)
+    context             [B, L, H] float32     each row's running context sums (token mode by the plugged set's
+                                              context gates, moe.routing.context): from its prefill, moved on by
+                                              every step; zeros while the set has none
 
 A step of bucket (b, s) runs rows [:b] over columns [:s] (views: fixed addresses):
 
@@ -34,7 +37,8 @@ positions are per row), within float tolerance; a captured step equals the eager
 LoRA experts (moe.adapters.lora) are not run by a captured or compiled step: while one is plugged, every step runs the
 same body eagerly over the current snapshot (its LoRA stacks; grouped dispatch, a host read per layer), and
 captured graphs are used again once the last LoRA expert is unplugged. Bottleneck experts alone keep the
-captured / fused path.
+captured / fused path. So does token mode by the context router (a set with context gates, PluggedSet.gates):
+its steps run eagerly over the snapshot (grouped dispatch), as for LoRA.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class StaticDecoder:
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.active = torch.zeros(B, dtype=torch.long, device=dev)
+        self.context = torch.zeros(B, model.num_layers, model.hidden_size, device=dev)
         self.min_value = torch.finfo(self.dtype).min
         self._zero = torch.zeros((), dtype=self.dtype, device=dev)  # a device value: no host copy in a step
         self._rows = torch.arange(B, device=dev)
@@ -269,6 +274,11 @@ class StaticDecoder:
             self.bias[slot, ..., :length] = 0.0
             self.pos[slot] = length
             self.active[slot] = 1
+            context = pre.row_context(row)
+            if context is None:
+                self.context[slot].zero_()
+            else:
+                self.context[slot] = context
         self.lengths[slot] = length
         self._specs[slot] = pre.specs[row]
         self._routing_dirty = True
@@ -361,6 +371,7 @@ class StaticDecoder:
             logits_to_keep=1,
             token_mask=self.active[:b, None],
             fixed_ops=self._fixed_ops,
+            context=self.context[:b],
         )
         pos.add_(self.active[:b])
         return out.logits[:, -1], out.trace.rows, out.trace.layers

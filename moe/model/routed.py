@@ -44,6 +44,7 @@ from moe.adapters.slots import ExpertSlots, PluggedSet
 from moe.model.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
 from moe.model.kv_cache import cache_kwarg
 from moe.model.trace import RoutingTrace, count_decisions
+from moe.routing.context import ContextRouter
 from moe.routing.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
 
 # Decode steps (few tokens) take the fixed-op top-1 path over slot storage; above this many tokens (prefill)
@@ -95,6 +96,8 @@ class RoutedOutput:
     past_key_values: object | None
     trace: RoutingTrace
     mlp_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] when captured
+    context: torch.Tensor | None = None  # [B, L, H] float32 each row's running context sums after this forward
+    # (token mode by the context router: moe.routing.context), None when the set has no context gates
 
 
 @dataclass
@@ -115,6 +118,8 @@ class _Step:
     decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
     block_plan: object | None = None  # the plan of the kind run inside the block (LoRA), set while the block runs
+    context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
+    counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
 
 
 class _Context(threading.local):
@@ -161,10 +166,13 @@ class RoutedMLP(nn.Module):
             )
             step.choices.append(choice[:, None])
             return out.view_as(base)
-        scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
-        choice = choose_experts(
-            scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
-        )  # [N, k]
+        if plugged.gates is not None and step.context is not None:  # the context router's token classifier
+            choice = self._context_choice(step, x)[:, None]  # [N, 1]
+        else:
+            scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
+            choice = choose_experts(
+                scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
+            )  # [N, k]
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
@@ -194,6 +202,18 @@ class RoutedMLP(nn.Module):
             own = choice.masked_fill(~stage.own[choice.clamp(min=0)], -1)
             out = stage.delta(flat_x, out, own, stage.layers[layer], chosen)
         return out.view_as(base)
+
+    def _context_choice(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] -> choice [N]: each token's layer context (the row's running sum of unit inputs, this token
+        included) classified by the set's gates; the row's sum moves on to the last position (in place)."""
+        assert step.context is not None and step.counted is not None and step.plugged.gates is not None
+        unit = F.normalize(x.float(), dim=-1) * step.counted[..., None]  # [B, T, H]: prefix and padding add 0
+        sums = step.context[:, self.layer, None, :] + unit.cumsum(dim=1)  # [B, T, H]
+        step.context[:, self.layer] = sums[:, -1]
+        covers = step.plugged.covers[self.layer]
+        return step.plugged.gates.choose(
+            sums.reshape(-1, x.shape[-1]), self.layer, step.allowed, step.forced, covers, step.counted.reshape(-1)
+        )
 
 
 class RoutedModel(nn.Module):
@@ -264,6 +284,12 @@ class RoutedModel(nn.Module):
         with self._swap_lock:
             return self.slots.unplug(name)
 
+    def offer_router(self, router: ContextRouter) -> None:
+        """Keep a context router fitted for a set (moe.admission.router_fit): the set of exactly those experts is
+        published with it, now if it is the current one, else from the plug or swap that makes it current."""
+        with self._swap_lock:
+            self.slots.offer_router(router)
+
     def fuse_decode_routing(self, enabled: bool = True) -> None:
         """Run the decode routing of each layer as one torch.compile'd function (a few fused kernels on CUDA,
         where launches are what routing costs). Off: the plain torch ops, as on CPU."""
@@ -287,6 +313,7 @@ class RoutedModel(nn.Module):
         logits_to_keep: int = 0,
         token_mask: torch.Tensor | None = None,
         fixed_ops: bool = False,
+        context: torch.Tensor | None = None,
     ) -> RoutedOutput:
         """input_ids [B, T]; attention_mask [B, S] over cache + new tokens (1 = real token), or a 4D additive
         mask [B, 1, T, S] (then token_mask [B, T] says which new tokens are real; default all).
@@ -299,6 +326,11 @@ class RoutedModel(nn.Module):
         fixed_ops: take the decode path with no host read whatever the token count, where it applies (top-1,
             slot storage, no gradient): what a captured or compiled decode step needs. Without it, a few tokens
             on CPU take the decode path with one host read per layer (adapters for the routed rows only).
+        context: [B, L, H] float32, each row's running context sums so far (a decode step: the decoder's
+            buffer, updated in place; every real token counts); None: the rows start here (prefill: each row's
+            first `skip` real tokens, the special prefix, stay out). Read only while the set has context gates
+            (PluggedSet.gates: token mode routes by the context router, top-1); the sums after the forward are
+            RoutedOutput.context.
         """
         plugged = plugged if plugged is not None else self.plugged
         batch, length = input_ids.shape
@@ -309,6 +341,10 @@ class RoutedModel(nn.Module):
         if not isinstance(routing, StepRouting):
             routing = StepRouting.from_specs(routing, plugged)
         self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs, fixed_ops)
+        if plugged.gates is not None and self.router.top_k == 1:
+            self._context.step.context, self._context.step.counted = self._context_rows(
+                plugged, token_mask, batch, length, context
+            )
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(
@@ -328,7 +364,26 @@ class RoutedModel(nn.Module):
             step.trace_rows[:, -1] = valid_per_row * self.num_layers
             step.trace_layers[:, -1] = valid_per_row.sum()
         trace = RoutingTrace(plugged.columns, step.trace_rows, step.trace_layers)
-        return RoutedOutput(out.logits, past_key_values if use_cache else None, trace, step.capture or [])
+        return RoutedOutput(out.logits, past_key_values if use_cache else None, trace, step.capture or [], step.context)
+
+    def _context_rows(
+        self,
+        plugged: PluggedSet,
+        token_mask: torch.Tensor | None,
+        batch: int,
+        length: int,
+        context: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running context sums a forward updates ([B, L, H]: the caller's, or zeros) and which positions
+        count ([B, T] bool: real tokens, and when the rows start here, only those after the special prefix)."""
+        device = self.device
+        real = torch.ones(batch, length, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
+        if context is not None:
+            return context, real
+        assert plugged.gates is not None
+        index = real.long().cumsum(dim=1) - 1  # [B, T]: each real token's index in its row
+        counted = real & (index >= plugged.gates.skip)
+        return torch.zeros(batch, self.num_layers, self.hidden_size, device=device), counted
 
     def _prepare(
         self,
@@ -356,6 +411,7 @@ class RoutedModel(nn.Module):
         if (
             self.router.top_k == 1
             and plugged.fixed is not None  # every expert's kind has the fixed-op form (LoRA: the grouped path)
+            and plugged.gates is None  # token mode by the context router's gates: the grouped path
             and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
             and not torch.is_grad_enabled()
         ):

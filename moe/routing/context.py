@@ -33,6 +33,8 @@ Shapes: T = positions, L = layers, H = hidden, D = L*H features, N = samples, C 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +42,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe.adapters.expert import BASE_ROUTE
+from moe.adapters.expert import BASE_ROUTE, Expert
+
+
+def domain_texts(expert: Expert) -> tuple[list[str], str]:
+    """The texts an expert's domain is known by, and what they are: its stored `domain_sample`, or (for a file
+    without one) its example prompts. What the context router is fitted on and admission measures."""
+    sample = list(expert.metadata.get("domain_sample") or [])
+    if sample:
+        return sample, "domain_sample"
+    return list(expert.examples), "examples"
+
+
+def sample_digest(expert: Expert) -> str:
+    """A digest of the expert's domain texts: a router fitted on them serves an expert of this name and digest."""
+    return hashlib.sha256(json.dumps(domain_texts(expert)[0]).encode()).hexdigest()[:16]
 
 
 def context_means(x: torch.Tensor, skip: int = 0) -> torch.Tensor:
@@ -86,14 +102,18 @@ class ContextClassifier:
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         return self.logits(features).softmax(dim=-1)
 
-    def decide(self, features: torch.Tensor) -> torch.Tensor:
-        """features [N, D] -> [N] class index: the most probable class if it clears its floor, else 0 (base)."""
-        best, choice = self.probabilities(features).max(dim=-1)
+    def decide(self, features: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """features [N, D] -> [N] class index: the most probable class if it clears its floor, else 0 (base).
+        allowed [C] bool (base always): the classes a row may take; the others' logits are -inf."""
+        logits = self.logits(features)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        best, choice = logits.softmax(dim=-1).max(dim=-1)
         return torch.where(best > self.floors[choice], choice, 0)
 
-    def routes(self, features: torch.Tensor) -> list[str]:
+    def routes(self, features: torch.Tensor, allowed: torch.Tensor | None = None) -> list[str]:
         """features [N, D] -> the route of each row, a class name ('base' or an expert's)."""
-        return [self.classes[i] for i in self.decide(features).tolist()]
+        return [self.classes[i] for i in self.decide(features, allowed).tolist()]
 
     def with_floors(self, floors: torch.Tensor) -> ContextClassifier:
         return ContextClassifier(self.classes, self.center, self.scale, self.weight, self.bias, floors)
@@ -153,17 +173,24 @@ class ContextRouter:
     needs nothing that a single forward pass has not computed by then (prefill and decode alike)."""
 
     sequence: ContextClassifier
-    layers: tuple[ContextClassifier, ...]
+    layers: tuple[ContextClassifier, ...]  # empty: a router for sequence mode only
+    skip: int = 0  # tokens of the special prefix (BOS) every fitted text began with: left out of the context
+    fitted_on: tuple[tuple[str, str], ...] = ()  # per expert class, (name, sample_digest): the set it serves
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.sequence.classes
 
-    def sequence_route(self, x: torch.Tensor, skip: int = 0) -> str:
-        """x [T, L, H] a prompt's MLP inputs (as an observed prefill captures them) -> its route's name."""
+    def sequence_route(self, x: torch.Tensor, skip: int | None = None, allow: Sequence[str] | None = None) -> str:
+        """x [T, L, H] a prompt's MLP inputs (as an observed prefill captures them) -> its route's name
+        (skip: the prefix to leave out, default the router's own; allow: the experts it may go to, None: any)."""
+        skip = self.skip if skip is None else skip
         if x.shape[0] <= skip:
             return BASE_ROUTE  # no token after the prefix: nothing to tell a domain by
-        return self.sequence.routes(context_features(x, skip)[-1:])[0]
+        allowed = None
+        if allow is not None:
+            allowed = torch.tensor([c == BASE_ROUTE or c in allow for c in self.classes])
+        return self.sequence.routes(context_features(x, skip)[-1:], allowed)[0]
 
     def token_routes(self, x: torch.Tensor, skip: int = 0) -> torch.Tensor:
         """x [T, L, H] -> [T, L] class indices (0 = base) of every (token, layer) decision; prefix: base."""
@@ -171,6 +198,69 @@ class ContextRouter:
         routes = torch.stack([gate.decide(means[:, layer]) for layer, gate in enumerate(self.layers)], dim=1)
         routes[:skip] = 0
         return routes
+
+
+@dataclass(frozen=True)
+class ContextGates:
+    """A router's per-layer token classifiers laid out over a plugged set's slot columns, for the routed forward:
+    column 0 is base, column 1 + c is slot c (a free slot, or one no class names: bias -inf, never chosen).
+
+    weight [L, 1 + C, H] and bias [L, 1 + C] act on the unit running context (the standardisation folded in,
+    ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    floors: torch.Tensor
+    floored: bool
+    skip: int
+
+    @classmethod
+    def of(cls, router: ContextRouter, slots: Sequence[int], capacity: int, device: torch.device) -> ContextGates:
+        """slots[i]: the slot of class i + 1 (the set's experts in plug order, the router's classes after base)."""
+        assert router.layers and len(slots) == len(router.classes) - 1, (len(slots), router.classes)
+        columns = torch.tensor([0, *(1 + s for s in slots)])
+        hidden = router.layers[0].center.shape[0]
+        weight = torch.zeros(len(router.layers), 1 + capacity, hidden)
+        bias = torch.full((len(router.layers), 1 + capacity), float("-inf"))
+        floors = torch.zeros(len(router.layers), 1 + capacity)
+        for layer, classifier in enumerate(router.layers):
+            w, b = classifier.input_space()
+            weight[layer, columns], bias[layer, columns], floors[layer, columns] = w, b, classifier.floors
+        floored = any(c.floored for c in router.layers)
+        return cls(weight.to(device), bias.to(device), floors.to(device), floored, router.skip)
+
+    def choose(
+        self,
+        sums: torch.Tensor,
+        layer: int,
+        allowed: torch.Tensor | None,
+        forced: torch.Tensor | None,
+        covers: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> torch.Tensor:
+        """sums [N, H] each token's running context on this layer (its own unit input included) -> choice [N]
+        (a slot, -1 = base). allowed [N, C] bool (None: all), forced [N] (-1: none; None: no pins), covers [C]
+        (the layer's), counted [N] bool (False: a prefix or padding position, base). Semantics, per token:
+
+            p      = softmax(unit(sums) @ weight[layer].T + bias[layer]) over base and the allowed slots
+            choice = argmax(p) - 1 if max(p) > floors[layer, argmax(p)] and that slot covers the layer, else base
+            a pinned token takes its pin where it covers the layer (as route_top1 does)
+        """
+        logits = torch.addmm(self.bias[layer], F.normalize(sums, dim=-1), self.weight[layer].T)  # [N, 1 + C]
+        if allowed is not None:
+            logits[:, 1:] = logits[:, 1:].masked_fill(~allowed, float("-inf"))
+        if self.floored:
+            best, column = logits.softmax(dim=-1).max(dim=-1)
+            column = torch.where(best > self.floors[layer][column], column, 0)
+        else:
+            column = logits.argmax(dim=-1)  # every probability is > 0: floors of zero never bind
+        choice = column - 1
+        choice = torch.where((choice >= 0) & covers[choice.clamp(min=0)] & counted, choice, -1)
+        if forced is not None:
+            pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
+            choice = torch.where(forced >= 0, pin, choice)
+        return choice
 
 
 def context_step(
@@ -202,12 +292,15 @@ def fit_context_router(
     skip: int = 0,
     cap: float = 1e-3,
     weight_decay: float = 1e-3,
+    token: bool = True,
+    fitted_on: tuple[tuple[str, str], ...] = (),
 ) -> ContextRouter:
     """Fit the router of a plugged set from texts' MLP inputs, each x [T, L, H]: `experts` maps each expert's
     name to its domain sample's texts, `base` is calibration text; `base_heldout` (other calibration texts)
     sets the floors so that at most `cap` of its positions go to any expert, for the sequence classifier and
     each layer's. Classes are ('base', *experts in the mapping's order). Every position after the prefix
-    is a training point labelled with its text's class (a prompt of any length is such a prefix)."""
+    is a training point labelled with its text's class (a prompt of any length is such a prefix). token=False
+    fits the sequence classifier only (no per-layer ones: a router for sequence mode)."""
     classes = (BASE_ROUTE, *experts)
     texts = [(x, 0) for x in base] + [(x, c) for c, name in enumerate(experts, 1) for x in experts[name]]
     labels = torch.cat([torch.full((max(len(x) - skip, 0),), c) for x, c in texts])
@@ -219,8 +312,9 @@ def fit_context_router(
         return fit_floors(classifier, torch.cat([pick(m) for m in held]), cap)
 
     sequence = fitted(lambda m: m.flatten(1) / math.sqrt(m.shape[1]))  # = context_features after the prefix
-    per_layer = tuple(fitted(lambda m, layer=layer: m[:, layer]) for layer in range(means[0].shape[1]))
-    return ContextRouter(sequence, per_layer)
+    layers = range(means[0].shape[1]) if token else range(0)
+    per_layer = tuple(fitted(lambda m, layer=layer: m[:, layer]) for layer in layers)
+    return ContextRouter(sequence, per_layer, skip, fitted_on)
 
 
 def cap_floor(winning: torch.Tensor, total: int, cap: float) -> float:
@@ -246,12 +340,15 @@ def fit_floors(classifier: ContextClassifier, calibration: torch.Tensor, cap: fl
 
 __all__ = [
     "ContextClassifier",
+    "ContextGates",
     "ContextRouter",
     "cap_floor",
     "context_step",
     "context_features",
     "context_means",
+    "domain_texts",
     "fit_classifier",
     "fit_context_router",
     "fit_floors",
+    "sample_digest",
 ]

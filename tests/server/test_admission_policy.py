@@ -23,7 +23,7 @@ def admission(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Stand in for moe.admission.report.admit; set state['report'] to choose its verdict."""
     state: dict = {"report": AdmissionReport("x", "repair", True, 0.0, 10), "calls": 0}
 
-    def admit(model, tokenizer, expert, calibration, limits, cache):
+    def admit(model, tokenizer, expert, calibration, limits, cache, router_fitter=None):
         state["calls"] += 1
         state["calibration"], state["limits"] = calibration, limits
         return Admission(expert, state["report"])

@@ -117,11 +117,11 @@ def test_admission_runs_on_its_worker_while_decoding_goes_on(make_client, expert
     threads: list[str] = []
     real_review = served.policy.review
 
-    def review(model, tokenizer, expert):
+    def review(model, tokenizer, expert, *rest):
         threads.append(threading.current_thread().name)
         entered.set()
         release.wait(60)
-        return real_review(model, tokenizer, expert)
+        return real_review(model, tokenizer, expert, *rest)
 
     served.policy.review = review
     plug: dict[str, int] = {}

@@ -1,0 +1,159 @@
+"""The integration step on a tiny model: two neighbouring domains (the same question format, a few words of their
+own) that the cosine gates' counts send to one expert, and the fitted context router tells apart in sequence
+mode (moe.decode.prefill); the router published with the set it was fitted for, restored by an unplug, honouring
+allow-lists, and absent (the counts rule) where an expert has no domain texts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moe import RoutedModel
+from moe.adapters.expert import BASE_ROUTE
+from moe.admission.report import admit
+from moe.admission.router_fit import ContextRouterFitter
+from moe.decode.prefill import decide_routes, prefill
+from moe.routing.router import RoutingSpec
+from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+
+SHARED = ["Question:", "Tom", "has", "3", "and", "buys", "4", "more.", "How", "many", "does", "he", "have?", "12"]
+OWN_WORDS = {
+    "near": ["apples", "eggs", "bread"],
+    "far": ["milk", "market", "family"],
+    "other": ["def", "add(a,", "b):"],
+}
+PROSE = [
+    "The",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "near",
+    "the",
+    "river",
+    "bank",
+    "in",
+    "the",
+    "morning",
+    "the",
+    "weather",
+    "was",
+    "cold",
+]
+
+
+def _texts(domain: str, count: int, seed: int) -> list[str]:
+    """Questions of shared words with one word in three the domain's own; prose for the base domain."""
+    rng = random.Random(f"{domain}/{seed}")
+    out = []
+    for _ in range(count):
+        if domain == BASE_ROUTE:
+            out.append(" ".join(rng.choice(PROSE) for _ in range(12)))
+            continue
+        words = [rng.choice(OWN_WORDS[domain]) if rng.random() < 0.3 else rng.choice(SHARED) for _ in range(12)]
+        out.append(" ".join(words))
+    return out
+
+
+def _expert(name: str, seed: int, offset: float):
+    """An expert with an open gate (threshold -2: eligible on every token); the larger offset wins every token."""
+    return tiny_expert(name, seed=seed, threshold=-2.0, offset=offset, metadata={"domain_sample": _texts(name, 32, 0)})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer):
+    model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+    experts = (_expert("near", 1, 0.0), _expert("far", 2, 1.0))
+    model.set_experts(experts)
+    fitter = ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02)
+    return model, fitter, experts
+
+
+def _routes(model: RoutedModel, tokenizer, strings: list[str], spec: RoutingSpec | None = None) -> list[str]:
+    ids = [tokenizer(s)["input_ids"] for s in strings]
+    return decide_routes(model, ids, [spec or RoutingSpec("sequence")] * len(ids))
+
+
+def _share(routes: list[str], target: str) -> float:
+    return sum(r == target for r in routes) / len(routes)
+
+
+def test_counts_fail_and_the_context_router_tells_neighbours_apart(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    held = {name: _texts(name, 24, 1) for name in ("near", "far", BASE_ROUTE)}
+    assert model.plugged.context is None  # nobody fitted one: the counts rule
+    # the counts: "far" wins every token (its offset), so the neighbour's prompts all go to it
+    assert _share(_routes(model, tokenizer, held["near"]), "near") == 0.0
+    router = fitter.offer(experts)
+    assert router is not None and model.plugged.context is router
+    assert router.classes == (BASE_ROUTE, "near", "far")
+    # a tiny random backbone: most (not all) prompts told apart, where the counts get none
+    assert _share(_routes(model, tokenizer, held["near"]), "near") >= 0.7
+    assert _share(_routes(model, tokenizer, held["far"]), "far") >= 0.7
+    assert _share(_routes(model, tokenizer, held[BASE_ROUTE]), BASE_ROUTE) >= 0.9
+    # prefill decides sequence mode with it, and the decided row runs pinned to its expert
+    ids = [tokenizer(held["near"][0])["input_ids"]]
+    done = prefill(model, ids, [RoutingSpec("sequence")])
+    assert done.specs[0] == RoutingSpec("sequence", expert="near")
+    pinned = prefill(model, ids, [RoutingSpec("pin", "near")])
+    torch.testing.assert_close(done.logits, pinned.logits)
+    # an allow-list without the neighbour keeps its prompts off it
+    allowed = _routes(model, tokenizer, held["near"], RoutingSpec("sequence", allow=("far",)))
+    assert "near" not in allowed
+
+
+def test_a_plug_refits_and_an_unplug_restores_the_router_exactly(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    router = fitter.offer(experts)
+    before = list(_routes(model, tokenizer, _texts("near", 8, 2) + _texts("far", 8, 2)))
+    other = _expert("other", 3, 0.5)
+    fitter.offer((*experts, other))  # fitted before the plug (as the server's plug worker does), published with it
+    assert model.plugged.context is router  # not yet: the set is still the old one
+    model.plug(other)
+    assert model.plugged.context is not None and model.plugged.context.classes == (BASE_ROUTE, "near", "far", "other")
+    assert _share(_routes(model, tokenizer, _texts("other", 16, 2)), "other") >= 0.6  # the new class is learnt
+    model.unplug("other")
+    assert model.plugged.context is router  # the previous set's router, the same object
+    assert _routes(model, tokenizer, _texts("near", 8, 2) + _texts("far", 8, 2)) == before
+    # and a refit from scratch (a fresh fitter: nothing cached) gives the same router: the fit is deterministic
+    again = ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02).fit(experts)
+    assert again is not None
+    for a, b in zip((router.sequence, *router.layers), (again.sequence, *again.layers), strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) and torch.equal(a.floors, b.floors)
+
+
+def test_no_router_for_an_expert_without_domain_texts(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    bare = tiny_expert("bare", seed=4, threshold=-2.0)  # no domain sample, no examples
+    assert fitter.fit((*experts, bare)) is None
+    model.plug(bare)
+    try:
+        assert model.plugged.context is None  # the counts rule decides
+        assert set(_routes(model, tokenizer, _texts("near", 4, 3))) <= {"near", "far", "bare", BASE_ROUTE}
+    finally:
+        model.unplug("bare")
+
+
+def test_admission_reports_the_candidates_recall_under_the_refit_router(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    fitter.offer(experts)
+    other = _expert("other", 3, 0.5)
+    report = admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4), router_fitter=fitter).report
+    routing = report.context_routing
+    assert routing is not None and routing["texts"] == 32
+    assert routing["sequence_recall"] >= 0.6 and routing["token_recall"] > 0.3, routing
+    assert routing["sequence_false_positive_rate"] <= 0.1 and routing["token_false_positive_rate"] <= 0.1, routing
+    assert report.notes == []  # it would serve its domain
+    assert model.plugged.names == ("near", "far")  # nothing was plugged
+    assert admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4)).report.context_routing is None  # not asked
