@@ -405,7 +405,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for expert in load_experts_dir(args.experts, model.fingerprint):
         model.plug(expert)
     config = build(EvalConfig, args)
-    report = evaluate(model, tokenizer, domains, config, extractor)
+    report = evaluate(model, tokenizer, domains, config, extractor, fit_router=config.router == "context")
     report["args"] = _args_dict(args)
     table = render_table(report)
     print(table)

@@ -249,6 +249,15 @@ class EvalConfig:
     batch_size: int = option(16, help="sequences per forward")
     greedy_prompt_words: int = option(8, help="base domain: prompt = the first words of a text")
     greedy_new_tokens: int = option(32, help="base domain: tokens compared with the backbone's continuation")
+    router: str = option(
+        "gates",
+        help="what routes: 'gates' (the experts' cosine gates, the server's default) or 'context' (the set's context "
+        "router fitted first, as `plugmoe serve --router context` does after a plug)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.router not in ("gates", "context"):
+            raise ValueError(f"router must be 'gates' or 'context', got {self.router!r}")
 
 
 # --- add-sample and admit -------------------------------------------------------------------------------

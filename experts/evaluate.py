@@ -218,7 +218,7 @@ def evaluate(
     domains: dict[str, Sequence[Example]],
     config: EvalConfig,
     extractor: Extractor = gsm8k_answer,
-    fit_router: bool = True,
+    fit_router: bool = False,
 ) -> dict:
     """Every domain, then the cross-domain summary; a JSON-ready dict. fit_router: first fit the plugged set's
     context router as a server does after a plug (moe.admission.router_fit), so sequence mode decides with it;

@@ -76,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ExpertSources(settings),
         replicas=app.state.replicas,
         max_rank=settings.max_expert_rank,
+        context_router=settings.router == "context",
     )
     await asyncio.to_thread(served.load, settings.resolved_seed_experts())
     if settings.lora_modules:

@@ -118,8 +118,10 @@ class ServedExperts:
         sources: ExpertSources | None = None,
         replicas: ReplicaSet | None = None,
         max_rank: int = MAX_RANK,
+        context_router: bool = False,
     ) -> None:
         self.engine = engine
+        self.context_router = context_router  # --router context: fit the set's context router after each plug
         self.max_rank = max_rank  # --max-expert-rank: the largest rank a file may declare
         self.store = store
         self.policy = policy
@@ -161,8 +163,9 @@ class ServedExperts:
     def _fit_router(self, experts: tuple[Expert, ...]) -> None:
         """Fit the context router of the set of these experts and hand it to the model (moe.admission.router_fit:
         each expert's texts captured once, a refit per set); none fits a set whose experts lack domain texts,
-        and sequence mode then decides from the gates' counts."""
-        self._fitter().offer(experts)
+        and sequence mode then decides from the gates' counts. With --router gates, nothing is fitted."""
+        if self.context_router:
+            self._fitter().offer(experts)
 
     def _fitter(self) -> ContextRouterFitter:
         if self._router_fitter is None:
@@ -385,7 +388,7 @@ class ServedExperts:
                             self.model,
                             self.engine.tokenizer,
                             candidate,
-                            self._fitter(),
+                            self._fitter() if self.context_router else None,
                             worker=self._admission,
                         )
                     else:  # pin-only: its gate takes no decision, so the report could not change anything

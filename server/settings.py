@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     max_base_ppl_increase: float | None = _admission_limit("max_base_ppl_increase")
     max_domain_ppl_increase: float | None = _admission_limit("max_domain_ppl_increase")
     top_k: int = Field(1, ge=1, description="experts per token")
+    router: Literal["gates", "context"] = Field(
+        "gates",
+        description="what routes tokens and sequences: 'gates' (each expert file's cosine gates; what admission "
+        "measures) or 'context' (a classifier over base and every plugged expert on the sequence's running "
+        "context, fitted after each plug from the experts' domain samples, docs/routing.md; admission reports the "
+        "candidate's recall under it but still measures its limits under the gates)",
+    )
     sequence_min_share: float = Field(
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"
     )

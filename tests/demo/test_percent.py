@@ -159,11 +159,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _eval(experts: Path, out: Path, data: dict[str, Path]) -> dict[str, dict]:
-    """`plugmoe eval` through the real routed model (it fits the set's context router first, as a server does
-    after a plug) -> per domain its figures."""
+    """`plugmoe eval --router context` through the real routed model (it fits the set's context router first, as
+    `plugmoe serve --router context` does after a plug) -> per domain its figures."""
     pairs = [f"{name}={path}" for name, path in data.items()]
-    _run("-m", "experts", "eval", *CLI, "--experts", str(experts), "--limit", LIMIT, "--behaviour-limit", "0",
-         "--out", str(out), "--data", *pairs)  # fmt: skip
+    _run("-m", "experts", "eval", *CLI, "--experts", str(experts), "--router", "context", "--limit", LIMIT,
+         "--behaviour-limit", "0", "--out", str(out), "--data", *pairs)  # fmt: skip
     report = json.loads(out.read_text())
     assert report["sequence_router"] == "context", report["sequence_router"]
     return {d["domain"]: d for d in report["domains"]}
