@@ -59,11 +59,14 @@ def unloaded_message(name: str) -> str:
     return f"Success: LoRA adapter '{name}' removed successfully."
 
 
+# vLLM answers success as plain text and errors as its JSON error object: the OpenAPI schema says both
+_SUCCESS = {"description": "vLLM's success message", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
 @router.post(
     "/load_lora_adapter",
-    response_class=PlainTextResponse,
     dependencies=[Admin],
-    responses=error_responses(400, 404, 413, 503, 507),
+    responses={200: _SUCCESS, **error_responses(400, 404, 413, 503, 507)},
 )
 async def load_lora_adapter(
     body: LoadLoraAdapterRequest, experts: ExpertsDep, settings: SettingsDep
@@ -78,9 +81,8 @@ async def load_lora_adapter(
 
 @router.post(
     "/unload_lora_adapter",
-    response_class=PlainTextResponse,
     dependencies=[Admin],
-    responses=error_responses(400, 404, 503, 507),
+    responses={200: _SUCCESS, **error_responses(400, 404, 503, 507)},
 )
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, experts: ExpertsDep) -> PlainTextResponse:
     """Unplug the adapter (any plugged expert) named `lora_name`, and delete its stored file."""
