@@ -214,8 +214,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="sequences one request may ask for (prompts x n) at most; over it: 400 stating the cap "
-        "(default: half of --max-batch-size, at least 1: the largest request fits the batch and leaves the other "
-        "half to other clients; with the default batch of 16 that is 8, --max-n)",
+        "(default: half of --max-batch-size or --max-n, whichever is larger: the largest request leaves half the "
+        "batch to other clients, and one prompt may always ask for --max-n choices; with the defaults, 8)",
     )
     max_sequences_per_client: int | None = Field(
         None,
@@ -268,8 +268,8 @@ class Settings(BaseSettings):
         return DEMO_EXPERTS_DIR if self.serves_demo else None
 
     def sequences_per_request(self) -> int:
-        """--max-sequences-per-request, or half the batch (at least 1)."""
-        return self.max_sequences_per_request or max(1, self.max_batch_size // 2)
+        """--max-sequences-per-request, or half the batch or --max-n, whichever is larger."""
+        return self.max_sequences_per_request or max(1, self.max_batch_size // 2, self.max_n)
 
     def sequences_per_client(self) -> int | None:
         """--max-sequences-per-client; unset: what one request may ask for under --api-keys, else no per-client cap

@@ -109,7 +109,8 @@ def test_request_shares_default_to_half_the_batch_and_are_bounded(monkeypatch: p
     assert settings.sequences_per_client() is None, "without --api-keys an address is no client: no per-client cap"
     keyed = Settings(api_keys="k1,k2")
     assert keyed.sequences_per_client() == 8, "under --api-keys a key holds at most what one request may ask for"
-    assert Settings(max_batch_size=1).sequences_per_request() == 1
+    assert Settings(max_batch_size=1, max_n=1).sequences_per_request() == 1
+    assert Settings(max_n=20).sequences_per_request() == 20, "one prompt may always ask for --max-n choices"
     assert Settings(api_keys="k1", max_sequences_per_request=12).sequences_per_client() == 12
     assert Settings(max_sequences_per_client=5).sequences_per_client() == 5, "set: applies to addresses too"
     monkeypatch.setenv("PLUGMOE_MAX_SEQUENCES_PER_CLIENT", "3")
