@@ -13,7 +13,8 @@ calibration text on the backbone (moe/admission/calibration.txt), split into a p
 part that sets the probability floors (at most `cap` of its positions to any expert). The inputs do not depend
 on the set, so they are captured once: the calibration text's on the first fit, an expert's when it is first
 seen (cached by name and sample digest). A plug then costs one expert's capture and a refit over the set; the
-fit is deterministic, and the slots keep the previous sets' routers, so an unplug publishes the router it had
+fit is deterministic (admission's repair may replace a set's router by one with the candidate's floors raised:
+`keep`), and the slots keep the previous sets' routers, so an unplug publishes the router it had
 before, the same object.
 
 No router is fitted (None: routing falls back to the cosine gates, and sequence mode to their counts,
@@ -168,6 +169,14 @@ class ContextRouterFitter:
         while len(self._routers) > ROUTERS_KEPT:
             self._routers.pop(next(iter(self._routers)))
         return router
+
+    def keep(self, router: ContextRouter) -> None:
+        """Keep `router` as the one of the set it was fitted on (`router.fitted_on`), in place of the fit: what
+        admission's repair leaves (the candidate's floors raised), so that `offer` for that set hands out this one."""
+        self._routers.pop(router.fitted_on, None)
+        self._routers[router.fitted_on] = router
+        while len(self._routers) > ROUTERS_KEPT:
+            self._routers.pop(next(iter(self._routers)))
 
     def measure(self, router: ContextRouter, expert: Expert) -> dict[str, float | int | str]:
         """How the router treats an expert's domain (admission reports it, so a plug that is safe but useless says
