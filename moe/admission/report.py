@@ -392,8 +392,14 @@ def admit(
     samples = _samples(others, candidate, calibration)
     name = candidate.name
 
+    # the set with the candidate in the order it will serve in (a replace keeps the slot's place): its router is
+    # fitted for exactly that order, the one the fitter is asked for after the plug
+    if replacing and router_fitter is not None:
+        with_c = current.replacing_all(tuple(candidate if n == name else current.read(n) for n in current.names))
+    else:
+        with_c = others.plugging(candidate)
     # the routers that will serve the set without and with the candidate (None: the gates route)
-    router_with = router_fitter.fit((*others.experts, candidate)) if router_fitter is not None else None
+    router_with = router_fitter.fit(with_c.experts) if router_fitter is not None else None
     routed_by_context = router_with is not None and bool(router_with.layers)
     router_without = None
     if routed_by_context:
@@ -410,7 +416,6 @@ def admit(
         baseline[sample] = (result.nll, result.tokens)
     cache.put(key, {s: v for s, v in baseline.items() if s != name})
 
-    with_c = others.plugging(candidate)
     if routed_by_context:
         with_c = with_c.with_router(router_with)
     after = _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
@@ -445,9 +450,9 @@ def admit(
             },
         }
     if not problems:  # the set this plug creates: its baseline is what was just measured with the candidate
-        created = cache.key((*others.experts, final), calibration, max_tokens) + _routing_tag(
-            router_final if routed_by_context else None
-        )
+        created = cache.key(
+            tuple(final if e.name == name else e for e in with_c.experts), calibration, max_tokens
+        ) + _routing_tag(router_final if routed_by_context else None)
         cache.put(created, {s: (r.nll, r.tokens) for s, r in after.items()})
         if routed_by_context and router_final is not router_with:
             assert router_fitter is not None and router_final is not None
@@ -455,7 +460,7 @@ def admit(
     base = next(c for c in checks if c.domain == BASE_SAMPLE)
     context_routing, notes = None, []
     if router_fitter is not None:
-        router = router_final if routed_by_context else router_fitter.fit((*others.experts, final))
+        router = router_final if routed_by_context else router_fitter.fit(with_c.experts)
         if router is not None:
             context_routing = router_fitter.measure(router, final)
             context_routing["routed_by"] = "context router" if routed_by_context else "gates (no token classifiers)"
