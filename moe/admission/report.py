@@ -20,6 +20,14 @@ again, and the report carries the thresholds before and after and what the repai
 recall; in "refuse" mode, or when the repaired candidate still breaks a limit, the answer names each domain it
 would harm and by how much. Nothing here plugs anything or touches the plugged set.
 
+Under the context router (a `router_fitter` whose fit has token classifiers: `plugmoe serve --router context`)
+every pass runs under the router that will serve (PluggedSet.with_router): P under its published router, P + c
+under the refit. The candidate's takes are then its token classifiers' decisions, and the repair raises its
+floors (its minimum probability to win, per covered layer) by the same cap rule on the probabilities with which
+it wins, leaving its thresholds as uploaded; the fitter keeps the repaired router, so the plug serves with it.
+The report then also carries its own recall and its sequence-mode oracle gap on its own sample
+(`context_routing`), with notes when the plug would be safe but useless.
+
 And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
 Weights within the file format's bounds can still combine into an overflow; that is caught here, before
 plugging, rather than as NaN logits in a client's request.
