@@ -438,6 +438,7 @@ def admit(
             router_final, after, checks, repair = _repair_floors(
                 model, tokenizer, with_c, router_with, name, samples, baseline, checks, after, limits, max_tokens
             )
+            final = with_thresholds(candidate, repair.thresholds_after)  # a copy (its own metadata), as uploaded
         else:
             final, after, checks, repair = _repair(
                 model, tokenizer, candidate, others, samples, baseline, checks, limits, max_tokens
