@@ -473,6 +473,8 @@ def admit(
         if router is not None:
             context_routing = router_fitter.measure(router, final)
             context_routing["routed_by"] = "context router" if routed_by_context else "gates (no token classifiers)"
+            # sequence mode's decisions are reported, not limited (the limits are token mode's)
+            context_routing["sequence_steal_rates"] = router_fitter.sequence_steals(router, final, others.experts)
             own, _ = domain_sample(final)
             if routed_by_context and own:
                 context_routing["sequence_oracle"] = _sequence_oracle(

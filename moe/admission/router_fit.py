@@ -216,6 +216,18 @@ class ContextRouterFitter:
             "measured_on": "its own domain sample (the router was fitted on it: an upper bound)",
         }
 
+    def sequence_steals(self, router: ContextRouter, expert: Expert, others: Sequence[Expert]) -> dict[str, float]:
+        """Per other expert of the router's set, the share of its domain texts (as sequence mode observes them)
+        whose sequence decision is `expert`: what the candidate would take from its neighbours' prompts."""
+        out = {}
+        for other in others:
+            if other.name not in router.classes:
+                continue
+            texts = len(domain_texts(other)[0][:SAMPLE_TEXTS])
+            observed = self.inputs(other)[:texts]
+            out[other.name] = sum(router.sequence_route(x) == expert.name for x in observed) / max(texts, 1)
+        return out
+
     def offer(self, experts: Sequence[Expert]) -> ContextRouter | None:
         """Fit the router for these experts and hand it to the model's slots (published with that set)."""
         router = self.fit(experts)

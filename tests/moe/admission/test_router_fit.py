@@ -159,6 +159,8 @@ def test_admission_reports_the_candidates_recall_under_the_refit_router(setup, t
     assert report.notes == []  # it would serve its domain
     assert model.plugged.names == ("near", "far")  # nothing was plugged
     assert admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4)).report.context_routing is None  # not asked
+    assert set(routing["sequence_steal_rates"]) == {"near", "far"}
+    assert all(0.0 <= r <= 0.2 for r in routing["sequence_steal_rates"].values()), routing["sequence_steal_rates"]
     oracle = routing["sequence_oracle"]  # its own sample as routed vs pinned to it (sequence mode)
     assert oracle["texts"] == 32 and oracle["routed_to_it"] == routing["sequence_recall"]
     assert abs(oracle["oracle_gap"] - (oracle["ppl_routed"] / oracle["ppl_pinned"] - 1)) < 1e-12
