@@ -239,12 +239,29 @@ def _admission_summary(report: dict) -> str:
             f"({check['ppl_change']:+.3%}); takes per layer {[round(r, 5) for r in check['take_rates']]}"
         )
     repair = report.get("repair")
-    if repair:
+    if repair and repair.get("raised") == "floors":
+        lines.append(
+            f"  repair: its floors in the context router {_rounded(repair['floors_before'])} -> "
+            f"{_rounded(repair['floors_after'])} in {repair['rounds']} rounds; own recall per layer "
+            f"{_rounded(repair['own_recall_before'])} -> {_rounded(repair['own_recall_after'])}"
+        )
+    elif repair:
         lines.append(
             f"  repair: thresholds {[round(t, 4) for t in repair['thresholds_before']]} -> "
             f"{[round(t, 4) for t in repair['thresholds_after']]} in {repair['rounds']} rounds; own recall per layer "
             f"{_rounded(repair['own_recall_before'])} -> {_rounded(repair['own_recall_after'])}"
         )
+    routing = report.get("context_routing")
+    if routing:
+        line = (
+            f"  context router ({routing['routed_by']}): own recall sequence {routing['sequence_recall']:.1%}, "
+            f"token {routing['token_recall']:.1%} (on its own sample, fitted on it: an upper bound)"
+        )
+        oracle = routing.get("sequence_oracle")
+        if oracle:
+            line += f"; sequence-mode oracle gap {oracle['oracle_gap']:+.2%}"
+        lines.append(line)
+    lines.extend(f"  note: {note}" for note in report.get("notes") or [])
     verdict = "admitted" if report["admitted"] else "REFUSED: " + "; ".join(report["problems"])
     return f"admission beside the plugged experts ({report['mode']}): {verdict}\n" + "\n".join(lines)
 
@@ -465,7 +482,15 @@ def run_admit(args: argparse.Namespace) -> int:
         model.plug(expert)
     candidate = ExpertFile.load(args.candidate, model.fingerprint)
     calibration = load_calibration_texts(args.calibration or default_calibration(args.model), config.calibration_limit)
-    result = admit(model, tokenizer, candidate, calibration, config.limits(), max_tokens=config.max_tokens)
+    fitter = None
+    if config.router == "context":  # as the server with --router context: the plugged set's router, published
+        from moe.admission.router_fit import ContextRouterFitter
+
+        fitter = ContextRouterFitter(model, tokenizer)
+        fitter.offer(model.plugged.experts)
+    result = admit(
+        model, tokenizer, candidate, calibration, config.limits(), max_tokens=config.max_tokens, router_fitter=fitter
+    )
     report = result.report.to_dict()
     print(_admission_summary(report))
     print(f"({report['seconds']:.1f} s)")

@@ -306,6 +306,16 @@ class AdmitConfig:
         CALIBRATION_PASSAGES, help=f"calibration passages used (the server uses {CALIBRATION_PASSAGES})"
     )
     max_tokens: int = option(MAX_TOKENS, help=f"tokens per text (the server uses {MAX_TOKENS})")
+    router: str = option(
+        "gates",
+        help="what will route: 'gates' (the cosine gates, the server's default) or 'context' (the set's context "
+        "router, as `plugmoe serve --router context`: the limits are measured under it and a repair raises the "
+        "candidate's floors in it)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.router not in ("gates", "context"):
+            raise ValueError(f"router must be 'gates' or 'context', got {self.router!r}")
 
     def limits(self) -> AdmissionLimits:
         return AdmissionLimits.from_flags(self.admission, **{name: getattr(self, name) for name in LIMIT_NAMES})

@@ -30,7 +30,10 @@ class AdmissionPolicy:
         """(the expert to plug, the report as a dict; None when admission is off). The expert is the candidate
         itself, or in repair mode a copy with raised thresholds. Raises AdmissionRejectedError when it cannot
         meet the limits. Runs the model (forwards on the current plugged set); it touches no plugged state.
-        router_fitter: the report also gives the candidate's recall under the set's refit context router.
+        router_fitter: the context router serves (--router context): the limits are measured under the set's
+        router without and with the candidate, a repair raises the candidate's floors in the refit router (the
+        fitter keeps that router: the plug serves with it; the expert keeps its thresholds), and the report also
+        gives the candidate's recall and sequence-mode oracle gap under it.
         """
         if not self.enabled:
             return expert, None
@@ -41,11 +44,16 @@ class AdmissionPolicy:
         )
         report = admission.report.to_dict()
         if not admission.admitted:
-            hint = (
-                "Retrain its gate beside the plugged experts (`plugmoe train-expert --with-experts`)"
-                if self.limits.mode == "repair"
-                else "Plug it with --admission repair, retrain its gate beside the plugged experts"
-            )
+            repair = admission.report.repair
+            if repair is not None and repair.raised == "floors":  # the context router routes: its floors were raised
+                hint = (
+                    "Even with its floors in the context router raised it breaks them: give it a domain sample "
+                    "(`plugmoe add-sample`) that tells its domain apart from the plugged experts'"
+                )
+            elif self.limits.mode == "repair":
+                hint = "Retrain its gate beside the plugged experts (`plugmoe train-expert --with-experts`)"
+            else:
+                hint = "Plug it with --admission repair, retrain its gate beside the plugged experts"
             raise AdmissionRejectedError(
                 f"expert {expert.name!r} was not plugged: {'; '.join(admission.report.problems)}. {hint}, or "
                 "raise the limits (--max-false-positive-rate, --max-steal-rate, --max-base-ppl-increase, "

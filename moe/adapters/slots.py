@@ -569,6 +569,14 @@ class PluggedSet:
         self.index(name)  # raises UnknownExpertError
         return self._rebuild(tuple(self.read(e.name) for e in self.experts if e.name != name))
 
+    def with_router(self, router: ContextRouter | None) -> PluggedSet:
+        """This set (built from experts) routed by `router`, a context router fitted for exactly its experts in
+        this order (None: the cosine gates): what admission measures a set under, the router that will serve it.
+        The weights are shared; this set is unchanged."""
+        if self.live:
+            raise ValueError("the live set's router is published by its slots (offer_router), not set on it")
+        return dataclasses.replace(self, context=router)
+
     def _rebuild(self, experts: tuple[Expert, ...]) -> PluggedSet:
         num_layers, _, hidden = self.keys.shape
         return PluggedSet.build(

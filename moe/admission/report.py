@@ -20,6 +20,14 @@ again, and the report carries the thresholds before and after and what the repai
 recall; in "refuse" mode, or when the repaired candidate still breaks a limit, the answer names each domain it
 would harm and by how much. Nothing here plugs anything or touches the plugged set.
 
+Under the context router (a `router_fitter` whose fit has token classifiers: `plugmoe serve --router context`)
+every pass runs under the router that will serve (PluggedSet.with_router): P under its published router, P + c
+under the refit. The candidate's takes are then its token classifiers' decisions, and the repair raises its
+floors (its minimum probability to win, per covered layer) by the same cap rule on the probabilities with which
+it wins, leaving its thresholds as uploaded; the fitter keeps the repaired router, so the plug serves with it.
+The report then also carries its own recall and its sequence-mode oracle gap on its own sample
+(`context_routing`), with notes when the plug would be safe but useless.
+
 And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
 Weights within the file format's bounds can still combine into an overflow; that is caught here, before
 plugging, rather than as NaN logits in a client's request.
@@ -45,18 +53,21 @@ from moe.admission.samples import (
     BASE_SAMPLE,
     MAX_TOKENS,
     SamplePass,
+    context_sample_pass,
     domain_sample,
     raised_thresholds,
     sample_pass,
     with_thresholds,
 )
 from moe.model.routed import RoutedModel
-from moe.model.text_batches import collate, forward, perplexity
+from moe.model.text_batches import batches, collate, forward, perplexity, texts, token_nll
+from moe.routing.context import ContextRouter
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
 
 LOW_RECALL = 0.5  # below this share of its own sample routed to it (sequence mode), a report notes the plug is useless
+LARGE_ORACLE_GAP = 0.05  # above this sequence-mode oracle gap on its own sample, a report notes what routing loses
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")  # general English prose, shipped
 CALIBRATION_PASSAGES = 200  # calibration passages an admission reads (the first lines of the file)
@@ -139,7 +150,8 @@ class DomainCheck:
 
 @dataclass
 class Repair:
-    """What the repair changed: only the candidate's thresholds, per layer it covers."""
+    """What the repair changed, per layer the candidate covers: only the candidate's cosine thresholds (the gates
+    route), or only its floors in the set's context router (a router_fitter's: its thresholds stay as uploaded)."""
 
     layers: list[int]
     thresholds_before: list[float]
@@ -147,7 +159,10 @@ class Repair:
     own_recall_before: list[float] | None  # its take on its own sample per layer (None: no sample)
     own_recall_after: list[float] | None
     rounds: int
-    unrepaired: list[DomainCheck]  # the checks with the thresholds as uploaded
+    unrepaired: list[DomainCheck]  # the checks with the thresholds (floors) as uploaded (fitted)
+    raised: Literal["thresholds", "floors"] = "thresholds"
+    floors_before: list[float] | None = None  # its minimum probability to win, per layer's token classifier
+    floors_after: list[float] | None = None
 
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Question: 3 + 4 = 7. def f(x): return x"
@@ -318,10 +333,34 @@ def _passes(
     candidate: str,
     max_tokens: int,
 ) -> dict[str, SamplePass]:
+    if plugged.gates is not None:  # the context router routes token mode: the candidate's takes are its decisions
+        assert candidate in plugged
+        return {
+            name: context_sample_pass(model, tokenizer, strings, plugged, candidate, max_tokens)
+            for name, strings in samples.items()
+        }
     return {
         name: sample_pass(model, tokenizer, strings, plugged, scoring, candidate, max_tokens)
         for name, strings in samples.items()
     }
+
+
+def _routing_tag(router: ContextRouter | None) -> tuple:
+    """What a baseline is measured under besides the set: nothing for the gates (keys unchanged), else the
+    router's set and its token floors (a repaired router is another router)."""
+    if router is None or not router.layers:
+        return ()
+    return (("context", router.fitted_on, tuple(tuple(c.floors.tolist()) for c in router.layers)),)
+
+
+def _router_without(
+    current: PluggedSet, others: PluggedSet, fitter: ContextRouterFitter, replacing: bool
+) -> ContextRouter | None:
+    """The router the set without the candidate serves with: the one published with it (a repaired router is
+    what the fitter kept), else the fitter's for exactly those experts (None for an empty set)."""
+    if not replacing and current.context is not None and current.context.classes[1:] == others.names:
+        return current.context
+    return fitter.fit(others.experts) if others.experts else None
 
 
 @torch.no_grad()
@@ -338,15 +377,22 @@ def admit(
 ) -> Admission:
     """Measure the candidate beside the plugged set (default: the model's; the one of the same name is left
     out: a replace), repair it if allowed and needed, and decide. The set is read once and never changed.
-    router_fitter: also fit the context router of the set with the candidate and report its recall and false
-    positives there (AdmissionReport.context_routing; a note when it would route little of its own domain)."""
+
+    router_fitter: the context router will serve (plugmoe serve --router context). When it fits one with token
+    classifiers for the set with the candidate, every pass runs under the router that serves that set (without
+    the candidate: its published router or the fitter's; with it: the refit), a repair raises the candidate's
+    floors in the refit router instead of its thresholds, and the router an admitted plug will serve with (the
+    repaired one) is what the fitter keeps for that set (`offer` hands it out). The report also carries the
+    candidate's recall and false positives under it and its sequence-mode oracle gap on its own sample
+    (AdmissionReport.context_routing), with notes when it would serve little of its domain."""
     started = time.perf_counter()
     limits = limits or AdmissionLimits()
     cache = cache if cache is not None else BaselineCache()
     current = plugged if plugged is not None else model.plugged
     # a set built from the experts themselves (a live set holds weightless handles of its slots): the cache
     # digests their tensors, and the passes plug the candidate beside them
-    if candidate.name in current:
+    replacing = candidate.name in current
+    if replacing:
         others = current.unplugging(candidate.name)
     else:
         others = current.replacing_all(tuple(current.read(n) for n in current.names))
@@ -354,8 +400,23 @@ def admit(
     samples = _samples(others, candidate, calibration)
     name = candidate.name
 
+    # the set with the candidate in the order it will serve in (a replace keeps the slot's place): its router is
+    # fitted for exactly that order, the one the fitter is asked for after the plug
+    if replacing and router_fitter is not None:
+        with_c = current.replacing_all(tuple(candidate if n == name else current.read(n) for n in current.names))
+    else:
+        with_c = others.plugging(candidate)
+    # the routers that will serve the set without and with the candidate (None: the gates route)
+    router_with = router_fitter.fit(with_c.experts) if router_fitter is not None else None
+    routed_by_context = router_with is not None and bool(router_with.layers)
+    router_without = None
+    if routed_by_context:
+        assert router_fitter is not None
+        router_without = _router_without(current, others, router_fitter, replacing)
+        others = others.with_router(router_without)
+
     # baseline: each sample under P (cached per set); the candidate's own sample is never cached (its own)
-    key = cache.key(others.experts, calibration, max_tokens)
+    key = cache.key(others.experts, calibration, max_tokens) + _routing_tag(router_without)
     baseline = cache.get(key)
     missing = {s: t for s, t in samples.texts.items() if s not in baseline or s == name}
     for sample, strings in missing.items():
@@ -363,43 +424,63 @@ def admit(
         baseline[sample] = (result.nll, result.tokens)
     cache.put(key, {s: v for s, v in baseline.items() if s != name})
 
-    with_c = others.plugging(candidate)
+    if routed_by_context:
+        with_c = with_c.with_router(router_with)
     after = _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
     checks = _checks(samples, baseline, after, limits, name)
     problems = _problems(checks, repaired=False)
     repair = None
     final = candidate
+    router_final = router_with
     if problems and limits.mode == "repair":
-        final, after, checks, repair = _repair(
-            model, tokenizer, candidate, others, samples, baseline, checks, limits, max_tokens
-        )
+        if routed_by_context:
+            assert router_with is not None
+            router_final, after, checks, repair = _repair_floors(
+                model, tokenizer, with_c, router_with, name, samples, baseline, checks, after, limits, max_tokens
+            )
+            final = with_thresholds(candidate, repair.thresholds_after)  # a copy (its own metadata), as uploaded
+        else:
+            final, after, checks, repair = _repair(
+                model, tokenizer, candidate, others, samples, baseline, checks, limits, max_tokens
+            )
         problems = _problems(checks, repaired=True)
         final.metadata["evals"] = {
             **(final.metadata.get("evals") or {}),
             "admission_repair": {
                 "beside": list(others.names),
                 "layers": repair.layers,
+                "raised": repair.raised,
                 "thresholds_before": repair.thresholds_before,
                 "thresholds_after": repair.thresholds_after,
+                "floors_before": repair.floors_before,
+                "floors_after": repair.floors_after,
                 "own_recall_before": repair.own_recall_before,
                 "own_recall_after": repair.own_recall_after,
             },
         }
     if not problems:  # the set this plug creates: its baseline is what was just measured with the candidate
-        created = cache.key((*others.experts, final), calibration, max_tokens)
+        created = cache.key(
+            tuple(final if e.name == name else e for e in with_c.experts), calibration, max_tokens
+        ) + _routing_tag(router_final if routed_by_context else None)
         cache.put(created, {s: (r.nll, r.tokens) for s, r in after.items()})
+        if routed_by_context and router_final is not router_with:
+            assert router_fitter is not None and router_final is not None
+            router_fitter.keep(router_final)  # the plug's set serves with the repaired floors
     base = next(c for c in checks if c.domain == BASE_SAMPLE)
     context_routing, notes = None, []
     if router_fitter is not None:
-        router = router_fitter.fit((*others.experts, final))
+        router = router_final if routed_by_context else router_fitter.fit(with_c.experts)
         if router is not None:
             context_routing = router_fitter.measure(router, final)
-            if context_routing["sequence_recall"] < LOW_RECALL:
-                notes.append(
-                    f"the context router would send only {context_routing['sequence_recall']:.0%} of {name!r}'s own "
-                    "domain sample to it in sequence mode: plugged, it would serve little of its domain. Give it a "
-                    "domain sample that tells its domain apart from the plugged experts'"
+            context_routing["routed_by"] = "context router" if routed_by_context else "gates (no token classifiers)"
+            # sequence mode's decisions are reported, not limited (the limits are token mode's)
+            context_routing["sequence_steal_rates"] = router_fitter.sequence_steals(router, final, others.experts)
+            own, _ = domain_sample(final)
+            if routed_by_context and own:
+                context_routing["sequence_oracle"] = _sequence_oracle(
+                    model, tokenizer, own, with_c.with_router(router), name, max_tokens
                 )
+            notes = _usefulness_notes(name, context_routing)
     report = AdmissionReport(
         expert=name,
         mode=limits.mode,
@@ -417,6 +498,120 @@ def admit(
     )
     logger.info("admission of %s: %s in %.1f s", name, problems or "admitted", report.seconds)
     return Admission(final, report)
+
+
+def _usefulness_notes(name: str, routing: dict) -> list[str]:
+    """What a plug that is safe may still not deliver: little of its own domain routed to it, or a large oracle
+    gap (its domain's perplexity as routed far above it pinned)."""
+    notes = []
+    if routing["sequence_recall"] < LOW_RECALL:
+        notes.append(
+            f"the context router would send only {routing['sequence_recall']:.0%} of {name!r}'s own "
+            "domain sample to it in sequence mode: plugged, it would serve little of its domain. Give it a "
+            "domain sample that tells its domain apart from the plugged experts'"
+        )
+    oracle = routing.get("sequence_oracle")
+    if oracle is not None and oracle["oracle_gap"] > LARGE_ORACLE_GAP:
+        notes.append(
+            f"in sequence mode its own domain sample's perplexity as routed is {oracle['oracle_gap']:+.1%} above "
+            f"it pinned ({oracle['ppl_routed']:.4f} vs {oracle['ppl_pinned']:.4f}): routing loses most of what it "
+            "brings (an upper bound on held-out text: the router was fitted on this sample)"
+        )
+    return notes
+
+
+@torch.no_grad()
+def _sequence_oracle(
+    model: RoutedModel, tokenizer, strings: Sequence[str], plugged: PluggedSet, candidate: str, max_tokens: int
+) -> dict[str, float | int | str]:
+    """The candidate's sequence-mode oracle gap on its own domain sample under the set's router: each text is
+    decided as sequence mode decides a prompt (the router's sequence classifier on the backbone's MLP inputs of
+    the whole text, moe.decode.prefill) and scored pinned to the decision (base: the backbone), against all of
+    them pinned to the candidate. oracle_gap = ppl_routed / ppl_pinned - 1 (0: routing loses nothing)."""
+    router = plugged.context
+    assert router is not None
+    routed = pinned = (0.0, 0)
+    hits = count = 0
+    for batch in batches(tokenizer, texts(list(strings)), 16, max_tokens, eos=False):
+        batch = batch.to(model.device)
+        observed = forward(model, batch, [RoutingSpec("off")] * len(batch), plugged, capture=True)
+        stacked = torch.stack(observed.mlp_inputs, dim=2)  # [B, T, L, H]
+        real = batch.mask.bool()
+        decided = [router.sequence_route(stacked[row][real[row]].float().cpu()) for row in range(len(batch))]
+        hits += sum(d == candidate for d in decided)
+        count += len(decided)
+        specs = [RoutingSpec("off") if d not in plugged else RoutingSpec("pin", d) for d in decided]
+        nll, tokens = token_nll(forward(model, batch, specs, plugged).logits, batch)
+        routed = (routed[0] + float(nll.sum()), routed[1] + int(tokens.sum()))
+        pins = [RoutingSpec("pin", candidate)] * len(batch)
+        nll, tokens = token_nll(forward(model, batch, pins, plugged).logits, batch)
+        pinned = (pinned[0] + float(nll.sum()), pinned[1] + int(tokens.sum()))
+    ppl_routed, ppl_pinned = perplexity(*routed), perplexity(*pinned)
+    return {
+        "texts": count,
+        "routed_to_it": hits / max(count, 1),
+        "ppl_routed": ppl_routed,
+        "ppl_pinned": ppl_pinned,
+        "oracle_gap": ppl_routed / ppl_pinned - 1.0,
+        "measured_on": "its own domain sample, each whole text decided as a prompt (fitted on it: an upper bound)",
+    }
+
+
+def _repair_floors(
+    model: RoutedModel,
+    tokenizer,
+    with_c: PluggedSet,
+    router: ContextRouter,
+    name: str,
+    samples: _Samples,
+    baseline: dict[str, tuple[float, int]],
+    unrepaired: list[DomainCheck],
+    unrepaired_passes: dict[str, SamplePass],
+    limits: AdmissionLimits,
+    max_tokens: int,
+) -> tuple[ContextRouter, dict[str, SamplePass], list[DomainCheck], Repair]:
+    """Raise the candidate's floors in the set's refit router (its minimum probability to win, per token
+    classifier of a layer it covers) until its checks pass, or nothing more can be raised, or max_rounds. Per
+    sample the fit lets through fit_fraction * cap of its decisions (moe.admission.samples.cap_threshold on the
+    probabilities with which it wins them, as the gates' repair fits thresholds on winning scores), first on the
+    flow as fitted, then on the flow with the raised floors (earlier layers' decisions change later layers'
+    inputs); a sample whose perplexity still breaks its limit gets half that share at the next round. A floor
+    only takes decisions from the candidate, which go to base: no other expert's decisions change."""
+    layers = list(with_c.get(name).layers)
+    shares = {s: limits.fit_fraction * c for s in samples.texts if s != name and (c := limits.cap(s)) is not None}
+    floors_before = router.token_floors(name, layers)
+    floors = raised_thresholds(floors_before, unrepaired_passes, shares, 1.0)
+    rounds = 0
+    while True:
+        rounds += 1
+        repaired = router.with_token_floors(name, dict(zip(layers, floors, strict=True)))
+        after = _passes(model, tokenizer, samples.texts, with_c.with_router(repaired), None, name, max_tokens)
+        checks = _checks(samples, baseline, after, limits, name)
+        if not _problems(checks, repaired=True) or rounds >= limits.max_rounds:
+            break
+        for c in checks:
+            if c.domain in shares and c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
+                shares[c.domain] /= 2
+        raised = raised_thresholds(floors, after, shares, 1.0)
+        if raised == floors:
+            break
+        floors = raised
+    own_before = next((c.take_rates for c in unrepaired if c.domain == name), None)
+    own_after = next((c.take_rates for c in checks if c.domain == name), None)
+    thresholds = [float(t) for t in with_c.get(name).thresholds]
+    repair = Repair(
+        layers, thresholds, thresholds, own_before, own_after, rounds, unrepaired, "floors", floors_before, floors
+    )
+    logger.info(
+        "repaired %s's floors in %d rounds: %s -> %s, own recall %s -> %s",
+        name,
+        rounds,
+        [round(f, 4) for f in floors_before],
+        [round(f, 4) for f in floors],
+        own_before and [round(r, 3) for r in own_before],
+        own_after and [round(r, 3) for r in own_after],
+    )
+    return repaired, after, checks, repair
 
 
 def _repair(

@@ -13,7 +13,8 @@ calibration text on the backbone (moe/admission/calibration.txt), split into a p
 part that sets the probability floors (at most `cap` of its positions to any expert). The inputs do not depend
 on the set, so they are captured once: the calibration text's on the first fit, an expert's when it is first
 seen (cached by name and sample digest). A plug then costs one expert's capture and a refit over the set; the
-fit is deterministic, and the slots keep the previous sets' routers, so an unplug publishes the router it had
+fit is deterministic (admission's repair may replace a set's router by one with the candidate's floors raised:
+`keep`), and the slots keep the previous sets' routers, so an unplug publishes the router it had
 before, the same object.
 
 No router is fitted (None: routing falls back to the cosine gates, and sequence mode to their counts,
@@ -169,6 +170,14 @@ class ContextRouterFitter:
             self._routers.pop(next(iter(self._routers)))
         return router
 
+    def keep(self, router: ContextRouter) -> None:
+        """Keep `router` as the one of the set it was fitted on (`router.fitted_on`), in place of the fit: what
+        admission's repair leaves (the candidate's floors raised), so that `offer` for that set hands out this one."""
+        self._routers.pop(router.fitted_on, None)
+        self._routers[router.fitted_on] = router
+        while len(self._routers) > ROUTERS_KEPT:
+            self._routers.pop(next(iter(self._routers)))
+
     def measure(self, router: ContextRouter, expert: Expert) -> dict[str, float | int | str]:
         """How the router treats an expert's domain (admission reports it, so a plug that is safe but useless says
         so) and the held-out calibration text:
@@ -206,6 +215,18 @@ class ContextRouterFitter:
             "token_false_positive_rate": false_token,
             "measured_on": "its own domain sample (the router was fitted on it: an upper bound)",
         }
+
+    def sequence_steals(self, router: ContextRouter, expert: Expert, others: Sequence[Expert]) -> dict[str, float]:
+        """Per other expert of the router's set, the share of its domain texts (as sequence mode observes them)
+        whose sequence decision is `expert`: what the candidate would take from its neighbours' prompts."""
+        out = {}
+        for other in others:
+            if other.name not in router.classes:
+                continue
+            texts = len(domain_texts(other)[0][:SAMPLE_TEXTS])
+            observed = self.inputs(other)[:texts]
+            out[other.name] = sum(router.sequence_route(x) == expert.name for x in observed) / max(texts, 1)
+        return out
 
     def offer(self, experts: Sequence[Expert]) -> ContextRouter | None:
         """Fit the router for these experts and hand it to the model's slots (published with that set)."""

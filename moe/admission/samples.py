@@ -38,7 +38,7 @@ from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, perplexity, texts, token_nll
-from moe.routing.context import domain_texts
+from moe.routing.context import context_means, domain_texts
 from moe.routing.router import RoutingSpec, choose_experts, gate_scores
 
 BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
@@ -120,6 +120,50 @@ def sample_pass(
                 )  # [N, k]
                 result.taken[i] += int((choice == slot).any(dim=1).sum())
             winning[i].append(winning_scores(scores, scoring.thresholds[layer], slot, model.router.top_k).cpu())
+    result.winning = [torch.cat(w) if w else torch.empty(0) for w in winning]
+    return result
+
+
+@torch.no_grad()
+def context_sample_pass(
+    model: RoutedModel,
+    tokenizer,
+    strings: Sequence[str],
+    plugged: PluggedSet,
+    candidate: str,
+    max_tokens: int = MAX_TOKENS,
+    batch_size: int = 16,
+) -> SamplePass:
+    """Run `strings` in token mode under `plugged`, a set that holds the candidate and whose context router routes
+    token mode (plugged.gates: moe.routing.context). Per layer the candidate covers, from each text's MLP inputs
+    as they flowed: `taken`, the decisions its token classifier gives the candidate; `winning` [N], the candidate's
+    probability where it is the most probable class (it wins exactly where that is above its floor), -inf
+    elsewhere and on the special prefix. What the floor repair fits on, as the gates' repair fits thresholds on
+    winning scores."""
+    router = plugged.context
+    assert router is not None and router.layers and plugged.gates is not None, "the set has no context gates"
+    c = router.classes.index(candidate)
+    layers = plugged.get(candidate).layers
+    result = SamplePass(0.0, 0, 0, taken=[0] * len(layers))
+    winning: list[list[torch.Tensor]] = [[] for _ in layers]
+    for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
+        batch = batch.to(model.device)
+        out = forward(model, batch, [RoutingSpec()] * len(batch), plugged, capture=True)
+        nll, count = token_nll(out.logits, batch)
+        result.nll += float(nll.sum())
+        result.tokens += int(count.sum())
+        real = batch.mask.bool()
+        result.decisions += int(real.sum())
+        stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], padded
+        for row in range(len(batch)):
+            means = context_means(stacked[row][real[row]].float().cpu(), router.skip)  # [T_i, L, H]
+            for i, layer in enumerate(layers):
+                classifier = router.layers[layer]
+                best, choice = classifier.probabilities(means[:, layer]).max(dim=-1)  # [T_i]
+                win = torch.where(choice == c, best, torch.full_like(best, float("-inf")))
+                win[: router.skip] = float("-inf")  # the prefix joins no context: always base
+                winning[i].append(win)
+                result.taken[i] += int((win > classifier.floors[c]).sum())
     result.winning = [torch.cat(w) if w else torch.empty(0) for w in winning]
     return result
 

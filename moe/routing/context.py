@@ -33,6 +33,7 @@ Shapes: T = positions, L = layers, H = hidden, D = L*H features, N = samples, C 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -191,6 +192,22 @@ class ContextRouter:
         if allow is not None:
             allowed = torch.tensor([c == BASE_ROUTE or c in allow for c in self.classes])
         return self.sequence.routes(context_features(x, skip)[-1:], allowed)[0]
+
+    def with_token_floors(self, name: str, floors: dict[int, float]) -> ContextRouter:
+        """This router with expert `name`'s floor set to floors[layer] in those layers' token classifiers (every
+        other floor, and the sequence classifier, as they are): admission's repair raises a candidate's floors."""
+        c = self.classes.index(name)
+        layers = list(self.layers)
+        for layer, floor in floors.items():
+            raised = layers[layer].floors.clone()
+            raised[c] = floor
+            layers[layer] = layers[layer].with_floors(raised)
+        return dataclasses.replace(self, layers=tuple(layers))
+
+    def token_floors(self, name: str, layers: Sequence[int]) -> list[float]:
+        """Expert `name`'s floor in each of these layers' token classifiers."""
+        c = self.classes.index(name)
+        return [float(self.layers[layer].floors[c]) for layer in layers]
 
     def token_routes(self, x: torch.Tensor, skip: int = 0) -> torch.Tensor:
         """x [T, L, H] -> [T, L] class indices (0 = base) of every (token, layer) decision; prefix: base."""

@@ -118,3 +118,31 @@ def test_a_gate_can_be_refitted_on_another_files_adapter(model, tokenizer) -> No
     assert not torch.equal(refitted.thresholds, first.thresholds), "the gate was fitted again, on another split"
     with pytest.raises(TrainingError, match="rank"):
         _train(model, tokenizer, adapter=first, rank=first.rank * 2)
+
+
+def test_admit_under_the_context_router(tiny_model_dir: Path, backbone_fingerprint, tmp_path: Path) -> None:
+    """`admit --router context`: the limits measured under the set's context router, a repair raising the
+    candidate's floors there (its thresholds stay), and the report giving its own recall and oracle gap."""
+    from experts.cli import main
+
+    plugged = tmp_path / "plugged"
+    plugged.mkdir()
+    owner_texts = [f"Question: {r['question']} Answer: {r['answer']}" for r in qa_records(16)]
+    owner = tiny_expert("owner", seed=1, up_scale=0.3, metadata={"domain_sample": owner_texts})
+    ExpertFile.save(owner, plugged / "owner.safetensors", backbone_fingerprint)
+    # a twin of the owner's domain with an open gate: under the router it would take the owner's decisions
+    twin = tiny_expert("twin", seed=2, up_scale=0.3, threshold=-2.0, metadata={"domain_sample": owner_texts})
+    ExpertFile.save(twin, tmp_path / "twin.safetensors", backbone_fingerprint)
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text("\n".join(general_texts(20)) + "\n")
+    args = ["admit", "--model", str(tiny_model_dir), "--experts", str(plugged), "--calibration", str(calibration)]
+    args += ["--candidate", str(tmp_path / "twin.safetensors"), "--router", "context"]
+    status = main([*args, "--report", str(tmp_path / "report.json")])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert status == (0 if report["admitted"] else 3)
+    routing = report["context_routing"]
+    assert routing["routed_by"] == "context router" and "oracle_gap" in routing["sequence_oracle"]
+    assert report["repair"] is not None and report["repair"]["raised"] == "floors", report["repair"]
+    assert report["repair"]["thresholds_after"] == report["repair"]["thresholds_before"]
+    if report["admitted"]:
+        assert report["steal_rates"]["owner"] <= 2e-3

@@ -137,3 +137,39 @@ def test_repair_mode_plugs_a_greedy_expert_with_raised_thresholds(
     described = client.get("/experts/greedy").json()
     assert described["evals"]["admission_repair"]["thresholds_after"] == pytest.approx(repair["thresholds_after"])
     assert described["size_bytes"] == served.manifest.get("greedy").size, "the stored file's size, not the upload's"
+
+
+def test_under_the_context_router_a_twin_is_plugged_with_raised_floors_and_served_with_them(
+    make_client, expert_bytes, backbone_fingerprint
+) -> None:
+    """--router context: admission measures under the set's router, the repair raises the candidate's floors in
+    the refit router, and that repaired router is the one published with the new set; an unplug restores the
+    router before the plug."""
+    from moe.admission.samples import context_sample_pass
+
+    client = make_client(admission="repair", router="context", max_base_ppl_increase=0.02, max_domain_ppl_increase=0.02)
+    texts = [
+        f"Question: Tom has {a} apples and buys {b} more. How many? Answer: {a + b}"
+        for a in range(1, 5)
+        for b in (2, 7)
+    ]
+    owner = tiny_expert("owner", seed=1, up_scale=0.3, metadata={"domain_sample": texts})
+    assert _upload(client, ExpertFile.to_bytes(owner, backbone_fingerprint)).status_code == 201
+    engine = client.app.state.engine
+    before = engine.model.plugged.context
+    assert before is not None and before.classes == ("base", "owner")
+    twin = tiny_expert("twin", seed=2, up_scale=0.3, threshold=-2.0, metadata={"domain_sample": texts})
+    response = _upload(client, ExpertFile.to_bytes(twin, backbone_fingerprint))
+    assert response.status_code == 201, response.text
+    report = response.json()["admission"]
+    repair = report["repair"]
+    assert repair["raised"] == "floors" and repair["thresholds_after"] == repair["thresholds_before"]
+    assert max(c["take_rates"][0] for c in repair["unrepaired"] if c["domain"] == "owner") > 2e-3
+    assert report["steal_rates"]["owner"] <= 2e-3
+    served = engine.model.plugged.context
+    assert served is not None and served.classes == ("base", "owner", "twin")
+    assert served.token_floors("twin", [0, 1]) == repair["floors_after"]  # the repaired router serves
+    steal = context_sample_pass(engine.model, engine.tokenizer, texts, engine.model.plugged, "twin")
+    assert max(steal.take_rates()) <= 2e-3
+    assert client.delete("/experts/twin").status_code in (200, 204)
+    assert engine.model.plugged.context is before

@@ -12,8 +12,9 @@ import torch
 
 from moe import RoutedModel
 from moe.adapters.expert import BASE_ROUTE
-from moe.admission.report import admit
+from moe.admission.report import AdmissionLimits, admit
 from moe.admission.router_fit import ContextRouterFitter
+from moe.admission.samples import context_sample_pass, sample_pass
 from moe.decode.prefill import decide_routes, prefill
 from moe.routing.router import RoutingSpec
 from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
@@ -149,7 +150,8 @@ def test_admission_reports_the_candidates_recall_under_the_refit_router(setup, t
     model, fitter, experts = setup
     fitter.offer(experts)
     other = _expert("other", 3, 0.5)
-    report = admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4), router_fitter=fitter).report
+    unlimited = AdmissionLimits(None, None, None, None)  # no repair: the recall as fitted
+    report = admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4), unlimited, router_fitter=fitter).report
     routing = report.context_routing
     assert routing is not None and routing["texts"] == 32
     assert routing["sequence_recall"] >= 0.6 and routing["token_recall"] > 0.3, routing
@@ -157,3 +159,76 @@ def test_admission_reports_the_candidates_recall_under_the_refit_router(setup, t
     assert report.notes == []  # it would serve its domain
     assert model.plugged.names == ("near", "far")  # nothing was plugged
     assert admit(model, tokenizer, other, _texts(BASE_ROUTE, 6, 4)).report.context_routing is None  # not asked
+    assert set(routing["sequence_steal_rates"]) == {"near", "far"}
+    assert all(0.0 <= r <= 0.2 for r in routing["sequence_steal_rates"].values()), routing["sequence_steal_rates"]
+    oracle = routing["sequence_oracle"]  # its own sample as routed vs pinned to it (sequence mode)
+    assert oracle["texts"] == 32 and oracle["routed_to_it"] == routing["sequence_recall"]
+    assert abs(oracle["oracle_gap"] - (oracle["ppl_routed"] / oracle["ppl_pinned"] - 1)) < 1e-12
+
+
+def _twin() -> object:
+    """A candidate whose domain sample is drawn from "near"'s own words: under the refit router it takes a
+    quarter of near's token decisions (measured unrepaired below)."""
+    return tiny_expert("twin", seed=5, threshold=-2.0, offset=0.5, metadata={"domain_sample": _texts("near", 32, 7)})
+
+
+def test_a_neighbours_thief_gets_its_floors_raised_and_serves_with_them(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    router_before = fitter.offer(experts)
+    near_sample = _texts("near", 32, 0)  # near's domain sample (what admission measures its steal rate on)
+    nll_before = sample_pass(model, tokenizer, near_sample, model.plugged).nll
+    # perplexity limits loose (a refit moves every expert's decisions a little), the take caps as the server's
+    limits = AdmissionLimits(max_base_ppl_increase=0.02, max_domain_ppl_increase=0.02)
+    admission = admit(model, tokenizer, _twin(), _texts(BASE_ROUTE, 6, 4), limits, router_fitter=fitter)
+    report = admission.report
+    assert report.admitted, report.problems
+    repair = report.repair
+    assert repair is not None and repair.raised == "floors"
+    unrepaired = {c.domain: max(c.take_rates) for c in repair.unrepaired}
+    assert unrepaired["near"] > 0.1, unrepaired  # it would have stolen from its neighbour
+    assert repair.thresholds_after == repair.thresholds_before  # the expert itself is as uploaded
+    assert all(a > b for a, b in zip(repair.floors_after, repair.floors_before, strict=True)), repair
+    assert repair.own_recall_after is not None and max(repair.own_recall_after) < max(repair.own_recall_before)
+    assert report.steal_rates["near"] <= limits.max_steal_rate and report.false_positive_rate <= 1e-4
+    assert report.context_routing is not None and report.context_routing["routed_by"] == "context router"
+
+    # plugged as the server does (fit the new set's router, then plug): it serves with the repaired floors, and
+    # near's sample stays within the steal cap under the router that serves
+    twin = admission.expert
+    served = fitter.offer((*experts, twin))
+    model.plug(twin)
+    try:
+        assert model.plugged.context is served
+        assert served.token_floors("twin", list(twin.layers)) == repair.floors_after
+        steal = context_sample_pass(model, tokenizer, near_sample, model.plugged, "twin")
+        assert max(steal.take_rates()) <= limits.max_steal_rate, steal.take_rates()
+    finally:
+        model.unplug("twin")
+    assert model.plugged.context is router_before  # the unplug restores the router, the same object
+    assert sample_pass(model, tokenizer, near_sample, model.plugged).nll == nll_before  # and near's scores exactly
+
+
+def test_a_thief_whose_floors_cannot_meet_the_limits_is_refused(setup, tokenizer) -> None:
+    model, fitter, experts = setup
+    fitter.offer(experts)
+    # the server's limits: with its floors raised it takes nothing, yet the refit moves the general text's
+    # perplexity past +0.02% (the other experts' decisions change with the refit)
+    report = admit(model, tokenizer, _twin(), _texts(BASE_ROUTE, 6, 4), router_fitter=fitter).report
+    assert not report.admitted and report.repair is not None and report.repair.raised == "floors"
+    assert any("general calibration text" in p for p in report.problems), report.problems
+    assert model.plugged.names == ("near", "far")  # nothing was plugged
+
+
+def test_the_gates_path_ignores_a_fitter_without_token_classifiers(tokenizer) -> None:
+    model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+    experts = (_expert("near", 1, 0.0), _expert("far", 2, 1.0))
+    model.set_experts(experts)
+    calibration = _texts(BASE_ROUTE, 6, 4)
+    sequence_only = ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02, token=False)
+    with_fitter = admit(model, tokenizer, _twin(), calibration, router_fitter=sequence_only).report
+    gates = admit(model, tokenizer, _twin(), calibration).report
+    measured = [[(c.domain, c.take_rates, c.ppl_after) for c in r.domains] for r in (with_fitter, gates)]
+    assert measured[0] == measured[1]  # the passes ran under the gates, as without a fitter
+    assert with_fitter.steal_rates == gates.steal_rates and with_fitter.admitted == gates.admitted
+    assert with_fitter.repair == gates.repair
+    assert with_fitter.context_routing["routed_by"] == "gates (no token classifiers)"
