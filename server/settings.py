@@ -139,8 +139,8 @@ class Settings(BaseSettings):
         "gates",
         description="what routes tokens and sequences: 'gates' (each expert file's cosine gates; what admission "
         "measures) or 'context' (a classifier over base and every plugged expert on the sequence's running "
-        "context, fitted after each plug from the experts' domain samples, docs/routing.md; admission reports the "
-        "candidate's recall under it but still measures its limits under the gates)",
+        "context, fitted after each plug from the experts' domain samples, docs/routing.md; admission measures "
+        "the limits under it and repairs by raising the candidate's floors)",
     )
     sequence_min_share: float = Field(
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"
