@@ -39,10 +39,10 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -65,6 +65,7 @@ from moe.routing.context import ContextRouter
 from moe.routing.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")  # what one repair round ran: the candidate with its thresholds, or the router with its floors
 
 LOW_RECALL = 0.5  # below this share of its own sample routed to it (sequence mode), a report notes the plug is useless
 LARGE_ORACLE_GAP = 0.05  # above this sequence-mode oracle gap on its own sample, a report notes what routing loses
@@ -557,6 +558,35 @@ def _sequence_oracle(
     }
 
 
+def _raise_until_within(
+    values: list[float],
+    run: Callable[[list[float]], tuple[T, dict[str, SamplePass]]],
+    samples: _Samples,
+    baseline: dict[str, tuple[float, int]],
+    limits: AdmissionLimits,
+    name: str,
+    shares: dict[str, float],
+) -> tuple[list[float], T, dict[str, SamplePass], list[DomainCheck], int]:
+    """The repair's loop, for thresholds or floors alike: run the candidate with `values` (run -> what it ran,
+    its passes), stop when its checks pass, nothing more can be raised, or max_rounds; else raise the values to
+    the shares (a sample whose perplexity still breaks its limit gets half its share) and run again.
+    Returns (values, what the last run ran, its passes, its checks, rounds)."""
+    rounds = 0
+    while True:
+        rounds += 1
+        ran, after = run(values)
+        checks = _checks(samples, baseline, after, limits, name)
+        if not _problems(checks, repaired=True) or rounds >= limits.max_rounds:
+            return values, ran, after, checks, rounds
+        for c in checks:
+            if c.domain in shares and c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
+                shares[c.domain] /= 2
+        raised = raised_thresholds(values, after, shares, 1.0)
+        if raised == values:
+            return values, ran, after, checks, rounds
+        values = raised
+
+
 def _repair_floors(
     model: RoutedModel,
     tokenizer,
@@ -581,21 +611,12 @@ def _repair_floors(
     shares = {s: limits.fit_fraction * c for s in samples.texts if s != name and (c := limits.cap(s)) is not None}
     floors_before = router.token_floors(name, layers)
     floors = raised_thresholds(floors_before, unrepaired_passes, shares, 1.0)
-    rounds = 0
-    while True:
-        rounds += 1
-        repaired = router.with_token_floors(name, dict(zip(layers, floors, strict=True)))
-        after = _passes(model, tokenizer, samples.texts, with_c.with_router(repaired), None, name, max_tokens)
-        checks = _checks(samples, baseline, after, limits, name)
-        if not _problems(checks, repaired=True) or rounds >= limits.max_rounds:
-            break
-        for c in checks:
-            if c.domain in shares and c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
-                shares[c.domain] /= 2
-        raised = raised_thresholds(floors, after, shares, 1.0)
-        if raised == floors:
-            break
-        floors = raised
+
+    def run(values: list[float]) -> tuple[ContextRouter, dict[str, SamplePass]]:
+        repaired = router.with_token_floors(name, dict(zip(layers, values, strict=True)))
+        return repaired, _passes(model, tokenizer, samples.texts, with_c.with_router(repaired), None, name, max_tokens)
+
+    floors, repaired, after, checks, rounds = _raise_until_within(floors, run, samples, baseline, limits, name, shares)
     own_before = next((c.take_rates for c in unrepaired if c.domain == name), None)
     own_after = next((c.take_rates for c in checks if c.domain == name), None)
     thresholds = [float(t) for t in with_c.get(name).thresholds]
@@ -635,22 +656,15 @@ def _repair(
     without = _passes(model, tokenizer, capped, others, scoring, name, max_tokens)
     thresholds_before = [float(t) for t in candidate.thresholds]
     thresholds = raised_thresholds(thresholds_before, without, shares, 1.0)
-    rounds = 0
-    while True:
-        rounds += 1
-        final = with_thresholds(candidate, thresholds)
+
+    def run(values: list[float]) -> tuple[Expert, dict[str, SamplePass]]:
+        final = with_thresholds(candidate, values)
         with_c = others.plugging(final)
-        after = _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
-        checks = _checks(samples, baseline, after, limits, name)
-        if not _problems(checks, repaired=True) or rounds >= limits.max_rounds:
-            break
-        for c in checks:
-            if c.domain in shares and c.ppl_limit is not None and c.ppl_change > c.ppl_limit:
-                shares[c.domain] /= 2
-        raised = raised_thresholds(thresholds, after, shares, 1.0)
-        if raised == thresholds:
-            break
-        thresholds = raised
+        return final, _passes(model, tokenizer, samples.texts, with_c, with_c, name, max_tokens)
+
+    thresholds, final, after, checks, rounds = _raise_until_within(
+        thresholds, run, samples, baseline, limits, name, shares
+    )
     own_before = next((c.take_rates for c in unrepaired if c.domain == name), None)
     own_after = next((c.take_rates for c in checks if c.domain == name), None)
     repair = Repair(list(candidate.layers), thresholds_before, thresholds, own_before, own_after, rounds, unrepaired)
