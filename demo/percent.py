@@ -19,12 +19,11 @@ Generation uses ``random.Random`` seeded with a string, as demo.corpus does: the
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
+from demo import domain_main, write_splits
 from demo.corpus import GOODS, PEOPLE
 
 # Percentages a problem may use; each draw picks an amount that the percentage divides evenly.
@@ -206,24 +205,11 @@ def build_percent(seed: int = 0, train: int = 3000, heldout: int = 300) -> tuple
 
 
 def write_percent(out_dir: Path, seed: int = 0, train: int = 3000, heldout: int = 300) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, records in zip(("train", "heldout"), build_percent(seed, train, heldout), strict=True):
-        path = out_dir / f"percent_{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        written[name] = path
-    return written
+    return write_splits(out_dir, "percent", build_percent(seed, train, heldout))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for percent_{train,heldout}.jsonl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--heldout", type=int, default=300)
-    args = parser.parse_args(argv)
-    for path in write_percent(args.out, args.seed, args.train, args.heldout).values():
-        print(path)
+    domain_main("percent", __doc__, build_percent, argv)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ Generation uses ``random.Random`` seeded with a string, as demo.corpus does: the
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 from pathlib import Path
+
+from demo import domain_main, write_splits
 
 ADJECTIVES = (
     "Smoky", "Golden", "Rustic", "Spiced", "Creamy", "Crispy", "Herbed", "Roasted", "Slow-cooked", "Zesty",
@@ -109,24 +109,11 @@ def build_recipes(seed: int = 0, train: int = 3000, heldout: int = 300) -> tuple
 
 
 def write_recipes(out_dir: Path, seed: int = 0, train: int = 3000, heldout: int = 300) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, records in zip(("train", "heldout"), build_recipes(seed, train, heldout), strict=True):
-        path = out_dir / f"recipes_{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        written[name] = path
-    return written
+    return write_splits(out_dir, "recipes", build_recipes(seed, train, heldout))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for recipes_{train,heldout}.jsonl")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--heldout", type=int, default=300)
-    args = parser.parse_args(argv)
-    for path in write_recipes(args.out, args.seed, args.train, args.heldout).values():
-        print(path)
+    domain_main("recipes", __doc__, build_recipes, argv)
 
 
 if __name__ == "__main__":
