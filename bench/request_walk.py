@@ -33,6 +33,7 @@ class CallTrace:
     calls: dict[int, list[tuple[str, str]]]
 
     recording = False
+    entries_only = False  # --entries-only: leave out resumptions of generators and coroutines
     inside_forward = False  # with --model-internals off: calls made inside a routed forward are not recorded
 
     def __init__(self, model_internals: bool) -> None:
@@ -57,6 +58,8 @@ class CallTrace:
         if is_forward:
             self._depth[thread] = depth + 1
         if depth > 0 or not code.co_filename.startswith(self._roots):
+            return
+        if self.entries_only and frame.f_lasti > 0:  # a generator or coroutine resumed, not a new call
             return
         name = str(Path(code.co_filename).relative_to(REPO))
         with self._lock:
@@ -84,6 +87,9 @@ def main() -> None:
     parser.add_argument("--mode", default="token", choices=("token", "sequence", "pin", "off"))
     parser.add_argument("--verbose", action="store_true", help="print every visit")
     parser.add_argument(
+        "--entries-only", action="store_true", help="count new calls only, not resumptions of coroutines (awaits)"
+    )
+    parser.add_argument(
         "--model-internals", action="store_true", help="also record the calls inside the routed forward (per layer)"
     )
     args = parser.parse_args()
@@ -100,6 +106,7 @@ def main() -> None:
         routing = {"mode": args.mode, **({"expert": "math"} if args.mode == "pin" else {})}
         body = {"prompt": "Question: Tom has 5 apples.", "max_new_tokens": args.new_tokens, "routing": routing}
         trace = CallTrace(args.model_internals)
+        trace.entries_only = args.entries_only
         trace.install()
         with TestClient(create_app(settings)) as client:
             assert client.post("/generate", json=body).status_code == 200  # warm-up, untraced
