@@ -25,7 +25,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.server_process import free_port, start_ready  # noqa: E402
 
 
 def build_model(directory: Path, shape: str | None, dtype: str) -> Path:
@@ -265,12 +266,6 @@ def during_plugs(row: dict, plugged: int) -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(
     model_dir: Path, experts: Path, seed: Path | None, args: argparse.Namespace, log: Path
 ) -> tuple[subprocess.Popen, str]:
@@ -302,20 +297,7 @@ def start_server(
         *(["--num-threads", str(args.threads)] if args.threads else []),
         *([] if args.cuda_graphs else ["--no-cuda-graphs"]),
     ]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("server did not get ready")
+    return start_ready(command, env, port, log, 900)
 
 
 def main() -> None:
