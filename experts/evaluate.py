@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from experts.config import EvalConfig
 from experts.data import Example, Extractor, gsm8k_answer
@@ -73,6 +74,9 @@ class DomainResult:
     sequences: int
     tokens: int
     ppl: dict[str, float]  # off, token, sequence, oracle, and per pinned route "pin:<name>"
+    # off, token, sequence, oracle on the scored tokens but a text record's first (see `first_token_nll`)
+    ppl_in_context: dict[str, float] = field(default_factory=dict)
+    blind_tokens: int = 0  # scored tokens predicted from the special prefix alone (one per text record)
     accuracy: dict[str, float] = field(default_factory=dict)  # off, token, sequence, oracle, pin:<name>
     behaviour_examples: int = 0
     sequence_to_target: float | None = None
@@ -92,6 +96,28 @@ class DomainResult:
         """Routed perplexity over the per-sequence oracle's, minus 1 (0: the router is the oracle)."""
         return {m: self.ppl[m] / self.ppl["oracle"] - 1.0 for m in ("token", "sequence") if m in self.ppl}
 
+    @property
+    def ppl_change_in_context(self) -> dict[str, float]:
+        """ppl_change on the tokens whose prediction has read some of the text (every scored token but a text
+        record's first): what a causal router can deliver, in token mode and sequence mode alike."""
+        ppl = self.ppl_in_context
+        return {m: ppl[m] / ppl["off"] - 1.0 for m in ("token", "sequence") if m in ppl}
+
+
+def first_token_nll(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row [B]: the NLL of its scored token predicted from the special prefix alone, and 1 if it has one.
+
+    That is a plain text record's first token (a QA record's first scored token follows its question). No
+    token of the text has been read there, so token mode (any causal router) cannot know the domain and routes
+    it to base; eval's sequence mode decides from the whole text first and so has read the token it predicts.
+    logits [B, T, V]; the prediction of token prefix[b] is made at position prefix[b] - 1.
+    """
+    rows = torch.arange(len(batch), device=logits.device)
+    at = (batch.prefix - 1).clamp(min=0)  # [B]
+    has = (batch.prefix > 0) & batch.targets[rows, at]  # [B] bool
+    nll = F.cross_entropy(logits[rows, at].float(), batch.ids[rows, at + 1], reduction="none")  # [B]
+    return nll * has, has.to(nll.dtype)
+
 
 @torch.no_grad()
 def sequence_nll(
@@ -101,9 +127,10 @@ def sequence_nll(
     specs: Sequence[RoutingSpec],
     plugged: PluggedSet,
     config: EvalConfig,
-) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
-    """Per example: summed NLL of its scored tokens [S], their count [S], and its (token, layer) routes."""
-    nlls, counts, routes = [], [], []
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]], torch.Tensor, torch.Tensor]:
+    """Per example: summed NLL of its scored tokens [S], their count [S], its (token, layer) routes, and the NLL
+    of its scored token predicted from the special prefix alone [S] with 1 where it has one [S] (first_token_nll)."""
+    nlls, counts, routes, blind, blind_count = [], [], [], [], []
     size = config.batch_size
     for start, batch in zip(
         range(0, len(examples), size), batches(tokenizer, examples, size, config.max_tokens), strict=True
@@ -114,7 +141,10 @@ def sequence_nll(
         nlls.append(nll.cpu())
         counts.append(count.cpu())
         routes.extend(out.trace.row_counts())
-    return torch.cat(nlls), torch.cat(counts), routes
+        first, has = first_token_nll(out.logits, batch)
+        blind.append(first.cpu())
+        blind_count.append(has.cpu())
+    return torch.cat(nlls), torch.cat(counts), routes, torch.cat(blind), torch.cat(blind_count)
 
 
 def evaluate_domain(
@@ -134,20 +164,32 @@ def evaluate_domain(
     logger.info("eval %s: %d sequences, target route %s", domain, n, target)
     # per-route perplexity: the backbone alone and each expert pinned, for the oracle
     route_nll: dict[str, torch.Tensor] = {}
-    nll, count, _ = sequence_nll(model, tokenizer, examples, [RoutingSpec("off")] * n, plugged, config)
-    route_nll[BASE_ROUTE] = nll
+    blind_nll: dict[str, torch.Tensor] = {}  # per route, the NLL of each example's blind first token (0: none)
+    route_nll[BASE_ROUTE], count, _, blind_nll[BASE_ROUTE], blind = sequence_nll(
+        model, tokenizer, examples, [RoutingSpec("off")] * n, plugged, config
+    )
     for name in names:
-        route_nll[name], _, _ = sequence_nll(
+        route_nll[name], _, _, blind_nll[name], _ = sequence_nll(
             model, tokenizer, examples, [RoutingSpec("pin", name)] * n, plugged, config
         )
-    tokens = int(count.sum())
+    tokens, blind_tokens = int(count.sum()), int(blind.sum())
     ppl = {"off": perplexity(float(route_nll[BASE_ROUTE].sum()), tokens)}
     for name in names:
         ppl[f"pin:{name}"] = perplexity(float(route_nll[name].sum()), tokens)
     ppl["oracle"] = perplexity(float(torch.stack(list(route_nll.values())).min(dim=0).values.sum()), tokens)
+    seen = {r: route_nll[r] - blind_nll[r] for r in route_nll}  # per example, the NLL after its blind token
+
+    def in_context(nll: torch.Tensor) -> float:
+        return perplexity(float(nll.sum()), tokens - blind_tokens)
+
+    ppl_in_context = {
+        "off": in_context(seen[BASE_ROUTE]),
+        "oracle": in_context(torch.stack(list(seen.values())).min(dim=0).values),
+    }
     # token routing
-    nll, _, token_counts = sequence_nll(model, tokenizer, examples, [RoutingSpec()] * n, plugged, config)
+    nll, _, token_counts, first, _ = sequence_nll(model, tokenizer, examples, [RoutingSpec()] * n, plugged, config)
     ppl["token"] = perplexity(float(nll.sum()), tokens)
+    ppl_in_context["token"] = in_context(nll - first)
     totals: dict[str, float] = {}
     for row in token_counts:
         add_counts(totals, row)
@@ -159,8 +201,9 @@ def evaluate_domain(
         model, tokenizer, [e.prompt or e.target for e in examples], plugged, config.batch_size, config.max_tokens
     )
     specs = [RoutingSpec("sequence", expert=d) for d in decisions]
-    nll, _, _ = sequence_nll(model, tokenizer, examples, specs, plugged, config)
+    nll, _, _, first, _ = sequence_nll(model, tokenizer, examples, specs, plugged, config)
     ppl["sequence"] = perplexity(float(nll.sum()), tokens)
+    ppl_in_context["sequence"] = in_context(nll - first)
     token_routes = route_shares(totals)
     sequence_routes = {r: decisions.count(r) / max(n, 1) for r in sorted(set(decisions))}
     result = DomainResult(
@@ -169,6 +212,8 @@ def evaluate_domain(
         sequences=n,
         tokens=tokens,
         ppl=ppl,
+        ppl_in_context=ppl_in_context,
+        blind_tokens=blind_tokens,
         sequence_to_target=sequence_routes.get(target, 0.0) if target else None,
         token_to_target=token_routes.get(target, 0.0) if target else None,
         sequence_routes=sequence_routes,
@@ -232,7 +277,15 @@ def evaluate(
         "experts": list(model.plugged.names),
         "sequence_router": "context" if model.plugged.context is not None else "gate counts",
         "config": asdict(config),
-        "domains": [{**asdict(r), "ppl_change": r.ppl_change, "oracle_gap": r.oracle_gap} for r in results],
+        "domains": [
+            {
+                **asdict(r),
+                "ppl_change": r.ppl_change,
+                "oracle_gap": r.oracle_gap,
+                "ppl_change_in_context": r.ppl_change_in_context,
+            }
+            for r in results
+        ],
         "never_fired": never,
         "mean_entropy_bits": sum(r.entropy_bits for r in results) / max(len(results), 1),
     }
@@ -270,6 +323,14 @@ def render_table(report: dict) -> str:
                 f"- base domain `{d['domain']}`: perplexity change token {_pct(change['token'], True)}, "
                 f"sequence {_pct(d['ppl_change']['sequence'], True)}; greedy continuations unchanged: "
                 f"token {_pct(g['token'])}, sequence {_pct(g['sequence'])}"
+            )
+        if d.get("blind_tokens"):
+            seen = d["ppl_change_in_context"]
+            notes.append(
+                f"- `{d['domain']}`: {d['blind_tokens']} of its {d['tokens']} scored tokens (a text record's first) "
+                "are predicted from the special prefix alone, where no causal router can know the domain (eval's "
+                f"sequence mode decided from the whole text); on the others Δppl token {_pct(seen['token'], True)}, "
+                f"sequence {_pct(seen['sequence'], True)}"
             )
         pins = {k[4:]: v for k, v in d["accuracy"].items() if k.startswith("pin:")}
         if pins:

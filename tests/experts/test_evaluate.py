@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from tokenizers import processors
 
 from experts.config import EvalConfig
 from experts.data import DataFormatError, Example, get_extractor, gsm8k_answer, last_number
@@ -14,7 +17,7 @@ from moe import Expert, RoutedModel, RoutingSpec
 from moe.adapters.file import ExpertFile
 from moe.decode.generation import generate
 from moe.decode.sampling import SamplingParams
-from tests.tiny import tiny_expert
+from tests.tiny import tiny_expert, tiny_tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -96,6 +99,36 @@ def test_open_expert_routes_and_reports_accuracy(model, tokenizer) -> None:
     assert math_row["entropy_bits"] == 0.0 and report["never_fired"] == []
     table = render_table(report)
     assert table.count("\n| math |") == 1 and "never fired: none" in table
+
+
+def test_in_context_perplexity_leaves_out_only_a_text_records_first_token(model) -> None:
+    """A text record's first token is predicted from the special prefix alone: ppl_in_context scores the rest,
+    equal to the plain loop over each text's later tokens; a QA record has no such token."""
+    tokenizer = tiny_tokenizer()  # with a BOS before every text, as the demo's tokenizer has
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    assert tokenizer("")["input_ids"] == [tokenizer.bos_token_id]
+    model.plug(open_expert("code", model.hidden_size, model.num_layers, seed=1))
+    qa = [Example("Question: Tom has 3 apples. How many?\nAnswer:", " 3.\n#### 3", "3")] * 2
+    domains = {"general": [Example("", t) for t in TEXTS], "math": qa}
+    report = evaluate(model, tokenizer, domains, EvalConfig(behaviour_limit=0, greedy_new_tokens=4))
+    general, math_row = report["domains"]
+    assert general["blind_tokens"] == len(TEXTS) and math_row["blind_tokens"] == 0
+    assert math_row["ppl_in_context"] == {k: math_row["ppl"][k] for k in ("off", "oracle", "token", "sequence")}
+    nll = count = 0.0
+    for text in TEXTS:  # the backbone alone, every token after the first (and the EOS) scored
+        ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+        prefix = len(tokenizer("")["input_ids"])
+        logits = model.backbone(torch.tensor([ids])).logits[0].float()
+        losses = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+        nll, count = nll + float(losses[prefix:].sum()), count + len(ids) - 1 - prefix
+    assert general["ppl_in_context"]["off"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert general["ppl_in_context"]["off"] != pytest.approx(general["ppl"]["off"], rel=1e-6)
+    change = general["ppl_change_in_context"]
+    assert change["token"] == pytest.approx(general["ppl_in_context"]["token"] / general["ppl_in_context"]["off"] - 1)
+    assert "predicted from the special prefix alone" in render_table(report)
 
 
 def test_eval_cli_prints_a_table_and_writes_json(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
