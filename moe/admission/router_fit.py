@@ -15,7 +15,9 @@ on the set, so they are captured once: the calibration text's on the first fit, 
 seen (cached by name and sample digest). A plug then costs one expert's capture and a refit over the set; the
 fit is deterministic (admission's repair may replace a set's router by one with the candidate's floors raised:
 `keep`), and the slots keep the previous sets' routers, so an unplug publishes the router it had
-before, the same object.
+before, the same object. A repaired expert carries its raised floors in its file (evals.admission_repair,
+written by admission): every refit of a set that holds it keeps at least those floors (`carried_floors`), so a
+later plug, or a restarted server, serves it with its repair; fitting stays a pure function of the set's files.
 
 No router is fitted (None: routing falls back to the cosine gates, and sequence mode to their counts,
 moe.decode.prefill) for an empty set or when an expert has fewer than MIN_TEXTS domain texts (a file with no
@@ -74,6 +76,22 @@ def capture_texts(
     return inputs
 
 
+def carried_floors(expert: Expert) -> dict[int, float]:
+    """The floors an admission's repair raised for this expert, per layer (its file's evals.admission_repair,
+    moe.admission.report): every later refit of a set holding it keeps at least these, so a plug after a
+    repaired plug keeps the repair. Empty when the repair raised thresholds (the gates) or there was none."""
+    repair = (expert.metadata.get("evals") or {}).get("admission_repair") or {}
+    layers, floors = repair.get("layers"), repair.get("floors_after")
+    if repair.get("raised") != "floors" or not layers or not floors:
+        return {}
+    return {int(layer): float(floor) for layer, floor in zip(layers, floors, strict=True)}
+
+
+def _set_key(experts: Sequence[Expert]) -> tuple:
+    """What a fitted router depends on: each expert's name, domain sample and carried floors, in order."""
+    return tuple((e.name, sample_digest(e), tuple(carried_floors(e).items())) for e in experts)
+
+
 class ContextRouterFitter:
     """Fits plugged sets' context routers for one model and tokenizer (see the module docstring)."""
 
@@ -106,7 +124,7 @@ class ContextRouterFitter:
         self.skip = len(special_prefix(tokenizer))
         self._base: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._inputs: dict[tuple[str, str], list[torch.Tensor]] = {}  # (name, sample digest) -> per text [T, L, H]
-        self._routers: dict[tuple[tuple[str, str], ...], ContextRouter] = {}  # by the set fitted on, newest last
+        self._routers: dict[tuple, ContextRouter] = {}  # by _set_key of the set fitted for, newest last
 
     def _capture(self, strings: Sequence[str]) -> list[torch.Tensor]:
         return capture_texts(self.model, self.tokenizer, strings, self.max_tokens)
@@ -155,8 +173,9 @@ class ContextRouterFitter:
                 )
             return None
         fitted_on = tuple((e.name, sample_digest(e)) for e in experts)
-        if fitted_on in self._routers:  # e.g. admission fitted it, then the swap asks again
-            return self._routers[fitted_on]
+        key = _set_key(experts)
+        if key in self._routers:  # e.g. admission fitted it, then the swap asks again
+            return self._routers[key]
         started = time.perf_counter()
         if self._base is None:
             self._base = (self._capture(self._calibration_fit), self._capture(self._calibration_held))
@@ -164,19 +183,29 @@ class ContextRouterFitter:
         router = fit_context_router(
             samples, self._base[0], self._base[1], self.skip, self.cap, token=self.token, fitted_on=fitted_on
         )
+        if router.layers:  # an earlier admission's repair stays: its floors are the least the refit keeps
+            for expert in experts:
+                carried = carried_floors(expert)
+                if carried:
+                    now = router.token_floors(expert.name, list(carried))
+                    raised = {layer: max(f, n) for (layer, f), n in zip(carried.items(), now, strict=True)}
+                    router = router.with_token_floors(expert.name, raised)
         logger.info("context router for %s fitted in %.1f s", [e.name for e in experts], time.perf_counter() - started)
-        self._routers[fitted_on] = router
-        while len(self._routers) > ROUTERS_KEPT:
-            self._routers.pop(next(iter(self._routers)))
+        self._remember(key, router)
         return router
 
-    def keep(self, router: ContextRouter) -> None:
-        """Keep `router` as the one of the set it was fitted on (`router.fitted_on`), in place of the fit: what
-        admission's repair leaves (the candidate's floors raised), so that `offer` for that set hands out this one."""
-        self._routers.pop(router.fitted_on, None)
-        self._routers[router.fitted_on] = router
+    def _remember(self, key: tuple, router: ContextRouter) -> None:
+        self._routers.pop(key, None)
+        self._routers[key] = router
         while len(self._routers) > ROUTERS_KEPT:
             self._routers.pop(next(iter(self._routers)))
+
+    def keep(self, router: ContextRouter, experts: Sequence[Expert]) -> None:
+        """Keep `router` as the one of the set of these experts (its `fitted_on`; the repaired candidate among
+        them, carrying its repair), in place of the fit: what admission's repair leaves (the candidate's floors
+        raised), so that `offer` for that set hands out this one, the same object."""
+        assert router.fitted_on == tuple((e.name, sample_digest(e)) for e in experts), router.fitted_on
+        self._remember(_set_key(experts), router)
 
     def measure(self, router: ContextRouter, expert: Expert) -> dict[str, float | int | str]:
         """How the router treats an expert's domain (admission reports it, so a plug that is safe but useless says
@@ -236,4 +265,4 @@ class ContextRouterFitter:
         return router
 
 
-__all__ = ["ContextRouterFitter", "capture_texts"]
+__all__ = ["ContextRouterFitter", "capture_texts", "carried_floors"]

@@ -13,9 +13,10 @@ import torch
 from moe import RoutedModel
 from moe.adapters.expert import BASE_ROUTE
 from moe.admission.report import AdmissionLimits, admit
-from moe.admission.router_fit import ContextRouterFitter
+from moe.admission.router_fit import ContextRouterFitter, capture_texts, carried_floors
 from moe.admission.samples import context_sample_pass, sample_pass
 from moe.decode.prefill import decide_routes, prefill
+from moe.routing.context import context_means
 from moe.routing.router import RoutingSpec
 from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
 
@@ -232,3 +233,54 @@ def test_the_gates_path_ignores_a_fitter_without_token_classifiers(tokenizer) ->
     assert with_fitter.steal_rates == gates.steal_rates and with_fitter.admitted == gates.admitted
     assert with_fitter.repair == gates.repair
     assert with_fitter.context_routing["routed_by"] == "gates (no token classifiers)"
+
+
+def test_a_later_plug_keeps_an_earlier_repair(setup, tokenizer) -> None:
+    """The repaired floors travel in the expert's file (evals.admission_repair): a refit for a later plug, or a
+    fresh fitter (a restarted server), keeps at least them; the unplug of the later expert restores the router."""
+    model, fitter, experts = setup
+    fitter.offer(experts)
+    limits = AdmissionLimits(max_base_ppl_increase=0.02, max_domain_ppl_increase=0.02)
+    admission = admit(model, tokenizer, _twin(), _texts(BASE_ROUTE, 6, 4), limits, router_fitter=fitter)
+    assert admission.report.admitted and admission.report.repair is not None
+    twin, repaired = admission.expert, admission.report.repair.floors_after
+    assert carried_floors(twin) == dict(zip(twin.layers, repaired, strict=True))
+    assert carried_floors(_twin()) == {}  # as uploaded: nothing to carry
+    layers = list(twin.layers)
+    # a fresh fitter (nothing cached): the set with the repaired twin is fitted with its repair
+    fresh = ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02)
+    assert fresh.fit((*experts, twin)).token_floors("twin", layers) == repaired
+    assert fresh.fit((*experts, _twin())).token_floors("twin", layers) != repaired  # without it: the fit's own
+    served = fitter.offer((*experts, twin))
+    model.plug(twin)
+    try:
+        later = _expert("other", 3, 0.5)
+        refit = fitter.offer((*experts, twin, later))
+        model.plug(later)
+        assert model.plugged.context is refit and refit.classes == (BASE_ROUTE, "near", "far", "twin", "other")
+        assert all(a >= b for a, b in zip(refit.token_floors("twin", layers), repaired, strict=True))
+        model.unplug("other")
+        assert model.plugged.context is served  # the router with the repair, the same object
+    finally:
+        model.unplug("twin")
+
+
+def test_a_context_sample_pass_equals_the_plain_loop_over_texts(setup, tokenizer) -> None:
+    """The pass computes a padded batch's context means at once; per text it equals context_means on that text's
+    MLP inputs alone (as they flowed in token mode), read by each layer's classifier."""
+    model, fitter, experts = setup
+    router = fitter.offer(experts)
+    strings = _texts("far", 6, 5) + ["Tom has 3", _texts(BASE_ROUTE, 1, 5)[0]]  # rows of different lengths
+    result = context_sample_pass(model, tokenizer, strings, model.plugged, "far", batch_size=4)
+    c = router.classes.index("far")
+    flows = capture_texts(model, tokenizer, strings, spec=RoutingSpec(), plugged=model.plugged)
+    for i, layer in enumerate(model.plugged.get("far").layers):
+        expected = []
+        for x in flows:
+            best, choice = router.layers[layer].probabilities(context_means(x, router.skip)[:, layer]).max(dim=-1)
+            win = torch.where(choice == c, best, torch.full_like(best, float("-inf")))
+            win[: router.skip] = float("-inf")
+            expected.append(win)
+        torch.testing.assert_close(result.winning[i], torch.cat(expected))
+        assert result.taken[i] == int((torch.cat(expected) > router.layers[layer].floors[c]).sum())
+    assert result.decisions == sum(len(x) for x in flows)
