@@ -466,7 +466,8 @@ def admit(
         cache.put(created, {s: (r.nll, r.tokens) for s, r in after.items()})
         if routed_by_context and router_final is not router_with:
             assert router_fitter is not None and router_final is not None
-            router_fitter.keep(router_final)  # the plug's set serves with the repaired floors
+            # the plug's set serves with the repaired floors (the set of `final`, which carries its repair)
+            router_fitter.keep(router_final, [final if e.name == name else e for e in with_c.experts])
     base = next(c for c in checks if c.domain == BASE_SAMPLE)
     context_routing, notes = None, []
     if router_fitter is not None:
@@ -541,12 +542,13 @@ def _sequence_oracle(
         decided = [router.sequence_route(stacked[row][real[row]].float().cpu()) for row in range(len(batch))]
         hits += sum(d == candidate for d in decided)
         count += len(decided)
-        specs = [RoutingSpec("off") if d not in plugged else RoutingSpec("pin", d) for d in decided]
-        nll, tokens = token_nll(forward(model, batch, specs, plugged).logits, batch)
-        routed = (routed[0] + float(nll.sum()), routed[1] + int(tokens.sum()))
         pins = [RoutingSpec("pin", candidate)] * len(batch)
         nll, tokens = token_nll(forward(model, batch, pins, plugged).logits, batch)
         pinned = (pinned[0] + float(nll.sum()), pinned[1] + int(tokens.sum()))
+        specs = [RoutingSpec("off") if d not in plugged else RoutingSpec("pin", d) for d in decided]
+        if specs != pins:  # (a batch decided for the candidate throughout is the pinned forward itself)
+            nll, tokens = token_nll(forward(model, batch, specs, plugged).logits, batch)
+        routed = (routed[0] + float(nll.sum()), routed[1] + int(tokens.sum()))
     ppl_routed, ppl_pinned = perplexity(*routed), perplexity(*pinned)
     return {
         "texts": count,
@@ -612,9 +614,15 @@ def _repair_floors(
     floors_before = router.token_floors(name, layers)
     floors = raised_thresholds(floors_before, unrepaired_passes, shares, 1.0)
 
+    # per sample its latest pass. Floors only rise, so on a sample where the candidate won no decision it wins
+    # none again, and no other decision depends on its floor: that pass stands as it is, bit for bit
+    latest = {s: unrepaired_passes[s] for s in samples.texts}
+
     def run(values: list[float]) -> tuple[ContextRouter, dict[str, SamplePass]]:
         repaired = router.with_token_floors(name, dict(zip(layers, values, strict=True)))
-        return repaired, _passes(model, tokenizer, samples.texts, with_c.with_router(repaired), None, name, max_tokens)
+        moved = {s: strings for s, strings in samples.texts.items() if any(latest[s].taken)}
+        latest.update(_passes(model, tokenizer, moved, with_c.with_router(repaired), None, name, max_tokens))
+        return repaired, dict(latest)
 
     floors, repaired, after, checks, rounds = _raise_until_within(floors, run, samples, baseline, limits, name, shares)
     own_before = next((c.take_rates for c in unrepaired if c.domain == name), None)

@@ -38,7 +38,7 @@ from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
 from moe.model.routed import RoutedModel
 from moe.model.text_batches import batches, forward, perplexity, texts, token_nll
-from moe.routing.context import context_means, domain_texts
+from moe.routing.context import domain_texts
 from moe.routing.router import RoutingSpec, choose_experts, gate_scores
 
 BASE_SAMPLE = "base"  # the base calibration text's sample name (the base route's name: no expert can take it)
@@ -154,16 +154,19 @@ def context_sample_pass(
         result.tokens += int(count.sum())
         real = batch.mask.bool()
         result.decisions += int(real.sum())
-        stacked = torch.stack(out.mlp_inputs, dim=2)  # [B, T, L, H], padded
-        for row in range(len(batch)):
-            means = context_means(stacked[row][real[row]].float().cpu(), router.skip)  # [T_i, L, H]
-            for i, layer in enumerate(layers):
-                classifier = router.layers[layer]
-                best, choice = classifier.probabilities(means[:, layer]).max(dim=-1)  # [T_i]
-                win = torch.where(choice == c, best, torch.full_like(best, float("-inf")))
-                win[: router.skip] = float("-inf")  # the prefix joins no context: always base
-                winning[i].append(win)
-                result.taken[i] += int((win > classifier.floors[c]).sum())
+        # the whole batch's context means at once (right-padded: a row's padding comes after its tokens, so
+        # it joins no real position's mean); per row, equal to context_means(its real inputs, router.skip)
+        counted = real.clone()
+        counted[:, : router.skip] = False  # the prefix joins no context: always base
+        unit = F.normalize(torch.stack(out.mlp_inputs, dim=2).float(), dim=-1) * counted[..., None, None]
+        means = F.normalize(unit.cumsum(dim=1), dim=-1)[real].cpu()  # [N, L, H], the real tokens row by row
+        counted = counted[real].cpu()  # [N]
+        for i, layer in enumerate(layers):
+            classifier = router.layers[layer]
+            best, choice = classifier.probabilities(means[:, layer]).max(dim=-1)  # [N]
+            win = torch.where((choice == c) & counted, best, torch.full_like(best, float("-inf")))
+            winning[i].append(win)
+            result.taken[i] += int((win > classifier.floors[c]).sum())
     result.winning = [torch.cat(w) if w else torch.empty(0) for w in winning]
     return result
 
