@@ -9,11 +9,15 @@ through it: the server's engine (a thread that calls `step` in a loop) and offli
 
 One step:
 
-    admit waiting sequences up to the decoder's slots, round-robin over their requests' `client` tags (one
+    while more than one client (the requests' `client` tags) has sequences waiting or running: give each client
+        its allowance of the step's rows (share_ratio times the lightest client's rows, split max-min fairly),
+        and preempt a client's running rows over it (slots freed, tokens kept: they wait at the head of the queue)
+    admit waiting sequences up to the decoder's slots and the clients' allowances, round-robin over clients (one
         client's burst does not hold the slots that free up), their prompts up to max_prefill_tokens (the first
         always starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
         there; sequences that asked for prompt logprobs are prefilled apart, every position's logits, in groups
-        under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot
+        under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot; a
+        preempted sequence resumes the same way, its prompt and tokens so far prefilled again
     finish cancelled sequences and those whose pinned expert was unplugged; drop unplugged names from
         allow-lists
     one moe.decode.static_decoder.decode_one_token for every running sequence, each with its own routing
@@ -30,6 +34,14 @@ row whose sampling raises is finished with an error while its neighbours are sam
 have been together; a row whose grammar rejects its token is finished alone (the other rows keep the tokens
 they sampled, their grammars moved once); whatever else a step raises fails the running batch with an
 error, and the next step goes on. Every sequence taken from the queue gets its finish.
+
+Fair share: on a CPU a step's cost grows with its rows, so one client's many rows (n choices, several prompts)
+would slow every other client's tokens. While several clients have work, a step runs at most share_ratio
+times the rows of the client that wants fewest (one row per client at least), split max-min fairly: a light
+client keeps its row in every step at about its solo cost, a heavy one gets the rest and always at least
+one row (it finishes), clients that want alike share the batch as before, and a client alone fills it.
+Preemption is by recomputation (vLLM's default): nothing to copy now, paid once by the preempted rows when
+they resume.
 
 The scheduler knows nothing of threads, event loops or metrics: what the server counts it reads from a
 SchedulerObserver (prefilled prompts, routed tokens per layer, batch sizes, each token, each finish).
@@ -74,6 +86,15 @@ logger = logging.getLogger(__name__)
 # sequences that ask for them are prefilled in groups under this, one row at least.
 PROMPT_LOGITS_BUDGET = 1 << 26
 
+# On a CPU, while more than one client has sequences waiting or running, a decode step runs at most this many
+# rows per row of the client that wants fewest (the default of Scheduler's share_ratio). A CPU step costs more
+# with every row it runs (the demo model, one thread: 2 rows ~1.1x the step of one row, 4 rows ~1.3x, 16 rows
+# ~2x, 16 ~1.25x the step of 8), so a client beside another's request of 8 choices would pay for those rows at
+# every token (0.47 of its solo tokens/s); at 2 rows per light row it keeps ~0.8 (bench/fair_share.py), and
+# two clients that want 8 rows each still share a step of 16. On a GPU a step of 16 rows costs about what one
+# row's costs: no cap there.
+SHARE_RATIO_CPU = 2
+
 
 def eos_token_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
     """Every id that ends a sequence: the generation config's, the model config's and the tokenizer's."""
@@ -107,6 +128,9 @@ class SchedulerObserver:
     def decoded(self, rows: int) -> None:
         """One decode step ran this many rows."""
 
+    def preempted(self, seq: Sequence) -> None:
+        """seq left the batch to make room for other clients' rows (it waits, and resumes where it was)."""
+
     def token(self, seq: Sequence) -> None:
         """seq sampled a token (seq.token_ids[-1]); called before its Event is pushed."""
 
@@ -118,6 +142,9 @@ class Scheduler:
     """Waiting and running sequences over one StaticDecoder (its slots are the batch, its max_len the context).
 
     max_prefill_tokens: prompt tokens one step may prefill (None: as many as there are free slots).
+    share_ratio: while sequences of more than one client wait or run, a step runs at most this many rows per
+        row of the client that wants fewest (the fair share, see _allowances); None: by device (SHARE_RATIO_CPU
+        on a CPU, no cap elsewhere); 0: no cap (every running row in every step).
     The decoder's plugged set is the one routed over: the model's live slots (what the server plugs between
     steps) or a fixed set. Not thread-safe: one thread calls add, step and finish_*.
     """
@@ -130,6 +157,7 @@ class Scheduler:
         *,
         max_prefill_tokens: int | None = None,
         observer: SchedulerObserver | None = None,
+        share_ratio: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -137,6 +165,9 @@ class Scheduler:
         self.max_batch_size = decoder.max_batch
         self.context_limit = decoder.max_len
         self.max_prefill_tokens = max_prefill_tokens
+        if share_ratio is None:
+            share_ratio = SHARE_RATIO_CPU if model.device.type == "cpu" else 0
+        self.share_ratio = share_ratio
         self.observer = observer or SchedulerObserver()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
@@ -168,7 +199,10 @@ class Scheduler:
         """Admit what fits, then decode one token for every running sequence. Never raises for a sequence's
         fault: whatever a step raises fails the running batch with an error, and the scheduler goes on."""
         try:
-            self._admit()
+            allowances = self._allowances()
+            if allowances is not None:
+                self._preempt(allowances)
+            self._admit(allowances)
             if self.running:
                 self._decode()
         except Exception as e:
@@ -188,18 +222,81 @@ class Scheduler:
 
     # --- admission ----------------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _allowances(self) -> dict[str, int] | None:
+        """Each client's rows in this step while more than one client has sequences waiting or running (None:
+        one client or none, which may fill the batch, or no cap). The step's rows, share_ratio times the rows
+        of the client that wants fewest and one per client at least, within the batch, are split max-min fairly
+        (water-filling): the clients that want least get all they want, the others an equal share of what is
+        left, so every client has a row in every step (while the batch has one for each) and no client's rows
+        set the cost of everyone's step."""
+        if self.share_ratio <= 0:
+            return None
+        demand: dict[str, int] = {}
+        running: dict[str, int] = {}
+        for seq in self.running:
+            client = seq.request.client
+            demand[client] = demand.get(client, 0) + 1
+            running[client] = running.get(client, 0) + 1
+        for seq in self.waiting:
+            demand[seq.request.client] = demand.get(seq.request.client, 0) + 1
+        if len(demand) < 2:
+            return None
+        rows = min(self.max_batch_size, max(self.share_ratio * min(demand.values()), len(demand)))
+        # least demand first; on a tie the client running fewer rows first (what is left over goes to the later
+        # ones, so rows that run already keep running)
+        order = sorted(demand, key=lambda client: (demand[client], running.get(client, 0)))
+        allowances: dict[str, int] = {}
+        for position, client in enumerate(order):
+            allowances[client] = min(demand[client], rows // (len(order) - position))
+            rows -= allowances[client]
+        return allowances
+
+    def _preempt(self, allowances: dict[str, int]) -> None:
+        """A client's running rows over its allowance leave the batch, the latest joined first: their slots are
+        freed (keys and values dropped), their tokens, text, generator and grammar kept. They wait at the head of
+        the queue and resume where they were (_start prefills prompt + tokens so far)."""
+        over: dict[str, int] = {client: -allowances[client] for client in allowances}
+        for seq in self.running:
+            over[seq.request.client] += 1
+        if all(excess <= 0 for excess in over.values()):
+            return
+        keep: list[int] = []
+        preempted: list[Sequence] = []  # latest joined first
+        for row in reversed(range(len(self.running))):
+            seq = self.running[row]
+            if over[seq.request.client] > 0:
+                over[seq.request.client] -= 1
+                preempted.append(seq)
+            else:
+                keep.append(row)
+        self._drop(keep[::-1])
+        for seq in preempted:  # the earliest joined ends at the head of the queue
+            seq.slot = -1
+            seq.preemptions += 1
+            self.waiting.appendleft(seq)
+            self.observer.preempted(seq)
+
+    def _admit(self, allowances: dict[str, int] | None = None) -> None:
         """Start waiting sequences, round-robin over clients (the client admitted least recently goes next,
-        its oldest sequence first), while the decoder has free slots and their prompts fit max_prefill_tokens
-        (the first always starts): one client's burst cannot hold the slots that free up while another client
-        waits, and the prefill between two decode steps stays bounded, so the running rows' next token is not
-        held behind a burst of new prompts."""
+        its oldest sequence first), while the decoder has free slots, each client stays within its allowance
+        (several clients: _allowances) and their prompts fit max_prefill_tokens (the first always starts): one
+        client's burst cannot hold the slots that free up while another client waits, and the prefill between
+        two decode steps stays bounded, so the running rows' next token is not held behind a burst of new
+        prompts. A preempted sequence resumes here (its prompt is its prompt and its tokens so far)."""
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
+        rows: dict[str, int] = {}  # client -> its rows running or admitted (with allowances)
+        if allowances is not None:
+            for seq in self.running:
+                rows[seq.request.client] = rows.get(seq.request.client, 0) + 1
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            index = self._next_waiting()
+            full = {c for c, n in rows.items() if n >= allowances[c]} if allowances is not None else set()
+            index = self._next_waiting(full)
+            if index is None:
+                break
             if budget is not None:
-                tokens = len(self.waiting[index].request.prompt_ids)
+                waiting = self.waiting[index]
+                tokens = len(waiting.request.prompt_ids) + len(waiting.token_ids)
                 if admitted and tokens > budget:
                     break
                 budget -= tokens
@@ -207,6 +304,7 @@ class Scheduler:
             del self.waiting[index]
             self._admissions += 1
             self._last_admitted[seq.request.client] = self._admissions
+            rows[seq.request.client] = rows.get(seq.request.client, 0) + 1
             admitted.append(seq)
         if len(self._last_admitted) > 4 * self.max_batch_size:  # forget clients with nothing here
             present = {s.request.client for s in (*self.waiting, *self.running, *admitted)}
@@ -215,7 +313,10 @@ class Scheduler:
             return
         try:
             plugged = self.decoder.plugged
-            seqs = [seq for seq in admitted if self._arm(seq, plugged)]
+            resumed = [seq for seq in admitted if seq.token_ids and self._may_go_on(seq, plugged)]
+            if resumed:
+                self._start(resumed, plugged, resume=True)
+            seqs = [seq for seq in admitted if not seq.token_ids and self._arm(seq, plugged)]
             scored = [s for s in seqs if s.request.prompt_logprobs is not None]
             for group in prompt_logit_groups(scored, self.vocab_size):
                 self._start(group, plugged, prompt_logits=True)
@@ -228,11 +329,12 @@ class Scheduler:
                     error = GenerationFailedError("the request could not start (see the server log)")
                     self.finish(seq, ERROR, str(error), error)
 
-    def _next_waiting(self) -> int:
+    def _next_waiting(self, full: Iterable[str] = ()) -> int | None:
         """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
-        recently (a client never admitted first; ties by queue order). O(waiting), which the queue bounds."""
-        best, best_last = 0, None
-        seen: set[str] = set()
+        recently (a client never admitted first; ties by queue order), none of the `full` clients (None: every
+        waiting sequence is theirs). O(waiting), which the queue bounds."""
+        best, best_last = None, None
+        seen: set[str] = set(full)
         for index, seq in enumerate(self.waiting):
             client = seq.request.client
             if client in seen:
@@ -242,6 +344,19 @@ class Scheduler:
             if best_last is None or last < best_last:
                 best, best_last = index, last
         return best
+
+    def _may_go_on(self, seq: Sequence, plugged: PluggedSet) -> bool:
+        """Whether a started sequence goes on under this plugged set (its routing updated); False: it was
+        cancelled or its pinned expert unplugged, and was finished."""
+        if seq.output is not None and seq.output.cancelled:
+            self.finish(seq, CANCELLED, "the client went away")
+            return False
+        spec, message = current_spec(seq.spec, plugged)
+        if spec is None:
+            self.finish(seq, EXPERT_UNPLUGGED, message)
+            return False
+        seq.spec = spec
+        return True
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
@@ -273,29 +388,35 @@ class Scheduler:
             return False
         return True
 
-    def _start(self, seqs: list[Sequence], plugged: PluggedSet, prompt_logits: bool = False) -> None:
+    def _start(
+        self, seqs: list[Sequence], plugged: PluggedSet, prompt_logits: bool = False, resume: bool = False
+    ) -> None:
         """Prefill new sequences together, sample their first tokens, and join them to the running batch.
 
-        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). A prefill that
-        raises is retried row by row, so a row that cannot be prefilled fails alone."""
-        prompts = [s.request.prompt_ids for s in seqs]
+        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). resume: the
+        sequences were preempted; their prompt and tokens so far are prefilled again (a recomputation: its
+        routing decisions were counted when first made and are not counted again) and their next token is
+        sampled. A prefill that raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompts = [s.request.prompt_ids + s.token_ids if resume else s.request.prompt_ids for s in seqs]
         try:
             pre = prefill(self.model, prompts, [s.spec for s in seqs], plugged, prompt_logits=prompt_logits)
         except Exception as e:
             if len(seqs) > 1:
                 logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
                 for seq in seqs:
-                    self._start([seq], plugged, prompt_logits)
+                    self._start([seq], plugged, prompt_logits, resume)
                 return
             logger.exception("prefill failed")
             error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
             self.finish(seqs[0], ERROR, str(error), error)
             return
-        self.observer.routed(pre.layer_counts)
+        if not resume:
+            self.observer.routed(pre.layer_counts)
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
-            add_counts(seq.counts, row_counts)
-            self.observer.prefilled(seq)
+            if not resume:
+                add_counts(seq.counts, row_counts)
+                self.observer.prefilled(seq)
         if pre.prompt_logits is not None:
             for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
                 seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
@@ -323,15 +444,8 @@ class Scheduler:
         plugged = self.decoder.plugged
         keep: list[int] = []
         for row, seq in enumerate(self.running):
-            if seq.output is not None and seq.output.cancelled:
-                self.finish(seq, CANCELLED, "the client went away")
-                continue
-            spec, message = current_spec(seq.spec, plugged)
-            if spec is None:
-                self.finish(seq, EXPERT_UNPLUGGED, message)
-                continue
-            seq.spec = spec
-            keep.append(row)
+            if self._may_go_on(seq, plugged):
+                keep.append(row)
         self._drop(keep)
         if not self.running:
             return
