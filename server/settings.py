@@ -6,6 +6,7 @@ located by path, never imported.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -279,10 +280,10 @@ class Settings(BaseSettings):
         return self.sequences_per_request() if self.api_key_set() else None
 
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(_items(self.api_keys))
+        return item_set(self.api_keys)
 
     def open_path_set(self) -> frozenset[str]:
-        return frozenset(_items(self.open_paths))
+        return item_set(self.open_paths)
 
     def resolved_source_roots(self) -> tuple[Path, ...]:
         """Directories a local `source` may be read under, resolved (symlinks followed)."""
@@ -330,6 +331,13 @@ def parse_lora_module(item: str) -> tuple[str, str]:
 def _items(value: str | None) -> list[str]:
     """A comma-separated setting as its non-empty items."""
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+@functools.lru_cache(maxsize=32)
+def item_set(value: str | None) -> frozenset[str]:
+    """A comma-separated setting as a set of its items, parsed once per value (server.auth reads --api-keys and
+    --open-paths on every request; keyed by the value, a changed setting is never served stale)."""
+    return frozenset(_items(value))
 
 
 class ClusterSettings(BaseSettings):

@@ -44,7 +44,10 @@ Preemption is by recomputation (vLLM's default): nothing to copy now, paid once 
 they resume.
 
 The scheduler knows nothing of threads, event loops or metrics: what the server counts it reads from a
-SchedulerObserver (prefilled prompts, routed tokens per layer, batch sizes, each token, each finish).
+SchedulerObserver, one StepReport per phase (the admission with its prefills, then the decode step): routed
+tokens per layer, prefilled prompts, preemptions, the batch size, each token, each finish. The report goes
+first, then the phase's events in the order they were made, so the observer's counts are in place before a
+client sees a token, and a request's walk crosses into the observer and into its output once per phase.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +75,7 @@ from moe.decode.sequence import (
     Finished,
     GenerationFailedError,
     Sequence,
+    SequenceOutput,
 )
 from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from moe.decode.structured_output import GrammarCompiler, consume
@@ -116,8 +121,40 @@ def logits_width(model: RoutedModel) -> int:
     return int(model.backbone.config.vocab_size)
 
 
+@dataclass
+class StepReport:
+    """What one phase of a step did (the admission, or the decode step, or finishes outside a step), handed to the
+    observer at once when the phase ends, before the phase's events are pushed (metrics before events)."""
+
+    routed: list[list[dict[str, float]]] = field(default_factory=list)  # per forward, per layer {route: decisions}
+    prefilled: list[Sequence] = field(default_factory=list)  # prompts prefilled (a preempted one resuming: not)
+    preempted: list[Sequence] = field(default_factory=list)  # left the batch for other clients' rows
+    decoded: int = 0  # rows the decode step ran (0: none ran)
+    tokens: list[Sequence] = field(default_factory=list)  # each sampled one token (its token_ids[-1])
+    finished: list[Sequence] = field(default_factory=list)  # each with its `finished` set
+
+    def __bool__(self) -> bool:
+        return bool(self.routed or self.prefilled or self.preempted or self.decoded or self.tokens or self.finished)
+
+
 class SchedulerObserver:
-    """What a step reports as it goes; this one ignores it all (the server's engine counts it)."""
+    """What the scheduler reports, one StepReport per phase (`stepped`); this one hands each report to the methods
+    below, one call per item, which ignore it all (the server's engine overrides `stepped` and counts it)."""
+
+    def stepped(self, report: StepReport) -> None:
+        """One phase's report; called before its events are pushed."""
+        for layer_counts in report.routed:
+            self.routed(layer_counts)
+        for seq in report.prefilled:
+            self.prefilled(seq)
+        for seq in report.preempted:
+            self.preempted(seq)
+        if report.decoded:
+            self.decoded(report.decoded)
+        for seq in report.tokens:
+            self.token(seq)
+        for seq in report.finished:
+            self.finished(seq)
 
     def prefilled(self, seq: Sequence) -> None:
         """seq's prompt was prefilled."""
@@ -169,6 +206,9 @@ class Scheduler:
             share_ratio = SHARE_RATIO_CPU if model.device.type == "cpu" else 0
         self.share_ratio = share_ratio
         self.observer = observer or SchedulerObserver()
+        self.device = model.device
+        self._report = StepReport()  # this phase's, handed over with its events by _flush
+        self._events: list[tuple[SequenceOutput, Event]] = []
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
         self.waiting: deque[Sequence] = deque()
@@ -199,26 +239,31 @@ class Scheduler:
         """Admit what fits, then decode one token for every running sequence. Never raises for a sequence's
         fault: whatever a step raises fails the running batch with an error, and the scheduler goes on."""
         try:
+            plugged = self.decoder.plugged  # the set this step runs with (plugs happen between steps)
             allowances = self._allowances()
             if allowances is not None:
                 self._preempt(allowances)
-            self._admit(allowances)
-            if self.running:
-                self._decode()
+            self._admit(plugged, allowances)
+            if self.running:  # _decode pushes the new sequences' first tokens before its step
+                self._decode(plugged)
         except Exception as e:
             logger.exception("scheduler step failed")
             error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
             self.finish_running(ERROR, str(error), error)
+        finally:
+            self._flush()
 
     def finish_waiting(self, reason: str, message: str | None, error: Exception | None = None) -> None:
         while self.waiting:
-            self.finish(self.waiting.popleft(), reason, message, error)
+            self._finish(self.waiting.popleft(), reason, message, error)
+        self._flush()
 
     def finish_running(self, reason: str, message: str | None, error: Exception | None = None) -> None:
         for seq in self.running:
-            self.finish(seq, reason, message, error)
+            self._finish(seq, reason, message, error)
         self.running = []
         self.decoder.reset()
+        self._flush()
 
     # --- admission ----------------------------------------------------------------------------------------------
 
@@ -274,9 +319,9 @@ class Scheduler:
             seq.slot = -1
             seq.preemptions += 1
             self.waiting.appendleft(seq)
-            self.observer.preempted(seq)
+        self._report.preempted += preempted
 
-    def _admit(self, allowances: dict[str, int] | None = None) -> None:
+    def _admit(self, plugged: PluggedSet, allowances: dict[str, int] | None = None) -> None:
         """Start waiting sequences, round-robin over clients (the client admitted least recently goes next,
         its oldest sequence first), while the decoder has free slots, each client stays within its allowance
         (several clients: _allowances) and their prompts fit max_prefill_tokens (the first always starts): one
@@ -312,8 +357,11 @@ class Scheduler:
         if not admitted:
             return
         try:
-            plugged = self.decoder.plugged
-            resumed = [seq for seq in admitted if seq.token_ids and self._may_go_on(seq, plugged)]
+            resumed = [
+                seq
+                for seq in admitted
+                if seq.token_ids and self._may_go_on(seq, plugged, seq.output is not None and seq.output.cancelled)
+            ]
             if resumed:
                 self._start(resumed, plugged, resume=True)
             seqs = [seq for seq in admitted if not seq.token_ids and self._arm(seq, plugged)]
@@ -327,7 +375,7 @@ class Scheduler:
             for seq in admitted:
                 if seq.finished is None and seq.slot < 0:
                     error = GenerationFailedError("the request could not start (see the server log)")
-                    self.finish(seq, ERROR, str(error), error)
+                    self._finish(seq, ERROR, str(error), error)
 
     def _next_waiting(self, full: Iterable[str] = ()) -> int | None:
         """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
@@ -345,15 +393,15 @@ class Scheduler:
                 best, best_last = index, last
         return best
 
-    def _may_go_on(self, seq: Sequence, plugged: PluggedSet) -> bool:
+    def _may_go_on(self, seq: Sequence, plugged: PluggedSet, cancelled: bool) -> bool:
         """Whether a started sequence goes on under this plugged set (its routing updated); False: it was
-        cancelled or its pinned expert unplugged, and was finished."""
-        if seq.output is not None and seq.output.cancelled:
-            self.finish(seq, CANCELLED, "the client went away")
+        cancelled (its output says so: `cancelled`) or its pinned expert unplugged, and was finished."""
+        if cancelled:
+            self._finish(seq, CANCELLED, "the client went away")
             return False
         spec, message = current_spec(seq.spec, plugged)
         if spec is None:
-            self.finish(seq, EXPERT_UNPLUGGED, message)
+            self._finish(seq, EXPERT_UNPLUGGED, message)
             return False
         seq.spec = spec
         return True
@@ -363,15 +411,15 @@ class Scheduler:
         start (cancelled, its expert gone, a bad setting), and was finished."""
         request = seq.request
         if seq.output is not None and seq.output.cancelled:
-            self.finish(seq, CANCELLED, "the client went away")
+            self._finish(seq, CANCELLED, "the client went away")
             return False
         spec, message = current_spec(request.routing, plugged)
         if spec is None:
-            self.finish(seq, EXPERT_UNPLUGGED, message)
+            self._finish(seq, EXPERT_UNPLUGGED, message)
             return False
         seq.spec = spec
         try:
-            seq.generator = request.sampling.generator(self.model.device)
+            seq.generator = request.sampling.generator(self.device)
             seq.stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
             seq.text = TextStream(
                 self.tokenizer, request.stop, tuple(sorted(seq.stop_ids)), request.text, pieces=seq.output is not None
@@ -379,12 +427,12 @@ class Scheduler:
             if request.grammar is not None:  # checked before queueing; a failure here fails this sequence only
                 seq.matcher = self.grammars.matcher(request.grammar)
         except GrammarError as e:
-            self.finish(seq, ERROR, f"structured output failed: {e}")
+            self._finish(seq, ERROR, f"structured output failed: {e}")
             return False
         except Exception as e:  # this sequence cannot start; the others can
             logger.exception("cannot start a request")
             error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
-            self.finish(seq, ERROR, str(error), error)
+            self._finish(seq, ERROR, str(error), error)
             return False
         return True
 
@@ -408,22 +456,22 @@ class Scheduler:
                 return
             logger.exception("prefill failed")
             error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
-            self.finish(seqs[0], ERROR, str(error), error)
+            self._finish(seqs[0], ERROR, str(error), error)
             return
         if not resume:
-            self.observer.routed(pre.layer_counts)
+            self._report.routed.append(pre.layer_counts)
+            self._report.prefilled += seqs
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
             if not resume:
                 add_counts(seq.counts, row_counts)
-                self.observer.prefilled(seq)
         if pre.prompt_logits is not None:
             for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
                 seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
         live = [row for row, seq in enumerate(seqs) if seq.request.max_new_tokens > 0]
         for seq in seqs:
             if seq.request.max_new_tokens == 0:  # scoring only (echo with max_tokens 0)
-                self.finish(seq, LENGTH, None)
+                self._finish(seq, LENGTH, None)
         if not live:
             return
         rows = [seqs[row] for row in live]
@@ -440,11 +488,16 @@ class Scheduler:
 
     # --- a decode step ------------------------------------------------------------------------------------------
 
-    def _decode(self) -> None:
-        plugged = self.decoder.plugged
+    def _decode(self, plugged: PluggedSet) -> None:
+        """The admission's events go out first (new rows' first tokens); then, in one pass over the outputs, who
+        is still listening; then one token for every running row that goes on."""
+        self._flush()
+        cancelled: list[bool] = []
+        for seq in self.running:  # a plain loop, right after the pushes: one crossing into the outputs
+            cancelled.append(seq.output is not None and seq.output.cancelled)
         keep: list[int] = []
         for row, seq in enumerate(self.running):
-            if self._may_go_on(seq, plugged):
+            if self._may_go_on(seq, plugged, cancelled[row]):
                 keep.append(row)
         self._drop(keep)
         if not self.running:
@@ -453,14 +506,13 @@ class Scheduler:
         out = decode_one_token(
             self.decoder, [s.slot for s in seqs], [s.token_ids[-1] for s in seqs], [s.spec for s in seqs]
         )
-        self.observer.routed(out.layer_counts)
-        self.observer.decoded(len(seqs))
+        self._report.routed.append(out.layer_counts)
+        self._report.decoded = len(seqs)
+        for seq, row_counts in zip(seqs, out.row_counts, strict=True):
+            add_counts(seq.counts, row_counts)
         tokens, logprobs = self._sample(seqs, out.logits)
         keep = []
-        for row, (seq, token, row_logprobs, row_counts) in enumerate(
-            zip(seqs, tokens, logprobs, out.row_counts, strict=True)
-        ):
-            add_counts(seq.counts, row_counts)
+        for row, (seq, token, row_logprobs) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
             if token is not None and not self._advance(seq, token, row_logprobs):
                 keep.append(row)
         self._drop(keep)
@@ -542,27 +594,46 @@ class Scheduler:
             or len(request.prompt_ids) + len(seq.token_ids) >= self.context_limit
         ):
             reason, piece = LENGTH, piece + seq.text.flush()
-        self.observer.token(seq)
+        self._report.tokens.append(seq)
         if seq.output is not None:
-            seq.output.push(Event(piece, [token], logprobs=[logprobs] if wants_logprobs else []))
+            self._events.append((seq.output, Event(piece, [token], logprobs=[logprobs] if wants_logprobs else [])))
         if reason is None:
             return False
-        self.finish(seq, reason, None)
+        self._finish(seq, reason, None)
         return True
 
     def _fail(self, seq: Sequence, message: str) -> None:
         error = GenerationFailedError(message)
-        self.finish(seq, ERROR, str(error), error)
+        self._finish(seq, ERROR, str(error), error)
 
     def finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
-        """End a sequence (once): its held-back text, then its Finished. Its slot is freed by the caller."""
+        """End a sequence (once), from outside a step: its held-back text, then its Finished, reported and pushed
+        now. Its slot is freed by the caller."""
+        self._finish(seq, reason, message, error)
+        self._flush()
+
+    def _flush(self) -> None:
+        """The phase's report to the observer, then its events to their outputs, in the order they were made
+        (for the walk of a request: one call into the observer and one run of pushes per phase)."""
+        report, events = self._report, self._events
+        if not report and not events:
+            return
+        self._report, self._events = StepReport(), []
+        try:
+            self.observer.stepped(report)
+        finally:  # a failing observer must not cost a client its events
+            for output, event in events:
+                output.push(event)
+
+    def _finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
+        """End a sequence (once): its held-back text, then its Finished, queued for this phase's _flush."""
         if seq.finished is not None:
             return
         text = ""
         if seq.text is not None:
             rest = seq.text.flush()
             if rest and seq.output is not None:
-                seq.output.push(Event(rest))
+                self._events.append((seq.output, Event(rest)))
             text = seq.text.text
         shares = route_shares(seq.counts)
         seq.finished = Finished(
@@ -578,9 +649,9 @@ class Scheduler:
             logprobs=list(seq.logprobs),
             prompt_logprobs=seq.prompt_logprobs,
         )
-        self.observer.finished(seq)
+        self._report.finished.append(seq)
         if seq.output is not None:
-            seq.output.push(Event(finished=seq.finished))
+            self._events.append((seq.output, Event(finished=seq.finished)))
 
 
 def prompt_logit_groups(seqs: list[Sequence], vocab: int) -> list[list[Sequence]]:
