@@ -631,10 +631,11 @@ class Scheduler:
             return
         text = ""
         if seq.text is not None:
-            rest = seq.text.flush()
-            if rest and seq.output is not None:
-                self._events.append((seq.output, Event(rest)))
-            text = seq.text.text
+            if seq.text.final is None:  # its last token (a stop string, EOS, the length) did not end the text
+                rest = seq.text.flush()
+                if rest and seq.output is not None:
+                    self._events.append((seq.output, Event(rest)))
+            text = seq.text.final or ""
         shares = route_shares(seq.counts)
         seq.finished = Finished(
             reason,

@@ -407,3 +407,46 @@ def test_a_preempted_sequence_is_prefilled_and_counted_once(model, tokenizer) ->
     assert len(prefilled) == 4 and {id(s) for s in prefilled} == {id(s) for s in [*heavy, light]}
     assert [s.finished.reason for s in heavy] == [LENGTH, LENGTH, CANCELLED]
     assert heavy[1].finished.completion_tokens == 8
+
+
+# --- the observer: one report per phase, before that phase's events (issue 20's walk) -----------------------
+
+
+def test_each_phase_reports_to_the_observer_once_before_its_events_are_pushed(model, tokenizer) -> None:
+    """The admission (its prefill's first token) and each decode step hand the observer one StepReport, and only
+    then push their events: metrics count a token before its client can see it."""
+    log: list[tuple] = []
+
+    class Logged(Collected):
+        def push(self, event: Event) -> None:
+            super().push(event)
+            log.append(("event", len(event.token_ids), event.finished is not None))
+
+    class Recording(scheduler_module.SchedulerObserver):
+        def stepped(self, report: scheduler_module.StepReport) -> None:
+            log.append(
+                (
+                    "report",
+                    len(report.routed),
+                    len(report.prefilled),
+                    report.decoded,
+                    len(report.tokens),
+                    len(report.finished),
+                )
+            )
+
+    sched = scheduler(model, tokenizer, observer=Recording())
+    seq = Sequence(exactly(3, tokenizer.encode(PROMPTS[0])), Logged())
+    sched.add([seq])
+    while sched.busy:
+        sched.step()
+    assert log == [
+        ("report", 1, 1, 0, 1, 0),  # the prefill: its routing, the prompt, the first token
+        ("event", 1, False),
+        ("report", 1, 0, 1, 1, 0),  # a decode step of one row
+        ("event", 1, False),
+        ("report", 1, 0, 1, 1, 1),  # the last token and the finish
+        ("event", 1, False),
+        ("event", 0, True),
+    ]
+    assert seq.finished is not None and seq.finished.completion_tokens == 3
