@@ -49,7 +49,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_queue: int = 64,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int = 256,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
         cuda_graphs: bool = True,
