@@ -26,7 +26,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.errors import AuthError
-from server.settings import Settings
+from server.settings import Settings, item_set
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def admin_refusal(headers: Mapping[str, str], client_host: str | None, settings:
 
 def api_key_refusal(headers: Mapping[str, str], path: str, settings: Settings) -> AuthError | None:
     """Why this request may not use the API (None: it may)."""
-    if path in settings.open_path_set():
+    if path in item_set(settings.open_paths):
         return None
     return _key_refusal(headers, settings)
 
@@ -129,7 +129,7 @@ def has_api_key(headers: Mapping[str, str], settings: Settings) -> bool:
 
 
 def _key_refusal(headers: Mapping[str, str], settings: Settings) -> AuthError | None:
-    keys = settings.api_key_set()
+    keys = item_set(settings.api_keys)
     if not keys:
         return None
     token = _bearer(headers)
@@ -152,7 +152,7 @@ def client_identity(request: Request, settings: Settings) -> str:
     """Who a generation request comes from, for the per-client share of sequences in flight and the scheduler's
     round-robin: its API key under --api-keys (hashed: the tag is logged and kept, the key is not), else its
     address (the socket's peer: proxy headers are never read)."""
-    token = _bearer(request.headers) if settings.api_key_set() else None
+    token = _bearer(request.headers) if item_set(settings.api_keys) else None
     if token is not None:
         return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
     return "addr:" + (request.client.host if request.client else "unknown")

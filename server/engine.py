@@ -10,7 +10,7 @@ call queue, the HTTP side's submissions and the metrics.
 Requests are submitted from the event loop (`submit_all`: its checks, the queue bound, the client's share of
 sequences in flight, whose tag it sets on each request for the scheduler's round-robin) and read back through
 an asyncio queue per request (server.requests.RequestHandle, the scheduler's SequenceOutput), so the HTTP layer
-never blocks on the model. Metrics are read from the scheduler as it goes (_EngineObserver).
+never blocks on the model. Metrics are read from the scheduler's report of each phase of a step (_EngineObserver).
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from moe import BASE_ROUTE, Expert, PluggedSet, RoutedModel
-from moe.decode.scheduler import Scheduler, SchedulerObserver
+from moe.decode.scheduler import Scheduler, SchedulerObserver, StepReport
 from moe.decode.sequence import ERROR, GenerationFailedError, GenerationRequest, Sequence
 from moe.decode.static_decoder import StaticDecoder, capture_refusal, context_length
 from moe.decode.structured_output import GrammarCompiler
@@ -49,7 +49,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_queue: int = 64,
-        max_prefill_tokens: int = 512,
+        max_prefill_tokens: int = 256,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
         cuda_graphs: bool = True,
@@ -140,6 +140,7 @@ class Engine:
                 )
             request.routing.check_against(self.model.plugged)
         loop = asyncio.get_running_loop()
+        handles = [RequestHandle(request, loop) for request in requests]  # queued below, or dropped if refused
         with self._wake:
             in_flight = self._in_flight(client)
             if client_cap is not None and in_flight + len(requests) > client_cap:
@@ -154,7 +155,6 @@ class Engine:
                     f"{waiting} requests are waiting and {running} running; "
                     f"the queue holds {self.max_queue} beyond a batch of {self.max_batch_size}"
                 )
-            handles = [RequestHandle(request, loop) for request in requests]
             self._handles.setdefault(client, []).extend(handles)
             self._submitted.extend(Sequence(handle.request, handle) for handle in handles)
             self._set_gauges()
@@ -290,46 +290,42 @@ class Engine:
 
 
 class _EngineObserver(SchedulerObserver):
-    """The scheduler's reports -> the engine's routed-token totals and the Prometheus metrics."""
+    """The scheduler's reports -> the engine's routed-token totals and the Prometheus metrics (one call per phase
+    of a step, before that phase's tokens reach their clients)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def prefilled(self, seq: Sequence) -> None:
-        if self.engine.metrics:
-            self.engine.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
-
-    def routed(self, layer_counts: list[dict[str, float]]) -> None:
+    def stepped(self, report: StepReport) -> None:
         totals, metrics = self.engine._routed_totals, self.engine.metrics
-        for layer, counts in enumerate(layer_counts):
-            for route, count in counts.items():
-                if count:
-                    if route != BASE_ROUTE:
-                        totals[route] = totals.get(route, 0.0) + count
-                    if metrics:
-                        metrics.routed_tokens.labels(expert=route, layer=str(layer)).inc(count)
-
-    def decoded(self, rows: int) -> None:
-        if self.engine.metrics:
-            self.engine.metrics.batch_size.observe(rows)
-
-    def token(self, seq: Sequence) -> None:
-        metrics = self.engine.metrics
-        if metrics:
+        for layer_counts in report.routed:
+            for layer, counts in enumerate(layer_counts):
+                for route, count in counts.items():
+                    if count:
+                        if route != BASE_ROUTE:
+                            totals[route] = totals.get(route, 0.0) + count
+                        if metrics:
+                            metrics.routed_tokens.labels(expert=route, layer=str(layer)).inc(count)
+        if not metrics:
+            return
+        for seq in report.prefilled:
+            metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
+        if report.decoded:
+            metrics.batch_size.observe(report.decoded)
+        now = time.perf_counter()
+        for seq in report.tokens:
             handle: Any = seq.output  # the RequestHandle submit_all gave it
-            now = time.perf_counter()
             metrics.generated_tokens.inc()
             if len(seq.token_ids) == 1:
                 metrics.time_to_first_token.observe(now - handle.submitted)
             else:
                 metrics.inter_token_latency.observe(now - handle.last_token_at)
             handle.last_token_at = now
-
-    def finished(self, seq: Sequence) -> None:
-        metrics, done = self.engine.metrics, seq.finished
-        if metrics and done is not None and done.shares:
-            plugged = self.engine.model.plugged
-            for route, share in done.shares.items():
-                if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
-                    metrics.request_expert_share.labels(expert=route).observe(share)
-            metrics.routing_entropy.observe(done.routing_entropy)
+        plugged = self.engine.model.plugged if report.finished else None
+        for seq in report.finished:
+            done = seq.finished
+            if done is not None and done.shares:
+                for route, share in done.shares.items():
+                    if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
+                        metrics.request_expert_share.labels(expert=route).observe(share)
+                metrics.routing_entropy.observe(done.routing_entropy)

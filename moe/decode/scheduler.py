@@ -9,11 +9,15 @@ through it: the server's engine (a thread that calls `step` in a loop) and offli
 
 One step:
 
-    admit waiting sequences up to the decoder's slots, round-robin over their requests' `client` tags (one
+    while more than one client (the requests' `client` tags) has sequences waiting or running: give each client
+        its allowance of the step's rows (share_ratio times the lightest client's rows, split max-min fairly),
+        and preempt a client's running rows over it (slots freed, tokens kept: they wait at the head of the queue)
+    admit waiting sequences up to the decoder's slots and the clients' allowances, round-robin over clients (one
         client's burst does not hold the slots that free up), their prompts up to max_prefill_tokens (the first
         always starts; the rest wait a step): moe.decode.prefill.prefill them together (sequence mode is decided
         there; sequences that asked for prompt logprobs are prefilled apart, every position's logits, in groups
-        under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot
+        under PROMPT_LOGITS_BUDGET), sample their first tokens, and join each to a free decoder slot; a
+        preempted sequence resumes the same way, its prompt and tokens so far prefilled again
     finish cancelled sequences and those whose pinned expert was unplugged; drop unplugged names from
         allow-lists
     one moe.decode.static_decoder.decode_one_token for every running sequence, each with its own routing
@@ -31,8 +35,19 @@ have been together; a row whose grammar rejects its token is finished alone (the
 they sampled, their grammars moved once); whatever else a step raises fails the running batch with an
 error, and the next step goes on. Every sequence taken from the queue gets its finish.
 
+Fair share: on a CPU a step's cost grows with its rows, so one client's many rows (n choices, several prompts)
+would slow every other client's tokens. While several clients have work, a step runs at most share_ratio
+times the rows of the client that wants fewest (one row per client at least), split max-min fairly: a light
+client keeps its row in every step at about its solo cost, a heavy one gets the rest and always at least
+one row (it finishes), clients that want alike share the batch as before, and a client alone fills it.
+Preemption is by recomputation (vLLM's default): nothing to copy now, paid once by the preempted rows when
+they resume.
+
 The scheduler knows nothing of threads, event loops or metrics: what the server counts it reads from a
-SchedulerObserver (prefilled prompts, routed tokens per layer, batch sizes, each token, each finish).
+SchedulerObserver, one StepReport per phase (the admission with its prefills, then the decode step): routed
+tokens per layer, prefilled prompts, preemptions, the batch size, each token, each finish. The report goes
+first, then the phase's events in the order they were made, so the observer's counts are in place before a
+client sees a token, and a request's walk crosses into the observer and into its output once per phase.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,6 +75,7 @@ from moe.decode.sequence import (
     Finished,
     GenerationFailedError,
     Sequence,
+    SequenceOutput,
 )
 from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from moe.decode.structured_output import GrammarCompiler, consume
@@ -73,6 +90,15 @@ logger = logging.getLogger(__name__)
 # Logits one prefill may hold for prompt logprobs ([rows, longest prompt, V] elements; 256 MiB in float32):
 # sequences that ask for them are prefilled in groups under this, one row at least.
 PROMPT_LOGITS_BUDGET = 1 << 26
+
+# On a CPU, while more than one client has sequences waiting or running, a decode step runs at most this many
+# rows per row of the client that wants fewest (the default of Scheduler's share_ratio). A CPU step costs more
+# with every row it runs (the demo model, one thread: 2 rows ~1.1x the step of one row, 4 rows ~1.3x, 16 rows
+# ~2x, 16 ~1.25x the step of 8), so a client beside another's request of 8 choices would pay for those rows at
+# every token (0.47 of its solo tokens/s); at 2 rows per light row it keeps ~0.8 (bench/fair_share.py), and
+# two clients that want 8 rows each still share a step of 16. On a GPU a step of 16 rows costs about what one
+# row's costs: no cap there.
+SHARE_RATIO_CPU = 2
 
 
 def eos_token_ids(model: RoutedModel, tokenizer: Any) -> tuple[int, ...]:
@@ -95,8 +121,40 @@ def logits_width(model: RoutedModel) -> int:
     return int(model.backbone.config.vocab_size)
 
 
+@dataclass
+class StepReport:
+    """What one phase of a step did (the admission, or the decode step, or finishes outside a step), handed to the
+    observer at once when the phase ends, before the phase's events are pushed (metrics before events)."""
+
+    routed: list[list[dict[str, float]]] = field(default_factory=list)  # per forward, per layer {route: decisions}
+    prefilled: list[Sequence] = field(default_factory=list)  # prompts prefilled (a preempted one resuming: not)
+    preempted: list[Sequence] = field(default_factory=list)  # left the batch for other clients' rows
+    decoded: int = 0  # rows the decode step ran (0: none ran)
+    tokens: list[Sequence] = field(default_factory=list)  # each sampled one token (its token_ids[-1])
+    finished: list[Sequence] = field(default_factory=list)  # each with its `finished` set
+
+    def __bool__(self) -> bool:
+        return bool(self.routed or self.prefilled or self.preempted or self.decoded or self.tokens or self.finished)
+
+
 class SchedulerObserver:
-    """What a step reports as it goes; this one ignores it all (the server's engine counts it)."""
+    """What the scheduler reports, one StepReport per phase (`stepped`); this one hands each report to the methods
+    below, one call per item, which ignore it all (the server's engine overrides `stepped` and counts it)."""
+
+    def stepped(self, report: StepReport) -> None:
+        """One phase's report; called before its events are pushed."""
+        for layer_counts in report.routed:
+            self.routed(layer_counts)
+        for seq in report.prefilled:
+            self.prefilled(seq)
+        for seq in report.preempted:
+            self.preempted(seq)
+        if report.decoded:
+            self.decoded(report.decoded)
+        for seq in report.tokens:
+            self.token(seq)
+        for seq in report.finished:
+            self.finished(seq)
 
     def prefilled(self, seq: Sequence) -> None:
         """seq's prompt was prefilled."""
@@ -106,6 +164,9 @@ class SchedulerObserver:
 
     def decoded(self, rows: int) -> None:
         """One decode step ran this many rows."""
+
+    def preempted(self, seq: Sequence) -> None:
+        """seq left the batch to make room for other clients' rows (it waits, and resumes where it was)."""
 
     def token(self, seq: Sequence) -> None:
         """seq sampled a token (seq.token_ids[-1]); called before its Event is pushed."""
@@ -118,6 +179,9 @@ class Scheduler:
     """Waiting and running sequences over one StaticDecoder (its slots are the batch, its max_len the context).
 
     max_prefill_tokens: prompt tokens one step may prefill (None: as many as there are free slots).
+    share_ratio: while sequences of more than one client wait or run, a step runs at most this many rows per
+        row of the client that wants fewest (the fair share, see _allowances); None: by device (SHARE_RATIO_CPU
+        on a CPU, no cap elsewhere); 0: no cap (every running row in every step).
     The decoder's plugged set is the one routed over: the model's live slots (what the server plugs between
     steps) or a fixed set. Not thread-safe: one thread calls add, step and finish_*.
     """
@@ -130,6 +194,7 @@ class Scheduler:
         *,
         max_prefill_tokens: int | None = None,
         observer: SchedulerObserver | None = None,
+        share_ratio: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -137,7 +202,13 @@ class Scheduler:
         self.max_batch_size = decoder.max_batch
         self.context_limit = decoder.max_len
         self.max_prefill_tokens = max_prefill_tokens
+        if share_ratio is None:
+            share_ratio = SHARE_RATIO_CPU if model.device.type == "cpu" else 0
+        self.share_ratio = share_ratio
         self.observer = observer or SchedulerObserver()
+        self.device = model.device
+        self._report = StepReport()  # this phase's, handed over with its events by _flush
+        self._events: list[tuple[SequenceOutput, Event]] = []
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = logits_width(model)  # tokens the model scores: the largest sensible top_k
         self.waiting: deque[Sequence] = deque()
@@ -168,38 +239,109 @@ class Scheduler:
         """Admit what fits, then decode one token for every running sequence. Never raises for a sequence's
         fault: whatever a step raises fails the running batch with an error, and the scheduler goes on."""
         try:
-            self._admit()
-            if self.running:
-                self._decode()
+            plugged = self.decoder.plugged  # the set this step runs with (plugs happen between steps)
+            allowances = self._allowances()
+            if allowances is not None:
+                self._preempt(allowances)
+            self._admit(plugged, allowances)
+            if self.running:  # _decode pushes the new sequences' first tokens before its step
+                self._decode(plugged)
         except Exception as e:
             logger.exception("scheduler step failed")
             error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
             self.finish_running(ERROR, str(error), error)
+        finally:
+            self._flush()
 
     def finish_waiting(self, reason: str, message: str | None, error: Exception | None = None) -> None:
         while self.waiting:
-            self.finish(self.waiting.popleft(), reason, message, error)
+            self._finish(self.waiting.popleft(), reason, message, error)
+        self._flush()
 
     def finish_running(self, reason: str, message: str | None, error: Exception | None = None) -> None:
         for seq in self.running:
-            self.finish(seq, reason, message, error)
+            self._finish(seq, reason, message, error)
         self.running = []
         self.decoder.reset()
+        self._flush()
 
     # --- admission ----------------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _allowances(self) -> dict[str, int] | None:
+        """Each client's rows in this step while more than one client has sequences waiting or running (None:
+        one client or none, which may fill the batch, or no cap). The step's rows, share_ratio times the rows
+        of the client that wants fewest and one per client at least, within the batch, are split max-min fairly
+        (water-filling): the clients that want least get all they want, the others an equal share of what is
+        left, so every client has a row in every step (while the batch has one for each) and no client's rows
+        set the cost of everyone's step."""
+        if self.share_ratio <= 0:
+            return None
+        demand: dict[str, int] = {}
+        running: dict[str, int] = {}
+        for seq in self.running:
+            client = seq.request.client
+            demand[client] = demand.get(client, 0) + 1
+            running[client] = running.get(client, 0) + 1
+        for seq in self.waiting:
+            demand[seq.request.client] = demand.get(seq.request.client, 0) + 1
+        if len(demand) < 2:
+            return None
+        rows = min(self.max_batch_size, max(self.share_ratio * min(demand.values()), len(demand)))
+        # least demand first; on a tie the client running fewer rows first (what is left over goes to the later
+        # ones, so rows that run already keep running)
+        order = sorted(demand, key=lambda client: (demand[client], running.get(client, 0)))
+        allowances: dict[str, int] = {}
+        for position, client in enumerate(order):
+            allowances[client] = min(demand[client], rows // (len(order) - position))
+            rows -= allowances[client]
+        return allowances
+
+    def _preempt(self, allowances: dict[str, int]) -> None:
+        """A client's running rows over its allowance leave the batch, the latest joined first: their slots are
+        freed (keys and values dropped), their tokens, text, generator and grammar kept. They wait at the head of
+        the queue and resume where they were (_start prefills prompt + tokens so far)."""
+        over: dict[str, int] = {client: -allowances[client] for client in allowances}
+        for seq in self.running:
+            over[seq.request.client] += 1
+        if all(excess <= 0 for excess in over.values()):
+            return
+        keep: list[int] = []
+        preempted: list[Sequence] = []  # latest joined first
+        for row in reversed(range(len(self.running))):
+            seq = self.running[row]
+            if over[seq.request.client] > 0:
+                over[seq.request.client] -= 1
+                preempted.append(seq)
+            else:
+                keep.append(row)
+        self._drop(keep[::-1])
+        for seq in preempted:  # the earliest joined ends at the head of the queue
+            seq.slot = -1
+            seq.preemptions += 1
+            self.waiting.appendleft(seq)
+        self._report.preempted += preempted
+
+    def _admit(self, plugged: PluggedSet, allowances: dict[str, int] | None = None) -> None:
         """Start waiting sequences, round-robin over clients (the client admitted least recently goes next,
-        its oldest sequence first), while the decoder has free slots and their prompts fit max_prefill_tokens
-        (the first always starts): one client's burst cannot hold the slots that free up while another client
-        waits, and the prefill between two decode steps stays bounded, so the running rows' next token is not
-        held behind a burst of new prompts."""
+        its oldest sequence first), while the decoder has free slots, each client stays within its allowance
+        (several clients: _allowances) and their prompts fit max_prefill_tokens (the first always starts): one
+        client's burst cannot hold the slots that free up while another client waits, and the prefill between
+        two decode steps stays bounded, so the running rows' next token is not held behind a burst of new
+        prompts. A preempted sequence resumes here (its prompt is its prompt and its tokens so far)."""
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
+        rows: dict[str, int] = {}  # client -> its rows running or admitted (with allowances)
+        if allowances is not None:
+            for seq in self.running:
+                rows[seq.request.client] = rows.get(seq.request.client, 0) + 1
         while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
-            index = self._next_waiting()
+            full = {c for c, n in rows.items() if n >= allowances[c]} if allowances is not None else set()
+            index = self._next_waiting(full)
+            if index is None:
+                break
             if budget is not None:
-                tokens = len(self.waiting[index].request.prompt_ids)
+                waiting = self.waiting[index]
+                tokens = len(waiting.request.prompt_ids) + len(waiting.token_ids)
                 if admitted and tokens > budget:
                     break
                 budget -= tokens
@@ -207,6 +349,7 @@ class Scheduler:
             del self.waiting[index]
             self._admissions += 1
             self._last_admitted[seq.request.client] = self._admissions
+            rows[seq.request.client] = rows.get(seq.request.client, 0) + 1
             admitted.append(seq)
         if len(self._last_admitted) > 4 * self.max_batch_size:  # forget clients with nothing here
             present = {s.request.client for s in (*self.waiting, *self.running, *admitted)}
@@ -214,8 +357,14 @@ class Scheduler:
         if not admitted:
             return
         try:
-            plugged = self.decoder.plugged
-            seqs = [seq for seq in admitted if self._arm(seq, plugged)]
+            resumed = [
+                seq
+                for seq in admitted
+                if seq.token_ids and self._may_go_on(seq, plugged, seq.output is not None and seq.output.cancelled)
+            ]
+            if resumed:
+                self._start(resumed, plugged, resume=True)
+            seqs = [seq for seq in admitted if not seq.token_ids and self._arm(seq, plugged)]
             scored = [s for s in seqs if s.request.prompt_logprobs is not None]
             for group in prompt_logit_groups(scored, self.vocab_size):
                 self._start(group, plugged, prompt_logits=True)
@@ -226,13 +375,14 @@ class Scheduler:
             for seq in admitted:
                 if seq.finished is None and seq.slot < 0:
                     error = GenerationFailedError("the request could not start (see the server log)")
-                    self.finish(seq, ERROR, str(error), error)
+                    self._finish(seq, ERROR, str(error), error)
 
-    def _next_waiting(self) -> int:
+    def _next_waiting(self, full: Iterable[str] = ()) -> int | None:
         """The index in `waiting` of the sequence to admit next: the oldest of the client admitted least
-        recently (a client never admitted first; ties by queue order). O(waiting), which the queue bounds."""
-        best, best_last = 0, None
-        seen: set[str] = set()
+        recently (a client never admitted first; ties by queue order), none of the `full` clients (None: every
+        waiting sequence is theirs). O(waiting), which the queue bounds."""
+        best, best_last = None, None
+        seen: set[str] = set(full)
         for index, seq in enumerate(self.waiting):
             client = seq.request.client
             if client in seen:
@@ -243,20 +393,33 @@ class Scheduler:
                 best, best_last = index, last
         return best
 
+    def _may_go_on(self, seq: Sequence, plugged: PluggedSet, cancelled: bool) -> bool:
+        """Whether a started sequence goes on under this plugged set (its routing updated); False: it was
+        cancelled (its output says so: `cancelled`) or its pinned expert unplugged, and was finished."""
+        if cancelled:
+            self._finish(seq, CANCELLED, "the client went away")
+            return False
+        spec, message = current_spec(seq.spec, plugged)
+        if spec is None:
+            self._finish(seq, EXPERT_UNPLUGGED, message)
+            return False
+        seq.spec = spec
+        return True
+
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
         start (cancelled, its expert gone, a bad setting), and was finished."""
         request = seq.request
         if seq.output is not None and seq.output.cancelled:
-            self.finish(seq, CANCELLED, "the client went away")
+            self._finish(seq, CANCELLED, "the client went away")
             return False
         spec, message = current_spec(request.routing, plugged)
         if spec is None:
-            self.finish(seq, EXPERT_UNPLUGGED, message)
+            self._finish(seq, EXPERT_UNPLUGGED, message)
             return False
         seq.spec = spec
         try:
-            seq.generator = request.sampling.generator(self.model.device)
+            seq.generator = request.sampling.generator(self.device)
             seq.stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
             seq.text = TextStream(
                 self.tokenizer, request.stop, tuple(sorted(seq.stop_ids)), request.text, pieces=seq.output is not None
@@ -264,45 +427,51 @@ class Scheduler:
             if request.grammar is not None:  # checked before queueing; a failure here fails this sequence only
                 seq.matcher = self.grammars.matcher(request.grammar)
         except GrammarError as e:
-            self.finish(seq, ERROR, f"structured output failed: {e}")
+            self._finish(seq, ERROR, f"structured output failed: {e}")
             return False
         except Exception as e:  # this sequence cannot start; the others can
             logger.exception("cannot start a request")
             error = GenerationFailedError(f"the request could not start: {type(e).__name__}: {e}")
-            self.finish(seq, ERROR, str(error), error)
+            self._finish(seq, ERROR, str(error), error)
             return False
         return True
 
-    def _start(self, seqs: list[Sequence], plugged: PluggedSet, prompt_logits: bool = False) -> None:
+    def _start(
+        self, seqs: list[Sequence], plugged: PluggedSet, prompt_logits: bool = False, resume: bool = False
+    ) -> None:
         """Prefill new sequences together, sample their first tokens, and join them to the running batch.
 
-        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). A prefill that
-        raises is retried row by row, so a row that cannot be prefilled fails alone."""
-        prompts = [s.request.prompt_ids for s in seqs]
+        prompt_logits: score every prompt token too (their requests asked for prompt logprobs). resume: the
+        sequences were preempted; their prompt and tokens so far are prefilled again (a recomputation: its
+        routing decisions were counted when first made and are not counted again) and their next token is
+        sampled. A prefill that raises is retried row by row, so a row that cannot be prefilled fails alone."""
+        prompts = [s.request.prompt_ids + s.token_ids if resume else s.request.prompt_ids for s in seqs]
         try:
             pre = prefill(self.model, prompts, [s.spec for s in seqs], plugged, prompt_logits=prompt_logits)
         except Exception as e:
             if len(seqs) > 1:
                 logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(seqs), e)
                 for seq in seqs:
-                    self._start([seq], plugged, prompt_logits)
+                    self._start([seq], plugged, prompt_logits, resume)
                 return
             logger.exception("prefill failed")
             error = GenerationFailedError(f"prefill failed: {type(e).__name__}: {e}")
-            self.finish(seqs[0], ERROR, str(error), error)
+            self._finish(seqs[0], ERROR, str(error), error)
             return
-        self.observer.routed(pre.layer_counts)
+        if not resume:
+            self._report.routed.append(pre.layer_counts)
+            self._report.prefilled += seqs
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
-            add_counts(seq.counts, row_counts)
-            self.observer.prefilled(seq)
+            if not resume:
+                add_counts(seq.counts, row_counts)
         if pre.prompt_logits is not None:
             for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
                 seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
         live = [row for row, seq in enumerate(seqs) if seq.request.max_new_tokens > 0]
         for seq in seqs:
             if seq.request.max_new_tokens == 0:  # scoring only (echo with max_tokens 0)
-                self.finish(seq, LENGTH, None)
+                self._finish(seq, LENGTH, None)
         if not live:
             return
         rows = [seqs[row] for row in live]
@@ -319,19 +488,17 @@ class Scheduler:
 
     # --- a decode step ------------------------------------------------------------------------------------------
 
-    def _decode(self) -> None:
-        plugged = self.decoder.plugged
+    def _decode(self, plugged: PluggedSet) -> None:
+        """The admission's events go out first (new rows' first tokens); then, in one pass over the outputs, who
+        is still listening; then one token for every running row that goes on."""
+        self._flush()
+        cancelled: list[bool] = []
+        for seq in self.running:  # a plain loop, right after the pushes: one crossing into the outputs
+            cancelled.append(seq.output is not None and seq.output.cancelled)
         keep: list[int] = []
         for row, seq in enumerate(self.running):
-            if seq.output is not None and seq.output.cancelled:
-                self.finish(seq, CANCELLED, "the client went away")
-                continue
-            spec, message = current_spec(seq.spec, plugged)
-            if spec is None:
-                self.finish(seq, EXPERT_UNPLUGGED, message)
-                continue
-            seq.spec = spec
-            keep.append(row)
+            if self._may_go_on(seq, plugged, cancelled[row]):
+                keep.append(row)
         self._drop(keep)
         if not self.running:
             return
@@ -339,14 +506,13 @@ class Scheduler:
         out = decode_one_token(
             self.decoder, [s.slot for s in seqs], [s.token_ids[-1] for s in seqs], [s.spec for s in seqs]
         )
-        self.observer.routed(out.layer_counts)
-        self.observer.decoded(len(seqs))
+        self._report.routed.append(out.layer_counts)
+        self._report.decoded = len(seqs)
+        for seq, row_counts in zip(seqs, out.row_counts, strict=True):
+            add_counts(seq.counts, row_counts)
         tokens, logprobs = self._sample(seqs, out.logits)
         keep = []
-        for row, (seq, token, row_logprobs, row_counts) in enumerate(
-            zip(seqs, tokens, logprobs, out.row_counts, strict=True)
-        ):
-            add_counts(seq.counts, row_counts)
+        for row, (seq, token, row_logprobs) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
             if token is not None and not self._advance(seq, token, row_logprobs):
                 keep.append(row)
         self._drop(keep)
@@ -428,28 +594,48 @@ class Scheduler:
             or len(request.prompt_ids) + len(seq.token_ids) >= self.context_limit
         ):
             reason, piece = LENGTH, piece + seq.text.flush()
-        self.observer.token(seq)
+        self._report.tokens.append(seq)
         if seq.output is not None:
-            seq.output.push(Event(piece, [token], logprobs=[logprobs] if wants_logprobs else []))
+            self._events.append((seq.output, Event(piece, [token], logprobs=[logprobs] if wants_logprobs else [])))
         if reason is None:
             return False
-        self.finish(seq, reason, None)
+        self._finish(seq, reason, None)
         return True
 
     def _fail(self, seq: Sequence, message: str) -> None:
         error = GenerationFailedError(message)
-        self.finish(seq, ERROR, str(error), error)
+        self._finish(seq, ERROR, str(error), error)
 
     def finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
-        """End a sequence (once): its held-back text, then its Finished. Its slot is freed by the caller."""
+        """End a sequence (once), from outside a step: its held-back text, then its Finished, reported and pushed
+        now. Its slot is freed by the caller."""
+        self._finish(seq, reason, message, error)
+        self._flush()
+
+    def _flush(self) -> None:
+        """The phase's report to the observer, then its events to their outputs, in the order they were made
+        (for the walk of a request: one call into the observer and one run of pushes per phase)."""
+        report, events = self._report, self._events
+        if not report and not events:
+            return
+        self._report, self._events = StepReport(), []
+        try:
+            self.observer.stepped(report)
+        finally:  # a failing observer must not cost a client its events
+            for output, event in events:
+                output.push(event)
+
+    def _finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
+        """End a sequence (once): its held-back text, then its Finished, queued for this phase's _flush."""
         if seq.finished is not None:
             return
         text = ""
         if seq.text is not None:
-            rest = seq.text.flush()
-            if rest and seq.output is not None:
-                seq.output.push(Event(rest))
-            text = seq.text.text
+            if seq.text.final is None:  # its last token (a stop string, EOS, the length) did not end the text
+                rest = seq.text.flush()
+                if rest and seq.output is not None:
+                    self._events.append((seq.output, Event(rest)))
+            text = seq.text.final or ""
         shares = route_shares(seq.counts)
         seq.finished = Finished(
             reason,
@@ -464,9 +650,9 @@ class Scheduler:
             logprobs=list(seq.logprobs),
             prompt_logprobs=seq.prompt_logprobs,
         )
-        self.observer.finished(seq)
+        self._report.finished.append(seq)
         if seq.output is not None:
-            seq.output.push(Event(finished=seq.finished))
+            self._events.append((seq.output, Event(finished=seq.finished)))
 
 
 def prompt_logit_groups(seqs: list[Sequence], vocab: int) -> list[list[Sequence]]:

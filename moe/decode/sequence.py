@@ -96,5 +96,6 @@ class Sequence:
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     counts: dict[str, float] = field(default_factory=dict)  # (token, layer) decisions, prompt and generated
-    slot: int = -1  # the decoder slot it decodes in (-1 before it joins)
+    slot: int = -1  # the decoder slot it decodes in (-1 before it joins, and while preempted)
+    preemptions: int = 0  # times it left the batch for other clients' rows (moe.decode.scheduler._preempt)
     finished: Finished | None = None  # set once, when it ends

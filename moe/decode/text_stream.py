@@ -58,6 +58,7 @@ class TextStream:
         self._settled = ""
         self._head = ""
         self.work = 0  # ids decoded + characters searched for stop strings, so far: what the stream has cost
+        self.final: str | None = None  # the whole text, once `flush` has ended the stream
 
     @property
     def text(self) -> str:
@@ -95,6 +96,7 @@ class TextStream:
             self._text = self._decode()
         piece = self._text[self.emitted :]
         self.emitted = len(self._text)
+        self.final = self._text
         return piece
 
     def _decode(self, ids: list[int] | None = None) -> str:

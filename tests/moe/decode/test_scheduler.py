@@ -307,3 +307,146 @@ def test_admission_is_round_robin_over_clients(model, tokenizer) -> None:
     seqs = run(scheduler(model, tokenizer, max_batch=2, observer=Recording()), [*burst, *other])
     assert admitted == ["a", "b", "a", "b", "a", "a"], "first come first served would be a, a, a, a, b, b"
     assert all(s.finished is not None and s.finished.completion_tokens == 3 for s in seqs)
+
+
+# --- fair share of a step's rows (issue 24: no client's rows set every step's cost) -------------------------
+
+
+def waiting_demand(sched: Scheduler, demand: dict[str, int]) -> None:
+    sched.add(
+        Sequence(exactly(2, [5, 6], client=client), Collected()) for client, n in demand.items() for _ in range(n)
+    )
+
+
+@pytest.mark.parametrize(
+    ("share_ratio", "demand", "allowances"),
+    [
+        (2, {"light": 1, "heavy": 8}, {"light": 1, "heavy": 1}),
+        (2, {"light": 1, "other": 4, "heavy": 8}, {"light": 1, "other": 1, "heavy": 1}),  # one row each at least
+        (4, {"light": 1, "other": 4, "heavy": 8}, {"light": 1, "other": 1, "heavy": 2}),
+        (2, {"light": 2, "other": 4, "heavy": 8}, {"light": 1, "other": 1, "heavy": 2}),  # 4 rows over 3
+        (8, {"light": 1, "other": 4, "heavy": 8}, {"light": 1, "other": 3, "heavy": 4}),
+        (2, {"a": 8, "b": 8}, {"a": 8, "b": 8}),  # clients that want alike share the batch as before
+        (2, {"a": 6, "b": 12}, {"a": 6, "b": 6}),  # twice the 6 rows of the client that wants fewest
+        (2, {"a": 8, "b": 8, "c": 8}, {"a": 5, "b": 5, "c": 6}),  # the batch bounds it too
+        (2, {"alone": 12}, None),  # a client alone fills the batch
+        (0, {"light": 1, "heavy": 8}, None),  # no cap
+    ],
+)
+def test_allowances_split_the_steps_rows_max_min_fairly(
+    model, tokenizer, share_ratio: int, demand: dict[str, int], allowances: dict[str, int] | None
+) -> None:
+    """A step runs share_ratio times the rows of the client that wants fewest (one per client at least, the
+    batch at most), split max-min fairly: who wants less gets all of it, the rest share what is left."""
+    sched = scheduler(model, tokenizer, max_batch=16, share_ratio=share_ratio)
+    waiting_demand(sched, demand)
+    assert sched._allowances() == allowances
+
+
+def test_a_heavy_clients_rows_make_room_for_another_client_and_resume_where_they_were(model, tokenizer) -> None:
+    """Step by step: the heavy client alone fills the batch; when a light client arrives, the heavy one's rows
+    over its share leave the batch (the latest joined first, tokens kept) and the light row runs in every step
+    beside one heavy row; once the light client is done, the heavy rows resume and every one finishes with the
+    same tokens as without the light client."""
+    ids = tokenizer.encode(PROMPTS[1])
+    heavy = [exactly(12, ids, client="heavy") for _ in range(5)]
+    alone = run(scheduler(model, tokenizer, max_batch=8, share_ratio=2), heavy)
+
+    sched = scheduler(model, tokenizer, max_batch=8, share_ratio=2)
+    heavy_seqs = [Sequence(request, Collected()) for request in heavy]
+    sched.add(heavy_seqs)
+    sched.step()
+    sched.step()
+    assert [s.request.client for s in sched.running] == ["heavy"] * 5
+    light = Sequence(exactly(4, tokenizer.encode(PROMPTS[2]), client="light"), Collected())
+    sched.add([light])
+    rows: list[list[str]] = []
+    while sched.busy:
+        sched.step()
+        rows.append(sorted(s.request.client for s in sched.running))
+    # the light row's 4 tokens: its first from its prefill and 3 decode steps, each beside one heavy row (it
+    # finishes in the third, and the heavy rows resume at the next step's admission)
+    assert rows[:3] == [["heavy", "light"], ["heavy", "light"], ["heavy"]]
+    assert rows[3] == ["heavy"] * 5, "the heavy rows resume once the light client is done"
+    assert [s.preemptions for s in heavy_seqs] == [0, 1, 1, 1, 1]
+    assert light.finished is not None and light.finished.completion_tokens == 4
+    for seq, reference in zip(heavy_seqs, alone, strict=True):
+        assert seq.finished is not None and seq.finished.reason == LENGTH
+        assert seq.finished.token_ids == reference.finished.token_ids
+        assert seq.finished.text == reference.finished.text
+        assert "".join(e.text for e in seq.output.events) == reference.finished.text
+        assert sum(1 for e in seq.output.events if e.token_ids) == 12, "one event per token, none repeated"
+
+
+def test_a_preempted_sequence_is_prefilled_and_counted_once(model, tokenizer) -> None:
+    """Resuming is a recomputation: the prompt is reported prefilled once, and a preempted sequence that was
+    cancelled while it waited finishes as cancelled without running again."""
+    prefilled: list[Sequence] = []
+    preempted: list[Sequence] = []
+
+    class Recording(scheduler_module.SchedulerObserver):
+        def prefilled(self, seq: Sequence) -> None:
+            prefilled.append(seq)
+
+        def preempted(self, seq: Sequence) -> None:
+            preempted.append(seq)
+
+    ids = tokenizer.encode(PROMPTS[0])
+    sched = scheduler(model, tokenizer, max_batch=4, share_ratio=2, observer=Recording())
+    heavy = [Sequence(exactly(8, ids, client="heavy"), Collected()) for _ in range(3)]
+    sched.add(heavy)
+    sched.step()
+    light = Sequence(exactly(3, ids, client="light"), Collected())
+    sched.add([light])
+    sched.step()
+    assert preempted == [heavy[2], heavy[1]], "the latest joined first"
+    assert all(s.slot < 0 and s.token_ids for s in preempted)
+    heavy[2].output.cancelled = True
+    while sched.busy:
+        sched.step()
+    assert len(prefilled) == 4 and {id(s) for s in prefilled} == {id(s) for s in [*heavy, light]}
+    assert [s.finished.reason for s in heavy] == [LENGTH, LENGTH, CANCELLED]
+    assert heavy[1].finished.completion_tokens == 8
+
+
+# --- the observer: one report per phase, before that phase's events (issue 20's walk) -----------------------
+
+
+def test_each_phase_reports_to_the_observer_once_before_its_events_are_pushed(model, tokenizer) -> None:
+    """The admission (its prefill's first token) and each decode step hand the observer one StepReport, and only
+    then push their events: metrics count a token before its client can see it."""
+    log: list[tuple] = []
+
+    class Logged(Collected):
+        def push(self, event: Event) -> None:
+            super().push(event)
+            log.append(("event", len(event.token_ids), event.finished is not None))
+
+    class Recording(scheduler_module.SchedulerObserver):
+        def stepped(self, report: scheduler_module.StepReport) -> None:
+            log.append(
+                (
+                    "report",
+                    len(report.routed),
+                    len(report.prefilled),
+                    report.decoded,
+                    len(report.tokens),
+                    len(report.finished),
+                )
+            )
+
+    sched = scheduler(model, tokenizer, observer=Recording())
+    seq = Sequence(exactly(3, tokenizer.encode(PROMPTS[0])), Logged())
+    sched.add([seq])
+    while sched.busy:
+        sched.step()
+    assert log == [
+        ("report", 1, 1, 0, 1, 0),  # the prefill: its routing, the prompt, the first token
+        ("event", 1, False),
+        ("report", 1, 0, 1, 1, 0),  # a decode step of one row
+        ("event", 1, False),
+        ("report", 1, 0, 1, 1, 1),  # the last token and the finish
+        ("event", 1, False),
+        ("event", 0, True),
+    ]
+    assert seq.finished is not None and seq.finished.completion_tokens == 3
