@@ -570,6 +570,10 @@ class LoraPlan:
         adapted = [(g, row_sets[g.expert][projection]) for g in self.groups if projection in (row_sets[g.expert] or {})]
         if not adapted:
             return out
+        if len(adapted) == 1 and adapted[0][0].weight is None and adapted[0][0].rows.shape[0] == flat.shape[0]:
+            # one expert won every row (a pinned batch): its delta on all rows in order (what index_add_ adds)
+            ((group, (a, b, scaling)),) = adapted
+            return (flat + lora_delta(flat_x, a, b, scaling).to(flat.dtype)).view_as(out)
         result = flat.clone()  # rows no LoRA won stay as the projection computed them, bit for bit
         for group, (a, b, scaling) in adapted:
             delta = lora_delta(flat_x.index_select(0, group.rows), a, b, scaling)

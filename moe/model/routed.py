@@ -151,6 +151,16 @@ class _Context(threading.local):
     step: _Step | None = None
 
 
+def _gathers(choice: torch.Tensor, early: bool) -> bool:
+    """Whether an in-block kind's plan for this choice [N, k] takes its gathered form (each row's weights gathered,
+    no host read: what few top-1 rows on an accelerator want) rather than the grouped one. On CPU a host read costs
+    nothing and gathering per-row weights costs more than the grouped matmuls, so a layer whose decision has an
+    early step (an expert adapting attention) plans grouped; a layer without one keeps the gathered form, so the
+    sets that held no attention expert decode bit for bit as they always did."""
+    few = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+    return few and not (early and choice.device.type == "cpu")
+
+
 class RoutedAttention(nn.Module):
     """Wraps one decoder layer's frozen attention block (never edited). While the plugged set holds an expert that
     adapts attention on this layer (PluggedSet.before_attention), it takes those experts' decision at the block's
@@ -178,7 +188,7 @@ class RoutedAttention(nn.Module):
         scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, C]
         step.early = choose_experts(scores, split.thresholds, step.allowed, step.forced, split.covers, step.top_k)
         choice = step.early if step.skip is None else step.early.masked_fill(step.skip, -1)
-        gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+        gather = _gathers(choice, early=True)
         for plan in split.plans:
             step.block_plan, choice = plan(layer, choice, gather)
             if step.block_plan is not None:
@@ -250,7 +260,7 @@ class RoutedMLP(nn.Module):
         chosen = None
         for stage in plugged.in_block:
             if stage.on_layer[layer]:
-                gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+                gather = _gathers(choice, early=split is not None)
                 if chosen is None and choice.shape[1] > 1:
                     chosen = (choice >= 0).sum(dim=1)
                 step.block_plan, choice = stage.plan(layer, choice, gather)
