@@ -194,8 +194,8 @@ class ImportLoraOptions:
     )
     mlp_only: bool = option(
         False,
-        help="convert an adapter that also changes modules outside the MLP blocks (attention, lm_head ...) by "
-        "dropping those parts, after a warning; the expert then differs from the adapter as trained",
+        help="keep the adapter's MLP pairs only, dropping its attention pairs after a warning; the expert then "
+        "differs from the adapter as trained (attention LoRAs are served: this is rarely wanted)",
     )
     ignore_base_model: bool = option(
         False, help="import although the adapter's base_model_name_or_path names another model (shapes still checked)"

@@ -26,6 +26,7 @@ Shapes: L = backbone layers, Lx = layers the expert covers, H = hidden, r = rank
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -97,7 +98,7 @@ def trainable_expert(config: TrainConfig, hidden: int, num_layers: int, device: 
 def reference_set(model: RoutedModel, experts: Sequence[Expert], version: int = 0) -> PluggedSet:
     """A plugged set that holds references to these experts' tensors (no copy, gradients flow)."""
     return PluggedSet.build(
-        tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version, model.projection_shapes
+        tuple(experts), model.num_layers, model.hidden_size, model.device, model.dtype, version, model.target_shapes
     )
 
 
@@ -269,7 +270,14 @@ def calibration_scores(
     seen = 0
     for start in range(0, len(texts), chunk):
         captured = capture_mlp_inputs(
-            model, tokenizer, texts[start : start + chunk], RoutingSpec("off"), None, max_tokens, limit - seen
+            model,
+            tokenizer,
+            texts[start : start + chunk],
+            RoutingSpec("off"),
+            None,
+            max_tokens,
+            limit - seen,
+            site=expert.gate_site,
         )
         for i, layer in enumerate(expert.layers):
             scores[i].append(F.normalize(captured[layer], dim=-1) @ keys[i])
@@ -302,21 +310,21 @@ def train_gate(
     limit = config.gate_max_tokens
     # domain tokens as they reach the gate when routed right: with the expert applied (token mode), and on
     # the backbone alone for what sequence mode observes before deciding (a QA record's prompt, a text)
-    pinned = capture_mlp_inputs(
+    # the gate reads its site's input (Expert.gate_site: the attention block's for an expert that changes it)
+    capture = functools.partial(capture_mlp_inputs, site=expert.gate_site)
+    pinned = capture(
         model, tokenizer, domain, RoutingSpec("pin", expert.name), plugged, config.max_tokens, limit, domain=True
     )
     observed = [Example("", e.prompt or e.target) for e in domain]
-    plain = capture_mlp_inputs(
-        model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit, domain=True
-    )
+    plain = capture(model, tokenizer, observed, RoutingSpec("off"), plugged, config.max_tokens, limit, domain=True)
     pos = [torch.cat([a, b]) for a, b in zip(pinned, plain, strict=True)]
     off = RoutingSpec("off")
     key_calibration, threshold_calibration = split_calibration(calibration, config.threshold_holdout, config.seed)
-    base_neg = capture_mlp_inputs(model, tokenizer, key_calibration, off, plugged, config.max_tokens, 2 * limit)
+    base_neg = capture(model, tokenizer, key_calibration, off, plugged, config.max_tokens, 2 * limit)
     neg = base_neg
     if negatives or other_examples:  # other domains are negatives for the key too (not for the threshold)
         others_text = [*negatives, *other_examples]
-        extra = capture_mlp_inputs(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
+        extra = capture(model, tokenizer, others_text, off, plugged, config.max_tokens, limit)
         neg = [torch.cat([b[:limit], x]) for b, x in zip(base_neg, extra, strict=True)]
     logger.info("stage 2: %d domain and %d negative tokens per layer", len(pos[0]), len(neg[0]))
     keys = [

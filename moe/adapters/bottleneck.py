@@ -67,6 +67,7 @@ class BottleneckAdapter:
     down: torch.Tensor
     up: torch.Tensor
     kind: ClassVar[str] = NAME
+    routes_before_attention: ClassVar[bool] = False  # beside the MLP block: decided at its input
 
     @property
     def rank(self) -> int:

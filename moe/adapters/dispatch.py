@@ -1,7 +1,10 @@
 """Dispatch: how a routed layer runs the adapter kinds of its plugged experts.
 
-The router makes one decision per token per layer at the MLP input (moe.model.routed.RoutedMLP): choice [N, k],
-slot indices or -1 (base route). Each adapter kind then runs its experts' rows in one of two places:
+The router makes one decision per token per layer (moe.model.routed): choice [N, k], slot indices or -1 (base
+route). It is taken at the MLP input (RoutedMLP), except for the experts an in-block kind says route before
+attention (`InBlock.early`: LoRA experts with attention targets), which are decided at the attention block's input
+(RoutedAttention; `BeforeAttention` holds that split per layer); a token they did not take is decided at the MLP
+input among the rest. Each adapter kind then runs its experts' rows in one of two places:
 
     in the block   the kind's plan (`InBlock.plan`, made from the choice before the block runs) is read by the
                    block's own projections while it runs (LoRA: moe.adapters.lora); the plan takes the kind's
@@ -38,6 +41,30 @@ class InBlock:
 
     plan: Callable[[int, torch.Tensor, bool], tuple[object | None, torch.Tensor]]
     on_layer: tuple[bool, ...]  # host fact per layer: some expert of this kind covers it
+    early: torch.Tensor | None = None  # [C] bool: the slots decided before attention (their plan also runs in the
+    #   attention block); None: none
+    early_on_layer: tuple[bool, ...] = ()  # host fact per layer: some of those covers it
+
+
+@dataclass(frozen=True, eq=False)
+class BeforeAttention:
+    """One layer's decision split between the attention input and the MLP input (resolved per snapshot from the
+    in-block stages' `early` slots; C columns):
+
+        thresholds, covers [C]             the early slots' (+inf / False elsewhere): what the attention input
+                                           is scored against (pins to other slots find nothing here)
+        late_thresholds, late_covers [C]   the other slots' (+inf / False on the early ones): what the MLP input
+                                           is scored against, for the tokens no early slot took
+        late_allowed [C] bool              not an early slot (the context router's classifier masks with it)
+        plans                              the in-block stages' plan calls for the attention block's projections
+    """
+
+    thresholds: torch.Tensor
+    covers: torch.Tensor
+    late_thresholds: torch.Tensor
+    late_covers: torch.Tensor
+    late_allowed: torch.Tensor
+    plans: tuple[Callable[[int, torch.Tensor, bool], tuple[object | None, torch.Tensor]], ...]
 
 
 @dataclass(frozen=True, eq=False)

@@ -85,6 +85,12 @@ class Expert:
         return self.adapter.rank
 
     @property
+    def gate_site(self) -> str:
+        """Where its gate reads the hidden state: "attention" (the attention block's input: an adapter that
+        changes attention is decided before it, moe.model.routed.RoutedAttention) or "mlp" (the MLP input)."""
+        return "attention" if self.adapter.routes_before_attention else "mlp"
+
+    @property
     def hidden_size(self) -> int:
         return int(self.keys.shape[1])
 

@@ -42,6 +42,12 @@ class Adapter(Protocol):
     @property
     def num_layers(self) -> int: ...
 
+    @property
+    def routes_before_attention(self) -> bool:
+        """It changes attention: its gate reads the attention block's input and its decision is taken there
+        (moe.model.routed.RoutedAttention); False: at the MLP input."""
+        ...
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor, by its name in the expert file."""
         ...
@@ -126,8 +132,10 @@ class AdapterKind(Protocol):
         ...
 
     def wrap_block(self, block: nn.Module, projections: Sequence[str], context: object) -> None:
-        """Wrap the modules of an MLP block this kind runs inside (in place; weights untouched), reading the plan
-        from `context.step.block_plan` (moe.model.routed); nothing for a kind run after the block."""
+        """Wrap the modules of a block this kind runs inside (in place; weights untouched), reading the plan from
+        `context.step.block_plan` (moe.model.routed); nothing for a kind run after the block. Called per layer
+        with its MLP block and the MLP projections, then with the decoder layer and the attention targets
+        (paths from the layer, `self_attn.q_proj`: moe.model.backbone.Family)."""
         ...
 
     # --- slot storage ---

@@ -1,12 +1,24 @@
-"""The LoRA expert kind: LoRA pairs on the MLP block's own projections, applied to the tokens routed to it.
+"""The LoRA expert kind: LoRA pairs on a decoder layer's own projections (MLP and attention), applied to the
+tokens routed to it.
 
 For a token routed to LoRA expert e on layer l, every projection p that e targets computes
 
     y = W_p x + scaling[e, l, p] * B[e, l, p] @ (A[e, l, p] @ x)      A [r, in], B [out, r]  (PEFT's layout)
 
-inside the backbone's own MLP forward, so the block runs with the adapter in it (Llama:
-down(act(gate(x) + dg) * (up(x) + du)) + dd): what PEFT computes with that adapter active. The router's
-decision stays one per token per layer, made at the MLP input (moe.model.routed.RoutedMLP) before the block runs.
+inside the backbone's own forward, so the blocks run with the adapter in them (Llama MLP:
+down(act(gate(x) + dg) * (up(x) + du)) + dd; attention: softmax((q + dq)(k + dk)^T) (v + dv), then o + do):
+what PEFT computes with that adapter active. Targets are named as in moe.model.backbone.Family: MLP projections
+by their attribute (`down_proj`), attention projections by their path from the decoder layer (`self_attn.q_proj`,
+GPT-2's fused `attn.c_attn`); a dotted target is an attention one.
+
+The router's decision is one per token per layer, covering both blocks (moe.model.routed):
+    an expert with no attention target (MLP-only)  decided at the MLP input, as every expert always was
+    an expert with an attention target            decided before attention, at the attention block's input
+                                                  (its gate's keys read that input), since its q/k/v deltas
+                                                  must be in the token's K/V as the cache keeps them
+A layer holding both kinds of expert decides before attention among the attention experts; a token none of them
+took is decided at the MLP input among the others. Either way a token takes one route per layer, and an
+attention expert's route covers its MLP targets too.
 
 The pieces, in the order a forward uses them:
     LoraAdapter       an expert's pairs: per projection p, A [Lx, r_p, in_p], B [Lx, out_p, r_p], scaling [Lx]
@@ -21,10 +33,12 @@ The pieces, in the order a forward uses them:
     plan_lora         RoutedMLP's call on one layer (the kind's in-block stage): from the choice [N, k], the LoRA
                       plan (which rows each LoRA expert won, or each row's LoRA expert) and the choice left to the
                       kinds run after the block
-    LoraPlan          the plan, set on the step while the block runs; read by the block's projections
+    LoraPlan          the plan, set on the step while a block runs; read by the block's projections (the
+                      attention block's plan comes from the decision before attention, the MLP's from the layer's
+                      whole decision)
     RoutedProjection  wraps one projection (never edited): its output, plus the plan's deltas on the routed
                       rows only (clone + index_add_: every other row bit for bit)
-The plain per-token loop all this must equal is moe.adapters.reference.reference_mlp (tests).
+The plain per-token loops all this must equal are moe.adapters.reference.reference_mlp and reference_decode (tests).
 
 Semantics with top-k > 1 (moe.adapters.reference.reference_mlp spells them out): a token that chose the
 experts C (any kinds, k' = |C|) runs the block with every chosen LoRA merged at weight 1/k' (a weight-space
@@ -50,9 +64,14 @@ from torch import nn
 
 from moe.adapters.dispatch import InBlock
 from moe.errors import IncompatibleExpertError, InvalidMetadataError, MetadataTooLargeError
-from moe.model.backbone import FAMILIES, BackboneFingerprint
+from moe.model.backbone import FAMILIES, BackboneFingerprint, Family
 
 NAME = "lora"
+
+
+def is_attention_target(target: str) -> bool:
+    """An attention projection (`self_attn.q_proj`: its path from the decoder layer), not an MLP one."""
+    return "." in target
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
@@ -107,6 +126,11 @@ class LoraAdapter:
     @property
     def num_layers(self) -> int:
         return int(next(iter(self.pairs.values())).A.shape[0])
+
+    @property
+    def routes_before_attention(self) -> bool:
+        """It adapts an attention projection: its decision is taken before attention (its gate reads there)."""
+        return any(is_attention_target(p) for p in self.pairs)
 
     def targets(self) -> dict[str, dict[str, int]]:
         """{projection: {rank, in, out}}: what the expert file's `lora` metadata records."""
@@ -174,21 +198,22 @@ def parse_targets(raw: str | None) -> dict[str, dict[str, int]]:
 
 
 def file_shapes(
-    layers: int, hidden: int, projections: Sequence[str], targets: Mapping[str, Mapping[str, int]]
+    layers: int, hidden: int, family: Family, targets: Mapping[str, Mapping[str, int]]
 ) -> dict[str, tuple[int, ...]]:
-    """Every LoRA tensor's shape from the metadata, after checking the targets against the family:
-    each a projection of its MLP block (`projections`, input side first), the input projections reading the
-    hidden size and the last one writing it, ranks >= 1. (in, out) against the loaded backbone's modules is
-    checked at plug time (check_fits)."""
-    unknown = sorted(set(targets) - set(projections))
+    """Every LoRA tensor's shape from the metadata, after checking the targets against the family: each a
+    projection of its MLP or attention block (`family.targets`), the input projections reading the hidden size
+    and each block's last one writing it, ranks >= 1. (in, out) against the loaded backbone's modules is checked
+    at plug time (check_fits)."""
+    unknown = sorted(set(targets) - set(family.targets))
     if unknown:
         raise InvalidMetadataError(
-            f"LoRA targets {unknown} are not MLP projections of this backbone family ({list(projections)})"
+            f"LoRA targets {unknown} are not MLP or attention projections of this backbone family "
+            f"({list(family.targets)})"
         )
     shapes: dict[str, tuple[int, ...]] = {}
     for p, t in targets.items():
         rank, d_in, d_out = t["rank"], t["in"], t["out"]
-        hidden_side = d_out if p == projections[-1] else d_in
+        hidden_side = d_out if family.writes_hidden(p) else d_in
         if rank < 1 or d_in < 1 or d_out < 1 or hidden_side != hidden:
             raise InvalidMetadataError(
                 f"LoRA target {p} (rank {rank}, {d_in} -> {d_out}) does not fit a backbone of hidden size {hidden}"
@@ -200,13 +225,14 @@ def file_shapes(
 
 
 def check_fits(name: str, adapter: LoraAdapter, projections: Mapping[str, tuple[int, int]] | None) -> None:
-    """A LoRA expert's targets and shapes against the backbone's MLP projections {name: (in, out)}."""
+    """A LoRA expert's targets and shapes against the backbone's projections {target: (in, out)}
+    (moe.model.routed.RoutedModel.target_shapes: MLP and attention)."""
     if projections is None:
         return
     unknown = sorted(set(adapter.pairs) - set(projections))
     if unknown:
         raise IncompatibleExpertError(
-            f"LoRA expert {name!r} adapts {unknown}, which are not MLP projections of this backbone "
+            f"LoRA expert {name!r} adapts {unknown}, which are not MLP or attention projections of this backbone "
             f"({sorted(projections)})"
         )
     for p, pair in adapter.pairs.items():
@@ -227,6 +253,8 @@ class LoraStacks:
 
     is_lora [E] bool                  which plugged experts are LoRA experts
     on_layer[l]                       some plugged LoRA expert covers layer l (host fact)
+    early [E] bool | None             which plugged experts adapt attention (decided before attention); None: none
+    early_on_layer[l]                 some of those covers layer l (host fact)
     pairs[l][e]                       {projection: (A [r, in], B [out, r], scaling float)} for a LoRA expert e
                                       on a layer it covers, else None; references the expert's own tensors
     a[l][p] [E, R, in], b[l][p] [E, out, R], s[l][p] [E] float32
@@ -236,6 +264,8 @@ class LoraStacks:
 
     is_lora: torch.Tensor
     on_layer: tuple[bool, ...]
+    early: torch.Tensor | None
+    early_on_layer: tuple[bool, ...]
     pairs: Sequence[Sequence[dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None]]
     a: tuple[dict[str, torch.Tensor], ...]
     b: tuple[dict[str, torch.Tensor], ...]
@@ -244,7 +274,7 @@ class LoraStacks:
     @property
     def in_block(self) -> InBlock:
         """The kind's stage in a layer: plan_lora over these stacks (moe.adapters.dispatch)."""
-        return InBlock(functools.partial(plan_lora, self), self.on_layer)
+        return InBlock(functools.partial(plan_lora, self), self.on_layer, self.early, self.early_on_layer)
 
     @property
     def after_block(self) -> None:
@@ -290,9 +320,12 @@ class LoraStacks:
                         a[layer][p][e, : pair.rank] = pair.A[i]
                         b[layer][p][e, :, : pair.rank] = pair.B[i]
                         s[layer][p][e] = scaling
+        early = [e for e, (_, adapter) in loras.items() if adapter.routes_before_attention]
         return cls(
             is_lora=torch.tensor([e in loras for e in range(count)], dtype=torch.bool, device=device),
             on_layer=tuple(any(pair is not None for pair in row) for row in pairs),
+            early=torch.tensor([e in early for e in range(count)], device=device) if early else None,
+            early_on_layer=tuple(any(e in early and row[e] is not None for e in loras) for row in pairs),
             pairs=tuple(tuple(row) for row in pairs),
             a=tuple(a),
             b=tuple(b),
@@ -400,9 +433,12 @@ class LoraSlots:
         if not slots:
             return None
         on_layer = tuple(any(layer in covered[c] for c in slots) for layer in range(self.num_layers))
+        early = [c for c in slots if any(is_attention_target(p) for p in self.ranks[c])]
         return LoraStacks(
             is_lora=self.is_lora.clone(),
             on_layer=on_layer,
+            early=torch.tensor([c in early for c in range(self.capacity)], device=self.device) if early else None,
+            early_on_layer=tuple(any(layer in covered[c] for c in early) for layer in range(self.num_layers)),
             pairs=_SlotPairs(self, [dict(r) for r in self.ranks], list(self.scalings), list(covered)),
             a=tuple({p: t[layer] for p, t in self.a.items()} for layer in range(self.num_layers)),
             b=tuple({p: t[layer] for p, t in self.b.items()} for layer in range(self.num_layers)),
@@ -534,6 +570,10 @@ class LoraPlan:
         adapted = [(g, row_sets[g.expert][projection]) for g in self.groups if projection in (row_sets[g.expert] or {})]
         if not adapted:
             return out
+        if len(adapted) == 1 and adapted[0][0].weight is None and adapted[0][0].rows.shape[0] == flat.shape[0]:
+            # one expert won every row (a pinned batch): its delta on all rows in order (what index_add_ adds)
+            ((group, (a, b, scaling)),) = adapted
+            return (flat + lora_delta(flat_x, a, b, scaling).to(flat.dtype)).view_as(out)
         result = flat.clone()  # rows no LoRA won stay as the projection computed them, bit for bit
         for group, (a, b, scaling) in adapted:
             delta = lora_delta(flat_x.index_select(0, group.rows), a, b, scaling)
@@ -599,8 +639,9 @@ def plan_lora(
 
 
 class RoutedProjection(nn.Module):
-    """Wraps one MLP projection (nn.Linear or Conv1D; never edited, PEFT's `base_layer` habit). While its
-    layer runs with a LoRA plan on the step (`context.step.block_plan`), the routed rows get their deltas."""
+    """Wraps one projection (nn.Linear or Conv1D; never edited, PEFT's `base_layer` habit). While its block
+    runs with a LoRA plan on the step (`context.step.block_plan`), the routed rows get their deltas. `name`:
+    its target name (moe.model.backbone.Family: `down_proj`, `self_attn.q_proj`)."""
 
     def __init__(self, base_layer: nn.Module, name: str, context) -> None:
         super().__init__()
@@ -616,9 +657,12 @@ class RoutedProjection(nn.Module):
 
 
 def wrap_projections(block: nn.Module, projections: Sequence[str], context) -> None:
-    """Put each of the MLP block's projections inside a RoutedProjection (in place; weights untouched)."""
+    """Put each projection inside a RoutedProjection (in place; weights untouched). projections: paths from
+    `block` (the MLP block's attributes; `self_attn.q_proj` from a decoder layer), each the target's name."""
     for name in projections:
-        setattr(block, name, RoutedProjection(getattr(block, name), name, context))
+        parent, _, attribute = name.rpartition(".")
+        owner = block.get_submodule(parent) if parent else block
+        setattr(owner, attribute, RoutedProjection(getattr(owner, attribute), name, context))
 
 
 # --- the kind ---------------------------------------------------------------------------------------------
@@ -648,8 +692,8 @@ class Lora:
         self, fields: dict[str, dict[str, int]], layers: int, rank: int, backbone: BackboneFingerprint
     ) -> dict[str, tuple[int, ...]]:
         if backbone.family not in FAMILIES:
-            raise InvalidMetadataError(f"LoRA expert for family {backbone.family!r}, which has no MLP projection table")
-        return file_shapes(layers, backbone.hidden_size, FAMILIES[backbone.family].projections, fields)
+            raise InvalidMetadataError(f"LoRA expert for family {backbone.family!r}, which has no projection table")
+        return file_shapes(layers, backbone.hidden_size, FAMILIES[backbone.family], fields)
 
     def is_float32(self, tensor_name: str) -> bool:
         return tensor_name.endswith(".scaling")

@@ -6,14 +6,16 @@
                                              (GPT-2's Conv1D projections keep this layout: fan_in_fan_out
                                              only changes how PEFT merges)
 
-Every LoRA pair on an MLP projection of the backbone's family (moe.model.backbone.FAMILIES) becomes the
-expert's pair for that (layer, projection), scaling = alpha / r (alpha / sqrt(r) with use_rslora), r and alpha
-per module through rank_pattern / alpha_pattern with PEFT's own matching rule (the first pattern key k with
-re.match(rf"(.*\\.)?({k})$", module) wins). Refused, with a message saying why and what to do: other PEFT types;
-features the LoRA kind does not reproduce (DoRA, lora_bias, trained biases, base-rewriting inits such as
-PiSSA/OLoRA/LoftQ, layer replication, ...); an adapter for another base model or with other shapes; and tensors
-outside the MLP blocks (attention LoRAs, modules_to_save, trainable tokens), unless `mlp_only`, which drops them
-and says so in the report.
+Every LoRA pair on an MLP or attention projection of the backbone's family (moe.model.backbone.FAMILIES: q/k/v/o,
+or the fused qkv of GPT-2, GPT-NeoX and Phi-3) becomes the expert's pair for that (layer, target),
+scaling = alpha / r (alpha / sqrt(r) with use_rslora), r and alpha per module through rank_pattern /
+alpha_pattern with PEFT's own matching rule (the first pattern key k with re.match(rf"(.*\\.)?({k})$", module)
+wins). Refused, with a message saying why and what to do: other PEFT types; features the LoRA kind does not
+reproduce (DoRA, lora_bias, trained biases, base-rewriting inits such as PiSSA/OLoRA/LoftQ, layer replication,
+...); an adapter for another base model or with other shapes; ranks over
+the cap (`max_rank`, moe.adapters.file.MAX_RANK); and tensors outside the decoder layers' attention and MLP
+projections (embedding or lm_head LoRAs, modules_to_save, trainable tokens, layer norms). `mlp_only` keeps the MLP
+pairs alone and drops the rest (attention pairs included), saying so in the report.
 
 The expert comes out gateless: its gate is Expert.closed_gate (thresholds no score passes), so it wins no
 token in token or sequence routing and serves only when pinned, until a gate is fitted for it (experts.import_lora
@@ -40,6 +42,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moe.adapters.expert import Expert
+from moe.adapters.file import MAX_RANK
 from moe.adapters.lora import LoraAdapter, LoraPair
 from moe.model.backbone import Family, family_of
 
@@ -76,7 +79,8 @@ class UnsupportedAdapterError(LoraImportError):
 
 
 class NonMlpTargetsError(LoraImportError):
-    """The adapter also changes modules outside the MLP blocks (and mlp_only was not asked for)."""
+    """The adapter also changes modules plugmoe does not serve (outside the attention and MLP projections), or
+    outside the MLP blocks when mlp_only was asked for and dropping was refused."""
 
 
 class AdapterMismatchError(LoraImportError):
@@ -98,7 +102,7 @@ class TargetModel(Protocol):
     """What the conversion reads of the model it converts for (moe.model.routed.RoutedModel has it all)."""
 
     backbone: nn.Module
-    projection_shapes: dict[str, tuple[int, int]]  # {projection: (in, out)} of the MLP's projections
+    target_shapes: dict[str, tuple[int, int]]  # {target: (in, out)}: the MLP's and attention's projections
 
     @property
     def num_layers(self) -> int: ...
@@ -237,10 +241,13 @@ def convert_adapter(
     served: str | None = None,
     ignore_base_model: bool = False,
     seed: int = 0,
+    max_rank: int = MAX_RANK,
 ) -> tuple[Expert, ImportReport]:
     """convert_peft on the adapter directory's two files."""
     config, tensors = read_adapter(adapter_dir)
-    return convert_peft(config, tensors, model, name, str(adapter_dir), mlp_only, served, ignore_base_model, seed)
+    return convert_peft(
+        config, tensors, model, name, str(adapter_dir), mlp_only, served, ignore_base_model, seed, max_rank
+    )
 
 
 def convert_peft(
@@ -253,6 +260,7 @@ def convert_peft(
     served: str | None = None,
     ignore_base_model: bool = False,
     seed: int = 0,
+    max_rank: int = MAX_RANK,
 ) -> tuple[Expert, ImportReport]:
     """A LoRA expert from a PEFT adapter's config and tensors, for `model`'s backbone, its gate closed (it
     wins nothing until a gate is fitted, or it is pinned). `source` (the adapter directory) goes in its
@@ -266,42 +274,55 @@ def convert_peft(
     if base_class and base_class != type(backbone).__name__:
         report.warnings.append(f"the adapter was made on a {base_class}, the backbone is a {type(backbone).__name__}")
 
-    prefix = f"{re.escape(family.layers)}\\.(\\d+)\\.{re.escape(family.mlp)}\\."
-    mlp_module = re.compile(rf"^{prefix}({'|'.join(map(re.escape, family.projections))})$")
+    # a target module: <layers>.<i>.<mlp>.<projection> (target `projection`) or
+    # <layers>.<i>.<attention>.<projection> (target `<attention>.<projection>`, moe.model.backbone.Family)
+    served = "|".join(
+        [
+            *(rf"{re.escape(family.mlp)}\.{re.escape(p)}" for p in family.projections),
+            *map(re.escape, family.attention_targets),
+        ]
+    )
+    target_module = re.compile(rf"^{re.escape(family.layers)}\.(\d+)\.({served})$")
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     other: set[str] = set()
     for key, tensor in tensors.items():
         module = key.removeprefix(PREFIX)
         pair = _PAIR_KEY.match(module)
-        target = mlp_module.match(pair.group("module")) if pair else None
+        target = target_module.match(pair.group("module")) if pair else None
         if target is not None:
-            found.setdefault((int(target.group(1)), target.group(2)), {})[pair.group("side")] = tensor
+            found.setdefault((int(target.group(1)), target.group(2).removeprefix(f"{family.mlp}.")), {})[
+                pair.group("side")
+            ] = tensor
             continue
         owner = pair.group("module") if pair else re.sub(r"\.(lora_\w+|base_layer|modules_to_save)(\..*)?$", "", module)
         owner = re.sub(r"\.(weight|bias|token_adapter\..*)$", "", owner)
-        if mlp_module.match(owner):
+        if target_module.match(owner):
             raise UnsupportedAdapterError(
-                f"tensor {key!r} on an MLP projection is not a plain LoRA pair (lora_A/lora_B weights); "
-                "plugmoe imports plain LoRA only"
+                f"tensor {key!r} on a projection plugmoe serves is not a plain LoRA pair (lora_A/lora_B weights: "
+                "a lora_embedding, a trained bias, a DoRA magnitude?); plugmoe imports plain LoRA only"
             )
         other.add(owner)
     if not found:
         raise LoraImportError(
-            f"the adapter has no LoRA on the MLP projections {list(family.projections)} of this "
+            f"the adapter has no LoRA on the attention or MLP projections {list(family.targets)} of this "
             f"{backbone.config.model_type} backbone (module names like "
             f"{family.layers}.0.{family.mlp}.{family.projections[0]}); it adapts "
-            f"{summarise(sorted(other)) or 'nothing'}: it was made for another model family, or targets no MLP "
-            "projection"
+            f"{summarise(sorted(other)) or 'nothing'}: it was made for another model family"
         )
-    if other:
-        if not mlp_only:
-            raise NonMlpTargetsError(non_mlp_message(sorted(other), family))
-        report.dropped = sorted(other)
-        report.warnings.append(
-            f"--mlp-only: dropping {summarise(report.dropped)}; the expert will not reproduce the adapter as "
-            "trained. Measure the effect with `plugmoe eval` (pinned and token-routed perplexity per domain)"
-        )
-
+    if other and not mlp_only:
+        raise NonMlpTargetsError(unserved_message(sorted(other), family))
+    if mlp_only:  # the MLP pairs alone: attention pairs and anything unserved dropped
+        attention = sorted({(layer, p) for layer, p in found if p not in family.projections})
+        for layer, p in attention:
+            del found[(layer, p)]
+        report.dropped = sorted([*(f"{family.layers}.{layer}.{p}" for layer, p in attention), *other])
+        if report.dropped:
+            report.warnings.append(
+                f"--mlp-only: dropping {summarise(report.dropped)}; the expert will not reproduce the adapter as "
+                "trained. Measure the effect with `plugmoe eval` (pinned and token-routed perplexity per domain)"
+            )
+    if not found:
+        raise LoraImportError(f"--mlp-only: the adapter has no LoRA on the MLP projections {list(family.projections)}")
     layers = tuple(sorted({layer for layer, _ in found}))
     if layers[-1] >= model.num_layers:
         raise AdapterMismatchError(
@@ -309,9 +330,14 @@ def convert_peft(
         )
     pairs = {
         p: _pair(config, family, p, {layer: sides for (layer, q), sides in found.items() if q == p}, layers, model)
-        for p in family.projections
+        for p in family.targets
         if any(q == p for _, q in found)
     }
+    too_big = {p: pair.rank for p, pair in pairs.items() if pair.rank > max_rank}
+    if too_big:
+        raise UnsupportedAdapterError(
+            f"the adapter's rank on {too_big} is over the cap of {max_rank} (the server's --max-expert-rank)"
+        )
     report.layers, report.targets = layers, {p: pair.rank for p, pair in pairs.items()}
     gate = Expert.closed_gate(len(layers), model.hidden_size, torch.Generator().manual_seed(seed))
     expert = Expert(name=name, layers=layers, adapter=LoraAdapter(pairs), **gate)
@@ -341,10 +367,10 @@ def _pair(
     model: TargetModel,
 ) -> LoraPair:
     """One projection's pairs over the expert's layers (zero where the adapter skips a layer)."""
-    d_in, d_out = model.projection_shapes[projection]
+    d_in, d_out = model.target_shapes[projection]
     rank = 0
     for layer, sides in entries.items():
-        where = f"{family.layers}.{layer}.{family.mlp}.{projection}"
+        where = _module_name(family, layer, projection)
         if set(sides) != {"A", "B"}:
             raise LoraImportError(f"{where} has lora_{next(iter(sides))} but not its pair")
         a, b = sides["A"], sides["B"]
@@ -369,29 +395,24 @@ def _pair(
             continue  # zero A, B and scaling: no change to this projection on this layer (exact)
         a, b = entries[layer]["A"].float(), entries[layer]["B"].float()
         r = a.shape[0]
-        where = f"{family.layers}.{layer}.{family.mlp}.{projection}"
+        where = _module_name(family, layer, projection)
         alpha = float(pattern_value(config.get("alpha_pattern") or {}, where, config.get("lora_alpha", 8)))
         big_a[i, :r], big_b[i, :, :r] = a, b
         scaling[i] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return LoraPair(big_a, big_b, scaling)
 
 
-ATTENTION_MODULE = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention)\.(?P<projection>[^.]+)$")
+def _module_name(family: Family, layer: int, target: str) -> str:
+    """The backbone's module name of a target on a layer (what PEFT's patterns match)."""
+    block = "" if target not in family.projections else f"{family.mlp}."
+    return f"{family.layers}.{layer}.{block}{target}"
 
 
-def non_mlp_message(modules: Sequence[str], family: Family) -> str:
-    """Why an adapter that also adapts `modules` (outside the MLP blocks) is refused, attention named first."""
-    attention = sorted(
-        {found.group("projection") for m in modules if (found := ATTENTION_MODULE.search(m)) is not None}
-    )
-    lead = (
-        f"the adapter targets attention ({', '.join(attention)}): plugmoe serves MLP LoRAs; see --mlp-only in "
-        "import-lora. "
-        if attention
-        else ""
-    )
+def unserved_message(modules: Sequence[str], family: Family) -> str:
+    """Why an adapter that also adapts `modules` (outside the decoder layers' attention and MLP projections)
+    is refused."""
     return (
-        f"{lead}The adapter changes modules outside the MLP blocks: {summarise(modules)}. A routed expert applies "
-        f"at the MLP blocks only: retrain with MLP-only target_modules ({list(family.projections)}), or pass "
-        "--mlp-only to `plugmoe import-lora` to drop them (the expert then differs from the adapter as trained)"
+        f"the adapter changes modules plugmoe does not serve: {summarise(modules)}. A routed LoRA expert adapts "
+        f"the decoder layers' attention and MLP projections ({list(family.targets)} on each layer), not "
+        "embeddings, lm_head, norms or modules_to_save: retrain with target_modules among those"
     )

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from transformers import DynamicCache
 
 from moe.adapters.bottleneck import BOTTLENECK, BottleneckAdapter, LayerAdapter, adapter_delta
-from moe.adapters.lora import LORA, LoraAdapter
+from moe.adapters.lora import LORA, LoraAdapter, is_attention_target
 from moe.adapters.slots import PluggedSet
 from moe.model.backbone import FAMILIES, decoder_layers
+from moe.model.kv_cache import cache_kwarg
 
 # One token's contribution: (adapter, i = position of the layer in the expert's layers, x [1, H]) ->
 # ({projection: weight delta [out, in]} merged into the block, delta [H] added to its output, or None)
@@ -145,3 +147,95 @@ def reference_forward(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def reference_decode(
+    plain: nn.Module, plugged: PluggedSet, ids: torch.Tensor, pin: int | None = None
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """A routed forward of one row spelled out token by token on the unwrapped backbone, top-1, with merged
+    weights: the oracle for experts that adapt attention (moe.model.routed.RoutedAttention).
+
+    ids [T]. Token t alone goes through the backbone with its KV cache; in each layer, before attention, the experts
+    whose weight deltas reach an attention projection (a dotted target, `self_attn.q_proj`) score the attention
+    block's input (cos(x, key) + offset > threshold, the best wins; a pin takes its expert where it covers the
+    layer); the winner's deltas are merged into the layer's weights (attention and MLP) for this token. A token none
+    of them took is decided at the MLP input among the other experts, whose deltas are merged into the MLP (or
+    added to its output). So each token's K/V enter the cache as its own route made them. Weights are restored
+    after each layer; `plain` is left as it was. Returns (logits [T, V], the choice per token per layer: an index
+    into plugged.experts, -1 base).
+    """
+    family = FAMILIES[plain.config.model_type]
+    layers = decoder_layers(plain)
+    probe = torch.zeros(1, plugged.keys.shape[-1], dtype=plugged.keys.dtype)
+    early = [any(is_attention_target(p) for p in ORACLES[e.kind](e.adapter, 0, probe)[0]) for e in plugged.experts]
+    state: dict[str, object] = {}
+
+    def decide(layer: int, h: torch.Tensor, want_early: bool) -> int:
+        covering = [e for e, x in enumerate(plugged.experts) if layer in x.layers and early[e] == want_early]
+        if pin is not None:
+            return pin if pin in covering else -1
+        best, chosen = float("-inf"), -1
+        for e in covering:
+            expert = plugged.experts[e]
+            i = expert.layers.index(layer)
+            score = float(F.cosine_similarity(h, expert.keys[i], dim=0) + expert.offsets[i])
+            if score > float(expert.thresholds[i]) and score > best:
+                best, chosen = score, e
+        return chosen
+
+    def merge(layer: int, e: int, x: torch.Tensor, only_mlp: bool) -> torch.Tensor | None:
+        expert = plugged.experts[e]
+        merged, delta = ORACLES[expert.kind](expert.adapter, expert.layers.index(layer), x)
+        for p, w in merged.items():
+            if only_mlp and is_attention_target(p):
+                continue
+            weight = layers[layer].get_submodule(p if is_attention_target(p) else f"{family.mlp}.{p}").weight
+            state.setdefault("saved", []).append((weight, weight.detach().clone()))
+            weight.add_((w.T if family.conv1d else w).to(weight.dtype))
+        return delta
+
+    def before_attention(layer: int, args: tuple, kwargs: dict) -> None:
+        h = (args[0] if args else kwargs["hidden_states"])[0, -1]
+        chosen = decide(layer, h, want_early=True)
+        state["choice"] = chosen
+        if chosen >= 0:
+            state["delta"] = merge(layer, chosen, h[None], only_mlp=False)
+
+    def before_mlp(layer: int, args: tuple) -> None:
+        if state["choice"] < 0:
+            x = args[0][0, -1]
+            chosen = decide(layer, x, want_early=False)
+            state["choice"] = chosen
+            if chosen >= 0:
+                state["delta"] = merge(layer, chosen, x[None], only_mlp=True)
+        state.setdefault("choices", []).append(state["choice"])
+
+    def after_mlp(output: torch.Tensor) -> torch.Tensor:
+        delta = state.pop("delta", None)
+        for weight, saved in state.pop("saved", []):
+            weight.copy_(saved)
+        return output if delta is None else output + delta.to(output.dtype)
+
+    handles = []
+    for layer, block in enumerate(layers):
+        handles.append(
+            getattr(block, family.attention).register_forward_pre_hook(
+                lambda m, a, k, layer=layer: before_attention(layer, a, k), with_kwargs=True
+            )
+        )
+        mlp = getattr(block, family.mlp)
+        handles.append(mlp.register_forward_pre_hook(lambda m, a, layer=layer: before_mlp(layer, a)))
+        handles.append(mlp.register_forward_hook(lambda m, a, o: after_mlp(o)))
+    logits, choices = [], []
+    cache = DynamicCache(config=plain.config)
+    try:
+        for t in range(ids.shape[0]):
+            state.clear()
+            out = plain(ids[None, t : t + 1], use_cache=True, **{cache_kwarg(plain): cache})
+            logits.append(out.logits[0, -1])
+            choices.append(list(state.get("choices", [])))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(logits), choices

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from moe.adapters.dispatch import AfterBlock, InBlock, KindLayout
+from moe.adapters.dispatch import AfterBlock, BeforeAttention, InBlock, KindLayout
 from moe.adapters.expert import Expert
 from moe.adapters.kind import KINDS, KindSlots
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
@@ -396,6 +396,9 @@ class PluggedSet:
         in_block     the stages run inside a layer's block (a plan its modules read), in table order
         after_block  the stages whose deltas are added to the block's output, in table order
         fixed        per layer, the fixed-op decode path's operands; None when some expert's kind has no such form
+        before_attention  per layer, the split of its decision between the attention and the MLP input
+                     (moe.adapters.dispatch.BeforeAttention), None on a layer no early expert covers; () when the
+                     set holds none (every decision at the MLP input, as before)
     context: the context router fitted for exactly these experts (moe.routing.context; classes base + names in
         plug order), or None: sequence mode then decides from the cosine gates' counts (decide_sequence)
     gates: its token classifiers laid out over the slot columns (when it has them): token mode's choice (top-1),
@@ -419,6 +422,7 @@ class PluggedSet:
     in_block: tuple[InBlock, ...] = field(init=False)
     gates: ContextGates | None = field(init=False)  # the context router's token classifiers over the slot columns
     after_block: tuple[AfterBlock, ...] = field(init=False)
+    before_attention: tuple[BeforeAttention | None, ...] = field(init=False)
     fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
     _slot_of: dict[str, int] = field(init=False, repr=False)
     _position: dict[str, int] = field(init=False, repr=False)
@@ -450,12 +454,41 @@ class PluggedSet:
                 for name, stage in after.items()
             }
         object.__setattr__(self, "after_block", tuple(after.values()))
+        object.__setattr__(self, "before_attention", self._before_attention())
         # the fixed-op decode path: one kind's form, while every expert of the set is of a kind that has it
         forms = [r.fixed for r in run.values()]
         if not run:  # no expert: the form of whichever kind offers one (the empty set decodes as before a plug)
             forms = [layout.fixed for layout in self.layouts.values() if layout is not None][:1]
         fixed = forms[0] if len(forms) == 1 else None
         object.__setattr__(self, "fixed", fixed)
+
+    def _before_attention(self) -> tuple[BeforeAttention | None, ...]:
+        """Per layer, the split between the early slots (decided at the attention input) and the others."""
+        stages = [stage for stage in self.in_block if stage.early is not None]
+        if not stages:
+            return ()
+        early = stages[0].early
+        for stage in stages[1:]:
+            early = early | stage.early
+        plans = tuple(stage.plan for stage in stages)
+        never = torch.tensor(float("inf"), device=self.thresholds.device)
+        out: list[BeforeAttention | None] = []
+        for layer in range(self.thresholds.shape[0]):
+            if not any(stage.early_on_layer[layer] for stage in stages):
+                out.append(None)
+                continue
+            thresholds, covers = self.thresholds[layer], self.covers[layer]
+            out.append(
+                BeforeAttention(
+                    thresholds=torch.where(early, thresholds, never),
+                    covers=covers & early,
+                    late_thresholds=torch.where(early, never, thresholds),
+                    late_covers=covers & ~early,
+                    late_allowed=~early,
+                    plans=plans,
+                )
+            )
+        return tuple(out)
 
     def _by_slot(self) -> list[Expert | None]:
         by_slot: list[Expert | None] = [None] * self.capacity

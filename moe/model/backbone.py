@@ -1,8 +1,8 @@
-"""The frozen backbone: loading, where each decoder layer keeps its MLP block, and a fingerprint.
+"""The frozen backbone: loading, where each decoder layer keeps its attention and MLP blocks, and a fingerprint.
 
 plugmoe never edits backbone weights. It loads any `AutoModelForCausalLM`, freezes it (no gradients,
-eval mode), and finds each decoder layer's MLP block, and the projections inside it, through one small
-table of per-family paths (FAMILIES).
+eval mode), and finds each decoder layer's attention and MLP blocks, and the projections inside them, through
+one small table of per-family paths (FAMILIES).
 """
 
 from __future__ import annotations
@@ -22,34 +22,62 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Family:
-    """Where a family keeps its MLP blocks, and the projections inside one (what a LoRA expert targets).
+    """Where a family keeps its blocks, and the projections inside them (what a LoRA expert targets).
 
     layers       attribute path from the CausalLM to its list of decoder layers
     mlp          the MLP block's attribute on a decoder layer; the block maps [..., hidden] -> [..., hidden]
-    projections  the block's projection attributes, input side first; the last maps inner -> hidden
+    projections  the MLP block's projection attributes, input side first; the last maps inner -> hidden
+    attention    the attention block's attribute on a decoder layer (called with the hidden states first)
+    attention_projections  its projection attributes, input side first (q, k, v or a fused qkv read hidden);
+                 the last (o) maps the heads' output -> hidden
     conv1d       the projections are transformers' Conv1D (weight [in, out]; PEFT's fan_in_fan_out), not nn.Linear
+
+    A LoRA target is named by its path from the block that holds it: an MLP projection by its attribute
+    (`down_proj`, as expert files always named them), an attention projection by its path from the decoder
+    layer (`self_attn.q_proj`; GPT-2's `attn.c_proj` is not its MLP's `c_proj`). `targets` lists both.
     """
 
     layers: str
     mlp: str
     projections: tuple[str, ...]
+    attention: str
+    attention_projections: tuple[str, ...]
     conv1d: bool = False
 
+    @property
+    def attention_targets(self) -> tuple[str, ...]:
+        """The attention projections as LoRA targets: `<attention>.<projection>`."""
+        return tuple(f"{self.attention}.{p}" for p in self.attention_projections)
 
-_LLAMA_LIKE = Family("model.layers", "mlp", ("gate_proj", "up_proj", "down_proj"))
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every projection a LoRA expert may adapt: the MLP's, then the attention's."""
+        return self.projections + self.attention_targets
+
+    def writes_hidden(self, target: str) -> bool:
+        """The target's output is the hidden size (the block's last projection); the others read it."""
+        return target in (self.projections[-1], self.attention_targets[-1])
+
+
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LLAMA_LIKE = Family("model.layers", "mlp", ("gate_proj", "up_proj", "down_proj"), "self_attn", _QKVO)
 
 # model_type -> Family. A family costs one row here when its MLP block maps [..., hidden] -> [..., hidden],
-# returns a tensor and calls its projections as modules.
+# returns a tensor and calls its projections as modules, and its attention block takes the hidden states first
+# and calls its projections as modules.
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("transformer.h", "mlp", ("c_fc", "c_proj"), conv1d=True),
-    "gpt_neox": Family("gpt_neox.layers", "mlp", ("dense_h_to_4h", "dense_4h_to_h")),
+    "gpt2": Family("transformer.h", "mlp", ("c_fc", "c_proj"), "attn", ("c_attn", "c_proj"), conv1d=True),  # qkv fused
+    "gpt_neox": Family(
+        "gpt_neox.layers", "mlp", ("dense_h_to_4h", "dense_4h_to_h"), "attention", ("query_key_value", "dense")
+    ),
     "llama": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "phi3": Family("model.layers", "mlp", ("gate_up_proj", "down_proj")),  # gate and up fused: hidden -> 2 * inner
+    # gate and up fused (hidden -> 2 * inner); q, k and v fused
+    "phi3": Family("model.layers", "mlp", ("gate_up_proj", "down_proj"), "self_attn", ("qkv_proj", "o_proj")),
     "olmo": _LLAMA_LIKE,
     "olmo2": _LLAMA_LIKE,
     "smollm3": _LLAMA_LIKE,
@@ -108,7 +136,7 @@ def mlp_attribute(model: nn.Module) -> str:
 
 
 def projection_shape(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of an MLP projection: nn.Linear, or transformers' Conv1D (weight [in, out]); a wrapper that
+    """(in, out) of a projection: nn.Linear, or transformers' Conv1D (weight [in, out]); a wrapper that
     keeps the original as `base_layer` (moe.adapters.lora.RoutedProjection, PEFT) is looked through."""
     module = getattr(module, "base_layer", module)
     if isinstance(module, nn.Linear):
@@ -124,6 +152,16 @@ def mlp_projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     block = getattr(decoder_layers(model)[0], family.mlp)
     block = getattr(block, "base_layer", block)
     return {name: projection_shape(getattr(block, name)) for name in family.projections}
+
+
+def attention_projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{`<attention>.<projection>`: (in, out)} of the first decoder layer's attention block."""
+    family = family_of(model)
+    block = getattr(decoder_layers(model)[0], family.attention)
+    block = getattr(block, "base_layer", block)
+    return {
+        f"{family.attention}.{name}": projection_shape(getattr(block, name)) for name in family.attention_projections
+    }
 
 
 def weights_hash(model: nn.Module, samples_per_tensor: int = 1024) -> str:

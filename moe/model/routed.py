@@ -1,7 +1,11 @@
-"""The routed model: a frozen backbone whose MLP blocks are wrapped to add the experts the router picks.
+"""The routed model: a frozen backbone whose blocks are wrapped to add the experts the router picks.
 
     RoutedModel.forward(input_ids, routing=[RoutingSpec, ...])
-      -> for each decoder layer l, RoutedMLP:
+      -> for each decoder layer l, RoutedAttention (only while an expert adapting attention covers l):
+           early  = top-k eligible among those experts, scored on the attention input  # [N, k]
+           attn   = the backbone's attention block, their LoRA deltas on their rows' q/k/v/o (so each token's
+                    K/V enter the cache as its route made them)
+         then RoutedMLP:
            scores = cos(x, keys[l]) + offsets[l]            # [N, C], moe.routing.router at the MLP input
                                                             #   (C = expert slots)
            choice = top-k eligible (score > threshold)      # [N, k], -1 = base route
@@ -10,6 +14,13 @@
            out    = base + deltas of the kinds run after it # bottleneck; base rows untouched
                                                             #   (the stages: moe.adapters.dispatch)
       -> logits, and a routing trace counted on the device
+
+Where the decision is taken. One decision per token per layer covers both blocks. An expert that adapts attention
+must be decided before attention runs: the token's K/V are computed there and cached for every later token to
+read, so a decision taken later could not put its q/k/v deltas in them. Its gate therefore reads the attention
+block's input (the layer's normed hidden state), the earliest point the layer has; a token no such expert takes
+goes on to the MLP input, where every other expert is decided exactly as before (the same gate input, the same
+scores: an MLP-only expert's routing does not change). A set with no attention expert runs no early step at all.
 
 Two dispatch paths, picked on the host from facts known before the step:
     decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
@@ -41,7 +52,15 @@ from moe.adapters.bottleneck import routed_rows_dispatch, slot_dispatch
 from moe.adapters.expert import Expert
 from moe.adapters.kind import KINDS
 from moe.adapters.slots import ExpertSlots, PluggedSet
-from moe.model.backbone import decoder_layers, family_of, fingerprint, freeze, mlp_attribute, mlp_projection_shapes
+from moe.model.backbone import (
+    attention_projection_shapes,
+    decoder_layers,
+    family_of,
+    fingerprint,
+    freeze,
+    mlp_attribute,
+    mlp_projection_shapes,
+)
 from moe.model.kv_cache import cache_kwarg
 from moe.model.trace import RoutingTrace, count_decisions
 from moe.routing.context import ContextRouter
@@ -98,6 +117,8 @@ class RoutedOutput:
     mlp_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] when captured
     context: torch.Tensor | None = None  # [B, L, H] float32 each row's running context sums after this forward
     # (token mode by the context router: moe.routing.context), None when the set has no context gates
+    attention_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer [B, T, H] when captured (what
+    # the gate of an expert adapting attention reads)
 
 
 @dataclass
@@ -115,9 +136,11 @@ class _Step:
     trace_layers: torch.Tensor  # [L, C + 1]
     route: bool  # False: no expert can win anything this step, skip routing work
     capture: list[torch.Tensor] | None
+    capture_attention: list[torch.Tensor] | None = None
     decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
     block_plan: object | None = None  # the plan of the kind run inside the block (LoRA), set while the block runs
+    early: torch.Tensor | None = None  # [N, k] the layer's choice before attention (RoutedAttention), for its MLP
     context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
     counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
 
@@ -126,6 +149,54 @@ class _Context(threading.local):
     """The step being run, per thread: the engine decodes while an admission report runs the same model."""
 
     step: _Step | None = None
+
+
+def _gathers(choice: torch.Tensor, early: bool) -> bool:
+    """Whether an in-block kind's plan for this choice [N, k] takes its gathered form (each row's weights gathered,
+    no host read: what few top-1 rows on an accelerator want) rather than the grouped one. On CPU a host read costs
+    nothing and gathering per-row weights costs more than the grouped matmuls, so a layer whose decision has an
+    early step (an expert adapting attention) plans grouped; a layer without one keeps the gathered form, so the
+    sets that held no attention expert decode bit for bit as they always did."""
+    few = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+    return few and not (early and choice.device.type == "cpu")
+
+
+class RoutedAttention(nn.Module):
+    """Wraps one decoder layer's frozen attention block (never edited). While the plugged set holds an expert that
+    adapts attention on this layer (PluggedSet.before_attention), it takes those experts' decision at the block's
+    input and runs the block with their plan, so their q/k/v/o deltas are in the routed rows (and in the K/V the
+    cache keeps); the decision goes on to RoutedMLP on the step (`early`). Otherwise the block as it is."""
+
+    def __init__(self, base_layer: nn.Module, layer: int, context: _Context) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self._context = context
+
+    def forward(self, *args, **kwargs):
+        step = self._context.step
+        if step is None:
+            return self.base_layer(*args, **kwargs)
+        x = args[0] if args else kwargs["hidden_states"]  # [B, T, H]: what the attention block reads
+        if step.capture_attention is not None:
+            step.capture_attention.append(x.detach())
+        split = step.plugged.before_attention[self.layer] if step.route and step.plugged.before_attention else None
+        if split is None:
+            return self.base_layer(*args, **kwargs)
+        flat_x = x.reshape(-1, x.shape[-1])
+        plugged, layer = step.plugged, self.layer
+        scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, C]
+        step.early = choose_experts(scores, split.thresholds, step.allowed, step.forced, split.covers, step.top_k)
+        choice = step.early if step.skip is None else step.early.masked_fill(step.skip, -1)
+        gather = _gathers(choice, early=True)
+        for plan in split.plans:
+            step.block_plan, choice = plan(layer, choice, gather)
+            if step.block_plan is not None:
+                break  # one in-block kind holds the early experts (LoRA)
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            step.block_plan = None
 
 
 class RoutedMLP(nn.Module):
@@ -166,13 +237,21 @@ class RoutedMLP(nn.Module):
             )
             step.choices.append(choice[:, None])
             return out.view_as(base)
+        early, step.early = step.early, None
+        split = plugged.before_attention[layer] if early is not None else None
+        # the experts decided before attention are out of this decision (split: their columns closed)
+        thresholds = plugged.thresholds[layer] if split is None else split.late_thresholds
+        covers = plugged.covers[layer] if split is None else split.late_covers
         if plugged.gates is not None and step.context is not None:  # the context router's token classifier
-            choice = self._context_choice(step, x)[:, None]  # [N, 1]
+            allowed = step.allowed
+            if split is not None:
+                allowed = split.late_allowed[None] if allowed is None else allowed & split.late_allowed
+            choice = self._context_choice(step, x, allowed, covers)[:, None]  # [N, 1]
         else:
             scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
-            choice = choose_experts(
-                scores, plugged.thresholds[layer], step.allowed, step.forced, plugged.covers[layer], step.top_k
-            )  # [N, k]
+            choice = choose_experts(scores, thresholds, step.allowed, step.forced, covers, step.top_k)  # [N, k]
+        if early is not None:  # a token an early expert took keeps that route, for this block too
+            choice = torch.where((early >= 0).any(dim=1, keepdim=True), early, choice)
         step.choices.append(choice)
         if step.skip is not None:
             choice = choice.masked_fill(step.skip, -1)
@@ -181,7 +260,7 @@ class RoutedMLP(nn.Module):
         chosen = None
         for stage in plugged.in_block:
             if stage.on_layer[layer]:
-                gather = choice.shape[1] == 1 and choice.shape[0] <= GATHER_MAX_TOKENS and not torch.is_grad_enabled()
+                gather = _gathers(choice, early=split is not None)
                 if chosen is None and choice.shape[1] > 1:
                     chosen = (choice >= 0).sum(dim=1)
                 step.block_plan, choice = stage.plan(layer, choice, gather)
@@ -203,16 +282,17 @@ class RoutedMLP(nn.Module):
             out = stage.delta(flat_x, out, own, stage.layers[layer], chosen)
         return out.view_as(base)
 
-    def _context_choice(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
+    def _context_choice(
+        self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor
+    ) -> torch.Tensor:
         """x [B, T, H] -> choice [N]: each token's layer context (the row's running sum of unit inputs, this token
         included) classified by the set's gates; the row's sum moves on to the last position (in place)."""
         assert step.context is not None and step.counted is not None and step.plugged.gates is not None
         unit = F.normalize(x.float(), dim=-1) * step.counted[..., None]  # [B, T, H]: prefix and padding add 0
         sums = step.context[:, self.layer, None, :] + unit.cumsum(dim=1)  # [B, T, H]
         step.context[:, self.layer] = sums[:, -1]
-        covers = step.plugged.covers[self.layer]
         return step.plugged.gates.choose(
-            sums.reshape(-1, x.shape[-1]), self.layer, step.allowed, step.forced, covers, step.counted.reshape(-1)
+            sums.reshape(-1, x.shape[-1]), self.layer, allowed, step.forced, covers, step.counted.reshape(-1)
         )
 
 
@@ -228,17 +308,25 @@ class RoutedModel(nn.Module):
         attr = mlp_attribute(backbone)
         self._context = _Context()
         self.mlps: list[RoutedMLP] = []
-        self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)}: what LoRA experts adapt
+        self.attentions: list[RoutedAttention] = []
+        family = family_of(backbone)
+        self.projection_shapes = mlp_projection_shapes(backbone)  # {name: (in, out)} of the MLP's projections
+        # {target: (in, out)}: every projection a LoRA expert may adapt (MLP, then `self_attn.q_proj`...)
+        self.target_shapes = {**self.projection_shapes, **attention_projection_shapes(backbone)}
         for index, layer in enumerate(layers):
             block = getattr(layer, attr)
-            for kind in KINDS.values():  # the kinds run inside the block wrap its modules (LoRA: its projections)
-                kind.wrap_block(block, family_of(backbone).projections, self._context)
+            for kind in KINDS.values():  # the kinds run inside a block wrap its modules (LoRA: its projections)
+                kind.wrap_block(block, family.projections, self._context)
+                kind.wrap_block(layer, family.attention_targets, self._context)
             wrapper = RoutedMLP(block, index, self._context)
             setattr(layer, attr, wrapper)
             self.mlps.append(wrapper)
+            attention = RoutedAttention(getattr(layer, family.attention), index, self._context)
+            setattr(layer, family.attention, attention)
+            self.attentions.append(attention)
         param = next(backbone.parameters())
         self.slots = ExpertSlots(
-            len(layers), self.hidden_size, param.device, param.dtype, projections=self.projection_shapes
+            len(layers), self.hidden_size, param.device, param.dtype, projections=self.target_shapes
         )
         self.cache_kwarg = cache_kwarg(backbone)
         self.decode_route: Callable = routed_top1
@@ -310,6 +398,7 @@ class RoutedModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
         capture_mlp_inputs: bool = False,
+        capture_attention_inputs: bool = False,
         logits_to_keep: int = 0,
         token_mask: torch.Tensor | None = None,
         fixed_ops: bool = False,
@@ -341,6 +430,8 @@ class RoutedModel(nn.Module):
         if not isinstance(routing, StepRouting):
             routing = StepRouting.from_specs(routing, plugged)
         self._context.step = self._prepare(plugged, routing, token_mask, batch, length, capture_mlp_inputs, fixed_ops)
+        if capture_attention_inputs:
+            self._context.step.capture_attention = []
         if plugged.gates is not None and self.router.top_k == 1:
             self._context.step.context, self._context.step.counted = self._context_rows(
                 plugged, token_mask, batch, length, context
@@ -364,7 +455,14 @@ class RoutedModel(nn.Module):
             step.trace_rows[:, -1] = valid_per_row * self.num_layers
             step.trace_layers[:, -1] = valid_per_row.sum()
         trace = RoutingTrace(plugged.columns, step.trace_rows, step.trace_layers)
-        return RoutedOutput(out.logits, past_key_values if use_cache else None, trace, step.capture or [], step.context)
+        return RoutedOutput(
+            out.logits,
+            past_key_values if use_cache else None,
+            trace,
+            step.capture or [],
+            step.context,
+            step.capture_attention or [],
+        )
 
     def _context_rows(
         self,

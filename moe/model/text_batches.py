@@ -125,11 +125,20 @@ def forward(
     plugged: PluggedSet | None = None,
     observe: bool = False,
     capture: bool = False,
+    capture_attention: bool = False,
 ) -> RoutedOutput:
-    """One routed forward of a TokenBatch (observe: trace the routes without applying experts)."""
+    """One routed forward of a TokenBatch (observe: trace the routes without applying experts; capture: keep the
+    MLP inputs, capture_attention: the attention inputs)."""
     plugged = plugged if plugged is not None else model.plugged
     routing = StepRouting.from_specs(list(specs), plugged, observe=[observe] * len(specs))
-    return model(batch.ids, attention_mask=batch.mask, routing=routing, plugged=plugged, capture_mlp_inputs=capture)
+    return model(
+        batch.ids,
+        attention_mask=batch.mask,
+        routing=routing,
+        plugged=plugged,
+        capture_mlp_inputs=capture,
+        capture_attention_inputs=capture_attention,
+    )
 
 
 def token_nll(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +177,11 @@ def capture_mlp_inputs(
     batch_size: int = 32,
     domain: bool = False,
     device: torch.device | str = "cpu",
+    site: str = "mlp",
 ) -> list[torch.Tensor]:
-    """Per backbone layer, the MLP inputs of real tokens as they flow under `spec` -> L x [N, H] float32.
+    """Per backbone layer, the MLP inputs of real tokens as they flow under `spec` -> L x [N, H] float32
+    (site "attention": the attention blocks' inputs, what the gate of an expert that adapts attention reads;
+    Expert.gate_site).
 
     The rule for the first tokens: the special prefix a tokenizer puts before every text (BOS) reaches the
     router on every request, so it is captured as any token is, except for a domain's own positives
@@ -181,12 +193,13 @@ def capture_mlp_inputs(
     seen = 0
     for batch in batches(tokenizer, items, batch_size, max_tokens, eos=False):
         batch = batch.to(model.device)
-        out = forward(model, batch, [spec] * len(batch), plugged, capture=True)
+        attention = site == "attention"
+        out = forward(model, batch, [spec] * len(batch), plugged, capture=not attention, capture_attention=attention)
         real = batch.mask.bool()
         if domain:
             positions = torch.arange(real.shape[1], device=real.device)[None, :]
             real = real & (positions >= batch.prefix[:, None])
-        for layer, x in enumerate(out.mlp_inputs):
+        for layer, x in enumerate(out.attention_inputs if attention else out.mlp_inputs):
             per_layer[layer].append(x[real].to(device, torch.float32))
         seen += int(real.sum())
         if limit is not None and seen >= limit:

@@ -1,8 +1,10 @@
 """Importing PEFT LoRA adapters (built offline with PEFT on tiny models of every supported family): parity with
-PEFT's own model when pinned, refusals, --mlp-only, the gate, and the `import-lora` command."""
+PEFT's own model when pinned (logits and greedy tokens; MLP, attention and all-linear targets), refusals,
+--mlp-only, the gate, and the `import-lora` command."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -21,8 +23,9 @@ from experts.import_lora import (
 )
 from moe import RoutedModel, RoutingSpec
 from moe.adapters.file import ExpertFile
+from moe.decode.generation import generate
 from moe.model.backbone import FAMILIES as FAMILY_TABLE
-from tests.tiny import FAMILIES, MORE_FAMILIES, tiny_backbone
+from tests.tiny import FAMILIES, MORE_FAMILIES, tiny_backbone, tiny_config, tiny_tokenizer
 
 ALL_FAMILIES = (*FAMILIES, *MORE_FAMILIES)
 # MLP targets per family, each with a twist of PEFT's config: per-module rank and alpha, rsLoRA, a regex,
@@ -45,9 +48,17 @@ ATTENTION = {
     "llama": ["q_proj", "v_proj", "down_proj"],
     "qwen2": ["k_proj", "o_proj", "up_proj"],
 }
+TARGETS = ("mlp", "attention", "all-linear")
 
 
-def config_for(family: str) -> dict:
+def config_for(family: str, targets: str = "mlp") -> dict:
+    """PEFT's config for the family's MLP targets (with its twist), its attention projections only (rsLoRA, a
+    rank per module), or target_modules="all-linear" (every linear layer but lm_head)."""
+    if targets == "attention":
+        attention = list(FAMILY_TABLE[family].attention_targets)
+        return {"target_modules": attention, "use_rslora": True, "rank_pattern": {attention[-1]: 2}}
+    if targets == "all-linear":
+        return {"target_modules": "all-linear", "lora_alpha": 12}
     return CONFIGS.get(family, {"target_modules": list(FAMILY_TABLE[family].projections)})
 
 
@@ -75,14 +86,21 @@ def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("targets", TARGETS)
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 @torch.no_grad()
-def test_pinned_import_gives_the_peft_models_logits(family: str, tmp_path: Path) -> None:
-    directory = peft_adapter(family, tmp_path / "a", seed=1, **config_for(family))
+def test_pinned_import_gives_the_peft_models_logits(family: str, targets: str, tmp_path: Path) -> None:
+    directory = peft_adapter(family, tmp_path / "a", seed=1, **config_for(family, targets))
     peft = PeftModel.from_pretrained(tiny_backbone(family, seed=0), directory).eval()
     model = RoutedModel(tiny_backbone(family, seed=0))
     expert, report = imported(model, directory, "a")
-    assert expert.kind == "lora" and set(report.targets) <= set(FAMILY_TABLE[family].projections)
+    table = FAMILY_TABLE[family]
+    want_targets = {
+        "mlp": set(report.targets) & set(table.projections),  # the family's twist may pick a subset
+        "attention": set(table.attention_targets),
+        "all-linear": set(table.targets),
+    }[targets]
+    assert expert.kind == "lora" and set(report.targets) == want_targets and want_targets
     model.plug(expert)
     plain = tiny_backbone(family, seed=0)
     for length in (9, 40):  # 27 tokens: the gathered path; 120: grouped
@@ -91,6 +109,40 @@ def test_pinned_import_gives_the_peft_models_logits(family: str, tmp_path: Path)
         assert not torch.allclose(want, plain(x).logits, atol=1e-3), "vacuous: the adapter changes nothing"
         got = model(x, routing=[RoutingSpec("pin", "a")] * 3).logits
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@torch.no_grad()
+def test_pinned_import_gives_the_peft_models_greedy_tokens(family: str, targets: str, tmp_path: Path) -> None:
+    """plugmoe's generate (prefill, then decode steps over the KV cache) with the adapter pinned gives, token for
+    token, what PEFT's model gives with transformers' greedy `generate`."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, vocab=len(tokenizer))
+    config.initializer_range = 0.2  # the default repeats one token forever: a weak test
+    torch.manual_seed(7)
+    weights = copy.deepcopy(AutoModelForCausalLM.from_config(config).state_dict())
+
+    def backbone() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_config(config).eval()
+        model.load_state_dict(weights)
+        return model
+
+    directory = peft_adapter(family, tmp_path / "a", seed=1, base=backbone(), **config_for(family, targets))
+    peft = PeftModel.from_pretrained(backbone(), directory).eval()
+    model = RoutedModel(backbone())
+    model.plug(imported(model, directory, "a")[0])
+    prompts = ["The quick brown fox", "def add(a, b):", "Mia walks to the market."]
+    got = generate(model, tokenizer, prompts, RoutingSpec("pin", "a"), 12)
+    changed = 0
+    for prompt, g in zip(prompts, got, strict=True):
+        x = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "eos_token_id": 0}
+        want = peft.generate(input_ids=x, **options)[0, x.shape[1] :].tolist()
+        want = want[: want.index(0) + 1] if 0 in want else want
+        assert g.token_ids == want, prompt
+        changed += backbone().generate(input_ids=x, **options)[0, x.shape[1] :].tolist()[: len(want)] != want
+    assert changed, "vacuous: the adapter changes no greedy token"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -133,17 +185,17 @@ def test_an_adapter_on_some_layers_covers_those_layers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_attention_targets_are_refused_or_dropped_with_mlp_only(family: str, tmp_path: Path) -> None:
+def test_attention_targets_are_served_or_dropped_with_mlp_only(family: str, tmp_path: Path) -> None:
     options = {k: v for k, v in config_for(family).items() if k != "target_modules"}
     directory = peft_adapter(family, tmp_path / "attn", seed=3, target_modules=ATTENTION[family], **options)
     model = RoutedModel(tiny_backbone(family, seed=0))
-    with pytest.raises(NonMlpTargetsError, match="outside the MLP blocks") as refused:
-        convert_adapter(directory, model, "attn")
+    served, report = imported(model, directory, "served")
     attention = {"gpt2": "attn.c_attn", "gpt_neox": "attention.query_key_value"}.get(family, "self_attn.")
-    assert attention in str(refused.value) and "(layers [0, 1])" in str(refused.value)
-    assert "--mlp-only" in str(refused.value)
+    assert any(target.startswith(attention) for target in report.targets) and not report.dropped
+    assert served.gate_site == "attention"
 
     expert, report = imported(model, directory, "attn", mlp_only=True)
+    assert expert.gate_site == "mlp"
     assert report.dropped and all(".mlp." not in module for module in report.dropped)
     (warning,) = [w for w in report.warnings if w.startswith("--mlp-only")]
     assert "will not reproduce the adapter as trained" in warning and "plugmoe eval" in warning
@@ -175,8 +227,9 @@ REFUSALS = [
         UnsupportedAdapterError,
         "rewrites",
     ),
-    # a bare "c_proj" also matches GPT-2's attn.c_proj: PEFT adapts both
-    ("gpt2 bare c_proj", "gpt2", {"target_modules": ["c_fc", "c_proj"]}, NonMlpTargetsError, "attn.c_proj"),
+    ("embedding", "llama", {"target_modules": ["embed_tokens", "down_proj"]}, NonMlpTargetsError, "embed_tokens"),
+    ("lm_head", "qwen2", {"target_modules": ["lm_head", "down_proj"]}, NonMlpTargetsError, "lm_head"),
+    ("rank cap", "llama", {"target_modules": ["q_proj"], "r": 300}, UnsupportedAdapterError, "over the cap of 256"),
     (
         "modules_to_save",
         "llama",
@@ -203,7 +256,7 @@ def test_what_the_lora_kind_cannot_reproduce_is_refused(case, family, config, er
 
 def test_adapters_for_another_backbone_are_refused(tmp_path: Path) -> None:
     llama = peft_adapter("llama", tmp_path / "llama", seed=1, target_modules=["gate_proj", "down_proj"])
-    with pytest.raises(LoraImportError, match="no LoRA on the MLP projections"):
+    with pytest.raises(LoraImportError, match="no LoRA on the attention or MLP projections"):
         convert_adapter(llama, RoutedModel(tiny_backbone("gpt2", seed=0)), "x")
     with pytest.raises(AdapterMismatchError, match="the LoRA maps 32 -> 64, the backbone's gate_proj maps 48 -> 96"):
         convert_adapter(llama, RoutedModel(tiny_backbone("llama", seed=0, hidden=48)), "x")
@@ -277,9 +330,14 @@ def test_import_lora_command_writes_a_gated_expert(tiny_model_dir: Path, tmp_pat
     fast = ["--max-tokens", "32", "--gate-steps", "5", "--gate-max-tokens", "500", "--balance-steps", "2"]
     common = ["--model", str(tiny_model_dir), "--data", str(code), "--calibration", str(general), "--seed", "0"]
 
-    assert main(["import-lora", str(attn), "--name", "x", "--out", str(tmp_path / "x.safetensors"), *common]) == 2
-    assert "outside the MLP blocks: self_attn.q_proj (layers [0, 1])" in capsys.readouterr().out
-    assert not (tmp_path / "x.safetensors").exists()
+    # an attention LoRA: its gate is trained on the attention blocks' inputs, where it is decided
+    assert (
+        main(["import-lora", str(attn), "--name", "a", "--out", str(tmp_path / "a.safetensors"), *common, *fast]) == 0
+    )
+    capsys.readouterr()
+    attention = ExpertFile.load(tmp_path / "a.safetensors", RoutedModel(load_backbone(tiny_model_dir)[0]).fingerprint)
+    assert set(attention.adapter.pairs) == {"self_attn.q_proj", "down_proj"} and attention.gate_site == "attention"
+    assert (attention.thresholds < 2.0).all(), "the gate was trained"
     args = ["import-lora", str(attn), "--name", "x", "--out", str(tmp_path / "x.safetensors"), "--mlp-only"]
     assert main([*args, *common, *fast]) == 0
     printed = capsys.readouterr().out

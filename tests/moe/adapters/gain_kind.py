@@ -27,6 +27,7 @@ NAME = "gain"
 class GainAdapter:
     gain: torch.Tensor  # [Lx, H]
     kind: ClassVar[str] = NAME
+    routes_before_attention: ClassVar[bool] = False
 
     @property
     def rank(self) -> int:

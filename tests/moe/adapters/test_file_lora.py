@@ -112,7 +112,7 @@ CASES = [
         "not a projection",
         lambda m: _blob(m, lora=_targets(q_proj={"rank": 2, "in": 32, "out": 32})),
         InvalidMetadataError,
-        "['q_proj'] are not MLP projections",
+        "['q_proj'] are not MLP or attention projections",
     ),
     (
         "hidden side",

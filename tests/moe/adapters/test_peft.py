@@ -1,7 +1,7 @@
 """moe.adapters.peft: a PEFT LoRA directory (or its two files' bytes) -> a pin-only LoRA expert. PEFT parity
 per family, rank_pattern and the refusals live in tests/experts/test_import_lora.py (the command's tests, on
 this same conversion); here: bytes and directory agree, the gate is closed (pinned: PEFT's logits; token
-routing: the backbone's), and attention targets are refused by name."""
+routing: the backbone's), attention targets served pinned (or dropped with mlp_only), lm_head refused by name."""
 
 from __future__ import annotations
 
@@ -69,15 +69,27 @@ def test_bytes_and_directory_give_one_pin_only_expert_with_peft_logits(tmp_path:
         assert torch.equal(model(x, routing=[RoutingSpec(mode)] * 2).logits, plain), mode
 
 
-def test_attention_targets_are_refused_naming_them(tmp_path: Path) -> None:
+@torch.no_grad()
+def test_attention_targets_are_served_pinned_and_dropped_with_mlp_only(tmp_path: Path) -> None:
     directory = peft_dir(tmp_path / "attn", target_modules=["q_proj", "v_proj", "down_proj"])
-    with pytest.raises(NonMlpTargetsError) as refused:
-        convert_adapter(directory, RoutedModel(tiny_backbone("llama", seed=0)), "attn")
-    assert str(refused.value).startswith(
-        "the adapter targets attention (q_proj, v_proj): plugmoe serves MLP LoRAs; see --mlp-only in import-lora"
-    )
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    expert, report = convert_adapter(directory, model, "attn")
+    assert set(expert.adapter.pairs) == {"self_attn.q_proj", "self_attn.v_proj", "down_proj"} and not report.dropped
+    model.plug(expert)
+    x = ids(2, 12)
+    want = PeftModel.from_pretrained(tiny_backbone("llama", seed=0), directory).eval()(x).logits
+    torch.testing.assert_close(model(x, routing=[RoutingSpec("pin", "attn")] * 2).logits, want, atol=1e-5, rtol=1e-4)
+    plain = tiny_backbone("llama", seed=0)(x).logits
+    assert torch.equal(model(x).logits, plain), "gateless: decided before attention, it still wins nothing"
+
     expert, report = convert_adapter(directory, RoutedModel(tiny_backbone("llama", seed=0)), "attn", mlp_only=True)
     assert set(expert.adapter.pairs) == {"down_proj"} and len(report.dropped) == 4  # q, v on 2 layers
+
+
+def test_modules_outside_the_projections_are_refused_naming_them(tmp_path: Path) -> None:
+    directory = peft_dir(tmp_path / "head", target_modules=["lm_head", "down_proj"])
+    with pytest.raises(NonMlpTargetsError, match=r"plugmoe does not serve: lm_head.*not embeddings, lm_head"):
+        convert_adapter(directory, RoutedModel(tiny_backbone("llama", seed=0)), "head")
 
 
 def test_unreadable_bytes_are_refused_with_the_file_named() -> None:

@@ -100,6 +100,17 @@ def test_load_list_use_unload_as_a_vllm_user_does(lora_client: TestClient, adapt
         _complete(oai, "sql")
 
 
+def test_an_attention_lora_is_served_by_name(lora_client: TestClient, tiny_model_dir: Path, roots: Path) -> None:
+    attention = peft_dir(tiny_model_dir, roots / "attn", target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    assert _load(lora_client, lora_name="attn", lora_path=str(attention)).status_code == 200
+    oai = _oai(lora_client)
+    base = next(m.id for m in oai.models.list().data)
+    by_name = _complete(oai, "attn")
+    assert by_name == _complete(oai, base, routing={"mode": "pin", "expert": "attn"})
+    assert by_name != _complete(oai, base, routing={"mode": "off"}), "vacuous: the adapter changes nothing"
+    assert _complete(oai, base) == _complete(oai, base, routing={"mode": "off"}), "pin-only: it wins no token"
+
+
 def test_a_gateless_plug_skips_admission_but_not_the_probe(
     make_client: Callable[..., TestClient], roots: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -143,13 +154,17 @@ def test_vllms_error_statuses_and_types(
     (roots / "link").symlink_to(outside)  # a symlink under a root to a directory outside it
     assert error(_load(lora_client, lora_name="out", lora_path=str(roots / "link")))[:2] == (400, "BadRequestError")
 
-    attention = peft_dir(tiny_model_dir, roots / "attn", target_modules=["q_proj", "v_proj", "down_proj"])
-    status, kind, message = error(_load(lora_client, lora_name="attn", lora_path=str(attention)))
-    assert (status, kind) == (400, "BadRequestError")
-    assert "targets attention (q_proj, v_proj): plugmoe serves MLP LoRAs; see --mlp-only in import-lora" in message
+    head = peft_dir(tiny_model_dir, roots / "head", target_modules=["lm_head", "down_proj"])
+    status, kind, message = error(_load(lora_client, lora_name="head", lora_path=str(head)))
+    assert (status, kind) == (400, "BadRequestError") and "plugmoe does not serve: lm_head" in message
     dora = peft_dir(tiny_model_dir, roots / "dora", use_dora=True)
     assert "DoRA" in error(_load(lora_client, lora_name="dora", lora_path=str(dora)))[2]
     assert error(_load(lora_client, lora_name="Bad Name", lora_path=str(adapter)))[:2] == (400, "InvalidUserInput")
+    # vLLM takes any string; a plugmoe name is also a route and a metrics label: lowercase, so "SQL" cannot be
+    # a second adapter beside "sql" that /v1/models and `model` would tell apart by case alone
+    status, kind, message = error(_load(lora_client, lora_name="SQL", lora_path=str(adapter)))
+    assert (status, kind) == (400, "InvalidUserInput") and message.startswith("lora_name: expert name 'SQL'")
+    assert "lowercase letters" in message
 
     assert error(lora_client.post("/v1/unload_lora_adapter", json={}))[:2] == (400, "InvalidUserInput")
     status, kind, message = error(lora_client.post("/v1/unload_lora_adapter", json={"lora_name": "ghost"}))
