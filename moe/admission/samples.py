@@ -101,25 +101,58 @@ def sample_pass(
         layers = scoring.get(candidate).layers  # by name: a slot is a column, not a position
         result.taken = [0] * len(layers)
     applied = candidate is not None and candidate in plugged
+    # one decision per token per layer, taken at two sites (moe.model.routed): experts that adapt attention are
+    # decided at the attention input (scoring.before_attention[l]), the rest at the MLP input among the tokens no
+    # early expert took. The candidate is scored where the router decides it, against that site's columns.
+    early_site = candidate is not None and scoring is not None and scoring.get(candidate).gate_site == "attention"
+    splits = [
+        scoring.before_attention[layer] if scoring is not None and scoring.before_attention else None
+        for layer in layers
+    ]
     winning: list[list[torch.Tensor]] = [[] for _ in layers]
     for batch in batches(tokenizer, texts(list(strings)), batch_size, max_tokens, eos=False):
         batch = batch.to(model.device)
-        out = forward(model, batch, [RoutingSpec()] * len(batch), plugged, capture=bool(layers))
+        out = forward(
+            model,
+            batch,
+            [RoutingSpec()] * len(batch),
+            plugged,
+            capture=bool(layers),
+            capture_attention=any(split is not None for split in splits),
+        )
         nll, count = token_nll(out.logits, batch)
         result.nll += float(nll.sum())
         result.tokens += int(count.sum())
         real = batch.mask.bool()
         result.decisions += int(real.sum())
         for i, layer in enumerate(layers):
-            x_unit = F.normalize(out.mlp_inputs[layer][real], dim=-1)  # [N, H], as the router normalises it
             assert scoring is not None
-            scores = gate_scores(x_unit, scoring.keys[layer], scoring.offsets[layer])  # [N, E]
+            split = splits[i]
+            thresholds, covers = scoring.thresholds[layer], scoring.covers[layer]
+            taken_early: torch.Tensor | None = None  # [N]: tokens an early expert took (out of the MLP decision)
+            if split is not None:
+                a_unit = F.normalize(out.attention_inputs[layer][real], dim=-1)  # [N, H]
+                a_scores = gate_scores(a_unit, scoring.keys[layer], scoring.offsets[layer])  # [N, E]
+                early = choose_experts(a_scores, split.thresholds, None, None, split.covers, model.router.top_k)
+                taken_early = (early >= 0).any(dim=1)
+            if early_site:
+                assert split is not None, "an attention-site candidate has an early split on every layer it covers"
+                scores, thresholds, covers = a_scores, split.thresholds, split.covers
+            else:
+                x_unit = F.normalize(out.mlp_inputs[layer][real], dim=-1)  # [N, H], as the router normalises it
+                scores = gate_scores(x_unit, scoring.keys[layer], scoring.offsets[layer])  # [N, E]
+                if split is not None:
+                    thresholds, covers = split.late_thresholds, split.late_covers
+            wins = winning_scores(scores, thresholds, slot, model.router.top_k)
             if applied:
-                choice = choose_experts(
-                    scores, scoring.thresholds[layer], None, None, scoring.covers[layer], model.router.top_k
-                )  # [N, k]
-                result.taken[i] += int((choice == slot).any(dim=1).sum())
-            winning[i].append(winning_scores(scores, scoring.thresholds[layer], slot, model.router.top_k).cpu())
+                choice = choose_experts(scores, thresholds, None, None, covers, model.router.top_k)  # [N, k]
+                mine = (choice == slot).any(dim=1)
+                if taken_early is not None and not early_site:
+                    mine &= ~taken_early
+                result.taken[i] += int(mine.sum())
+            if taken_early is not None and not early_site:
+                wins = wins.masked_fill(taken_early, float("-inf"))  # an early route keeps the token
+            winning[i].append(wins.cpu())
     result.winning = [torch.cat(w) if w else torch.empty(0) for w in winning]
     return result
 

@@ -11,9 +11,10 @@ from moe import RoutedModel, RoutingSpec
 from moe.admission import report as admission_module
 from moe.admission.report import AdmissionLimits, BaselineCache, admit
 from moe.admission.samples import cap_threshold, sample_pass, winning_scores
+from moe.model.backbone import FAMILIES
 from moe.model.text_batches import batches, forward, texts
 from moe.routing.router import choose_experts
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert, tiny_tokenizer
 
 OWN = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b\n"]
 OWNER = ["Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer: 7", "1 + 2 = 3"]
@@ -85,6 +86,33 @@ def test_a_pass_counts_what_the_router_decides(trained: RoutedModel, tokenizer) 
         counts = [c + layer.get("cand", 0.0) for c, layer in zip(counts, layer_counts, strict=True)]
     assert result.taken == [int(c) for c in counts] and 0 < sum(result.taken) < 2 * result.decisions
     assert all(int((w > 0.0).sum()) == t for w, t in zip(result.winning, result.taken, strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_pass_scores_each_candidate_at_the_site_the_router_decides_it(family: str, tokenizer) -> None:
+    """Experts that adapt attention are decided at the attention input, the rest at the MLP input among the
+    tokens no early expert took: a pass counts, for each candidate, what the routed forward gives it."""
+    model = RoutedModel(tiny_backbone(family, seed=0, vocab=len(tokenizer)))
+    attention = list(FAMILIES[family].attention_targets)
+    model.plug(tiny_lora_expert("all", model.target_shapes, seed=1, threshold=0.05, scale=0.3))
+    model.plug(tiny_lora_expert("attn", model.target_shapes, seed=2, layers=(1,), targets=attention, threshold=0.0))
+    model.plug(tiny_lora_expert("mlp", model.projection_shapes, seed=3, threshold=0.0, scale=0.3))
+    model.plug(tiny_expert("neck", seed=4, threshold=0.1))
+    plugged = model.plugged
+    counts: list[dict[str, float]] = [{} for _ in range(2)]
+    for batch in batches(tokenizer, texts(CALIBRATION), 16, 128, eos=False):
+        for layer, layer_counts in enumerate(
+            forward(model, batch, [RoutingSpec()] * len(batch), plugged).trace.layer_counts()
+        ):
+            for name, n in layer_counts.items():
+                counts[layer][name] = counts[layer].get(name, 0.0) + n
+    for name in ("all", "attn", "mlp", "neck"):
+        result = sample_pass(model, tokenizer, CALIBRATION, plugged, plugged, name)
+        layers = plugged.get(name).layers
+        assert result.taken == [int(counts[layer].get(name, 0.0)) for layer in layers], name
+        threshold = plugged.thresholds[layers[0]][plugged.index(name)]
+        assert int((result.winning[0] > threshold).sum()) == result.taken[0], name
+    assert sum(sum(c.values()) for c in counts) > 0
 
 
 # --- admission ------------------------------------------------------------------------------------------------
