@@ -13,7 +13,7 @@ statuses and error types (vllm/entrypoints/openai/serving_models.py):
 What differs: loading is a plug (server.served_experts: validation, the finite probe, the expert store, the
 swap between two steps; in a cluster every replica follows), so it needs the admin rights of POST /experts
 and reads only PEFT directories under --source-roots (or on --source-hosts). The adapter becomes a pin-only
-LoRA expert (moe.adapters.peft: MLP targets only, no training), served when named as `model`; any plugged
+LoRA expert (moe.adapters.peft: attention and MLP targets, no training), served when named as `model`; any plugged
 expert can be unloaded by name. Names are expert names (lowercase letters, digits, '_' and '-').
 """
 
