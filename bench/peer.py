@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -376,6 +377,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip HF static batch")
     parser.add_argument("--baseline", type=Path, help="another plugmoe checkout: its routing off as one more column")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this bench started
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -14,6 +14,11 @@ never blocks on the model. Metrics are read from the scheduler as it goes (_Engi
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.
+
+The engine thread should be the only live thread that has run torch's parallel ops: libgomp (torch's intra-op
+pool) slows every pool once the process holds more pool threads than CPUs (see in_passing_thread). Torch work
+that must run elsewhere (loading) runs in a thread that ends. The spin-wait itself is libgomp's: GOMP_SPINCOUNT
+and OMP_WAIT_POLICY, read when the process starts (spinning wins on cores of its own, loses on shared ones).
 """
 
 from __future__ import annotations
