@@ -36,7 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.serve_load import _pct, build_model, write_experts  # noqa: E402
+from bench.serve_load import _pct, write_experts  # noqa: E402
 from bench.server_process import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -70,6 +70,26 @@ class Run:
 
 
 # --- what to serve --------------------------------------------------------------------------------------------
+
+
+def shape_with_demo_vocabulary(directory: Path, shape: str) -> Path:
+    """Random weights of a named shape (bench/shapes.py) with the demo model's vocabulary and tokenizer, saved like
+    a checkpoint: every id the model can pick decodes to text, so each streamed token is seen arriving."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.shapes import SHAPES
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "demo" / "model")
+    config = SHAPES[shape]()
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = config.eos_token_id = config.bos_token_id = tokenizer.bos_token_id or 0
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    print(f"{shape} shape, random weights, demo vocabulary ({len(tokenizer)}): {model.num_parameters() / 1e6:.1f}M")
+    return directory
 
 
 def demo_prompts(model_dir: Path, count: int, tokens: int) -> list[str]:
@@ -245,10 +265,11 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ne
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                if choice.get("text"):
-                    arrivals.append(time.perf_counter())
-                    text.append(choice["text"])
+            for choice in chunk.get("choices") or ():  # a token's chunk, its text possibly held back (partial UTF-8)
+                if choice.get("finish_reason") and not choice.get("text"):
+                    continue  # the closing chunk, no token in it
+                arrivals.append(time.perf_counter())
+                text.append(choice.get("text") or "")
     tokens = usage["completion_tokens"] if usage else len(arrivals)
     if tokens != new_tokens:
         raise RuntimeError(f"{server.name} generated {tokens} tokens, not {new_tokens}: {usage}")
@@ -358,8 +379,13 @@ def report(rounds: list[dict[str, Run]], args: argparse.Namespace) -> None:
     if "plugmoe off" in configs:
         for other in ("HF static batch", "transformers serve"):
             if other in configs:
-                same = sum(a == b for a, b in zip(last["plugmoe off"].texts, last[other].texts, strict=True))
-                print(f"greedy text, plugmoe off == {other}: {same}/{len(last[other].texts)} prompts")
+                pairs = list(zip(last["plugmoe off"].texts, last[other].texts, strict=True))
+                print(f"greedy text, plugmoe off == {other}: {sum(a == b for a, b in pairs)}/{len(pairs)} prompts")
+                for ours, theirs in pairs:
+                    if ours != theirs:  # the first difference, to tell numerics from text handling
+                        at = next(i for i, (x, y) in enumerate(zip(ours + "\0", theirs + "\0", strict=False)) if x != y)
+                        print(f"  first difference at character {at}: {ours[at:][:40]!r} / {theirs[at:][:40]!r}")
+                        break
 
 
 def main() -> None:
@@ -385,7 +411,7 @@ def main() -> None:
             model_dir, seed = REPO / "demo" / "model", REPO / "demo" / "experts"
             prompts = demo_prompts(model_dir, args.clients, args.prompt_tokens)
         else:
-            model_dir = build_model(tmp / "model", args.shape, "float32")
+            model_dir = shape_with_demo_vocabulary(tmp / "model", args.shape)
             seed = tmp / "seed"
             write_experts(model_dir, seed, args.experts, 0, 16, "float32")
             prompts = mixed_prompts(model_dir, args.clients, args.prompt_tokens)
