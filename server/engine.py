@@ -14,6 +14,11 @@ never blocks on the model. Metrics are read from the scheduler's report of each 
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.
+
+The engine thread should be the only live thread that has run torch's parallel ops: libgomp (torch's intra-op
+pool) slows every pool once the process holds more pool threads than CPUs (see in_passing_thread). Torch work
+that must run elsewhere (loading) runs in a thread that ends. The spin-wait itself is libgomp's: GOMP_SPINCOUNT
+and OMP_WAIT_POLICY, read when the process starts (spinning wins on cores of its own, loses on shared ones).
 """
 
 from __future__ import annotations
@@ -39,6 +44,39 @@ from server.requests import ClientBusyError, ContextLimitError, EngineStoppedErr
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _SHUTTING_DOWN = "the server is shutting down"
+
+
+async def in_passing_thread(fn: Callable[..., T], *args: Any, name: str = "plugmoe-load") -> T:
+    """Run fn(*args) in a thread of its own that ends when fn returns: torch work that must stay off the event
+    loop and off the engine thread (loading the model, plugging the seed set).
+
+    Why not asyncio.to_thread: torch's intra-op pool is OpenMP (libgomp), which keeps a pool of worker threads
+    per thread that ever ran a parallel op, for as long as that thread lives. Once the process holds more such
+    threads than it has CPUs, libgomp cuts its spin-wait from ~300,000 to 100 spins, for every pool: the
+    engine's workers then sleep between ops and each op pays a wake-up. On 2 cores that left the engine
+    thread 1.0-1.3 cores and 55-75% of the tokens/s it gets alone. A thread that ends frees its pool."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def body() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting caller
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class Engine:

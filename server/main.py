@@ -16,7 +16,7 @@ from server import errors
 from server.admission_policy import AdmissionPolicy
 from server.api.routes import experts, generate, health, lora_adapters, openai
 from server.auth import binds_loopback
-from server.engine import Engine
+from server.engine import Engine, in_passing_thread
 from server.expert_sources import ExpertSources
 from server.expert_store import ExpertStore
 from server.metrics import Metrics
@@ -64,7 +64,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     engine: Engine | None = app.state.given_engine
     if engine is None:
-        engine = await asyncio.to_thread(load_engine, settings, metrics)
+        engine = await in_passing_thread(load_engine, settings, metrics)
     elif engine.metrics is None:
         engine.metrics = metrics
     store = ExpertStore(settings.resolved_expert_store(), settings.expert_store_storage_options())
@@ -78,7 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_rank=settings.max_expert_rank,
         context_router=settings.router == "context",
     )
-    await asyncio.to_thread(served.load, settings.resolved_seed_experts())
+    await in_passing_thread(served.load, settings.resolved_seed_experts())
     if settings.lora_modules:
         await lora_adapters.seed_lora_modules(served, settings.lora_module_list(), settings.model)
     started_here = not engine.alive

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 import time
@@ -708,3 +709,39 @@ def test_a_client_over_its_share_gets_429_and_others_are_still_served(make_engin
 
     mine, theirs = asyncio.run(main())
     assert [d.reason for d in mine + theirs] == [LENGTH] * 7
+
+
+# --- torch work off the engine thread (issue 22) ---------------------------------------------------------------
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads through /proc")
+def test_in_passing_thread_returns_and_leaves_no_intra_op_pool_behind() -> None:
+    """Loading runs in a thread that ends, so the OpenMP pool its parallel ops started goes with it (libgomp
+    keeps one per thread that ran a parallel op; with more pool threads than CPUs it stops spin-waiting in every
+    pool, the engine's included). With asyncio.to_thread the same work leaves its executor thread and pool."""
+    import torch
+
+    from server.engine import in_passing_thread
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one intra-op thread here: no pool is started")
+
+    def parallel_work() -> float:
+        x = torch.randn(2048, 2048)
+        return float((x @ x).sum() + torch.exp(x).sum())  # large enough to run on the intra-op pool
+
+    async def main() -> None:
+        before = _threads()
+        assert isinstance(await in_passing_thread(parallel_work), float)
+        deadline = time.monotonic() + 5
+        while _threads() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _threads() == before, "the loading thread and its pool ended"
+        with pytest.raises(ZeroDivisionError):
+            await in_passing_thread(lambda: 1 / 0)
+
+    asyncio.run(main())
