@@ -32,7 +32,6 @@ tells a plug when every live replica serves the version it committed.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
 import functools
 import logging
@@ -51,7 +50,7 @@ from moe.admission.report import probe_is_finite
 from moe.admission.router_fit import ContextRouterFitter
 from moe.errors import NonFiniteOutputError
 from server.admission_policy import AdmissionPolicy
-from server.engine import Engine
+from server.engine import Engine, in_passing_thread
 from server.errors import AdmissionRejectedError, RequestTooLargeError
 from server.expert_sources import ExpertSources
 from server.expert_store import (
@@ -138,23 +137,28 @@ class ServedExperts:
         self._routes: dict[str, bool] = {}  # plugged name -> whether its gate can take a token (False: pin-only)
         self._lock = asyncio.Lock()
         self._router_fitter: ContextRouterFitter | None = None  # made on the first set served
-        # validation and the probe (quick) on one worker; the admission report (many forwards) on another,
-        # at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugmoe-plug")
-        self._admission = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="plugmoe-admission", initializer=_yield_to_decoding
-        )
+        # validation and the probe (quick), one job at a time; the admission report (many forwards) one at a
+        # time too, at a lower scheduling priority, so decoding keeps the CPU it needs while a report runs
+        self._plug_jobs = threading.Lock()
+        self._admission_jobs = threading.Lock()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        self._admission.shutdown(wait=False, cancel_futures=True)
+        """Nothing to stop: every job runs in a thread of its own that ends with it."""
 
-    async def _off_engine(
-        self, fn: Callable[..., T], *args: Any, worker: concurrent.futures.Executor | None = None
-    ) -> T:
-        """Run fn on a plug worker thread (validation, the probe; `worker`: the admission one), never on the
-        engine thread."""
-        return await asyncio.wrap_future((worker or self._worker).submit(fn, *args))
+    async def _off_engine(self, fn: Callable[..., T], *args: Any, admission: bool = False) -> T:
+        """Run fn off the event loop and never on the engine thread, in a thread that ends when fn returns
+        (server.engine.in_passing_thread: a live thread that once ran torch's parallel ops keeps an OpenMP pool,
+        and a second pool slows the engine's); plug jobs (validation, the probe) one at a time, admission jobs
+        (`admission`) one at a time at a lower priority."""
+        jobs = self._admission_jobs if admission else self._plug_jobs
+
+        def job() -> T:
+            with jobs:
+                if admission:
+                    _yield_to_decoding()
+                return fn(*args)
+
+        return await in_passing_thread(job, name="plugmoe-admission" if admission else "plugmoe-plug")
 
     @property
     def model(self):
@@ -282,7 +286,7 @@ class ServedExperts:
         """(lock held) Serve `target`: its experts in its order, in one swap between two steps."""
         experts, skipped = await asyncio.to_thread(self._resolve, target, loaded)
         # the integration step: the set's context router, fitted before the swap (published with the set)
-        await self._off_engine(self._fit_router, experts, worker=self._admission)
+        await self._off_engine(self._fit_router, experts, admission=True)
         await self.engine.set_experts(experts)
         self._served(target, experts, skipped)
         logger.info("serving expert-set version %d: %s", target.version, [e.name for e in experts])
@@ -389,7 +393,7 @@ class ServedExperts:
                             self.engine.tokenizer,
                             candidate,
                             self._fitter() if self.context_router else None,
-                            worker=self._admission,
+                            admission=True,
                         )
                     else:  # pin-only: its gate takes no decision, so the report could not change anything
                         expert, report = candidate, None
@@ -477,7 +481,7 @@ class ServedExperts:
         base = directory.rstrip("/")
         config = await self.sources.fetch(f"{base}/{CONFIG_FILE}")
         weights = await self.sources.fetch(f"{base}/{WEIGHTS_FILE}")
-        return await asyncio.to_thread(parse_adapter, config, weights, directory)
+        return await self._off_engine(parse_adapter, config, weights, directory)
 
     async def set_domain_sample(self, name: str, texts: list[str]) -> PlugResult:
         """The plugged expert's stored file with `texts` (bounded as the format bounds them) as its domain
