@@ -12,10 +12,14 @@ the ceiling file records the backbone perplexity it measured, and a domain whose
 more than 0.5% is flagged (`comparable`: false), since then the two were not measured on the same text.
 
 The ceiling file is JSON: {domain: {"backbone_ppl", "best_ppl", ...}} (demo.ceiling's line per domain).
+`plugmoe eval --ceiling FILE` adds the shares to its report (`ceiling`) and table; for a report already written:
+
+    python -m experts.ceiling demo/experts/eval.json demo/experts/ceiling.json [--write]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -63,3 +67,23 @@ def render_ceiling_table(shares: dict[str, dict]) -> str:
         flag = "" if s["comparable"] else " (ceiling measured on other text)"
         lines.append(f"| {domain} | {s['ceiling_ppl_change']:+.1%}{flag} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="the ceiling shares of a `plugmoe eval` report already written")
+    parser.add_argument("report", type=Path, help="an eval JSON report")
+    parser.add_argument("ceilings", type=Path, help="the ceiling file (python -m demo.ceiling --out)")
+    parser.add_argument("--write", action="store_true", help="also store the shares and the table in the report")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    shares = ceiling_shares(report, load_ceilings(args.ceilings))
+    table = render_ceiling_table(shares)
+    print(table)
+    if args.write:
+        report["ceiling"] = shares
+        report["table"] = report.get("table", "").split("\n\n| domain | ceiling")[0] + "\n\n" + table
+        args.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,3 +36,18 @@ def test_a_malformed_ceiling_file_is_refused(tmp_path) -> None:
     path.write_text(json.dumps({"code": {"best_ppl": 1.5}}))
     with pytest.raises(ValueError, match="backbone_ppl, best_ppl"):
         load_ceilings(path)
+
+
+def test_the_command_adds_the_shares_to_a_written_report(tmp_path, capsys) -> None:
+    from experts.ceiling import main
+
+    report, ceilings = tmp_path / "eval.json", tmp_path / "ceiling.json"
+    report.write_text(json.dumps({**_report(2.005, 1.725, 1.924), "table": "| domain | ... |"}))
+    ceilings.write_text(json.dumps({"code": {"backbone_ppl": 2.005, "best_ppl": 1.5753}}))
+    main([str(report), str(ceilings), "--write"])
+    main([str(report), str(ceilings), "--write"])  # twice: the table is replaced, not appended again
+    written = json.loads(report.read_text())
+    assert written["ceiling"]["code"]["share_sequence"] == pytest.approx(0.652, abs=1e-3)
+    assert written["table"].count("| code | -21.4% | 65% | 19% |") == 1
+    assert written["table"].startswith("| domain | ... |")
+    assert "| code | -21.4% | 65% | 19% |" in capsys.readouterr().out
