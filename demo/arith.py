@@ -245,7 +245,10 @@ def render_table(experts_dir: Path) -> str:
     math_of = {label: next(d for d in r["domains"] if d["domain"] == "math") for label, _, r in reports}
     general_of = {label: next(d for d in r["domains"] if d["domain"] == "general") for label, _, r in reports}
     first = math_of[TABLE_ROWS[0][0]]
-    n, off, off_hits = first["behaviour_examples"], first["accuracy"]["off"], first["behaviour_hits"]["off"]
+    # every run scores the same problems in the same order: compare on the problems all of them scored
+    n = min(m["behaviour_examples"] for m in math_of.values())
+    off_hits = first["behaviour_hits"]["off"][:n]
+    off = off_hits.count("1") / n
     lines = [
         "| expert | trained on | math ppl seq (Δ) | acc pinned | acc seq | acc token | Δacc pinned vs backbone "
         "(95% CI) | Δacc seq (95% CI) | general Δppl token / seq |",
@@ -254,8 +257,9 @@ def render_table(experts_dir: Path) -> str:
     ]
     for label, what, _ in reports:
         m, g = math_of[label], general_of[label]
-        assert m["behaviour_hits"]["off"] == off_hits, "every run scores the same problems with the same backbone"
-        acc, hits = m["accuracy"], m["behaviour_hits"]
+        hits = {label: h[:n] for label, h in m["behaviour_hits"].items()}
+        assert hits["off"] == off_hits, "every run scores the same problems with the same backbone"
+        acc = {label: h.count("1") / n for label, h in hits.items()}
         pin, pin_ci = paired_difference(hits["pin:math"], off_hits)
         seq, seq_ci = paired_difference(hits["sequence"], off_hits)
         lines.append(
@@ -265,7 +269,8 @@ def render_table(experts_dir: Path) -> str:
         )
     lines += [
         "",
-        f"{n} held-out problems, greedy, `#### N` against the gold answer. One accuracy's 95% interval is "
+        f"The first {n} held-out problems, greedy, `#### N` against the gold answer (math perplexity: each run's "
+        f"{', '.join(str(m['sequences']) for m in math_of.values())} records). One accuracy's 95% interval is "
         f"±{half_width(off, n):.1f} points at the backbone's {off:.1%}; a difference between two routings on the same "
         "problems is paired (the ± above: 1.96 standard errors of the per-problem differences).",
     ]
