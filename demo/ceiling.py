@@ -18,6 +18,7 @@ import json
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,7 +66,11 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path, help="also merge the result into this JSON file (ceilings per domain)")
+    parser.add_argument("--domain", help="its name in --out (the `plugmoe eval` domain it is the ceiling of)")
     args = parser.parse_args()
+    if args.out and not args.domain:
+        parser.error("--out needs --domain")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -91,21 +96,22 @@ def main() -> None:
     base = history[0][1]
     step, best = min(history[1:], key=lambda h: h[1])
     what = f"bottleneck adapter rank {args.adapter_rank}" if args.adapter_rank else "whole backbone fine-tuned"
-    print(
-        json.dumps(
-            {
-                "what": what,
-                "data": args.data,
-                "steps": args.steps,
-                "lr": args.lr,
-                "backbone_ppl": round(math.exp(base), 4),
-                "best_step": step,
-                "best_ppl": round(math.exp(best), 4),
-                "ppl_change": f"{math.exp(best - base) - 1:+.1%}",
-                "seconds": round(time.perf_counter() - started),
-            }
-        )
-    )
+    result = {
+        "what": what,
+        "data": args.data,
+        "steps": args.steps,
+        "lr": args.lr,
+        "backbone_ppl": round(math.exp(base), 4),
+        "best_step": step,
+        "best_ppl": round(math.exp(best), 4),
+        "ppl_change": f"{math.exp(best - base) - 1:+.1%}",
+        "seconds": round(time.perf_counter() - started),
+    }
+    print(json.dumps(result))
+    if args.out:  # the file `plugmoe eval --ceiling` reads (experts.ceiling)
+        ceilings = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
+        ceilings[args.domain] = result
+        args.out.write_text(json.dumps(ceilings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

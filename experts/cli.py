@@ -1,4 +1,5 @@
-"""The experts' command-line tools: `train-expert`, `import-lora`, `distill`, `eval`, `add-sample` and `admit`.
+"""The experts' command-line tools: `train-expert`, `import-lora`, `distill`, `eval`, `add-sample`, `add-probe` and
+`admit`.
 
 `add_subcommands(subparsers)` registers them on an argparse subparsers object (the `plugmoe` console
 script does so); `python -m experts <subcommand> ...` runs them without the server.
@@ -26,6 +27,7 @@ from experts.config import (
     EvalConfig,
     EvalInputs,
     ImportLoraOptions,
+    ProbeConfig,
     SampleConfig,
     TrainConfig,
     TrainInputs,
@@ -36,6 +38,7 @@ from experts.data import (
     DataFormatError,
     Template,
     get_extractor,
+    gsm8k_answer,
     load_examples,
     read_records,
     split_heldout,
@@ -261,6 +264,12 @@ def _admission_summary(report: dict) -> str:
         if oracle:
             line += f"; sequence-mode oracle gap {oracle['oracle_gap']:+.2%}"
         lines.append(line)
+    for probe in report.get("behaviour") or []:
+        whose = "own probe (its gain)" if probe["own"] else f"probe (limit -{probe['limit_points']:g} points)"
+        lines.append(
+            f"  {probe['expert']:12s} {whose:24s} {probe['mode']:8s} accuracy {probe['accuracy_before']:.1%} -> "
+            f"{probe['accuracy_after']:.1%} ({probe['change_points']:+.1f} points, {probe['prompts']} prompts)"
+        )
     lines.extend(f"  note: {note}" for note in report.get("notes") or [])
     verdict = "admitted" if report["admitted"] else "REFUSED: " + "; ".join(report["problems"])
     return f"admission beside the plugged experts ({report['mode']}): {verdict}\n" + "\n".join(lines)
@@ -425,6 +434,11 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, domains, config, extractor, fit_router=config.router == "context")
     report["args"] = _args_dict(args)
     table = render_table(report)
+    if args.ceiling:
+        from experts.ceiling import ceiling_shares, load_ceilings, render_ceiling_table
+
+        report["ceiling"] = ceiling_shares(report, load_ceilings(args.ceiling))
+        table += "\n\n" + render_ceiling_table(report["ceiling"])
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +471,42 @@ def run_add_sample(args: argparse.Namespace) -> int:
     ExpertFile.save(expert, config.out, BackboneFingerprint(**expert.metadata["backbone"]))
     size = sum(len(t.encode("utf-8")) for t in texts)
     print(f"wrote {config.out}: {expert.name!r} with a domain sample of {len(texts)} texts ({size} bytes)")
+    return 0
+
+
+def add_probe(subparsers: argparse._SubParsersAction) -> None:
+    help_text = "store a behavioural probe in an expert's file (prompts and reference answers admission checks)"
+    parser = subparsers.add_parser(
+        "add-probe", help=help_text, description=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_flags(parser, ProbeConfig)
+    parser.set_defaults(func=run_add_probe, threads=None)
+
+
+def run_add_probe(args: argparse.Namespace) -> int:
+    from moe import BackboneFingerprint
+    from moe.admission.behaviour import BehaviourProbe
+
+    _setup(args)
+    config = build(ProbeConfig, args)
+    expert = ExpertFile.load(config.expert)
+    records = to_examples(read_records(config.data), Template(config.template), gsm8k_answer)
+    examples = [e for e in records if e.is_qa and (e.gold is not None or config.checker == "regex")]
+    if not examples:
+        raise DataFormatError(f"{config.data} holds no question/answer records to probe with")
+    picked = sorted(random.Random(f"{config.seed}/probe").sample(range(len(examples)), min(config.size, len(examples))))
+    # final-answer: the reference is the gold `#### N` (extracted); regex: the record's whole answer
+    answers = [examples[i].gold if config.checker == "final-answer" else examples[i].target.strip() for i in picked]
+    probe = BehaviourProbe(
+        prompts=tuple(examples[i].prompt for i in picked),
+        answers=tuple(a or "" for a in answers),
+        checker=config.checker,
+        pattern=config.pattern,
+        max_new_tokens=config.max_new_tokens,
+    )
+    expert.metadata["probe"] = probe.to_dict()
+    ExpertFile.save(expert, config.out, BackboneFingerprint(**expert.metadata["backbone"]))
+    print(f"wrote {config.out}: {expert.name!r} with a probe of {len(picked)} prompts ({config.checker})")
     return 0
 
 
@@ -521,6 +571,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     add_distill(subparsers)
     add_eval(subparsers)
     add_sample(subparsers)
+    add_probe(subparsers)
     add_admit(subparsers)
 
 

@@ -15,7 +15,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from moe.adapters.file import DOMAIN_SAMPLE_MAX_BYTES, DOMAIN_SAMPLE_MAX_TEXTS
+from moe.adapters.file import (
+    DOMAIN_SAMPLE_MAX_BYTES,
+    DOMAIN_SAMPLE_MAX_TEXTS,
+    PROBE_CHECKERS,
+    PROBE_MAX_ITEMS,
+    PROBE_MAX_NEW_TOKENS,
+)
 from moe.admission.report import CALIBRATION_PASSAGES, LIMIT_HELP, LIMIT_NAMES, MAX_TOKENS, AdmissionLimits
 
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
@@ -235,6 +241,11 @@ class EvalInputs:
     experts: str = option(help="directory of .safetensors experts to plug")
     data: list[str] = option(help="domains as NAME=FILE; a domain's target is the expert of the same name")
     out: str | None = option(None, help="JSON report path")
+    ceiling: str | None = option(
+        None,
+        help="JSON of whole-backbone fine-tune ceilings per domain (python -m demo.ceiling --out): adds each domain's "
+        "perplexity gain as a share of its ceiling's (experts.ceiling)",
+    )
 
 
 @dataclass
@@ -281,6 +292,35 @@ class SampleConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """`add-probe`: store a behavioural probe in an expert's file (prompts with reference answers, which admission
+    decodes greedily beside every later candidate: moe.admission.behaviour)."""
+
+    expert: str = option(help="the expert file")
+    data: str = option(help="JSONL of question/answer records of the expert's domain (not an evaluation set)")
+    out: str = option(help="the file to write (may be --expert itself)")
+    size: int = option(PROBE_MAX_ITEMS, help=f"prompts in the probe (at most {PROBE_MAX_ITEMS}: the format's bound)")
+    checker: str = option(
+        "final-answer",
+        help="final-answer: the number after `####` equals the reference's; regex: --pattern's first group "
+        "(or whole match) equals the reference answer",
+    )
+    pattern: str | None = option(None, help="the regex checker's pattern")
+    max_new_tokens: int = option(64, help=f"greedy tokens per prompt (at most {PROBE_MAX_NEW_TOKENS})")
+    seed: int = option(0, help="seed of the draw")
+    template: str = option(DEFAULT_TEMPLATE, help="question/answer template with {question} and {answer}")
+    log_level: str = option("INFO", help="logging level")
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.size <= PROBE_MAX_ITEMS:
+            raise ValueError(f"size must be in [1, {PROBE_MAX_ITEMS}] (the file format's bound), got {self.size}")
+        if self.checker not in PROBE_CHECKERS:
+            raise ValueError(f"checker must be one of {list(PROBE_CHECKERS)}, got {self.checker!r}")
+        if (self.checker == "regex") != (self.pattern is not None):
+            raise ValueError("--pattern goes with --checker regex, and only with it")
+
+
+@dataclass
 class AdmitInputs:
     """What `admit` reads and writes."""
 
@@ -302,6 +342,7 @@ class AdmitConfig:
     max_steal_rate: float = admission_limit("max_steal_rate", off=True)
     max_base_ppl_increase: float = admission_limit("max_base_ppl_increase", off=True)
     max_domain_ppl_increase: float = admission_limit("max_domain_ppl_increase", off=True)
+    max_accuracy_drop: float = admission_limit("max_accuracy_drop", off=True)
     calibration_limit: int = option(
         CALIBRATION_PASSAGES, help=f"calibration passages used (the server uses {CALIBRATION_PASSAGES})"
     )

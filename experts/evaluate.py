@@ -79,6 +79,8 @@ class DomainResult:
     blind_tokens: int = 0  # scored tokens predicted from the special prefix alone (one per text record)
     accuracy: dict[str, float] = field(default_factory=dict)  # off, token, sequence, oracle, pin:<name>
     behaviour_examples: int = 0
+    # per QA record in order, "1" solved / "0" not, per label of `accuracy`: paired comparisons between routings
+    behaviour_hits: dict[str, str] = field(default_factory=dict)
     sequence_to_target: float | None = None
     token_to_target: float | None = None
     sequence_routes: dict[str, float] = field(default_factory=dict)  # decision -> share of sequences
@@ -222,16 +224,19 @@ def evaluate_domain(
     )
     qa = [e for e in examples if e.is_qa and e.gold is not None][: config.behaviour_limit]
     if qa:
-        result.accuracy, result.behaviour_examples = behaviour(model, tokenizer, qa, config, extractor), len(qa)
+        hits = behaviour_hits(model, tokenizer, qa, config, extractor)
+        result.accuracy = {label: h.count("1") / len(h) for label, h in hits.items()}
+        result.behaviour_examples, result.behaviour_hits = len(qa), hits
     if domain == config.base:
         result.greedy_unchanged = greedy_unchanged(model, tokenizer, examples, config)
     return result
 
 
-def behaviour(
+def behaviour_hits(
     model: RoutedModel, tokenizer, qa: Sequence[Example], config: EvalConfig, extractor: Extractor
-) -> dict[str, float]:
-    """Greedy accuracy per routing: off, token, sequence, each expert pinned, and the per-problem oracle."""
+) -> dict[str, str]:
+    """Greedy answers per routing: off, token, sequence, each expert pinned, and the per-problem oracle; per
+    record "1" when the extracted answer equals the gold one."""
     routes = {"off": RoutingSpec("off"), "token": RoutingSpec(), "sequence": RoutingSpec("sequence")}
     routes.update({f"pin:{name}": RoutingSpec("pin", name) for name in model.plugged.names})
     prompts = [e.prompt for e in qa]
@@ -241,7 +246,7 @@ def behaviour(
         hits[label] = [extractor(o.text) == e.gold for o, e in zip(outs, qa, strict=True)]
     single = [hits["off"]] + [hits[k] for k in hits if k.startswith("pin:")]
     hits["oracle"] = [any(col) for col in zip(*single, strict=True)]
-    return {label: sum(h) / len(h) for label, h in hits.items()}
+    return {label: "".join("1" if hit else "0" for hit in h) for label, h in hits.items()}
 
 
 def greedy_unchanged(

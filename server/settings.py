@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     max_steal_rate: float | None = _admission_limit("max_steal_rate")
     max_base_ppl_increase: float | None = _admission_limit("max_base_ppl_increase")
     max_domain_ppl_increase: float | None = _admission_limit("max_domain_ppl_increase")
+    max_accuracy_drop: float | None = _admission_limit("max_accuracy_drop")
     top_k: int = Field(1, ge=1, description="experts per token")
     router: Literal["gates", "context"] = Field(
         "gates",

@@ -28,7 +28,12 @@ kind it reads):
     created (ISO 8601); kind "lora" also: lora (JSON {"targets": {p: {"rank": r_p, "in": in_p, "out": out_p}}});
     optionally domain_sample (JSON list of texts from the expert's own domain, at most DOMAIN_SAMPLE_MAX_TEXTS
     texts and DOMAIN_SAMPLE_MAX_BYTES UTF-8 bytes: what the admission report measures this domain on when
-    another expert is plugged beside it, and what other experts' gates train against; see moe.admission.samples)
+    another expert is plugged beside it, and what other experts' gates train against; see moe.admission.samples);
+    optionally probe (JSON {"checker": "final-answer" | "regex", "pattern": regex (regex only), "max_new_tokens":
+    n, "items": [{"prompt", "answer"}]}: a behavioural probe, prompts with reference answers that admission runs
+    greedily beside every later candidate, see moe.admission.probe; at most PROBE_MAX_ITEMS items of
+    PROBE_MAX_BYTES UTF-8 bytes, max_new_tokens at most PROBE_MAX_NEW_TOKENS, a pattern of at most
+    PROBE_MAX_PATTERN_CHARS characters that compiles)
 
 Limits (a file over them is refused with MetadataTooLargeError, before any tensor is read): the header is at
 most MAX_HEADER_BYTES of JSON; examples at most MAX_EXAMPLES strings of MAX_EXAMPLES_BYTES in all (they are
@@ -43,6 +48,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Sequence
@@ -87,6 +93,11 @@ _WEIGHT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.flo
 _REQUIRED_METADATA = ("name", "kind", "rank", "layers", "backbone")
 DOMAIN_SAMPLE_MAX_TEXTS = 64
 DOMAIN_SAMPLE_MAX_BYTES = 64 * 1024
+PROBE_CHECKERS = ("final-answer", "regex")
+PROBE_MAX_ITEMS = 64
+PROBE_MAX_BYTES = 64 * 1024  # prompts and answers together
+PROBE_MAX_NEW_TOKENS = 256  # each item is decoded greedily beside every later candidate: its cost is bounded
+PROBE_MAX_PATTERN_CHARS = 256
 
 
 def bound_domain_sample(
@@ -151,6 +162,8 @@ class ExpertFile:
         metadata.update(kind.file_fields(expert.adapter))
         if meta.get("domain_sample"):
             metadata["domain_sample"] = json.dumps(_checked_domain_sample(list(meta["domain_sample"])))
+        if meta.get("probe"):
+            metadata["probe"] = json.dumps(checked_probe(meta["probe"]))
         return _canonical_header(save_safetensors(tensors, metadata=metadata))  # same expert, same bytes
 
     @staticmethod
@@ -267,6 +280,7 @@ class ExpertFile:
                 "kind": meta["kind"],
                 "size_bytes": len(data),
                 "domain_sample": meta["domain_sample"],
+                "probe": meta["probe"],
             },
         )
 
@@ -360,7 +374,9 @@ def _parse_metadata(metadata: dict[str, str], max_rank: int = MAX_RANK) -> dict:
         raise DomainSampleError(f"metadata 'domain_sample' is not valid JSON: {e}; re-export the expert") from e
     except RecursionError:
         raise DomainSampleError("metadata 'domain_sample' nests too deeply; re-export the expert") from None
+    probe = _metadata_json(metadata, "probe", None)
     return {
+        "probe": None if probe is None else checked_probe(probe),
         "domain_sample": _checked_domain_sample(domain_sample),
         "name": metadata["name"],
         "kind": metadata["kind"],
@@ -389,6 +405,51 @@ def _checked_domain_sample(sample: object) -> list[str]:
             "one within the bounds)"
         )
     return sample
+
+
+def checked_probe(probe: object) -> dict:
+    """A behavioural probe as stored (see the module docstring), or InvalidMetadataError naming what is wrong;
+    the same check on load and on save, so a file that loads can always be run."""
+    fix = "; write it with `plugmoe add-probe`"
+    if not isinstance(probe, dict) or not isinstance(probe.get("items"), list) or not probe["items"]:
+        raise InvalidMetadataError(f"metadata 'probe' must be a JSON object with a non-empty 'items' list{fix}")
+    unknown = sorted(set(probe) - {"checker", "pattern", "max_new_tokens", "items"})
+    if unknown:
+        raise InvalidMetadataError(f"metadata 'probe' has unknown fields {unknown}{fix}")
+    checker, pattern = probe.get("checker", "final-answer"), probe.get("pattern")
+    if checker not in PROBE_CHECKERS:
+        raise InvalidMetadataError(f"probe checker {checker!r} is not one of {list(PROBE_CHECKERS)}{fix}")
+    if checker == "regex":
+        if not isinstance(pattern, str) or not 0 < len(pattern) <= PROBE_MAX_PATTERN_CHARS:
+            raise InvalidMetadataError(
+                f"a 'regex' probe needs a 'pattern' string of 1 to {PROBE_MAX_PATTERN_CHARS} characters{fix}"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InvalidMetadataError(f"probe pattern {pattern!r} is not a valid regular expression: {e}") from e
+    elif pattern is not None:
+        raise InvalidMetadataError(f"probe checker {checker!r} takes no 'pattern' (only 'regex' does){fix}")
+    max_new = probe.get("max_new_tokens", 64)
+    if not _is_int(max_new) or not 1 <= max_new <= PROBE_MAX_NEW_TOKENS:
+        raise InvalidMetadataError(
+            f"probe max_new_tokens {max_new!r} must be an integer in [1, {PROBE_MAX_NEW_TOKENS}]"
+        )
+    items = probe["items"]
+    if not all(
+        isinstance(i, dict) and set(i) == {"prompt", "answer"} and all(isinstance(v, str) and v for v in i.values())
+        for i in items
+    ):
+        raise InvalidMetadataError(f"each probe item must be {{'prompt': str, 'answer': str}}, both non-empty{fix}")
+    _check_utf8("probe", items)
+    size = sum(len(i["prompt"].encode("utf-8")) + len(i["answer"].encode("utf-8")) for i in items)
+    if len(items) > PROBE_MAX_ITEMS or size > PROBE_MAX_BYTES:
+        raise MetadataTooLargeError(
+            f"metadata 'probe' holds {len(items)} items of {size} bytes; the format allows at most {PROBE_MAX_ITEMS} "
+            f"items of {PROBE_MAX_BYTES} bytes in all (every later admission decodes them)"
+        )
+    out = {"checker": checker, "max_new_tokens": max_new, "items": [dict(i) for i in items]}
+    return out | ({"pattern": pattern} if checker == "regex" else {})
 
 
 def _check_examples(examples: list[str]) -> None:

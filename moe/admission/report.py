@@ -28,6 +28,11 @@ it wins, leaving its thresholds as uploaded; the fitter keeps the repaired route
 The report then also carries its own recall and its sequence-mode oracle gap on its own sample
 (`context_routing`), with notes when the plug would be safe but useless.
 
+Behaviour (moe.admission.behaviour): every plugged expert whose file carries a behavioural probe (prompts with
+reference answers) has it decoded greedily with P and with P + c (as it would be plugged: repaired, under the router
+that would serve), in token and sequence mode; a drop past max_accuracy_drop points refuses the plug (the repair
+fits takes and perplexity, not answers), and the candidate's own probe reports its gain (AdmissionReport.behaviour).
+
 And a probe (`probe_is_finite`): the candidate pinned on a short text must leave the logits finite.
 Weights within the file format's bounds can still combine into an overflow; that is caught here, before
 plugging, rather than as NaN logits in a client's request.
@@ -48,6 +53,7 @@ import torch
 
 from moe.adapters.expert import Expert
 from moe.adapters.slots import PluggedSet
+from moe.admission.behaviour import ProbeCheck, probe_checks, probe_problems
 from moe.admission.router_fit import ContextRouterFitter
 from moe.admission.samples import (
     BASE_SAMPLE,
@@ -101,6 +107,11 @@ class AdmissionLimits:
     max_domain_ppl_increase: float | None = _limit(
         5e-3, "admission limit: relative token-mode perplexity increase on each plugged expert's domain sample"
     )
+    max_accuracy_drop: float | None = _limit(
+        5.0,
+        "admission limit: points of greedy accuracy a plugged expert's behavioural probe (moe.admission.behaviour) "
+        "may lose, in token or sequence mode",
+    )
     mode: AdmissionMode = "repair"
     fit_fraction: float = 0.5  # the repair fits each cap at this fraction of it
     max_rounds: int = 4  # repair rounds (fit, re-check with the candidate plugged, raise again)
@@ -128,7 +139,13 @@ class AdmissionLimits:
         return self.max_base_ppl_increase if sample == BASE_SAMPLE else self.max_domain_ppl_increase
 
 
-LIMIT_NAMES = ("max_false_positive_rate", "max_steal_rate", "max_base_ppl_increase", "max_domain_ppl_increase")
+LIMIT_NAMES = (
+    "max_false_positive_rate",
+    "max_steal_rate",
+    "max_base_ppl_increase",
+    "max_domain_ppl_increase",
+    "max_accuracy_drop",
+)
 LIMIT_HELP = {f.name: f.metadata["help"] for f in fields(AdmissionLimits) if f.name in LIMIT_NAMES}
 
 
@@ -186,6 +203,8 @@ class AdmissionReport:
     # ContextRouterFitter.measure's figures; None when no router is fitted (the gates route)
     context_routing: dict | None = None
     notes: list[str] = field(default_factory=list)  # what a plug that passes should still know (e.g. low recall)
+    # each probe carried by a plugged expert (and the candidate's own: its gain) with P and P + c, per routing mode
+    behaviour: list[ProbeCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -459,6 +478,8 @@ def admit(
                 "own_recall_after": repair.own_recall_after,
             },
         }
+    behaviour = _behaviour(model, tokenizer, others, with_c, final, router_final, limits, cache, key)
+    problems += probe_problems(behaviour)
     if not problems:  # the set this plug creates: its baseline is what was just measured with the candidate
         created = cache.key(
             tuple(final if e.name == name else e for e in with_c.experts), calibration, max_tokens
@@ -497,9 +518,34 @@ def admit(
         seconds=round(time.perf_counter() - started, 2),
         context_routing=context_routing,
         notes=notes,
+        behaviour=behaviour,
     )
     logger.info("admission of %s: %s in %.1f s", name, problems or "admitted", report.seconds)
     return Admission(final, report)
+
+
+def _behaviour(
+    model: RoutedModel,
+    tokenizer,
+    others: PluggedSet,
+    with_c: PluggedSet,
+    final: Expert,
+    router: ContextRouter | None,
+    limits: AdmissionLimits,
+    cache: BaselineCache,
+    key: tuple,
+) -> list[ProbeCheck]:
+    """The probes (moe.admission.behaviour) with the set as it is and with the candidate as it would be plugged
+    (repaired, under the router that would serve); the set's answers are cached with its perplexities."""
+    after = with_c.replacing_all(tuple(final if e.name == final.name else e for e in with_c.experts))
+    if router is not None and router.layers:
+        after = after.with_router(router)
+    baseline = cache.get(key)
+    checks = probe_checks(model, tokenizer, others, after, final, limits.max_accuracy_drop, baseline=baseline)
+    cache.put(
+        key, {k: v for k, v in baseline.items() if k.startswith("probe:") and not k.startswith(f"probe:{final.name}:")}
+    )
+    return checks
 
 
 def _usefulness_notes(name: str, routing: dict) -> list[str]:

@@ -71,6 +71,7 @@ def test_admission_can_be_turned_off(make_client, expert_bytes, admission) -> No
         "max_steal_rate": None,
         "max_base_ppl_increase": -1,
         "max_domain_ppl_increase": -1,
+        "max_accuracy_drop": -1,
     }
     response = _upload(make_client(admission="refuse", **limits_off), expert_bytes("another"))
     assert response.status_code == 201 and response.json()["admission"] is None
