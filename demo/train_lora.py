@@ -1,9 +1,11 @@
-"""Train an MLP-only LoRA adapter on the demo backbone with PEFT, as a team that already owns adapters would.
+"""Train a LoRA adapter on the demo backbone with PEFT (MLP projections by default; `--targets` for attention
+too), as a team that already owns adapters would.
 
 Usage (the demo's LoRA adapters, see demo/experts/README.md)::
 
     python -m demo.train_lora --model demo/model --data demo/data/code_train.jsonl \
         --heldout demo/data/code_heldout.jsonl --out build/lora/demo-code --seed 0 --threads 1
+    python -m demo.train_lora ... --targets q_proj k_proj v_proj o_proj gate_proj up_proj down_proj   # attention+MLP
 
 A plain torch loop around PEFT's `get_peft_model` (rank 16, alpha 32, gate/up/down projections, no dropout,
 AdamW, linear warmup then cosine to 10%), with the loss plugmoe's stage 1 uses (every token of a text record,
@@ -61,6 +63,9 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=128, help="held-out records scored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--targets", nargs="+", default=["gate_proj", "up_proj", "down_proj"], help="PEFT target_modules"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -72,7 +77,7 @@ def main() -> None:
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-        target_modules=["gate_proj", "up_proj", "down_proj"],
+        target_modules=args.targets,
     )
     model = get_peft_model(base, config)
     train = load_examples(args.data)

@@ -88,6 +88,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
         max_prefill_tokens: int = 256,
+        fair_share_ratio: int | None = None,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
         cuda_graphs: bool = True,
@@ -102,7 +103,12 @@ class Engine:
             logger.warning("decode steps run eagerly: %s", refusal)
         decoder = StaticDecoder(model, max_batch_size, context_limit or context_length(model), capture=refusal is None)
         self.scheduler = Scheduler(
-            model, tokenizer, decoder, max_prefill_tokens=max_prefill_tokens, observer=_EngineObserver(self)
+            model,
+            tokenizer,
+            decoder,
+            max_prefill_tokens=max_prefill_tokens,
+            share_ratio=fair_share_ratio,
+            observer=_EngineObserver(self),
         )
         self.context_limit = decoder.max_len  # less where sliding-window attention caps it
         self.vocab_size = self.scheduler.vocab_size  # tokens the model scores: the largest sensible top_k

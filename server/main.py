@@ -52,6 +52,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         max_prefill_tokens=settings.max_prefill_tokens,
+        fair_share_ratio=settings.fair_share_ratio,
         context_limit=settings.context_limit,
         metrics=metrics,
         cuda_graphs=settings.cuda_graphs,

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together")
     max_queue: int = Field(64, ge=0, description="waiting requests beyond the running batch; past it, 503")
+    fair_share_ratio: int | None = Field(
+        None,
+        ge=0,
+        description="while several clients have work, a decode step runs at most this many rows per row of the "
+        "client that wants fewest, split max-min fairly; rows over a client's share are preempted and resume "
+        "later (prompt and tokens so far re-prefilled). 0: off. Unset: 2 on a CPU, where a step's cost grows with "
+        "its rows, off on a GPU (bench/fair_share.py, bench/fairness.py)",
+    )
     max_prefill_tokens: int = Field(
         256,
         ge=1,

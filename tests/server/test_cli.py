@@ -84,3 +84,18 @@ def test_admission_limit_flags_share_one_definition() -> None:
         if name in train:
             assert train[name].default == default and LIMIT_HELP[name] in train[name].metadata["help"]
     assert AdmitConfig(max_steal_rate=-1).limits().max_steal_rate is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"), [([], 2), (["--fair-share-ratio", "0"], 0), (["--fair-share-ratio", "3"], 3)]
+)
+def test_the_fair_share_flag_reaches_the_scheduler(flag: list[str], expected: int) -> None:
+    """--fair-share-ratio sets the scheduler's share of a step's rows; unset, a CPU engine takes 2 (0: off)."""
+    from server.main import load_engine
+    from server.metrics import Metrics
+
+    demo_model = str(Path(__file__).resolve().parents[2] / "demo" / "model")
+    args = cli.build_parser().parse_args(["serve", "--model", demo_model, *flag])
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+    engine = load_engine(settings, Metrics())
+    assert engine.scheduler.share_ratio == expected
