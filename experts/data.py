@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experts.config import DEFAULT_TEMPLATE
+from moe.admission.behaviour import FINAL_ANSWER, normalise_number
+from moe.admission.behaviour import final_answer as gsm8k_answer  # the number after the first `####`, normalised
 
 logger = logging.getLogger(__name__)
 
@@ -146,34 +148,18 @@ def split_heldout(items: list, fraction: float, limit: int, seed: int) -> tuple[
 
 # --- final-answer extractors --------------------------------------------------------------------------
 
-_GSM8K = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
-def _normalise_number(text: str) -> str:
-    text = text.replace(",", "").rstrip(".")
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return str(int(value)) if value.is_integer() else str(value)
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """The number after the first `####` (GSM8K's final-answer marker), normalised; None when absent."""
-    match = _GSM8K.search(text)
-    return _normalise_number(match[1]) if match else None
 
 
 def last_number(text: str) -> str | None:
     """The last number in the text, normalised; None when there is none."""
     numbers = _NUMBER.findall(text)
-    return _normalise_number(numbers[-1]) if numbers else None
+    return normalise_number(numbers[-1]) if numbers else None
 
 
 def cut_after_gsm8k_answer(text: str) -> str:
     """The text up to the end of its first `#### N` (what a model wrote after its final answer is noise)."""
-    match = _GSM8K.search(text)
+    match = FINAL_ANSWER.search(text)
     return text[: match.end()] if match else text
 
 

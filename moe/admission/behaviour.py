@@ -33,16 +33,23 @@ from moe.routing.router import RoutingSpec
 logger = logging.getLogger(__name__)
 
 PROBE_MODES = ("token", "sequence")  # the routing modes each probe is decoded in
-_FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")  # GSM8K's final-answer marker and its number
 
 
-def _number(text: str) -> str:
+def normalise_number(text: str) -> str:
+    """A number as answers are compared: no thousands commas or trailing dot, integral values without `.0`."""
     text = text.replace(",", "").rstrip(".")
     try:
         value = float(text)
     except ValueError:
         return text
     return str(int(value)) if value.is_integer() else str(value)
+
+
+def final_answer(text: str) -> str | None:
+    """The number after the first `####` (GSM8K's final-answer marker), normalised; None when absent."""
+    match = FINAL_ANSWER.search(text)
+    return normalise_number(match[1]) if match else None
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,13 @@ class BehaviourProbe:
             if match is None:
                 return None
             return (match.group(1) if match.groups() else match.group(0)).strip()
-        match = _FINAL_ANSWER.search(text)
-        return _number(match[1]) if match else None
+        return final_answer(text)
 
     def reference(self, answer: str) -> str:
         """A reference as the checker compares it: a bare answer as given, a solution through extract."""
         if self.checker == "final-answer":
             found = self.extract(answer)
-            return found if found is not None else _number(answer.strip())
+            return found if found is not None else normalise_number(answer.strip())
         return answer.strip()
 
     def correct(self, output: str, answer: str) -> bool:
