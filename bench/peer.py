@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve_load import _pct, write_experts  # noqa: E402
-from bench.server_process import free_port  # noqa: E402
+from bench.server_process import free_port, start_ready  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEMO_SOURCES = ("math_heldout.jsonl", "code_heldout.jsonl", "general_heldout.jsonl")
@@ -133,22 +133,10 @@ def _cut(tokenizer, ids: list[int], start: int, tokens: int) -> str:
 
 
 def start(name: str, command: list[str], cwd: Path, env: dict, health: str, log: Path, timeout_s: float) -> tuple:
+    """Start `command` on a free port (`{port}` in it is replaced) and wait until `health` answers 200."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in command]
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError(f"{name} did not get ready: {log.read_text()[-3000:]}")
+    return start_ready(command, env, port, log, timeout_s, health=health, cwd=cwd, name=name)
 
 
 def start_plugmoe(checkout: Path, model_dir: Path, seed: Path, tmp: Path, args: argparse.Namespace, tag: str):
