@@ -15,9 +15,12 @@ store's polling and a warm-up request stay out of the trace.
 from __future__ import annotations
 
 import argparse
+import dis
+import functools
 import sys
 import tempfile
 import threading
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PACKAGES = ("moe", "server", "experts")
+
+
+@functools.cache
+def _entry_offset(code: types.CodeType) -> int:
+    """Where a fresh frame of `code` stands at its "call" event: the offset of its RESUME (3.11+). Not 0: a
+    function with a closure cell (MAKE_CELL) or a generator (RETURN_GENERATOR, POP_TOP) runs a few instructions
+    before it, and a resumed generator or coroutine stands past it. 0 before 3.11 (no RESUME; a fresh frame is at
+    -1)."""
+    return next((i.offset for i in dis.get_instructions(code) if i.opname == "RESUME"), 0)
 
 
 class CallTrace:
@@ -59,7 +71,7 @@ class CallTrace:
             self._depth[thread] = depth + 1
         if depth > 0 or not code.co_filename.startswith(self._roots):
             return
-        if self.entries_only and frame.f_lasti > 0:  # a generator or coroutine resumed, not a new call
+        if self.entries_only and frame.f_lasti > _entry_offset(code):  # a generator or coroutine resumed
             return
         name = str(Path(code.co_filename).relative_to(REPO))
         with self._lock:
