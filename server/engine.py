@@ -370,6 +370,7 @@ class _EngineObserver(SchedulerObserver):
             done = seq.finished
             if done is not None and done.shares:
                 for route, share in done.shares.items():
-                    if route == BASE_ROUTE or route in plugged:  # never revive an unplugged expert's series
+                    # never revive an unplugged expert's series
+                    if route == BASE_ROUTE or route in plugged.slot_by_name:
                         metrics.request_expert_share.labels(expert=route).observe(share)
                 metrics.routing_entropy.observe(done.routing_entropy)

@@ -424,15 +424,19 @@ class PluggedSet:
     after_block: tuple[AfterBlock, ...] = field(init=False)
     before_attention: tuple[BeforeAttention | None, ...] = field(init=False)
     fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
-    _slot_of: dict[str, int] = field(init=False, repr=False)
+    # derived once here (a set never changes): what every step reads, plain attributes rather than properties
+    names: tuple[str, ...] = field(init=False)  # the experts' names, plug order
+    capacity: int = field(init=False)  # C, the columns
+    slot_by_name: Mapping[str, int] = field(init=False, repr=False)  # {name: its slot}; `name in set` reads it
+    eager_only: bool = field(init=False)  # no fixed-op decode form for this set (see below)
     _position: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        assert self.context is None or self.context.classes[1:] == tuple(e.name for e in self.experts), (
-            self.context.classes,
-            [e.name for e in self.experts],
-        )
-        object.__setattr__(self, "_slot_of", {e.name: s for e, s in zip(self.experts, self.slots, strict=True)})
+        names = tuple(e.name for e in self.experts)
+        assert self.context is None or self.context.classes[1:] == names, (self.context.classes, names)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "capacity", len(self.columns))
+        object.__setattr__(self, "slot_by_name", dict(zip(names, self.slots, strict=True)))
         gates = None
         if self.context is not None and self.context.layers:
             gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device)
@@ -461,6 +465,10 @@ class PluggedSet:
             forms = [layout.fixed for layout in self.layouts.values() if layout is not None][:1]
         fixed = forms[0] if len(forms) == 1 else None
         object.__setattr__(self, "fixed", fixed)
+        # no fixed-op decode form (an expert's kind has none, e.g. LoRA's host-made plan; or the set holds references;
+        # or token mode routes by the context router's gates, which the fixed-op step does not run): no captured or
+        # compiled step may run the set (moe.decode.static_decoder runs it eagerly)
+        object.__setattr__(self, "eager_only", fixed is None or gates is not None)
 
     def _before_attention(self) -> tuple[BeforeAttention | None, ...]:
         """Per layer, the split between the early slots (decided at the attention input) and the others."""
@@ -496,31 +504,16 @@ class PluggedSet:
             by_slot[slot] = expert
         return by_slot
 
-    @property
-    def eager_only(self) -> bool:
-        """No fixed-op decode form for this set (an expert's kind has none, e.g. LoRA's host-made plan; or the set
-        holds references; or token mode routes by the context router's gates, which the fixed-op step does not
-        run): no captured or compiled step may run it (moe.decode.generation runs it eagerly)."""
-        return self.fixed is None or self.gates is not None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(e.name for e in self.experts)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.columns)
-
     def __len__(self) -> int:
         return len(self.experts)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._slot_of
+        return name in self.slot_by_name
 
     def index(self, name: str) -> int:
         """The expert's slot (its column)."""
         try:
-            return self._slot_of[name]
+            return self.slot_by_name[name]
         except KeyError:
             raise UnknownExpertError(
                 f"no expert named {name!r} is plugged; plugged: {list(self.names) or 'none'}"

@@ -324,59 +324,52 @@ class RoutedModel(nn.Module):
             attention = RoutedAttention(getattr(layer, family.attention), index, self._context)
             setattr(layer, family.attention, attention)
             self.attentions.append(attention)
+        # where the backbone lives, fixed here: the expert slots are allocated there, and the model is not moved
+        # after wrapping (moe.model.backbone moves the backbone before)
         param = next(backbone.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        self.num_layers = len(self.mlps)
+        self.hidden_size = int(backbone.config.hidden_size)
         self.slots = ExpertSlots(
-            len(layers), self.hidden_size, param.device, param.dtype, projections=self.target_shapes
+            self.num_layers, self.hidden_size, self.device, self.dtype, projections=self.target_shapes
         )
+        # the current set: a reference taken once stays valid and unchanged for as long as it is held. Assigned
+        # (one atomic store) by each call below that changes the slots, under the swap lock; read without it
+        self.plugged: PluggedSet = self.slots.snapshot()
         self.cache_kwarg = cache_kwarg(backbone)
         self.decode_route: Callable = routed_top1
         self._swap_lock = threading.Lock()
 
     # --- the plugged set ------------------------------------------------------------------------------
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.mlps)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.backbone.config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
-
-    @property
-    def plugged(self) -> PluggedSet:
-        """The current set; a reference taken once stays valid and unchanged for as long as it is held."""
-        return self.slots.snapshot()
-
     def plug(self, expert: Expert, replace: bool = False) -> PluggedSet:
         """Write an expert into a free slot (or over the one of the same name, with replace); applies from the
         next forward. Costs one expert's weights, whatever the number plugged."""
         with self._swap_lock:
-            return self.slots.plug(expert, replace=replace)
+            self.plugged = self.slots.plug(expert, replace=replace)
+            return self.plugged
 
     def set_experts(self, experts: tuple[Expert, ...]) -> PluggedSet:
         """Make the plugged set exactly these experts in this order; experts already plugged (the same handle)
         keep their slots untouched, the others are written into slots. Applies from the next forward."""
         with self._swap_lock:
-            return self.slots.set_all(experts)
+            self.plugged = self.slots.set_all(experts)
+            return self.plugged
 
     def unplug(self, name: str) -> Expert:
         """Disable the expert's slot; returns it (a weightless handle: its name, shapes and metadata)."""
         with self._swap_lock:
-            return self.slots.unplug(name)
+            expert = self.slots.unplug(name)
+            self.plugged = self.slots.snapshot()
+            return expert
 
     def offer_router(self, router: ContextRouter) -> None:
         """Keep a context router fitted for a set (moe.admission.router_fit): the set of exactly those experts is
         published with it, now if it is the current one, else from the plug or swap that makes it current."""
         with self._swap_lock:
             self.slots.offer_router(router)
+            self.plugged = self.slots.snapshot()
 
     def fuse_decode_routing(self, enabled: bool = True) -> None:
         """Run the decode routing of each layer as one torch.compile'd function (a few fused kernels on CUDA,

@@ -49,6 +49,8 @@ def assert_state(plugged: PluggedSet, experts: list[Expert], version: int) -> No
     assert plugged.version == version
     assert all(a is b for a, b in zip(plugged.experts, experts, strict=True))
     assert plugged.slots == tuple(range(count)) and plugged.capacity == count
+    assert plugged.slot_by_name == {e.name: i for i, e in enumerate(experts)}
+    assert plugged.eager_only, "a set of references has no fixed-op decode form"
     assert plugged.layouts["bottleneck"].down is None and plugged.layouts["bottleneck"].up is None, (
         "no stacked copy of the weights"
     )
@@ -68,8 +70,11 @@ def assert_slots(model: RoutedModel, experts: list[Expert], version: int) -> Non
     """The live storage: every column (gates, the slot weights zero-padded to the largest rank and zero on layers
     an expert skips), the names in plug order, weightless handles, and each expert read back exactly."""
     plugged, storage = model.plugged, model.slots
+    assert plugged is storage.snapshot(), "the model's set is the storage's current snapshot, set where it changes"
     slots = [plugged.index(e.name) for e in experts]
     assert plugged.names == tuple(e.name for e in experts) and len(plugged) == len(experts)
+    assert plugged.slot_by_name == dict(zip(plugged.names, slots, strict=True))
+    assert plugged.capacity == storage.capacity and not plugged.eager_only and not storage.eager_only
     assert plugged.version == version and plugged.slots == tuple(slots)
     assert len(set(slots)) == len(slots)
     assert_gates(plugged, experts, slots)
