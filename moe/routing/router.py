@@ -100,30 +100,31 @@ class StepRouting:
         observe: list[bool] | None = None,
     ) -> StepRouting:
         """Rows in `sequence` mode without a decision yet are scored like `token` mode; set observe[i] to
-        trace them without applying experts (how the prompt decision is made)."""
-        count = plugged.capacity
-        allowed = torch.zeros(len(specs), count, dtype=torch.bool)
+        trace them without applying experts (how the prompt decision is made). A name a spec refers to (its
+        pinned expert, its allow-list) that is not plugged raises UnknownExpertError, as `check_against` does."""
+        allowed = torch.zeros(len(specs), plugged.capacity, dtype=torch.bool)
         forced = torch.full((len(specs),), -1, dtype=torch.long)
         apply = torch.tensor([not o for o in observe] if observe else [True] * len(specs), dtype=torch.bool)
         for row, spec in enumerate(specs):
-            spec.check_against(plugged)
-            pinned = spec.expert if spec.mode in ("pin", "sequence") else None
+            # every name is looked up, used or not (an off row's allow-list too): plugged.index raises for one
+            # that is not plugged
+            allow = None if spec.allow is None else [plugged.index(name) for name in spec.allow]
+            pinned = spec.expert  # only pin and sequence (once decided) specs name one
+            slot = plugged.index(pinned) if pinned is not None and pinned != BASE_ROUTE else -1
             if spec.mode == "off" or pinned == BASE_ROUTE:
                 continue
             if pinned is not None:
-                forced[row] = plugged.index(pinned)
-                continue
-            if spec.allow is None:
+                forced[row] = slot
+            elif allow is None:
                 allowed[row] = True
             else:
-                for name in spec.allow:
-                    allowed[row, plugged.index(name)] = True
+                allowed[row, allow] = True
         device = plugged.keys.device
         return cls(
             allowed.to(device),
             forced.to(device),
             apply.to(device),
-            routes_anything=bool(len(plugged)) and bool((allowed.any(1) | (forced >= 0)).any()),
+            routes_anything=bool(plugged.experts) and bool((allowed.any(1) | (forced >= 0)).any()),
             all_token_mode=bool((forced < 0).all()) and bool(allowed.all()),
             applies_everywhere=bool(apply.all()),
         )

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import RoutedModel, RoutingSpec, RoutingSpecError, UnknownExpertError
+from moe.adapters.expert import BASE_ROUTE
 from moe.adapters.slots import PluggedSet
 from moe.routing.router import RouterConfig, StepRouting, choose_experts, decide_sequence, gate_scores
 from tests.tiny import HIDDEN, tiny_backbone, tiny_expert
@@ -182,13 +183,24 @@ def test_step_routing_with_nothing_plugged_routes_nothing() -> None:
     assert step.allowed.shape == (2, 0) and step.routes_anything is False
 
 
-def test_step_routing_refuses_names_that_are_not_plugged() -> None:
-    with pytest.raises(UnknownExpertError, match="no expert named 'ghost'"):
-        StepRouting.from_specs([RoutingSpec("pin", "ghost")], _plugged())
-    with pytest.raises(UnknownExpertError, match="'ghost'"):
-        StepRouting.from_specs([RoutingSpec(allow=("a", "ghost"))], _plugged())
-    with pytest.raises(UnknownExpertError, match="'ghost'"):
-        StepRouting.from_specs([RoutingSpec("sequence", "ghost")], _plugged())
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RoutingSpec("pin", "ghost"),
+        RoutingSpec(allow=("a", "ghost")),
+        RoutingSpec("sequence", "ghost"),
+        # a name the row does not route by is still refused (as check_against refuses it)
+        RoutingSpec("off", allow=("ghost",)),
+        RoutingSpec("pin", "a", allow=("ghost",)),
+        RoutingSpec("sequence", BASE_ROUTE, allow=("a", "ghost")),
+    ],
+    ids=repr,
+)
+def test_step_routing_refuses_names_that_are_not_plugged(spec: RoutingSpec) -> None:
+    with pytest.raises(UnknownExpertError, match="no expert named 'ghost' is plugged"):
+        spec.check_against(_plugged())
+    with pytest.raises(UnknownExpertError, match="no expert named 'ghost' is plugged"):
+        StepRouting.from_specs([RoutingSpec(), spec], _plugged())
 
 
 @torch.no_grad()
