@@ -504,7 +504,7 @@ class Scheduler:
             return
         seqs = self.running
         out = decode_one_token(
-            self.decoder, [s.slot for s in seqs], [s.token_ids[-1] for s in seqs], [s.spec for s in seqs]
+            self.decoder, [s.slot for s in seqs], [s.token_ids[-1] for s in seqs], [s.spec for s in seqs], plugged
         )
         self._report.routed.append(out.layer_counts)
         self._report.decoded = len(seqs)

@@ -59,6 +59,8 @@ from moe.routing.router import RoutingSpec, StepRouting
 
 logger = logging.getLogger(__name__)
 
+_FREE_ROW = RoutingSpec("off")  # a free slot's routing row: nothing allowed, nothing forced
+
 
 def context_length(model: RoutedModel) -> int:
     """Positions the backbone can attend over (its config's maximum; 2048 when the config names none)."""
@@ -174,6 +176,10 @@ class StaticDecoder:
         # token mode: no allow-list, no pin), "rows" (per-row allow-lists and pins)
         self.allowed = self.forced = self.apply = torch.empty(0)
         self._generation = -1
+        # the storage's own tensors as a set (ExpertSlots.live), for a decoder that follows the model's slots: what
+        # its steps read (and captured graphs hold) while no plugged expert's kind lacks the fixed-op form. Taken
+        # with the routing rows, again whenever the storage grows (a new generation); None for a fixed set
+        self._live: PluggedSet | None = None
 
     @staticmethod
     def _window_limit(model: RoutedModel, max_len: int) -> int:
@@ -234,12 +240,13 @@ class StaticDecoder:
         """The set a step routes over: the fixed set, or the model's plugged set as it is now."""
         return self._fixed_set if self._fixed_set is not None else self.model.plugged
 
-    def _step_set(self) -> PluggedSet:
-        """The tensors a step reads: the storage itself for live slots (its gate columns as published); while an
-        expert whose kind has no fixed-op form (LoRA) is plugged, the current snapshot, run eagerly (see `_run`)."""
-        if self._fixed_set is not None:
-            return self._fixed_set
-        return self.model.plugged if self.model.slots.eager_only else self.model.slots.live()
+    def _step_set(self, plugged: PluggedSet | None = None) -> PluggedSet:
+        """The tensors a step over `plugged` (default: `plugged` now) reads: the storage itself for live slots (its
+        gate columns as published, `_live`, taken with the routing rows); a fixed set, or while an expert whose kind
+        has no fixed-op form (LoRA) is plugged, the step's snapshot as it is, run eagerly (see `_run`)."""
+        if plugged is None:
+            plugged = self.plugged
+        return self._live if self._live is not None and not plugged.eager_only else plugged
 
     # --- rows joining and leaving (between steps) ---------------------------------------------------------
 
@@ -312,12 +319,13 @@ class StaticDecoder:
             self.forced = torch.full((self.max_batch,), -1, dtype=torch.long, device=self.device)
             self.apply = torch.ones(self.max_batch, dtype=torch.bool, device=self.device)
             self._generation = generation
+            self._live = self.model.slots.live() if self._fixed_set is None else None
             self._forget_steps()  # the slot tensors may have moved too
             self._routing_dirty = True
         key = (plugged.version, generation)
         if not self._routing_dirty and key == self._routing_key:
             return
-        specs = [spec if spec is not None else RoutingSpec("off") for spec in self._specs]
+        specs = [spec if spec is not None else _FREE_ROW for spec in self._specs]
         routing = StepRouting.from_specs(specs, plugged)
         with torch.no_grad():
             self.allowed.copy_(routing.allowed)
@@ -383,16 +391,21 @@ class StaticDecoder:
         return b, self._column_bucket(max((self.lengths[r] for r in range(b)), default=0) + 1)
 
     @torch.no_grad()
-    def step(self, slots: list[int], tokens: list[int], specs: list[RoutingSpec]) -> StepOutput:
+    def step(
+        self, slots: list[int], tokens: list[int], specs: list[RoutingSpec], plugged: PluggedSet | None = None
+    ) -> StepOutput:
         """Feed tokens[i] to slot slots[i] (every live slot, in any order) under specs[i]; one token each.
-        Returns logits and routing counts in the order of `slots`."""
+        Returns logits and routing counts in the order of `slots`. plugged: the set the step routes over, as the
+        caller read it from `plugged` this step (the scheduler, which checked the specs against it); None: read
+        now."""
         if sorted(slots) != self.live:
             raise RuntimeError(f"a step feeds every live slot: got {sorted(slots)}, live {self.live}")
         for slot, spec in zip(slots, specs, strict=True):
             if self._specs[slot] != spec:
                 self._specs[slot] = spec
                 self._routing_dirty = True
-        plugged = self.plugged
+        if plugged is None:
+            plugged = self.plugged
         self._sync_routing(plugged)
         b, s = self.bucket()
         if s > self.columns:
@@ -400,7 +413,7 @@ class StaticDecoder:
         self._ids_host.zero_()
         self._ids_host[slots] = torch.tensor(tokens, dtype=torch.long)
         self.input_ids[:, 0].copy_(self._ids_host, non_blocking=True)
-        logits, trace_rows, trace_layers = self._run(b, s, self._routing)
+        logits, trace_rows, trace_layers = self._run(b, s, self._routing, plugged)
         for slot in slots:
             self.lengths[slot] += 1
         index = torch.tensor(slots, device=self.device)
@@ -411,9 +424,9 @@ class StaticDecoder:
             logits, counts_by_route(columns, table[: len(slots)]), counts_by_route(columns, table[len(slots) :])
         )
 
-    def _run(self, b: int, s: int, routing_mode: str) -> tuple[torch.Tensor, ...]:
+    def _run(self, b: int, s: int, routing_mode: str, plugged: PluggedSet) -> tuple[torch.Tensor, ...]:
         key = (b, s, routing_mode)
-        plugged = self._step_set()
+        plugged = self._step_set(plugged)
         if plugged.eager_only:
             # a kind with no fixed-op form (LoRA: a plan made on the host per layer, moe.adapters.lora) is run by no
             # captured or compiled step; the plain eager routed step runs it, until the last such expert is unplugged
@@ -466,7 +479,11 @@ class StaticDecoder:
 
 
 def decode_one_token(
-    decoder: StaticDecoder, slots: list[int], tokens: list[int], specs: list[RoutingSpec]
+    decoder: StaticDecoder,
+    slots: list[int],
+    tokens: list[int],
+    specs: list[RoutingSpec],
+    plugged: PluggedSet | None = None,
 ) -> StepOutput:
-    """One decode step of every live slot of `decoder` (see StaticDecoder.step)."""
-    return decoder.step(slots, tokens, specs)
+    """One decode step of every live slot of `decoder` over `plugged` (see StaticDecoder.step)."""
+    return decoder.step(slots, tokens, specs, plugged)
