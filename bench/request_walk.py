@@ -20,6 +20,7 @@ import functools
 import sys
 import tempfile
 import threading
+import time
 import types
 from collections import Counter
 from pathlib import Path
@@ -124,6 +125,9 @@ def main() -> None:
             assert client.post("/generate", json=body).status_code == 200  # warm-up, untraced
             trace.recording = True
             response = client.post("/generate", json=body)
+            # the engine thread finishes its step after the response is out (gauges, then it waits for work):
+            # give it that time, so every run records the same walk (nothing else runs meanwhile)
+            time.sleep(0.5)
             trace.recording = False
             if response.status_code != 200:
                 raise SystemExit(f"/generate answered {response.status_code}: {response.text}")
