@@ -90,10 +90,13 @@ class RequestGuard:
             await _respond(scope, send, refused)
             return
         limit, flag = self.limit_for(method, path)
-        too_large = RequestTooLargeError(f"the request body is over {limit} bytes, this endpoint's limit ({flag})")
+
+        def too_large() -> RequestTooLargeError:  # built only for a request that is refused
+            return RequestTooLargeError(f"the request body is over {limit} bytes, this endpoint's limit ({flag})")
+
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _respond(scope, send, too_large)
+            await _respond(scope, send, too_large())
             return
 
         state = {"received": 0, "over": False, "started": False}
@@ -104,14 +107,14 @@ class RequestGuard:
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > limit:
                     state["over"] = True
-                    raise too_large
+                    raise too_large()
             return message
 
         async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["started"] = True
                 if state["over"]:  # the app turned the overflow into another answer (a body parse error)
-                    await _respond(scope, send, too_large)
+                    await _respond(scope, send, too_large())
                     state["replaced"] = True
                     return
             if state.get("replaced"):
@@ -123,7 +126,7 @@ class RequestGuard:
         except RequestTooLargeError:
             if state["started"]:
                 raise
-            await _respond(scope, send, too_large)
+            await _respond(scope, send, too_large())
 
 
 async def _respond(scope: Scope, send: Send, exc: Exception) -> None:
