@@ -335,10 +335,28 @@ class Engine:
 
 class _EngineObserver(SchedulerObserver):
     """The scheduler's reports -> the engine's routed-token totals and the Prometheus metrics (one call per phase
-    of a step, before that phase's tokens reach their clients)."""
+    of a step, before that phase's tokens reach their clients). Per step, not per token where a sum does: the
+    generated-token counter moves once per phase, and the routed-token series are looked up once per plugged set
+    (a label lookup takes the metric's lock; a step touches every route on every layer)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._series: dict[tuple[str, int], Any] = {}  # (route, layer) -> its routed_tokens child
+        self._series_version = -1  # the plugged set's version the children were looked up under
+
+    def _routed_series(self, route: str, layer: int) -> Any:
+        """routed_tokens' child of (route, layer), looked up again after every plug or unplug (an unplugged
+        expert's series is removed from the metric: a child kept past that would count into nothing)."""
+        metrics = self.engine.metrics
+        assert metrics is not None
+        version = self.engine.model.slots.version
+        if version != self._series_version:
+            self._series.clear()
+            self._series_version = version
+        child = self._series.get((route, layer))
+        if child is None:
+            child = self._series[(route, layer)] = metrics.routed_tokens.labels(expert=route, layer=str(layer))
+        return child
 
     def stepped(self, report: StepReport) -> None:
         totals, metrics = self.engine._routed_totals, self.engine.metrics
@@ -349,21 +367,23 @@ class _EngineObserver(SchedulerObserver):
                         if route != BASE_ROUTE:
                             totals[route] = totals.get(route, 0.0) + count
                         if metrics:
-                            metrics.routed_tokens.labels(expert=route, layer=str(layer)).inc(count)
+                            self._routed_series(route, layer).inc(count)
         if not metrics:
             return
         for seq in report.prefilled:
             metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
         if report.decoded:
             metrics.batch_size.observe(report.decoded)
+        if report.tokens:
+            metrics.generated_tokens.inc(len(report.tokens))
         now = time.perf_counter()
+        first, later = metrics.time_to_first_token, metrics.inter_token_latency
         for seq in report.tokens:
             handle: Any = seq.output  # the RequestHandle submit_all gave it
-            metrics.generated_tokens.inc()
             if len(seq.token_ids) == 1:
-                metrics.time_to_first_token.observe(now - handle.submitted)
+                first.observe(now - handle.submitted)
             else:
-                metrics.inter_token_latency.observe(now - handle.last_token_at)
+                later.observe(now - handle.last_token_at)
             handle.last_token_at = now
         plugged = self.engine.model.plugged if report.finished else None
         for seq in report.finished:
