@@ -6,10 +6,13 @@ batch in the main thread (bench/peer.py's comparison).
     python bench/step_profile.py                         # off, token, hf: tokens/s, cores, and the step's phases
     python bench/step_profile.py --profile               # plus cProfile of the engine thread (top functions)
     python bench/step_profile.py --cases token --rounds 3
+    python bench/step_profile.py --cases off off+compile token token+compile   # the compiled decode step (inductor)
 
 Each case runs in a fresh process (libgomp's pools are per process, see server/engine.py), in turn, `--rounds`
 times, after an untimed warm-up run in the same process; ratios are taken within a round and the median printed
-(a shared machine drifts: the load average is printed with each round).
+(a shared machine drifts: the load average is printed with each round). A `+compile` case runs the engine with
+compile_backend (the server's --compile-decode): its warm-up compiles every bucket it reaches, so the warm-up's
+wall time (printed) is about the compile time.
 
 Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
 calls: a few perf_counter reads per step, cheap beside the step):
@@ -51,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.peer import demo_prompts  # noqa: E402
 
-CASES = ("off", "token", "hf")
+CASES = ("off", "token", "hf", "off+compile", "token+compile")
 PHASES = ("forward", "step rest", "sampling", "advance", "flush", "admit", "other")
 
 
@@ -114,7 +117,8 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
 
     model, tokenizer = load_model(args)
     prompts = [tokenizer(p)["input_ids"] for p in demo_prompts(Path(args.model), args.clients, args.prompt_tokens)]
-    options = {"compile_backend": args.compile} if args.compile else {}
+    mode, compiled = case.split("+")[0], case.endswith("+compile")
+    options = {"compile_backend": args.compile} if compiled else {}
     engine = Engine(
         model, tokenizer, max_batch_size=args.clients, max_queue=4 * args.clients, metrics=Metrics(), **options
     )
@@ -160,7 +164,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         [0],
         args.new_tokens,
         SamplingParams(min_new_tokens=args.new_tokens),
-        routing=RoutingSpec(case),  # type: ignore[arg-type]
+        routing=RoutingSpec(mode),  # type: ignore[arg-type]
     )
 
     async def one(prompt: list[int]) -> int:
@@ -177,7 +181,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         counts = await asyncio.gather(*[one(p) for p in prompts])
         return sum(counts), time.perf_counter() - start
 
-    asyncio.run(run())  # warm-up: every bucket allocated (and compiled)
+    _, warm_up = asyncio.run(run())  # every bucket allocated (and compiled)
     clock.seconds.clear()
     steps[0] = 0
     profiling[0] = True
@@ -196,6 +200,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         "process_cores": process_cores,
         "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
         "loop": wall / max(steps[0], 1),
+        "warm_up": warm_up,
     }
     if profiler is not None:
         stream = io.StringIO()
@@ -253,13 +258,15 @@ def hf_case(args: argparse.Namespace) -> dict:
 def print_case(result: dict) -> None:
     ms = 1e3
     line = (
-        f"  {result['case']:6s} {result['tokens'] / result['wall']:7.0f} tok/s  {result['loop'] * ms:6.2f} ms/step"
+        f"  {result['case']:13s} {result['tokens'] / result['wall']:7.0f} tok/s  {result['loop'] * ms:6.2f} ms/step"
         f"  engine {result['engine_cores']:.2f} cores, process {result['process_cores']:.2f}"
     )
+    if "warm_up" in result:
+        line += f", warm-up {result['warm_up']:.1f} s"
     print(line, flush=True)
     if "phases" in result:
         parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)
-        print(f"         ms per decode step: {parts}", flush=True)
+        print(f"{'':16s}ms per decode step: {parts}", flush=True)
     if "profile" in result:
         print(result["profile"], flush=True)
 
@@ -273,8 +280,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--compile", default=None, help="the engine's decode step compiled with this backend")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:3]))
+    parser.add_argument("--compile", default="inductor", help="the +compile cases' torch.compile backend")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (engine cases)")
     parser.add_argument("--top", type=int, default=25, help="functions the profile lists")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
@@ -302,7 +309,15 @@ def main() -> None:
             results[case] = json.loads(out.stdout.strip().splitlines()[-1])
             print_case(results[case])
         rounds.append(results)
-    pairs = [("token", "off"), ("off", "hf"), ("token", "hf")]
+    pairs = [
+        ("token", "off"),
+        ("off", "hf"),
+        ("token", "hf"),
+        ("off+compile", "off"),
+        ("token+compile", "token"),
+        ("token+compile", "off+compile"),
+        ("off+compile", "hf"),
+    ]
     for top, bottom in pairs:
         if top in args.cases and bottom in args.cases:
             ratios = [r[top]["tokens"] / r[top]["wall"] / (r[bottom]["tokens"] / r[bottom]["wall"]) for r in rounds]
