@@ -9,10 +9,13 @@ batch in the main thread (bench/peer.py's comparison).
     python bench/step_profile.py --cases off off+compile token token+compile   # the compiled decode step (inductor)
 
 Each case runs in a fresh process (libgomp's pools are per process, see server/engine.py), in turn, `--rounds`
-times, after an untimed warm-up run in the same process; ratios are taken within a round and the median printed
-(a shared machine drifts: the load average is printed with each round). A `+compile` case runs the engine with
-compile_backend (the server's --compile-decode): its warm-up compiles every bucket it reaches, so the warm-up's
-wall time (printed) is about the compile time.
+times, after an untimed warm-up in the same process; ratios are taken within a round and the median printed (a
+shared machine drifts: the load average is printed with each round). On a loaded machine the engine thread's CPU
+time per step (printed) moves less than its wall time: time spent waiting for a core does not count.
+
+A `+compile` case runs the engine with compile_backend (the server's --compile-decode). Its warm-up is two runs
+(the first grows the KV columns, which drops what was compiled against the smaller buffers) and compiles every
+bucket it reaches, so the warm-up's wall time (printed) is about the compile time.
 
 Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
 calls: a few perf_counter reads per step, cheap beside the step):
@@ -181,10 +184,13 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         counts = await asyncio.gather(*[one(p) for p in prompts])
         return sum(counts), time.perf_counter() - start
 
-    _, warm_up = asyncio.run(run())  # every bucket allocated (and compiled)
+    # untimed: every bucket allocated and compiled; twice, since the first run grows the KV columns (64 -> 128),
+    # which drops every step compiled against the smaller buffers
+    warm_up = sum(asyncio.run(run())[1] for _ in range(2))
     clock.seconds.clear()
     steps[0] = 0
     profiling[0] = True
+    compiled_before = len(scheduler.decoder._compiled)
     engine_before, process_before = cpu_seconds_of_engine(engine), time.process_time()
     tokens, wall = asyncio.run(run())
     process_cores = (time.process_time() - process_before) / wall
@@ -201,6 +207,8 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
         "loop": wall / max(steps[0], 1),
         "warm_up": warm_up,
+        "engine_cpu_per_step": engine_cores * wall / max(steps[0], 1),
+        "compiled_in_run": len(scheduler.decoder._compiled) - compiled_before,  # buckets compiled while timed
     }
     if profiler is not None:
         stream = io.StringIO()
@@ -261,8 +269,12 @@ def print_case(result: dict) -> None:
         f"  {result['case']:13s} {result['tokens'] / result['wall']:7.0f} tok/s  {result['loop'] * ms:6.2f} ms/step"
         f"  engine {result['engine_cores']:.2f} cores, process {result['process_cores']:.2f}"
     )
+    if "engine_cpu_per_step" in result:
+        line += f", engine CPU {result['engine_cpu_per_step'] * ms:.2f} ms/step"
     if "warm_up" in result:
         line += f", warm-up {result['warm_up']:.1f} s"
+    if result.get("compiled_in_run"):
+        line += f", {result['compiled_in_run']} buckets compiled during the timed run"
     print(line, flush=True)
     if "phases" in result:
         parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)

@@ -13,9 +13,11 @@ an asyncio queue per request (server.requests.RequestHandle, the scheduler's Seq
 never blocks on the model. Metrics are read from the scheduler's report of each phase of a step (_EngineObserver).
 
 compile_backend ("inductor"; the server's --compile-decode): each decode bucket's step (rows, columns, routing
-mode) is torch.compile'd the first time it runs, where no CUDA graph is captured (a CPU). The demo model on a CPU,
-16 rows: ~1.3x the eager step's tokens/s with the same greedy tokens; each new bucket pays its compile once (seconds
-with inductor's on-disk cache warm, about a minute cold on a loaded 2-core machine), so it is opt-in.
+mode) is torch.compile'd the first time it runs, where no CUDA graph is captured (a CPU); greedy tokens are the
+eager step's. Opt-in: on the demo model, 16 rows, one thread, a compiled step took ~0.8x the eager step's CPU time
+at 64 KV columns but the same at 128, and the engine as a whole was no faster (bench/step_profile.py); each new
+bucket compiles once (seconds with inductor's on-disk cache warm, about a minute cold on a loaded 2-core machine),
+and again when the KV columns grow.
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.

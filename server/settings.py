@@ -99,8 +99,8 @@ class Settings(BaseSettings):
     compile_decode: Literal["off", "inductor"] = Field(
         "off",
         description="torch.compile each decode bucket's step (rows, columns, routing mode) on first use, where no "
-        "CUDA graph is captured (a CPU): faster steps, same greedy tokens; each new bucket compiles once (seconds "
-        "to a minute)",
+        "CUDA graph is captured (a CPU): same greedy tokens; each new bucket compiles once (seconds to a minute); "
+        "see bench/step_profile.py for whether it pays on your model",
     )
     fuse_routing: bool = Field(
         True, description="on a GPU, torch.compile each layer's decode routing into a few fused kernels"
