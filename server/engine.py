@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -46,7 +47,14 @@ from moe.decode.sequence import ERROR, GenerationFailedError, GenerationRequest,
 from moe.decode.static_decoder import StaticDecoder, capture_refusal, context_length
 from moe.decode.structured_output import GrammarCompiler
 from server.metrics import Metrics
-from server.requests import ClientBusyError, ContextLimitError, EngineStoppedError, QueueFullError, RequestHandle
+from server.requests import (
+    ClientBusyError,
+    ContextLimitError,
+    EngineStoppedError,
+    QueueFullError,
+    RequestHandle,
+    one_wakeup_per_loop,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -374,6 +382,10 @@ class _EngineObserver(SchedulerObserver):
         if child is None:
             child = self._series[(route, layer)] = metrics.routed_tokens.labels(expert=route, layer=str(layer))
         return child
+
+    def pushing(self) -> contextlib.AbstractContextManager[None]:
+        """A phase's events wake each event loop once (server.requests.one_wakeup_per_loop)."""
+        return one_wakeup_per_loop()
 
     def stepped(self, report: StepReport) -> None:
         totals, metrics = self.engine._routed_totals, self.engine.metrics
