@@ -18,15 +18,16 @@ A `+compile` case runs the engine with compile_backend (the server's --compile-d
 bucket it reaches, so the warm-up's wall time (printed) is about the compile time.
 
 Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
-calls: a few perf_counter reads per step, cheap beside the step):
+calls, each phase exclusive of the phases it calls: a few perf_counter reads per step, cheap beside the step):
 
     forward      StaticDecoder._run: the model's decode forward (routing ops included)
     step rest    the rest of StaticDecoder.step: input ids in, logits rows out, the one trace read, counts by route
     sampling     Scheduler._sample (sample_step and its host read)
     advance      Scheduler._advance, every row: record the token, TextStream.add (detokenise), the Event
-    flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop
-    admit        Scheduler._admit: admission and prefill (new rows' first tokens included)
-    other        the rest of Scheduler.step and the engine loop (cancel checks, _drop, counts, gauges, the lock)
+    flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop, with
+                 the wait for the GIL while the woken loop holds it
+    admit        Scheduler._admit: admission and prefill (the new rows' first tokens: under sampling, advance)
+    other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
 
 `--profile` profiles the engine thread with cProfile (its overhead inflates Python-heavy parts: read it for where,
 not for how much).
