@@ -5,6 +5,7 @@ with a message when it is not installed), and HF `generate` as one static batch 
     python bench/peer.py --shape demo                 # the demo model, its experts, mixed prompts (math, code, prose)
     python bench/peer.py --shape gpt2-124m            # random GPT-2-124M weights, 8 experts routing every token
     python bench/peer.py --shape demo --baseline /tmp/plugmoe-before   # plus routing off from another checkout
+    python bench/peer.py --shape demo --compile-decode inductor        # plugmoe's decode steps torch.compile'd
 
 Every client sends one streaming `/v1/completions` request at a time (greedy, `--new-tokens` exactly: plugmoe with
 `min_tokens`, transformers serve with EOS off through `"generation_config": "{\\"eos_token_id\\": -1}"`), prompts
@@ -169,6 +170,8 @@ def start_plugmoe(checkout: Path, model_dir: Path, seed: Path, tmp: Path, args: 
         "1024",
         "--log-level",
         "warning",
+        # this checkout's flag (a baseline checkout may not have it)
+        *(["--compile-decode", args.compile_decode] if args.compile_decode != "off" and checkout == REPO else []),
     ]
     process, url = start(f"plugmoe ({tag})", command, checkout, env, "/ready", tmp / f"plugmoe-{tag}.log", 900)
     try:
@@ -390,6 +393,12 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--no-hf", action="store_true", help="skip HF static batch")
     parser.add_argument("--baseline", type=Path, help="another plugmoe checkout: its routing off as one more column")
+    parser.add_argument(
+        "--compile-decode",
+        choices=["off", "inductor"],
+        default="off",
+        help="plugmoe servers' --compile-decode (inductor: two warm-up runs, the second after the KV columns grew)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this bench started
 
@@ -428,8 +437,10 @@ def main() -> None:
                     return static.run(args)
                 return run_server(config, servers[config], prompts, args)
 
-            for config in configs:  # untimed, full length: every shape each one reaches is allocated first
-                run(config)
+            warm_ups = 2 if args.compile_decode != "off" else 1  # growing columns drops what was compiled before
+            for _ in range(warm_ups):
+                for config in configs:  # untimed, full length: every shape each one reaches is allocated first
+                    run(config)
             rounds: list[dict[str, Run]] = []
             for index in range(args.rounds):
                 order = configs[index % len(configs) :] + configs[: index % len(configs)]

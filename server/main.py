@@ -56,6 +56,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         context_limit=settings.context_limit,
         metrics=metrics,
         cuda_graphs=settings.cuda_graphs,
+        compile_backend=None if settings.compile_decode == "off" else settings.compile_decode,
     )
 
 

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="on a GPU, capture each decode bucket's step as a CUDA graph and replay it (off: eager)"
     )
+    compile_decode: Literal["off", "inductor"] = Field(
+        "off",
+        description="torch.compile each decode bucket's step (rows, columns, routing mode) on first use, where no "
+        "CUDA graph is captured (a CPU): same greedy tokens; each new bucket compiles once (seconds to a minute); "
+        "see bench/step_profile.py for whether it pays on your model",
+    )
     fuse_routing: bool = Field(
         True, description="on a GPU, torch.compile each layer's decode routing into a few fused kernels"
     )

@@ -46,12 +46,14 @@ they resume.
 The scheduler knows nothing of threads, event loops or metrics: what the server counts it reads from a
 SchedulerObserver, one StepReport per phase (the admission with its prefills, then the decode step): routed
 tokens per layer, prefilled prompts, preemptions, the batch size, each token, each finish. The report goes
-first, then the phase's events in the order they were made, so the observer's counts are in place before a
-client sees a token, and a request's walk crosses into the observer and into its output once per phase.
+first, then the phase's events in the order they were made (inside the observer's `pushing()`, which lets the
+server hand them to its event loop with one wake-up), so the observer's counts are in place before a client sees
+a token, and a request's walk crosses into the observer and into its output once per phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -155,6 +157,11 @@ class SchedulerObserver:
             self.token(seq)
         for seq in report.finished:
             self.finished(seq)
+
+    def pushing(self) -> contextlib.AbstractContextManager[None]:
+        """Held around the pushes of one phase's events (the server's engine hands them to its event loop with
+        one wake-up); by default nothing."""
+        return contextlib.nullcontext()
 
     def prefilled(self, seq: Sequence) -> None:
         """seq's prompt was prefilled."""
@@ -622,8 +629,9 @@ class Scheduler:
         try:
             self.observer.stepped(report)
         finally:  # a failing observer must not cost a client its events
-            for output, event in events:
-                output.push(event)
+            with self.observer.pushing():
+                for output, event in events:
+                    output.push(event)
 
     def _finish(self, seq: Sequence, reason: str, message: str | None, error: Exception | None = None) -> None:
         """End a sequence (once): its held-back text, then its Finished, queued for this phase's _flush."""

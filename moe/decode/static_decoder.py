@@ -438,6 +438,7 @@ class StaticDecoder:
         if self.compile_backend:
             fn = self._compiled.get(key)
             if fn is None:
+                self._cache(b, s)  # made before tracing: a cache made inside the trace fails its guard next step
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(
                     lambda: self._body(b, s, routing_mode, plugged),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -141,6 +142,40 @@ def test_submit_streams_one_event_per_token_then_finished(make_engine, tokenizer
     assert (done.reason, done.prompt_tokens, done.completion_tokens) == (LENGTH, len(tokenizer.encode(PROMPT)), 8)
     assert done.shares == {"base": 1.0} and done.routing_entropy == 0.0 and done.message is None
     assert asyncio.run(engine.run(lambda: (engine.running, engine.queue_depth))) == (0, 0), "by the next step"
+
+
+def _compiled_engine_equals_eager(make_engine, tokenizer, backend: str) -> None:
+    """An engine whose decode steps are torch.compile'd gives each request the tokens it gets alone, eagerly: two
+    requests at once, token routing with an expert that wins every token, routing off beside it."""
+    engine = make_engine(compile_backend=backend, max_batch_size=2)
+
+    async def main() -> list[list[int]]:
+        await plug(engine, tiny_expert("open", threshold=-2.0))
+        handles = [
+            engine.submit(request(tokenizer, PROMPT, 6, RoutingSpec("token"))),
+            engine.submit(request(tokenizer, OTHER, 6, RoutingSpec("off"))),
+        ]
+        return [token_ids((await finish(handle.events()))[0]) for handle in handles]
+
+    got = asyncio.run(main())
+    engine.stop()
+    want = [alone(engine, PROMPT, 6, RoutingSpec("token")), alone(engine, OTHER, 6, RoutingSpec("off"))]
+    assert got == want
+    assert engine.scheduler.decoder._compiled, "the steps ran compiled"
+
+
+def test_a_compiled_engine_decodes_what_the_eager_one_does(make_engine, tokenizer) -> None:
+    """aot_eager: dynamo's trace and AOT's functionalisation, no generated code (fast); inductor below."""
+    _compiled_engine_equals_eager(make_engine, tokenizer, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor's CPU backend needs a C++ compiler (g++)"
+)
+def test_an_inductor_compiled_engine_decodes_what_the_eager_one_does(make_engine, tokenizer) -> None:
+    """--compile-decode inductor: the generated code's greedy tokens are the eager step's."""
+    _compiled_engine_equals_eager(make_engine, tokenizer, "inductor")
 
 
 def test_a_request_joins_a_running_batch(make_engine, tokenizer) -> None:

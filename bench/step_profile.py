@@ -1,0 +1,341 @@
+"""Where a decode step's time goes in the engine, in process (no HTTP): the server's Engine (its own thread, the
+server's metrics) running `--clients` sequences of `--prompt-tokens`-token prompts x `--new-tokens` greedy tokens on
+the demo model with its experts, routing off and token mode, against HF `generate` on the same prompts as one static
+batch in the main thread (bench/peer.py's comparison).
+
+    python bench/step_profile.py                         # off, token, hf: tokens/s, cores, and the step's phases
+    python bench/step_profile.py --profile               # plus cProfile of the engine thread (top functions)
+    python bench/step_profile.py --cases token --rounds 3
+    python bench/step_profile.py --cases off off+compile token token+compile   # the compiled decode step (inductor)
+
+Each case runs in a fresh process (libgomp's pools are per process, see server/engine.py), in turn, `--rounds`
+times, after an untimed warm-up in the same process; ratios are taken within a round and the median printed (a
+shared machine drifts: the load average is printed with each round). On a loaded machine the engine thread's CPU
+time per step (printed) moves less than its wall time: time spent waiting for a core does not count.
+
+A `+compile` case runs the engine with compile_backend (the server's --compile-decode). Its warm-up is two runs
+(the first grows the KV columns, which drops what was compiled against the smaller buffers) and compiles every
+bucket it reaches, so the warm-up's wall time (printed) is about the compile time.
+
+Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
+calls, each phase exclusive of the phases it calls: a few perf_counter reads per step, cheap beside the step):
+
+    forward      StaticDecoder._run: the model's decode forward (routing ops included)
+    step rest    the rest of StaticDecoder.step: input ids in, logits rows out, the one trace read, counts by route
+    sampling     Scheduler._sample (sample_step and its host read)
+    advance      Scheduler._advance, every row: record the token, TextStream.add (detokenise), the Event
+    flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop, with
+                 the wait for the GIL while the woken loop holds it
+    admit        Scheduler._admit: admission and prefill (the new rows' first tokens: under sampling, advance)
+    other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
+
+`--profile` profiles the engine thread with cProfile (its overhead inflates Python-heavy parts: read it for where,
+not for how much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.peer import demo_prompts  # noqa: E402
+
+CASES = ("off", "token", "hf", "off+compile", "token+compile")
+PHASES = ("forward", "step rest", "sampling", "advance", "flush", "admit", "other")
+
+
+class PhaseClock:
+    """Exclusive seconds per named phase (a nested timed call's time is its own phase's, not its caller's), from
+    wrappers around bound methods (replaced on the instance)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._nested: list[float] = []  # per open call: seconds its timed callees took
+
+    def wrap(self, owner: Any, method: str, phase: str) -> None:
+        inner: Callable = getattr(owner, method)
+        seconds, nested = self.seconds, self._nested
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            nested.append(0.0)
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - start
+                seconds[phase] += took - nested.pop()
+                if nested:
+                    nested[-1] += took
+
+        setattr(owner, method, timed)
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The demo model and its experts plugged, loaded in a thread that ends (as the server does)."""
+    out: list[Any] = []
+
+    def body() -> None:
+        import torch
+
+        from experts.cli import load_experts_dir
+        from moe import RoutedModel, RouterConfig, load_backbone
+
+        torch.set_num_threads(args.threads)
+        backbone, tokenizer = load_backbone(args.model)
+        model = RoutedModel(backbone, RouterConfig())
+        model.set_experts(tuple(load_experts_dir(args.experts, model.fingerprint)))
+        out.append((model, tokenizer))
+
+    loader = threading.Thread(target=body, name="plugmoe-load")
+    loader.start()
+    loader.join()
+    return out[0]
+
+
+def engine_case(case: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from moe import RoutingSpec
+    from moe.decode.sampling import SamplingParams
+    from moe.decode.sequence import GenerationRequest
+    from server.engine import Engine
+    from server.metrics import Metrics
+
+    model, tokenizer = load_model(args)
+    prompts = [tokenizer(p)["input_ids"] for p in demo_prompts(Path(args.model), args.clients, args.prompt_tokens)]
+    mode, compiled = case.split("+")[0], case.endswith("+compile")
+    options = {"compile_backend": args.compile} if compiled else {}
+    engine = Engine(
+        model, tokenizer, max_batch_size=args.clients, max_queue=4 * args.clients, metrics=Metrics(), **options
+    )
+    scheduler, clock = engine.scheduler, PhaseClock()
+    steps = [0]
+    profiler = cProfile.Profile() if args.profile else None
+    profiling = [False]  # the timed run only
+    step = scheduler.step
+
+    def profiled_step() -> None:  # on the engine thread: cProfile hooks the thread that enables it
+        if profiler is None or not profiling[0]:
+            return step()
+        profiler.enable()
+        try:
+            return step()
+        finally:
+            profiler.disable()
+
+    scheduler.step = profiled_step
+    clock.wrap(scheduler, "step", "other")  # exclusive: what the phases below leave of a scheduler step
+    clock.wrap(scheduler.decoder, "_run", "forward")
+    clock.wrap(scheduler.decoder, "step", "step rest")
+    clock.wrap(scheduler, "_sample", "sampling")
+    clock.wrap(scheduler, "_advance", "advance")
+    clock.wrap(scheduler, "_flush", "flush")
+    clock.wrap(scheduler, "_admit", "admit")
+    decode = scheduler._decode
+
+    def counted_decode(plugged: Any) -> None:
+        steps[0] += 1
+        decode(plugged)
+
+    scheduler._decode = counted_decode
+    run_loop = engine._loop
+
+    def engine_loop() -> None:
+        torch.set_num_threads(args.threads)
+        run_loop()
+
+    engine._loop = engine_loop
+    engine.start()
+    request = GenerationRequest(
+        [0],
+        args.new_tokens,
+        SamplingParams(min_new_tokens=args.new_tokens),
+        routing=RoutingSpec(mode),  # type: ignore[arg-type]
+    )
+
+    async def one(prompt: list[int]) -> int:
+        handle = engine.submit(dataclasses.replace(request, prompt_ids=prompt))
+        tokens = 0
+        async for event in handle.events():
+            tokens += len(event.token_ids)
+            if event.finished is not None and event.finished.reason == "error":
+                raise RuntimeError(event.finished.message)
+        return tokens
+
+    async def run() -> tuple[int, float]:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*[one(p) for p in prompts])
+        return sum(counts), time.perf_counter() - start
+
+    # untimed: every bucket allocated and compiled; twice, since the first run grows the KV columns (64 -> 128),
+    # which drops every step compiled against the smaller buffers
+    warm_up = sum(asyncio.run(run())[1] for _ in range(2))
+    clock.seconds.clear()
+    steps[0] = 0
+    profiling[0] = True
+    compiled_before = len(scheduler.decoder._compiled)
+    engine_before, process_before = cpu_seconds_of_engine(engine), time.process_time()
+    tokens, wall = asyncio.run(run())
+    process_cores = (time.process_time() - process_before) / wall
+    engine_cores = (cpu_seconds_of_engine(engine) - engine_before) / wall
+    profiling[0] = False
+    engine.stop()
+    result = {
+        "case": case,
+        "tokens": tokens,
+        "wall": wall,
+        "steps": steps[0],
+        "engine_cores": engine_cores,
+        "process_cores": process_cores,
+        "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
+        "loop": wall / max(steps[0], 1),
+        "warm_up": warm_up,
+        "engine_cpu_per_step": engine_cores * wall / max(steps[0], 1),
+        "compiled_in_run": len(scheduler.decoder._compiled) - compiled_before,  # buckets compiled while timed
+    }
+    if profiler is not None:
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(args.top)
+        result["profile"] = stream.getvalue()
+    return result
+
+
+def cpu_seconds_of_engine(engine: Any) -> float:
+    """User + system CPU seconds of the engine thread (its native id's /proc entry)."""
+    native = engine._thread.native_id
+    fields = Path(f"/proc/self/task/{native}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hf_case(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    batch = tokenizer(
+        demo_prompts(Path(args.model), args.clients, args.prompt_tokens), return_tensors="pt", padding=True
+    )
+
+    def run() -> tuple[int, float]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **batch,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+        return out[:, batch["input_ids"].shape[1] :].numel(), time.perf_counter() - start
+
+    run()
+    cpu = time.process_time()
+    tokens, wall = run()
+    cores = (time.process_time() - cpu) / wall
+    return {
+        "case": "hf",
+        "tokens": tokens,
+        "wall": wall,
+        "steps": args.new_tokens,
+        "engine_cores": cores,
+        "process_cores": cores,
+        "loop": wall / args.new_tokens,
+    }
+
+
+def print_case(result: dict) -> None:
+    ms = 1e3
+    line = (
+        f"  {result['case']:13s} {result['tokens'] / result['wall']:7.0f} tok/s  {result['loop'] * ms:6.2f} ms/step"
+        f"  engine {result['engine_cores']:.2f} cores, process {result['process_cores']:.2f}"
+    )
+    if "engine_cpu_per_step" in result:
+        line += f", engine CPU {result['engine_cpu_per_step'] * ms:.2f} ms/step"
+    if "warm_up" in result:
+        line += f", warm-up {result['warm_up']:.1f} s"
+    if result.get("compiled_in_run"):
+        line += f", {result['compiled_in_run']} buckets compiled during the timed run"
+    print(line, flush=True)
+    if "phases" in result:
+        parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)
+        print(f"{'':16s}ms per decode step: {parts}", flush=True)
+    if "profile" in result:
+        print(result["profile"], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "demo" / "model"))
+    parser.add_argument("--experts", default=str(REPO / "demo" / "experts"))
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=33)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:3]))
+    parser.add_argument("--compile", default="inductor", help="the +compile cases' torch.compile backend")
+    parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (engine cases)")
+    parser.add_argument("--top", type=int, default=25, help="functions the profile lists")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
+    args = parser.parse_args()
+    if args.case:
+        result = hf_case(args) if args.case == "hf" else engine_case(args.case, args)
+        print(json.dumps(result), flush=True)
+        return
+    passed = sys.argv[1:]
+    print(
+        f"{args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
+        f"{args.threads} threads"
+    )
+    rounds: list[dict[str, dict]] = []
+    for index in range(args.rounds):
+        print(f"round {index + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
+        order = args.cases[index % len(args.cases) :] + args.cases[: index % len(args.cases)]
+        results = {}
+        for case in order:
+            out = subprocess.run(
+                [sys.executable, __file__, *passed, "--case", case], capture_output=True, text=True, cwd=REPO
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+            print_case(results[case])
+        rounds.append(results)
+    pairs = [
+        ("token", "off"),
+        ("off", "hf"),
+        ("token", "hf"),
+        ("off+compile", "off"),
+        ("token+compile", "token"),
+        ("token+compile", "off+compile"),
+        ("off+compile", "hf"),
+    ]
+    for top, bottom in pairs:
+        if top in args.cases and bottom in args.cases:
+            ratios = [r[top]["tokens"] / r[top]["wall"] / (r[bottom]["tokens"] / r[bottom]["wall"]) for r in rounds]
+            print(f"{top} / {bottom} tokens/s: median {statistics.median(ratios):.2f} over {len(ratios)} rounds")
+
+
+if __name__ == "__main__":
+    main()
