@@ -4,6 +4,8 @@ token by token, pins and allow-lists still bind, and a set without a router keep
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from moe.decode.static_decoder import StaticDecoder
 from moe.model.text_batches import batches, forward, texts
 from moe.routing.router import RoutingSpec
 from tests.moe.admission.test_router_fit import _texts
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert, tiny_tokenizer
 
 NAMES = ("near", "far")
 
@@ -116,3 +118,49 @@ def test_a_set_without_a_router_keeps_the_cosine_gates(tokenizer) -> None:
     model.set_experts((_expert("near", 1, 0.5),))
     assert model.plugged.context is None and model.plugged.gates is None
     assert not model.plugged.eager_only
+
+
+def _attention_set(tokenizer, threshold: float | None) -> RoutedModel:
+    """Inert experts (their adapters change nothing, so the reference reads the backbone's inputs): bottleneck
+    "near" and "far", and "other", a LoRA on attention and MLP projections whose gate is closed (None) or open to
+    every token (-2), each with its own domain sample, under a fitted context router."""
+    model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+    other = tiny_lora_expert("other", model.target_shapes, seed=3, scale=0.0, threshold=threshold)
+    other = dataclasses.replace(other, metadata={"domain_sample": _texts("other", 32, 0)})
+    assert other.adapter.routes_before_attention
+    experts = (*(_expert(name, seed, 0.0) for seed, name in enumerate(NAMES, 1)), other)
+    for expert in experts:
+        model.plug(expert)
+    ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02).offer(experts)
+    assert model.plugged.gates is not None and model.plugged.before_attention
+    return model
+
+
+ATTENTION_HELD = [*HELD, *_texts("other", 4, 5)]
+
+
+def test_an_expert_adapting_attention_takes_the_tokens_of_its_gates_and_the_router_decides_the_rest(tokenizer):
+    """The decision for an expert that adapts attention is taken before attention, by its gates; at the MLP input
+    the context router decides over every class as fitted: a token it gives to the attention expert takes base
+    (never the next most probable expert, whose floor was set on the whole softmax)."""
+    closed = _attention_set(tokenizer, None)
+    router = closed.plugged.context
+    assert router.classes == (BASE_ROUTE, *NAMES, "other")
+    (batch,) = batches(tokenizer, texts(ATTENTION_HELD), 16, 64, eos=False)
+    out = forward(closed, batch, [RoutingSpec()] * len(batch))
+    named_other = 0
+    for row, x in enumerate(capture_texts(closed, tokenizer, ATTENTION_HELD)):
+        classes = router.token_routes(x, router.skip)  # [T, L] over every class
+        counts = out.trace.row_counts()[row]
+        for c, name in enumerate(NAMES, 1):
+            assert counts.get(name, 0.0) == float((classes == c).sum()), (row, name)
+        assert counts.get("other", 0.0) == 0.0  # its gate is closed
+        named_other += int((classes == router.classes.index("other")).sum())
+        assert counts[BASE_ROUTE] == float(((classes == 0) | (classes == 3)).sum()), row
+    assert named_other > 0  # the router does name the attention expert on some tokens: the case is exercised
+    # its gate open to every token: the attention expert takes every token on the layers it covers, first
+    opened = _attention_set(tokenizer, -2.0)
+    out = forward(opened, batch, [RoutingSpec()] * len(batch))
+    real = [len(tokenizer(t)["input_ids"]) for t in ATTENTION_HELD]
+    for row, counts in enumerate(out.trace.row_counts()):
+        assert counts["other"] == real[row] * 2, row  # layers (0, 1) of its file
