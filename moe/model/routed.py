@@ -250,9 +250,12 @@ class RoutedMLP(nn.Module):
         thresholds = plugged.thresholds[layer] if split is None else split.late_thresholds
         covers = plugged.covers[layer] if split is None else split.late_covers
         if plugged.gates is not None and step.context is not None:  # the context router's token classifier
-            # over every class as fitted (its floors were set on that softmax): where it names an expert decided
-            # before attention, `covers` (the late ones) gives base; that expert has its tokens from its gates
-            choice = self._context_choice(step, x, step.allowed, covers)[:, None]  # [N, 1]
+            # among the classes not decided before attention (those experts took their tokens by their gates):
+            # a token the router would give one goes to the most probable of the rest (docs/routing.md)
+            allowed = step.allowed
+            if split is not None:
+                allowed = split.late_allowed[None] if allowed is None else allowed & split.late_allowed
+            choice = self._context_choice(step, x, allowed, covers)[:, None]  # [N, 1]
         else:
             scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, E]
             choice = choose_experts(scores, thresholds, step.allowed, step.forced, covers, step.top_k)  # [N, k]

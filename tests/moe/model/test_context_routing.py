@@ -15,6 +15,7 @@ from moe.admission.router_fit import ContextRouterFitter, capture_texts
 from moe.decode.prefill import prefill
 from moe.decode.static_decoder import StaticDecoder
 from moe.model.text_batches import batches, forward, texts
+from moe.routing.context import context_means
 from moe.routing.router import RoutingSpec
 from tests.moe.admission.test_router_fit import _texts
 from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert, tiny_tokenizer
@@ -139,25 +140,31 @@ def _attention_set(tokenizer, threshold: float | None) -> RoutedModel:
 ATTENTION_HELD = [*HELD, *_texts("other", 4, 5)]
 
 
-def test_an_expert_adapting_attention_takes_the_tokens_of_its_gates_and_the_router_decides_the_rest(tokenizer):
+def test_an_expert_adapting_attention_takes_the_tokens_of_its_gates_and_the_router_decides_among_the_rest(
+    tokenizer,
+) -> None:
     """The decision for an expert that adapts attention is taken before attention, by its gates; at the MLP input
-    the context router decides over every class as fitted: a token it gives to the attention expert takes base
-    (never the next most probable expert, whose floor was set on the whole softmax)."""
+    the context router decides among the other classes (the attention expert's column closed, as the late
+    allow-list has it): each bottleneck expert gets exactly the tokens that masked classifier gives it."""
     closed = _attention_set(tokenizer, None)
     router = closed.plugged.context
     assert router.classes == (BASE_ROUTE, *NAMES, "other")
+    late = torch.tensor([c != "other" for c in router.classes])  # base and the MLP-site experts
     (batch,) = batches(tokenizer, texts(ATTENTION_HELD), 16, 64, eos=False)
     out = forward(closed, batch, [RoutingSpec()] * len(batch))
-    named_other = 0
+    moved = 0  # tokens the full classifier gives the attention expert, which go to the others' best instead
     for row, x in enumerate(capture_texts(closed, tokenizer, ATTENTION_HELD)):
-        classes = router.token_routes(x, router.skip)  # [T, L] over every class
+        means = context_means(x, router.skip)  # [T, L, H]
+        masked = torch.stack([gate.decide(means[:, layer], late) for layer, gate in enumerate(router.layers)], 1)
+        masked[: router.skip] = 0
         counts = out.trace.row_counts()[row]
         for c, name in enumerate(NAMES, 1):
-            assert counts.get(name, 0.0) == float((classes == c).sum()), (row, name)
+            assert counts.get(name, 0.0) == float((masked == c).sum()), (row, name)
         assert counts.get("other", 0.0) == 0.0  # its gate is closed
-        named_other += int((classes == router.classes.index("other")).sum())
-        assert counts[BASE_ROUTE] == float(((classes == 0) | (classes == 3)).sum()), row
-    assert named_other > 0  # the router does name the attention expert on some tokens: the case is exercised
+        assert counts[BASE_ROUTE] == float((masked == 0).sum()), row
+        full = router.token_routes(x, router.skip)
+        moved += int(((full == router.classes.index("other")) & (masked > 0)).sum())
+    assert moved > 0  # the router does name the attention expert on some tokens: the case is exercised
     # its gate open to every token: the attention expert takes every token on the layers it covers, first
     opened = _attention_set(tokenizer, -2.0)
     out = forward(opened, batch, [RoutingSpec()] * len(batch))
