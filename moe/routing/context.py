@@ -238,7 +238,9 @@ class ContextGates:
     floors: torch.Tensor
     floored: bool
     skip: int
-    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(init=False, repr=False)
+    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         per_layer = tuple((w.T, b, f) for w, b, f in zip(self.weight, self.bias, self.floors, strict=True))
