@@ -261,9 +261,10 @@ class EvalConfig:
     greedy_prompt_words: int = option(8, help="base domain: prompt = the first words of a text")
     greedy_new_tokens: int = option(32, help="base domain: tokens compared with the backbone's continuation")
     router: str = option(
-        "gates",
-        help="what routes: 'gates' (the experts' cosine gates, the server's default) or 'context' (the set's context "
-        "router fitted first, as `plugmoe serve --router context` does after a plug)",
+        "context",
+        help="what routes: 'context' (the server's default: the set's context router fitted first, as `plugmoe "
+        "serve` does after a plug; the gates where an expert lacks domain texts) or 'gates' (the experts' cosine "
+        "gates alone)",
     )
 
     def __post_init__(self) -> None:
@@ -348,10 +349,10 @@ class AdmitConfig:
     )
     max_tokens: int = option(MAX_TOKENS, help=f"tokens per text (the server uses {MAX_TOKENS})")
     router: str = option(
-        "gates",
-        help="what will route: 'gates' (the cosine gates, the server's default) or 'context' (the set's context "
-        "router, as `plugmoe serve --router context`: the limits are measured under it and a repair raises the "
-        "candidate's floors in it)",
+        "context",
+        help="what will route: 'context' (the server's default: the set's context router, as `plugmoe serve`: the "
+        "limits are measured under it and a repair raises the candidate's floors in it) or 'gates' (the cosine "
+        "gates alone)",
     )
 
     def __post_init__(self) -> None:

@@ -154,11 +154,12 @@ class Settings(BaseSettings):
     max_accuracy_drop: float | None = _admission_limit("max_accuracy_drop")
     top_k: int = Field(1, ge=1, description="experts per token")
     router: Literal["gates", "context"] = Field(
-        "gates",
-        description="what routes tokens and sequences: 'gates' (each expert file's cosine gates; what admission "
-        "measures) or 'context' (a classifier over base and every plugged expert on the sequence's running "
-        "context, fitted after each plug from the experts' domain samples, docs/routing.md; admission measures "
-        "the limits under it and repairs by raising the candidate's floors)",
+        "context",
+        description="what routes tokens and sequences: 'context' (the default: a classifier over base and every "
+        "plugged expert on the sequence's running context, fitted after each plug from the experts' domain "
+        "samples, docs/routing.md; admission measures the limits under it and repairs by raising the candidate's "
+        "floors; a set in which an expert has fewer than 8 domain texts is routed by the gates) or 'gates' (each "
+        "expert file's cosine gates alone, as before the context router)",
     )
     sequence_min_share: float = Field(
         0.25, gt=0, le=1, description="share of prompt decisions an expert needs to win a sequence-mode request"

@@ -154,7 +154,7 @@ class ContextRouterFitter:
                 model.hidden_size,
                 model.device,
                 model.dtype,
-                projections=model.projection_shapes,
+                projections=model.target_shapes,  # MLP and attention: an expert may adapt either
             )
         plugged = model.plugged
         if expert.name in plugged and sample_digest(plugged.get(expert.name)) == sample_digest(expert):

@@ -138,6 +138,8 @@ class _Step:
     capture: list[torch.Tensor] | None
     capture_attention: list[torch.Tensor] | None = None
     decode: Callable | None = None  # routed_top1 (or its compiled form) when the decode path applies
+    dispatch: Callable | None = None  # with decode, for a set routed by its context gates: the dispatch after
+    #   the context router's choice (slot_dispatch, or routed_rows_dispatch where decode reads the host)
     choices: list[torch.Tensor] = field(default_factory=list)  # per routed layer [N, k], counted once at the end
     block_plan: object | None = None  # the plan of the kind run inside the block (LoRA), set while the block runs
     early: torch.Tensor | None = None  # [N, k] the layer's choice before attention (RoutedAttention), for its MLP
@@ -223,6 +225,11 @@ class RoutedMLP(nn.Module):
             base = self.base_layer(x)
             flat_base = base.reshape(-1, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
+            if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
+                choice = self._context_choice(step, x, step.allowed, plugged.covers[layer])
+                applied = choice if keep is None else torch.where(keep, choice, -1)
+                step.choices.append(choice[:, None])
+                return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view_as(base)
             out, choice = step.decode(
                 flat_x,
                 flat_base,
@@ -243,6 +250,8 @@ class RoutedMLP(nn.Module):
         thresholds = plugged.thresholds[layer] if split is None else split.late_thresholds
         covers = plugged.covers[layer] if split is None else split.late_covers
         if plugged.gates is not None and step.context is not None:  # the context router's token classifier
+            # among the classes not decided before attention (those experts took their tokens by their gates):
+            # a token the router would give one goes to the most probable of the rest (docs/routing.md)
             allowed = step.allowed
             if split is not None:
                 allowed = split.late_allowed[None] if allowed is None else allowed & split.late_allowed
@@ -288,12 +297,7 @@ class RoutedMLP(nn.Module):
         """x [B, T, H] -> choice [N]: each token's layer context (the row's running sum of unit inputs, this token
         included) classified by the set's gates; the row's sum moves on to the last position (in place)."""
         assert step.context is not None and step.counted is not None and step.plugged.gates is not None
-        unit = F.normalize(x.float(), dim=-1) * step.counted[..., None]  # [B, T, H]: prefix and padding add 0
-        sums = step.context[:, self.layer, None, :] + unit.cumsum(dim=1)  # [B, T, H]
-        step.context[:, self.layer] = sums[:, -1]
-        return step.plugged.gates.choose(
-            sums.reshape(-1, x.shape[-1]), self.layer, allowed, step.forced, covers, step.counted.reshape(-1)
-        )
+        return step.plugged.gates.step(step.context, self.layer, x, step.counted, allowed, step.forced, covers)
 
 
 class RoutedModel(nn.Module):
@@ -498,16 +502,17 @@ class RoutedModel(nn.Module):
             apply = routing.apply if length == 1 else routing.apply[rows]
             skip = ~(apply & (valid > 0))[:, None]
         per_token = (lambda t: t) if length == 1 else (lambda t: t[rows])  # decode: rows are the tokens
-        decode = None
+        decode = dispatch = None
         if (
             self.router.top_k == 1
             and plugged.fixed is not None  # every expert's kind has the fixed-op form (LoRA: the grouped path)
-            and plugged.gates is None  # token mode by the context router's gates: the grouped path
             and (tokens <= GATHER_MAX_TOKENS or fixed_ops)
             and not torch.is_grad_enabled()
         ):
             host_read = not fixed_ops and device.type == "cpu" and self.decode_route is routed_top1
             decode = routed_top1_host_read if host_read else self.decode_route
+            if plugged.gates is not None:  # token mode by the context router's gates: their choice, then dispatch
+                dispatch = routed_rows_dispatch if device.type == "cpu" and not fixed_ops else slot_dispatch
         return _Step(
             plugged=plugged,
             top_k=self.router.top_k,
@@ -521,4 +526,5 @@ class RoutedModel(nn.Module):
             route=routing.routes_anything,
             capture=[] if capture else None,
             decode=decode,
+            dispatch=dispatch,
         )

@@ -217,6 +217,11 @@ class ContextRouter:
         return routes
 
 
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """F.normalize(x, dim=-1) bit for bit (a zero row stays zero), one op fewer: the norm broadcasts, not expanded."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class ContextGates:
     """A router's per-layer token classifiers laid out over a plugged set's slot columns, for the routed forward:
@@ -224,6 +229,8 @@ class ContextGates:
 
     weight [L, 1 + C, H] and bias [L, 1 + C] act on the unit running context (the standardisation folded in,
     ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax).
+    layers: per layer, (weight.T [H, 1 + C] view, bias [1 + C], floors [1 + C]) taken once here, so a step reads
+    them without indexing the stacked tensors (each index is an op; a decode step runs this once per layer).
     """
 
     weight: torch.Tensor
@@ -231,6 +238,13 @@ class ContextGates:
     floors: torch.Tensor
     floored: bool
     skip: int
+    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        per_layer = tuple((w.T, b, f) for w, b, f in zip(self.weight, self.bias, self.floors, strict=True))
+        object.__setattr__(self, "layers", per_layer)
 
     @classmethod
     def of(cls, router: ContextRouter, slots: Sequence[int], capacity: int, device: torch.device) -> ContextGates:
@@ -246,6 +260,31 @@ class ContextGates:
             weight[layer, columns], bias[layer, columns], floors[layer, columns] = w, b, classifier.floors
         floored = any(c.floored for c in router.layers)
         return cls(weight.to(device), bias.to(device), floors.to(device), floored, router.skip)
+
+    def step(
+        self,
+        context: torch.Tensor,
+        layer: int,
+        x: torch.Tensor,
+        counted: torch.Tensor,
+        allowed: torch.Tensor | None,
+        forced: torch.Tensor | None,
+        covers: torch.Tensor,
+    ) -> torch.Tensor:
+        """One layer of a forward: context [B, L, H] the rows' running sums (moved on in place to each row's last
+        position), x [B, T, H] the layer's MLP inputs, counted [B, T] (False: prefix or padding, adds nothing and
+        takes base) -> choice [B * T] (a slot, -1 = base), as `choose` gives it on each token's running sum:
+
+            sums[b, t] = context[b, layer] + sum(unit(x[b, s]) for s <= t if counted[b, s])
+        """
+        unit = _unit(x.float())  # [B, T, H]
+        if x.shape[1] == 1:  # a decode step: the sum moves in place, no cumulative sum or copy back
+            sums = context[:, layer]  # [B, H], a view of the rows' state
+            sums.addcmul_(unit[:, 0], counted)  # counted [B, 1] broadcasts over H (0/1: exact, as the mask below)
+            return self.choose(sums, layer, allowed, forced, covers, counted[:, 0])
+        sums = context[:, layer, None, :] + (unit * counted[..., None]).cumsum(dim=1)  # [B, T, H]
+        context[:, layer] = sums[:, -1]
+        return self.choose(sums.reshape(-1, x.shape[-1]), layer, allowed, forced, covers, counted.reshape(-1))
 
     def choose(
         self,
@@ -264,16 +303,17 @@ class ContextGates:
             choice = argmax(p) - 1 if max(p) > floors[layer, argmax(p)] and that slot covers the layer, else base
             a pinned token takes its pin where it covers the layer (as route_top1 does)
         """
-        logits = torch.addmm(self.bias[layer], F.normalize(sums, dim=-1), self.weight[layer].T)  # [N, 1 + C]
+        weight_t, bias, floors = self.layers[layer]
+        logits = torch.addmm(bias, _unit(sums), weight_t)  # [N, 1 + C]
         if allowed is not None:
             logits[:, 1:] = logits[:, 1:].masked_fill(~allowed, float("-inf"))
         if self.floored:
             best, column = logits.softmax(dim=-1).max(dim=-1)
-            column = torch.where(best > self.floors[layer][column], column, 0)
+            column = torch.where(best > floors[column], column, 0)
         else:
             column = logits.argmax(dim=-1)  # every probability is > 0: floors of zero never bind
-        choice = column - 1
-        choice = torch.where((choice >= 0) & covers[choice.clamp(min=0)] & counted, choice, -1)
+        choice = column - 1  # [N]; covers[-1] for base is read but masked by column > 0
+        choice = torch.where(covers[choice] & (column > 0) & counted, choice, -1)
         if forced is not None:
             pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
             choice = torch.where(forced >= 0, pin, choice)

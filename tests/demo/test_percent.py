@@ -159,10 +159,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _eval(experts: Path, out: Path, data: dict[str, Path]) -> dict[str, dict]:
-    """`plugmoe eval --router context` through the real routed model (it fits the set's context router first, as
-    `plugmoe serve --router context` does after a plug) -> per domain its figures."""
+    """`plugmoe eval` through the real routed model under its default router, the context router (it fits the
+    set's context router first, as `plugmoe serve` does after a plug) -> per domain its figures."""
     pairs = [f"{name}={path}" for name, path in data.items()]
-    _run("-m", "experts", "eval", *CLI, "--experts", str(experts), "--router", "context", "--limit", LIMIT,
+    _run("-m", "experts", "eval", *CLI, "--experts", str(experts), "--limit", LIMIT,
          "--behaviour-limit", "0", "--out", str(out), "--data", *pairs)  # fmt: skip
     report = json.loads(out.read_text())
     assert report["sequence_router"] == "context", report["sequence_router"]
@@ -188,11 +188,11 @@ def test_context_router_finds_the_neighbouring_domain(tmp_path: Path) -> None:
     _run("-m", "experts", "train-expert", *CLI, *FEW_STEPS, "--data", str(tmp_path / "percent_train.jsonl"),
          "--name", "percent", "--out", str(tmp_path / "percent.safetensors"), "--with-experts", str(EXPERTS_DIR),
          "--description", "Percentage, discount, tax and simple-interest word problems")  # fmt: skip
-    # admitted as the server with --router context admits it (a repair's floors recorded in the file it writes,
-    # which every later refit of the set keeps): the eval below routes with what would serve
+    # admitted as the server admits it under its default router, the context router (a repair's floors recorded in
+    # the file it writes, which every later refit of the set keeps): the eval below routes with what would serve
     candidate = tmp_path / "percent.safetensors"
     _run("-m", "experts", "admit", *CLI, "--experts", str(experts), "--candidate", str(candidate),
-         "--router", "context", "--out", str(experts / "percent.safetensors"))  # fmt: skip
+         "--out", str(experts / "percent.safetensors"))  # fmt: skip
     after = _eval(experts, tmp_path / "after.json", {**data, "percent": tmp_path / "percent_heldout.jsonl"})
     percent = after["percent"]
     assert percent["sequence_to_target"] >= 0.95, percent["sequence_to_target"]

@@ -86,6 +86,17 @@ def test_admission_limit_flags_share_one_definition() -> None:
     assert AdmitConfig(max_steal_rate=-1).limits().max_steal_rate is None
 
 
+def test_the_context_router_is_the_default_of_serve_eval_and_admit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What serves is what eval measures and admission measures under: the context router, unless --router gates."""
+    from experts.config import AdmitConfig, EvalConfig
+
+    monkeypatch.delenv("PLUGMOE_ROUTER", raising=False)
+    assert Settings().router == EvalConfig().router == AdmitConfig().router == "context"
+    assert Settings(router="gates").router == EvalConfig(router="gates").router == "gates"
+    with pytest.raises(ValueError, match="router must be"):
+        AdmitConfig(router="cosine")
+
+
 @pytest.mark.parametrize(
     ("flag", "expected"), [([], 2), (["--fair-share-ratio", "0"], 0), (["--fair-share-ratio", "3"], 3)]
 )

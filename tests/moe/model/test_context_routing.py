@@ -4,6 +4,8 @@ token by token, pins and allow-lists still bind, and a set without a router keep
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,9 +15,10 @@ from moe.admission.router_fit import ContextRouterFitter, capture_texts
 from moe.decode.prefill import prefill
 from moe.decode.static_decoder import StaticDecoder
 from moe.model.text_batches import batches, forward, texts
+from moe.routing.context import context_means
 from moe.routing.router import RoutingSpec
 from tests.moe.admission.test_router_fit import _texts
-from tests.tiny import tiny_backbone, tiny_expert, tiny_tokenizer
+from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert, tiny_tokenizer
 
 NAMES = ("near", "far")
 
@@ -116,3 +119,55 @@ def test_a_set_without_a_router_keeps_the_cosine_gates(tokenizer) -> None:
     model.set_experts((_expert("near", 1, 0.5),))
     assert model.plugged.context is None and model.plugged.gates is None
     assert not model.plugged.eager_only
+
+
+def _attention_set(tokenizer, threshold: float | None) -> RoutedModel:
+    """Inert experts (their adapters change nothing, so the reference reads the backbone's inputs): bottleneck
+    "near" and "far", and "other", a LoRA on attention and MLP projections whose gate is closed (None) or open to
+    every token (-2), each with its own domain sample, under a fitted context router."""
+    model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+    other = tiny_lora_expert("other", model.target_shapes, seed=3, scale=0.0, threshold=threshold)
+    other = dataclasses.replace(other, metadata={"domain_sample": _texts("other", 32, 0)})
+    assert other.adapter.routes_before_attention
+    experts = (*(_expert(name, seed, 0.0) for seed, name in enumerate(NAMES, 1)), other)
+    for expert in experts:
+        model.plug(expert)
+    ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02).offer(experts)
+    assert model.plugged.gates is not None and model.plugged.before_attention
+    return model
+
+
+ATTENTION_HELD = [*HELD, *_texts("other", 4, 5)]
+
+
+def test_an_expert_adapting_attention_takes_the_tokens_of_its_gates_and_the_router_decides_among_the_rest(
+    tokenizer,
+) -> None:
+    """The decision for an expert that adapts attention is taken before attention, by its gates; at the MLP input
+    the context router decides among the other classes (the attention expert's column closed, as the late
+    allow-list has it): each bottleneck expert gets exactly the tokens that masked classifier gives it."""
+    closed = _attention_set(tokenizer, None)
+    router = closed.plugged.context
+    assert router.classes == (BASE_ROUTE, *NAMES, "other")
+    late = torch.tensor([c != "other" for c in router.classes])  # base and the MLP-site experts
+    (batch,) = batches(tokenizer, texts(ATTENTION_HELD), 16, 64, eos=False)
+    out = forward(closed, batch, [RoutingSpec()] * len(batch))
+    moved = 0  # tokens the full classifier gives the attention expert, which go to the others' best instead
+    for row, x in enumerate(capture_texts(closed, tokenizer, ATTENTION_HELD)):
+        means = context_means(x, router.skip)  # [T, L, H]
+        masked = torch.stack([gate.decide(means[:, layer], late) for layer, gate in enumerate(router.layers)], 1)
+        masked[: router.skip] = 0
+        counts = out.trace.row_counts()[row]
+        for c, name in enumerate(NAMES, 1):
+            assert counts.get(name, 0.0) == float((masked == c).sum()), (row, name)
+        assert counts.get("other", 0.0) == 0.0  # its gate is closed
+        assert counts[BASE_ROUTE] == float((masked == 0).sum()), row
+        full = router.token_routes(x, router.skip)
+        moved += int(((full == router.classes.index("other")) & (masked > 0)).sum())
+    assert moved > 0  # the router does name the attention expert on some tokens: the case is exercised
+    # its gate open to every token: the attention expert takes every token on the layers it covers, first
+    opened = _attention_set(tokenizer, -2.0)
+    out = forward(opened, batch, [RoutingSpec()] * len(batch))
+    real = [len(tokenizer(t)["input_ids"]) for t in ATTENTION_HELD]
+    for row, counts in enumerate(out.trace.row_counts()):
+        assert counts["other"] == real[row] * 2, row  # layers (0, 1) of its file

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from moe.adapters.expert import BASE_ROUTE
 from moe.routing.context import (
+    ContextGates,
+    ContextRouter,
     cap_floor,
     context_features,
     context_means,
@@ -180,6 +182,67 @@ def test_decode_step_without_floors_is_the_argmax(router) -> None:
     plain = context_step(torch.zeros(5, HIDDEN), x, weight, bias, None)
     floored = context_step(torch.zeros(5, HIDDEN), x, weight, bias, gate.floors)
     assert torch.equal(plain, floored) and torch.equal(plain, gate.decide(F.normalize(x, dim=-1)))
+
+
+def _previous_step(gates, context, layer, x, counted, allowed, forced, covers) -> torch.Tensor:
+    """ContextGates' layer step as it was before the decode step was trimmed (every shape through the cumulative
+    sum, stacked tensors indexed per call): the reference its decisions and sums must equal bit for bit."""
+    unit = F.normalize(x.float(), dim=-1) * counted[..., None]
+    sums = context[:, layer, None, :] + unit.cumsum(dim=1)
+    context[:, layer] = sums[:, -1]
+    sums = sums.reshape(-1, x.shape[-1])
+    logits = torch.addmm(gates.bias[layer], F.normalize(sums, dim=-1), gates.weight[layer].T)
+    if allowed is not None:
+        logits[:, 1:] = logits[:, 1:].masked_fill(~allowed, float("-inf"))
+    if gates.floored:
+        best, column = logits.softmax(dim=-1).max(dim=-1)
+        column = torch.where(best > gates.floors[layer][column], column, 0)
+    else:
+        column = logits.argmax(dim=-1)
+    choice = column - 1
+    choice = torch.where((choice >= 0) & covers[choice.clamp(min=0)] & counted.reshape(-1), choice, -1)
+    if forced is not None:
+        pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
+        choice = torch.where(forced >= 0, pin, choice)
+    return choice
+
+
+@pytest.mark.parametrize("floored", [False, True])
+@pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_gates_step_equals_the_previous_step_bit_for_bit(router, floored, length, restricted) -> None:
+    """The layer step a forward runs (decode: one token per row, in place) takes the same decisions and leaves
+    the same running sums as before, with floors or without, allow-lists, pins and a slot that skips a layer."""
+    floors = router.layers[0].floors if floored else torch.zeros(len(router.classes))
+    layers = tuple(gate.with_floors(floors) for gate in router.layers)
+    trimmed = ContextRouter(router.sequence, layers, router.skip)
+    # slots 2 and 0 hold the classes (capacity 4: slots 1 and 3 free), as a plugged set lays them out
+    gates = ContextGates.of(trimmed, [2, 0], 4, torch.device("cpu"))
+    assert gates.floored == floored
+    g = torch.Generator().manual_seed(11)
+    rows = 6
+    context = torch.randn(rows, LAYERS, HIDDEN, generator=g)
+    context[0] = 0  # a row with no context yet
+    x = torch.cat([_texts("near", 3, seed=21, length=length)[i][SKIP:][None] for i in range(3)])
+    x = torch.cat([x, torch.cat([_texts("far", 3, seed=22, length=length)[i][SKIP:][None] for i in range(3)])])
+    counted = torch.ones(rows, length, dtype=torch.bool)
+    counted[1, 0] = False  # padding or the prefix
+    covers = torch.tensor([True, False, True, True])  # slot 1 (free) skips; slots 2 and 0 cover
+    allowed = forced = None
+    if restricted:
+        allowed = torch.ones(rows * length, 4, dtype=torch.bool)
+        allowed[: length * 2, 2] = False
+        forced = torch.full((rows * length,), -1)
+        forced[-length:] = 0
+    if restricted and not floored:
+        covers = torch.tensor([True, False, False, True])  # slot 2 (class "near") skips this layer
+    for layer in range(LAYERS):
+        before, after = context.clone(), context.clone()
+        expected = _previous_step(gates, before, layer, x[:, :, layer], counted, allowed, forced, covers)
+        got = gates.step(after, layer, x[:, :, layer], counted, allowed, forced, covers)
+        assert torch.equal(got, expected), (layer, got, expected)
+        assert torch.equal(after, before), layer
+        assert (got >= 0).any() and (got < 0).any()  # both an expert and base were chosen
 
 
 def test_refit_is_a_function_of_the_set(router) -> None:
