@@ -466,8 +466,8 @@ class Scheduler:
             self._report.prefilled += seqs
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
-            if not resume:
-                add_counts(seq.counts, row_counts)
+            if not resume:  # a fresh sequence's counts start as its prompt's (a sequence is prefilled fresh once)
+                seq.counts = dict(row_counts)
         if pre.prompt_logits is not None:
             for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
                 seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
