@@ -122,11 +122,13 @@ def main() -> None:
         trace.entries_only = args.entries_only
         trace.install()
         with TestClient(create_app(settings)) as client:
+            # the engine thread finishes its step after the response is out (the rest of the pushes, then it waits
+            # for work): give it that time after the warm-up and after the traced request, so every run records the
+            # same walk, the warm-up's end left out (nothing else runs meanwhile)
             assert client.post("/generate", json=body).status_code == 200  # warm-up, untraced
+            time.sleep(0.5)
             trace.recording = True
             response = client.post("/generate", json=body)
-            # the engine thread finishes its step after the response is out (gauges, then it waits for work):
-            # give it that time, so every run records the same walk (nothing else runs meanwhile)
             time.sleep(0.5)
             trace.recording = False
             if response.status_code != 200:

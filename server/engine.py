@@ -315,7 +315,6 @@ class Engine:
                     logger.exception("engine step failed")
                     error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
                     scheduler.finish_running(ERROR, str(error), error)
-                self._set_gauges()
         finally:  # stopping, or something no step should raise: every request still here gets its answer
             scheduler.finish_running(ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
             self._refuse_waiting()
@@ -353,16 +352,19 @@ class Engine:
                 future.set_exception(e)
 
     def _set_gauges(self) -> None:
+        """The queue and batch gauges as they are now (submit_all, each phase's report, the loop's end)."""
         if self.metrics:
             self.metrics.queue_depth.set(self.queue_depth)
             self.metrics.running_sequences.set(self.running)
 
 
 class _EngineObserver(SchedulerObserver):
-    """The scheduler's reports -> the engine's routed-token totals and the Prometheus metrics (one call per phase
-    of a step, before that phase's tokens reach their clients). Per step, not per token where a sum does: the
-    generated-token counter moves once per phase, and the routed-token series are looked up once per plugged set
-    (a label lookup takes the metric's lock; a step touches every route on every layer)."""
+    """The scheduler's reports -> the engine's routed-token totals and the Prometheus metrics, the queue and batch
+    gauges included (one call per phase of a step, before that phase's tokens reach their clients: a client that
+    has its finish reads gauges that count it out). Every change to the waiting queue or the batch comes with a
+    report (a token, a preemption or a finish), so the gauges follow each phase. Per step, not per token where a
+    sum does: the generated-token counter moves once per phase, and the routed-token series are looked up once per
+    plugged set (a label lookup takes the metric's lock; a step touches every route on every layer)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -399,6 +401,7 @@ class _EngineObserver(SchedulerObserver):
                             self._routed_series(route, layer).inc(count)
         if not metrics:
             return
+        self.engine._set_gauges()
         for seq in report.prefilled:
             metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
         if report.decoded:

@@ -142,16 +142,14 @@ class RequestHandle:
         self.last_token_at = self.submitted  # the engine's metrics: when its latest token was pushed
         self._relay = relay_for(loop)
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
+        # the client is gone (set from the event loop, or by a push that finds the loop closed; only ever set to
+        # True): the scheduler reads it as a plain attribute once per step per row (a bool store is atomic)
+        self.cancelled = False
         self.done = False  # a finished event was pushed (finishing twice is a no-op)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
     def cancel(self) -> None:
         """The client is gone: the engine frees the slot at its next step."""
-        self._cancelled.set()
+        self.cancelled = True
 
     def push(self, event: Event) -> None:
         """From the engine thread. Nothing is pushed after the finished event."""
@@ -162,7 +160,7 @@ class RequestHandle:
         try:
             self._relay.send(self._queue, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self._cancelled.set()
+            self.cancelled = True
 
     async def events(self) -> AsyncIterator[Event]:
         while True:

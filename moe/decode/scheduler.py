@@ -364,11 +364,7 @@ class Scheduler:
         if not admitted:
             return
         try:
-            resumed = [
-                seq
-                for seq in admitted
-                if seq.token_ids and self._may_go_on(seq, plugged, seq.output is not None and seq.output.cancelled)
-            ]
+            resumed = [seq for seq in admitted if seq.token_ids and self._may_go_on(seq, plugged)]
             if resumed:
                 self._start(resumed, plugged, resume=True)
             seqs = [seq for seq in admitted if not seq.token_ids and self._arm(seq, plugged)]
@@ -400,10 +396,10 @@ class Scheduler:
                 best, best_last = index, last
         return best
 
-    def _may_go_on(self, seq: Sequence, plugged: PluggedSet, cancelled: bool) -> bool:
+    def _may_go_on(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Whether a started sequence goes on under this plugged set (its routing updated); False: it was
-        cancelled (its output says so: `cancelled`) or its pinned expert unplugged, and was finished."""
-        if cancelled:
+        cancelled (its output's `cancelled` flag) or its pinned expert unplugged, and was finished."""
+        if seq.output is not None and seq.output.cancelled:
             self._finish(seq, CANCELLED, "the client went away")
             return False
         spec, message = current_spec(seq.spec, plugged)
@@ -470,8 +466,8 @@ class Scheduler:
             self._report.prefilled += seqs
         for seq, spec, row_counts in zip(seqs, pre.specs, pre.row_counts, strict=True):
             seq.spec = spec
-            if not resume:
-                add_counts(seq.counts, row_counts)
+            if not resume:  # a fresh sequence's counts start as its prompt's (a sequence is prefilled fresh once)
+                seq.counts = dict(row_counts)
         if pre.prompt_logits is not None:
             for seq, logits, ids in zip(seqs, pre.prompt_logits, prompts, strict=True):
                 seq.prompt_logprobs = prompt_logprobs(logits, ids, seq.request.prompt_logprobs or 0)
@@ -496,16 +492,10 @@ class Scheduler:
     # --- a decode step ------------------------------------------------------------------------------------------
 
     def _decode(self, plugged: PluggedSet) -> None:
-        """The admission's events go out first (new rows' first tokens); then, in one pass over the outputs, who
-        is still listening; then one token for every running row that goes on."""
+        """The admission's events go out first (new rows' first tokens); then the rows still listening whose
+        experts are still plugged decode one token each."""
         self._flush()
-        cancelled: list[bool] = []
-        for seq in self.running:  # a plain loop, right after the pushes: one crossing into the outputs
-            cancelled.append(seq.output is not None and seq.output.cancelled)
-        keep: list[int] = []
-        for row, seq in enumerate(self.running):
-            if self._may_go_on(seq, plugged, cancelled[row]):
-                keep.append(row)
+        keep = [row for row, seq in enumerate(self.running) if self._may_go_on(seq, plugged)]
         self._drop(keep)
         if not self.running:
             return

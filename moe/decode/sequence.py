@@ -72,11 +72,11 @@ class Event:
 
 
 class SequenceOutput(Protocol):
-    """Where a sequence's events go. `push` is called on the scheduler's thread; `cancelled` is read once per
-    step (True: the reader is gone, the sequence finishes with CANCELLED)."""
+    """Where a sequence's events go. `push` is called on the scheduler's thread; `cancelled`, a plain attribute
+    (any thread may set it), is read once per step (True: the reader is gone, the sequence finishes with
+    CANCELLED)."""
 
-    @property
-    def cancelled(self) -> bool: ...
+    cancelled: bool
 
     def push(self, event: Event) -> None: ...
 

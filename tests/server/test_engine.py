@@ -237,6 +237,37 @@ def test_a_request_cancelled_while_waiting_never_runs(make_engine, tokenizer) ->
     assert (done.reason, done.completion_tokens, done.text) == (CANCELLED, 0, "")
 
 
+def test_the_gauges_count_a_phase_before_its_events_reach_the_client(make_engine, tokenizer) -> None:
+    """The queue and batch gauges move with each phase's report, before its events are pushed: at its first token a
+    request is running and no longer queued, and by its finish it is out of the batch (a client that has its answer
+    never reads a gauge that still counts it)."""
+    metrics = Metrics()
+    engine = make_engine(metrics=metrics)
+
+    def gauges() -> tuple[float | None, float | None]:
+        get = metrics.registry.get_sample_value
+        return get("plugmoe_queue_depth"), get("plugmoe_running_sequences")
+
+    async def main() -> list[tuple[bool, tuple[float | None, float | None]]]:
+        gate = hold(engine)  # no step runs before push is wrapped
+        handle = engine.submit(request(tokenizer, tokens=3))
+        seen: list[tuple[bool, tuple[float | None, float | None]]] = []
+        push = handle.push
+
+        def recording_push(event: Event) -> None:  # on the engine thread: the gauges as the client would read them
+            seen.append((event.finished is not None, gauges()))
+            push(event)
+
+        handle.push = recording_push  # type: ignore[method-assign]
+        gate.set()
+        await finish(handle.events())
+        return seen
+
+    seen = asyncio.run(main())
+    # the last token comes in the phase that finishes the request: its report (out of the batch) goes first
+    assert seen == [(False, (0.0, 1.0))] * 2 + [(False, (0.0, 0.0)), (True, (0.0, 0.0))]
+
+
 # --- plugging and unplugging between steps ------------------------------------------------------------------
 
 
