@@ -74,9 +74,19 @@ def is_attention_target(target: str) -> bool:
     return "." in target
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
-    """x [N, in], a [r, in], b [out, r] -> [N, out]; PEFT's op order: lora_B(lora_A(x)) * scaling."""
-    return F.linear(F.linear(x, a), b) * scaling
+def lora_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [N, in], a [r, in], b [out, r] -> [N, out]; PEFT's op order: lora_B(lora_A(x)) * scaling.
+
+    base [N, out]: base + that instead, in one addmm with the scaling as its alpha (no multiply of its own), in
+    place when no gradient is taken (the caller's base is the projection's fresh output: nothing else holds it)."""
+    h = F.linear(x, a)  # [N, r]
+    if base is None:
+        return F.linear(h, b) * scaling
+    if torch.is_grad_enabled():
+        return torch.addmm(base, h, b.t(), alpha=scaling)
+    return base.addmm_(h, b.t(), alpha=scaling)
 
 
 # --- an expert's adapter ----------------------------------------------------------------------------------
@@ -260,6 +270,7 @@ class LoraStacks:
     a[l][p] [E, R, in], b[l][p] [E, out, R], s[l][p] [E] float32
                                       every expert's pair padded to the largest rank R of p, zero where an
                                       expert is not a LoRA on p and l (exact): a detached copy, for gathering
+    only_lora                         host fact: every plugged expert is a LoRA expert (a choice is all this kind's)
     """
 
     is_lora: torch.Tensor
@@ -270,6 +281,7 @@ class LoraStacks:
     a: tuple[dict[str, torch.Tensor], ...]
     b: tuple[dict[str, torch.Tensor], ...]
     s: tuple[dict[str, torch.Tensor], ...]
+    only_lora: bool = False
 
     @property
     def in_block(self) -> InBlock:
@@ -443,6 +455,8 @@ class LoraSlots:
             a=tuple({p: t[layer] for p, t in self.a.items()} for layer in range(self.num_layers)),
             b=tuple({p: t[layer] for p, t in self.b.items()} for layer in range(self.num_layers)),
             s=tuple({p: t[layer] for p, t in self.s.items()} for layer in range(self.num_layers)),
+            # a slot that covers layers but holds no LoRA holds another kind's expert
+            only_lora=all(ranks or not layers for ranks, layers in zip(self.ranks, covered, strict=True)),
         )
 
     def nbytes(self) -> int:
@@ -500,6 +514,7 @@ class _SlotPairs(Sequence):
         self._a, self._b = dict(storage.a), dict(storage.b)
         self._ranks, self._scalings, self._layers = ranks, scalings, layers
         self._count = storage.num_layers
+        self._made: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -508,13 +523,19 @@ class _SlotPairs(Sequence):
         return _SlotPairsRow(self, layer)
 
     def pair_set(self, layer: int, c: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
-        ranks = self._ranks[c]
-        if not ranks or layer not in self._layers[c]:
-            return None
-        return {
-            p: (self._a[p][layer, c, :r], self._b[p][layer, c, :, :r], self._scalings[c][p][layer])
-            for p, r in ranks.items()
-        }
+        """Made once per (layer, slot) and kept: every projection of every step would otherwise slice anew."""
+        key = (layer, c)
+        if key not in self._made:
+            ranks = self._ranks[c]
+            self._made[key] = (
+                None
+                if not ranks or layer not in self._layers[c]
+                else {
+                    p: (self._a[p][layer, c, :r], self._b[p][layer, c, :, :r], self._scalings[c][p][layer])
+                    for p, r in ranks.items()
+                }
+            )
+        return self._made[key]
 
 
 class _SlotPairsRow(Sequence):
@@ -544,10 +565,11 @@ def _grown(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class LoraGroup:
-    """The rows one LoRA expert won on a layer: rows [n]; weight [n, 1] = 1/k' per row, None for top-1."""
+    """The rows one LoRA expert won on a layer: rows [n], None when it won every row of a top-1 choice (a pinned
+    batch: no index op at all); weight [n, 1] = 1/k' per row, None for top-1."""
 
     expert: int
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     weight: torch.Tensor | None
 
 
@@ -562,24 +584,28 @@ class LoraPlan:
     index: torch.Tensor | None = None
 
     def apply(self, projection: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x [..., in], out [..., out] (the projection's own output) -> out with the routed rows' deltas."""
+        """x [..., in], out [..., out] (the projection's own output) -> out with the routed rows' deltas.
+
+        Semantics (grouped): for each group g of expert e, for each row i in g.rows (every row when None):
+            out[i] += scaling_e * weight_g[i] * B_e @ (A_e @ x[i])"""
         flat_x, flat = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
         if self.index is not None:
             return self._gathered(projection, flat_x, flat).view_as(out)
-        row_sets = self.stacks.pairs[self.layer]
-        adapted = [(g, row_sets[g.expert][projection]) for g in self.groups if projection in (row_sets[g.expert] or {})]
+        sites = self.stacks.pairs[self.layer]
+        adapted = [(g, pair) for g in self.groups if (pair := (sites[g.expert] or {}).get(projection)) is not None]
         if not adapted:
             return out
-        if len(adapted) == 1 and adapted[0][0].weight is None and adapted[0][0].rows.shape[0] == flat.shape[0]:
-            # one expert won every row (a pinned batch): its delta on all rows in order (what index_add_ adds)
-            ((group, (a, b, scaling)),) = adapted
-            return (flat + lora_delta(flat_x, a, b, scaling).to(flat.dtype)).view_as(out)
+        first, (a, b, scaling) = adapted[0]
+        if first.rows is None and flat.dtype == flat_x.dtype == a.dtype:
+            # one expert won every row (a pinned batch): out + s (x A^T) B^T in two matmuls, no index op
+            return lora_delta(flat_x, a, b, scaling, base=flat).view_as(out)
         result = flat.clone()  # rows no LoRA won stay as the projection computed them, bit for bit
         for group, (a, b, scaling) in adapted:
-            delta = lora_delta(flat_x.index_select(0, group.rows), a, b, scaling)
+            rows = group.rows if group.rows is not None else torch.arange(flat.shape[0], device=flat.device)
+            delta = lora_delta(flat_x.index_select(0, rows), a, b, scaling)
             if group.weight is not None:
                 delta = delta * group.weight
-            result.index_add_(0, group.rows, delta.to(result.dtype))
+            result.index_add_(0, rows, delta.to(result.dtype))
         return result.view_as(out)
 
     def _gathered(self, projection: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -602,16 +628,20 @@ def plan_lora(
     Returns (the LoRA plan, or None when no LoRA expert won a row; the choice with LoRA experts emptied,
     for bottleneck dispatch). gather: top-1 for few rows, no host read; else one host read here.
     """
-    lora = (choice >= 0) & stacks.is_lora[choice.clamp(min=0)]  # [N, k]
-    rest = choice.masked_fill(lora, -1)
+    if stacks.only_lora:  # every choice is a LoRA expert's (or base): nothing left for the kinds after the block
+        own, rest = choice, torch.full_like(choice, -1)
+    else:
+        lora = (choice >= 0) & stacks.is_lora[choice.clamp(min=0)]  # [N, k]
+        own, rest = choice.masked_fill(~lora, -1), choice.masked_fill(lora, -1)
     if gather:
-        return LoraPlan(layer, stacks, index=torch.where(lora[:, 0], choice[:, 0], -1)), rest
-    own = choice.masked_fill(~lora, -1)
+        return LoraPlan(layer, stacks, index=own[:, 0]), rest
     if choice.shape[1] == 1:
         flat = own[:, 0]
         counts = torch.bincount(flat + 1, minlength=len(stacks.is_lora) + 1).tolist()  # [none, e0, e1, ...]
         if counts[0] == flat.shape[0]:
             return None, rest
+        if max(counts[1:]) == flat.shape[0]:  # one expert won every row (a pinned batch): no sort, no index
+            return LoraPlan(layer, stacks, (LoraGroup(counts.index(flat.shape[0]) - 1, None, None),)), rest
         order = torch.argsort(flat, stable=True)
         groups, start = [], counts[0]
         for e, count in enumerate(counts[1:]):

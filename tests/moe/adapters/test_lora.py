@@ -145,9 +145,12 @@ def test_grouped_cost_follows_routed_rows_not_the_number_plugged(monkeypatch: py
         model.plug(tiny_lora_expert(f"l{e}", model.projection_shapes, seed=e))
     calls: list[tuple[int, int]] = []  # (rows, rank) of every LoRA delta computed
     real = lora_module.lora_delta
-    monkeypatch.setattr(
-        lora_module, "lora_delta", lambda x, a, b, s: calls.append((x.shape[0], a.shape[0])) or real(x, a, b, s)
-    )
+
+    def counted(x, a, b, s, base=None):
+        calls.append((x.shape[0], a.shape[0]))
+        return real(x, a, b, s, base)
+
+    monkeypatch.setattr(lora_module, "lora_delta", counted)
     x = ids(3, 7)
     model(x, routing=[RoutingSpec("pin", "l2"), RoutingSpec("off"), RoutingSpec("pin", "l5")])
     projections, layers = len(model.projection_shapes), model.num_layers
@@ -167,6 +170,28 @@ def test_plan_groups_rows_by_lora_expert_and_leaves_bottleneck_choices() -> None
     assert group.weight[:, 0].tolist() == [0.5, 1.0], "1/k' counts every kind chosen"
     plan, rest = plan_lora(stacks, 0, choice[:, :1], gather=True)
     assert plan.index.tolist() == [1, -1, -1, 1] and rest[:, 0].tolist() == [-1, 0, -1, -1]
+    plan, rest = plan_lora(stacks, 0, torch.tensor([[1], [1], [1]]), gather=False)  # a pinned batch
+    (group,) = plan.groups
+    assert group.expert == 1 and group.rows is None and group.weight is None, "every row: no index op"
+    assert rest[:, 0].tolist() == [-1, -1, -1]
+
+
+def test_a_set_of_lora_experts_only_plans_without_masking_other_kinds() -> None:
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    model.plug(tiny_lora_expert("l", model.projection_shapes, seed=2))
+    model.plug(tiny_lora_expert("m", model.projection_shapes, seed=3))
+    stacks = model.plugged.layouts["lora"]
+    assert stacks.only_lora
+    choice = torch.tensor([[1], [-1], [0], [1]])
+    plan, rest = plan_lora(stacks, 0, choice, gather=False)
+    assert [(g.expert, g.rows.tolist()) for g in plan.groups] == [(0, [2]), (1, [0, 3])]
+    assert rest[:, 0].tolist() == [-1] * 4
+    plan, _ = plan_lora(stacks, 0, choice, gather=True)
+    assert plan.index.tolist() == [1, -1, 0, 1]
+    model.plug(tiny_expert("b", seed=1))
+    assert not model.plugged.layouts["lora"].only_lora, "a bottleneck expert plugged beside them"
+    model.unplug("b")
+    assert model.plugged.layouts["lora"].only_lora
 
 
 def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
