@@ -77,6 +77,7 @@ def main() -> int:
         with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
             body = {"model": "bench-lora", "prompt": "The otter", "max_tokens": 1, "temperature": 0}
             load = {"lora_name": "bench-lora", "lora_path": str(adapter)}
+            served = None
             for _ in range(args.rounds):
                 start = time.perf_counter()
                 loaded = client.post("/v1/load_lora_adapter", json=load)
@@ -84,6 +85,7 @@ def main() -> int:
                 used = client.post("/v1/completions", json=body)
                 after_first = time.perf_counter()
                 assert loaded.status_code == 200 and used.status_code == 200, (loaded.text, used.text)
+                served = served or client.get("/experts/bench-lora").json()
                 unloaded = client.post("/v1/unload_lora_adapter", json={"lora_name": "bench-lora"})
                 assert unloaded.status_code == 200, unloaded.text
                 timings["load"].append(after_load - start)
@@ -95,6 +97,9 @@ def main() -> int:
         f"{args.rounds} rounds, {args.threads} threads, CPU"
     )
     print(f"adapter directory: {size} bytes")
+    assert served is not None
+    kind, rank, routes, size_bytes = (served[k] for k in ("kind", "rank", "routes", "size_bytes"))
+    print(f"served as: kind {kind}, rank {rank}, routes {routes} (pin-only when false), {size_bytes} bytes")
     for phase, values in timings.items():
         print(f"{phase:>13}: median {statistics.median(values) * 1000:7.1f} ms   worst {max(values) * 1000:7.1f} ms")
     return 0

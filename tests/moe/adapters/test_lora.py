@@ -43,7 +43,9 @@ def test_lora_delta_is_the_merged_weight() -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g)
     a, b = torch.randn(3, 8, generator=g), torch.randn(6, 3, generator=g)
-    torch.testing.assert_close(F.linear(x, w) + lora_delta(x, a, b, 1.5), F.linear(x, w + 1.5 * b @ a))
+    want = F.linear(x, w + 1.5 * b @ a)
+    torch.testing.assert_close(F.linear(x, w) + lora_delta(x, a.t(), b.t(), 1.5), want)  # A^T, B^T
+    torch.testing.assert_close(lora_delta(x, a.t(), b.t(), 1.5, base=F.linear(x, w)), want, msg="added into base")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -147,7 +149,7 @@ def test_grouped_cost_follows_routed_rows_not_the_number_plugged(monkeypatch: py
     real = lora_module.lora_delta
 
     def counted(x, a, b, s, base=None):
-        calls.append((x.shape[0], a.shape[0]))
+        calls.append((x.shape[0], a.shape[1]))  # a: A^T [in, r]
         return real(x, a, b, s, base)
 
     monkeypatch.setattr(lora_module, "lora_delta", counted)
@@ -206,10 +208,11 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
         plugged.layouts["bottleneck"].adapters[1][1] is None
         and plugged.layouts["bottleneck"].adapters[1][0] is not None
     ), "bottleneck dispatch skips LoRAs"
-    assert stacks.a[1]["down_proj"].shape == (3, 5, 64) and stacks.b[1]["down_proj"].shape == (3, 32, 5)
-    assert stacks.a[1]["gate_proj"].shape == (3, 2, 32), "the largest rank among the experts that target it"
-    assert torch.equal(stacks.a[1]["down_proj"][1, :2], plugged.get("a").adapter.pairs["down_proj"].A[0])
-    assert not stacks.a[1]["down_proj"][1, 2:].any() and not stacks.a[0]["down_proj"][1].any()
+    # kept transposed: A^T [E, in, R], B^T [E, R, out]
+    assert stacks.a[1]["down_proj"].shape == (3, 64, 5) and stacks.b[1]["down_proj"].shape == (3, 5, 32)
+    assert stacks.a[1]["gate_proj"].shape == (3, 32, 2), "the largest rank among the experts that target it"
+    assert torch.equal(stacks.a[1]["down_proj"][1, :, :2].t(), plugged.get("a").adapter.pairs["down_proj"].A[0])
+    assert not stacks.a[1]["down_proj"][1, :, 2:].any() and not stacks.a[0]["down_proj"][1].any()
     assert stacks.s[1]["gate_proj"].tolist() == [0.0, 2.0, 0.0]
     assert stacks.pairs[0][1] is None and set(stacks.pairs[0][2]) == {"down_proj"}
     assert stacks.pairs[0][2]["down_proj"][0].data_ptr() == plugged.get("b").adapter.pairs["down_proj"].A[0].data_ptr()
