@@ -145,6 +145,14 @@ class _Step:
     early: torch.Tensor | None = None  # [N, k] the layer's choice before attention (RoutedAttention), for its MLP
     context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
     counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
+    pins_only: bool = False  # host fact: no row may win an expert by its score (top-1): every route is a pin or
+    #   base, so no gate is scored (`_pinned_choice`)
+
+
+def _pinned_choice(forced: torch.Tensor, covers: torch.Tensor) -> torch.Tensor:
+    """forced [N] (-1: no pin), covers [C] -> choice [N, 1]: each row's pinned expert where it covers the layer,
+    else base. What choose_experts picks (top-1) when no row may win by its score: the scores are not needed."""
+    return torch.where((forced >= 0) & covers[forced.clamp(min=0)], forced, -1)[:, None]
 
 
 class _Context(threading.local):
@@ -187,8 +195,11 @@ class RoutedAttention(nn.Module):
             return self.base_layer(*args, **kwargs)
         flat_x = x.reshape(-1, x.shape[-1])
         plugged, layer = step.plugged, self.layer
-        scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, C]
-        step.early = choose_experts(scores, split.thresholds, step.allowed, step.forced, split.covers, step.top_k)
+        if step.pins_only:
+            step.early = _pinned_choice(step.forced, split.covers)
+        else:
+            scores = gate_scores(F.normalize(flat_x, dim=-1), plugged.keys[layer], plugged.offsets[layer])  # [N, C]
+            step.early = choose_experts(scores, split.thresholds, step.allowed, step.forced, split.covers, step.top_k)
         choice = step.early if step.skip is None else step.early.masked_fill(step.skip, -1)
         gather = _gathers(choice, early=True)
         for plan in split.plans:
@@ -249,7 +260,11 @@ class RoutedMLP(nn.Module):
         # the experts decided before attention are out of this decision (split: their columns closed)
         thresholds = plugged.thresholds[layer] if split is None else split.late_thresholds
         covers = plugged.covers[layer] if split is None else split.late_covers
-        if plugged.gates is not None and step.context is not None:  # the context router's token classifier
+        if step.pins_only and (plugged.gates is None or step.context is None):
+            # every route a pin: the early step's pins are among these (split.covers is part of covers[layer])
+            choice = _pinned_choice(step.forced, plugged.covers[layer])
+            early = None
+        elif plugged.gates is not None and step.context is not None:  # the context router's token classifier
             # among the classes not decided before attention (those experts took their tokens by their gates):
             # a token the router would give one goes to the most probable of the rest (docs/routing.md)
             allowed = step.allowed
@@ -513,6 +528,17 @@ class RoutedModel(nn.Module):
             decode = routed_top1_host_read if host_read else self.decode_route
             if plugged.gates is not None:  # token mode by the context router's gates: their choice, then dispatch
                 dispatch = routed_rows_dispatch if device.type == "cpu" and not fixed_ops else slot_dispatch
+        # on the grouped path on CPU, where a read costs no sync (never in a fixed-op step): whether no row may win
+        # by its score, so the layers score no gate (a pinned batch: every route is its pin)
+        pins_only = (
+            decode is None
+            and not fixed_ops
+            and self.router.top_k == 1
+            and not simple
+            and device.type == "cpu"
+            and routing.routes_anything
+            and not bool(routing.allowed.any())
+        )
         return _Step(
             plugged=plugged,
             top_k=self.router.top_k,
@@ -527,4 +553,5 @@ class RoutedModel(nn.Module):
             capture=[] if capture else None,
             decode=decode,
             dispatch=dispatch,
+            pins_only=pins_only,
         )

@@ -43,7 +43,9 @@ def test_lora_delta_is_the_merged_weight() -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g)
     a, b = torch.randn(3, 8, generator=g), torch.randn(6, 3, generator=g)
-    torch.testing.assert_close(F.linear(x, w) + lora_delta(x, a, b, 1.5), F.linear(x, w + 1.5 * b @ a))
+    want = F.linear(x, w + 1.5 * b @ a)
+    torch.testing.assert_close(F.linear(x, w) + lora_delta(x, a.t(), b.t(), 1.5), want)  # A^T, B^T
+    torch.testing.assert_close(lora_delta(x, a.t(), b.t(), 1.5, base=F.linear(x, w)), want, msg="added into base")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -145,9 +147,12 @@ def test_grouped_cost_follows_routed_rows_not_the_number_plugged(monkeypatch: py
         model.plug(tiny_lora_expert(f"l{e}", model.projection_shapes, seed=e))
     calls: list[tuple[int, int]] = []  # (rows, rank) of every LoRA delta computed
     real = lora_module.lora_delta
-    monkeypatch.setattr(
-        lora_module, "lora_delta", lambda x, a, b, s: calls.append((x.shape[0], a.shape[0])) or real(x, a, b, s)
-    )
+
+    def counted(x, a, b, s, base=None):
+        calls.append((x.shape[0], a.shape[1]))  # a: A^T [in, r]
+        return real(x, a, b, s, base)
+
+    monkeypatch.setattr(lora_module, "lora_delta", counted)
     x = ids(3, 7)
     model(x, routing=[RoutingSpec("pin", "l2"), RoutingSpec("off"), RoutingSpec("pin", "l5")])
     projections, layers = len(model.projection_shapes), model.num_layers
@@ -167,6 +172,28 @@ def test_plan_groups_rows_by_lora_expert_and_leaves_bottleneck_choices() -> None
     assert group.weight[:, 0].tolist() == [0.5, 1.0], "1/k' counts every kind chosen"
     plan, rest = plan_lora(stacks, 0, choice[:, :1], gather=True)
     assert plan.index.tolist() == [1, -1, -1, 1] and rest[:, 0].tolist() == [-1, 0, -1, -1]
+    plan, rest = plan_lora(stacks, 0, torch.tensor([[1], [1], [1]]), gather=False)  # a pinned batch
+    (group,) = plan.groups
+    assert group.expert == 1 and group.rows is None and group.weight is None, "every row: no index op"
+    assert rest[:, 0].tolist() == [-1, -1, -1]
+
+
+def test_a_set_of_lora_experts_only_plans_without_masking_other_kinds() -> None:
+    model = RoutedModel(tiny_backbone("llama", seed=0))
+    model.plug(tiny_lora_expert("l", model.projection_shapes, seed=2))
+    model.plug(tiny_lora_expert("m", model.projection_shapes, seed=3))
+    stacks = model.plugged.layouts["lora"]
+    assert stacks.only_lora
+    choice = torch.tensor([[1], [-1], [0], [1]])
+    plan, rest = plan_lora(stacks, 0, choice, gather=False)
+    assert [(g.expert, g.rows.tolist()) for g in plan.groups] == [(0, [2]), (1, [0, 3])]
+    assert rest[:, 0].tolist() == [-1] * 4
+    plan, _ = plan_lora(stacks, 0, choice, gather=True)
+    assert plan.index.tolist() == [1, -1, 0, 1]
+    model.plug(tiny_expert("b", seed=1))
+    assert not model.plugged.layouts["lora"].only_lora, "a bottleneck expert plugged beside them"
+    model.unplug("b")
+    assert model.plugged.layouts["lora"].only_lora
 
 
 def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
@@ -181,10 +208,11 @@ def test_stacks_pad_ranks_with_zeros_and_reference_the_experts() -> None:
         plugged.layouts["bottleneck"].adapters[1][1] is None
         and plugged.layouts["bottleneck"].adapters[1][0] is not None
     ), "bottleneck dispatch skips LoRAs"
-    assert stacks.a[1]["down_proj"].shape == (3, 5, 64) and stacks.b[1]["down_proj"].shape == (3, 32, 5)
-    assert stacks.a[1]["gate_proj"].shape == (3, 2, 32), "the largest rank among the experts that target it"
-    assert torch.equal(stacks.a[1]["down_proj"][1, :2], plugged.get("a").adapter.pairs["down_proj"].A[0])
-    assert not stacks.a[1]["down_proj"][1, 2:].any() and not stacks.a[0]["down_proj"][1].any()
+    # kept transposed: A^T [E, in, R], B^T [E, R, out]
+    assert stacks.a[1]["down_proj"].shape == (3, 64, 5) and stacks.b[1]["down_proj"].shape == (3, 5, 32)
+    assert stacks.a[1]["gate_proj"].shape == (3, 32, 2), "the largest rank among the experts that target it"
+    assert torch.equal(stacks.a[1]["down_proj"][1, :, :2].t(), plugged.get("a").adapter.pairs["down_proj"].A[0])
+    assert not stacks.a[1]["down_proj"][1, :, 2:].any() and not stacks.a[0]["down_proj"][1].any()
     assert stacks.s[1]["gate_proj"].tolist() == [0.0, 2.0, 0.0]
     assert stacks.pairs[0][1] is None and set(stacks.pairs[0][2]) == {"down_proj"}
     assert stacks.pairs[0][2]["down_proj"][0].data_ptr() == plugged.get("b").adapter.pairs["down_proj"].A[0].data_ptr()

@@ -404,4 +404,4 @@ def test_lora_stacks_follow_the_lora_experts_by_slot() -> None:
     c = tiny_lora_expert("z", shapes, seed=4, threshold=0.0)
     plugged = model.plug(c)
     assert plugged.index("z") == slot, "the freed slot is reused"
-    torch.testing.assert_close(plugged.layouts["lora"].a[0]["down_proj"][slot], c.adapter.pairs["down_proj"].A[0])
+    torch.testing.assert_close(plugged.layouts["lora"].a[0]["down_proj"][slot].t(), c.adapter.pairs["down_proj"].A[0])

@@ -10,6 +10,7 @@ import torch
 from moe import RoutedModel, RoutingSpec
 from moe.adapters.reference import reference_decode
 from moe.decode.generation import generate
+from moe.model import routed as routed_module
 from moe.model.backbone import FAMILIES
 from tests.tiny import FAMILIES as TINY_FAMILIES
 from tests.tiny import MORE_FAMILIES, tiny_backbone, tiny_expert, tiny_lora_expert, tiny_tokenizer
@@ -119,3 +120,33 @@ def test_capture_gives_the_attention_inputs_the_early_gates_read() -> None:
     layer0 = model.backbone.model.layers[0]
     embedded = model.backbone.model.embed_tokens(x)
     torch.testing.assert_close(out.attention_inputs[0], layer0.input_layernorm(embedded))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi3"])
+@pytest.mark.parametrize("length", [9, 40])  # 36 tokens: few (decode-sized); 160: prefill-sized
+@torch.no_grad()
+def test_a_batch_of_pins_scores_no_gate_and_each_row_equals_its_pin_alone(
+    family: str, length: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows pinned to different experts beside an off row (no row may win by score): the layers take each row's
+    pin without scoring a gate (moe.model.routed._pinned_choice); every row is the oracle's with its pin. Then the
+    whole batch on one expert (the LoRA plan's every-row form)."""
+    model = mixed_model(family)
+    plain = tiny_backbone(family, seed=0).double()
+    plugged = model.slots.snapshot()
+    plugged = plugged.replacing_all(tuple(plugged.read(name) for name in plugged.names))
+
+    def no_scores(*args, **kwargs):
+        raise AssertionError("a gate was scored in a batch of pins")
+
+    monkeypatch.setattr(routed_module, "gate_scores", no_scores)
+    for names in (["all", "attn", None, "neck"], ["all"] * 4):
+        x = ids(4, length, seed=3)
+        routing = [RoutingSpec("pin", name) if name else RoutingSpec("off") for name in names]
+        out = model(x, routing=routing)
+        for row, name in enumerate(names):
+            pin = plugged.index(name) if name else None
+            want = reference_decode(plain, plugged, x[row], pin=pin)[0] if name else plain(x[row : row + 1]).logits[0]
+            torch.testing.assert_close(out.logits[row], want, atol=1e-6, rtol=1e-5)
+            if name:
+                assert out.trace.row_counts()[row][name] == length * len(plugged.get(name).layers), (names, row)
