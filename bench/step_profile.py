@@ -29,6 +29,13 @@ calls, each phase exclusive of the phases it calls: a few perf_counter reads per
     admit        Scheduler._admit: admission and prefill (the new rows' first tokens: under sampling, advance)
     other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
 
+`--decoder-columns 64 128 256` times the decoder alone instead (no engine, no sampling, no text): per case, in a
+fresh process, the main thread runs `StaticDecoder.step` of `--clients` rows of demo prompts at each KV column count
+(the rows' routing off or token; `+compile`: the step compiled, its compile untimed), and prints CPU and wall ms per
+step and the ratios per column count:
+
+    python bench/step_profile.py --decoder-columns 64 128 256 --cases off off+compile token token+compile --threads 1
+
 `--profile` profiles the engine thread with cProfile (its overhead inflates Python-heavy parts: read it for where,
 not for how much).
 """
@@ -218,6 +225,54 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def decoder_case(case: str, args: argparse.Namespace) -> dict:
+    """The decoder alone, in this (main) thread: CPU and wall ms per `StaticDecoder.step` of --clients rows at each
+    of --decoder-columns KV columns. The prompts are cut so that no row outgrows the column bucket while timed."""
+    import torch
+
+    from moe import RoutingSpec
+    from moe.decode.prefill import prefill
+    from moe.decode.static_decoder import StaticDecoder
+
+    model, tokenizer = load_model(args)
+    torch.set_num_threads(args.threads)  # the pool size is per thread: this one runs the steps
+    mode, compiled = case.split("+")[0], case.endswith("+compile")
+    spec = RoutingSpec(mode="off") if mode == "off" else RoutingSpec()
+    texts = demo_prompts(Path(args.model), args.clients, args.prompt_tokens)
+    warm, timed = 3, args.decoder_steps
+    columns_out: dict[str, dict] = {}
+    for columns in args.decoder_columns:
+        length = min(args.prompt_tokens, columns - warm - timed - 1)  # the rows stay inside `columns`
+        if length < 1:
+            raise SystemExit(f"--decoder-steps {timed} leaves no room for a prompt in {columns} columns")
+        decoder = StaticDecoder(
+            model,
+            max_batch=args.clients,
+            max_len=max(args.decoder_columns),
+            min_columns=columns,
+            compile_backend=args.compile if compiled else None,
+        )
+        prompts = [tokenizer(t)["input_ids"][:length] for t in texts]
+        pre = prefill(model, prompts, [spec] * len(prompts))
+        slots = [decoder.join(pre, row) for row in range(len(prompts))]
+        tokens, specs = [p[-1] for p in prompts], pre.specs
+        start = time.perf_counter()
+        for _ in range(warm):  # compiles the bucket (compiled cases)
+            decoder.step(slots, tokens, specs)
+        warm_up = time.perf_counter() - start
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(timed):
+            decoder.step(slots, tokens, specs)
+        wall = time.perf_counter() - start
+        assert decoder.columns == columns, "a row outgrew the column bucket"
+        columns_out[str(columns)] = {
+            "cpu_ms": (time.process_time() - cpu) / timed * 1e3,
+            "wall_ms": wall / timed * 1e3,
+            "warm_up": warm_up,
+        }
+    return {"case": case, "columns": columns_out}
+
+
 def cpu_seconds_of_engine(engine: Any) -> float:
     """User + system CPU seconds of the engine thread (its native id's /proc entry)."""
     native = engine._thread.native_id
@@ -284,6 +339,30 @@ def print_case(result: dict) -> None:
         print(result["profile"], flush=True)
 
 
+def print_decoder_case(result: dict) -> None:
+    parts = "  ".join(
+        f"{columns} cols {c['cpu_ms']:6.2f} CPU ms ({c['wall_ms']:6.2f} wall, warm-up {c['warm_up']:.1f} s)"
+        for columns, c in result["columns"].items()
+    )
+    print(f"  {result['case']:13s} per step: {parts}", flush=True)
+
+
+def print_decoder_ratios(rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
+    """Compiled / eager CPU ms per step (< 1: the compiled step is cheaper), median over rounds, per column count."""
+    for mode in ("off", "token"):
+        if mode not in args.cases or f"{mode}+compile" not in args.cases:
+            continue
+        for columns in map(str, args.decoder_columns):
+            ratios = [
+                r[f"{mode}+compile"]["columns"][columns]["cpu_ms"] / r[mode]["columns"][columns]["cpu_ms"]
+                for r in rounds
+            ]
+            print(
+                f"{mode}+compile / {mode} CPU ms per step at {columns} columns: median {statistics.median(ratios):.2f}"
+                f" over {len(ratios)} rounds"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "demo" / "model"))
@@ -297,15 +376,31 @@ def main() -> None:
     parser.add_argument("--compile", default="inductor", help="the +compile cases' torch.compile backend")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (engine cases)")
     parser.add_argument("--top", type=int, default=25, help="functions the profile lists")
+    parser.add_argument(
+        "--decoder-columns",
+        nargs="+",
+        type=int,
+        metavar="COLUMNS",
+        help="time the decoder alone (StaticDecoder.step, no engine) at these KV column counts",
+    )
+    parser.add_argument(
+        "--decoder-steps", type=int, default=20, help="timed steps per column count (--decoder-columns)"
+    )
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args()
+    if args.decoder_columns and "hf" in args.cases:
+        parser.error("--decoder-columns times plugmoe's decoder: drop hf from --cases")
     if args.case:
-        result = hf_case(args) if args.case == "hf" else engine_case(args.case, args)
+        if args.decoder_columns:
+            result = decoder_case(args.case, args)
+        else:
+            result = hf_case(args) if args.case == "hf" else engine_case(args.case, args)
         print(json.dumps(result), flush=True)
         return
     passed = sys.argv[1:]
+    what = f"the decoder alone at {args.decoder_columns} KV columns" if args.decoder_columns else "the engine"
     print(
-        f"{args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
+        f"{what}: {args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
         f"{args.threads} threads"
     )
     rounds: list[dict[str, dict]] = []
@@ -320,8 +415,11 @@ def main() -> None:
             if out.returncode != 0:
                 raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
             results[case] = json.loads(out.stdout.strip().splitlines()[-1])
-            print_case(results[case])
+            (print_decoder_case if args.decoder_columns else print_case)(results[case])
         rounds.append(results)
+    if args.decoder_columns:
+        print_decoder_ratios(rounds, args)
+        return
     pairs = [
         ("token", "off"),
         ("off", "hf"),

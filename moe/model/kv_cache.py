@@ -8,6 +8,12 @@ no host read, no shape that depends on a length) and hands back the first `visib
 a row may attend to is the caller's 4D additive mask, never the cache. Views of the first b slots share
 storage with the full buffers, so a step captured on a bucket sees what prefill later writes into a slot.
 
+Compiled (torch.compile), the write stays in place only if the layer holds one tensor per buffer: the visible
+columns are sliced from it inside `update`, after the write. A second stored view of the same buffer (as a
+precomputed `keys[:, :, :visible]` was) is a second graph input aliasing the mutated one; AOTAutograd then
+rebuilds both from a synthetic base with as_strided, and inductor copied the whole buffer out, wrote the
+column into the copy and copied it back: two full copies of each layer's keys and values per step.
+
 `grouped_decode_attention` is registered as the attention implementation `plugmoe_decode`: a one-token
 step with a 4D float mask (what the decoder passes) attends each KV head once, as
 
@@ -46,7 +52,6 @@ class SlotLayer(CacheLayerMixin):
         super().__init__()
         self.keys, self.values, self.write_pos = keys, values, write_pos  # views owned by the decoder
         self.visible = visible  # columns attention reads (a column bucket; the host keeps pos < visible)
-        self._keys_seen, self._values_seen = keys[:, :, :visible], values[:, :, :visible]
         self._rows = torch.arange(keys.shape[0], device=keys.device)  # [B]
         self.device = keys.device
         self.is_initialized = True
@@ -59,12 +64,13 @@ class SlotLayer(CacheLayerMixin):
 
         Semantics: for b in range(B): keys[b, :, write_pos[b]] = key_states[b, :, 0]
         (index_put_, not scatter_: inductor updates index_put_ in place; a functionalised scatter_ copied
-        the whole buffer.)
+        the whole buffer.) The visible columns are sliced here, after the write, not stored: see the module
+        docstring.
         """
         assert key_states.shape[2] == 1, "slot layers take decode steps only; prefill uses a DynamicCache"
         self.keys[self._rows, :, self.write_pos] = key_states[:, :, 0]
         self.values[self._rows, :, self.write_pos] = value_states[:, :, 0]
-        return self._keys_seen, self._values_seen
+        return self.keys[:, :, : self.visible], self.values[:, :, : self.visible]
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
         return self.visible, 0

@@ -1,8 +1,11 @@
 """The fixed-slot KV cache and the grouped decode attention: each row written at its own column, the grouped
 form equal to transformers' sdpa (which repeats KV heads), everything else handed to sdpa unchanged, and the
-cache keyword the installed transformers takes."""
+cache keyword the installed transformers takes; under inductor the slot write is done in place."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -25,6 +28,38 @@ def test_slot_layer_writes_each_row_at_its_own_column() -> None:
         assert torch.equal(keys[row], want), row
         assert torch.equal(values[row, :, pos[row]], new_v[row, :, 0])
     assert layer.get_mask_sizes(1) == (6, 0) and layer.get_seq_length() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor's CPU backend needs a C++ compiler (g++)"
+)
+def test_inductor_writes_the_slots_in_place() -> None:
+    """The compiled write updates the slot buffers where they are: the generated code allocates no buffer of the
+    slots' shape (a functionalised write the compiler did not re-inplace copies the whole cache into one, writes
+    the column there and copies it back), and the result and the buffers equal the eager step's."""
+    from torch._inductor.utils import run_and_get_code
+
+    def make() -> tuple[SlotLayer, torch.Tensor, torch.Tensor]:
+        keys, values = torch.zeros(4, 2, 40, 8), torch.zeros(4, 2, 40, 8)  # the decoder's full buffers
+        return SlotLayer(keys[:3], values[:3], torch.tensor([0, 37, 5]), visible=40), keys, values  # 3 rows seen
+
+    def step(layer: SlotLayer, new_k: torch.Tensor, new_v: torch.Tensor) -> torch.Tensor:
+        seen_k, seen_v = layer.update(new_k, new_v, 0)
+        return (seen_k.sum(-1, keepdim=True) * seen_v).sum(2)  # reads every column written
+
+    new_k, new_v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8)
+    eager_layer, eager_keys, eager_values = make()
+    want = step(eager_layer, new_k, new_v)
+    layer, keys, values = make()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: step(layer, new_k, new_v), backend="inductor", fullgraph=True, dynamic=False)
+    got, code = run_and_get_code(compiled)
+    source = "\n".join(code)
+    assert "(3, 2, 40, 8)" in source, "the slots are the compiled step's inputs"
+    assert "empty_strided_cpu((3, 2, 40, 8)" not in source, "a copy of the whole slot buffer"
+    torch.testing.assert_close(got, want)
+    assert torch.equal(keys, eager_keys) and torch.equal(values, eager_values)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4)], ids=["grouped", "one-to-one"])
