@@ -109,7 +109,8 @@ class StepRouting:
             # every name is looked up, used or not (an off row's allow-list too): plugged.index raises for one
             # that is not plugged
             allow = None if spec.allow is None else [plugged.index(name) for name in spec.allow]
-            pinned = spec.expert  # only pin and sequence (once decided) specs name one
+            # only pin and sequence (once decided) specs name one; an empty name is none (as check_against reads it)
+            pinned = spec.expert if spec.mode in ("pin", "sequence") and spec.expert else None
             slot = plugged.index(pinned) if pinned is not None and pinned != BASE_ROUTE else -1
             if spec.mode == "off" or pinned == BASE_ROUTE:
                 continue

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from moe import ExpertFile, RoutedModel, load_backbone
+from moe.admission.router_fit import ContextRouterFitter
 from server.settings import DEMO_EXPERTS_DIR, DEMO_MODEL_DIR, DEMO_MODEL_NAME
 from tests.server.conftest import LiveServer
 
@@ -81,9 +82,12 @@ def test_lm_eval_local_completions_scores_like_a_direct_forward(tmp_path: Path) 
 
     backbone, _ = load_backbone(DEMO_MODEL_DIR, device="cpu")
     model = RoutedModel(backbone)
-    for path in sorted(DEMO_EXPERTS_DIR.glob("*.safetensors")):  # what the server plugged on first start
-        model.plug(ExpertFile.load(path, model.fingerprint))
+    experts = [ExpertFile.load(path, model.fingerprint) for path in sorted(DEMO_EXPERTS_DIR.glob("*.safetensors"))]
+    for expert in experts:  # what the server plugged on first start
+        model.plug(expert)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    # and the router it serves them with (--router context, the default): the same deterministic fit
+    assert ContextRouterFitter(model, tokenizer).offer(experts) is not None
     worst = 0.0
     for sample in samples:
         for args, (loglikelihood, greedy) in zip(sample["arguments"].values(), sample["filtered_resps"], strict=True):
