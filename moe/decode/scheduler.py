@@ -396,13 +396,14 @@ class Scheduler:
                 best, best_last = index, last
         return best
 
-    def _may_go_on(self, seq: Sequence, plugged: PluggedSet) -> bool:
-        """Whether a started sequence goes on under this plugged set (its routing updated); False: it was
-        cancelled (its output's `cancelled` flag) or its pinned expert unplugged, and was finished."""
+    def _may_go_on(self, seq: Sequence, plugged: PluggedSet, routing: RoutingSpec | None = None) -> bool:
+        """Whether a sequence goes on under this plugged set, its routing (`routing`, else its current spec)
+        updated; False: it was cancelled (its output's `cancelled` flag) or its pinned expert unplugged, and was
+        finished."""
         if seq.output is not None and seq.output.cancelled:
             self._finish(seq, CANCELLED, "the client went away")
             return False
-        spec, message = current_spec(seq.spec, plugged)
+        spec, message = current_spec(seq.spec if routing is None else routing, plugged)
         if spec is None:
             self._finish(seq, EXPERT_UNPLUGGED, message)
             return False
@@ -413,14 +414,8 @@ class Scheduler:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
         start (cancelled, its expert gone, a bad setting), and was finished."""
         request = seq.request
-        if seq.output is not None and seq.output.cancelled:
-            self._finish(seq, CANCELLED, "the client went away")
+        if not self._may_go_on(seq, plugged, request.routing):
             return False
-        spec, message = current_spec(request.routing, plugged)
-        if spec is None:
-            self._finish(seq, EXPERT_UNPLUGGED, message)
-            return False
-        seq.spec = spec
         try:
             seq.generator = request.sampling.generator(self.device)
             seq.stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
