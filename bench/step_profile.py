@@ -58,12 +58,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peer import demo_prompts  # noqa: E402
+
+T = TypeVar("T")
 
 CASES = ("off", "token", "hf", "off+compile", "token+compile")
 PHASES = ("forward", "step rest", "sampling", "advance", "flush", "admit", "other")
@@ -95,11 +97,24 @@ class PhaseClock:
         setattr(owner, method, timed)
 
 
+def in_ending_thread(fn: Callable[[], T]) -> T:
+    """fn() in a thread that ends when it returns, as the server loads (server.engine.in_passing_thread): a live
+    thread that ran one of torch's parallel ops keeps an OpenMP pool, and once the process holds more pool threads
+    than CPUs libgomp stops spinning in every pool (the engine thread's decode forward then took 9.4 ms a step
+    instead of 4.0 on the demo model, 16 rows, 2 threads: the main thread had built the engine's KV buffers)."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), name="plugmoe-load")
+    thread.start()
+    thread.join()
+    if not out:
+        raise RuntimeError("loading failed (its traceback is above)")
+    return out[0]
+
+
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """The demo model and its experts plugged, loaded in a thread that ends (as the server does)."""
-    out: list[Any] = []
 
-    def body() -> None:
+    def body() -> tuple[Any, Any]:
         import torch
 
         from experts.cli import load_experts_dir
@@ -109,12 +124,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         backbone, tokenizer = load_backbone(args.model)
         model = RoutedModel(backbone, RouterConfig())
         model.set_experts(tuple(load_experts_dir(args.experts, model.fingerprint)))
-        out.append((model, tokenizer))
+        return model, tokenizer
 
-    loader = threading.Thread(target=body, name="plugmoe-load")
-    loader.start()
-    loader.join()
-    return out[0]
+    return in_ending_thread(body)
 
 
 def engine_case(case: str, args: argparse.Namespace) -> dict:
@@ -130,8 +142,10 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     prompts = [tokenizer(p)["input_ids"] for p in demo_prompts(Path(args.model), args.clients, args.prompt_tokens)]
     mode, compiled = case.split("+")[0], case.endswith("+compile")
     options = {"compile_backend": args.compile} if compiled else {}
-    engine = Engine(
-        model, tokenizer, max_batch_size=args.clients, max_queue=4 * args.clients, metrics=Metrics(), **options
+    engine = in_ending_thread(  # its decoder allocates the KV buffers (parallel fills): not in this thread
+        lambda: Engine(
+            model, tokenizer, max_batch_size=args.clients, max_queue=4 * args.clients, metrics=Metrics(), **options
+        )
     )
     scheduler, clock = engine.scheduler, PhaseClock()
     steps = [0]
