@@ -17,31 +17,35 @@ RequestGuard, in order (the cluster's ingress runs it alone, server.cluster):
 The limit is --max-upload-bytes for POST /experts (an expert file) and --max-body-bytes for everything else.
 A refusal is the API's usual error object and closes the connection (the rest of the body is never read).
 
-Every request gets an id first (the client's X-Request-Id if sane, else a new one: server.errors.request_id),
-kept in the ASGI scope's state for the routes and the refusal log line, and sent back in X-Request-Id on
-every response, refusals included.
+Every request gets an id first (the client's X-Request-Id if sane, else a new one: request_id below), kept in
+the ASGI scope's state for the routes and the refusal log line (server.errors), and sent back in X-Request-Id
+on every response, refusals included.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import refusal
-from server.errors import (
-    REQUEST_ID_HEADER,
-    HeadersTooLargeError,
-    RequestTooLargeError,
-    error_object,
-    error_response,
-    log_refusal,
-    request_id,
-)
+from server.errors import HeadersTooLargeError, RequestTooLargeError, error_object, error_response, log_refusal
 from server.metrics import Metrics
 from server.served_experts import VERSION_HEADER
 from server.settings import Settings
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # a client's id is taken when it looks like one
+
+
+def request_id(incoming: str | None) -> str:
+    """The client's id when it is sane (printable, no spaces, at most 128 characters), else a new one."""
+    if incoming is not None and REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
 
 
 class RequestGuard:
