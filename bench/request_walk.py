@@ -4,9 +4,9 @@ A structure measure, not a speed one: the fewer returns, the more each concept l
 model serves in-process (FastAPI's TestClient); one request is traced with a profile hook on every thread,
 recording each Python function call (and each resumption of a generator or coroutine) made in `moe/`,
 `server/` or `experts/`. Per thread, consecutive calls in the same file are one visit; a return is a visit to
-a file the thread already visited. The routed forward counts as one call into moe/model/routed.py (its
-per-layer maths is one room's business; `--model-internals` records inside it too). Start-up, the expert
-store's polling and a warm-up request stay out of the trace.
+a file the thread already visited. The routed forward counts as one call into moe/model/routed.py (moe/routed.py
+in the layout before moe/ had rooms; its per-layer maths is one room's business; `--model-internals` records
+inside it too). Start-up, the expert store's polling and a warm-up request stay out of the trace.
 
     python bench/request_walk.py                                  # POST /generate, 2 new tokens, token mode
     python bench/request_walk.py --new-tokens 8 --mode sequence --verbose
@@ -53,7 +53,10 @@ class CallTrace:
         self.calls = {}
         self._lock = threading.Lock()
         self._roots = tuple(str(REPO / p) + "/" for p in PACKAGES)
-        self._forward = None if model_internals else str(REPO / "moe/model/routed.py")
+        # the routed forward's file: moe/model/routed.py, or moe/routed.py in the layout before moe/ had rooms (so
+        # the same bench measures an older tree unmodified)
+        routed = next((REPO / p for p in ("moe/model/routed.py", "moe/routed.py") if (REPO / p).exists()), None)
+        self._forward = None if model_internals or routed is None else str(routed)
         self._depth: dict[int, int] = {}  # per thread: how deep inside RoutedModel.forward
 
     def hook(self, frame, event: str, arg) -> None:  # noqa: ARG002 (sys.setprofile's signature)

@@ -1,5 +1,7 @@
-"""Access control: who may call what. Checked by server.middleware before the app reads a byte of the
-body, and again as route dependencies.
+"""Access control: who may call what, and who a request comes from. Checked once per request, by the request
+guard (server.middleware) before the app reads a byte of the body, on every app server.main builds (and by
+the cluster's ingress): `refusal` answers it, and `client_identity` names the client of an admitted request,
+kept in the ASGI scope's state for the routes (server.api.deps.ClientDep).
 
 API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health and /ready,
 so liveness and readiness probes work without a key) needs `Authorization: Bearer <key>` (a listed key, or
@@ -21,9 +23,6 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Mapping
-from typing import Annotated
-
-from fastapi import Depends, Request
 
 from server.errors import AuthError
 from server.settings import Settings, item_set
@@ -32,13 +31,6 @@ logger = logging.getLogger(__name__)
 
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
 _READING_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
@@ -140,7 +132,9 @@ def _key_refusal(headers: Mapping[str, str], settings: Settings) -> AuthError | 
     return None
 
 
-def refusal(method: str, path: str, headers: Mapping[str, str], client_host: str | None, settings: Settings):
+def refusal(
+    method: str, path: str, headers: Mapping[str, str], client_host: str | None, settings: Settings
+) -> AuthError | None:
     """Why this request is refused, API key first, then admin rights (None: it may go on)."""
     refused = api_key_refusal(headers, path, settings)
     if refused is None and is_admin_request(method, path):
@@ -148,27 +142,11 @@ def refusal(method: str, path: str, headers: Mapping[str, str], client_host: str
     return refused
 
 
-def client_identity(request: Request, settings: Settings) -> str:
-    """Who a generation request comes from, for the per-client share of sequences in flight and the scheduler's
-    round-robin: its API key under --api-keys (hashed: the tag is logged and kept, the key is not), else its
-    address (the socket's peer: proxy headers are never read)."""
-    token = _bearer(request.headers) if item_set(settings.api_keys) else None
+def client_identity(headers: Mapping[str, str], client_host: str | None, settings: Settings) -> str:
+    """Who a request comes from, for the per-client share of sequences in flight and the scheduler's round-robin:
+    its API key under --api-keys (hashed: the tag is logged and kept, the key is not), else its address (the
+    socket's peer: proxy headers are never read)."""
+    token = _bearer(headers) if item_set(settings.api_keys) else None
     if token is not None:
         return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
-
-
-def require_admin(request: Request, settings: SettingsDep) -> None:
-    refused = admin_refusal(request.headers, request.client.host if request.client else None, settings)
-    if refused is not None:
-        raise refused
-
-
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    refused = api_key_refusal(request.headers, request.url.path, settings)
-    if refused is not None:
-        raise refused
-
-
-Admin = Depends(require_admin)
-ApiKey = Depends(require_api_key)
+    return "addr:" + (client_host if client_host is not None else "unknown")

@@ -3,15 +3,14 @@ every refused request (4xx) leaves:
 
     refused POST /v1/completions 400 param=max_tokens request=3f2a...: max_tokens=600 is over this server's cap ...
 
-The request id is the client's X-Request-Id when it is sane (REQUEST_ID), else one made up by the request
-guard (server.middleware); every response carries it back in X-Request-Id.
+The request id (in the log line) is the one the request guard gave the request (server.middleware: the
+client's X-Request-Id when it is sane, else a new one), kept in the ASGI scope's state.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -119,22 +118,6 @@ STATUS: list[tuple[type[BaseException], int]] = [  # first match wins: subclasse
     (StoreUnavailableError, 503),  # the expert store cannot be reached: nothing changed, retry later
     (StoreCorruptError, 503),  # the expert store holds a broken manifest or file: an operator must fix it
 ]
-
-
-REQUEST_ID_HEADER = "X-Request-Id"
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # a client's id is taken when it looks like one
-
-
-def request_id(incoming: str | None) -> str:
-    """The client's id when it is sane (printable, no spaces, at most 128 characters), else a new one."""
-    if incoming is not None and REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return uuid.uuid4().hex
-
-
-def scope_request_id(scope: MutableMapping[str, Any]) -> str | None:
-    """The id the request guard gave this request (None outside it: an app without the guard)."""
-    return scope.get("state", {}).get("request_id")
 
 
 def log_refusal(scope: MutableMapping[str, Any], status: int, error: dict[str, Any]) -> None:

@@ -8,8 +8,9 @@ RequestGuard, in order (the cluster's ingress runs it alone, server.cluster):
 
     1. headers over --max-header-bytes: 431 (uvicorn's h11 also refuses a head that grows past it while
        still incomplete, with a plain 400)
-    2. auth (server.auth.refusal): a request without the API key or admin rights it needs is answered 401/403
-       before a byte of its body is read, so a huge unauthenticated body costs nothing
+    2. auth (server.auth.refusal), the one access check: a request without the API key or admin rights it needs
+       is answered 401/403 before a byte of its body is read, so a huge unauthenticated body costs nothing; an
+       admitted one has its client named (server.auth.client_identity) in the scope's state for the routes
     3. Content-Length over the limit: 413 at once, nothing read
     4. the body as it streams in (chunked uploads included): counted, and 413 as soon as it passes the limit,
        so nothing is parsed or buffered beyond it
@@ -17,31 +18,35 @@ RequestGuard, in order (the cluster's ingress runs it alone, server.cluster):
 The limit is --max-upload-bytes for POST /experts (an expert file) and --max-body-bytes for everything else.
 A refusal is the API's usual error object and closes the connection (the rest of the body is never read).
 
-Every request gets an id first (the client's X-Request-Id if sane, else a new one: server.errors.request_id),
-kept in the ASGI scope's state for the routes and the refusal log line, and sent back in X-Request-Id on
-every response, refusals included.
+Every request gets an id first (the client's X-Request-Id if sane, else a new one: request_id below), kept in
+the ASGI scope's state for the routes and the refusal log line (server.errors), and sent back in X-Request-Id
+on every response, refusals included.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import refusal
-from server.errors import (
-    REQUEST_ID_HEADER,
-    HeadersTooLargeError,
-    RequestTooLargeError,
-    error_object,
-    error_response,
-    log_refusal,
-    request_id,
-)
+from server.auth import client_identity, refusal
+from server.errors import HeadersTooLargeError, RequestTooLargeError, error_object, error_response, log_refusal
 from server.metrics import Metrics
 from server.served_experts import VERSION_HEADER
 from server.settings import Settings
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # a client's id is taken when it looks like one
+
+
+def request_id(incoming: str | None) -> str:
+    """The client's id when it is sane (printable, no spaces, at most 128 characters), else a new one."""
+    if incoming is not None and REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
 
 
 class RequestGuard:
@@ -85,10 +90,12 @@ class RequestGuard:
         headers = Headers(scope=scope)
         method, path = scope["method"], scope["path"]
         client = scope.get("client")
-        refused = refusal(method, path, headers, client[0] if client else None, self.settings)
+        client_host = client[0] if client else None
+        refused = refusal(method, path, headers, client_host, self.settings)
         if refused is not None:
             await _respond(scope, send, refused)
             return
+        scope["state"]["client_identity"] = client_identity(headers, client_host, self.settings)
         limit, flag = self.limit_for(method, path)
 
         def too_large() -> RequestTooLargeError:  # built only for a request that is refused

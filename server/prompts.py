@@ -28,11 +28,11 @@ class PromptEncoder:
 
     async def encode(self, text: str, *, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         self._check_length(len(text), param)
-        return await self._run(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+        return list(await self._run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
     async def decode(self, ids: list[int]) -> str:
         """Token ids back into text (a token-id prompt's text, for `echo`)."""
-        return await self._run(lambda: self.tokenizer.decode(ids))
+        return await self._run(self.tokenizer.decode, ids)
 
     async def chat(
         self,
@@ -51,7 +51,7 @@ class PromptEncoder:
             "continue_final_message": continue_final_message,
             **(template_kwargs or {}),
         }
-        return await self._run(lambda: self._chat_ids(messages, options))
+        return await self._run(self._chat_ids, messages, options)
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
@@ -87,5 +87,6 @@ class PromptEncoder:
                 param=param,
             )
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.wrap_future(self._worker.submit(fn))
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) on the tokenizer's worker thread (the tokenizer's own call there, no wrapper)."""
+        return await asyncio.wrap_future(self._worker.submit(fn, *args, **kwargs))

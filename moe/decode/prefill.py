@@ -127,11 +127,14 @@ def prefill_rows(
             logits_to_keep=0 if all_logits else 1,
             capture_mlp_inputs=capture,
         )
-    kv = PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts], out.context)
-    step = _step_output(out)
-    step.all_logits = out.logits if all_logits else None
-    step.mlp_inputs = out.mlp_inputs
-    return kv, step
+    step = StepOutput(
+        out.logits[:, -1, :],
+        out.trace.row_counts(),
+        out.trace.layer_counts(),
+        all_logits=out.logits if all_logits else None,
+        mlp_inputs=out.mlp_inputs,
+    )
+    return PromptKV(dynamic_layers_kv(cache), [len(p) for p in prompts], out.context), step
 
 
 def _decide(
@@ -248,7 +251,3 @@ def prefill(
 def _per_row(all_logits: torch.Tensor, prompts: list[list[int]]) -> list[torch.Tensor]:
     """[B, T, V] left-padded -> per row [T_i, V], its real positions only."""
     return [all_logits[row, all_logits.shape[1] - len(prompt) :] for row, prompt in enumerate(prompts)]
-
-
-def _step_output(out) -> StepOutput:
-    return StepOutput(out.logits[:, -1, :], out.trace.row_counts(), out.trace.layer_counts())

@@ -32,7 +32,9 @@ SequenceBiasLogitsProcessor, MinNewTokensLengthLogitsProcessor, TopK/TopP warper
 Logprobs are those of the raw model distribution, before penalties, bias, grammar masks, temperature and
 top-k/top-p (vLLM's default, `logprobs_mode="raw_logprobs"`): they score the text, whatever sampled it.
 
-A row's generator is seeded from its request's seed, so the same seed gives the same tokens.
+A seeded row draws from a generator of its own, seeded from its request's seed, so the same seed gives the same
+tokens; an unseeded row draws from torch's default generator (generator None; vLLM keeps generators for seeded
+requests only, too): the scheduler builds a generator for seeded rows only.
 
 Temperatures below GREEDY_BELOW (1e-2) are greedy: dividing logits by a tinier temperature overflows them
 to infinity (vLLM treats near-zero temperatures the same way), and the distribution is one-hot long before.
@@ -115,7 +117,8 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """The row's own random stream (None for greedy rows: they draw nothing)."""
+        """The row's own random stream, seeded from `seed` (else from fresh random bits); None for greedy rows:
+        they draw nothing."""
         if self.greedy:
             return None
         generator = torch.Generator(device=device)

@@ -417,7 +417,8 @@ class Scheduler:
         if not self._may_go_on(seq, plugged, request.routing):
             return False
         try:
-            seq.generator = request.sampling.generator(self.device)
+            if request.sampling.seed is not None:  # its own stream; an unseeded row draws from torch's default one
+                seq.generator = request.sampling.generator(self.device)
             seq.stop_ids = frozenset(self.eos_ids) | frozenset(request.sampling.stop_token_ids)
             seq.text = TextStream(
                 self.tokenizer, request.stop, tuple(sorted(seq.stop_ids)), request.text, pieces=seq.output is not None

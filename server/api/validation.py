@@ -501,12 +501,12 @@ def generation_request(
     else:
         limit = max_new_tokens
     sampling["min_new_tokens"] = min(sampling.get("min_new_tokens", 0), limit)
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    stops = tuple(s for s in ((stop,) if isinstance(stop, str) else stop or ()) if s)  # empty strings stop nothing
     return GenerationRequest(
         prompt_ids=prompt_ids,
         max_new_tokens=limit,
         sampling=SamplingParams(**sampling),
-        stop=tuple(s for s in stops if s),
+        stop=stops,
         routing=RoutingSpec(routing.mode, routing.expert, tuple(routing.allow) if routing.allow is not None else None),
         prompt_logprobs=prompt_logprobs,
         grammar=grammar,

@@ -1,8 +1,9 @@
-"""Access control: require_admin and require_api_key called as functions on real Starlette requests, then the
-routes that use them (the writing /experts endpoints, generation), then the whole app: --api-keys guard every
-endpoint but --open-paths, an admin write without a token is refused when the request was forwarded or the
-server listens beyond loopback (with a log line saying why), and uvicorn runs with proxy headers off (a
-forwarded header cannot make a remote client loopback)."""
+"""Access control: server.auth.refusal (the request guard's one check) called as a function on an admin write and
+on a generation, then the routes it guards (the writing /experts endpoints, generation) through the whole app:
+--api-keys guard every endpoint but --open-paths, an admin write without a token is refused when the request
+was forwarded or the server listens beyond loopback (with a log line saying why), and uvicorn runs with proxy
+headers off (a forwarded header cannot make a remote client loopback). Then the client's identity, as the guard
+names it for the routes."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import logging
 
 import pytest
 import uvicorn
-from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.auth import client_identity, is_loopback, require_admin, require_api_key
+from server.auth import client_identity, is_loopback, refusal
 from server.cli import main
 from server.errors import AuthError
 from server.settings import Settings
@@ -21,18 +21,26 @@ from server.settings import Settings
 REMOTE = "203.0.113.9"
 
 
-def http_request(authorization: str | None = None, host: str | None = "127.0.0.1") -> Request:
-    headers = [(b"authorization", authorization.encode())] if authorization is not None else []
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": host and (host, 4000)})
+def headers(authorization: str | None = None) -> dict[str, str]:
+    return {"authorization": authorization} if authorization is not None else {}
 
 
-def outcome(check, request: Request, settings: Settings) -> int:
-    """200 when the check lets the request through, else the AuthError's status."""
-    try:
-        check(request, settings)
-    except AuthError as e:
-        return e.status
-    return 200
+def refused(path: str, authorization: str | None, host: str | None, settings: Settings) -> AuthError | None:
+    """The guard's verdict on a POST to `path`."""
+    return refusal("POST", path, headers(authorization), host, settings)
+
+
+def admin_write(authorization: str | None, host: str | None, settings: Settings) -> AuthError | None:
+    return refused("/experts", authorization, host, settings)
+
+
+def generation(authorization: str | None, settings: Settings) -> AuthError | None:
+    return refused("/generate", authorization, REMOTE, settings)
+
+
+def outcome(verdict: AuthError | None) -> int:
+    """200 when the guard lets the request through, else the AuthError's status."""
+    return 200 if verdict is None else verdict.status
 
 
 ADMIN_CASES = [
@@ -57,18 +65,16 @@ ADMIN_CASES = [
 
 
 @pytest.mark.parametrize(("token", "header", "host", "status"), ADMIN_CASES)
-def test_require_admin(token: str | None, header: str | None, host: str | None, status: int) -> None:
-    assert outcome(require_admin, http_request(header, host), Settings(admin_token=token)) == status
+def test_admin_writes(token: str | None, header: str | None, host: str | None, status: int) -> None:
+    assert outcome(admin_write(header, host, Settings(admin_token=token))) == status
 
 
-def test_require_admin_says_what_to_send() -> None:
+def test_an_admin_refusal_says_what_to_send() -> None:
     settings = Settings(admin_token="s3cret")
-    with pytest.raises(AuthError, match=r"needs `Authorization: Bearer <admin token>`"):
-        require_admin(http_request(), settings)
-    with pytest.raises(AuthError, match="the admin token is wrong"):
-        require_admin(http_request("Bearer no"), settings)
-    with pytest.raises(AuthError, match=f"only loopback clients may change experts \\(this client: {REMOTE}\\)"):
-        require_admin(http_request(host=REMOTE), Settings(admin_token=None))
+    assert "needs `Authorization: Bearer <admin token>`" in str(admin_write(None, "127.0.0.1", settings))
+    assert "the admin token is wrong" in str(admin_write("Bearer no", "127.0.0.1", settings))
+    reason = str(admin_write(None, REMOTE, Settings(admin_token=None)))
+    assert f"only loopback clients may change experts (this client: {REMOTE})" in reason
 
 
 API_KEY_CASES = [
@@ -87,17 +93,15 @@ API_KEY_CASES = [
 
 
 @pytest.mark.parametrize(("keys", "admin", "header", "status"), API_KEY_CASES)
-def test_require_api_key(keys: str | None, admin: str | None, header: str | None, status: int) -> None:
+def test_api_keys(keys: str | None, admin: str | None, header: str | None, status: int) -> None:
     settings = Settings(api_keys=keys, admin_token=admin)
-    assert outcome(require_api_key, http_request(header, REMOTE), settings) == status
+    assert outcome(generation(header, settings)) == status
 
 
-def test_require_api_key_says_what_to_send() -> None:
+def test_an_api_key_refusal_says_what_to_send() -> None:
     settings = Settings(api_keys="k1")
-    with pytest.raises(AuthError, match=r"needs `Authorization: Bearer <api key>`"):
-        require_api_key(http_request(), settings)
-    with pytest.raises(AuthError, match="the API key is not valid"):
-        require_api_key(http_request("Bearer k2"), settings)
+    assert "needs `Authorization: Bearer <api key>`" in str(generation(None, settings))
+    assert "the API key is not valid" in str(generation("Bearer k2", settings))
 
 
 @pytest.mark.parametrize(
@@ -189,6 +193,26 @@ def test_api_keys_guard_every_endpoint_but_health_and_ready(make_client) -> None
     assert client.get("/ready").json() == {"status": "ready"}, "open for probes (tests/server/test_health.py)"
 
 
+def test_the_guard_covers_every_route_the_app_has(make_client) -> None:
+    """Access control is the request guard's alone (no route checks again): every route of the app, from every
+    router, is refused without a key, and every write of the admin API without admin rights."""
+    import re
+
+    client = make_client(api_keys="k1")
+    # every operation of every router, as the API schema lists them: (method, path with "x" for each parameter)
+    paths = client.app.openapi()["paths"]
+    routes = [(method.upper(), re.sub(r"{[^}]+}", "x", path)) for path, ops in paths.items() for method in ops]
+    assert ("POST", "/v1/load_lora_adapter") in routes and ("DELETE", "/experts/x") in routes
+    for method, path in routes:
+        if path not in ("/health", "/ready"):  # --open-paths' default
+            assert client.request(method, path).status_code == 401, (method, path)
+    admin = make_client(admin_token="s3cret")
+    for method, path in routes:
+        if method != "GET" and (path.startswith("/experts") or "lora_adapter" in path):
+            response = admin.request(method, path, headers={"Authorization": "Bearer wrong"})
+            assert response.status_code == 403, (method, path, response.status_code)
+
+
 def test_open_paths_are_configurable(make_client) -> None:
     client = make_client(api_keys="k1", open_paths="/health,/ready,/metrics")
     assert [client.get(p).status_code for p in ("/health", "/ready", "/metrics")] == [200, 200, 200]
@@ -253,12 +277,13 @@ def test_uvicorn_does_not_trust_forwarded_headers(monkeypatch: pytest.MonkeyPatc
 def test_client_identity_is_the_key_hashed_else_the_address() -> None:
 
     keyed = Settings(api_keys="alpha,beta")
-    alpha, beta = (client_identity(http_request(f"Bearer {key}"), keyed) for key in ("alpha", "beta"))
+    alpha, beta = (client_identity(headers(f"Bearer {key}"), "127.0.0.1", keyed) for key in ("alpha", "beta"))
     assert alpha.startswith("key:") and alpha != beta and "alpha" not in alpha, "the key itself is never kept"
-    assert client_identity(http_request("Bearer alpha", host="10.0.0.9"), keyed) == alpha, "the key, not where"
+    assert client_identity(headers("Bearer alpha"), "10.0.0.9", keyed) == alpha, "the key, not where"
     open_server = Settings()
-    assert client_identity(http_request("Bearer alpha", host="10.0.0.9"), open_server) == "addr:10.0.0.9"
-    assert client_identity(http_request(host="10.0.0.8"), open_server) == "addr:10.0.0.8"
+    assert client_identity(headers("Bearer alpha"), "10.0.0.9", open_server) == "addr:10.0.0.9"
+    assert client_identity(headers(), "10.0.0.8", open_server) == "addr:10.0.0.8"
+    assert client_identity(headers(), None, open_server) == "addr:unknown"
 
 
 def test_a_key_over_its_share_is_429_and_another_key_is_served(make_client) -> None:

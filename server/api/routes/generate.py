@@ -8,15 +8,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from moe.decode.sequence import Finished
-from server.api.deps import EngineDep, PromptsDep
+from server.api.deps import ClientDep, EngineDep, PromptsDep, SettingsDep
 from server.api.streaming import SSE_HEADERS, events_until_done, sse, stream_error, wait_for_result
 from server.api.validation import generate_job
-from server.auth import ApiKey, SettingsDep, client_identity
 from server.logprobs import TokenText, generate_logprobs
 from server.requests import RequestHandle
 from server.schemas import GenerateRequest, GenerateResponse, Usage, error_responses, stream_response
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+router = APIRouter(tags=["generate"])
 
 
 def _response(done: Finished, texts: TokenText | None) -> GenerateResponse:
@@ -39,12 +38,17 @@ _RESPONSES = {
 
 @router.post("/generate", response_model=GenerateResponse, responses=_RESPONSES)
 async def generate(
-    body: GenerateRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineDep,
+    prompts: PromptsDep,
+    settings: SettingsDep,
+    client: ClientDep,
 ):
     """A failed generation is a 500 (503 while shutting down) with the error object; a stream's last event
     then carries `error` and finish_reason "error"."""
     job = await generate_job(body, engine, prompts, settings)
-    handle = engine.submit_all([job], client_identity(request, settings), settings.sequences_per_client())[0]
+    handle = engine.submit_all([job], client, settings.sequences_per_client())[0]
     texts = TokenText(prompts.tokenizer) if body.logprobs is not None else None
     if body.stream:
         return StreamingResponse(_stream(handle, texts), media_type="text/event-stream", headers=SSE_HEADERS)

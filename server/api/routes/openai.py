@@ -22,10 +22,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from moe.decode.sequence import Event, Finished
-from server.api.deps import EngineDep, PromptsDep
+from server.api.deps import ClientDep, EngineDep, PromptsDep, SettingsDep
 from server.api.streaming import SSE_HEADERS, merged_events, sse, stream_error, wait_for_results
 from server.api.validation import OpenAIPlan, Prompt, openai_plan
-from server.auth import ApiKey, SettingsDep, client_identity
 from server.engine import Engine
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs, prompt_logprobs, trimmed
 from server.requests import RequestHandle
@@ -39,7 +38,7 @@ from server.schemas import (
 )
 from server.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
+router = APIRouter(prefix="/v1", tags=["openai"])
 STARTED = int(time.time())
 _GENERATION = {
     **stream_response("a completion (server-sent chunks with stream: true)"),
@@ -63,18 +62,32 @@ async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
 
 @router.post("/completions", responses=_GENERATION)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
+    body: CompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    prompts: PromptsDep,
+    settings: SettingsDep,
+    client: ClientDep,
 ):
     plan = await openai_plan(body, "completions", engine, prompts, settings)
-    return await _serve(plan, "text_completion", body.n, body.stream, request, engine, prompts.tokenizer, settings)
+    return await _serve(
+        plan, "text_completion", body.n, body.stream, request, engine, prompts.tokenizer, settings, client
+    )
 
 
 @router.post("/chat/completions", responses=_GENERATION)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, prompts: PromptsDep, settings: SettingsDep
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    prompts: PromptsDep,
+    settings: SettingsDep,
+    client: ClientDep,
 ):
     plan = await openai_plan(body, "chat", engine, prompts, settings)
-    return await _serve(plan, "chat.completion", body.n, body.stream, request, engine, prompts.tokenizer, settings)
+    return await _serve(
+        plan, "chat.completion", body.n, body.stream, request, engine, prompts.tokenizer, settings, client
+    )
 
 
 async def _serve(
@@ -86,8 +99,9 @@ async def _serve(
     engine: Engine,
     tokenizer: Any,
     settings: Settings,
+    client: str,
 ):
-    handles = engine.submit_all(plan.jobs, client_identity(request, settings), settings.sequences_per_client())
+    handles = engine.submit_all(plan.jobs, client, settings.sequences_per_client())
     shape = _Shape(kind, plan, TokenText(tokenizer), n)
     if stream:
         return StreamingResponse(_stream(handles, shape), media_type="text/event-stream", headers=SSE_HEADERS)

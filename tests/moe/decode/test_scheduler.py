@@ -279,6 +279,28 @@ def test_a_row_whose_sampling_raises_finishes_alone(model, tokenizer, monkeypatc
         generate(model, tokenizer, [PROMPTS[0]], RoutingSpec("off"), 4, [SamplingParams(temperature=1.0, seed=666)])
 
 
+def test_a_seeded_row_draws_from_its_own_generator_and_an_unseeded_one_from_torchs(model, tokenizer) -> None:
+    """Only a seeded row gets a generator of its own (its tokens repeat with its seed, whatever torch's default
+    generator did meanwhile); an unseeded sampled row and a greedy row get none: the unseeded one draws from
+    torch's default generator, so seeding that repeats it too."""
+    seeded = GenerationRequest(IDS[:4], 8, SamplingParams(temperature=1.0, seed=5, min_new_tokens=8))
+    unseeded = GenerationRequest(IDS[:4], 8, SamplingParams(temperature=1.0, min_new_tokens=8))
+    greedy = exactly(8, IDS[:4])
+
+    def tokens(seed: int) -> tuple[list[Sequence], list[list[int]]]:
+        torch.manual_seed(seed)
+        seqs = run(scheduler(model, tokenizer), [seeded, unseeded, greedy])
+        return seqs, [s.finished.token_ids for s in seqs]
+
+    seqs, first = tokens(0)
+    assert isinstance(seqs[0].generator, torch.Generator) and seqs[1].generator is None and seqs[2].generator is None
+    _, again = tokens(0)
+    _, other = tokens(1)
+    assert again == first, "the same seeds, the same tokens"
+    assert other[0] == first[0] and other[2] == first[2], "the seeded and the greedy row ignore torch's seed"
+    assert any(tokens(seed)[1][1] != first[1] for seed in (1, 2, 3)), "the unseeded row follows torch's generator"
+
+
 def test_finished_is_set_once_for_a_sequence_never_started(model, tokenizer) -> None:
     sched = scheduler(model, tokenizer)
     seq = Sequence(exactly(4, [5, 6]), Collected())
