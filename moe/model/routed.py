@@ -145,6 +145,7 @@ class _Step:
     early: torch.Tensor | None = None  # [N, k] the layer's choice before attention (RoutedAttention), for its MLP
     context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
     counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
+    counted_weights: torch.Tensor | None = None  # [B, T] float32: counted as the weights its running sums add
     pins_only: bool = False  # host fact: no row may win an expert by its score (top-1): every route is a pin or
     #   base, so no gate is scored (`_pinned_choice`)
 
@@ -237,7 +238,8 @@ class RoutedMLP(nn.Module):
             flat_base = base.reshape(-1, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
             if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
-                choice = self._context_choice(step, x, step.allowed, plugged.covers[layer])
+                covers = None if step.forced is None else plugged.covers[layer]  # what a pin may use
+                choice = self._context_choice(step, x, step.allowed, covers)
                 applied = choice if keep is None else torch.where(keep, choice, -1)
                 step.choices.append(choice[:, None])
                 return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view_as(base)
@@ -307,12 +309,14 @@ class RoutedMLP(nn.Module):
         return out.view_as(base)
 
     def _context_choice(
-        self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor
+        self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor | None
     ) -> torch.Tensor:
         """x [B, T, H] -> choice [N]: each token's layer context (the row's running sum of unit inputs, this token
         included) classified by the set's gates; the row's sum moves on to the last position (in place)."""
         assert step.context is not None and step.counted is not None and step.plugged.gates is not None
-        return step.plugged.gates.step(step.context, self.layer, x, step.counted, allowed, step.forced, covers)
+        return step.plugged.gates.step(
+            step.context, self.layer, x, step.counted, allowed, step.forced, covers, step.counted_weights
+        )
 
 
 class RoutedModel(nn.Module):
@@ -445,9 +449,9 @@ class RoutedModel(nn.Module):
         if capture_attention_inputs:
             self._context.step.capture_attention = []
         if plugged.gates is not None and self.router.top_k == 1:
-            self._context.step.context, self._context.step.counted = self._context_rows(
-                plugged, token_mask, batch, length, context
-            )
+            step = self._context.step
+            step.context, step.counted = self._context_rows(plugged, token_mask, batch, length, context)
+            step.counted_weights = step.counted.float()  # once here, not once per layer
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(
