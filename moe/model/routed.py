@@ -26,7 +26,7 @@ Two dispatch paths, picked on the host from facts known before the step:
     decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
             number of ops with no host read (what a captured decode step runs; on CUDA it can be
             torch.compile'd into a few fused kernels, see `fuse_decode_routing`); on CPU, when the step is
-            neither captured nor compiled, `routed_top1_host_read`: one host read, adapters for routed rows only
+            neither captured nor compiled, `routed_top1_host_read`: one host read, no adapter when nothing routed
     grouped everything else (prefill, training, top-k), and every step while an expert of a kind without a
             fixed-op form is plugged (LoRA): tokens grouped by expert, one host read per layer (LoRA experts:
             moe.adapters.lora.plan_lora, gathered without a host read for few top-1 tokens)
@@ -94,8 +94,9 @@ def routed_top1(
     return dispatch(x, base, applied, down, up), choice
 
 
-# routed_top1 with one host read per layer: adapters run only for the rows that chose an expert, none when every
-# row takes the base route (eager decode on CPU, where a read costs no device sync). The same results.
+# routed_top1 with one host read per layer: no adapter runs when every row takes the base route, else only the slots
+# that won rows (moe.adapters.bottleneck.routed_rows_dispatch; eager decode on CPU, where a read costs no device
+# sync). The same results.
 routed_top1_host_read = functools.partial(routed_top1, dispatch=routed_rows_dispatch)
 
 
@@ -430,7 +431,7 @@ class RoutedModel(nn.Module):
         logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
         fixed_ops: take the decode path with no host read whatever the token count, where it applies (top-1,
             slot storage, no gradient): what a captured or compiled decode step needs. Without it, a few tokens
-            on CPU take the decode path with one host read per layer (adapters for the routed rows only).
+            on CPU take the decode path with one host read per layer (only the slots that won rows run).
         context: [B, L, H] float32, each row's running context sums so far (a decode step: the decoder's
             buffer, updated in place; every real token counts); None: the rows start here (prefill: each row's
             first `skip` real tokens, the special prefix, stay out). Read only while the set has context gates
