@@ -23,8 +23,9 @@ Dispatch semantics (what `grouped_dispatch` computes; moe.adapters.reference.ref
         for e in chosen:
             out[n] += adapter_e(x[n]) / len(chosen)
 
-`slot_dispatch` is the decode form (top-1, slot storage, no host read); `routed_rows_dispatch` is the same over
-only the rows that chose an expert, after one host read (eager decode on CPU). The grouped form sorts routed
+`slot_dispatch` is the decode form (top-1, slot storage, no host read); `routed_rows_dispatch` is the same after one
+host read (eager decode on CPU): nothing when no row routed, else the slots that won rows as one adapter over their
+range of the storage when they are adjacent, else per slot on just its rows. The grouped form sorts routed
 (token, slot) pairs by expert and runs each expert that won tokens once, on just its tokens (index_select, two
 small matmuls, index_add_). Base-route tokens are never touched, and experts that won nothing cost nothing, so
 the cost grows with the routed tokens and k, not with the number of experts plugged.
@@ -44,7 +45,10 @@ from moe.adapters.dispatch import AfterBlock
 from moe.model.backbone import BackboneFingerprint
 
 NAME = "bottleneck"
-# routed_rows_dispatch runs slot by slot up to this many slots with rows (~5 small ops each), slot_dispatch above
+# routed_rows_dispatch runs the slots that won rows as one adapter when they lie within this many adjacent slots
+# (two matmuls over every row, as many ops as one slot: the demo set's two experts); else slot by slot up to
+# PER_SLOT_MAX slots with rows (~5 small ops each), slot_dispatch above
+DENSE_RANGE_MAX = 2
 PER_SLOT_MAX = 2
 
 
@@ -425,13 +429,55 @@ def routed_rows_dispatch(
     x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
 ) -> torch.Tensor:
     """slot_dispatch's semantics with one host read (eager decode where a read costs no device sync, i.e. on
-    CPU; a captured step cannot read): `base` itself when no row routed; when at most PER_SLOT_MAX slots won
-    rows, each runs once on just its rows (two plain matmuls over its slice of the storage), base rows
-    untouched; else slot_dispatch (its fixed ops cost less than a run per slot)."""
+    CPU; a captured step cannot read), in as few ops as the read allows:
+
+        nothing routed                         `base` itself (no adapter run)
+        the slots that won rows span at most   their range of the storage run as one adapter over every row
+          DENSE_RANGE_MAX adjacent slots       (`_range_delta`: two matmuls, no gather or scatter)
+        else, at most PER_SLOT_MAX slots won   each once on just its rows (two plain matmuls over its slice)
+        else                                   slot_dispatch (its fixed ops cost less than a run per slot)
+
+    Base-route rows come back with base's values, bit for bit, and base is never written in place."""
     counts = torch.bincount(choice + 1, minlength=up.shape[0] + 1).tolist()  # [base, slot 0, ...]: the read
-    if counts[0] != choice.shape[0] and sum(count > 0 for count in counts[1:]) > PER_SLOT_MAX:
+    if counts[0] == choice.shape[0]:
+        return base
+    won = [slot for slot, count in enumerate(counts[1:]) if count]
+    if won[-1] - won[0] < DENSE_RANGE_MAX:
+        return _range_delta(x, base, choice, down, up, won[0], won[-1] + 1, counts[won[0] + 1] == choice.shape[0])
+    if len(won) > PER_SLOT_MAX:
         return slot_dispatch(x, base, choice, down, up)
     return _grouped_top1(x, base, choice, _StorageSlots(down, up), counts)
+
+
+def _range_delta(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    choice: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    first: int,
+    end: int,
+    every_row: bool,
+) -> torch.Tensor:
+    """base + each routed row's adapter, for choices in slots first..end-1 (or -1) -> out [N, H], a new tensor.
+
+    x, base [N, H]; down [H, C, R], up [C, R, H] (one layer's storage). The range's blocks side by side are one
+    adapter of rank k*R (k = end - first): down[:, first:end] is a strided [H, k*R] view, up[first:end] a contiguous
+    [k*R, H] one, so nothing is copied. Semantics, per row n:
+
+        h[n]   = gelu(x[n] @ down[:, first:end].flat)           # [k*R], every block of the range
+        h[n]   = 0 outside block choice[n] - first (all of it for a base row)
+        out[n] = base[n] + h[n] @ up[first:end].flat
+
+    masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit).
+    every_row: every row chose slot `first` (k = 1): no mask to build."""
+    hidden, capacity, rank = down.shape
+    width = (end - first) * rank
+    h = F.gelu(x @ down.reshape(hidden, capacity * rank)[:, first * rank : first * rank + width])  # [N, k*R]
+    if not every_row:
+        blocks = torch.arange(first, end, device=x.device)  # [k]
+        h.view(-1, end - first, rank).masked_fill_((choice[:, None] != blocks)[:, :, None], 0.0)
+    return torch.addmm(base, h, up.reshape(capacity * rank, -1)[first * rank : first * rank + width])
 
 
 def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

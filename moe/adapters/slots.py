@@ -439,7 +439,7 @@ class PluggedSet:
         object.__setattr__(self, "slot_by_name", dict(zip(names, self.slots, strict=True)))
         gates = None
         if self.context is not None and self.context.layers:
-            gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device)
+            gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device, self.covers)
         object.__setattr__(self, "gates", gates)
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
         held = {e.kind for e in self.experts}

@@ -26,7 +26,7 @@ Two dispatch paths, picked on the host from facts known before the step:
     decode  top-1, at most GATHER_MAX_TOKENS tokens, no gradient, slot storage: `routed_top1`, a fixed
             number of ops with no host read (what a captured decode step runs; on CUDA it can be
             torch.compile'd into a few fused kernels, see `fuse_decode_routing`); on CPU, when the step is
-            neither captured nor compiled, `routed_top1_host_read`: one host read, adapters for routed rows only
+            neither captured nor compiled, `routed_top1_host_read`: one host read, no adapter when nothing routed
     grouped everything else (prefill, training, top-k), and every step while an expert of a kind without a
             fixed-op form is plugged (LoRA): tokens grouped by expert, one host read per layer (LoRA experts:
             moe.adapters.lora.plan_lora, gathered without a host read for few top-1 tokens)
@@ -94,8 +94,9 @@ def routed_top1(
     return dispatch(x, base, applied, down, up), choice
 
 
-# routed_top1 with one host read per layer: adapters run only for the rows that chose an expert, none when every
-# row takes the base route (eager decode on CPU, where a read costs no device sync). The same results.
+# routed_top1 with one host read per layer: no adapter runs when every row takes the base route, else only the slots
+# that won rows (moe.adapters.bottleneck.routed_rows_dispatch; eager decode on CPU, where a read costs no device
+# sync). The same results.
 routed_top1_host_read = functools.partial(routed_top1, dispatch=routed_rows_dispatch)
 
 
@@ -145,6 +146,7 @@ class _Step:
     early: torch.Tensor | None = None  # [N, k] the layer's choice before attention (RoutedAttention), for its MLP
     context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
     counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
+    counted_weights: torch.Tensor | None = None  # [B, T] float32: counted as the weights its running sums add
     pins_only: bool = False  # host fact: no row may win an expert by its score (top-1): every route is a pin or
     #   base, so no gate is scored (`_pinned_choice`)
 
@@ -237,7 +239,8 @@ class RoutedMLP(nn.Module):
             flat_base = base.reshape(-1, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
             if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
-                choice = self._context_choice(step, x, step.allowed, plugged.covers[layer])
+                covers = None if step.forced is None else plugged.covers[layer]  # what a pin may use
+                choice = self._context_choice(step, x, step.allowed, covers)
                 applied = choice if keep is None else torch.where(keep, choice, -1)
                 step.choices.append(choice[:, None])
                 return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view_as(base)
@@ -307,12 +310,14 @@ class RoutedMLP(nn.Module):
         return out.view_as(base)
 
     def _context_choice(
-        self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor
+        self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor | None
     ) -> torch.Tensor:
         """x [B, T, H] -> choice [N]: each token's layer context (the row's running sum of unit inputs, this token
         included) classified by the set's gates; the row's sum moves on to the last position (in place)."""
         assert step.context is not None and step.counted is not None and step.plugged.gates is not None
-        return step.plugged.gates.step(step.context, self.layer, x, step.counted, allowed, step.forced, covers)
+        return step.plugged.gates.step(
+            step.context, self.layer, x, step.counted, allowed, step.forced, covers, step.counted_weights
+        )
 
 
 class RoutedModel(nn.Module):
@@ -426,7 +431,7 @@ class RoutedModel(nn.Module):
         logits_to_keep: 0 for logits at every position, n for the last n only (prefill needs 1).
         fixed_ops: take the decode path with no host read whatever the token count, where it applies (top-1,
             slot storage, no gradient): what a captured or compiled decode step needs. Without it, a few tokens
-            on CPU take the decode path with one host read per layer (adapters for the routed rows only).
+            on CPU take the decode path with one host read per layer (only the slots that won rows run).
         context: [B, L, H] float32, each row's running context sums so far (a decode step: the decoder's
             buffer, updated in place; every real token counts); None: the rows start here (prefill: each row's
             first `skip` real tokens, the special prefix, stay out). Read only while the set has context gates
@@ -445,9 +450,9 @@ class RoutedModel(nn.Module):
         if capture_attention_inputs:
             self._context.step.capture_attention = []
         if plugged.gates is not None and self.router.top_k == 1:
-            self._context.step.context, self._context.step.counted = self._context_rows(
-                plugged, token_mask, batch, length, context
-            )
+            step = self._context.step
+            step.context, step.counted = self._context_rows(plugged, token_mask, batch, length, context)
+            step.counted_weights = step.counted.float()  # once here, not once per layer
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(

@@ -228,9 +228,15 @@ class ContextGates:
     column 0 is base, column 1 + c is slot c (a free slot, or one no class names: bias -inf, never chosen).
 
     weight [L, 1 + C, H] and bias [L, 1 + C] act on the unit running context (the standardisation folded in,
-    ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax).
-    layers: per layer, (weight.T [H, 1 + C] view, bias [1 + C], floors [1 + C]) taken once here, so a step reads
-    them without indexing the stacked tensors (each index is an op; a decode step runs this once per layer).
+    ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax);
+    covers [L, C] bool: the slots whose expert covers each layer (the set's; None: every slot), where a column's
+    win may stand (a win by a slot that skips the layer goes to base).
+    layers: per layer, what a step reads, taken once here so that a step indexes no stacked tensor and builds no
+    mask (each is an op; a decode step runs this once per layer):
+        weight.T [H, 1 + C] (a view), bias [1 + C],
+        passing [1 + C]  the floor a winning column's probability must pass: its floor where the slot covers the
+                         layer, +inf where it does not and for base (a win there is base)
+        open [1 + C]     bool, where a win stands without floors: the slot covers the layer (base: False)
     """
 
     weight: torch.Tensor
@@ -238,17 +244,32 @@ class ContextGates:
     floors: torch.Tensor
     floored: bool
     skip: int
-    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(
+    covers: torch.Tensor | None = None
+    layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(
         init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
-        per_layer = tuple((w.T, b, f) for w, b, f in zip(self.weight, self.bias, self.floors, strict=True))
+        layers, columns = self.weight.shape[:2]
+        covers = self.covers
+        if covers is None:
+            covers = torch.ones(layers, columns - 1, dtype=torch.bool, device=self.weight.device)
+        open_ = F.pad(covers, (1, 0), value=False)  # [L, 1 + C]: base never "covers"
+        passing = self.floors.masked_fill(~open_, float("inf"))
+        per_layer = tuple((w.T, b, p, o) for w, b, p, o in zip(self.weight, self.bias, passing, open_, strict=True))
         object.__setattr__(self, "layers", per_layer)
 
     @classmethod
-    def of(cls, router: ContextRouter, slots: Sequence[int], capacity: int, device: torch.device) -> ContextGates:
-        """slots[i]: the slot of class i + 1 (the set's experts in plug order, the router's classes after base)."""
+    def of(
+        cls,
+        router: ContextRouter,
+        slots: Sequence[int],
+        capacity: int,
+        device: torch.device,
+        covers: torch.Tensor | None = None,
+    ) -> ContextGates:
+        """slots[i]: the slot of class i + 1 (the set's experts in plug order, the router's classes after base);
+        covers [L, C] bool: the set's (None: every slot covers every layer)."""
         assert router.layers and len(slots) == len(router.classes) - 1, (len(slots), router.classes)
         columns = torch.tensor([0, *(1 + s for s in slots)])
         hidden = router.layers[0].center.shape[0]
@@ -259,7 +280,8 @@ class ContextGates:
             w, b = classifier.input_space()
             weight[layer, columns], bias[layer, columns], floors[layer, columns] = w, b, classifier.floors
         floored = any(c.floored for c in router.layers)
-        return cls(weight.to(device), bias.to(device), floors.to(device), floored, router.skip)
+        covers = None if covers is None else covers.to(device)
+        return cls(weight.to(device), bias.to(device), floors.to(device), floored, router.skip, covers)
 
     def step(
         self,
@@ -269,20 +291,24 @@ class ContextGates:
         counted: torch.Tensor,
         allowed: torch.Tensor | None,
         forced: torch.Tensor | None,
-        covers: torch.Tensor,
+        covers: torch.Tensor | None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One layer of a forward: context [B, L, H] the rows' running sums (moved on in place to each row's last
         position), x [B, T, H] the layer's MLP inputs, counted [B, T] (False: prefix or padding, adds nothing and
-        takes base) -> choice [B * T] (a slot, -1 = base), as `choose` gives it on each token's running sum:
+        takes base), weights: counted as float32 [B, T] (a forward converts it once for all its layers; None:
+        converted here) -> choice [B * T] (a slot, -1 = base), as `choose` gives it on each token's running sum:
 
             sums[b, t] = context[b, layer] + sum(unit(x[b, s]) for s <= t if counted[b, s])
         """
         unit = _unit(x.float())  # [B, T, H]
+        if weights is None:
+            weights = counted.float()
         if x.shape[1] == 1:  # a decode step: the sum moves in place, no cumulative sum or copy back
             sums = context[:, layer]  # [B, H], a view of the rows' state
-            sums.addcmul_(unit[:, 0], counted)  # counted [B, 1] broadcasts over H (0/1: exact, as the mask below)
+            sums.addcmul_(unit[:, 0], weights)  # weights [B, 1] broadcast over H (0/1: exact, as the mask below)
             return self.choose(sums, layer, allowed, forced, covers, counted[:, 0])
-        sums = context[:, layer, None, :] + (unit * counted[..., None]).cumsum(dim=1)  # [B, T, H]
+        sums = context[:, layer, None, :] + (unit * weights[..., None]).cumsum(dim=1)  # [B, T, H]
         context[:, layer] = sums[:, -1]
         return self.choose(sums.reshape(-1, x.shape[-1]), layer, allowed, forced, covers, counted.reshape(-1))
 
@@ -292,29 +318,34 @@ class ContextGates:
         layer: int,
         allowed: torch.Tensor | None,
         forced: torch.Tensor | None,
-        covers: torch.Tensor,
+        covers: torch.Tensor | None,
         counted: torch.Tensor,
     ) -> torch.Tensor:
         """sums [N, H] each token's running context on this layer (its own unit input included) -> choice [N]
         (a slot, -1 = base). allowed [N, C] bool (None: all), forced [N] (-1: none; None: no pins), covers [C]
-        (the layer's), counted [N] bool (False: a prefix or padding position, base). Semantics, per token:
+        (the layer's, what a pin may use; None only without pins), counted [N] bool (False: a prefix or padding
+        position, base). Semantics, per token:
 
             p      = softmax(unit(sums) @ weight[layer].T + bias[layer]) over base and the allowed slots
             choice = argmax(p) - 1 if max(p) > floors[layer, argmax(p)] and that slot covers the layer, else base
             a pinned token takes its pin where it covers the layer (as route_top1 does)
+
+        A win is checked against the gates' covers (the set's, folded into `passing` and `open`); a caller that
+        narrows a layer's covers (the slots decided before attention) closes those columns in `allowed`.
         """
-        weight_t, bias, floors = self.layers[layer]
+        weight_t, bias, passing, open_ = self.layers[layer]
         logits = torch.addmm(bias, _unit(sums), weight_t)  # [N, 1 + C]
         if allowed is not None:
             logits[:, 1:] = logits[:, 1:].masked_fill(~allowed, float("-inf"))
         if self.floored:
             best, column = logits.softmax(dim=-1).max(dim=-1)
-            column = torch.where(best > floors[column], column, 0)
+            stands = best > passing[column]  # [N] bool: never for base (+inf)
         else:
             column = logits.argmax(dim=-1)  # every probability is > 0: floors of zero never bind
-        choice = column - 1  # [N]; covers[-1] for base is read but masked by column > 0
-        choice = torch.where(covers[choice] & (column > 0) & counted, choice, -1)
+            stands = open_[column]
+        choice = column.mul_(stands.logical_and_(counted)).sub_(1)  # [N]: the winning slot where it stands, else -1
         if forced is not None:
+            assert covers is not None
             pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
             choice = torch.where(forced >= 0, pin, choice)
         return choice

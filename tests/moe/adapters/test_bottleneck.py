@@ -79,6 +79,8 @@ CHOICES = {
     "all base": [[-1], [-1], [-1], [-1]],
     "one expert": [[2], [2], [2], [2]],
     "the last expert only": [[-1], [3], [-1], [3]],
+    "two neighbouring experts": [[1], [2], [-1], [1]],  # routed_rows_dispatch: their range as one adapter
+    "two experts apart": [[0], [-1], [3], [0]],  # routed_rows_dispatch: each on its rows
     "every expert": [[0], [1], [2], [3]],
     "top-2 some empty": [[0, 1], [-1, -1], [3, -1], [2, 0]],
     "top-2 all base": [[-1, -1], [-1, -1], [-1, -1], [-1, -1]],
@@ -126,6 +128,21 @@ def test_routed_rows_dispatch_cases(case: str, free: int) -> None:
     torch.testing.assert_close(out, reference_dispatch(x, base, choice[:, None], layer), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[choice < 0], base[choice < 0]) and torch.equal(base, before)
     assert (out is base) == bool((choice < 0).all())
+
+
+def test_routed_rows_dispatch_keeps_base_rows_whatever_their_inputs() -> None:
+    """The range form runs every row through the range's adapter and zeroes the blocks a row did not choose: a base
+    row whose input overflows the adapter (inf, nan) still comes back as base, bit for bit."""
+    down, up = stacked(random_adapters([4, 4, 2]), free=3)
+    g = torch.Generator().manual_seed(4)
+    x, base = torch.randn(5, HIDDEN, generator=g), torch.randn(5, HIDDEN, generator=g)
+    x[1], x[3, :4] = float("inf"), float("nan")
+    choice = torch.tensor([0, -1, 1, -1, 1])
+    out = routed_rows_dispatch(x, base, choice, down, up)
+    assert torch.equal(out[[1, 3]], base[[1, 3]])
+    routed = [0, 2, 4]
+    want = reference_dispatch(x[routed], base[routed], choice[routed, None], random_adapters([4, 4, 2]))
+    torch.testing.assert_close(out[routed], want, atol=1e-5, rtol=1e-5)
 
 
 def test_routed_rows_dispatch_equals_slot_dispatch_on_random_batches() -> None:

@@ -217,8 +217,6 @@ def test_gates_step_equals_the_previous_step_bit_for_bit(router, floored, length
     layers = tuple(gate.with_floors(floors) for gate in router.layers)
     trimmed = ContextRouter(router.sequence, layers, router.skip)
     # slots 2 and 0 hold the classes (capacity 4: slots 1 and 3 free), as a plugged set lays them out
-    gates = ContextGates.of(trimmed, [2, 0], 4, torch.device("cpu"))
-    assert gates.floored == floored
     g = torch.Generator().manual_seed(11)
     rows = 6
     context = torch.randn(rows, LAYERS, HIDDEN, generator=g)
@@ -236,6 +234,9 @@ def test_gates_step_equals_the_previous_step_bit_for_bit(router, floored, length
         forced[-length:] = 0
     if restricted and not floored:
         covers = torch.tensor([True, False, False, True])  # slot 2 (class "near") skips this layer
+    # the set's covers go into the gates (a win by a slot that skips the layer is base); a step passes its pins'
+    gates = ContextGates.of(trimmed, [2, 0], 4, torch.device("cpu"), covers.expand(LAYERS, -1))
+    assert gates.floored == floored
     for layer in range(LAYERS):
         before, after = context.clone(), context.clone()
         expected = _previous_step(gates, before, layer, x[:, :, layer], counted, allowed, forced, covers)
