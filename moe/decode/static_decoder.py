@@ -53,8 +53,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.fx.experimental._config as fx_config
 from transformers import DynamicCache
 
 from moe.adapters.slots import PluggedSet
@@ -68,6 +70,21 @@ from moe.routing.router import RoutingSpec, StepRouting
 logger = logging.getLogger(__name__)
 
 _FREE_ROW = RoutingSpec("off")  # a free slot's routing row: nothing allowed, nothing forced
+
+
+class _RowViews(NamedTuple):
+    """The first b rows of the decoder's per-row buffers (views: they share storage with the buffers)."""
+
+    input_ids: torch.Tensor  # [b, 1]
+    pos: torch.Tensor  # [b]
+    active: torch.Tensor  # [b]
+    allowed: torch.Tensor  # [b, C]
+    forced: torch.Tensor  # [b]
+    apply: torch.Tensor  # [b]
+    context: torch.Tensor  # [b, L, H]
+    index: torch.Tensor  # [b] arange
+    keys: tuple[torch.Tensor, ...]  # per layer [b, kv, S, D]
+    values: tuple[torch.Tensor, ...]
 
 
 def context_length(model: RoutedModel) -> int:
@@ -158,8 +175,8 @@ class StaticDecoder:
         B, dev = max_batch, self.device
         self._caches: dict[tuple[int, int], SlotCache] = {}
         self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._compiled: dict[tuple[int, str], Callable] = {}  # (rows, routing mode): every column count
-        self._row_views: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # rows -> keys, values [:rows]
+        self._compiled: dict[str, Callable] = {}  # routing mode -> the step for every bucket
+        self._row_views: dict[int, _RowViews] = {}
         self._pool = None
         self._kv_shapes = self._probe_kv_shapes()
         self.columns = 0  # allocated
@@ -375,32 +392,51 @@ class StaticDecoder:
 
         routing_mode "token" skips the allow-list and pin ops; free rows run like live ones (their outputs are
         never read, and they count nothing: the trace weighs rows by `active`)."""
-        return self._forward(b, self.bias[:b, :, :, :s], self._cache(b, s), routing_mode, plugged)
+        return self._forward(self._rows_of(b), self.bias[:b, :, :, :s], self._cache(b, s), routing_mode, plugged)
 
-    def _compiled_body(self, b: int, bias: torch.Tensor, routing_mode: str, plugged: PluggedSet) -> tuple:
-        """The step of b rows compiled for every column bucket: bias [b, 1, 1, s] (a view of the mask, its last size
-        dynamic) names s, and the cache is made here, in the trace, with s symbolic, over the slot views of the first
-        b rows made outside it (`_row_views`: a view made in the trace is a view of a graph input, and inductor
-        wrote through it by copying those b rows of every buffer out and back, each step)."""
-        s, pos = bias.shape[-1], self.pos[:b]
-        cache = SlotCache([SlotLayer(k, v, pos, s) for k, v in self._row_views[b]])
-        return self._forward(b, bias, cache, routing_mode, plugged)
+    def _rows_of(self, b: int) -> _RowViews:
+        """The first b rows of every per-row buffer, as views made once per b (cleared with the buffers)."""
+        views = self._row_views.get(b)
+        if views is None:
+            views = _RowViews(
+                self.input_ids[:b],
+                self.pos[:b],
+                self.active[:b],
+                self.allowed[:b],
+                self.forced[:b],
+                self.apply[:b],
+                self.context[:b],
+                self._rows[:b],
+                tuple(k[:b] for k in self.keys),
+                tuple(v[:b] for v in self.values),
+            )
+            self._row_views[b] = views
+        return views
+
+    def _compiled_body(self, rows: _RowViews, bias: torch.Tensor, routing_mode: str, plugged: PluggedSet) -> tuple:
+        """The step compiled for every bucket (b >= 2; b = 1 is a graph of its own): the row views and the mask view
+        bias [b, 1, 1, s] are its arguments with b and s dynamic sizes, and the cache is made here, in the trace,
+        with s symbolic. The views are made outside it: a view made in the trace is a view of a graph input, and
+        inductor wrote through it by copying those b rows of every KV buffer out and back, each step."""
+        s = bias.shape[-1]
+        cache = SlotCache([SlotLayer(k, v, rows.pos, s) for k, v in zip(rows.keys, rows.values, strict=True)])
+        return self._forward(rows, bias, cache, routing_mode, plugged)
 
     def _forward(
-        self, b: int, bias: torch.Tensor, cache: SlotCache, routing_mode: str, plugged: PluggedSet
+        self, rows: _RowViews, bias: torch.Tensor, cache: SlotCache, routing_mode: str, plugged: PluggedSet
     ) -> tuple[torch.Tensor, ...]:
-        pos = self.pos[:b]
-        bias[self._rows[:b], 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
+        pos = rows.pos
+        bias[rows.index, 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
         routing = StepRouting(
-            self.allowed[:b],
-            self.forced[:b],
-            self.apply[:b],
+            rows.allowed,
+            rows.forced,
+            rows.apply,
             routes_anything=routing_mode != "off",
             all_token_mode=routing_mode == "token",
             applies_everywhere=True,
         )
         out = self.model(
-            self.input_ids[:b],
+            rows.input_ids,
             attention_mask=bias,
             routing=routing,
             plugged=plugged,
@@ -408,11 +444,11 @@ class StaticDecoder:
             position_ids=pos[:, None],
             use_cache=True,
             logits_to_keep=1,
-            token_mask=self.active[:b, None],
+            token_mask=rows.active[:, None],
             fixed_ops=self._fixed_ops,
-            context=self.context[:b],
+            context=rows.context,
         )
-        pos.add_(self.active[:b])
+        pos.add_(rows.active)
         return out.logits[:, -1], out.trace.rows, out.trace.layers
 
     def bucket(self) -> tuple[int, int]:
@@ -467,21 +503,24 @@ class StaticDecoder:
             captured[0].replay()
             return captured[1]
         if self.compile_backend:
-            fn = self._compiled.get((b, routing_mode))
+            fn = self._compiled.get(routing_mode)
             if fn is None:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(
-                    lambda bias: self._compiled_body(b, bias, routing_mode, plugged),
+                    lambda rows, bias: self._compiled_body(rows, bias, routing_mode, plugged),
                     backend=self.compile_backend,
                     fullgraph=True,
-                    dynamic=False,  # static but for the size marked dynamic: the columns
+                    dynamic=False,  # static but for the sizes marked dynamic: rows and columns
                 )
-                self._compiled[(b, routing_mode)] = fn
-            if b not in self._row_views:
-                self._row_views[b] = [(k[:b], v[:b]) for k, v in zip(self.keys, self.values, strict=True)]
-            bias = self.bias[:b, :, :, :s]
+                self._compiled[routing_mode] = fn
+            rows, bias = self._rows_of(b), self.bias[:b, :, :, :s]
+            for view in (*rows[:8], *rows.keys, *rows.values, bias):
+                torch._dynamo.maybe_mark_dynamic(view, 0)
             torch._dynamo.maybe_mark_dynamic(bias, 3)
-            return fn(bias)
+            # no duck shaping: sizes equal when traced (b = s = 8) stay distinct symbols, else the graph would hold
+            # them equal and recompile when they part
+            with fx_config.patch(use_duck_shape=False):
+                return fn(rows, bias)
         return self._body(b, s, routing_mode, plugged)
 
     def _warm_up(self, b: int, s: int, routing_mode: str, plugged: PluggedSet, times: int = 2) -> None:
