@@ -31,13 +31,14 @@ steps by writing a few slot rows; routing rows are rewritten when a row's spec o
 not per step. Sampling stays outside the step: one host read of logits (and the trace) per step.
 Columns are allocated as rows need them (doubling, up to max_len); a row reaching max_len finishes.
 
-Compiled (torch.compile, a CPU's stand-in for a CUDA graph), the buffers hold every column (max_len) from the start and
-a step is traced once per (rows b, routing mode), its column count s a size, not a constant: the mask view
-bias[:b, ..., :s] is the compiled function's argument with its last size marked dynamic. So no column bucket compiles
-and nothing is ever reallocated under a compiled step (before, every (b, s) bucket compiled, and each growth of the
-columns dropped them all: a 14.7 s stall mid-run on the GPT-2-124M shape). The price is memory: keys and values for
-max_batch x max_len up front (GPT-2-124M, 16 rows x 1024 positions: 1.2 GB in float32; the demo model, 16 x 512:
-64 MB), as a static KV cache holds. bench/step_profile.py --decoder-columns times the step per column bucket.
+Compiled (torch.compile, a CPU's stand-in for a CUDA graph), the buffers hold every column (max_len, plus one spare
+never attended) from the start, and a step is traced once per routing mode with its rows b and columns s as sizes,
+not constants: the per-row views (_RowViews, made once per b) and the mask view bias[:b, ..., :s] are the compiled
+function's arguments, b and s marked dynamic. It splits only where the model branches on them (b = 1; rows below the
+slot capacity, where bottleneck dispatch gathers), and nothing is ever reallocated under a compiled step (before,
+every (b, s) bucket compiled, and each growth of the columns dropped them all: a 14.7 s stall mid-run on the
+GPT-2-124M shape). The price is memory: keys and values for max_batch x max_len up front (GPT-2-124M, 16 rows x 1024
+positions: 1.2 GB in float32; the demo model, 16 x 512: 64 MB), as a static KV cache holds.
 
 Semantics: decoding row i with others equals decoding it alone (each row attends only its own columns,
 positions are per row), within float tolerance; a captured step equals the eager step.
@@ -131,8 +132,8 @@ class StaticDecoder:
         apply from the next step); a PluggedSet (e.g. a training set built from experts) is used as it is.
     capture: record each (rows, columns, route) bucket's step as a CUDA graph on first use and replay it
         (CUDA only; see capture_refusal). compile_backend: torch.compile the step with this backend instead, once
-        per (rows, routing mode), every column count ("inductor"; "aot_eager" traces and functionalises without
-        generating code), CPU or CUDA.
+        per routing mode for every bucket (see the module docstring; "inductor"; "aot_eager" traces and
+        functionalises without generating code), CPU or CUDA.
     fixed_ops: run each step with no host read (what capture and compile need). Default: so when captured,
         compiled or on a GPU; an eager CPU step instead reads each layer's choices once and runs adapters for the
         routed rows only (moe.model.routed.routed_top1_host_read), where a read costs no device sync.
