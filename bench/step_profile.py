@@ -1,7 +1,7 @@
 """Where a decode step's time goes in the engine, in process (no HTTP): the server's Engine (its own thread, the
 server's metrics) running `--clients` sequences of `--prompt-tokens`-token prompts x `--new-tokens` greedy tokens on
-the demo model with its experts, routing off and token mode, against HF `generate` on the same prompts as one static
-batch in the main thread (bench/peer.py's comparison).
+the demo model with its experts (or `--shape gpt2-124m`), routing off and token mode, against HF `generate` on the
+same prompts as one static batch in the main thread (bench/peer.py's comparison).
 
     python bench/step_profile.py                         # off, token, hf: tokens/s, cores, and the step's phases
     python bench/step_profile.py --profile               # plus cProfile of the engine thread (top functions)
@@ -13,9 +13,15 @@ times, after an untimed warm-up in the same process; ratios are taken within a r
 shared machine drifts: the load average is printed with each round). On a loaded machine the engine thread's CPU
 time per step (printed) moves less than its wall time: time spent waiting for a core does not count.
 
-A `+compile` case runs the engine with compile_backend (the server's --compile-decode). Its warm-up is two runs
-(the first grows the KV columns, which drops what was compiled against the smaller buffers) and compiles every
-bucket it reaches, so the warm-up's wall time (printed) is about the compile time.
+A `+compile` case runs the engine with compile_backend (the server's --compile-decode). Its warm-up is two runs,
+both printed: the first compiles what the run reaches (its wall time is about the compile time), the second shows
+whether anything compiles again (the graphs dynamo compiled in each run, and while timed, are printed; a compiled
+step survives the KV columns' growth, so in steady state none).
+
+`--shape gpt2-124m` runs random GPT-2-124M weights with the demo vocabulary and `--routed-experts` experts that win
+every token (bench/peer.py's named shape), written once to a temporary folder that every case's process reads:
+
+    python bench/step_profile.py --shape gpt2-124m --cases off off+compile token token+compile hf --rounds 2
 
 Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
 calls, each phase exclusive of the phases it calls: a few perf_counter reads per step, cheap beside the step):
@@ -53,6 +59,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -63,7 +70,8 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.peer import demo_prompts  # noqa: E402
+from bench.peer import demo_prompts, shape_with_demo_vocabulary  # noqa: E402
+from bench.serve_load import write_experts  # noqa: E402
 
 T = TypeVar("T")
 
@@ -131,6 +139,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def engine_case(case: str, args: argparse.Namespace) -> dict:
     import torch
+    from torch._dynamo.utils import counters
 
     from moe import RoutingSpec
     from moe.decode.sampling import SamplingParams
@@ -206,13 +215,17 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         counts = await asyncio.gather(*[one(p) for p in prompts])
         return sum(counts), time.perf_counter() - start
 
-    # untimed: every bucket allocated and compiled; twice, since the first run grows the KV columns (64 -> 128),
-    # which drops every step compiled against the smaller buffers
-    warm_up = sum(asyncio.run(run())[1] for _ in range(2))
+    # untimed, twice: the first allocates and compiles every bucket the run reaches (its wall is about the compile
+    # time); the second shows what is left (a compiled step survives the KV columns' growth: nothing recompiles)
+    graphs = counters["stats"]
+    warm_up = asyncio.run(run())[1]
+    graphs_in_warm_up = graphs["unique_graphs"]
+    second_warm_up = asyncio.run(run())[1]
+    graphs_in_second = graphs["unique_graphs"] - graphs_in_warm_up
     clock.seconds.clear()
     steps[0] = 0
     profiling[0] = True
-    compiled_before = len(scheduler.decoder._compiled)
+    graphs_before = graphs["unique_graphs"]
     engine_before, process_before = cpu_seconds_of_engine(engine), time.process_time()
     tokens, wall = asyncio.run(run())
     process_cores = (time.process_time() - process_before) / wall
@@ -229,8 +242,10 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
         "loop": wall / max(steps[0], 1),
         "warm_up": warm_up,
+        "second_warm_up": second_warm_up,
         "engine_cpu_per_step": engine_cores * wall / max(steps[0], 1),
-        "compiled_in_run": len(scheduler.decoder._compiled) - compiled_before,  # buckets compiled while timed
+        # graphs dynamo compiled (a recompile is one more): in each warm-up run, and while timed
+        "graphs": [graphs_in_warm_up, graphs_in_second, graphs["unique_graphs"] - graphs_before],
     }
     if profiler is not None:
         stream = io.StringIO()
@@ -278,7 +293,7 @@ def decoder_case(case: str, args: argparse.Namespace) -> dict:
         for _ in range(timed):
             decoder.step(slots, tokens, specs)
         wall = time.perf_counter() - start
-        assert decoder.columns == columns, "a row outgrew the column bucket"
+        assert max(decoder.lengths) < columns, "a row outgrew the column bucket"  # (compiled: all columns held)
         columns_out[str(columns)] = {
             "cpu_ms": (time.process_time() - cpu) / timed * 1e3,
             "wall_ms": wall / timed * 1e3,
@@ -342,9 +357,10 @@ def print_case(result: dict) -> None:
     if "engine_cpu_per_step" in result:
         line += f", engine CPU {result['engine_cpu_per_step'] * ms:.2f} ms/step"
     if "warm_up" in result:
-        line += f", warm-up {result['warm_up']:.1f} s"
-    if result.get("compiled_in_run"):
-        line += f", {result['compiled_in_run']} buckets compiled during the timed run"
+        line += f", warm-up runs {result['warm_up']:.1f} s + {result['second_warm_up']:.1f} s"
+    if any(result.get("graphs", ())):
+        first, second, timed = result["graphs"]
+        line += f", graphs compiled: {first} in the first warm-up, {second} in the second, {timed} while timed"
     print(line, flush=True)
     if "phases" in result:
         parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)
@@ -400,6 +416,14 @@ def main() -> None:
     parser.add_argument(
         "--decoder-steps", type=int, default=20, help="timed steps per column count (--decoder-columns)"
     )
+    parser.add_argument(
+        "--shape",
+        choices=["demo", "gpt2-124m"],
+        default="demo",
+        help="demo: --model and --experts; gpt2-124m: random GPT-2-124M weights with the demo vocabulary and "
+        "--routed-experts experts that win every token (bench/peer.py's shape), written to a temporary folder",
+    )
+    parser.add_argument("--routed-experts", type=int, default=8, help="gpt2-124m: experts that win every token")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args()
     if args.decoder_columns and "hf" in args.cases:
@@ -411,7 +435,18 @@ def main() -> None:
             result = hf_case(args) if args.case == "hf" else engine_case(args.case, args)
         print(json.dumps(result), flush=True)
         return
-    passed = sys.argv[1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        passed = sys.argv[1:]
+        if args.shape != "demo":  # written once: every case's process reads the same weights and experts
+            args.model = str(shape_with_demo_vocabulary(Path(tmp) / "model", args.shape))
+            args.experts = str(Path(tmp) / "experts")
+            write_experts(Path(args.model), Path(args.experts), args.routed_experts, 0, 16, "float32")
+            passed = [*passed, "--shape", "demo", "--model", args.model, "--experts", args.experts]
+        run_rounds(args, passed)
+
+
+def run_rounds(args: argparse.Namespace, passed: list[str]) -> None:
+    """Every case of --cases in a process of its own, --rounds times (order rotated), then the ratios."""
     what = f"the decoder alone at {args.decoder_columns} KV columns" if args.decoder_columns else "the engine"
     print(
         f"{what}: {args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "

@@ -31,6 +31,15 @@ steps by writing a few slot rows; routing rows are rewritten when a row's spec o
 not per step. Sampling stays outside the step: one host read of logits (and the trace) per step.
 Columns are allocated as rows need them (doubling, up to max_len); a row reaching max_len finishes.
 
+Compiled (torch.compile, a CPU's stand-in for a CUDA graph), the buffers hold every column (max_len, plus one spare
+never attended) from the start, and a step is traced once per routing mode with its rows b and columns s as sizes,
+not constants: the per-row views (_RowViews, made once per b) and the mask view bias[:b, ..., :s] are the compiled
+function's arguments, b and s marked dynamic. It splits only where the model branches on them (b = 1; rows below the
+slot capacity, where bottleneck dispatch gathers), and nothing is ever reallocated under a compiled step (before,
+every (b, s) bucket compiled, and each growth of the columns dropped them all: a 14.7 s stall mid-run on the
+GPT-2-124M shape). The price is memory: keys and values for max_batch x max_len up front (GPT-2-124M, 16 rows x 1024
+positions: 1.2 GB in float32; the demo model, 16 x 512: 64 MB), as a static KV cache holds.
+
 Semantics: decoding row i with others equals decoding it alone (each row attends only its own columns,
 positions are per row), within float tolerance; a captured step equals the eager step.
 
@@ -45,8 +54,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.fx.experimental._config as fx_config
 from transformers import DynamicCache
 
 from moe.adapters.slots import PluggedSet
@@ -60,6 +71,21 @@ from moe.routing.router import RoutingSpec, StepRouting
 logger = logging.getLogger(__name__)
 
 _FREE_ROW = RoutingSpec("off")  # a free slot's routing row: nothing allowed, nothing forced
+
+
+class _RowViews(NamedTuple):
+    """The first b rows of the decoder's per-row buffers (views: they share storage with the buffers)."""
+
+    input_ids: torch.Tensor  # [b, 1]
+    pos: torch.Tensor  # [b]
+    active: torch.Tensor  # [b]
+    allowed: torch.Tensor  # [b, C]
+    forced: torch.Tensor  # [b]
+    apply: torch.Tensor  # [b]
+    context: torch.Tensor  # [b, L, H]
+    index: torch.Tensor  # [b] arange
+    keys: tuple[torch.Tensor, ...]  # per layer [b, kv, S, D]
+    values: tuple[torch.Tensor, ...]
 
 
 def context_length(model: RoutedModel) -> int:
@@ -105,8 +131,9 @@ class StaticDecoder:
     plugged: None decodes with the model's live expert slots (what the server does: plugs between steps
         apply from the next step); a PluggedSet (e.g. a training set built from experts) is used as it is.
     capture: record each (rows, columns, route) bucket's step as a CUDA graph on first use and replay it
-        (CUDA only; see capture_refusal). compile_backend: torch.compile each bucket's step with this backend
-        instead ("inductor"; "aot_eager" traces and functionalises without generating code), CPU or CUDA.
+        (CUDA only; see capture_refusal). compile_backend: torch.compile the step with this backend instead, once
+        per routing mode for every bucket (see the module docstring; "inductor"; "aot_eager" traces and
+        functionalises without generating code), CPU or CUDA.
     fixed_ops: run each step with no host read (what capture and compile need). Default: so when captured,
         compiled or on a GPU; an eager CPU step instead reads each layer's choices once and runs adapters for the
         routed rows only (moe.model.routed.routed_top1_host_read), where a read costs no device sync.
@@ -149,7 +176,8 @@ class StaticDecoder:
         B, dev = max_batch, self.device
         self._caches: dict[tuple[int, int], SlotCache] = {}
         self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._compiled: dict[tuple[int, int, str], Callable] = {}
+        self._compiled: dict[str, Callable] = {}  # routing mode -> the step for every bucket
+        self._row_views: dict[int, _RowViews] = {}
         self._pool = None
         self._kv_shapes = self._probe_kv_shapes()
         self.columns = 0  # allocated
@@ -165,7 +193,9 @@ class StaticDecoder:
         pin = dev.type == "cuda"
         self._ids_host = torch.zeros(B, dtype=torch.long, pin_memory=pin)
         self.bias = torch.empty(0)
-        self._allocate_columns(self.min_columns)
+        # compiled, every column up front: the buffers never move, so a compiled step is never dropped (see the
+        # module docstring); eager or captured, columns double as rows need them
+        self._allocate_columns(self.max_len if compile_backend else self.min_columns)
 
         # host mirrors: what the bucket choice and the routing rows are made from
         self.lengths = [0] * B  # 0: a free slot; else tokens cached (= pos)
@@ -207,15 +237,20 @@ class StaticDecoder:
     # --- buffers ----------------------------------------------------------------------------------------------
 
     def _allocate_columns(self, columns: int) -> None:
-        """(Re)allocate the KV slots and the mask at `columns` columns, keeping what is there."""
-        old, B = self.columns, self.max_batch
-        keys = [torch.zeros(B, h, columns, dk, dtype=dt, device=self.device) for h, dk, _, dt in self._kv_shapes]
-        values = [torch.zeros(B, h, columns, dv, dtype=dt, device=self.device) for h, _, dv, dt in self._kv_shapes]
-        bias = torch.full((B, 1, 1, columns), self.min_value, dtype=self.dtype, device=self.device)
+        """(Re)allocate the KV slots and the mask at `columns` columns, keeping what is there.
+
+        Compiled, one spare column more, never attended: a bucket's views (keys[:b, :, :s], bias[:b, ..., :s]) are then
+        never contiguous, not even at s = columns, so a compiled step holds no guard on whether they are (it
+        recompiled when the rows first reached the last bucket)."""
+        old, B, dev = self.columns, self.max_batch, self.device
+        held = columns + 1 if self.compile_backend else columns
+        keys = [torch.zeros(B, h, held, dk, dtype=dt, device=dev) for h, dk, _, dt in self._kv_shapes]
+        values = [torch.zeros(B, h, held, dv, dtype=dt, device=dev) for h, _, dv, dt in self._kv_shapes]
+        bias = torch.full((B, 1, 1, held), self.min_value, dtype=self.dtype, device=dev)
         if old:
             for new, current in zip(keys + values, self.keys + self.values, strict=True):
-                new[:, :, :old] = current
-            bias[..., :old] = self.bias
+                new[:, :, :old] = current[:, :, :old]
+            bias[..., :old] = self.bias[..., :old]
         else:
             bias[..., 0] = 0.0  # free slots attend column 0: no all-masked softmax row, no NaN
         self.keys, self.values, self.bias, self.columns = keys, values, bias, columns
@@ -226,6 +261,7 @@ class StaticDecoder:
     def _forget_steps(self) -> None:
         """Buffers moved: drop the per-bucket caches and everything captured or compiled against them."""
         self._caches.clear()
+        self._row_views.clear()
         self._graphs.clear()
         self._compiled.clear()
         self._pool = None
@@ -357,31 +393,63 @@ class StaticDecoder:
 
         routing_mode "token" skips the allow-list and pin ops; free rows run like live ones (their outputs are
         never read, and they count nothing: the trace weighs rows by `active`)."""
-        pos = self.pos[:b]
-        bias = self.bias[:b, :, :, :s]
-        bias[self._rows[:b], 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
+        return self._forward(self._rows_of(b), self.bias[:b, :, :, :s], self._cache(b, s), routing_mode, plugged)
+
+    def _rows_of(self, b: int) -> _RowViews:
+        """The first b rows of every per-row buffer, as views made once per b (cleared with the buffers)."""
+        views = self._row_views.get(b)
+        if views is None:
+            views = _RowViews(
+                self.input_ids[:b],
+                self.pos[:b],
+                self.active[:b],
+                self.allowed[:b],
+                self.forced[:b],
+                self.apply[:b],
+                self.context[:b],
+                self._rows[:b],
+                tuple(k[:b] for k in self.keys),
+                tuple(v[:b] for v in self.values),
+            )
+            self._row_views[b] = views
+        return views
+
+    def _compiled_body(self, rows: _RowViews, bias: torch.Tensor, routing_mode: str, plugged: PluggedSet) -> tuple:
+        """The step compiled for every bucket (b >= 2; b = 1 is a graph of its own): the row views and the mask view
+        bias [b, 1, 1, s] are its arguments with b and s dynamic sizes, and the cache is made here, in the trace,
+        with s symbolic. The views are made outside it: a view made in the trace is a view of a graph input, and
+        inductor wrote through it by copying those b rows of every KV buffer out and back, each step."""
+        s = bias.shape[-1]
+        cache = SlotCache([SlotLayer(k, v, rows.pos, s) for k, v in zip(rows.keys, rows.values, strict=True)])
+        return self._forward(rows, bias, cache, routing_mode, plugged)
+
+    def _forward(
+        self, rows: _RowViews, bias: torch.Tensor, cache: SlotCache, routing_mode: str, plugged: PluggedSet
+    ) -> tuple[torch.Tensor, ...]:
+        pos = rows.pos
+        bias[rows.index, 0, 0, pos] = self._zero  # index_put_: the row sees its own new token
         routing = StepRouting(
-            self.allowed[:b],
-            self.forced[:b],
-            self.apply[:b],
+            rows.allowed,
+            rows.forced,
+            rows.apply,
             routes_anything=routing_mode != "off",
             all_token_mode=routing_mode == "token",
             applies_everywhere=True,
         )
         out = self.model(
-            self.input_ids[:b],
+            rows.input_ids,
             attention_mask=bias,
             routing=routing,
             plugged=plugged,
-            past_key_values=self._cache(b, s),
+            past_key_values=cache,
             position_ids=pos[:, None],
             use_cache=True,
             logits_to_keep=1,
-            token_mask=self.active[:b, None],
+            token_mask=rows.active[:, None],
             fixed_ops=self._fixed_ops,
-            context=self.context[:b],
+            context=rows.context,
         )
-        pos.add_(self.active[:b])
+        pos.add_(rows.active)
         return out.logits[:, -1], out.trace.rows, out.trace.layers
 
     def bucket(self) -> tuple[int, int]:
@@ -436,18 +504,24 @@ class StaticDecoder:
             captured[0].replay()
             return captured[1]
         if self.compile_backend:
-            fn = self._compiled.get(key)
+            fn = self._compiled.get(routing_mode)
             if fn is None:
-                self._cache(b, s)  # made before tracing: a cache made inside the trace fails its guard next step
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(
-                    lambda: self._body(b, s, routing_mode, plugged),
+                    lambda rows, bias: self._compiled_body(rows, bias, routing_mode, plugged),
                     backend=self.compile_backend,
                     fullgraph=True,
-                    dynamic=False,
+                    dynamic=False,  # static but for the sizes marked dynamic: rows and columns
                 )
-                self._compiled[key] = fn
-            return fn()
+                self._compiled[routing_mode] = fn
+            rows, bias = self._rows_of(b), self.bias[:b, :, :, :s]
+            for view in (*rows[:8], *rows.keys, *rows.values, bias):
+                torch._dynamo.maybe_mark_dynamic(view, 0)
+            torch._dynamo.maybe_mark_dynamic(bias, 3)
+            # no duck shaping: sizes equal when traced (b = s = 8) stay distinct symbols, else the graph would hold
+            # them equal and recompile when they part
+            with fx_config.patch(use_duck_shape=False):
+                return fn(rows, bias)
         return self._body(b, s, routing_mode, plugged)
 
     def _warm_up(self, b: int, s: int, routing_mode: str, plugged: PluggedSet, times: int = 2) -> None:

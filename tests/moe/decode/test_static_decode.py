@@ -9,9 +9,12 @@ Correctness runs in float64 on tiny models with large weights, so greedy near-ti
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -471,3 +474,59 @@ def test_a_traced_step_has_no_graph_break_and_equals_eager() -> None:
 def test_an_inductor_compiled_step_equals_eager() -> None:
     """The same with inductor's generated code (what runs on a GPU, minus the CUDA graph)."""
     _compiled_against_eager("inductor", steps=6)
+
+
+def _compiled_across_buckets(backend: str) -> None:
+    """A compiled step survives the rows' growth: the buffers hold every column from the start (nothing to
+    reallocate), and one graph per routing mode serves every column bucket. Five rows decode while their longest
+    grows from the 8- to the 64-column bucket, rows leave (the row bucket falls 8 -> 4 -> 2), then two fresh short
+    rows run the 8-column bucket again, and every token equals the eager decoder's. b and s are sizes of the
+    compiled function's arguments (the row views, the mask view), not constants: two graphs in all, one for rows at
+    or above the slot capacity (8) and one below, where the bottleneck dispatch takes its gathered form
+    (moe.adapters.bottleneck.slot_dispatch decides by rows against capacity); none per column bucket."""
+    model = RoutedModel(tiny64("llama", seed=1).float())
+    for expert in experts_for(model, 2, seed=3):
+        model.plug(expert)
+    waves = [[[5, 6, 7], [9, 10, 11, 12], [1, 2], [7, 7, 7, 7, 7], [8]], [[3, 1], [4, 1, 5]]]
+    leaving = {8: 2, 16: 1}  # step of the first wave -> how many of the highest slots leave before it
+    spec = RoutingSpec("token")
+    results = []
+    for compiled in (None, backend):
+        torch._dynamo.reset()
+        counters.clear()
+        decoder = StaticDecoder(model, max_batch=8, max_len=64, min_columns=8, compile_backend=compiled)
+        tokens, graphs, buckets = [], [], []
+        for wave, steps in zip(waves, (36, 10), strict=True):
+            decoder.reset()
+            pre = prefill(model, wave, [spec] * len(wave))
+            rows = {decoder.join(pre, i): int(pre.logits[i].argmax()) for i in range(len(wave))}  # slot -> token
+            for t in range(steps):
+                for _ in range(leaving.get(t, 0) if len(wave) > 2 else 0):
+                    decoder.leave(max(rows))
+                    rows.pop(max(rows))
+                slots = sorted(rows)
+                buckets.append(decoder.bucket())
+                out = decode_one_token(decoder, slots, [rows[s] for s in slots], [spec] * len(slots))
+                rows = {slot: int(x) for slot, x in zip(slots, out.logits.argmax(-1), strict=True)}
+                tokens.append([rows[s] for s in slots])
+                graphs.append(counters["stats"]["unique_graphs"])
+        assert decoder.columns == 64
+        results.append(tokens)
+    assert {s for _, s in buckets} == {8, 16, 32, 64} and {b for b, _ in buckets} == {8, 4, 2}
+    assert buckets[36] == (2, 8), "the second wave runs the first column bucket again"
+    assert graphs == [1] * 8 + [2] * (len(graphs) - 8), "rows >= capacity, then fewer; no column bucket compiles"
+    assert results[1] == results[0]
+
+
+def test_a_compiled_step_serves_every_bucket_without_recompiling() -> None:
+    """aot_eager: dynamo's guards and AOT's functionalisation over dynamic rows and columns (no generated code)."""
+    _compiled_across_buckets("aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor's CPU backend needs a C++ compiler (g++)"
+)
+def test_an_inductor_compiled_step_serves_every_bucket_without_recompiling() -> None:
+    """The same with inductor's generated code (kernels over symbolic rows and columns)."""
+    _compiled_across_buckets("inductor")
