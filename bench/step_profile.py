@@ -8,6 +8,11 @@ same prompts as one static batch in the main thread (bench/peer.py's comparison)
     python bench/step_profile.py --cases token --rounds 3
     python bench/step_profile.py --cases off off+compile token token+compile   # the compiled decode step (inductor)
 
+Token mode routes as the server does by default: the context router fitted on the experts' domain texts
+(`--router gates`: each expert's cosine gates alone, `plugmoe serve --router gates`; a token case says "routed by the
+gates" where the gates route, e.g. experts without domain texts, as the gpt2-124m shape's). A set routed by the context
+router decodes eagerly (PluggedSet.eager_only), so its `+compile` case compiles the routing-off step only.
+
 Each case runs in a fresh process (libgomp's pools are per process, see server/engine.py), in turn, `--rounds`
 times, after an untimed warm-up in the same process; ratios are taken within a round and the median printed (a
 shared machine drifts: the load average is printed with each round). On a loaded machine the engine thread's CPU
@@ -132,6 +137,10 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         backbone, tokenizer = load_backbone(args.model)
         model = RoutedModel(backbone, RouterConfig())
         model.set_experts(tuple(load_experts_dir(args.experts, model.fingerprint)))
+        if args.router == "context" and len(model.plugged):  # as the server does after a plug (its default)
+            from moe.admission.router_fit import ContextRouterFitter
+
+            ContextRouterFitter(model, tokenizer).offer(model.plugged.experts)  # None: too few domain texts
         return model, tokenizer
 
     return in_ending_thread(body)
@@ -234,6 +243,8 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     engine.stop()
     result = {
         "case": case,
+        # what routed token mode: the context router, or the gates (asked, or an expert with too few domain texts)
+        "router": "gates" if mode == "off" or model.plugged.context is None else "context",
         "tokens": tokens,
         "wall": wall,
         "steps": steps[0],
@@ -354,6 +365,8 @@ def print_case(result: dict) -> None:
         f"  {result['case']:13s} {result['tokens'] / result['wall']:7.0f} tok/s  {result['loop'] * ms:6.2f} ms/step"
         f"  engine {result['engine_cores']:.2f} cores, process {result['process_cores']:.2f}"
     )
+    if result.get("router") == "gates" and result["case"].startswith("token"):
+        line += ", routed by the gates"
     if "engine_cpu_per_step" in result:
         line += f", engine CPU {result['engine_cpu_per_step'] * ms:.2f} ms/step"
     if "warm_up" in result:
@@ -403,6 +416,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:3]))
+    parser.add_argument(
+        "--router",
+        choices=["context", "gates"],
+        default="context",
+        help="token mode's router: the server's default (context: fitted on the experts' domain texts, the gates "
+        "where an expert carries fewer than 8) or each expert's cosine gates alone (plugmoe serve --router gates)",
+    )
     parser.add_argument("--compile", default="inductor", help="the +compile cases' torch.compile backend")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (engine cases)")
     parser.add_argument("--top", type=int, default=25, help="functions the profile lists")
@@ -450,7 +470,7 @@ def run_rounds(args: argparse.Namespace, passed: list[str]) -> None:
     what = f"the decoder alone at {args.decoder_columns} KV columns" if args.decoder_columns else "the engine"
     print(
         f"{what}: {args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
-        f"{args.threads} threads"
+        f"{args.threads} threads, --router {args.router}"
     )
     rounds: list[dict[str, dict]] = []
     for index in range(args.rounds):
