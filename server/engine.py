@@ -303,7 +303,8 @@ class Engine:
                     if self._stopping:
                         break
                 try:
-                    self._run_calls()
+                    if self._calls:  # as the submissions below: a step with nothing queued pays no call
+                        self._run_calls()
                     if self._submitted:
                         with self._wake:  # under the lock: submit_all's queue bound counts each request once
                             scheduler.add(self._submitted)
