@@ -397,7 +397,7 @@ def main() -> None:
         "--compile-decode",
         choices=["off", "inductor"],
         default="off",
-        help="plugmoe servers' --compile-decode (inductor: two warm-up runs, the second after the KV columns grew)",
+        help="plugmoe servers' --compile-decode (inductor: two warm-up runs, the second for buckets the first missed)",
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this bench started
@@ -437,7 +437,7 @@ def main() -> None:
                     return static.run(args)
                 return run_server(config, servers[config], prompts, args)
 
-            warm_ups = 2 if args.compile_decode != "off" else 1  # growing columns drops what was compiled before
+            warm_ups = 2 if args.compile_decode != "off" else 1  # compile: a row bucket the first run missed
             for _ in range(warm_ups):
                 for config in configs:  # untimed, full length: every shape each one reaches is allocated first
                     run(config)

@@ -12,12 +12,13 @@ sequences in flight, whose tag it sets on each request for the scheduler's round
 an asyncio queue per request (server.requests.RequestHandle, the scheduler's SequenceOutput), so the HTTP layer
 never blocks on the model. Metrics are read from the scheduler's report of each phase of a step (_EngineObserver).
 
-compile_backend ("inductor"; the server's --compile-decode): each decode bucket's step (rows, columns, routing
-mode) is torch.compile'd the first time it runs, where no CUDA graph is captured (a CPU); greedy tokens are the
-eager step's. Opt-in: on the demo model, 16 rows, one thread, a compiled step took ~0.8x the eager step's CPU time
-at 64 KV columns but the same at 128, and the engine as a whole was no faster (bench/step_profile.py); each new
-bucket compiles once (seconds with inductor's on-disk cache warm, about a minute cold on a loaded 2-core machine),
-and again when the KV columns grow.
+compile_backend ("inductor"; the server's --compile-decode): the decode step is torch.compile'd once per routing
+mode where no CUDA graph is captured (a CPU), its rows and KV columns dynamic sizes and the KV columns allocated for
+the whole context up front, so nothing recompiles as rows grow or the batch changes size (graphs split at one row
+and below the slot capacity); greedy tokens are the eager step's. Opt-in: it cut the engine's CPU per step to
+~0.8x (demo model) and ~0.9x (GPT-2-124M shape) on one thread (bench/step_profile.py), but each graph compiles on
+first use (demo ~20 s, 124M ~55 s with a cold inductor cache), stalling the requests then running; a set routed by
+the context router decodes eagerly (PluggedSet.eager_only).
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.
