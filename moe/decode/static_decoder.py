@@ -411,6 +411,9 @@ class StaticDecoder:
                 tuple(k[:b] for k in self.keys),
                 tuple(v[:b] for v in self.values),
             )
+            if self.compile_backend:  # the rows a dynamic size of the compiled step: marked once, on views kept
+                for view in (*views[: _RowViews._fields.index("keys")], *views.keys, *views.values):
+                    torch._dynamo.maybe_mark_dynamic(view, 0)
             self._row_views[b] = views
         return views
 
@@ -514,9 +517,8 @@ class StaticDecoder:
                     dynamic=False,  # static but for the sizes marked dynamic: rows and columns
                 )
                 self._compiled[routing_mode] = fn
-            rows, bias = self._rows_of(b), self.bias[:b, :, :, :s]
-            for view in (*rows[:8], *rows.keys, *rows.values, bias):
-                torch._dynamo.maybe_mark_dynamic(view, 0)
+            rows, bias = self._rows_of(b), self.bias[:b, :, :, :s]  # the mask view is made per step: marked here
+            torch._dynamo.maybe_mark_dynamic(bias, 0)
             torch._dynamo.maybe_mark_dynamic(bias, 3)
             # no duck shaping: sizes equal when traced (b = s = 8) stay distinct symbols, else the graph would hold
             # them equal and recompile when they part
