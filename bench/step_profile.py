@@ -37,7 +37,9 @@ calls, each phase exclusive of the phases it calls: a few perf_counter reads per
     advance      Scheduler._advance, every row: record the token, TextStream.add (detokenise), the Event
     flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop, with
                  the wait for the GIL while the woken loop holds it
-    admit        Scheduler._admit: admission and prefill (the new rows' first tokens: under sampling, advance)
+    prefill      moe.decode.prefill.prefill, from the admission: the prompts' forward (model work, as `forward`)
+    admit        the rest of Scheduler._admit: picking, arming and joining the new rows (their first tokens: under
+                 sampling, advance)
     other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
 
 `--decoder-columns 64 128 256` times the decoder alone instead (no engine, no sampling, no text): per case, in a
@@ -81,7 +83,7 @@ from bench.serve_load import write_experts  # noqa: E402
 T = TypeVar("T")
 
 CASES = ("off", "token", "hf", "off+compile", "token+compile")
-PHASES = ("forward", "step rest", "sampling", "advance", "flush", "admit", "other")
+PHASES = ("forward", "step rest", "sampling", "advance", "flush", "prefill", "admit", "other")
 
 
 class PhaseClock:
@@ -150,6 +152,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
+    import moe.decode.scheduler as scheduler_module
     from moe import RoutingSpec
     from moe.decode.sampling import SamplingParams
     from moe.decode.sequence import GenerationRequest
@@ -188,6 +191,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     clock.wrap(scheduler, "_advance", "advance")
     clock.wrap(scheduler, "_flush", "flush")
     clock.wrap(scheduler, "_admit", "admit")
+    clock.wrap(scheduler_module, "prefill", "prefill")  # the name _start calls
     decode = scheduler._decode
 
     def counted_decode(plugged: Any) -> None:
