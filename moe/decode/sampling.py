@@ -187,8 +187,9 @@ def sample_step(
     batch = logits.shape[0]
     raw = logits.float()
     x = process_logits(raw, params, steps, eos_ids, prompts, outputs, allowed)  # [B, V]
-    tokens = x.argmax(dim=-1)  # [B]; kept for greedy rows
-    out = tokens.tolist()
+    # [B]; kept for greedy rows. max's indices are argmax's (the first maximal entry, NaN first): on a CPU, [16, 2189]
+    # one thread, 25 us against argmax's 75 (32k columns: 300 against 940)
+    out = x.max(dim=-1).indices.tolist()
     sampled = [i for i in range(batch) if not params[i].greedy]
     if sampled:
         rows = torch.tensor(sampled, device=x.device)
