@@ -34,7 +34,7 @@ calls, each phase exclusive of the phases it calls: a few perf_counter reads per
     forward      StaticDecoder._run: the model's decode forward (routing ops included)
     step rest    the rest of StaticDecoder.step: input ids in, logits rows out, the one trace read, counts by route
     sampling     Scheduler._sample (sample_step and its host read)
-    advance      Scheduler._advance, every row: record the token, TextStream.add (detokenise), the Event
+    advance      Scheduler._advance_all, every row: record the token, TextStream.add (detokenise), the Event
     flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop, with
                  the wait for the GIL while the woken loop holds it
     prefill      moe.decode.prefill.prefill, from the admission: the prompts' forward (model work, as `forward`)
@@ -188,7 +188,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     clock.wrap(scheduler.decoder, "_run", "forward")
     clock.wrap(scheduler.decoder, "step", "step rest")
     clock.wrap(scheduler, "_sample", "sampling")
-    clock.wrap(scheduler, "_advance", "advance")
+    clock.wrap(scheduler, "_advance_all", "advance")
     clock.wrap(scheduler, "_flush", "flush")
     clock.wrap(scheduler, "_admit", "admit")
     clock.wrap(scheduler_module, "prefill", "prefill")  # the name _start calls
