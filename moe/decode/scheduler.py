@@ -224,6 +224,9 @@ class Scheduler:
         self._last_admitted: dict[str, int] = {}  # client tag -> when it last had a sequence admitted
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()  # the compiler is built from whichever side asks first
+        # the plugged set every running row's spec was last checked against (current_spec) in a decode step: a row
+        # joins after its own check against the step's set, so while the set is this one no row needs it again
+        self._specs_checked: PluggedSet | None = None
 
     @property
     def busy(self) -> bool:
@@ -400,8 +403,7 @@ class Scheduler:
         """Whether a sequence goes on under this plugged set, its routing (`routing`, else its current spec)
         updated; False: it was cancelled (its output's `cancelled` flag) or its pinned expert unplugged, and was
         finished."""
-        if seq.output is not None and seq.output.cancelled:
-            self._finish(seq, CANCELLED, "the client went away")
+        if self._cancelled(seq):
             return False
         spec, message = current_spec(seq.spec if routing is None else routing, plugged)
         if spec is None:
@@ -409,6 +411,13 @@ class Scheduler:
             return False
         seq.spec = spec
         return True
+
+    def _cancelled(self, seq: Sequence) -> bool:
+        """Whether the sequence's reader is gone (its output's `cancelled` flag); then it was finished."""
+        if seq.output is not None and seq.output.cancelled:
+            self._finish(seq, CANCELLED, "the client went away")
+            return True
+        return False
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
@@ -487,7 +496,11 @@ class Scheduler:
         """The admission's events go out first (new rows' first tokens); then the rows still listening whose
         experts are still plugged decode one token each."""
         self._flush()
-        keep = [row for row, seq in enumerate(self.running) if self._may_go_on(seq, plugged)]
+        if plugged is self._specs_checked:  # every running row's spec holds under it: only cancellations to see
+            keep = [row for row, seq in enumerate(self.running) if not self._cancelled(seq)]
+        else:
+            keep = [row for row, seq in enumerate(self.running) if self._may_go_on(seq, plugged)]
+            self._specs_checked = plugged
         self._drop(keep)
         if not self.running:
             return
