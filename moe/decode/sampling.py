@@ -227,17 +227,19 @@ def _block_stops(x: torch.Tensor, params: list[SamplingParams], steps: list[int]
     ignore EOS (in place)."""
     rows: list[int] = []
     columns: list[int] = []
+    eos = sorted(set(eos_ids))
     for i, p in enumerate(params):
-        stops: set[int] = set()
         if steps[i] < p.min_new_tokens:
-            stops = set(eos_ids) | set(p.stop_token_ids)
+            stops = sorted(set(eos).union(p.stop_token_ids)) if p.stop_token_ids else eos
         elif p.ignore_eos:
-            stops = set(eos_ids)
-        if stops:
-            rows += [i] * len(stops)
-            columns += sorted(stops)
+            stops = eos
+        else:
+            continue
+        rows += [i] * len(stops)
+        columns += stops
     if rows:
-        x[torch.tensor(rows, device=x.device), torch.tensor(columns, device=x.device)] = float("-inf")
+        index = torch.tensor([rows, columns], device=x.device)  # [2, N]: one host-to-tensor copy
+        x.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=x.device))
 
 
 def _add_logit_bias(x: torch.Tensor, params: list[SamplingParams]) -> None:
