@@ -187,9 +187,7 @@ def sample_step(
     batch = logits.shape[0]
     raw = logits.float()
     x = process_logits(raw, params, steps, eos_ids, prompts, outputs, allowed)  # [B, V]
-    # [B]; kept for greedy rows. max's indices are argmax's (the first maximal entry, NaN first): on a CPU, [16, 2189]
-    # one thread, 25 us against argmax's 75 (32k columns: 300 against 940)
-    out = x.max(dim=-1).indices.tolist()
+    out = greedy_tokens(x)  # [B]; kept for greedy rows
     sampled = [i for i in range(batch) if not params[i].greedy]
     if sampled:
         rows = torch.tensor(sampled, device=x.device)
@@ -199,6 +197,16 @@ def sample_step(
         for j, i in enumerate(sampled):
             out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
     return Sampled(out, _logprobs(raw, out, params))
+
+
+def greedy_tokens(x: torch.Tensor) -> list[int]:
+    """x [B, V] -> each row's argmax (the first maximal entry; a NaN row's first NaN), as ints.
+
+    On a CPU through numpy's argmax, which has the same rule: torch's last-dimension argmax is far slower there
+    ([16, 2189] float32: ~3 us against torch's ~30; [16, 32000]: ~40 us against ~800, 2 threads)."""
+    if x.device.type == "cpu":
+        return x.detach().numpy().argmax(axis=1).tolist()
+    return x.argmax(dim=-1).tolist()
 
 
 def process_logits(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.decode.sampling import SamplingParams, SamplingParamsError, sample
+from moe.decode.sampling import SamplingParams, SamplingParamsError, greedy_tokens, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0], [2.5, 0.0, 0.1, 0.2, 2.4]])
 
@@ -32,7 +32,10 @@ def test_greedy_is_the_first_maximal_token_as_argmax() -> None:
     logits[10] = logits[10].round()  # many small ties below the maximum
     logits[11, :] = 1.0
     tokens = sample(logits, [SamplingParams()] * 64, [None] * 64, [10] * 64)
-    assert tokens == logits.argmax(dim=-1).tolist()
+    assert tokens == logits.argmax(dim=-1).tolist() == greedy_tokens(logits)
+    assert (
+        greedy_tokens(logits.double()) == tokens and greedy_tokens(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()
+    )
     assert tokens[0] == 7 and tokens[5] == 0 and tokens[9] == 11 and tokens[11] == 0
 
 
