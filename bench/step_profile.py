@@ -29,15 +29,18 @@ every token (bench/peer.py's named shape), written once to a temporary folder th
     python bench/step_profile.py --shape gpt2-124m --cases off off+compile token token+compile hf --rounds 2
 
 Phases of an engine step (wall time of the engine thread, per decode step, from timers around the scheduler's
-calls, each phase exclusive of the phases it calls: a few perf_counter reads per step, cheap beside the step):
+calls, each phase exclusive of the phases it calls: a few perf_counter reads per step, cheap beside the step;
+`--phase-clock cpu`: the engine thread's CPU time instead, which a machine shared with other work moves less):
 
     forward      StaticDecoder._run: the model's decode forward (routing ops included)
     step rest    the rest of StaticDecoder.step: input ids in, logits rows out, the one trace read, counts by route
     sampling     Scheduler._sample (sample_step and its host read)
-    advance      Scheduler._advance, every row: record the token, TextStream.add (detokenise), the Event
+    advance      Scheduler._advance_all, every row: record the token, TextStream.add (detokenise), the Event
     flush        Scheduler._flush: the observer (metrics, routed totals) and the pushes to the event loop, with
                  the wait for the GIL while the woken loop holds it
-    admit        Scheduler._admit: admission and prefill (the new rows' first tokens: under sampling, advance)
+    prefill      moe.decode.prefill.prefill, from the admission: the prompts' forward (model work, as `forward`)
+    admit        the rest of Scheduler._admit: picking, arming and joining the new rows (their first tokens: under
+                 sampling, advance)
     other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
 
 `--decoder-columns 64 128 256` times the decoder alone instead (no engine, no sampling, no text): per case, in a
@@ -81,28 +84,30 @@ from bench.serve_load import write_experts  # noqa: E402
 T = TypeVar("T")
 
 CASES = ("off", "token", "hf", "off+compile", "token+compile")
-PHASES = ("forward", "step rest", "sampling", "advance", "flush", "admit", "other")
+PHASES = ("forward", "step rest", "sampling", "advance", "flush", "prefill", "admit", "other")
 
 
 class PhaseClock:
     """Exclusive seconds per named phase (a nested timed call's time is its own phase's, not its caller's), from
-    wrappers around bound methods (replaced on the instance)."""
+    wrappers around bound methods (replaced on the instance). clock: time.perf_counter (wall) or time.thread_time
+    (the calling thread's CPU: waiting for a core, or for the GIL, does not count)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self._nested: list[float] = []  # per open call: seconds its timed callees took
+        self._clock = clock
 
     def wrap(self, owner: Any, method: str, phase: str) -> None:
         inner: Callable = getattr(owner, method)
-        seconds, nested = self.seconds, self._nested
+        seconds, nested, clock = self.seconds, self._nested, self._clock
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             nested.append(0.0)
-            start = time.perf_counter()
+            start = clock()
             try:
                 return inner(*args, **kwargs)
             finally:
-                took = time.perf_counter() - start
+                took = clock() - start
                 seconds[phase] += took - nested.pop()
                 if nested:
                     nested[-1] += took
@@ -150,6 +155,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
+    import moe.decode.scheduler as scheduler_module
     from moe import RoutingSpec
     from moe.decode.sampling import SamplingParams
     from moe.decode.sequence import GenerationRequest
@@ -165,7 +171,8 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
             model, tokenizer, max_batch_size=args.clients, max_queue=4 * args.clients, metrics=Metrics(), **options
         )
     )
-    scheduler, clock = engine.scheduler, PhaseClock()
+    scheduler = engine.scheduler
+    clock = PhaseClock(time.thread_time if args.phase_clock == "cpu" else time.perf_counter)
     steps = [0]
     profiler = cProfile.Profile() if args.profile else None
     profiling = [False]  # the timed run only
@@ -185,9 +192,11 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
     clock.wrap(scheduler.decoder, "_run", "forward")
     clock.wrap(scheduler.decoder, "step", "step rest")
     clock.wrap(scheduler, "_sample", "sampling")
-    clock.wrap(scheduler, "_advance", "advance")
+    # per batch; a tree from before it (this file run against an older checkout, for a before/after) per row
+    clock.wrap(scheduler, "_advance_all" if hasattr(scheduler, "_advance_all") else "_advance", "advance")
     clock.wrap(scheduler, "_flush", "flush")
     clock.wrap(scheduler, "_admit", "admit")
+    clock.wrap(scheduler_module, "prefill", "prefill")  # the name _start calls
     decode = scheduler._decode
 
     def counted_decode(plugged: Any) -> None:
@@ -251,6 +260,7 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         "engine_cores": engine_cores,
         "process_cores": process_cores,
         "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
+        "phase_clock": args.phase_clock,
         "loop": wall / max(steps[0], 1),
         "warm_up": warm_up,
         "second_warm_up": second_warm_up,
@@ -377,7 +387,7 @@ def print_case(result: dict) -> None:
     print(line, flush=True)
     if "phases" in result:
         parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)
-        print(f"{'':16s}ms per decode step: {parts}", flush=True)
+        print(f"{'':16s}{result['phase_clock']} ms per decode step: {parts}", flush=True)
     if "profile" in result:
         print(result["profile"], flush=True)
 
@@ -425,6 +435,13 @@ def main() -> None:
     )
     parser.add_argument("--compile", default="inductor", help="the +compile cases' torch.compile backend")
     parser.add_argument("--profile", action="store_true", help="cProfile the engine thread (engine cases)")
+    parser.add_argument(
+        "--phase-clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="what a phase's ms are: wall time of the engine thread, or its CPU time (a loaded machine's waits for a "
+        "core, and the waits for the GIL, left out; each read is a system call, ~1 us)",
+    )
     parser.add_argument("--top", type=int, default=25, help="functions the profile lists")
     parser.add_argument(
         "--decoder-columns",

@@ -187,8 +187,7 @@ def sample_step(
     batch = logits.shape[0]
     raw = logits.float()
     x = process_logits(raw, params, steps, eos_ids, prompts, outputs, allowed)  # [B, V]
-    tokens = x.argmax(dim=-1)  # [B]; kept for greedy rows
-    out = tokens.tolist()
+    out = greedy_tokens(x)  # [B]; kept for greedy rows
     sampled = [i for i in range(batch) if not params[i].greedy]
     if sampled:
         rows = torch.tensor(sampled, device=x.device)
@@ -198,6 +197,16 @@ def sample_step(
         for j, i in enumerate(sampled):
             out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
     return Sampled(out, _logprobs(raw, out, params))
+
+
+def greedy_tokens(x: torch.Tensor) -> list[int]:
+    """x [B, V] -> each row's argmax (the first maximal entry; a NaN row's first NaN), as ints.
+
+    On a CPU through numpy's argmax, which has the same rule: torch's last-dimension argmax is far slower there
+    ([16, 2189] float32: ~3 us against torch's ~30; [16, 32000]: ~40 us against ~800, 2 threads)."""
+    if x.device.type == "cpu":
+        return x.detach().numpy().argmax(axis=1).tolist()
+    return x.argmax(dim=-1).tolist()
 
 
 def process_logits(
@@ -226,17 +235,19 @@ def _block_stops(x: torch.Tensor, params: list[SamplingParams], steps: list[int]
     ignore EOS (in place)."""
     rows: list[int] = []
     columns: list[int] = []
+    eos = sorted(set(eos_ids))
     for i, p in enumerate(params):
-        stops: set[int] = set()
         if steps[i] < p.min_new_tokens:
-            stops = set(eos_ids) | set(p.stop_token_ids)
+            stops = sorted(set(eos).union(p.stop_token_ids)) if p.stop_token_ids else eos
         elif p.ignore_eos:
-            stops = set(eos_ids)
-        if stops:
-            rows += [i] * len(stops)
-            columns += sorted(stops)
+            stops = eos
+        else:
+            continue
+        rows += [i] * len(stops)
+        columns += stops
     if rows:
-        x[torch.tensor(rows, device=x.device), torch.tensor(columns, device=x.device)] = float("-inf")
+        index = torch.tensor([rows, columns], device=x.device)  # [2, N]: one host-to-tensor copy
+        x.index_put_((index[0], index[1]), torch.tensor(float("-inf"), device=x.device))
 
 
 def _add_logit_bias(x: torch.Tensor, params: list[SamplingParams]) -> None:

@@ -224,6 +224,9 @@ class Scheduler:
         self._last_admitted: dict[str, int] = {}  # client tag -> when it last had a sequence admitted
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()  # the compiler is built from whichever side asks first
+        # the plugged set every running row's spec was last checked against (current_spec) in a decode step: a row
+        # joins after its own check against the step's set, so while the set is this one no row needs it again
+        self._specs_checked: PluggedSet | None = None
 
     @property
     def busy(self) -> bool:
@@ -400,8 +403,7 @@ class Scheduler:
         """Whether a sequence goes on under this plugged set, its routing (`routing`, else its current spec)
         updated; False: it was cancelled (its output's `cancelled` flag) or its pinned expert unplugged, and was
         finished."""
-        if seq.output is not None and seq.output.cancelled:
-            self._finish(seq, CANCELLED, "the client went away")
+        if self._cancelled(seq):
             return False
         spec, message = current_spec(seq.spec if routing is None else routing, plugged)
         if spec is None:
@@ -409,6 +411,13 @@ class Scheduler:
             return False
         seq.spec = spec
         return True
+
+    def _cancelled(self, seq: Sequence) -> bool:
+        """Whether the sequence's reader is gone (its output's `cancelled` flag); then it was finished."""
+        if seq.output is not None and seq.output.cancelled:
+            self._finish(seq, CANCELLED, "the client went away")
+            return True
+        return False
 
     def _arm(self, seq: Sequence, plugged: PluggedSet) -> bool:
         """Give a sequence about to start its routing, generator, text stream and grammar. False: it cannot
@@ -476,12 +485,8 @@ class Scheduler:
         rows = [seqs[row] for row in live]
         logits = pre.logits if len(live) == len(seqs) else pre.logits[live]
         tokens, logprobs = self._sample(rows, logits)
-        keep = [
-            row
-            for row, seq, token, row_logprobs in zip(live, rows, tokens, logprobs, strict=True)
-            if token is not None and not self._advance(seq, token, row_logprobs)
-        ]
-        for row in keep:
+        for kept in self._advance_all(rows, tokens, logprobs):
+            row = live[kept]
             seqs[row].slot = self.decoder.join(pre, row)
             self.running.append(seqs[row])
 
@@ -491,7 +496,11 @@ class Scheduler:
         """The admission's events go out first (new rows' first tokens); then the rows still listening whose
         experts are still plugged decode one token each."""
         self._flush()
-        keep = [row for row, seq in enumerate(self.running) if self._may_go_on(seq, plugged)]
+        if plugged is self._specs_checked:  # every running row's spec holds under it: only cancellations to see
+            keep = [row for row, seq in enumerate(self.running) if not self._cancelled(seq)]
+        else:
+            keep = [row for row, seq in enumerate(self.running) if self._may_go_on(seq, plugged)]
+            self._specs_checked = plugged
         self._drop(keep)
         if not self.running:
             return
@@ -504,11 +513,7 @@ class Scheduler:
         for seq, row_counts in zip(seqs, out.row_counts, strict=True):
             add_counts(seq.counts, row_counts)
         tokens, logprobs = self._sample(seqs, out.logits)
-        keep = []
-        for row, (seq, token, row_logprobs) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
-            if token is not None and not self._advance(seq, token, row_logprobs):
-                keep.append(row)
-        self._drop(keep)
+        self._drop(self._advance_all(seqs, tokens, logprobs))
 
     def _drop(self, keep: list[int]) -> None:
         """Keep these rows of the running batch (in order); free the decoder slots of the others."""
@@ -573,27 +578,44 @@ class Scheduler:
 
     # --- per token and at the end -------------------------------------------------------------------------------
 
-    def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
-        """Record a sampled token, stream its text, and finish the sequence if it is done. True: finished."""
-        request = seq.request
-        seq.token_ids.append(token)
-        wants_logprobs = request.sampling.logprobs is not None
-        if wants_logprobs:
-            seq.logprobs.append(logprobs)
-        piece, stopped = seq.text.add(token)
-        reason = STOP if stopped else None
-        if reason is None and (
-            len(seq.token_ids) >= request.max_new_tokens
-            or len(request.prompt_ids) + len(seq.token_ids) >= self.context_limit
-        ):
-            reason, piece = LENGTH, piece + seq.text.flush()
-        self._report.tokens.append(seq)
-        if seq.output is not None:
-            self._events.append((seq.output, Event(piece, [token], logprobs=[logprobs] if wants_logprobs else [])))
-        if reason is None:
-            return False
-        self._finish(seq, reason, None)
-        return True
+    def _advance_all(
+        self, seqs: list[Sequence], tokens: list[int | None], logprobs: list[TokenLogprobs | None]
+    ) -> list[int]:
+        """Each row's sampled token (None: the row failed and was finished): record it, stream its text, and finish
+        the sequence if it is done -> the rows that go on. One loop over the batch, per row:
+
+            token_ids += [token]; logprobs += [its logprobs] when asked
+            piece, stopped = text.add(token)                     # detokenise, stop strings, EOS / stop_token_ids
+            STOP if stopped; else LENGTH (and the held-back text) once token_ids reach max_new_tokens or the
+                prompt and tokens reach the context
+            report the token; push Event(piece, [token]); finish when it ended
+        """
+        keep: list[int] = []
+        reported, events, context_limit = self._report.tokens, self._events, self.context_limit
+        for row, (seq, token, row_logprobs) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            if token is None:
+                continue
+            request, ids = seq.request, seq.token_ids
+            ids.append(token)
+            wants_logprobs = request.sampling.logprobs is not None
+            if wants_logprobs:
+                seq.logprobs.append(row_logprobs)
+            text = seq.text
+            piece, stopped = text.add(token)
+            if stopped:
+                reason: str | None = STOP
+            elif len(ids) >= min(request.max_new_tokens, context_limit - len(request.prompt_ids)):
+                reason, piece = LENGTH, piece + text.flush()
+            else:
+                reason = None
+            reported.append(seq)
+            if seq.output is not None:
+                events.append((seq.output, Event(piece, [token], logprobs=[row_logprobs] if wants_logprobs else [])))
+            if reason is None:
+                keep.append(row)
+            else:
+                self._finish(seq, reason, None)
+        return keep
 
     def _fail(self, seq: Sequence, message: str) -> None:
         error = GenerationFailedError(message)

@@ -15,7 +15,10 @@ the longest stop string plus the new characters), never the whole text again. So
 decoded plus characters searched) does not grow with the text already emitted; the server bounds the stop
 strings themselves (count, length, total).
 
-TextOptions are a request's detokenisation settings (vLLM's names and defaults).
+TextOptions are a request's detokenisation settings (vLLM's names and defaults). Ids become text through
+`ids_to_text`: the tokenizer's own `decode` with those settings, or, for a Hugging Face fast tokenizer whose `decode`
+is the stock one, the Rust backend's `decode` that it wraps (the same string, without the wrapper's per-call Python:
+a decode step detokenises two short windows per row).
 
 pieces=False (nobody reads the text before the end, and there are no stop strings): `add` only records
 the id and the text is decoded once, by `flush`; the final text is the same.
@@ -23,8 +26,12 @@ the id and the text is decoded once, by `flush`; the final text is the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,31 @@ class TextOptions:
     skip_special_tokens: bool = True  # special tokens' text (EOS, template markers) left out of the text
     spaces_between_special_tokens: bool = True  # passed to the tokenizer's decode (slow tokenizers use it)
     include_stop_str_in_output: bool = False  # the text keeps the stop string (or the ending EOS's text)
+
+
+def ids_to_text(tokenizer: Any, options: TextOptions) -> Callable[[list[int]], str]:
+    """ids -> tokenizer.decode(ids, skip_special_tokens=..., spaces_between_special_tokens=...), as one callable.
+
+    A Hugging Face fast tokenizer whose `decode` and `_decode` are transformers' own and that cleans up no spaces
+    runs nothing but its backend's `decode(ids, skip_special_tokens)` (spaces_between_special_tokens is a slow
+    tokenizer's setting; the fast `_decode` ignores it): that call is returned, the same string without the wrapper's
+    conversions and keyword handling (~0.5 us a call instead of ~2.3 us on the demo tokenizer). Any other tokenizer
+    (a slow one, a subclass that overrides decoding, clean_up_tokenization_spaces set) goes through its `decode`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    stock = (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and type(tokenizer).decode is PreTrainedTokenizerBase.decode
+        and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        and callable(getattr(backend, "decode", None))
+    )
+    if stock:
+        return partial(backend.decode, skip_special_tokens=options.skip_special_tokens)
+    return partial(
+        tokenizer.decode,
+        skip_special_tokens=options.skip_special_tokens,
+        spaces_between_special_tokens=options.spaces_between_special_tokens,
+    )
 
 
 class TextStream:
@@ -47,6 +79,7 @@ class TextStream:
         self.stop = tuple(s for s in stop if s)  # an empty stop string stops nothing
         self.eos_ids = eos_ids
         self.options = options
+        self._ids_to_text = ids_to_text(tokenizer, options)
         self.ids: list[int] = []
         self.emitted = 0  # characters of text already handed out
         self._text = ""
@@ -102,11 +135,7 @@ class TextStream:
     def _decode(self, ids: list[int] | None = None) -> str:
         ids = self.ids if ids is None else ids
         self.work += len(ids)
-        return self.tokenizer.decode(
-            ids,
-            skip_special_tokens=self.options.skip_special_tokens,
-            spaces_between_special_tokens=self.options.spaces_between_special_tokens,
-        )
+        return self._ids_to_text(ids)
 
     def _decode_new(self) -> str:
         """The whole text so far, decoding only the window ids[_prefix:] (see the module docstring)."""

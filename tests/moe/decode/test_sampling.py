@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.decode.sampling import SamplingParams, SamplingParamsError, sample
+from moe.decode.sampling import SamplingParams, SamplingParamsError, greedy_tokens, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0], [2.5, 0.0, 0.1, 0.2, 2.4]])
 
@@ -19,6 +19,24 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
     draws = _draw([SamplingParams(), SamplingParams(temperature=1.0, seed=1)])
     assert {d[0] for d in draws} == {1}
     assert len({d[1] for d in draws}) > 1
+
+
+def test_greedy_is_the_first_maximal_token_as_argmax() -> None:
+    """Ties (the first of the tied tokens), rows blocked to -inf everywhere and NaN rows: argmax's token, which is
+    what HF generate's greedy search takes."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3000, generator=generator)
+    logits[:, 2999] = logits[:, 7] = logits[:, 1500] = 1e4  # three-way ties
+    logits[5:9] = float("-inf")
+    logits[9, 11] = logits[9, 40] = float("nan")
+    logits[10] = logits[10].round()  # many small ties below the maximum
+    logits[11, :] = 1.0
+    tokens = sample(logits, [SamplingParams()] * 64, [None] * 64, [10] * 64)
+    assert tokens == logits.argmax(dim=-1).tolist() == greedy_tokens(logits)
+    assert (
+        greedy_tokens(logits.double()) == tokens and greedy_tokens(logits[:, ::2]) == logits[:, ::2].argmax(-1).tolist()
+    )
+    assert tokens[0] == 7 and tokens[5] == 0 and tokens[9] == 11 and tokens[11] == 0
 
 
 def test_same_seed_same_tokens_different_seed_differs() -> None:

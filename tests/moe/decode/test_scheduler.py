@@ -216,6 +216,29 @@ def test_cancelled_and_unplugged_sequences_finish_at_the_next_step(model, tokeni
     assert seqs[2].finished.reason == LENGTH and seqs[2].finished.completion_tokens == 40
 
 
+def test_a_row_cancelled_or_unplugged_after_steps_under_one_set_finishes_at_the_next_step(model, tokenizer) -> None:
+    """Steps under an unchanged plugged set check only cancellations (each row's spec was checked against the set
+    once); a cancellation there, and a later unplug, still end their rows at the next step."""
+    model.plug(tiny_expert("kept", threshold=-2.0))
+    sched = scheduler(model, tokenizer)
+    ids = tokenizer.encode(PROMPTS[0])
+    pinned = RoutingSpec("pin", "kept")
+    seqs = [Sequence(exactly(40, ids, routing=r), Collected()) for r in (RoutingSpec(), pinned, pinned)]
+    sched.add(seqs)
+    for _ in range(4):
+        sched.step()
+    assert all(len(s.token_ids) == 5 for s in seqs)
+    seqs[0].output.cancelled = True
+    sched.step()
+    assert [s.finished.reason if s.finished else None for s in seqs] == [CANCELLED, None, None]
+    assert len(seqs[1].token_ids) == 6
+    sched.step()
+    model.unplug("kept")
+    sched.step()
+    assert [s.finished.reason if s.finished else None for s in seqs] == [CANCELLED, EXPERT_UNPLUGGED, EXPERT_UNPLUGGED]
+    assert not sched.running and len(seqs[1].token_ids) == 7
+
+
 # --- a row that fails, fails alone --------------------------------------------------------------------------
 
 

@@ -3,9 +3,13 @@ incomplete UTF-8 characters, and EOS."""
 
 from __future__ import annotations
 
+import random
+from functools import partial
+from typing import Any
+
 import pytest
 
-from moe.decode.text_stream import TextStream
+from moe.decode.text_stream import TextOptions, TextStream, ids_to_text
 from tests.tiny import tiny_tokenizer
 
 EOS = 0
@@ -122,3 +126,39 @@ def test_a_tokens_cost_does_not_grow_with_the_text_already_emitted(tokenizer, st
     assert late <= early, f"a late token cost {late}, an early one at most {early}"
     bound = 3 * 8 + 3 * sum(len(s) for s in stop) + 16  # a few ids per window, each stop's tail, new characters
     assert max(costs) <= bound + max(len(s) for s in stop or ("",)) ** 2 // 2
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_ids_to_text_is_the_tokenizers_decode(tokenizer, skip_special_tokens: bool) -> None:
+    """The fast tokenizer's backend call (what a stream decodes with) gives tokenizer.decode's string for any ids:
+    special tokens, cut UTF-8 characters, a lone space, nothing."""
+    options = TextOptions(skip_special_tokens=skip_special_tokens)
+    fast = ids_to_text(tokenizer, options)
+    assert isinstance(fast, partial) and fast.func == tokenizer.backend_tokenizer.decode  # the backend path is taken
+    ids = tokenizer.encode("naïve café 😀 done. The quick brown fox, jumps!  ") + [EOS]
+    rng = random.Random(0)
+    windows = [[], [EOS], [EOS, *ids[:3], EOS], ids] + [
+        [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 6))] for _ in range(300)
+    ]
+    windows += [ids[i : i + n] for i in range(len(ids)) for n in (1, 2, 3)]
+    for window in windows:
+        expected = tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+        assert fast(window) == expected, window
+
+
+def test_a_tokenizer_that_cleans_up_spaces_or_decodes_its_own_way_keeps_its_decode(tokenizer) -> None:
+    """Only the stock fast decode is bypassed: clean_up_tokenization_spaces or an overridden decode go through
+    tokenizer.decode, and the stream's text is what that decode says."""
+    cleaning = tiny_tokenizer()
+    cleaning.clean_up_tokenization_spaces = True
+    assert ids_to_text(cleaning, TextOptions()).func == cleaning.decode
+
+    class Shouting(type(tokenizer)):
+        def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+            return super().decode(token_ids, **kwargs).upper()
+
+    shouting = tiny_tokenizer()
+    shouting.__class__ = Shouting
+    assert ids_to_text(shouting, TextOptions()).func == shouting.decode
+    pieces, stopped, stream = stream_all(shouting, "The quick brown fox", ("BROWN",))
+    assert stopped and "".join(pieces) == stream.text == "THE QUICK "
