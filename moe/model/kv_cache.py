@@ -19,9 +19,11 @@ step with a 4D float mask (what the decoder passes) attends each KV head once, a
 
     q [B, kv, g, D] @ keys [B, kv, S, D]^T * scale + mask [B, 1, 1, S] -> softmax -> @ values [B, kv, S, D]
 
-with no `repeat_kv` copy of the cache; anything else (prefill, boolean masks) goes to transformers' sdpa
-unchanged. Captured decode needs it: on an H100 with transformers 5.17, the sdpa path with repeat_kv gave
-different tokens captured than eager, the grouped form gave identical logits.
+with no `repeat_kv` copy of the cache (`grouped_attention`: what a captured or compiled step runs); an eager CPU step
+runs the same as torch's one fused CPU attention op (`cpu_decode_attention`, the KV heads shared by `enable_gqa`:
+three ops a layer where the plain form dispatches about 19). Anything else (prefill, boolean masks) goes to
+transformers' sdpa unchanged. Captured decode needs the plain form: on an H100 with transformers 5.17, the sdpa path
+with repeat_kv gave different tokens captured than eager, the grouped form gave identical logits.
 
 transformers renamed `past_key_values=` to `cache=` (5.2x; the old name is deprecated until 5.40):
 `cache_kwarg` picks the name the installed version's forward takes.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -126,15 +129,35 @@ def grouped_decode_attention(
     )
     if not decode:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.device.type == "cpu" and not torch.compiler.is_compiling():
+        return cpu_decode_attention(query, key, value, attention_mask, scale), None
+    return grouped_attention(query, key, value, attention_mask, scale), None
+
+
+def grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The decode step's attention as plain ops (what a captured or compiled step runs): query [B, heads, 1, D],
+    key/value [B, kv, S, D], mask [B, 1, 1, S] additive -> [B, 1, heads, Dv]; each KV head attended once."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim**-0.5
     q = query.view(batch, kv_heads, heads // kv_heads, dim)  # heads j*g .. j*g+g-1 share KV head j
-    weights = torch.matmul(q, key.transpose(-1, -2)) * scale + attention_mask  # [B, kv, g, S]
+    weights = torch.matmul(q, key.transpose(-1, -2)) * scale + mask  # [B, kv, g, S]
     softmax_dtype = torch.float32 if weights.dtype in (torch.float16, torch.bfloat16) else weights.dtype
     probs = torch.softmax(weights, dim=-1, dtype=softmax_dtype).to(value.dtype)
     out = torch.matmul(probs, value)  # [B, kv, g, Dv]
-    return out.reshape(batch, heads, 1, -1).transpose(1, 2), None
+    return out.reshape(batch, heads, 1, -1).transpose(1, 2)
+
+
+def cpu_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """grouped_attention as one op (an eager CPU step: torch's fused CPU attention, where the plain form is about
+    19 dispatched ops a layer): no repeat_kv copy either, the KV heads shared by `enable_gqa`."""
+    gqa = key.shape[1] != query.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)  # [B, 1, heads, Dv]
 
 
 def use_decode_attention(model: torch.nn.Module) -> bool:

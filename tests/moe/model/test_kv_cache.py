@@ -11,7 +11,14 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from moe.model.kv_cache import DECODE_ATTENTION, SlotLayer, cache_kwarg, grouped_decode_attention, use_decode_attention
+from moe.model.kv_cache import (
+    DECODE_ATTENTION,
+    SlotLayer,
+    cache_kwarg,
+    grouped_attention,
+    grouped_decode_attention,
+    use_decode_attention,
+)
 from tests.tiny import tiny_backbone
 
 
@@ -62,8 +69,11 @@ def test_inductor_writes_the_slots_in_place() -> None:
     assert torch.equal(keys, eager_keys) and torch.equal(values, eager_values)
 
 
+@pytest.mark.parametrize("form", ["eager cpu", "plain ops"])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (4, 4)], ids=["grouped", "one-to-one"])
-def test_grouped_decode_attention_equals_sdpa(heads: int, kv_heads: int) -> None:
+def test_grouped_decode_attention_equals_sdpa(heads: int, kv_heads: int, form: str) -> None:
+    """Both forms of the decode attention: the fused op an eager CPU step runs, and the plain ops a compiled or
+    captured step runs, each against transformers' sdpa with repeat_kv."""
     g = torch.Generator().manual_seed(0)
     batch, columns, dim = 3, 10, 8
     module = torch.nn.Module()
@@ -74,7 +84,10 @@ def test_grouped_decode_attention_equals_sdpa(heads: int, kv_heads: int) -> None
     mask = torch.full((batch, 1, 1, columns), torch.finfo(torch.float64).min, dtype=torch.float64)
     for row, length in enumerate((10, 3, 1)):  # rows see different prefixes; one sees a single column
         mask[row, ..., :length] = 0.0
-    got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    if form == "eager cpu":  # what the registered attention runs here (eager, CPU)
+        got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    else:
+        got = grouped_attention(query, key, value, mask, 0.3)
     want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     assert got.shape == (batch, 1, heads, dim)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
