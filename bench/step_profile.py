@@ -11,17 +11,19 @@ same prompts as one static batch in the main thread (bench/peer.py's comparison)
 Token mode routes as the server does by default: the context router fitted on the experts' domain texts
 (`--router gates`: each expert's cosine gates alone, `plugmoe serve --router gates`; a token case says "routed by the
 gates" where the gates route, e.g. experts without domain texts, as the gpt2-124m shape's). A set routed by the context
-router decodes eagerly (PluggedSet.eager_only), so its `+compile` case compiles the routing-off step only.
+router compiles as one routed by the gates (its classifiers in the slot storage's gate columns).
 
 Each case runs in a fresh process (libgomp's pools are per process, see server/engine.py), in turn, `--rounds`
 times, after an untimed warm-up in the same process; ratios are taken within a round and the median printed (a
 shared machine drifts: the load average is printed with each round). On a loaded machine the engine thread's CPU
 time per step (printed) moves less than its wall time: time spent waiting for a core does not count.
 
-A `+compile` case runs the engine with compile_backend (the server's --compile-decode). Its warm-up is two runs,
-both printed: the first compiles what the run reaches (its wall time is about the compile time), the second shows
-whether anything compiles again (the graphs dynamo compiled in each run, and while timed, are printed; a compiled
-step survives the KV columns' growth, so in steady state none).
+A `+compile` case runs the engine with compile_backend (the server's --compile-decode). The engine compiles its steps
+when it starts, before it is ready (Engine.warming; printed: "compiled at start", with the graphs compiled then); its
+warm-up is then two runs, both printed: the first shows whether a run reaches a step the start did not compile (its
+wall time then holds that compile), the second whether anything compiles again (the graphs dynamo compiled in each
+run, and while timed, are printed; a compiled step survives the KV columns' growth, so in steady state none). A cold
+compile time needs a cold inductor cache: TORCHINDUCTOR_CACHE_DIR=$(mktemp -d).
 
 `--shape gpt2-124m` runs random GPT-2-124M weights with the demo vocabulary and `--routed-experts` experts that win
 every token (bench/peer.py's named shape), written once to a temporary folder that every case's process reads:
@@ -204,14 +206,20 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         decode(plugged)
 
     scheduler._decode = counted_decode
-    run_loop = engine._loop
+    run_thread = engine._start_loop
 
-    def engine_loop() -> None:
+    def engine_thread() -> None:  # the pool size is per thread: the engine's compiles and runs the steps
         torch.set_num_threads(args.threads)
-        run_loop()
+        run_thread()
 
-    engine._loop = engine_loop
+    engine._start_loop = engine_thread
+    graphs = counters["stats"]
+    started = time.perf_counter()
     engine.start()
+    while engine.warming:  # compiling its steps (compile_backend), before it says it is ready
+        time.sleep(0.01)
+    start_compile = time.perf_counter() - started
+    graphs_at_start = graphs["unique_graphs"]
     request = GenerationRequest(
         [0],
         args.new_tokens,
@@ -235,11 +243,10 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
 
     # untimed, twice: the first allocates and compiles every bucket the run reaches (its wall is about the compile
     # time); the second shows what is left (a compiled step survives the KV columns' growth: nothing recompiles)
-    graphs = counters["stats"]
     warm_up = asyncio.run(run())[1]
-    graphs_in_warm_up = graphs["unique_graphs"]
+    graphs_in_warm_up = graphs["unique_graphs"] - graphs_at_start
     second_warm_up = asyncio.run(run())[1]
-    graphs_in_second = graphs["unique_graphs"] - graphs_in_warm_up
+    graphs_in_second = graphs["unique_graphs"] - graphs_at_start - graphs_in_warm_up
     clock.seconds.clear()
     steps[0] = 0
     profiling[0] = True
@@ -262,11 +269,13 @@ def engine_case(case: str, args: argparse.Namespace) -> dict:
         "phases": {name: clock.seconds.get(name, 0.0) / max(steps[0], 1) for name in PHASES},
         "phase_clock": args.phase_clock,
         "loop": wall / max(steps[0], 1),
+        "start_compile": start_compile,
         "warm_up": warm_up,
         "second_warm_up": second_warm_up,
         "engine_cpu_per_step": engine_cores * wall / max(steps[0], 1),
         # graphs dynamo compiled (a recompile is one more): in each warm-up run, and while timed
         "graphs": [graphs_in_warm_up, graphs_in_second, graphs["unique_graphs"] - graphs_before],
+        "graphs_at_start": graphs_at_start,
     }
     if profiler is not None:
         stream = io.StringIO()
@@ -379,6 +388,8 @@ def print_case(result: dict) -> None:
         line += ", routed by the gates"
     if "engine_cpu_per_step" in result:
         line += f", engine CPU {result['engine_cpu_per_step'] * ms:.2f} ms/step"
+    if result.get("graphs_at_start"):
+        line += f", compiled at start: {result['graphs_at_start']} graphs in {result['start_compile']:.1f} s"
     if "warm_up" in result:
         line += f", warm-up runs {result['warm_up']:.1f} s + {result['second_warm_up']:.1f} s"
     if any(result.get("graphs", ())):
@@ -518,7 +529,17 @@ def run_rounds(args: argparse.Namespace, passed: list[str]) -> None:
     for top, bottom in pairs:
         if top in args.cases and bottom in args.cases:
             ratios = [r[top]["tokens"] / r[top]["wall"] / (r[bottom]["tokens"] / r[bottom]["wall"]) for r in rounds]
-            print(f"{top} / {bottom} tokens/s: median {statistics.median(ratios):.2f} over {len(ratios)} rounds")
+            cpu = [cpu_per_token(r[top]) / cpu_per_token(r[bottom]) for r in rounds]
+            print(
+                f"{top} / {bottom} tokens/s: median {statistics.median(ratios):.2f} over {len(ratios)} rounds; "
+                f"CPU seconds per token (engine thread; hf: the process): {statistics.median(cpu):.2f}"
+            )
+
+
+def cpu_per_token(result: dict) -> float:
+    """CPU seconds per token generated: the engine thread's (hf: its process's), which waiting for a core on a shared
+    machine does not inflate as it does wall time."""
+    return result["engine_cores"] * result["wall"] / result["tokens"]
 
 
 if __name__ == "__main__":

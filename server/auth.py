@@ -6,7 +6,7 @@ kept in the ASGI scope's state for the routes (server.api.deps.ClientDep).
 API keys: with PLUGMOE_API_KEYS set, every endpoint but those in --open-paths (default /health and /ready,
 so liveness and readiness probes work without a key) needs `Authorization: Bearer <key>` (a listed key, or
 the admin token): 401 without one, 403 with a wrong one. /ready answers a caller without a key with its
-status only (ready, loading, stopped, stale), never the experts, versions or queue.
+status only (ready, loading, warming, stopped, stale), never the experts, versions or queue.
 
 Admin (the writing /experts endpoints): with PLUGMOE_ADMIN_TOKEN set, `Authorization: Bearer <token>` is
 required (401 without, 403 wrong). Unset, only a direct loopback client may write, and the server trusts

@@ -17,8 +17,13 @@ mode where no CUDA graph is captured (a CPU), its rows and KV columns dynamic si
 the whole context up front, so nothing recompiles as rows grow or the batch changes size (graphs split at one row
 and below the slot capacity); greedy tokens are the eager step's. Opt-in: it cut the engine's CPU per step to
 ~0.8x (demo model) and ~0.9x (GPT-2-124M shape) on one thread (bench/step_profile.py), but each graph compiles on
-first use (demo ~20 s, 124M ~55 s with a cold inductor cache), stalling the requests then running; a set routed by
-the context router decodes eagerly (PluggedSet.eager_only).
+first use (demo ~20 s, 124M ~55 s with a cold inductor cache); a set routed by the context router compiles too (its
+gates in the slots' gate columns). So the engine thread compiles them when it starts, before its loop
+(StaticDecoder.warm_up_compiled: each routing mode's graph for the set as published, at 1 row, 2 and the first bucket
+at or above the slot capacity), and `warming` is true until it is done: /ready answers 503 "warming" meanwhile, so no
+request stalls on a first compile. A later plug compiles nothing while the set keeps its shapes and the way token mode
+chooses (PluggedSet.context_form); one that changes them (the slots grow, a router with floors after one without)
+compiles on first use.
 
 `drain` (SIGTERM) lets running requests finish for a grace period and then ends them with an error; `stop`
 always returns, and every request it took gets its finish event.
@@ -146,6 +151,7 @@ class Engine:
         self._stopping = False
         self._drain_deadline: float | None = None  # set by drain(): running requests end by then
         self._thread: threading.Thread | None = None
+        self._warm = threading.Event()  # set once the decode steps are compiled (at once without compile_backend)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -153,11 +159,39 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def warming(self) -> bool:
+        """The engine thread is compiling its decode steps (compile_backend) and runs no step yet: not ready."""
+        return self.alive and not self._warm.is_set()
+
     def start(self) -> None:
         self._stopping = False
         self._drain_deadline = None
-        self._thread = threading.Thread(target=self._loop, name="plugmoe-engine", daemon=True)
+        self._thread = threading.Thread(target=self._start_loop, name="plugmoe-engine", daemon=True)
         self._thread.start()
+
+    def _start_loop(self) -> None:
+        """The engine thread: compile the decode steps first (on this thread, whose OpenMP pool then runs them;
+        see in_passing_thread), then the loop. Requests submitted meanwhile wait in the queue."""
+        if not self._warm.is_set():
+            self._compile_steps()
+        self._loop()
+
+    def _compile_steps(self) -> None:
+        decoder = self.scheduler.decoder
+        started = time.perf_counter()
+        try:
+            steps = decoder.warm_up_compiled()
+        except Exception:
+            logger.exception("compiling the decode steps (compile_backend %r) failed", decoder.compile_backend)
+            raise  # the engine thread ends: /ready says stopped, submissions get 503
+        if steps:
+            logger.info(
+                "decode steps compiled before readiness in %.1f s (%s: routing mode x rows)",
+                time.perf_counter() - started,
+                ", ".join(f"{mode} x {rows}" for mode, rows in steps),
+            )
+        self._warm.set()
 
     def drain(self, grace_s: float) -> None:
         """Shutting down: refuse new requests (503), fail waiting ones, and give running ones `grace_s` to

@@ -7,6 +7,9 @@ ExpertSlots, the live storage (L = backbone layers, C = slot capacity, H = hidde
     offsets     [L, C] f32
     thresholds  [L, C] f32    +inf where a slot is free, disabled or skips the layer: never eligible
     covers      [L, C] bool   the slot has an adapter on that layer (what a pin may use)
+    context_gates             the published set's context router, its token classifiers over base and the slot
+                              columns (moe.routing.context.ContextGateColumns: weight [L, 1 + C, H], bias, floors...),
+                              written whole each time a set with one is published; what decode steps read
     weights     {kind: its slot storage} for every kind in moe.adapters.kind.KINDS (each kind's own layout, e.g.
                 moe.adapters.bottleneck.BottleneckSlots down [L, H, C, R], up [L, C, R, H]; moe.adapters.lora.LoraSlots
                 per projection): the only copy of each plugged expert's weights. A set built from experts holds
@@ -53,7 +56,7 @@ from moe.adapters.dispatch import AfterBlock, BeforeAttention, InBlock, KindLayo
 from moe.adapters.expert import Expert
 from moe.adapters.kind import KINDS, KindSlots
 from moe.errors import ExpertNameTakenError, IncompatibleExpertError, UnknownExpertError
-from moe.routing.context import ContextGates, ContextRouter, sample_digest
+from moe.routing.context import ContextGateColumns, ContextGates, ContextRouter, sample_digest
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,11 @@ class ExpertSlots:
         self.version = 0  # bumped by every plug and unplug
         self.generation = 0  # bumped when the tensors are reallocated (capacity or rank grew)
         self._snapshot: PluggedSet | None = None
-        self._live: PluggedSet | None = None
+        self._live: dict[tuple[bool, int] | None, PluggedSet] = {}  # by the context form they route by (live())
         self._live_generation = -1
+        self.context_gates = ContextGateColumns(num_layers, hidden, capacity, self.device)
+        # what the gate columns hold: (router, slots, storage generation, covers) of the set last written
+        self._written: tuple[ContextRouter | None, tuple[int, ...], int, torch.Tensor | None] = (None, (), -1, None)
         # some plugged expert's kind has no fixed-op decode form (LoRA: a plan made on the host per layer): no
         # captured or compiled step may run the set (moe.decode.generation runs it eagerly); read every decode step
         self.eager_only = False
@@ -134,7 +140,9 @@ class ExpertSlots:
 
     def offer_router(self, router: ContextRouter) -> None:
         """Keep a fitted context router for the set it was fitted on (`router.fitted_on`); it is published with
-        the set whenever the plugged experts are exactly those (now, or after the plug or swap to come)."""
+        the set whenever the plugged experts are exactly those (now, or after the plug or swap to come). Published
+        now (a router for the current set, other than the one it has), it is written into the gate columns that
+        decode steps read: like a plug, between steps."""
         self._routers.pop(router.fitted_on, None)
         self._routers[router.fitted_on] = router
         while len(self._routers) > ROUTERS_KEPT:
@@ -294,6 +302,7 @@ class ExpertSlots:
         self.keys, self.offsets, self.thresholds, self.covers = keys, offsets, thresholds, covers
         for storage in self.weights.values():
             storage.resize(capacity, rank)
+        self.context_gates.resize(capacity)
         self._free.extend(range(c, capacity))
         self.names.extend([None] * (capacity - c))
         self.covered.extend([frozenset()] * (capacity - c))
@@ -305,7 +314,23 @@ class ExpertSlots:
         self._snapshot = None
         snapshot = self.snapshot()
         self.eager_only = snapshot.eager_only
+        if snapshot.gates is not None and not self.references and not self._gates_written(snapshot):
+            # publish its context gates into the gate columns (between steps, as every other write here; gates
+            # already there are not written again: re-offering the current set's router touches nothing a step reads)
+            self.context_gates.write(snapshot.gates)
+            self._written = (snapshot.context, snapshot.slots, self.generation, snapshot.covers)
         return snapshot
+
+    def _gates_written(self, snapshot: PluggedSet) -> bool:
+        """Whether the gate columns hold this set's gates: the same router over the same slots and covers."""
+        router, slots, generation, covers = self._written
+        return (
+            router is snapshot.context
+            and slots == snapshot.slots
+            and generation == self.generation
+            and covers is not None
+            and torch.equal(covers, snapshot.covers)
+        )
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -329,15 +354,22 @@ class ExpertSlots:
             )
         return self._snapshot
 
-    def live(self) -> PluggedSet:
+    def live(self, context: tuple[bool, int] | None = None) -> PluggedSet:
         """The storage's own tensors as a set, for decode steps: its thresholds and covers are the live columns,
-        so a step sees what was published before it ran, and a captured step keeps reading these addresses
-        until the storage grows. It names no expert (the trace's names come from `snapshot()`) and holds the
-        kinds with a fixed-op form only (it serves while no other kind's expert is plugged)."""
-        if self._live is None or self._live_generation != self.generation:
+        so a step sees what was published before it ran, and a captured or compiled step keeps reading these
+        addresses until the storage grows. It names no expert (the trace's names come from `snapshot()`) and holds
+        the kinds with a fixed-op form only (it serves while no other kind's expert is plugged).
+
+        context: how the published set routes token mode (its `context_form`): None, by the cosine gates;
+        (floored, skip), by its context router, whose gates the step then reads from the gate columns
+        (`context_gates`, written on publish). One set per form, kept until the storage grows."""
+        if self._live_generation != self.generation:
             self._live_generation = self.generation
+            self._live.clear()
+        live = self._live.get(context)
+        if live is None:
             layouts = {name: storage.layout(self.covered, live=True) for name, storage in self.weights.items()}
-            self._live = PluggedSet(
+            live = PluggedSet(
                 experts=(),
                 slots=(),
                 columns=(None,) * self.capacity,
@@ -349,8 +381,10 @@ class ExpertSlots:
                 version=-1,
                 storage=self,
                 live=True,
+                live_gates=None if context is None else self.context_gates.gates(*context),
             )
-        return self._live
+            self._live[context] = live
+        return live
 
     def read(self, name: str) -> Expert:
         """The expert with its weights copied back out of its slot (keys come back unit-norm)."""
@@ -375,7 +409,7 @@ class ExpertSlots:
         """Device memory of the storage: gates and weights."""
         gates = (self.keys, self.offsets, self.thresholds, self.covers)
         weights = sum(storage.nbytes() for storage in self.weights.values())
-        return sum(t.numel() * t.element_size() for t in gates) + weights
+        return sum(t.numel() * t.element_size() for t in gates) + weights + self.context_gates.nbytes()
 
 
 # --- what readers see --------------------------------------------------------------------------------------
@@ -402,7 +436,9 @@ class PluggedSet:
     context: the context router fitted for exactly these experts (moe.routing.context; classes base + names in
         plug order), or None: sequence mode then decides from the cosine gates' counts (decide_sequence)
     gates: its token classifiers laid out over the slot columns (when it has them): token mode's choice (top-1),
-        in place of the cosine gates; None: the cosine gates choose
+        in place of the cosine gates; None: the cosine gates choose. The live set's are `live_gates`, views of the
+        storage's gate columns (ExpertSlots.live); context_form: (gates.floored, gates.skip), None without gates:
+        the host facts a decode step's code depends on (a compiled step is kept per form)
     An expert's index (`index`) is its slot: the column of its scores, choices and trace counts.
     """
 
@@ -419,16 +455,19 @@ class PluggedSet:
     projections: Mapping[str, tuple[int, int]] | None = None
     live: bool = False
     context: ContextRouter | None = None
+    live_gates: ContextGates | None = None  # the live set's gates (the storage's gate columns), as given
     in_block: tuple[InBlock, ...] = field(init=False)
     gates: ContextGates | None = field(init=False)  # the context router's token classifiers over the slot columns
     after_block: tuple[AfterBlock, ...] = field(init=False)
     before_attention: tuple[BeforeAttention | None, ...] = field(init=False)
     fixed: tuple[tuple[torch.Tensor, ...], ...] | None = field(init=False)
+    context_form: tuple[bool, int] | None = field(init=False)
     # derived once here (a set never changes): what every step reads, plain attributes rather than properties
     names: tuple[str, ...] = field(init=False)  # the experts' names, plug order
     capacity: int = field(init=False)  # C, the columns
     slot_by_name: Mapping[str, int] = field(init=False, repr=False)  # {name: its slot}; `name in set` reads it
-    eager_only: bool = field(init=False)  # no fixed-op decode form for this set (see below)
+    eager_only: bool = field(init=False)  # no fixed-op decode form for this set: only a kind without one (LoRA)
+    #   or a set of references; a set routed by its context router has it (see below)
     _position: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -437,10 +476,11 @@ class PluggedSet:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "capacity", len(self.columns))
         object.__setattr__(self, "slot_by_name", dict(zip(names, self.slots, strict=True)))
-        gates = None
-        if self.context is not None and self.context.layers:
+        gates = self.live_gates
+        if gates is None and self.context is not None and self.context.layers:
             gates = ContextGates.of(self.context, self.slots, self.capacity, self.keys.device, self.covers)
         object.__setattr__(self, "gates", gates)
+        object.__setattr__(self, "context_form", None if gates is None else (gates.floored, gates.skip))
         object.__setattr__(self, "_position", {e.name: i for i, e in enumerate(self.experts)})
         held = {e.kind for e in self.experts}
         run = {
@@ -465,10 +505,11 @@ class PluggedSet:
             forms = [layout.fixed for layout in self.layouts.values() if layout is not None][:1]
         fixed = forms[0] if len(forms) == 1 else None
         object.__setattr__(self, "fixed", fixed)
-        # no fixed-op decode form (an expert's kind has none, e.g. LoRA's host-made plan; or the set holds references;
-        # or token mode routes by the context router's gates, which the fixed-op step does not run): no captured or
-        # compiled step may run the set (moe.decode.static_decoder runs it eagerly)
-        object.__setattr__(self, "eager_only", fixed is None or gates is not None)
+        # no fixed-op decode form (an expert's kind has none, e.g. LoRA's host-made plan; or the set holds
+        # references): no captured or compiled step may run the set (moe.decode.static_decoder runs it eagerly).
+        # Token mode by the context router is no reason: its gates are in the storage's gate columns (fixed shapes,
+        # written on publish) and its step reads nothing on the host (moe.routing.context.ContextGates.step)
+        object.__setattr__(self, "eager_only", fixed is None)
 
     def _before_attention(self) -> tuple[BeforeAttention | None, ...]:
         """Per layer, the split between the early slots (decided at the attention input) and the others."""

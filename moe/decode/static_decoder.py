@@ -46,8 +46,12 @@ positions are per row), within float tolerance; a captured step equals the eager
 LoRA experts (moe.adapters.lora) are not run by a captured or compiled step: while one is plugged, every step runs the
 same body eagerly over the current snapshot (its LoRA stacks; grouped dispatch, a host read per layer), and
 captured graphs are used again once the last LoRA expert is unplugged. Bottleneck experts alone keep the
-captured / fused path. So does token mode by the context router (a set with context gates, PluggedSet.gates):
-its steps run eagerly over the snapshot (grouped dispatch), as for LoRA.
+captured / fused path, and so does token mode by the context router (a set with context gates, PluggedSet.gates): its
+classifiers are in the slot storage's gate columns, written in place on publish (moe.routing.context.ContextGateColumns,
+fixed shapes: a plug recompiles nothing), the rows' running context sums in the `context` row buffer the step moves on
+in place, and its dispatch the fixed-op one (slot_dispatch), so its step reads nothing on the host either. A compiled
+step is kept per routing mode and per way token mode chooses (PluggedSet.context_form: the cosine gates, or the context
+gates with or without floors), all sharing the buffers.
 """
 
 from __future__ import annotations
@@ -175,8 +179,10 @@ class StaticDecoder:
 
         B, dev = max_batch, self.device
         self._caches: dict[tuple[int, int], SlotCache] = {}
-        self._graphs: dict[tuple[int, int, str], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._compiled: dict[str, Callable] = {}  # routing mode -> the step for every bucket
+        self._graphs: dict[tuple[int, int, str, tuple[bool, int] | None], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        # (routing mode, the set's context form) -> the step for every bucket: one per mode, and per way token mode
+        # chooses (the cosine gates, or the context gates with or without floors: host facts of the published set)
+        self._compiled: dict[tuple[str, tuple[bool, int] | None], Callable] = {}
         self._row_views: dict[int, _RowViews] = {}
         self._pool = None
         self._kv_shapes = self._probe_kv_shapes()
@@ -206,10 +212,6 @@ class StaticDecoder:
         # token mode: no allow-list, no pin), "rows" (per-row allow-lists and pins)
         self.allowed = self.forced = self.apply = torch.empty(0)
         self._generation = -1
-        # the storage's own tensors as a set (ExpertSlots.live), for a decoder that follows the model's slots: what
-        # its steps read (and captured graphs hold) while no plugged expert's kind lacks the fixed-op form. Taken
-        # with the routing rows, again whenever the storage grows (a new generation); None for a fixed set
-        self._live: PluggedSet | None = None
 
     @staticmethod
     def _window_limit(model: RoutedModel, max_len: int) -> int:
@@ -277,12 +279,16 @@ class StaticDecoder:
         return self._fixed_set if self._fixed_set is not None else self.model.plugged
 
     def _step_set(self, plugged: PluggedSet | None = None) -> PluggedSet:
-        """The tensors a step over `plugged` (default: `plugged` now) reads: the storage itself for live slots (its
-        gate columns as published, `_live`, taken with the routing rows); a fixed set, or while an expert whose kind
-        has no fixed-op form (LoRA) is plugged, the step's snapshot as it is, run eagerly (see `_run`)."""
+        """The tensors a step over `plugged` (default: `plugged` now) reads: for a decoder that follows the model's
+        slots, the storage itself (ExpertSlots.live: its gate columns as published, and the context router's gates
+        in its gate columns when `plugged` routes by them; what captured graphs hold and compiled steps read, the
+        same addresses until the storage grows); a fixed set, or while an expert whose kind has no fixed-op form
+        (LoRA) is plugged, the step's snapshot as it is, run eagerly (see `_run`)."""
         if plugged is None:
             plugged = self.plugged
-        return self._live if self._live is not None and not plugged.eager_only else plugged
+        if self._fixed_set is not None or plugged.eager_only:
+            return plugged
+        return self.model.slots.live(plugged.context_form)
 
     # --- rows joining and leaving (between steps) ---------------------------------------------------------
 
@@ -355,7 +361,6 @@ class StaticDecoder:
             self.forced = torch.full((self.max_batch,), -1, dtype=torch.long, device=self.device)
             self.apply = torch.ones(self.max_batch, dtype=torch.bool, device=self.device)
             self._generation = generation
-            self._live = self.model.slots.live() if self._fixed_set is None else None
             self._forget_steps()  # the slot tensors may have moved too
             self._routing_dirty = True
         key = (plugged.version, generation)
@@ -496,8 +501,8 @@ class StaticDecoder:
         )
 
     def _run(self, b: int, s: int, routing_mode: str, plugged: PluggedSet) -> tuple[torch.Tensor, ...]:
-        key = (b, s, routing_mode)
         plugged = self._step_set(plugged)
+        key = (b, s, routing_mode, plugged.context_form if routing_mode != "off" else None)  # off routes nothing
         if plugged.eager_only:
             # a kind with no fixed-op form (LoRA: a plan made on the host per layer, moe.adapters.lora) is run by no
             # captured or compiled step; the plain eager routed step runs it, until the last such expert is unplugged
@@ -507,7 +512,7 @@ class StaticDecoder:
             captured[0].replay()
             return captured[1]
         if self.compile_backend:
-            fn = self._compiled.get(routing_mode)
+            fn = self._compiled.get(key[2:])
             if fn is None:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                 fn = torch.compile(
@@ -516,7 +521,7 @@ class StaticDecoder:
                     fullgraph=True,
                     dynamic=False,  # static but for the sizes marked dynamic: rows and columns
                 )
-                self._compiled[routing_mode] = fn
+                self._compiled[key[2:]] = fn
             rows, bias = self._rows_of(b), self.bias[:b, :, :, :s]  # the mask view is made per step: marked here
             torch._dynamo.maybe_mark_dynamic(bias, 0)
             torch._dynamo.maybe_mark_dynamic(bias, 3)
@@ -525,6 +530,34 @@ class StaticDecoder:
             with fx_config.patch(use_duck_shape=False):
                 return fn(rows, bias)
         return self._body(b, s, routing_mode, plugged)
+
+    def warm_up_compiled(self, modes: tuple[str, ...] = ("off", "token", "rows")) -> list[tuple[str, int]]:
+        """Compile now what a compiled decoder's first steps would (a server calls this before it says it is ready,
+        so no request stalls on a compile): for each routing mode, the step over the set as published (its context
+        form), at the row buckets where the graph splits: 1 row, 2 (the first call with the rows a dynamic size: the
+        graph every larger bucket below the slot capacity keeps) and the first bucket at or above the capacity
+        (bottleneck dispatch's dense form), over the first column bucket (the columns are dynamic from the first
+        call). Runs on free rows only, so it needs an empty decoder: a free row's step changes nothing a live row
+        reads (its position stays 0, it adds nothing to its context sums; it writes column 0 of its own KV slot,
+        which a join overwrites). Returns the (mode, rows) steps run; none without compile_backend, or while the set
+        has no fixed-op form (a LoRA expert: eager steps)."""
+        if not self.compile_backend:
+            return []
+        if self.live:
+            raise RuntimeError(f"warm_up_compiled needs an empty decoder; slots {self.live} are live")
+        plugged = self.plugged
+        if self._step_set(plugged).eager_only:
+            return []
+        capacity = plugged.capacity
+        rows = sorted({1, min(2, self.max_batch), next((n for n in self.row_buckets if n >= capacity), self.max_batch)})
+        done = []
+        with torch.no_grad():
+            self._sync_routing(plugged)
+            for mode in modes:
+                for b in rows:
+                    self._run(b, self.min_columns, mode, plugged)
+                    done.append((mode, b))
+        return done
 
     def _warm_up(self, b: int, s: int, routing_mode: str, plugged: PluggedSet, times: int = 2) -> None:
         """Run bucket (b, s)'s step `times` times and undo what it did to the rows (pos, bias): what a capture
@@ -535,12 +568,12 @@ class StaticDecoder:
             self.pos.copy_(saved_pos)
             self.bias.copy_(saved_bias)
 
-    def _capture(self, key: tuple[int, int, str], plugged: PluggedSet) -> tuple:
+    def _capture(self, key: tuple[int, int, str, tuple[bool, int] | None], plugged: PluggedSet) -> tuple:
         """Record bucket `key`'s step as a CUDA graph. Safe with live rows: a warm-up step advances pos and
         unmasks a column, so pos and bias are put back after each one (every warm-up writes the column the next
         real step overwrites, and pos stays inside the bucket: a row at column s - 1 never indexes column s).
         Every graph shares one memory pool: outputs are consumed before the next replay."""
-        b, s, routing_mode = key
+        b, s, routing_mode, _ = key
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -231,12 +231,14 @@ class ContextGates:
     ContextClassifier.input_space); floors [L, 1 + C]; floored: some floor is above zero (else a plain argmax);
     covers [L, C] bool: the slots whose expert covers each layer (the set's; None: every slot), where a column's
     win may stand (a win by a slot that skips the layer goes to base).
+    passing [L, 1 + C]  the floor a winning column's probability must pass: its floor where the slot covers the
+                        layer, +inf where it does not and for base (a win there is base)
+    open [L, 1 + C]     bool, where a win stands without floors: the slot covers the layer (base: False)
+        (both worked out from floors and covers when not given; given, e.g. by ContextGateColumns, they are used as
+        they are: the gates then read whatever is written there)
     layers: per layer, what a step reads, taken once here so that a step indexes no stacked tensor and builds no
-    mask (each is an op; a decode step runs this once per layer):
-        weight.T [H, 1 + C] (a view), bias [1 + C],
-        passing [1 + C]  the floor a winning column's probability must pass: its floor where the slot covers the
-                         layer, +inf where it does not and for base (a win there is base)
-        open [1 + C]     bool, where a win stands without floors: the slot covers the layer (base: False)
+    mask (each is an op; a decode step runs this once per layer): (weight.T [H, 1 + C], bias [1 + C], passing [1 + C],
+    open [1 + C]), views of the tensors above.
     """
 
     weight: torch.Tensor
@@ -245,18 +247,24 @@ class ContextGates:
     floored: bool
     skip: int
     covers: torch.Tensor | None = None
+    passing: torch.Tensor | None = None
+    open: torch.Tensor | None = None
     layers: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ...] = dataclasses.field(
         init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
         layers, columns = self.weight.shape[:2]
-        covers = self.covers
-        if covers is None:
-            covers = torch.ones(layers, columns - 1, dtype=torch.bool, device=self.weight.device)
-        open_ = F.pad(covers, (1, 0), value=False)  # [L, 1 + C]: base never "covers"
-        passing = self.floors.masked_fill(~open_, float("inf"))
-        per_layer = tuple((w.T, b, p, o) for w, b, p, o in zip(self.weight, self.bias, passing, open_, strict=True))
+        if self.open is None:
+            covers = self.covers
+            if covers is None:
+                covers = torch.ones(layers, columns - 1, dtype=torch.bool, device=self.weight.device)
+            object.__setattr__(self, "open", F.pad(covers, (1, 0), value=False))  # [L, 1 + C]: base never "covers"
+        if self.passing is None:
+            object.__setattr__(self, "passing", self.floors.masked_fill(~self.open, float("inf")))
+        per_layer = tuple(
+            (w.T, b, p, o) for w, b, p, o in zip(self.weight, self.bias, self.passing, self.open, strict=True)
+        )
         object.__setattr__(self, "layers", per_layer)
 
     @classmethod
@@ -351,6 +359,65 @@ class ContextGates:
         return choice
 
 
+class ContextGateColumns:
+    """A plugged set's context gates in slot-column storage, written in place when a set is published: what a decode
+    step that keeps its tensors (a compiled or captured step) reads, as it reads the slots' cosine gates.
+
+        weight [L, 1 + C, H], bias [L, 1 + C], floors [L, 1 + C], passing [L, 1 + C] float32, open [L, 1 + C] bool
+
+    (C = the slots' capacity; column 0 is base: ContextGates' layout, values copied from the published set's gates,
+    so a step over these decides bit for bit as one over those.) The shapes change only when the slots grow
+    (`resize`, a new storage generation); a publish writes every column (a few hundred KB on GPT-2-124M's shape),
+    never reallocates. `gates(floored, skip)` is a ContextGates over these tensors (its layers are views of them):
+    floored and skip are host facts of the published router, the only things a step's code depends on.
+    """
+
+    def __init__(self, num_layers: int, hidden: int, capacity: int, device: torch.device) -> None:
+        self.num_layers, self.hidden, self.device = num_layers, hidden, device
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        shape = (self.num_layers, 1 + capacity)
+        self.weight = torch.zeros(*shape, self.hidden, device=self.device)
+        self.bias = torch.full(shape, float("-inf"), device=self.device)  # no class: never chosen
+        self.floors = torch.zeros(shape, device=self.device)
+        self.passing = torch.full(shape, float("inf"), device=self.device)
+        self.open = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self._gates: dict[tuple[bool, int], ContextGates] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.weight.shape[1] - 1
+
+    def resize(self, capacity: int) -> None:
+        """Reallocate at a new capacity (the slots grew). Nothing is kept: the next publish writes every column."""
+        self._allocate(capacity)
+
+    def write(self, gates: ContextGates) -> None:
+        """Copy a published set's gates (laid out over the same capacity) into the columns, in place."""
+        assert gates.weight.shape == self.weight.shape, (gates.weight.shape, self.weight.shape)
+        with torch.no_grad():
+            for mine, theirs in zip(
+                (self.weight, self.bias, self.floors, self.passing, self.open),
+                (gates.weight, gates.bias, gates.floors, gates.passing, gates.open),
+                strict=True,
+            ):
+                mine.copy_(theirs)
+
+    def gates(self, floored: bool, skip: int) -> ContextGates:
+        """ContextGates reading these columns (one object per (floored, skip), kept until a resize)."""
+        key = (floored, skip)
+        if key not in self._gates:
+            self._gates[key] = ContextGates(
+                self.weight, self.bias, self.floors, floored, skip, passing=self.passing, open=self.open
+            )
+        return self._gates[key]
+
+    def nbytes(self) -> int:
+        tensors = (self.weight, self.bias, self.floors, self.passing, self.open)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def context_step(
     sums: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, floors: torch.Tensor | None
 ) -> torch.Tensor:
@@ -428,6 +495,7 @@ def fit_floors(classifier: ContextClassifier, calibration: torch.Tensor, cap: fl
 
 __all__ = [
     "ContextClassifier",
+    "ContextGateColumns",
     "ContextGates",
     "ContextRouter",
     "cap_floor",

@@ -22,7 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from torch._dynamo.utils import counters
 
 from moe import Expert, PluggedSet, RoutedModel, RoutingSpec, UnknownExpertError
 from moe.decode import scheduler as scheduler_module
@@ -55,11 +57,12 @@ def tokenizer():
 
 @pytest.fixture
 def make_engine(tokenizer) -> Iterator[Callable[..., Engine]]:
-    """make_engine(**Engine options) -> a started engine on a fresh tiny model; stopped after the test."""
+    """make_engine(model=None, **Engine options) -> a started engine on `model` (None: a fresh tiny model); stopped
+    after the test."""
     engines: list[Engine] = []
 
-    def make(**options: Any) -> Engine:
-        engine = Engine(RoutedModel(tiny_backbone("llama", vocab=len(tokenizer))), tokenizer, **options)
+    def make(model: RoutedModel | None = None, **options: Any) -> Engine:
+        engine = Engine(model or RoutedModel(tiny_backbone("llama", vocab=len(tokenizer))), tokenizer, **options)
         engine.start()
         engines.append(engine)
         return engine
@@ -146,8 +149,23 @@ def test_submit_streams_one_event_per_token_then_finished(make_engine, tokenizer
 
 def _compiled_engine_equals_eager(make_engine, tokenizer, backend: str) -> None:
     """An engine whose decode steps are torch.compile'd gives each request the tokens it gets alone, eagerly: two
-    requests at once, token routing with an expert that wins every token, routing off beside it."""
-    engine = make_engine(compile_backend=backend, max_batch_size=2)
+    requests at once, token routing with an expert that wins every token, routing off beside it. It compiles every
+    routing mode's step when it starts (warming until then), and a plug that leaves the step's shapes alone (a slot
+    free, the storage's rank as it is: a seed expert of that rank was plugged before the start, as a server plugs its
+    stored set) and the requests compile nothing more."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+    model.plug(tiny_expert("seed", seed=5))  # closed gate (threshold None): never wins a token
+    engine = make_engine(model=model, compile_backend=backend, max_batch_size=2)
+    deadline = time.monotonic() + 600
+    while engine.warming and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.alive and not engine.warming
+    compiled = {mode for mode, _ in engine.scheduler.decoder._compiled}
+    assert compiled == {"off", "token", "rows"}, "each routing mode's step, at start"
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 6, "three modes at one row and at two (the rows a dynamic size from there)"
 
     async def main() -> list[list[int]]:
         await plug(engine, tiny_expert("open", threshold=-2.0))
@@ -161,7 +179,7 @@ def _compiled_engine_equals_eager(make_engine, tokenizer, backend: str) -> None:
     engine.stop()
     want = [alone(engine, PROMPT, 6, RoutingSpec("token")), alone(engine, OTHER, 6, RoutingSpec("off"))]
     assert got == want
-    assert engine.scheduler.decoder._compiled, "the steps ran compiled"
+    assert counters["stats"]["unique_graphs"] == graphs, "the plug and the steps compiled nothing more"
 
 
 def test_a_compiled_engine_decodes_what_the_eager_one_does(make_engine, tokenizer) -> None:

@@ -30,12 +30,15 @@ async def health() -> dict[str, str]:
 @router.get("/ready", responses={503: {"description": "loading, stopped or stale"}, **error_responses()})
 async def ready(request: Request) -> JSONResponse:
     """200 when the model is loaded, the engine loop runs and the expert set served is the store's current
-    one; 503 otherwise: loading, stopped, or stale (the store has held a newer expert-set version for more
-    than two poll intervals and this server could not apply it). Under --api-keys it is open (a probe sends
-    no key) and answers a caller without a key with its status only."""
+    one; 503 otherwise: loading, warming (the engine compiles its decode steps, --compile-decode, before its
+    first step), stopped, or stale (the store has held a newer expert-set version for more than two poll
+    intervals and this server could not apply it). Under --api-keys it is open (a probe sends no key) and
+    answers a caller without a key with its status only."""
     engine = getattr(request.app.state, "engine", None)
     if engine is None or not engine.alive:
         return JSONResponse({"status": "loading" if engine is None else "stopped"}, status_code=503)
+    if engine.warming:
+        return JSONResponse({"status": "warming"}, status_code=503)
     served = request.app.state.experts
     stale_after_s = max(2 * request.app.state.settings.poll_interval_s, 2.0)
     stale = served.behind_s() > stale_after_s

@@ -123,6 +123,7 @@ def assert_slots(model: RoutedModel, experts: list[Expert], version: int) -> Non
             storage.covers,
             plugged.layouts["bottleneck"].down,
             plugged.layouts["bottleneck"].up,
+            *(getattr(storage.context_gates, name) for name in ("weight", "bias", "floors", "passing", "open")),
         )
     )
 

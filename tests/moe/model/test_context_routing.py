@@ -1,13 +1,18 @@
 """Token mode by the context router's gates (PluggedSet.gates) in the routed forward: its decisions equal the plain
 per-token reference (ContextRouter.token_routes on the captured inputs), prefill and the fixed-slot decoder agree
-token by token, pins and allow-lists still bind, and a set without a router keeps the cosine gates."""
+token by token, pins and allow-lists still bind, a set without a router keeps the cosine gates, and a compiled decode
+step over the gates in the slot storage's gate columns decides and decodes as the eager step, and does not recompile
+when a set of the same form is published."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from moe import RoutedModel
 from moe.adapters.expert import BASE_ROUTE
@@ -171,3 +176,93 @@ def test_an_expert_adapting_attention_takes_the_tokens_of_its_gates_and_the_rout
     real = [len(tokenizer(t)["input_ids"]) for t in ATTENTION_HELD]
     for row, counts in enumerate(out.trace.row_counts()):
         assert counts["other"] == real[row] * 2, row  # layers (0, 1) of its file
+
+
+def _decode(
+    model: RoutedModel,
+    prompts: list[list[int]],
+    specs: list[RoutingSpec],
+    steps: int,
+    decoder: StaticDecoder | None = None,
+    **decoder_kw,
+):
+    """Greedy decode of every prompt at once through a fixed-slot decoder (a new one, max_batch: the prompts; or
+    `decoder`, emptied first) -> (tokens per row, per step the rows' decision counts, the decoder)."""
+    pre = prefill(model, prompts, specs)
+    if decoder is None:
+        decoder = StaticDecoder(model, max_batch=len(prompts), max_len=64, min_columns=64, **decoder_kw)
+    decoder.reset()
+    slots = [decoder.join(pre, row) for row in range(len(prompts))]
+    tokens, counts = [[int(t)] for t in pre.logits.argmax(dim=-1)], []
+    for _ in range(steps):
+        out = decoder.step(slots, [row[-1] for row in tokens], specs)
+        counts.append(out.row_counts)
+        for row, token in zip(tokens, out.logits.argmax(dim=-1).tolist(), strict=True):
+            row.append(token)
+    return tokens, counts, decoder
+
+
+# mixed prompts: each domain's text, plain token mode and, in a second case, per-row pins and allow-lists
+MIXED = HELD[::2]
+ROWS = [RoutingSpec(), RoutingSpec("pin", "far"), RoutingSpec(allow=("near",)), RoutingSpec("off")] * 2
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(
+                    shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor's CPU backend needs g++"
+                ),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("rows", ["token", "rows"])
+def test_a_compiled_context_step_decides_and_decodes_as_the_eager_step(routed, tokenizer, backend, rows) -> None:
+    """A set routed by its context router compiles (its gates are in the storage's gate columns, the rows' sums in
+    the decoder's row storage): on mixed prompts every step's decisions per row and the greedy tokens equal the
+    eager decoder's (which reads the host once per layer), and those equal the eager fixed-op step's."""
+    assert routed.plugged.gates is not None and not routed.plugged.eager_only
+    prompts = [tokenizer(t)["input_ids"] for t in MIXED]
+    specs = [RoutingSpec()] * len(prompts) if rows == "token" else ROWS[: len(prompts)]
+    eager = _decode(routed, prompts, specs, 8)
+    fixed = _decode(routed, prompts, specs, 8, fixed_ops=True)
+    torch._dynamo.reset()
+    compiled = _decode(routed, prompts, specs, 8, compile_backend=backend)
+    assert list(compiled[2]._compiled) == [(rows, routed.plugged.context_form)], "the steps ran compiled"
+    assert compiled[0] == eager[0] == fixed[0]
+    assert compiled[1] == eager[1] == fixed[1]
+    routed_rows = {name for step in eager[1] for counts in step for name, n in counts.items() if n}
+    assert {"near", "far", BASE_ROUTE} <= routed_rows  # every class takes decisions: a real mix
+
+
+def test_a_published_set_of_the_same_form_does_not_recompile(tokenizer) -> None:
+    """The gates are written into the gate columns in place on publish (fixed shapes), so a plug that leaves the
+    step's shapes alone (a third expert, its slot free, the set and its refitted router published together, as the
+    server swaps them) recompiles nothing while the form (floored, skip) stays; the steps after it decide and decode
+    as a fresh eager decoder's on the new set."""
+    model = _model(tokenizer, 0.5)
+    form, columns = model.plugged.context_form, model.slots.context_gates.weight
+    prompts = [tokenizer(t)["input_ids"] for t in (*MIXED[:2], *_texts("other", 2, 5))]
+    specs = [RoutingSpec()] * len(prompts)
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = _decode(model, prompts, specs, 3, compile_backend="aot_eager")[2]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and len(decoder._compiled) == 1
+    experts = (*(_expert(name, seed, 0.5) for seed, name in enumerate(NAMES, 1)), _expert("other", 3, 0.5))
+    ContextRouterFitter(model, tokenizer, calibration=_texts(BASE_ROUTE, 60, 0), cap=0.02).offer(experts)
+    model.set_experts(experts)  # published with its router (fitted first, as ServedExperts does)
+    assert model.plugged.context.classes == (BASE_ROUTE, *NAMES, "other") and model.plugged.capacity == 8
+    assert model.plugged.context_form == form, "the same form as the compiled step's"
+    assert model.slots.context_gates.weight is columns, "the gate columns were written in place"
+    compiled = _decode(model, prompts, specs, 6, decoder)
+    assert counters["stats"]["unique_graphs"] == graphs and len(decoder._compiled) == 1, "nothing recompiled"
+    eager = _decode(model, prompts, specs, 6)
+    assert compiled[:2] == eager[:2]
+    assert any(counts.get("other", 0.0) for step in eager[1] for counts in step), "the new expert takes decisions"
