@@ -168,8 +168,18 @@ class ServedExperts:
         """Fit the context router of the set of these experts and hand it to the model (moe.admission.router_fit:
         each expert's texts captured once, a refit per set); none fits a set whose experts lack domain texts,
         and sequence mode then decides from the gates' counts. With --router gates, nothing is fitted."""
-        if self.context_router:
-            self._fitter().offer(experts)
+        if not self.context_router:
+            return
+        router = self._fitter().fit(experts)
+        if router is None:
+            return
+        # a router for the set being served is published at once, its gates written into the slot storage that
+        # decode steps read: like a plug, between two steps on the engine thread (before the engine starts: here)
+        publish = functools.partial(self.model.offer_router, router)
+        if self.engine.alive:
+            self.engine.call(publish).result()
+        else:
+            publish()
 
     def _fitter(self) -> ContextRouterFitter:
         if self._router_fitter is None:

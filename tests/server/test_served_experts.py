@@ -270,3 +270,24 @@ def test_kill_9_mid_write_leaves_nothing_after_a_restart(
     assert list(store.tmp.iterdir()) == [], "the next start removed it"
     assert [e["name"] for e in restarted.get("/experts").json()] == ["before"]
     assert time.monotonic() - started < 120
+
+
+def test_a_router_for_the_served_set_is_published_on_the_engine_thread(make_client) -> None:
+    """A refit of the set being served (a reconcile to the same version, say) publishes at once, and publishing
+    writes the gates decode steps read: it runs between two steps, on the engine thread, not on the fitting one."""
+    client = make_client()
+    served = client.app.state.experts
+    assert served.context_router
+    router = object()
+    published: list[tuple[object, str]] = []
+
+    class Fitter:
+        def fit(self, experts):
+            return router
+
+    served._router_fitter = Fitter()
+    served.model.offer_router = lambda r: published.append((r, threading.current_thread().name))
+    fitting = threading.Thread(target=served._fit_router, args=((),), name="fitting")
+    fitting.start()
+    fitting.join(30)
+    assert published == [(router, "plugmoe-engine")]
