@@ -172,10 +172,15 @@ class Engine:
 
     def _start_loop(self) -> None:
         """The engine thread: compile the decode steps first (on this thread, whose OpenMP pool then runs them;
-        see in_passing_thread), then the loop. Requests submitted meanwhile wait in the queue."""
-        if not self._warm.is_set():
-            self._compile_steps()
-        self._loop()
+        see in_passing_thread), then the loop. Requests submitted meanwhile wait in the queue; however the thread
+        ends (stopping, or a compile or anything no step should raise failed), every request still here gets its
+        answer and every queued call its error."""
+        try:
+            if not self._warm.is_set():
+                self._compile_steps()
+            self._loop()
+        finally:
+            self._end()
 
     def _compile_steps(self) -> None:
         decoder = self.scheduler.decoder
@@ -330,38 +335,39 @@ class Engine:
             "engine started: batch %d, queue %d, context %d", self.max_batch_size, self.max_queue, self.context_limit
         )
         scheduler = self.scheduler
-        try:
-            while True:
-                with self._wake:
-                    while not (self._stopping or self._calls or self._submitted or scheduler.busy):
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                try:
-                    if self._calls:  # as the submissions below: a step with nothing queued pays no call
-                        self._run_calls()
-                    if self._submitted:
-                        with self._wake:  # under the lock: submit_all's queue bound counts each request once
-                            scheduler.add(self._submitted)
-                            self._submitted.clear()
-                    if self._drain_deadline is not None:
-                        self._drain()
-                    scheduler.step()  # a sequence's faults stay in it; this catches the rest
-                except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
-                    logger.exception("engine step failed")
-                    error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
-                    scheduler.finish_running(ERROR, str(error), error)
-        finally:  # stopping, or something no step should raise: every request still here gets its answer
-            scheduler.finish_running(ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
-            self._refuse_waiting()
+        while True:
             with self._wake:
-                calls = list(self._calls)
-                self._calls.clear()
-            for _, future in calls:
-                if not future.done():
-                    future.set_exception(EngineStoppedError("the engine stopped"))
-            self._set_gauges()
-            logger.info("engine stopped")
+                while not (self._stopping or self._calls or self._submitted or scheduler.busy):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                if self._calls:  # as the submissions below: a step with nothing queued pays no call
+                    self._run_calls()
+                if self._submitted:
+                    with self._wake:  # under the lock: submit_all's queue bound counts each request once
+                        scheduler.add(self._submitted)
+                        self._submitted.clear()
+                if self._drain_deadline is not None:
+                    self._drain()
+                scheduler.step()  # a sequence's faults stay in it; this catches the rest
+            except Exception as e:  # a failed step must not kill the engine: fail the batch, go on
+                logger.exception("engine step failed")
+                error = GenerationFailedError(f"generation failed: {type(e).__name__}: {e}")
+                scheduler.finish_running(ERROR, str(error), error)
+
+    def _end(self) -> None:
+        """The engine thread ends: every request still here gets its answer, every queued call its error."""
+        self.scheduler.finish_running(ERROR, _SHUTTING_DOWN, EngineStoppedError(_SHUTTING_DOWN))
+        self._refuse_waiting()
+        with self._wake:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            if not future.done():
+                future.set_exception(EngineStoppedError("the engine stopped"))
+        self._set_gauges()
+        logger.info("engine stopped")
 
     def _refuse_waiting(self) -> None:
         """Finish every request not yet started with an error (shutting down)."""

@@ -831,3 +831,33 @@ def test_in_passing_thread_returns_and_leaves_no_intra_op_pool_behind() -> None:
             await in_passing_thread(lambda: 1 / 0)
 
     asyncio.run(main())
+
+
+def test_a_failed_warm_up_answers_the_requests_queued_meanwhile(
+    make_engine, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine thread compiles before its loop; if that compile fails, the thread ends, and a request submitted
+    while it compiled gets its error answer (never left waiting), as at any other end of the thread."""
+    from moe.decode.static_decoder import StaticDecoder
+
+    submitted = threading.Event()
+
+    def warm_up_compiled(self, *args, **kwargs):
+        assert submitted.wait(30)
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(StaticDecoder, "warm_up_compiled", warm_up_compiled)
+    engine = make_engine(compile_backend="aot_eager")
+    assert engine.warming
+
+    async def main() -> Finished:
+        handle = engine.submit(request(tokenizer, PROMPT, 4))
+        submitted.set()
+        return (await asyncio.wait_for(finish(handle.events()), 30))[1]
+
+    done = asyncio.run(main())
+    assert done.reason == ERROR and isinstance(done.error, EngineStoppedError)
+    deadline = time.monotonic() + 10  # the answer goes out as the thread ends
+    while engine.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.alive and not engine.warming
