@@ -176,20 +176,21 @@ class Engine:
         ends (stopping, or a compile or anything no step should raise failed), every request still here gets its
         answer and every queued call its error."""
         try:
-            if not self._warm.is_set():
-                self._compile_steps()
-            self._loop()
+            if self._warm.is_set() or self._compile_steps():
+                self._loop()
         finally:
             self._end()
 
-    def _compile_steps(self) -> None:
+    def _compile_steps(self) -> bool:
+        """Whether the decode steps compiled. A failure is logged here and ends the engine thread (/ready says
+        stopped, submissions get 503)."""
         decoder = self.scheduler.decoder
         started = time.perf_counter()
         try:
             steps = decoder.warm_up_compiled()
         except Exception:
             logger.exception("compiling the decode steps (compile_backend %r) failed", decoder.compile_backend)
-            raise  # the engine thread ends: /ready says stopped, submissions get 503
+            return False
         if steps:
             logger.info(
                 "decode steps compiled before readiness in %.1f s (%s: routing mode x rows)",
@@ -197,6 +198,7 @@ class Engine:
                 ", ".join(f"{mode} x {rows}" for mode, rows in steps),
             )
         self._warm.set()
+        return True
 
     def drain(self, grace_s: float) -> None:
         """Shutting down: refuse new requests (503), fail waiting ones, and give running ones `grace_s` to

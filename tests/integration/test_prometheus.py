@@ -187,6 +187,20 @@ def test_every_dashboard_query_returns_data(tiny_model_dir: Path, tmp_path: Path
 
             plug("active")
             plug("dead")  # closed gate, never pinned: routes nothing
+            # increase() counts a rise only between two samples: wait until a scrape has seen both experts'
+            # routed-token series at their plug-time 0 before anything is routed (the scrape is not in step
+            # with the test; under load one can be missed)
+            wait_for(
+                lambda: (
+                    {
+                        r["metric"]["expert"]
+                        for r in query(prom, 'plugmoe_routed_tokens_total{expert=~"active|dead"} == 0')["result"]
+                    }
+                    == {"active", "dead"}
+                ),
+                20,
+                "a scrape of the plugged experts' series at 0",
+            )
             assert generate()["experts"]["dead"] == 0.0
             assert generate(mode="pin", expert="active")["experts"]["active"] == 1.0
             generate(mode="off")
