@@ -44,6 +44,10 @@ async def wait_for_results(handles: list[RequestHandle], request: Request) -> li
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Event]]:
     """(index, event) of several requests as they come; a client that goes away cancels them all."""
+    if len(handles) == 1:  # the common case, read directly: no pump task and second queue per token
+        async for event in events_until_done(handles[0]):
+            yield 0, event
+        return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
     async def pump(index: int, handle: RequestHandle) -> None:
