@@ -13,7 +13,9 @@ of `--prompt-tokens` tokens; HF `generate` runs the same prompts as static batch
 configurations run one after another, their order rotated each round, after an untimed warm-up of each; a ratio
 is taken within each round and the median over rounds is printed (a shared machine drifts between rounds: the
 load average is printed with each round). tokens/s = generated tokens / wall time of the run. CPU: the cores
-each server process (its children included) used during the run, from /proc; HF's are this process's.
+each server process (its children included) used during the run, from /proc; HF's are this process's. Client
+cores: this process's CPU while it ran a server's clients (the clients share the machine's cores with the server;
+HF's static batch has none).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Run:
     itls: list[float]
     cores: float
     texts: list[str]
+    client_cores: float | None = None  # the clients' CPU (this process) during a server's run; None for HF's
 
     @property
     def tok_s(self) -> float:
@@ -273,11 +276,12 @@ async def serve_run(server: Server, prompts: list[str], requests_per_client: int
 
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=900, limits=limits) as client:
-        cpu_before, start = cpu_seconds(server.process.pid), time.perf_counter()
+        cpu_before, client_before = cpu_seconds(server.process.pid), time.process_time()
+        start = time.perf_counter()
         per_client = await asyncio.gather(*[client_loop(client, i) for i in range(len(prompts))])
         wall = time.perf_counter() - start
-        cpu = cpu_seconds(server.process.pid) - cpu_before
-    return {"per_client": per_client, "wall": wall, "cores": cpu / wall}
+        cpu, client_cpu = cpu_seconds(server.process.pid) - cpu_before, time.process_time() - client_before
+    return {"per_client": per_client, "wall": wall, "cores": cpu / wall, "client_cores": client_cpu / wall}
 
 
 def run_server(config: str, server: Server, prompts: list[str], args: argparse.Namespace) -> Run:
@@ -286,7 +290,8 @@ def run_server(config: str, server: Server, prompts: list[str], args: argparse.N
     itls = [b - a for r in rows for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     texts = [rs[0]["text"] for rs in result["per_client"]]
     ttfts = [r["ttft"] for r in rows]
-    return Run(config, sum(r["tokens"] for r in rows), result["wall"], ttfts, itls, result["cores"], texts)
+    tokens = sum(r["tokens"] for r in rows)
+    return Run(config, tokens, result["wall"], ttfts, itls, result["cores"], texts, result["client_cores"])
 
 
 class StaticBatch:
@@ -339,8 +344,8 @@ def report(rounds: list[dict[str, Run]], args: argparse.Namespace) -> None:
     configs = list(rounds[0])
     print(f"\n{args.shape}, {args.clients} clients, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens,")
     print(f"{args.requests_per_client} requests per client per run, {args.threads} threads, {len(rounds)} rounds")
-    print("| configuration | tok/s | cores | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
-    print("|---|---|---|---|---|")
+    print("| configuration | tok/s | cores | client cores | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("|---|---|---|---|---|---|")
     for config in configs:
         runs = [r[config] for r in rounds]
         ttfts = sorted(t for run in runs for t in run.ttfts)
@@ -353,7 +358,9 @@ def report(rounds: list[dict[str, Run]], args: argparse.Namespace) -> None:
         )
         tok_s = statistics.median(run.tok_s for run in runs)
         cores = statistics.median(run.cores for run in runs)
-        print(f"| {config} | {tok_s:.0f} | {cores:.2f} | {latency} |")
+        client = [run.client_cores for run in runs if run.client_cores is not None]
+        client_cores = f"{statistics.median(client):.2f}" if client else "-"
+        print(f"| {config} | {tok_s:.0f} | {cores:.2f} | {client_cores} | {latency} |")
     print("\n| ratio (per round, median) | value | rounds | target |")
     print("|---|---|---|---|")
     for label, top, bottom, target in RATIOS:

@@ -95,7 +95,9 @@ class LiveServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 60
+        # generous: a server that fits a context router for seed experts takes ~30 s alone on 2 cores and
+        # several times that beside other test processes; the deadline only bounds a server that never comes up
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.read_log()}")
