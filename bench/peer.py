@@ -67,6 +67,7 @@ class Run:
     cores: float
     texts: list[str]
     client_cores: float | None = None  # the clients' CPU (this process) during a server's run; None for HF's
+    thread_cores: dict[str, float] | None = None  # a plugmoe server's cores by thread role (thread_seconds)
 
     @property
     def tok_s(self) -> float:
@@ -233,6 +234,39 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+THREAD_ROLES = ("engine", "event loop", "torch pool", "other")
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time of one process's threads by role, from /proc: plugmoe's engine thread (named
+    plugmoe-engine in the OS: server.engine.name_os_thread; a checkout older than that counts it with the pool),
+    the main thread (uvicorn's event loop), torch's intra-op pool workers (the engine's, which spin between ops:
+    the threads it started, which inherit its name, and those with the process's name) and the rest."""
+    roles = dict.fromkeys(THREAD_ROLES, 0.0)
+    try:
+        tasks = sorted(Path(f"/proc/{pid}/task").iterdir(), key=lambda task: int(task.name))
+    except FileNotFoundError:
+        return roles
+    engine_seen = False
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        if name.startswith("plugmoe-engine") and not engine_seen:  # the first; its pool workers come after it
+            role, engine_seen = "engine", True
+        elif task.name == str(pid):
+            role = "event loop"
+        elif name.startswith(("python", "pt_", "plugmoe-engine")):
+            role = "torch pool"
+        else:
+            role = "other"
+        roles[role] += seconds
+    return roles
+
+
 # --- one run of a configuration -------------------------------------------------------------------------------
 
 
@@ -276,12 +310,20 @@ async def serve_run(server: Server, prompts: list[str], requests_per_client: int
 
     limits = httpx.Limits(max_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=900, limits=limits) as client:
-        cpu_before, client_before = cpu_seconds(server.process.pid), time.process_time()
+        pid = server.process.pid
+        cpu_before, client_before, threads_before = cpu_seconds(pid), time.process_time(), thread_seconds(pid)
         start = time.perf_counter()
         per_client = await asyncio.gather(*[client_loop(client, i) for i in range(len(prompts))])
         wall = time.perf_counter() - start
-        cpu, client_cpu = cpu_seconds(server.process.pid) - cpu_before, time.process_time() - client_before
-    return {"per_client": per_client, "wall": wall, "cores": cpu / wall, "client_cores": client_cpu / wall}
+        cpu, client_cpu = cpu_seconds(pid) - cpu_before, time.process_time() - client_before
+        threads = thread_seconds(pid)
+    return {
+        "per_client": per_client,
+        "wall": wall,
+        "cores": cpu / wall,
+        "client_cores": client_cpu / wall,
+        "thread_cores": {role: (threads[role] - threads_before[role]) / wall for role in THREAD_ROLES},
+    }
 
 
 def run_server(config: str, server: Server, prompts: list[str], args: argparse.Namespace) -> Run:
@@ -291,7 +333,10 @@ def run_server(config: str, server: Server, prompts: list[str], args: argparse.N
     texts = [rs[0]["text"] for rs in result["per_client"]]
     ttfts = [r["ttft"] for r in rows]
     tokens = sum(r["tokens"] for r in rows)
-    return Run(config, tokens, result["wall"], ttfts, itls, result["cores"], texts, result["client_cores"])
+    thread_cores = result["thread_cores"] if server.name.startswith("plugmoe") else None
+    return Run(
+        config, tokens, result["wall"], ttfts, itls, result["cores"], texts, result["client_cores"], thread_cores
+    )
 
 
 class StaticBatch:
@@ -361,6 +406,13 @@ def report(rounds: list[dict[str, Run]], args: argparse.Namespace) -> None:
         client = [run.client_cores for run in runs if run.client_cores is not None]
         client_cores = f"{statistics.median(client):.2f}" if client else "-"
         print(f"| {config} | {tok_s:.0f} | {cores:.2f} | {client_cores} | {latency} |")
+    threaded = [config for config in configs if rounds[0][config].thread_cores is not None]
+    if threaded:
+        print(f"\n| plugmoe server's cores by thread (median) | {' | '.join(THREAD_ROLES)} |")
+        print(f"|---|{'---|' * len(THREAD_ROLES)}")
+        for config in threaded:
+            cells = [statistics.median(r[config].thread_cores[role] for r in rounds) for role in THREAD_ROLES]
+            print(f"| {config} | {' | '.join(f'{c:.2f}' for c in cells)} |")
     print("\n| ratio (per round, median) | value | rounds | target |")
     print("|---|---|---|---|")
     for label, top, bottom, target in RATIOS:

@@ -147,6 +147,15 @@ def test_submit_streams_one_event_per_token_then_finished(make_engine, tokenizer
     assert asyncio.run(engine.run(lambda: (engine.running, engine.queue_depth))) == (0, 0), "by the next step"
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread names from /proc (Linux)")
+def test_the_engine_thread_carries_its_name_in_the_os(make_engine) -> None:
+    """Per-thread tools (top -H, /proc, bench/peer.py) tell the engine thread from torch's pool workers."""
+    engine = make_engine()
+    tid = asyncio.run(engine.run(threading.get_native_id))
+    assert Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "plugmoe-engine"
+    assert Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip() != "plugmoe-engine"
+
+
 def _compiled_engine_equals_eager(make_engine, tokenizer, backend: str) -> None:
     """An engine whose decode steps are torch.compile'd gives each request the tokens it gets alone, eagerly: two
     requests at once, token routing with an expert that wins every token, routing off beside it. It compiles every
