@@ -33,6 +33,7 @@ the cost grows with the routed tokens and k, not with the number of experts plug
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -426,7 +427,12 @@ def slot_dispatch(
 
 
 def routed_rows_dispatch(
-    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+    x: torch.Tensor,
+    base: torch.Tensor,
+    choice: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    read: list[int] | None = None,
 ) -> torch.Tensor:
     """slot_dispatch's semantics with one host read (eager decode where a read costs no device sync, i.e. on
     CPU; a captured step cannot read), in as few ops as the read allows:
@@ -437,16 +443,31 @@ def routed_rows_dispatch(
         else, at most PER_SLOT_MAX slots won   each once on just its rows (two plain matmuls over its slice)
         else                                   slot_dispatch (its fixed ops cost less than a run per slot)
 
+    read: choice.tolist(), when the caller has read it already (it counts the decisions on the host); None: read
+    here. The read is the choices themselves (no bincount: one op fewer and a plain list, ~16 ints a decode step).
     Base-route rows come back with base's values, bit for bit, and base is never written in place."""
-    counts = torch.bincount(choice + 1, minlength=up.shape[0] + 1).tolist()  # [base, slot 0, ...]: the read
-    if counts[0] == choice.shape[0]:
+    if read is None:
+        read = choice.tolist()
+    won = sorted({slot for slot in read if slot >= 0})
+    if not won:
         return base
-    won = [slot for slot, count in enumerate(counts[1:]) if count]
-    if won[-1] - won[0] < DENSE_RANGE_MAX:
-        return _range_delta(x, base, choice, down, up, won[0], won[-1] + 1, counts[won[0] + 1] == choice.shape[0])
+    first, last = won[0], won[-1]
+    if last - first < DENSE_RANGE_MAX:
+        every_row = len(won) == 1 and all(slot == first for slot in read)
+        return _range_delta(x, base, choice, down, up, first, last + 1, every_row)
     if len(won) > PER_SLOT_MAX:
         return slot_dispatch(x, base, choice, down, up)
+    counts = [0] * (up.shape[0] + 1)  # [base, slot 0, ...], as bincount(choice + 1) gives them
+    for slot in read:
+        counts[slot + 1] += 1
     return _grouped_top1(x, base, choice, _StorageSlots(down, up), counts)
+
+
+@functools.cache
+def _range_blocks(first: int, end: int, device: torch.device) -> torch.Tensor:
+    """[1, end - first, 1] long: the slots of a range, shaped to compare with choice.view(-1, 1, 1) (made once per
+    range and device: a decode step would otherwise build it per layer; never written)."""
+    return torch.arange(first, end, device=device).view(1, -1, 1)
 
 
 def _range_delta(
@@ -472,12 +493,11 @@ def _range_delta(
     masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit).
     every_row: every row chose slot `first` (k = 1): no mask to build."""
     hidden, capacity, rank = down.shape
-    width = (end - first) * rank
-    h = F.gelu(x @ down.reshape(hidden, capacity * rank)[:, first * rank : first * rank + width])  # [N, k*R]
+    start, width = first * rank, (end - first) * rank
+    h = F.gelu(torch.mm(x, down.view(hidden, capacity * rank)[:, start : start + width]))  # [N, k*R]
     if not every_row:
-        blocks = torch.arange(first, end, device=x.device)  # [k]
-        h.view(-1, end - first, rank).masked_fill_((choice[:, None] != blocks)[:, :, None], 0.0)
-    return torch.addmm(base, h, up.reshape(capacity * rank, -1)[first * rank : first * rank + width])
+        h.view(-1, end - first, rank).masked_fill_(choice.view(-1, 1, 1) != _range_blocks(first, end, x.device), 0.0)
+    return torch.addmm(base, h, up.view(capacity * rank, -1)[start : start + width])
 
 
 def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
