@@ -470,6 +470,23 @@ def _range_blocks(first: int, end: int, device: torch.device) -> torch.Tensor:
     return torch.arange(first, end, device=device).view(1, -1, 1)
 
 
+def _range_views(down: torch.Tensor, up: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """down [H, C, R], up [C, R, H] -> (down[:, first:end] as [H, k*R], up[first:end] as [k*R, H]), views made once
+    per layer and range (four view ops a layer in a decode step otherwise). Kept on the `down` view itself (a set's
+    `fixed[layer][0]`, the same object for as long as the set is kept, so they go with it), keyed by the range and
+    checked against `up`."""
+    views = down.__dict__.setdefault("_range_views", {})  # {(first, end): (up, down's view, up's view)}
+    kept = views.get((first, end))
+    if kept is not None and kept[0] is up:
+        return kept[1], kept[2]
+    hidden, capacity, rank = down.shape
+    start, width = first * rank, (end - first) * rank
+    down_range = down.reshape(hidden, capacity * rank)[:, start : start + width]
+    up_range = up.reshape(capacity * rank, -1)[start : start + width]
+    views[first, end] = (up, down_range, up_range)
+    return down_range, up_range
+
+
 def _range_delta(
     x: torch.Tensor,
     base: torch.Tensor,
@@ -492,12 +509,12 @@ def _range_delta(
 
     masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit).
     every_row: every row chose slot `first` (k = 1): no mask to build."""
-    hidden, capacity, rank = down.shape
-    start, width = first * rank, (end - first) * rank
-    h = F.gelu(torch.mm(x, down.view(hidden, capacity * rank)[:, start : start + width]))  # [N, k*R]
+    down_range, up_range = _range_views(down, up, first, end)
+    h = F.gelu(torch.mm(x, down_range))  # [N, k*R]
     if not every_row:
-        h.view(-1, end - first, rank).masked_fill_(choice.view(-1, 1, 1) != _range_blocks(first, end, x.device), 0.0)
-    return torch.addmm(base, h, up.view(capacity * rank, -1)[start : start + width])
+        mask = choice.view(-1, 1, 1) != _range_blocks(first, end, x.device)  # [N, k, 1]: blocks a row did not choose
+        h.view(-1, end - first, down.shape[2]).masked_fill_(mask, 0.0)
+    return torch.addmm(base, h, up_range)
 
 
 def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

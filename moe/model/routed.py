@@ -39,6 +39,7 @@ forward reads the plugged set once at its start.
 
 from __future__ import annotations
 
+import array
 import functools
 import threading
 from collections.abc import Callable
@@ -151,6 +152,8 @@ class _Step:
     #   reads the choices (routed_rows_dispatch): each routed layer's choices [N] as read, counted on the host at the
     #   end (`_host_trace`, in place of count_decisions' ~60 ops); None: counted on the device (`choices`)
     counted_read: list[bool] | None = None  # with host_choices and context gates: counted[:, 0], read once
+    context_layers: tuple[torch.Tensor, ...] = ()  # with those: context[:, l] per layer, views taken once
+    every_counted: bool = False  # with those: every row counts (step_read then applies no weights)
     pins_only: bool = False  # host fact: no row may win an expert by its score (top-1): every route is a pin or
     #   base, so no gate is scored (`_pinned_choice`)
 
@@ -345,8 +348,10 @@ class RoutedMLP(nn.Module):
         gates = step.plugged.gates
         assert gates is not None and step.context is not None
         if step.host_choices is not None and step.allowed is None and step.forced is None:
-            assert step.counted_read is not None and step.counted_weights is not None
-            return gates.step_read(step.context, self.layer, flat_x, step.counted_read, step.counted_weights)
+            assert step.counted_read is not None
+            sums = step.context_layers[self.layer]
+            weights = None if step.every_counted else step.counted_weights
+            return gates.step_read(sums, self.layer, flat_x, step.counted_read, weights)
         covers = None if step.forced is None else step.plugged.covers[self.layer]  # what a pin may use
         choice = self._context_choice(step, x, step.allowed, covers)
         return choice, (choice.tolist() if step.host_choices is not None else None)
@@ -495,8 +500,10 @@ class RoutedModel(nn.Module):
             step = self._context.step
             step.context, step.counted = self._context_rows(plugged, token_mask, batch, length, context)
             step.counted_weights = step.counted.float()  # once here, not once per layer
-            if step.host_choices is not None:
+            if step.host_choices is not None:  # what step_read takes: read and views made once, not per layer
                 step.counted_read = step.counted.view(-1).tolist()
+                step.context_layers = step.context.unbind(dim=1)  # per layer [B, H], views of the rows' state
+                step.every_counted = all(step.counted_read)
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(
@@ -538,19 +545,25 @@ class RoutedModel(nn.Module):
 
             for l, read in enumerate(choices): for n, slot in enumerate(read):
                 rows[n, slot] += valid[n]; layers[l, slot] += valid[n]      # slot -1: the base column
+
+        Counted in float32 arrays that become the tensors without a copy (torch.frombuffer: a tensor from a list
+        of floats costs more than the counting); counts are whole numbers, exact as count_decisions' float32 sums.
         """
+        assert self.device.type == "cpu"  # only eager CPU steps read their choices
         weights = valid.tolist()
         width = capacity + 1
-        rows = [[0.0] * width for _ in weights]
-        layers = []
-        for read in choices:
-            counts = [0.0] * width
+        rows = array.array("f", bytes(4 * width * len(weights)))
+        layers = array.array("f", bytes(4 * width * self.num_layers))
+        for layer, read in enumerate(choices):
+            first = layer * width
             for row, (slot, weight) in enumerate(zip(read, weights, strict=True)):
-                rows[row][slot] += weight
-                counts[slot] += weight
-            layers.append(counts)
-        layers.extend([0.0] * width for _ in range(self.num_layers - len(choices)))
-        return torch.tensor(rows, device=self.device), torch.tensor(layers, device=self.device)
+                column = slot if slot >= 0 else capacity
+                rows[row * width + column] += weight
+                layers[first + column] += weight
+        return (
+            torch.frombuffer(rows, dtype=torch.float32).view(len(weights), width),
+            torch.frombuffer(layers, dtype=torch.float32).view(self.num_layers, width),
+        )
 
     def _context_rows(
         self,

@@ -364,10 +364,11 @@ class ContextGates:
         return choice
 
     def step_read(
-        self, context: torch.Tensor, layer: int, x: torch.Tensor, counted: list[bool], weights: torch.Tensor
+        self, sums: torch.Tensor, layer: int, x: torch.Tensor, counted: list[bool], weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[int]]:
-        """`step` for an eager decode step on the host's device (CPU), its decision read: context [B, L, H], x [B, H]
-        (one token per row), counted: counted[:, 0] as read once by the forward, weights [B, 1] its float32 form; no
+        """`step` for an eager decode step on the host's device (CPU), its decision read: sums [B, H] the layer's
+        running sums (context[:, layer], a view, moved on in place), x [B, H] (one token per row), counted: which rows
+        count, as read once by the forward; weights [B, 1] their float32 form, None when every row counts. No
         allow-lists and no pins (a batch in token mode) -> (choice [B], choice.tolist()), bit for bit what
         `step(context, layer, x[:, None], counted, None, None, None, weights)` gives, in fewer ops:
 
@@ -379,9 +380,8 @@ class ContextGates:
         The addcdiv form is exact: addcdiv computes self + 1 * x / d, the same rounded quotient unit() computes,
         added once, where addcmul added unit * 1.0 (exact). Rows that do not count (free rows of a bucket) take the
         addcmul form, which adds exact zeros for them."""
-        sums = context[:, layer]  # [B, H], a view of the rows' state
         x = _float32(x)
-        if all(counted):
+        if weights is None:
             sums.addcdiv_(x, torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
         else:
             sums.addcmul_(_unit(x), weights)
@@ -389,13 +389,11 @@ class ContextGates:
         logits = torch.addmm(bias, _unit(sums), weight_t)  # [B, 1 + C]
         if self.floored:
             best, column = logits.softmax(dim=-1).max(dim=-1)
-            floors = passing.tolist()
-            columns = column.tolist()
+            floors, columns = passing.tolist(), column.tolist()
             stands = [p > floors[c] for p, c in zip(best.tolist(), columns, strict=True)]
         else:
             column = logits.argmax(dim=-1)
-            opens = open_.tolist()
-            columns = column.tolist()
+            opens, columns = open_.tolist(), column.tolist()
             stands = [opens[c] for c in columns]
         read = [c - 1 if s and n else -1 for c, s, n in zip(columns, stands, counted, strict=True)]
         if all(r == c - 1 for r, c in zip(read, columns, strict=True)):

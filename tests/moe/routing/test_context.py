@@ -276,12 +276,13 @@ def test_step_read_equals_step_bit_for_bit(router, floored, all_counted, skippin
         counted[5, 0] = counted[2, 0] = False  # free rows of a bucket
     covers = torch.tensor([True, False, not skipping, True])  # slot 2 (class "near") skips when `skipping`
     gates = ContextGates.of(trimmed, [2, 0], 4, torch.device("cpu"), covers.expand(LAYERS, -1))
-    weights = counted.float()
+    weights = None if all_counted else counted.float()
     chosen = set()
     for layer in range(LAYERS):
         before, after = context.clone(), context.clone()
-        expected = gates.step(before, layer, x[:, :, layer], counted, None, None, None, weights)
-        got, read = gates.step_read(after, layer, x[:, 0, layer].contiguous(), counted[:, 0].tolist(), weights)
+        expected = gates.step(before, layer, x[:, :, layer], counted, None, None, None, counted.float())
+        sums = after[:, layer]  # the view a forward hands it (context.unbind(1)[layer])
+        got, read = gates.step_read(sums, layer, x[:, 0, layer].contiguous(), counted[:, 0].tolist(), weights)
         assert torch.equal(got, expected), (layer, got, expected)
         assert read == expected.tolist()
         assert torch.equal(after, before), layer
