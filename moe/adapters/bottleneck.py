@@ -33,7 +33,6 @@ the cost grows with the routed tokens and k, not with the number of experts plug
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -429,7 +428,7 @@ def slot_dispatch(
 def routed_rows_dispatch(
     x: torch.Tensor,
     base: torch.Tensor,
-    choice: torch.Tensor,
+    choice: torch.Tensor | None,
     down: torch.Tensor,
     up: torch.Tensor,
     read: list[int] | None = None,
@@ -445,29 +444,26 @@ def routed_rows_dispatch(
 
     read: choice.tolist(), when the caller has read it already (it counts the decisions on the host); None: read
     here. The read is the choices themselves (no bincount: one op fewer and a plain list, ~16 ints a decode step).
-    Base-route rows come back with base's values, bit for bit, and base is never written in place."""
+    choice may be None when read is given (a caller that decided on the host): it is made from the read only on
+    the paths that index with it. Base-route rows come back with base's values, bit for bit, and base is never
+    written in place."""
     if read is None:
+        assert choice is not None
         read = choice.tolist()
     won = sorted({slot for slot in read if slot >= 0})
     if not won:
         return base
     first, last = won[0], won[-1]
     if last - first < DENSE_RANGE_MAX:
-        every_row = len(won) == 1 and all(slot == first for slot in read)
-        return _range_delta(x, base, choice, down, up, first, last + 1, every_row)
+        return _range_delta(x, base, read, down, up, first, last + 1)
+    if choice is None:
+        choice = torch.tensor(read, device=x.device)
     if len(won) > PER_SLOT_MAX:
         return slot_dispatch(x, base, choice, down, up)
     counts = [0] * (up.shape[0] + 1)  # [base, slot 0, ...], as bincount(choice + 1) gives them
     for slot in read:
         counts[slot + 1] += 1
     return _grouped_top1(x, base, choice, _StorageSlots(down, up), counts)
-
-
-@functools.cache
-def _range_blocks(first: int, end: int, device: torch.device) -> torch.Tensor:
-    """[1, end - first, 1] long: the slots of a range, shaped to compare with choice.view(-1, 1, 1) (made once per
-    range and device: a decode step would otherwise build it per layer; never written)."""
-    return torch.arange(first, end, device=device).view(1, -1, 1)
 
 
 def _range_views(down: torch.Tensor, up: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,30 +486,33 @@ def _range_views(down: torch.Tensor, up: torch.Tensor, first: int, end: int) -> 
 def _range_delta(
     x: torch.Tensor,
     base: torch.Tensor,
-    choice: torch.Tensor,
+    read: list[int],
     down: torch.Tensor,
     up: torch.Tensor,
     first: int,
     end: int,
-    every_row: bool,
 ) -> torch.Tensor:
     """base + each routed row's adapter, for choices in slots first..end-1 (or -1) -> out [N, H], a new tensor.
 
-    x, base [N, H]; down [H, C, R], up [C, R, H] (one layer's storage). The range's blocks side by side are one
-    adapter of rank k*R (k = end - first): down[:, first:end] is a strided [H, k*R] view, up[first:end] a contiguous
-    [k*R, H] one, so nothing is copied. Semantics, per row n:
+    x, base [N, H]; read [N] the choices as read on the host; down [H, C, R], up [C, R, H] (one layer's storage).
+    The range's blocks side by side are one adapter of rank k*R (k = end - first): down[:, first:end] is a strided
+    [H, k*R] view, up[first:end] a contiguous [k*R, H] one, so nothing is copied. Semantics, per row n:
 
         h[n]   = gelu(x[n] @ down[:, first:end].flat)           # [k*R], every block of the range
-        h[n]   = 0 outside block choice[n] - first (all of it for a base row)
+        h[n]   = 0 outside block read[n] - first (all of it for a base row)
         out[n] = base[n] + h[n] @ up[first:end].flat
 
-    masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit).
-    every_row: every row chose slot `first` (k = 1): no mask to build."""
+    masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit). The
+    mask is made on the host from the read (a bool tensor over a bytearray: no kernel), none when every row chose
+    slot `first`."""
     down_range, up_range = _range_views(down, up, first, end)
     h = F.gelu(torch.mm(x, down_range))  # [N, k*R]
-    if not every_row:
-        mask = choice.view(-1, 1, 1) != _range_blocks(first, end, x.device)  # [N, k, 1]: blocks a row did not choose
-        h.view(-1, end - first, down.shape[2]).masked_fill_(mask, 0.0)
+    if any(slot != first for slot in read):
+        blocks = range(first, end)
+        drop = torch.frombuffer(bytearray(slot != block for slot in read for block in blocks), dtype=torch.bool)
+        if x.device.type != "cpu":
+            drop = drop.to(x.device)
+        h.view(-1, end - first, down.shape[2]).masked_fill_(drop.view(-1, end - first, 1), 0.0)
     return torch.addmm(base, h, up_range)
 
 

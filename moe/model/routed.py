@@ -252,7 +252,6 @@ class RoutedMLP(nn.Module):
             keep = None if step.skip is None else ~step.skip[:, 0]
             if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
                 choice, read = self._context_decode(step, x, flat_x)
-                applied = choice if keep is None else torch.where(keep, choice, -1)
             elif step.host_choices is not None:  # routed_top1_host_read, its read kept for the trace
                 choice = route_top1(
                     flat_x,
@@ -264,7 +263,6 @@ class RoutedMLP(nn.Module):
                     step.forced,
                 )
                 read = choice.tolist()
-                applied = choice if keep is None else torch.where(keep, choice, -1)
             else:
                 out, choice = step.decode(
                     flat_x,
@@ -280,13 +278,18 @@ class RoutedMLP(nn.Module):
                 )
                 step.choices.append(choice[:, None])
                 return out.view(base.shape)
-            if step.host_choices is None:
+            if read is None:  # counted on the device: the choice's dispatch (slot_dispatch in a fixed-op step)
+                assert choice is not None
                 step.choices.append(choice[:, None])
+                applied = choice if keep is None else torch.where(keep, choice, -1)
                 return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view(base.shape)
             step.host_choices.append(read)
-            # routed_rows_dispatch: its read is this one while no row is kept out (else it reads `applied`)
-            read = read if keep is None else None
-            return routed_rows_dispatch(flat_x, flat_base, applied, *plugged.fixed[layer], read).view(base.shape)
+            if keep is None:  # routed_rows_dispatch on this read (choice None: decided on the host, made if needed)
+                return routed_rows_dispatch(flat_x, flat_base, choice, *plugged.fixed[layer], read).view(base.shape)
+            if choice is None:
+                choice = torch.tensor(read, device=flat_x.device)
+            applied = torch.where(keep, choice, -1)  # rows kept out take base: the dispatch reads what applies
+            return routed_rows_dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view(base.shape)
         flat_x = x.reshape(-1, hidden)
         early, step.early = step.early, None
         split = plugged.before_attention[layer] if early is not None else None
@@ -341,17 +344,18 @@ class RoutedMLP(nn.Module):
 
     def _context_decode(
         self, step: _Step, x: torch.Tensor, flat_x: torch.Tensor
-    ) -> tuple[torch.Tensor, list[int] | None]:
-        """A decode-path choice [N] by the context router (token mode; x [B, T, H], flat_x [N, H]) and, where the
-        step counts on the host (`host_choices`: one token per row), its host read: `ContextGates.step_read`
-        (fewer ops) for a batch with no allow-lists or pins, else `step` and a read."""
+    ) -> tuple[torch.Tensor | None, list[int] | None]:
+        """A decode-path choice by the context router (token mode; x [B, T, H], flat_x [N, H]) -> (choice [N] or
+        None, its host read or None). Where the step counts on the host (`host_choices`: one token per row) the
+        read is there: for a batch with no allow-lists or pins, decided on the host by `ContextGates.step_read` (no
+        device choice: None), else `step` and a read of it. Elsewhere the device choice alone."""
         gates = step.plugged.gates
         assert gates is not None and step.context is not None
         if step.host_choices is not None and step.allowed is None and step.forced is None:
             assert step.counted_read is not None
             sums = step.context_layers[self.layer]
             weights = None if step.every_counted else step.counted_weights
-            return gates.step_read(sums, self.layer, flat_x, step.counted_read, weights)
+            return None, gates.step_read(sums, self.layer, flat_x, step.counted_read, weights)
         covers = None if step.forced is None else step.plugged.covers[self.layer]  # what a pin may use
         choice = self._context_choice(step, x, step.allowed, covers)
         return choice, (choice.tolist() if step.host_choices is not None else None)

@@ -365,15 +365,15 @@ class ContextGates:
 
     def step_read(
         self, sums: torch.Tensor, layer: int, x: torch.Tensor, counted: list[bool], weights: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[int]]:
-        """`step` for an eager decode step on the host's device (CPU), its decision read: sums [B, H] the layer's
+    ) -> list[int]:
+        """`step` for an eager decode step on the host's device (CPU), decided on the host: sums [B, H] the layer's
         running sums (context[:, layer], a view, moved on in place), x [B, H] (one token per row), counted: which rows
         count, as read once by the forward; weights [B, 1] their float32 form, None when every row counts. No
-        allow-lists and no pins (a batch in token mode) -> (choice [B], choice.tolist()), bit for bit what
-        `step(context, layer, x[:, None], counted, None, None, None, weights)` gives, in fewer ops:
+        allow-lists and no pins (a batch in token mode) -> choice [B] as a list (a slot, -1 = base): bit for bit
+        `step(context, layer, x[:, None], counted, None, None, None, weights).tolist()`, in fewer ops:
 
             sums[b] += unit(x[b]) if counted[b]     one addcdiv_ (x / norm, added) when every row counts
-            column   = argmax(logits) (or the floored pick, as `choose`)
+            column   = argmax(logits) (or the floored pick, as `choose`), read
             choice   = column - 1 where it stands and the row counts, else -1, decided on the host from the read
                        column (and best probability) and the layer's `open` (`passing`) row, read with it
 
@@ -392,13 +392,9 @@ class ContextGates:
             floors, columns = passing.tolist(), column.tolist()
             stands = [p > floors[c] for p, c in zip(best.tolist(), columns, strict=True)]
         else:
-            column = logits.argmax(dim=-1)
-            opens, columns = open_.tolist(), column.tolist()
+            opens, columns = open_.tolist(), logits.argmax(dim=-1).tolist()
             stands = [opens[c] for c in columns]
-        read = [c - 1 if s and n else -1 for c, s, n in zip(columns, stands, counted, strict=True)]
-        if all(r == c - 1 for r, c in zip(read, columns, strict=True)):
-            return column.sub_(1), read  # every win stands (a base column is -1 either way): no mask to apply
-        return torch.tensor(read, device=column.device), read
+        return [c - 1 if s and n else -1 for c, s, n in zip(columns, stands, counted, strict=True)]
 
 
 class ContextGateColumns:
