@@ -4,8 +4,10 @@
     python bench/decode_ops.py                      # routing off, 16 rows, 48-token prompts: op counts and self CPU
     python bench/decode_ops.py --modes off token --top 30
 
-Per case: aten ops per forward, module calls per forward (nn.Module.__call__ counted by a global hook), and the
-table of op names (calls per forward, self CPU us per forward), then where plugmoe's forward has more ops than HF's.
+Per case: aten ops per forward, module calls per forward (nn.Module.__call__ counted by a global hook), wall and CPU
+ms per forward unprofiled (the cases interleaved over `--rounds` rounds of `--steps` forwards, the minimum round kept:
+on a shared machine read CPU ms, and the ratio token / off of the same run), and the table of op names (calls per
+forward, self CPU us per forward), then where plugmoe's forward has more ops than HF's.
 plugmoe's case times StaticDecoder._run (the model's decode forward, what step_profile.py calls `forward`);
 HF's times `model(...)` as generate calls it: input ids [B, 1], a 2D attention mask over the cache and the new token,
 position ids, cache_position. Self CPU under the profiler is inflated by its own hooks: read counts first.
@@ -48,14 +50,26 @@ class ModuleCalls:
         self._handle.remove()
 
 
+def timed(fns: dict[str, object], steps: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each case's fn() `steps` times per round, the cases interleaved round by round (a shared machine's load moves
+    between rounds, not between cases): per case (wall ms, CPU ms) per forward, the minimum over rounds of each."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    best = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fn()
+            wall, cpu = (time.perf_counter() - wall) / steps * 1e3, (time.process_time() - cpu) / steps * 1e3
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
 def profiled(fn, steps: int) -> dict:
-    """fn() `steps` times under torch.profiler: per forward, {op: (calls, self cpu us)}, module calls, wall ms."""
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    wall = (time.perf_counter() - start) / steps * 1e3
+    """fn() `steps` times under torch.profiler: per forward, {op: (calls, self cpu us)}, module calls."""
+    fn()
     with ModuleCalls() as calls, profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
@@ -63,10 +77,11 @@ def profiled(fn, steps: int) -> dict:
     for event in prof.key_averages():
         if event.key.startswith("aten::") or event.key.startswith("plugmoe"):
             ops[event.key] = (event.count / steps, event.self_cpu_time_total / steps)
-    return {"ops": ops, "modules": calls.count / steps, "wall_ms": wall}
+    return {"ops": ops, "modules": calls.count / steps}
 
 
-def plugmoe_case(args: argparse.Namespace, tokenizer, texts: list[str], mode: str) -> dict:
+def plugmoe_case(args: argparse.Namespace, tokenizer, texts: list[str], mode: str):
+    """plugmoe's decode forward in `mode`, ready to call: () -> None (the same step every call)."""
     from experts.cli import load_experts_dir
     from moe import RoutedModel, RouterConfig, RoutingSpec, load_backbone
     from moe.decode.prefill import prefill
@@ -96,10 +111,11 @@ def plugmoe_case(args: argparse.Namespace, tokenizer, texts: list[str], mode: st
         decoder.pos.copy_(saved_pos)  # every forward the same step (the columns stay put)
         decoder.bias.copy_(saved_bias)
 
-    return profiled(forward, args.steps)
+    return forward
 
 
-def hf_case(args: argparse.Namespace, tokenizer, texts: list[str]) -> dict:
+def hf_case(args: argparse.Namespace, tokenizer, texts: list[str]):
+    """HF's decode forward, ready to call: () -> None (the same step every call)."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
     from moe.model.kv_cache import cache_kwarg
@@ -131,7 +147,7 @@ def hf_case(args: argparse.Namespace, tokenizer, texts: list[str]) -> dict:
             )
         cache.crop(-1)  # every forward the same step: the new column dropped
 
-    return profiled(forward, args.steps)
+    return forward
 
 
 def print_table(results: dict[str, dict], top: int) -> None:
@@ -140,10 +156,16 @@ def print_table(results: dict[str, dict], top: int) -> None:
         "per forward: "
         + ", ".join(
             f"{n}: {sum(c for c, _ in r['ops'].values()):.0f} ops, "
-            f"{r['modules']:.0f} module calls, {r['wall_ms']:.2f} ms wall (unprofiled)"
+            f"{r['modules']:.0f} module calls, {r['wall_ms']:.2f} ms wall, {r['cpu_ms']:.2f} ms CPU (unprofiled)"
             for n, r in results.items()
         )
     )
+    if "off" in results and "token" in results:
+        off, token = results["off"], results["token"]
+        print(
+            f"token / off per forward: {token['wall_ms'] / off['wall_ms']:.3f} wall, "
+            f"{token['cpu_ms'] / off['cpu_ms']:.3f} CPU"
+        )
     totals = Counter()
     for r in results.values():
         for op, (_, us) in r["ops"].items():
@@ -176,7 +198,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--columns", type=int, default=64, help="plugmoe's KV column bucket")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="forwards per timing round, and profiled")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds, the cases interleaved: minimum kept")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=["off", "token"], default=["off"])
     parser.add_argument("--no-hf", action="store_true")
@@ -187,11 +210,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     texts = demo_prompts(Path(args.model), args.rows, args.prompt_tokens)
-    results = {}
-    if not args.no_hf:
-        results["hf"] = hf_case(args, tokenizer, texts)
+    fns = {} if args.no_hf else {"hf": hf_case(args, tokenizer, texts)}
     for mode in args.modes:
-        results[mode] = plugmoe_case(args, tokenizer, texts, mode)
+        fns[mode] = plugmoe_case(args, tokenizer, texts, mode)
+    times = timed(fns, args.steps, args.rounds)
+    results = {}
+    for name, fn in fns.items():
+        results[name] = profiled(fn, args.steps)
+        results[name]["wall_ms"], results[name]["cpu_ms"] = times[name]
     print_table(results, args.top)
 
 

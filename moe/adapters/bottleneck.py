@@ -426,7 +426,12 @@ def slot_dispatch(
 
 
 def routed_rows_dispatch(
-    x: torch.Tensor, base: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor
+    x: torch.Tensor,
+    base: torch.Tensor,
+    choice: torch.Tensor | None,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    read: list[int] | None = None,
 ) -> torch.Tensor:
     """slot_dispatch's semantics with one host read (eager decode where a read costs no device sync, i.e. on
     CPU; a captured step cannot read), in as few ops as the read allows:
@@ -437,47 +442,78 @@ def routed_rows_dispatch(
         else, at most PER_SLOT_MAX slots won   each once on just its rows (two plain matmuls over its slice)
         else                                   slot_dispatch (its fixed ops cost less than a run per slot)
 
-    Base-route rows come back with base's values, bit for bit, and base is never written in place."""
-    counts = torch.bincount(choice + 1, minlength=up.shape[0] + 1).tolist()  # [base, slot 0, ...]: the read
-    if counts[0] == choice.shape[0]:
+    read: choice.tolist(), when the caller has read it already (it counts the decisions on the host); None: read
+    here. The read is the choices themselves (no bincount: one op fewer and a plain list, ~16 ints a decode step).
+    choice may be None when read is given (a caller that decided on the host): it is made from the read only on
+    the paths that index with it. Base-route rows come back with base's values, bit for bit, and base is never
+    written in place."""
+    if read is None:
+        assert choice is not None
+        read = choice.tolist()
+    won = sorted({slot for slot in read if slot >= 0})
+    if not won:
         return base
-    won = [slot for slot, count in enumerate(counts[1:]) if count]
-    if won[-1] - won[0] < DENSE_RANGE_MAX:
-        return _range_delta(x, base, choice, down, up, won[0], won[-1] + 1, counts[won[0] + 1] == choice.shape[0])
+    first, last = won[0], won[-1]
+    if last - first < DENSE_RANGE_MAX:
+        return _range_delta(x, base, read, down, up, first, last + 1)
+    if choice is None:
+        choice = torch.tensor(read, device=x.device)
     if len(won) > PER_SLOT_MAX:
         return slot_dispatch(x, base, choice, down, up)
+    counts = [0] * (up.shape[0] + 1)  # [base, slot 0, ...], as bincount(choice + 1) gives them
+    for slot in read:
+        counts[slot + 1] += 1
     return _grouped_top1(x, base, choice, _StorageSlots(down, up), counts)
+
+
+def _range_views(down: torch.Tensor, up: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """down [H, C, R], up [C, R, H] -> (down[:, first:end] as [H, k*R], up[first:end] as [k*R, H]), views made once
+    per layer and range (four view ops a layer in a decode step otherwise). Kept on the `down` view itself (a set's
+    `fixed[layer][0]`, the same object for as long as the set is kept, so they go with it), keyed by the range and
+    checked against `up`."""
+    views = down.__dict__.setdefault("_range_views", {})  # {(first, end): (up, down's view, up's view)}
+    kept = views.get((first, end))
+    if kept is not None and kept[0] is up:
+        return kept[1], kept[2]
+    hidden, capacity, rank = down.shape
+    start, width = first * rank, (end - first) * rank
+    down_range = down.reshape(hidden, capacity * rank)[:, start : start + width]
+    up_range = up.reshape(capacity * rank, -1)[start : start + width]
+    views[first, end] = (up, down_range, up_range)
+    return down_range, up_range
 
 
 def _range_delta(
     x: torch.Tensor,
     base: torch.Tensor,
-    choice: torch.Tensor,
+    read: list[int],
     down: torch.Tensor,
     up: torch.Tensor,
     first: int,
     end: int,
-    every_row: bool,
 ) -> torch.Tensor:
     """base + each routed row's adapter, for choices in slots first..end-1 (or -1) -> out [N, H], a new tensor.
 
-    x, base [N, H]; down [H, C, R], up [C, R, H] (one layer's storage). The range's blocks side by side are one
-    adapter of rank k*R (k = end - first): down[:, first:end] is a strided [H, k*R] view, up[first:end] a contiguous
-    [k*R, H] one, so nothing is copied. Semantics, per row n:
+    x, base [N, H]; read [N] the choices as read on the host; down [H, C, R], up [C, R, H] (one layer's storage).
+    The range's blocks side by side are one adapter of rank k*R (k = end - first): down[:, first:end] is a strided
+    [H, k*R] view, up[first:end] a contiguous [k*R, H] one, so nothing is copied. Semantics, per row n:
 
         h[n]   = gelu(x[n] @ down[:, first:end].flat)           # [k*R], every block of the range
-        h[n]   = 0 outside block choice[n] - first (all of it for a base row)
+        h[n]   = 0 outside block read[n] - first (all of it for a base row)
         out[n] = base[n] + h[n] @ up[first:end].flat
 
-    masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit).
-    every_row: every row chose slot `first` (k = 1): no mask to build."""
-    hidden, capacity, rank = down.shape
-    width = (end - first) * rank
-    h = F.gelu(x @ down.reshape(hidden, capacity * rank)[:, first * rank : first * rank + width])  # [N, k*R]
-    if not every_row:
-        blocks = torch.arange(first, end, device=x.device)  # [k]
-        h.view(-1, end - first, rank).masked_fill_((choice[:, None] != blocks)[:, :, None], 0.0)
-    return torch.addmm(base, h, up.reshape(capacity * rank, -1)[first * rank : first * rank + width])
+    masked_fill writes exact zeros whatever x holds, so a base row adds exact zeros (its values, bit for bit). The
+    mask is made on the host from the read (a bool tensor over a bytearray: no kernel), none when every row chose
+    slot `first`."""
+    down_range, up_range = _range_views(down, up, first, end)
+    h = F.gelu(torch.mm(x, down_range))  # [N, k*R]
+    if any(slot != first for slot in read):
+        blocks = range(first, end)
+        drop = torch.frombuffer(bytearray(slot != block for slot in read for block in blocks), dtype=torch.bool)
+        if x.device.type != "cpu":
+            drop = drop.to(x.device)
+        h.view(-1, end - first, down.shape[2]).masked_fill_(drop.view(-1, end - first, 1), 0.0)
+    return torch.addmm(base, h, up_range)
 
 
 def _gathered_delta(x: torch.Tensor, choice: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

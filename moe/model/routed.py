@@ -39,6 +39,7 @@ forward reads the plugged set once at its start.
 
 from __future__ import annotations
 
+import array
 import functools
 import threading
 from collections.abc import Callable
@@ -133,8 +134,8 @@ class _Step:
     skip: torch.Tensor | None  # [N, 1] bool: scored but no expert run (observe rows, padding); None: none
     valid: torch.Tensor  # [N] float, 0 for padding
     flat_rows: torch.Tensor  # [N] long: the batch row of each token
-    trace_rows: torch.Tensor  # [B, C + 1]
-    trace_layers: torch.Tensor  # [L, C + 1]
+    trace_rows: torch.Tensor | None  # [B, C + 1]; None where the step counts on the host (`host_choices`)
+    trace_layers: torch.Tensor | None  # [L, C + 1]; likewise
     route: bool  # False: no expert can win anything this step, skip routing work
     capture: list[torch.Tensor] | None
     capture_attention: list[torch.Tensor] | None = None
@@ -147,6 +148,12 @@ class _Step:
     context: torch.Tensor | None = None  # [B, L, H] float32 running context sums, updated layer by layer (gates)
     counted: torch.Tensor | None = None  # [B, T] bool: positions that join the context (real, after the prefix)
     counted_weights: torch.Tensor | None = None  # [B, T] float32: counted as the weights its running sums add
+    host_choices: list[list[int]] | None = None  # an eager decode step on CPU, one token per row, whose dispatch
+    #   reads the choices (routed_rows_dispatch): each routed layer's choices [N] as read, counted on the host at the
+    #   end (`_host_trace`, in place of count_decisions' ~60 ops); None: counted on the device (`choices`)
+    counted_read: list[bool] | None = None  # with host_choices and context gates: counted[:, 0], read once
+    context_layers: tuple[torch.Tensor, ...] = ()  # with those: context[:, l] per layer, views taken once
+    every_counted: bool = False  # with those: every row counts (step_read then applies no weights)
     pins_only: bool = False  # host fact: no row may win an expert by its score (top-1): every route is a pin or
     #   base, so no gate is scored (`_pinned_choice`)
 
@@ -155,6 +162,12 @@ def _pinned_choice(forced: torch.Tensor, covers: torch.Tensor) -> torch.Tensor:
     """forced [N] (-1: no pin), covers [C] -> choice [N, 1]: each row's pinned expert where it covers the layer,
     else base. What choose_experts picks (top-1) when no row may win by its score: the scores are not needed."""
     return torch.where((forced >= 0) & covers[forced.clamp(min=0)], forced, -1)[:, None]
+
+
+def _flat(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """t [B, T, H] -> [N, H] (a view when t is contiguous, as a block's input and output are: one op, not reshape's
+    two)."""
+    return t.view(-1, hidden) if t.is_contiguous() else t.reshape(-1, hidden)
 
 
 class _Context(threading.local):
@@ -232,32 +245,52 @@ class RoutedMLP(nn.Module):
         if not step.route:
             return self.base_layer(x)
         hidden = x.shape[-1]
-        flat_x = x.reshape(-1, hidden)
         plugged, layer = step.plugged, self.layer
         if step.decode is not None:  # every plugged expert's kind has the fixed-op form: the fixed-op path
             base = self.base_layer(x)
-            flat_base = base.reshape(-1, hidden)
+            flat_x, flat_base = _flat(x, hidden), _flat(base, hidden)
             keep = None if step.skip is None else ~step.skip[:, 0]
             if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
-                covers = None if step.forced is None else plugged.covers[layer]  # what a pin may use
-                choice = self._context_choice(step, x, step.allowed, covers)
-                applied = choice if keep is None else torch.where(keep, choice, -1)
+                choice, read = self._context_decode(step, x, flat_x)
+            elif step.host_choices is not None:  # routed_top1_host_read, its read kept for the trace
+                choice = route_top1(
+                    flat_x,
+                    plugged.keys[layer],
+                    plugged.offsets[layer],
+                    plugged.thresholds[layer],
+                    plugged.covers[layer],
+                    step.allowed,
+                    step.forced,
+                )
+                read = choice.tolist()
+            else:
+                out, choice = step.decode(
+                    flat_x,
+                    flat_base,
+                    plugged.keys[layer],
+                    plugged.offsets[layer],
+                    plugged.thresholds[layer],
+                    plugged.covers[layer],
+                    step.allowed,
+                    step.forced,
+                    keep,
+                    *plugged.fixed[layer],
+                )
                 step.choices.append(choice[:, None])
-                return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view_as(base)
-            out, choice = step.decode(
-                flat_x,
-                flat_base,
-                plugged.keys[layer],
-                plugged.offsets[layer],
-                plugged.thresholds[layer],
-                plugged.covers[layer],
-                step.allowed,
-                step.forced,
-                keep,
-                *plugged.fixed[layer],
-            )
-            step.choices.append(choice[:, None])
-            return out.view_as(base)
+                return out.view(base.shape)
+            if read is None:  # counted on the device: the choice's dispatch (slot_dispatch in a fixed-op step)
+                assert choice is not None
+                step.choices.append(choice[:, None])
+                applied = choice if keep is None else torch.where(keep, choice, -1)
+                return step.dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view(base.shape)
+            step.host_choices.append(read)
+            if keep is None:  # routed_rows_dispatch on this read (choice None: decided on the host, made if needed)
+                return routed_rows_dispatch(flat_x, flat_base, choice, *plugged.fixed[layer], read).view(base.shape)
+            if choice is None:
+                choice = torch.tensor(read, device=flat_x.device)
+            applied = torch.where(keep, choice, -1)  # rows kept out take base: the dispatch reads what applies
+            return routed_rows_dispatch(flat_x, flat_base, applied, *plugged.fixed[layer]).view(base.shape)
+        flat_x = x.reshape(-1, hidden)
         early, step.early = step.early, None
         split = plugged.before_attention[layer] if early is not None else None
         # the experts decided before attention are out of this decision (split: their columns closed)
@@ -308,6 +341,24 @@ class RoutedMLP(nn.Module):
             own = choice.masked_fill(~stage.own[choice.clamp(min=0)], -1)
             out = stage.delta(flat_x, out, own, stage.layers[layer], chosen)
         return out.view_as(base)
+
+    def _context_decode(
+        self, step: _Step, x: torch.Tensor, flat_x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, list[int] | None]:
+        """A decode-path choice by the context router (token mode; x [B, T, H], flat_x [N, H]) -> (choice [N] or
+        None, its host read or None). Where the step counts on the host (`host_choices`: one token per row) the
+        read is there: for a batch with no allow-lists or pins, decided on the host by `ContextGates.step_read` (no
+        device choice: None), else `step` and a read of it. Elsewhere the device choice alone."""
+        gates = step.plugged.gates
+        assert gates is not None and step.context is not None
+        if step.host_choices is not None and step.allowed is None and step.forced is None:
+            assert step.counted_read is not None
+            sums = step.context_layers[self.layer]
+            weights = None if step.every_counted else step.counted_weights
+            return None, gates.step_read(sums, self.layer, flat_x, step.counted_read, weights)
+        covers = None if step.forced is None else step.plugged.covers[self.layer]  # what a pin may use
+        choice = self._context_choice(step, x, step.allowed, covers)
+        return choice, (choice.tolist() if step.host_choices is not None else None)
 
     def _context_choice(
         self, step: _Step, x: torch.Tensor, allowed: torch.Tensor | None, covers: torch.Tensor | None
@@ -453,6 +504,10 @@ class RoutedModel(nn.Module):
             step = self._context.step
             step.context, step.counted = self._context_rows(plugged, token_mask, batch, length, context)
             step.counted_weights = step.counted.float()  # once here, not once per layer
+            if step.host_choices is not None:  # what step_read takes: read and views made once, not per layer
+                step.counted_read = step.counted.view(-1).tolist()
+                step.context_layers = step.context.unbind(dim=1)  # per layer [B, H], views of the rows' state
+                step.every_counted = all(step.counted_read)
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
         try:
             out = self.backbone(
@@ -465,7 +520,10 @@ class RoutedModel(nn.Module):
             )
         finally:
             step, self._context.step = self._context.step, None
-        count_decisions(step.choices, step.valid, step.flat_rows, step.trace_rows, step.trace_layers)
+        if step.host_choices is not None:
+            step.trace_rows, step.trace_layers = self._host_trace(step.host_choices, step.valid, plugged.capacity)
+        else:
+            count_decisions(step.choices, step.valid, step.flat_rows, step.trace_rows, step.trace_layers)
         if not step.route:
             # nothing could route: every real token took the base route on every layer
             valid_per_row = step.valid.view(batch, length).sum(dim=1)
@@ -479,6 +537,36 @@ class RoutedModel(nn.Module):
             step.capture or [],
             step.context,
             step.capture_attention or [],
+        )
+
+    def _host_trace(
+        self, choices: list[list[int]], valid: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """count_decisions for a step of one token per row, from each routed layer's choices as read on the host
+        (choices[l][n]: row n's slot, -1 = base; valid [N], read here once) -> (rows [B, C + 1], layers [L, C + 1]),
+        the same counts: per row and per layer, each decision adds the row's valid weight to its slot's column,
+        base last. Semantics:
+
+            for l, read in enumerate(choices): for n, slot in enumerate(read):
+                rows[n, slot] += valid[n]; layers[l, slot] += valid[n]      # slot -1: the base column
+
+        Counted in float32 arrays that become the tensors without a copy (torch.frombuffer: a tensor from a list
+        of floats costs more than the counting); counts are whole numbers, exact as count_decisions' float32 sums.
+        """
+        assert self.device.type == "cpu"  # only eager CPU steps read their choices
+        weights = valid.tolist()
+        width = capacity + 1
+        rows = array.array("f", bytes(4 * width * len(weights)))
+        layers = array.array("f", bytes(4 * width * self.num_layers))
+        for layer, read in enumerate(choices):
+            first = layer * width
+            for row, (slot, weight) in enumerate(zip(read, weights, strict=True)):
+                column = slot if slot >= 0 else capacity
+                rows[row * width + column] += weight
+                layers[first + column] += weight
+        return (
+            torch.frombuffer(rows, dtype=torch.float32).view(len(weights), width),
+            torch.frombuffer(layers, dtype=torch.float32).view(self.num_layers, width),
         )
 
     def _context_rows(
@@ -522,7 +610,7 @@ class RoutedModel(nn.Module):
             apply = routing.apply if length == 1 else routing.apply[rows]
             skip = ~(apply & (valid > 0))[:, None]
         per_token = (lambda t: t) if length == 1 else (lambda t: t[rows])  # decode: rows are the tokens
-        decode = dispatch = None
+        decode = dispatch = host_choices = None
         if (
             self.router.top_k == 1
             and plugged.fixed is not None  # every expert's kind has the fixed-op form (LoRA: the grouped path)
@@ -533,6 +621,10 @@ class RoutedModel(nn.Module):
             decode = routed_top1_host_read if host_read else self.decode_route
             if plugged.gates is not None:  # token mode by the context router's gates: their choice, then dispatch
                 dispatch = routed_rows_dispatch if device.type == "cpu" and not fixed_ops else slot_dispatch
+            # every layer's dispatch reads its choices: count them on the host from those reads (one token per row)
+            reads = dispatch is routed_rows_dispatch if dispatch is not None else decode is routed_top1_host_read
+            if reads and length == 1 and routing.routes_anything:
+                host_choices = []
         # on the grouped path on CPU, where a read costs no sync (never in a fixed-op step): whether no row may win
         # by its score, so the layers score no gate (a pinned batch: every route is its pin)
         pins_only = (
@@ -552,11 +644,12 @@ class RoutedModel(nn.Module):
             skip=skip,
             valid=valid,
             flat_rows=rows,
-            trace_rows=torch.zeros(batch, columns + 1, device=device),
-            trace_layers=torch.zeros(self.num_layers, columns + 1, device=device),
+            trace_rows=None if host_choices is not None else torch.zeros(batch, columns + 1, device=device),
+            trace_layers=None if host_choices is not None else torch.zeros(self.num_layers, columns + 1, device=device),
             route=routing.routes_anything,
             capture=[] if capture else None,
             decode=decode,
             dispatch=dispatch,
             pins_only=pins_only,
+            host_choices=host_choices,
         )

@@ -217,6 +217,11 @@ class ContextRouter:
         return routes
 
 
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32: itself when it is (x.float() is an op even then)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """F.normalize(x, dim=-1) bit for bit (a zero row stays zero), one op fewer: the norm broadcasts, not expanded."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -309,7 +314,7 @@ class ContextGates:
 
             sums[b, t] = context[b, layer] + sum(unit(x[b, s]) for s <= t if counted[b, s])
         """
-        unit = _unit(x.float())  # [B, T, H]
+        unit = _unit(_float32(x))  # [B, T, H]
         if weights is None:
             weights = counted.float()
         if x.shape[1] == 1:  # a decode step: the sum moves in place, no cumulative sum or copy back
@@ -357,6 +362,39 @@ class ContextGates:
             pin = torch.where(covers[forced.clamp(min=0)], forced, -1)
             choice = torch.where(forced >= 0, pin, choice)
         return choice
+
+    def step_read(
+        self, sums: torch.Tensor, layer: int, x: torch.Tensor, counted: list[bool], weights: torch.Tensor | None
+    ) -> list[int]:
+        """`step` for an eager decode step on the host's device (CPU), decided on the host: sums [B, H] the layer's
+        running sums (context[:, layer], a view, moved on in place), x [B, H] (one token per row), counted: which rows
+        count, as read once by the forward; weights [B, 1] their float32 form, None when every row counts. No
+        allow-lists and no pins (a batch in token mode) -> choice [B] as a list (a slot, -1 = base): bit for bit
+        `step(context, layer, x[:, None], counted, None, None, None, weights).tolist()`, in fewer ops:
+
+            sums[b] += unit(x[b]) if counted[b]     one addcdiv_ (x / norm, added) when every row counts
+            column   = argmax(logits) (or the floored pick, as `choose`), read
+            choice   = column - 1 where it stands and the row counts, else -1, decided on the host from the read
+                       column (and best probability) and the layer's `open` (`passing`) row, read with it
+
+        The addcdiv form is exact: addcdiv computes self + 1 * x / d, the same rounded quotient unit() computes,
+        added once, where addcmul added unit * 1.0 (exact). Rows that do not count (free rows of a bucket) take the
+        addcmul form, which adds exact zeros for them."""
+        x = _float32(x)
+        if weights is None:
+            sums.addcdiv_(x, torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
+        else:
+            sums.addcmul_(_unit(x), weights)
+        weight_t, bias, passing, open_ = self.layers[layer]
+        logits = torch.addmm(bias, _unit(sums), weight_t)  # [B, 1 + C]
+        if self.floored:
+            best, column = logits.softmax(dim=-1).max(dim=-1)
+            floors, columns = passing.tolist(), column.tolist()
+            stands = [p > floors[c] for p, c in zip(best.tolist(), columns, strict=True)]
+        else:
+            opens, columns = open_.tolist(), logits.argmax(dim=-1).tolist()
+            stands = [opens[c] for c in columns]
+        return [c - 1 if s and n else -1 for c, s, n in zip(columns, stands, counted, strict=True)]
 
 
 class ContextGateColumns:

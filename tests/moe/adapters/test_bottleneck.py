@@ -128,6 +128,8 @@ def test_routed_rows_dispatch_cases(case: str, free: int) -> None:
     torch.testing.assert_close(out, reference_dispatch(x, base, choice[:, None], layer), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[choice < 0], base[choice < 0]) and torch.equal(base, before)
     assert (out is base) == bool((choice < 0).all())
+    # the caller's read of the choices (a step that counts on the host) gives the same result, bit for bit
+    assert torch.equal(routed_rows_dispatch(x, base, choice, *stacked(layer, free), choice.tolist()), out)
 
 
 def test_routed_rows_dispatch_keeps_base_rows_whatever_their_inputs() -> None:

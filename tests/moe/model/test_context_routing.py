@@ -126,6 +126,49 @@ def test_a_set_without_a_router_keeps_the_cosine_gates(tokenizer) -> None:
     assert not model.plugged.eager_only
 
 
+def _one_token_step(model: RoutedModel, tokenizer, fixed_ops: bool, specs: list[RoutingSpec]):
+    """Prefill HELD's rows (two of them free: token_mask 0), then one forward of one token per row on the running
+    context sums (a decode step as the fixed-slot decoder runs it, on its CPU eager path or its fixed-op one)."""
+    prompts = [tokenizer(t)["input_ids"] for t in HELD[:8]]
+    pre = prefill(model, prompts, [RoutingSpec()] * len(prompts))
+    context = torch.zeros(len(prompts), model.num_layers, model.hidden_size)
+    for row in range(len(prompts)):
+        whole = model(torch.tensor([prompts[row]]), routing=[RoutingSpec()])
+        if whole.context is not None:
+            context[row] = whole.context[0]
+    mask = torch.ones(len(prompts), 1, dtype=torch.bool)
+    mask[2] = mask[5] = False
+    ids = pre.logits.argmax(dim=-1)[:, None]
+    with torch.no_grad():
+        out = model(ids, routing=specs, token_mask=mask, fixed_ops=fixed_ops, context=context)
+    return out, context
+
+
+@pytest.mark.parametrize("router", ["context", "gates"])
+@pytest.mark.parametrize("rows", ["token", "rows"])
+def test_a_step_counted_on_the_host_equals_one_counted_on_the_device(routed, tokenizer, router, rows) -> None:
+    """An eager CPU step of one token per row reads each layer's choices and counts them on the host (`_host_trace`,
+    with `ContextGates.step_read` for a batch in token mode): its trace per row and per layer, its running sums and its
+    logits equal the fixed-op step's, which counts on the device (count_decisions), free rows and observe rows
+    included; under the context router and under the cosine gates."""
+    model = routed
+    if router == "gates":
+        model = RoutedModel(tiny_backbone("llama", vocab=len(tokenizer)))
+        model.set_experts(tuple(_expert(name, seed, 0.5) for seed, name in enumerate(NAMES, 1)))
+        assert model.plugged.gates is None
+    specs = [RoutingSpec()] * 8 if rows == "token" else ROWS[:8]
+    eager, eager_sums = _one_token_step(model, tokenizer, False, specs)
+    fixed, fixed_sums = _one_token_step(model, tokenizer, True, specs)
+    assert torch.equal(eager.trace.rows, fixed.trace.rows)
+    assert torch.equal(eager.trace.layers, fixed.trace.layers)
+    assert torch.equal(eager_sums, fixed_sums)
+    torch.testing.assert_close(eager.logits, fixed.logits)
+    assert eager.trace.rows[[2, 5]].sum() == 0  # free rows count nothing
+    counts = eager.trace.layers.sum(dim=0)
+    assert counts[:2].sum() > 0  # experts took decisions
+    assert router == "gates" or counts[-1] > 0  # and, by the router, base (the gates' thresholds open every token)
+
+
 def _attention_set(tokenizer, threshold: float | None) -> RoutedModel:
     """Inert experts (their adapters change nothing, so the reference reads the backbone's inputs): bottleneck
     "near" and "far", and "other", a LoRA on attention and MLP projections whose gate is closed (None) or open to

@@ -246,6 +246,51 @@ def test_gates_step_equals_the_previous_step_bit_for_bit(router, floored, length
         assert (got >= 0).any() and (got < 0).any()  # both an expert and base were chosen
 
 
+@pytest.mark.parametrize("floored", [False, True])
+@pytest.mark.parametrize("all_counted", [True, False])
+@pytest.mark.parametrize("skipping", [False, True])
+def test_step_read_equals_step_bit_for_bit(router, floored, all_counted, skipping) -> None:
+    """The eager decode step decided on the host (`step_read`: an addcdiv where every row counts, the wins decided
+    from the read column) takes `step`'s decisions, as a list, and leaves the same running sums, bit for bit: with
+    floors or without, rows that do not count, and a slot that skips the layer (its wins go to base)."""
+    floors = router.layers[0].floors if floored else torch.zeros(len(router.classes))
+    if floored:  # a floor that binds on some rows (the fitted ones rarely do on these texts)
+        floors = floors.clone()
+        floors[1] = 0.9
+    layers = tuple(gate.with_floors(floors) for gate in router.layers)
+    trimmed = ContextRouter(router.sequence, layers, router.skip)
+    g = torch.Generator().manual_seed(12)
+    rows = 8
+    context = torch.randn(rows, LAYERS, HIDDEN, generator=g)
+    context[0] = 0  # a row with no context yet
+    x = torch.cat(
+        [
+            _texts(name, 4, seed=seed, length=1)[i][SKIP:][None]
+            for name, seed in (("near", 31), ("far", 32))
+            for i in range(4)
+        ]
+    )  # [rows, 1, L, H]
+    x[3, 0, :] *= 1e-20  # a tiny input: its norm is clamped
+    counted = torch.ones(rows, 1, dtype=torch.bool)
+    if not all_counted:
+        counted[5, 0] = counted[2, 0] = False  # free rows of a bucket
+    covers = torch.tensor([True, False, not skipping, True])  # slot 2 (class "near") skips when `skipping`
+    gates = ContextGates.of(trimmed, [2, 0], 4, torch.device("cpu"), covers.expand(LAYERS, -1))
+    weights = None if all_counted else counted.float()
+    chosen = set()
+    for layer in range(LAYERS):
+        before, after = context.clone(), context.clone()
+        expected = gates.step(before, layer, x[:, :, layer], counted, None, None, None, counted.float())
+        sums = after[:, layer]  # the view a forward hands it (context.unbind(1)[layer])
+        read = gates.step_read(sums, layer, x[:, 0, layer].contiguous(), counted[:, 0].tolist(), weights)
+        assert read == expected.tolist(), (layer, read, expected)
+        assert torch.equal(after, before), layer
+        chosen.update(read)
+    assert -1 in chosen and len(chosen) > 1  # both an expert and base were chosen
+    if not all_counted:
+        assert read[2] == read[5] == -1
+
+
 def test_refit_is_a_function_of_the_set(router) -> None:
     """Plugging a third expert refits over three; unplugging it and refitting gives the first router back
     exactly (the plugged set can keep the value it was fitted with, too)."""
