@@ -252,9 +252,8 @@ class RoutedMLP(nn.Module):
             keep = None if step.skip is None else ~step.skip[:, 0]
             if step.dispatch is not None:  # token mode by the context router: its choice, the same dispatch
                 choice, read = self._context_decode(step, x, flat_x)
-            elif step.host_choices is not None:  # routed_top1_host_read, its read kept for the trace
-                choice = route_top1(
-                    flat_x,
+            else:  # the gates' choice
+                gates = (
                     plugged.keys[layer],
                     plugged.offsets[layer],
                     plugged.thresholds[layer],
@@ -262,22 +261,12 @@ class RoutedMLP(nn.Module):
                     step.allowed,
                     step.forced,
                 )
+                if step.host_choices is None:
+                    out, choice = step.decode(flat_x, flat_base, *gates, keep, *plugged.fixed[layer])
+                    step.choices.append(choice[:, None])
+                    return out.view(base.shape)
+                choice = route_top1(flat_x, *gates)  # routed_top1_host_read: its read kept for the trace
                 read = choice.tolist()
-            else:
-                out, choice = step.decode(
-                    flat_x,
-                    flat_base,
-                    plugged.keys[layer],
-                    plugged.offsets[layer],
-                    plugged.thresholds[layer],
-                    plugged.covers[layer],
-                    step.allowed,
-                    step.forced,
-                    keep,
-                    *plugged.fixed[layer],
-                )
-                step.choices.append(choice[:, None])
-                return out.view(base.shape)
             if read is None:  # counted on the device: the choice's dispatch (slot_dispatch in a fixed-op step)
                 assert choice is not None
                 step.choices.append(choice[:, None])
