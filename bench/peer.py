@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -270,7 +271,8 @@ def thread_seconds(pid: int) -> dict[str, float]:
 # --- one run of a configuration -------------------------------------------------------------------------------
 
 
-async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, new_tokens: int) -> dict:
+async def one_request(lines_of, server: Server, prompt: str, new_tokens: int) -> dict:
+    """One streaming completion; lines_of(body): the response's lines (an async iterator, the client's own)."""
     body = {
         "model": server.model,
         "prompt": prompt,
@@ -284,36 +286,70 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ne
     arrivals: list[float] = []
     text: list[str] = []
     usage = None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {(await response.aread())[:500]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():  # a token's chunk, its text possibly held back (partial UTF-8)
-                if choice.get("finish_reason") and not choice.get("text"):
-                    continue  # the closing chunk, no token in it
-                arrivals.append(time.perf_counter())
-                text.append(choice.get("text") or "")
+    async for line in lines_of(body):
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():  # a token's chunk, its text possibly held back (partial UTF-8)
+            if choice.get("finish_reason") and not choice.get("text"):
+                continue  # the closing chunk, no token in it
+            arrivals.append(time.perf_counter())
+            text.append(choice.get("text") or "")
     tokens = usage["completion_tokens"] if usage else len(arrivals)
     if tokens != new_tokens:
         raise RuntimeError(f"{server.name} generated {tokens} tokens, not {new_tokens}: {usage}")
     return {"tokens": tokens, "ttft": arrivals[0] - start, "arrivals": arrivals, "text": "".join(text)}
 
 
-async def serve_run(server: Server, prompts: list[str], requests_per_client: int, new_tokens: int) -> dict:
-    async def client_loop(client: httpx.AsyncClient, index: int) -> list[dict]:
-        return [await one_request(client, server, prompts[index], new_tokens) for _ in range(requests_per_client)]
+@contextlib.asynccontextmanager
+async def client_lines(kind: str, server: Server, connections: int):
+    """A client for `connections` concurrent streams -> lines_of(body): POST /v1/completions, its lines.
+    aiohttp (what vLLM's `vllm bench serve` uses) parses HTTP in C; httpx (pure Python, h11) costs the shared cores
+    ~3x more per streamed token, which the server then does not get."""
+    if kind == "aiohttp":
+        import aiohttp
 
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
+        connector = aiohttp.TCPConnector(limit=connections)
+        timeout = aiohttp.ClientTimeout(900)
+        async with aiohttp.ClientSession(server.url, connector=connector, timeout=timeout) as session:
+
+            async def lines_of(body: dict):
+                async with session.post("/v1/completions", json=body) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"{server.name}: HTTP {response.status}: {(await response.read())[:500]!r}")
+                    async for raw in response.content:
+                        yield raw.decode().rstrip("\r\n")
+
+            yield lines_of
+        return
+    limits = httpx.Limits(max_connections=connections)
     async with httpx.AsyncClient(base_url=server.url, timeout=900, limits=limits) as client:
+
+        async def lines_of(body: dict):
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    said = (await response.aread())[:500]
+                    raise RuntimeError(f"{server.name}: HTTP {response.status_code}: {said!r}")
+                async for line in response.aiter_lines():
+                    yield line
+
+        yield lines_of
+
+
+async def serve_run(server: Server, prompts: list[str], args: argparse.Namespace) -> dict:
+    async def client_loop(lines_of, index: int) -> list[dict]:
+        return [
+            await one_request(lines_of, server, prompts[index], args.new_tokens)
+            for _ in range(args.requests_per_client)
+        ]
+
+    async with client_lines(args.client, server, len(prompts) + 4) as lines_of:
         pid = server.process.pid
         cpu_before, client_before, threads_before = cpu_seconds(pid), time.process_time(), thread_seconds(pid)
         start = time.perf_counter()
-        per_client = await asyncio.gather(*[client_loop(client, i) for i in range(len(prompts))])
+        per_client = await asyncio.gather(*[client_loop(lines_of, i) for i in range(len(prompts))])
         wall = time.perf_counter() - start
         cpu, client_cpu = cpu_seconds(pid) - cpu_before, time.process_time() - client_before
         threads = thread_seconds(pid)
@@ -327,7 +363,7 @@ async def serve_run(server: Server, prompts: list[str], requests_per_client: int
 
 
 def run_server(config: str, server: Server, prompts: list[str], args: argparse.Namespace) -> Run:
-    result = asyncio.run(serve_run(server, prompts, args.requests_per_client, args.new_tokens))
+    result = asyncio.run(serve_run(server, prompts, args))
     rows = [r for rs in result["per_client"] for r in rs]
     itls = [b - a for r in rows for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     texts = [rs[0]["text"] for rs in result["per_client"]]
@@ -449,6 +485,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every configuration")
     parser.add_argument("--experts", type=int, default=8, help="gpt2-124m: experts that win every token")
     parser.add_argument("--cb-num-blocks", type=int, default=32, help="transformers serve's KV cache blocks")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="the clients' HTTP library (both stream the same requests; httpx: the client of earlier releases)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--no-hf", action="store_true", help="skip HF static batch")
     parser.add_argument("--baseline", type=Path, help="another plugmoe checkout: its routing off as one more column")

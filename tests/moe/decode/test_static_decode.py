@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe import Expert, RoutedModel, RoutingSpec, UnknownExpertError
+from moe.decode import static_decoder
 from moe.decode.generation import generate
 from moe.decode.prefill import prefill
 from moe.decode.static_decoder import StaticDecoder, capture_refusal, decode_one_token
@@ -401,6 +402,35 @@ def test_buckets_columns_and_the_length_limit() -> None:
         generate(small, tokenizer, ["The quick brown fox jumps over the lazy dog " * 3], RoutingSpec("off"), 5)
 
 
+def test_an_eager_step_attends_its_rows_columns_to_the_grain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An eager step attends the longest row's columns rounded up to COLUMN_GRAIN, not the whole allocation (which
+    still doubles), and decodes exactly as a step over the allocation's power-of-two bucket."""
+    model = RoutedModel(tiny64("llama", seed=1))
+    prompt, steps = list(range(1, 21)), 50
+
+    def run(grain: int) -> tuple[list[tuple[int, int, int]], list[torch.Tensor]]:
+        monkeypatch.setattr(static_decoder, "COLUMN_GRAIN", grain)
+        decoder = StaticDecoder(model, max_batch=2, max_len=128, min_columns=64)
+        pre = prefill(model, [prompt], [RoutingSpec("off")])
+        slot, token = decoder.join(pre, 0), int(pre.logits[0].argmax())
+        seen, logits = [], []
+        for _ in range(steps):
+            seen.append((*decoder.bucket(), decoder.columns))
+            out = decode_one_token(decoder, [slot], [token], [RoutingSpec("off")])
+            logits.append(out.logits[0])
+            token = int(out.logits[0].argmax())
+        return seen, logits
+
+    fine, fine_logits = run(16)
+    coarse, coarse_logits = run(1024)
+    assert fine[0] == (1, 32, 64), "21 columns needed: two grains of 16 attended, 64 allocated"
+    assert (1, 80, 128) in fine and fine[-1] == (1, 80, 128), "past 64 the allocation doubles, attention grows by 16"
+    assert {s for _, s, _ in fine} == {32, 48, 64, 80}
+    assert {s for _, s, _ in coarse} == {64, 128}, "a grain past the bucket: the power-of-two buckets as before"
+    for a, b in zip(fine_logits, coarse_logits, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_capture_is_refused_where_it_cannot_work() -> None:
     model = RoutedModel(tiny64("llama"))
     assert capture_refusal(model) == "CUDA graphs need a CUDA device"
@@ -478,12 +508,12 @@ def test_an_inductor_compiled_step_equals_eager() -> None:
 
 def _compiled_across_buckets(backend: str) -> None:
     """A compiled step survives the rows' growth: the buffers hold every column from the start (nothing to
-    reallocate), and one graph per routing mode serves every column bucket. Five rows decode while their longest
-    grows from the 8- to the 64-column bucket, rows leave (the row bucket falls 8 -> 4 -> 2), then two fresh short
+    reallocate), and one graph per routing mode serves every column count. Five rows decode while their longest
+    grows from 8 to 40 attended columns (five counts), rows leave (the row bucket falls 8 -> 4 -> 2), then two fresh short
     rows run the 8-column bucket again, and every token equals the eager decoder's. b and s are sizes of the
     compiled function's arguments (the row views, the mask view), not constants: two graphs in all, one for rows at
     or above the slot capacity (8) and one below, where the bottleneck dispatch takes its gathered form
-    (moe.adapters.bottleneck.slot_dispatch decides by rows against capacity); none per column bucket."""
+    (moe.adapters.bottleneck.slot_dispatch decides by rows against capacity); none per column count."""
     model = RoutedModel(tiny64("llama", seed=1).float())
     for expert in experts_for(model, 2, seed=3):
         model.plug(expert)
@@ -512,7 +542,8 @@ def _compiled_across_buckets(backend: str) -> None:
                 graphs.append(counters["stats"]["unique_graphs"])
         assert decoder.columns == 64
         results.append(tokens)
-    assert {s for _, s in buckets} == {8, 16, 32, 64} and {b for b, _ in buckets} == {8, 4, 2}
+    # columns attended grow in steps of COLUMN_GRAIN (8) as the longest row does (up to 5 + 36 tokens)
+    assert {s for _, s in buckets} == {8, 16, 24, 32, 40} and {b for b, _ in buckets} == {8, 4, 2}
     assert buckets[36] == (2, 8), "the second wave runs the first column bucket again"
     assert graphs == [1] * 8 + [2] * (len(graphs) - 8), "rows >= capacity, then fewer; no column bucket compiles"
     assert results[1] == results[0]

@@ -161,7 +161,11 @@ def test_a_step_counted_on_the_host_equals_one_counted_on_the_device(routed, tok
     fixed, fixed_sums = _one_token_step(model, tokenizer, True, specs)
     assert torch.equal(eager.trace.rows, fixed.trace.rows)
     assert torch.equal(eager.trace.layers, fixed.trace.layers)
-    assert torch.equal(eager_sums, fixed_sums)
+    # the first layer's sums bit for bit (the same inputs; step_read's addcdiv_ against step's addcmul_); later
+    # layers' inputs come through the first expert's matmuls, over the routed rows alone in the eager step and over
+    # every row in the fixed-op one, and a CPU's GEMM may round those differently by row count (one ulp, seen)
+    assert torch.equal(eager_sums[:, 0], fixed_sums[:, 0])
+    torch.testing.assert_close(eager_sums, fixed_sums, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(eager.logits, fixed.logits)
     assert eager.trace.rows[[2, 5]].sum() == 0  # free rows count nothing
     counts = eager.trace.layers.sum(dim=0)
