@@ -108,7 +108,9 @@ def test_pinned_import_gives_the_peft_models_logits(family: str, targets: str, t
         want = peft(x).logits
         assert not torch.allclose(want, plain(x).logits, atol=1e-3), "vacuous: the adapter changes nothing"
         got = model(x, routing=[RoutingSpec("pin", "a")] * 3).logits
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        # float32, the delta added in another order than PEFT's: a few logits differed by 1.5e-5 on one CPU (AMD
+        # EPYC, attention targets), within 1e-5 on others; 5e-5 stays 20x under the adapter's own effect (1e-3)
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
