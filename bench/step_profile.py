@@ -45,6 +45,9 @@ calls, each phase exclusive of the phases it calls: a few perf_counter reads per
                  sampling, advance)
     other        the rest of Scheduler.step (cancel checks, _drop, counts); `ms/step` also holds the engine loop
 
+The hf case prints its own phases the same way: its decode forwards (`forward`), its prefill forward per decode step
+(`prefill`), and the rest of `generate` (`host`: logits processors, stopping criteria, the cache and mask growth).
+
 `--decoder-columns 64 128 256` times the decoder alone instead (no engine, no sampling, no text): per case, in a
 fresh process, the main thread runs `StaticDecoder.step` of `--clients` rows of demo prompts at each KV column count
 (the rows' routing off or token; `+compile`: the step compiled, its compile untimed), and prints CPU and wall ms per
@@ -363,18 +366,36 @@ def hf_case(args: argparse.Namespace) -> dict:
             )
         return out[:, batch["input_ids"].shape[1] :].numel(), time.perf_counter() - start
 
+    forward, forwards = model.forward, []  # HF's own phases: each forward's wall time (the first is the prefill)
+
+    def timed_forward(*a, **k):
+        start = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            forwards.append(time.perf_counter() - start)
+
+    model.forward = timed_forward
     run()
+    forwards.clear()
     cpu = time.process_time()
     tokens, wall = run()
     cores = (time.process_time() - cpu) / wall
+    steps = args.new_tokens
     return {
         "case": "hf",
         "tokens": tokens,
         "wall": wall,
-        "steps": args.new_tokens,
+        "steps": steps,
         "engine_cores": cores,
         "process_cores": cores,
-        "loop": wall / args.new_tokens,
+        "loop": wall / steps,
+        # per decode step, as the engine's phases: the decode forwards, the prefill, generate's host work
+        "hf_phases": {
+            "forward": sum(forwards[1:]) / max(len(forwards) - 1, 1),
+            "prefill": forwards[0] / steps,
+            "host": (wall - sum(forwards)) / steps,
+        },
     }
 
 
@@ -396,6 +417,9 @@ def print_case(result: dict) -> None:
         first, second, timed = result["graphs"]
         line += f", graphs compiled: {first} in the first warm-up, {second} in the second, {timed} while timed"
     print(line, flush=True)
+    if "hf_phases" in result:
+        parts = "  ".join(f"{name} {value * ms:.2f}" for name, value in result["hf_phases"].items())
+        print(f"{'':16s}wall ms per decode step: {parts}", flush=True)
     if "phases" in result:
         parts = "  ".join(f"{name} {result['phases'][name] * ms:.2f}" for name in PHASES)
         print(f"{'':16s}{result['phase_clock']} ms per decode step: {parts}", flush=True)
