@@ -509,8 +509,8 @@ def test_an_inductor_compiled_step_equals_eager() -> None:
 def _compiled_across_buckets(backend: str) -> None:
     """A compiled step survives the rows' growth: the buffers hold every column from the start (nothing to
     reallocate), and one graph per routing mode serves every column count. Five rows decode while their longest
-    grows from 8 to 40 attended columns (five counts), rows leave (the row bucket falls 8 -> 4 -> 2), then two fresh short
-    rows run the 8-column bucket again, and every token equals the eager decoder's. b and s are sizes of the
+    grows from 8 to 40 attended columns (five counts), rows leave (the row bucket falls 8 -> 4 -> 2), then two
+    fresh short rows run the 8-column bucket again, and every token equals the eager decoder's. b and s are sizes of the
     compiled function's arguments (the row views, the mask view), not constants: two graphs in all, one for rows at
     or above the slot capacity (8) and one below, where the bottleneck dispatch takes its gathered form
     (moe.adapters.bottleneck.slot_dispatch decides by rows against capacity); none per column count."""
