@@ -6,6 +6,7 @@ with a message when it is not installed), and HF `generate` as one static batch 
     python bench/peer.py --shape gpt2-124m            # random GPT-2-124M weights, 8 experts routing every token
     python bench/peer.py --shape demo --baseline /tmp/plugmoe-before   # plus routing off from another checkout
     python bench/peer.py --shape demo --compile-decode inductor        # plugmoe's decode steps torch.compile'd
+    python bench/peer.py --shape demo --non-streaming --no-peer        # plus routing off not streamed
 
 Every client sends one streaming `/v1/completions` request at a time (greedy, `--new-tokens` exactly: plugmoe with
 `min_tokens`, transformers serve with EOS off through `"generation_config": "{\\"eos_token_id\\": -1}"`), prompts
@@ -58,6 +59,7 @@ class Server:
     url: str
     model: str
     extra: dict  # body fields that make it generate exactly --new-tokens tokens with the configuration's routing
+    stream: bool = True  # False: one JSON answer per request (no TTFT or ITL: what streaming costs, by difference)
 
 
 @dataclasses.dataclass
@@ -280,14 +282,20 @@ async def one_request(lines_of, server: Server, prompt: str, new_tokens: int) ->
         "prompt": prompt,
         "max_tokens": new_tokens,
         "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream": server.stream,
+        **({"stream_options": {"include_usage": True}} if server.stream else {}),
         **server.extra,
     }
     start = time.perf_counter()
     arrivals: list[float] = []
     text: list[str] = []
     usage = None
+    if not server.stream:
+        answer = json.loads("".join([line async for line in lines_of(body)]))
+        tokens = answer["usage"]["completion_tokens"]
+        if tokens != new_tokens:
+            raise RuntimeError(f"{server.name} generated {tokens} tokens, not {new_tokens}: {answer['usage']}")
+        return {"tokens": tokens, "ttft": None, "arrivals": [], "text": answer["choices"][0]["text"]}
     async for line in lines_of(body):
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
@@ -369,7 +377,7 @@ def run_server(config: str, server: Server, prompts: list[str], args: argparse.N
     rows = [r for rs in result["per_client"] for r in rs]
     itls = [b - a for r in rows for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     texts = [rs[0]["text"] for rs in result["per_client"]]
-    ttfts = [r["ttft"] for r in rows]
+    ttfts = [r["ttft"] for r in rows if r["ttft"] is not None]
     tokens = sum(r["tokens"] for r in rows)
     thread_cores = result["thread_cores"] if server.name.startswith("plugmoe") else None
     return Run(
@@ -420,6 +428,7 @@ RATIOS = [  # (label, numerator, denominator): the issue's targets
     ("plugmoe off / HF static batch (main thread)", "plugmoe off", "HF static batch", 0.9),
     ("plugmoe token / HF static batch (main thread)", "plugmoe token", "HF static batch", None),
     ("plugmoe off / plugmoe off (baseline checkout)", "plugmoe off", "plugmoe off (baseline)", None),
+    ("plugmoe off, not streamed / plugmoe off", "plugmoe off, not streamed", "plugmoe off", None),
 ]
 
 
@@ -493,6 +502,11 @@ def main() -> None:
         default="aiohttp",
         help="the clients' HTTP library (both stream the same requests; httpx: the client of earlier releases)",
     )
+    parser.add_argument(
+        "--non-streaming",
+        action="store_true",
+        help="plus plugmoe off answered as one JSON each: its tok/s against streamed is what streaming costs",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--no-hf", action="store_true", help="skip HF static batch")
     parser.add_argument("--baseline", type=Path, help="another plugmoe checkout: its routing off as one more column")
@@ -523,6 +537,9 @@ def main() -> None:
             exact = {"min_tokens": args.new_tokens}
             servers["plugmoe off"] = Server("plugmoe", process, url, model, {**exact, "routing": {"mode": "off"}})
             servers["plugmoe token"] = Server("plugmoe", process, url, model, {**exact, "routing": {"mode": "token"}})
+            if args.non_streaming:
+                whole = Server("plugmoe", process, url, model, {**exact, "routing": {"mode": "off"}}, stream=False)
+                servers["plugmoe off, not streamed"] = whole
             if args.baseline:
                 process, url, model = start_plugmoe(args.baseline, model_dir, seed, tmp, args, "baseline")
                 processes.append(process)
