@@ -207,15 +207,18 @@ def _previous_step(gates, context, layer, x, counted, allowed, forced, covers) -
     return choice
 
 
+def _floored(router: ContextRouter, floors: torch.Tensor) -> ContextRouter:
+    """router with these floors on every layer."""
+    return ContextRouter(router.sequence, tuple(gate.with_floors(floors) for gate in router.layers), router.skip)
+
+
 @pytest.mark.parametrize("floored", [False, True])
 @pytest.mark.parametrize("length", [1, 5])
 @pytest.mark.parametrize("restricted", [False, True])
 def test_gates_step_equals_the_previous_step_bit_for_bit(router, floored, length, restricted) -> None:
     """The layer step a forward runs (decode: one token per row, in place) takes the same decisions and leaves
     the same running sums as before, with floors or without, allow-lists, pins and a slot that skips a layer."""
-    floors = router.layers[0].floors if floored else torch.zeros(len(router.classes))
-    layers = tuple(gate.with_floors(floors) for gate in router.layers)
-    trimmed = ContextRouter(router.sequence, layers, router.skip)
+    trimmed = _floored(router, router.layers[0].floors if floored else torch.zeros(len(router.classes)))
     # slots 2 and 0 hold the classes (capacity 4: slots 1 and 3 free), as a plugged set lays them out
     g = torch.Generator().manual_seed(11)
     rows = 6
@@ -257,8 +260,7 @@ def test_step_read_equals_step_bit_for_bit(router, floored, all_counted, skippin
     if floored:  # a floor that binds on some rows (the fitted ones rarely do on these texts)
         floors = floors.clone()
         floors[1] = 0.9
-    layers = tuple(gate.with_floors(floors) for gate in router.layers)
-    trimmed = ContextRouter(router.sequence, layers, router.skip)
+    trimmed = _floored(router, floors)
     g = torch.Generator().manual_seed(12)
     rows = 8
     context = torch.randn(rows, LAYERS, HIDDEN, generator=g)
