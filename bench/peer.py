@@ -7,6 +7,7 @@ with a message when it is not installed), and HF `generate` as one static batch 
     python bench/peer.py --shape demo --baseline /tmp/plugmoe-before   # plus routing off from another checkout
     python bench/peer.py --shape demo --compile-decode inductor        # plugmoe's decode steps torch.compile'd
     python bench/peer.py --shape demo --non-streaming --no-peer        # plus routing off not streamed
+    python bench/peer.py --shape demo --h11 --no-peer                  # plus routing off over the h11 parser
 
 Every client sends one streaming `/v1/completions` request at a time (greedy, `--new-tokens` exactly: plugmoe with
 `min_tokens`, transformers serve with EOS off through `"generation_config": "{\\"eos_token_id\\": -1}"`), prompts
@@ -149,7 +150,9 @@ def start(name: str, command: list[str], cwd: Path, env: dict, health: str, log:
     return start_ready(command, env, port, log, timeout_s, health=health, cwd=cwd, name=name)
 
 
-def start_plugmoe(checkout: Path, model_dir: Path, seed: Path, tmp: Path, args: argparse.Namespace, tag: str):
+def start_plugmoe(
+    checkout: Path, model_dir: Path, seed: Path, tmp: Path, args: argparse.Namespace, tag: str, *flags: str
+):
     env = {
         **os.environ,
         "PYTHONPATH": str(checkout),
@@ -181,6 +184,7 @@ def start_plugmoe(checkout: Path, model_dir: Path, seed: Path, tmp: Path, args: 
         "warning",
         # this checkout's flag (a baseline checkout may not have it)
         *(["--compile-decode", args.compile_decode] if args.compile_decode != "off" and checkout == REPO else []),
+        *flags,
     ]
     process, url = start(f"plugmoe ({tag})", command, checkout, env, "/ready", tmp / f"plugmoe-{tag}.log", 900)
     try:
@@ -243,7 +247,7 @@ THREAD_ROLES = ("engine", "event loop", "torch pool", "other")
 
 
 def thread_seconds(pid: int) -> dict[str, float]:
-    """User + system CPU time of one process's threads by role, from /proc: plugmoe's engine thread (named
+    """CPU time of one process's threads by role, from /proc (schedstat: nanoseconds): plugmoe's engine thread (named
     plugmoe-engine in the OS: server.engine.name_os_thread; a checkout older than that counts it with the pool),
     the main thread (uvicorn's event loop), torch's intra-op pool workers (the engine's, which spin between ops:
     the threads it started, which inherit its name, and those with the process's name) and the rest."""
@@ -256,10 +260,11 @@ def thread_seconds(pid: int) -> dict[str, float]:
     for task in tasks:
         try:
             stat = (task / "stat").read_text()
+            ran_ns = int((task / "schedstat").read_text().split()[0])  # CPU time in ns (stat counts 10 ms ticks)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        seconds = ran_ns / 1e9
         if name.startswith("plugmoe-engine") and not engine_seen:  # the first; its pool workers come after it
             role, engine_seen = "engine", True
         elif task.name == str(pid):
@@ -429,6 +434,7 @@ RATIOS = [  # (label, numerator, denominator): the issue's targets
     ("plugmoe token / HF static batch (main thread)", "plugmoe token", "HF static batch", None),
     ("plugmoe off / plugmoe off (baseline checkout)", "plugmoe off", "plugmoe off (baseline)", None),
     ("plugmoe off, not streamed / plugmoe off", "plugmoe off, not streamed", "plugmoe off", None),
+    ("plugmoe off (httptools) / plugmoe off, h11", "plugmoe off", "plugmoe off, h11", None),
 ]
 
 
@@ -455,11 +461,13 @@ def report(rounds: list[dict[str, Run]], args: argparse.Namespace) -> None:
         print(f"| {config} | {tok_s:.0f} | {cores:.2f} | {client_cores} | {latency} |")
     threaded = [config for config in configs if rounds[0][config].thread_cores is not None]
     if threaded:
-        print(f"\n| plugmoe server's cores by thread (median) | {' | '.join(THREAD_ROLES)} |")
-        print(f"|---|{'---|' * len(THREAD_ROLES)}")
+        # the event loop's CPU per streamed token: what the HTTP layer costs the engine, which waits for the GIL
+        print(f"\n| plugmoe server's cores by thread (median) | {' | '.join(THREAD_ROLES)} | event loop us/token |")
+        print(f"|---|{'---|' * (len(THREAD_ROLES) + 1)}")
         for config in threaded:
             cells = [statistics.median(r[config].thread_cores[role] for r in rounds) for role in THREAD_ROLES]
-            print(f"| {config} | {' | '.join(f'{c:.2f}' for c in cells)} |")
+            loop_us = statistics.median(r[config].thread_cores["event loop"] / r[config].tok_s * 1e6 for r in rounds)
+            print(f"| {config} | {' | '.join(f'{c:.2f}' for c in cells)} | {loop_us:.0f} |")
     print("\n| ratio (per round, median) | value | rounds | target |")
     print("|---|---|---|---|")
     for label, top, bottom, target in RATIOS:
@@ -507,6 +515,11 @@ def main() -> None:
         action="store_true",
         help="plus plugmoe off answered as one JSON each: its tok/s against streamed is what streaming costs",
     )
+    parser.add_argument(
+        "--h11",
+        action="store_true",
+        help="plus plugmoe off from a second server run with --http-parser h11 (the pure-Python HTTP parser)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--no-hf", action="store_true", help="skip HF static batch")
     parser.add_argument("--baseline", type=Path, help="another plugmoe checkout: its routing off as one more column")
@@ -540,6 +553,11 @@ def main() -> None:
             if args.non_streaming:
                 whole = Server("plugmoe", process, url, model, {**exact, "routing": {"mode": "off"}}, stream=False)
                 servers["plugmoe off, not streamed"] = whole
+            if args.h11:
+                process, url, model = start_plugmoe(REPO, model_dir, seed, tmp, args, "h11", "--http-parser", "h11")
+                processes.append(process)
+                extra = {**exact, "routing": {"mode": "off"}}
+                servers["plugmoe off, h11"] = Server("plugmoe (h11)", process, url, model, extra)
             if args.baseline:
                 process, url, model = start_plugmoe(args.baseline, model_dir, seed, tmp, args, "baseline")
                 processes.append(process)

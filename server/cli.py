@@ -87,7 +87,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.connection_guard import guarded_protocol
+    from server.connection_guard import guarded_config
     from server.main import create_app
 
     settings = _settings(args)
@@ -97,10 +97,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # h11 (it enforces the header size limit below) with a header deadline and a connection cap
-        http=guarded_protocol(settings),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        proxy_headers=False,  # the client is the socket's peer: a header cannot make a remote client loopback
+        **guarded_config(settings),  # --http-parser's protocol, with the header deadline and size and a connection cap
         timeout_graceful_shutdown=max(1, int(settings.graceful_shutdown_s) + 5),  # a backstop after the drain
     )
 

@@ -263,7 +263,7 @@ async def _serve_directly(app: FastAPI, host: str) -> Any:
     limit, header deadline, connection cap, no proxy headers trusted."""
     import uvicorn
 
-    from server.connection_guard import guarded_protocol
+    from server.connection_guard import guarded_config
 
     settings: Settings = app.state.settings
     config = uvicorn.Config(
@@ -272,9 +272,7 @@ async def _serve_directly(app: FastAPI, host: str) -> Any:
         port=0,
         lifespan="off",
         log_level="warning",
-        http=guarded_protocol(settings),  # h11, with the header deadline and the connection cap
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        proxy_headers=False,
+        **guarded_config(settings),  # --http-parser's protocol, with the header deadline and size and the cap
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

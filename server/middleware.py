@@ -6,8 +6,8 @@
 
 RequestGuard, in order (the cluster's ingress runs it alone, server.cluster):
 
-    1. headers over --max-header-bytes: 431 (uvicorn's h11 also refuses a head that grows past it while
-       still incomplete, with a plain 400)
+    1. headers over --max-header-bytes: 431 (server.connection_guard cuts a head that grows past it while
+       still incomplete: 431 too, or h11's own plain 400 under --http-parser h11)
     2. auth (server.auth.refusal), the one access check: a request without the API key or admin rights it needs
        is answered 401/403 before a byte of its body is read, so a huge unauthenticated body costs nothing; an
        admitted one has its client named (server.auth.client_identity) in the scope's state for the routes

@@ -182,6 +182,11 @@ class Settings(BaseSettings):
         description="a request's line and headers must arrive within this many seconds of the connection opening "
         "(or of the previous response on a kept-alive connection); past it, 408 and the connection is closed",
     )
+    http_parser: Literal["httptools", "h11"] = Field(
+        "httptools",
+        description="the HTTP/1.1 parser uvicorn runs (server.connection_guard): httptools (llhttp, in C) or h11 "
+        "(pure Python, each streamed token framed in Python on the event loop)",
+    )
     max_connections: int = Field(
         512,
         ge=1,
@@ -260,7 +265,7 @@ class Settings(BaseSettings):
 
     @property
     def serves_demo(self) -> bool:
-        return Path(self.model).resolve() == DEMO_MODEL_DIR
+        return _is_demo_model(self.model)
 
     def served_model_name(self) -> str:
         if self.model_name:
@@ -391,3 +396,10 @@ class ClusterSettings(BaseSettings):
         "custom request router, an alpha API)",
     )
     dashboard: bool = Field(False, description="start Ray's dashboard with a local Ray cluster")
+
+
+@functools.lru_cache(maxsize=16)
+def _is_demo_model(model: str) -> bool:
+    """Whether `model` is the built-in demo model's directory. Cached: the routes ask per request (the served
+    model's name), and resolving the path costs a filesystem walk on the event loop each time."""
+    return Path(model).resolve() == DEMO_MODEL_DIR

@@ -1,6 +1,8 @@
 """Issue 24, finding 6: no header read timeout (300 connections sending headers at 1 byte/s stayed open 45 s+)
 and no connection cap. Now a request head must arrive within --header-timeout-s (408, closed) and past
---max-connections a new connection gets 503 at once (server.connection_guard)."""
+--max-connections a new connection gets 503 at once (server.connection_guard), with either --http-parser
+(httptools, the default, and h11); a head that grows past --max-header-bytes is closed (431 under httptools,
+which has no limit of its own; h11's own 400)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ import pytest
 import uvicorn
 
 from server.cli import main
-from server.connection_guard import GuardedH11Protocol, guarded_protocol
+from server.connection_guard import (
+    GuardedH11Protocol,
+    GuardedHttpToolsProtocol,
+    guarded_config,
+)
 from server.settings import Settings
 from tests.server.conftest import LiveServer, free_port
 
@@ -35,10 +41,15 @@ async def _app(scope, receive, send) -> None:
 class _Server:
     """uvicorn with the guarded protocol on a free port, in a thread."""
 
-    def __init__(self, **limits: float) -> None:
+    def __init__(self, **limits: float | str) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            _app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", http=_protocol(**limits)
+            _app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            **guarded_config(Settings(**limits)),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -56,13 +67,10 @@ class _Server:
         self.thread.join(10)
 
 
-def _protocol(**limits: float) -> type[GuardedH11Protocol]:
-    return guarded_protocol(Settings(**limits))
-
-
-@pytest.fixture
-def server() -> Iterator[_Server]:
-    running = _Server(header_timeout_s=0.5, max_connections=8)
+@pytest.fixture(params=["httptools", "h11"])
+def server(request: pytest.FixtureRequest) -> Iterator[_Server]:
+    running = _Server(header_timeout_s=0.5, max_connections=8, max_header_bytes=2048, http_parser=request.param)
+    running.parser = request.param
     yield running
     running.stop()
 
@@ -136,6 +144,35 @@ def test_past_the_connection_cap_a_new_connection_gets_503_at_once(server: _Serv
     assert _get(server).startswith(b"HTTP/1.1 200"), "served again once connections closed"
 
 
+def test_a_head_that_grows_past_max_header_bytes_is_closed(server: _Server) -> None:
+    with server.connect() as conn:
+        conn.sendall(b"GET /ok HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        try:
+            for _ in range(8):  # 8 KB of headers, the limit 2 KB, the head never ends
+                conn.sendall(b"X-Grow: " + b"a" * 1000 + b"\r\n")
+                time.sleep(0.02)
+        except OSError:
+            pass  # the server closed the connection mid-head
+        answer = _read_all(conn)
+    if server.parser == "h11":  # h11's own limit (h11_max_incomplete_event_size), its plain 400
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        return
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"--max-header-bytes" in answer and b'"code": 431' in answer
+
+
+def test_a_head_under_max_header_bytes_in_many_pieces_is_served(server: _Server) -> None:
+    """The bytes counted are the head's: a kept-alive connection's second head starts from zero."""
+    with server.connect() as conn:
+        for _ in range(3):  # 3 heads of ~1.6 KB each on one connection: 4.8 KB in all, each under 2 KB
+            head = GET[:-2] + b"X-Pad: " + b"a" * 1500 + b"\r\n\r\n"
+            for start in range(0, len(head), 100):
+                conn.sendall(head[start : start + 100])
+                time.sleep(0.001)
+            answer = conn.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
 def test_settings_bound_the_limits() -> None:
     with pytest.raises(ValueError):
         Settings(header_timeout_s=0)
@@ -148,9 +185,13 @@ def test_serve_runs_uvicorn_with_the_guarded_protocol(monkeypatch: pytest.Monkey
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(self.config))
     argv = ["serve", "--model", str(tiny_model_dir), "--header-timeout-s", "3", "--max-connections", "7"]
     assert main(argv) == 0
-    (config,) = seen
-    assert issubclass(config.http, GuardedH11Protocol)
-    assert (config.http.header_timeout_s, config.http.max_connections) == (3, 7)
+    assert main([*argv, "--http-parser", "h11"]) == 0
+    default, h11 = seen
+    assert issubclass(default.http, GuardedHttpToolsProtocol)
+    assert issubclass(h11.http, GuardedH11Protocol)
+    for config in (default, h11):
+        assert (config.http.header_timeout_s, config.http.max_connections) == (3, 7)
+        assert config.http.max_header_bytes == 16384 and not config.proxy_headers
 
 
 def test_300_slow_header_connections_are_closed_and_others_served(tiny_model_dir: Path, tmp_path: Path) -> None:
