@@ -11,10 +11,10 @@ import logging
 
 import pytest
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.auth import client_identity, is_loopback, refusal
 from server.cli import main
+from server.connection_guard import ConnectionGuard
 from server.errors import AuthError
 from server.settings import Settings
 
@@ -268,7 +268,8 @@ def test_uvicorn_does_not_trust_forwarded_headers(monkeypatch: pytest.MonkeyPatc
     assert main(["serve", "--model", str(tiny_model_dir), "--max-header-bytes", "4096"]) == 0
     (config,) = seen
     assert config.proxy_headers is False
-    assert issubclass(config.http, H11Protocol) and config.h11_max_incomplete_event_size == 4096  # h11, guarded
+    assert issubclass(config.http, ConnectionGuard) and config.http.max_header_bytes == 4096  # guarded
+    assert config.h11_max_incomplete_event_size == 4096  # h11's own limit, under --http-parser h11
 
 
 # --- client identity (issue 24 item 2: per-client shares and round-robin) -----------------------------------
