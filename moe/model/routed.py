@@ -62,7 +62,8 @@ from moe.model.backbone import (
     mlp_attribute,
     mlp_projection_shapes,
 )
-from moe.model.kv_cache import cache_kwarg
+from moe.model.kv_cache import SlotCache, cache_kwarg
+from moe.model.llama_decode import llama_decode_applies, llama_decode_forward, llama_decode_step_applies
 from moe.model.trace import RoutingTrace, count_decisions
 from moe.routing.context import ContextRouter
 from moe.routing.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
@@ -392,6 +393,9 @@ class RoutedModel(nn.Module):
         # after wrapping (moe.model.backbone moves the backbone before)
         param = next(backbone.parameters())
         self.device: torch.device = param.device
+        # eager CPU decode steps of a Llama backbone run written out (moe.model.llama_decode); False: transformers'
+        # forward for every step (the reference the written-out step is checked against)
+        self._llama_decode = llama_decode_applies(backbone)
         self.dtype: torch.dtype = param.dtype
         self.num_layers = len(self.mlps)
         self.hidden_size = int(backbone.config.hidden_size)
@@ -498,15 +502,26 @@ class RoutedModel(nn.Module):
                 step.context_layers = step.context.unbind(dim=1)  # per layer [B, H], views of the rows' state
                 step.every_counted = all(step.counted_read)
         cache = {self.cache_kwarg: past_key_values} if past_key_values is not None else {}
+        step = self._context.step
         try:
-            out = self.backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **cache,
-            )
+            if (
+                self._llama_decode
+                and position_ids is not None
+                and step.capture_attention is None
+                and not (step.route and plugged.before_attention)  # experts decided at the attention input
+                and llama_decode_step_applies(self.backbone, input_ids, attention_mask, past_key_values, logits_to_keep)
+            ):  # an eager CPU decode step of a Llama backbone, written out (moe.model.llama_decode)
+                assert attention_mask is not None and isinstance(past_key_values, SlotCache)
+                logits = llama_decode_forward(self.backbone, input_ids, position_ids, attention_mask, past_key_values)
+            else:
+                logits = self.backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=use_cache,
+                    logits_to_keep=logits_to_keep,
+                    **cache,
+                ).logits
         finally:
             step, self._context.step = self._context.step, None
         if step.host_choices is not None:
@@ -520,7 +535,7 @@ class RoutedModel(nn.Module):
             step.trace_layers[:, -1] = valid_per_row.sum()
         trace = RoutingTrace(plugged.columns, step.trace_rows, step.trace_layers)
         return RoutedOutput(
-            out.logits,
+            logits,
             past_key_values if use_cache else None,
             trace,
             step.capture or [],

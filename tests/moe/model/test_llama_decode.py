@@ -1,0 +1,96 @@
+"""moe.model.llama_decode: a Llama backbone's eager CPU decode step written out equals transformers' forward over the
+same slot cache bit for bit, routed or not, and runs only where it reproduces that forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe import RoutedModel, RoutingSpec
+from moe.decode.prefill import prefill
+from moe.decode.static_decoder import StaticDecoder, decode_one_token
+from moe.model import routed as routed_module
+from moe.model.backbone import FAMILIES
+from tests.tiny import FAMILIES as TINY_FAMILIES
+from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert
+
+SPECS = [RoutingSpec("token"), RoutingSpec("off"), RoutingSpec("pin", "b"), RoutingSpec("token", allow=("a",))]
+
+
+def _routed(seed: int = 0) -> RoutedModel:
+    """A float32 tiny Llama (GQA: 4 heads over 2 KV heads) with two bottleneck experts that win tokens."""
+    torch.manual_seed(seed)
+    model = RoutedModel(tiny_backbone("llama", seed=seed))
+    model.plug(tiny_expert("a", seed=1, threshold=-1.0, up_scale=2.0))
+    model.plug(tiny_expert("b", seed=2, threshold=0.0, up_scale=2.0))
+    return model
+
+
+def _count_written_out(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the steps RoutedModel runs written out (one entry per call)."""
+    calls: list[int] = []
+    inner = routed_module.llama_decode_forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(routed_module, "llama_decode_forward", counted)
+    return calls
+
+
+@torch.no_grad()
+def _decode(model: RoutedModel, steps: int, specs: list[RoutingSpec]) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Prefill 4 prompts of different lengths, then `steps` greedy decode steps of all rows -> logits per step
+    [4, V] and each row's tokens."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 300, (length,), generator=g).tolist() for length in (5, 11, 3, 8)]
+    decoder = StaticDecoder(model, max_batch=4, max_len=64, min_columns=8)
+    pre = prefill(model, prompts, specs)
+    slots = [decoder.join(pre, row) for row in range(len(prompts))]
+    tokens = [[int(t)] for t in pre.logits.argmax(-1)]
+    logits = []
+    for _ in range(steps):
+        out = decode_one_token(decoder, slots, [t[-1] for t in tokens], pre.specs)
+        logits.append(out.logits)
+        for row, token in enumerate(out.logits.argmax(-1).tolist()):
+            tokens[row].append(token)
+    return logits, tokens
+
+
+def test_a_written_out_decode_step_equals_transformers_forward_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token, off, pinned and allow-listed rows in one batch, over KV columns that grow past two buckets: every
+    step's logits equal those of transformers' forward exactly, and every decode step ran written out."""
+    written, reference = _routed(), _routed()  # the same weights and experts
+    reference._llama_decode = False
+    calls = _count_written_out(monkeypatch)
+    got, got_tokens = _decode(written, 30, SPECS)
+    assert len(calls) == 30, "every decode step ran written out (prefill did not)"
+    want, want_tokens = _decode(reference, 30, SPECS)
+    assert len(calls) == 30, "the reference ran transformers' forward"
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), step
+    assert got_tokens == want_tokens
+    assert len({tuple(t) for t in got_tokens}) == 4, "the case needs distinct sequences"
+    bare = _routed()
+    bare.unplug("a"), bare.unplug("b")
+    assert _decode(bare, 30, [RoutingSpec("off")] * 4)[1][0] != got_tokens[0], "routing changes the token row"
+
+
+def test_a_step_routing_an_attention_expert_runs_transformers_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expert that adapts attention is decided at the attention block's input (RoutedAttention): while one is
+    plugged, routed steps take transformers' forward; routing off still runs written out."""
+    model = _routed()
+    attention = list(FAMILIES["llama"].attention_targets)
+    model.plug(tiny_lora_expert("attn", model.target_shapes, seed=3, targets=attention, threshold=0.0, scale=0.3))
+    assert model.plugged.before_attention != ()
+    calls = _count_written_out(monkeypatch)
+    _decode(model, 3, [RoutingSpec("token")] * 4)
+    assert calls == []
+    _decode(model, 3, [RoutingSpec("off")] * 4)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_only_llama_backbones_are_written_out(family: str) -> None:
+    assert RoutedModel(tiny_backbone(family, seed=0))._llama_decode == (family == "llama")
