@@ -18,7 +18,8 @@ a body that trickles in holds one connection of the cap.
 Two parsers, --http-parser: httptools (llhttp, in C; the default, as uvicorn[standard] and vLLM's server run it) and
 h11 (pure Python). Each streamed token is one ASGI send, which the protocol frames and writes on the event loop's
 thread while it holds the GIL the engine thread waits for: h11 frames in Python, httptools' protocol in a few
-lines. `python bench/peer.py --shape demo --h11` serves routing off through both (the README has its figures).
+lines: `python bench/http_parser.py` measures each per streamed chunk, and `python bench/peer.py --h11` serves
+routing off through both (the README has the figures).
 
 `plugmoe serve` (server.cli) and each cluster replica's own port (server.cluster) run uvicorn with
 `http=guarded_protocol(settings)`.
@@ -68,6 +69,7 @@ class ConnectionGuard:
     max_header_bytes: int = 16384
     retry_after_s: int = 1
     _last_cap_warning = 0.0  # shared by every connection of the server: the log line is rate-limited
+    _head_deadline: asyncio.TimerHandle | None = None  # armed while a request head is awaited
 
     # set by the uvicorn protocol
     connections: set
@@ -75,15 +77,12 @@ class ConnectionGuard:
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
 
-    def _guard_connection(self) -> bool:
-        """At connection_made, after the protocol's own: refuse it over the cap, else start the head's deadline.
-        Returns whether the connection is served."""
-        self._head_deadline: asyncio.TimerHandle | None = None
+    def _guard_connection(self) -> None:
+        """At connection_made, after the protocol's own: refuse it over the cap, else start the head's deadline."""
         if len(self.connections) > self.max_connections:
             self._refuse_over_cap()
-            return False
+            return
         self._arm_head_deadline()
-        return True
 
     def _awaiting_head(self) -> bool:
         raise NotImplementedError
@@ -93,7 +92,7 @@ class ConnectionGuard:
         self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_too_slow)
 
     def _disarm_head_deadline(self) -> None:
-        if getattr(self, "_head_deadline", None) is not None:
+        if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
 
