@@ -3,8 +3,11 @@ same slot cache bit for bit, routed or not, and runs only where it reproduces th
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from moe import RoutedModel, RoutingSpec
 from moe.decode.prefill import prefill
@@ -12,15 +15,19 @@ from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from moe.model import routed as routed_module
 from moe.model.backbone import FAMILIES
 from tests.tiny import FAMILIES as TINY_FAMILIES
-from tests.tiny import tiny_backbone, tiny_expert, tiny_lora_expert
+from tests.tiny import tiny_backbone, tiny_config, tiny_expert, tiny_lora_expert
 
 SPECS = [RoutingSpec("token"), RoutingSpec("off"), RoutingSpec("pin", "b"), RoutingSpec("token", allow=("a",))]
 
 
-def _routed(seed: int = 0) -> RoutedModel:
-    """A float32 tiny Llama (GQA: 4 heads over 2 KV heads) with two bottleneck experts that win tokens."""
+def _routed(seed: int = 0, **config: Any) -> RoutedModel:
+    """A float32 tiny Llama (GQA: 4 heads over 2 KV heads; `config` set on its config) with two bottleneck experts
+    that win tokens."""
     torch.manual_seed(seed)
-    model = RoutedModel(tiny_backbone("llama", seed=seed))
+    llama = tiny_config("llama")
+    for name, value in config.items():
+        setattr(llama, name, value)
+    model = RoutedModel(AutoModelForCausalLM.from_config(llama).eval())
     model.plug(tiny_expert("a", seed=1, threshold=-1.0, up_scale=2.0))
     model.plug(tiny_expert("b", seed=2, threshold=0.0, up_scale=2.0))
     return model
@@ -58,10 +65,33 @@ def _decode(model: RoutedModel, steps: int, specs: list[RoutingSpec]) -> tuple[l
     return logits, tokens
 
 
-def test_a_written_out_decode_step_equals_transformers_forward_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+VARIANTS = {
+    "as configured": {},
+    # biased projections, a head size that is not hidden / heads, Llama 3's scaled rotary angles
+    "biases, head_dim, llama3 rope": {
+        "attention_bias": True,
+        "mlp_bias": True,
+        "head_dim": 24,
+        "rope_parameters": LLAMA3_ROPE,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_written_out_decode_step_equals_transformers_forward_bit_for_bit(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Token, off, pinned and allow-listed rows in one batch, over KV columns that grow past two buckets: every
     step's logits equal those of transformers' forward exactly, and every decode step ran written out."""
-    written, reference = _routed(), _routed()  # the same weights and experts
+    written, reference = _routed(**VARIANTS[variant]), _routed(**VARIANTS[variant])  # the same weights and experts
     reference._llama_decode = False
     calls = _count_written_out(monkeypatch)
     got, got_tokens = _decode(written, 30, SPECS)
