@@ -61,8 +61,9 @@ def raw_error(status: int, reason: str, message: str, kind: str, retry_after_s: 
 
 
 class ConnectionGuard:
-    """The limits, over either uvicorn protocol (mixed in before it): the protocol class says when the connection
-    waits for a request head (`_awaiting_head`) and arms the deadline when one starts to be awaited."""
+    """The limits, over either uvicorn protocol (mixed in before it): the cap at connection_made, the head's deadline
+    armed then and when a response ends while the next head is awaited (`_awaiting_head`, the protocol class's),
+    disarmed when the connection closes."""
 
     header_timeout_s: float = 10.0
     max_connections: int = 512
@@ -77,12 +78,21 @@ class ConnectionGuard:
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
 
-    def _guard_connection(self) -> None:
-        """At connection_made, after the protocol's own: refuse it over the cap, else start the head's deadline."""
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # the protocol's: counts it in self.connections
         if len(self.connections) > self.max_connections:
             self._refuse_over_cap()
             return
         self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]  # may start a pipelined request at once
+        if not self.transport.is_closing() and self._awaiting_head():
+            self._arm_head_deadline()  # the next request's head has the same deadline as the first one's
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _awaiting_head(self) -> bool:
         raise NotImplementedError
@@ -143,8 +153,7 @@ class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_pending, self._head_bytes = True, 0  # a head is awaited from the first byte
-        super().connection_made(transport)  # counts this connection in self.connections
-        self._guard_connection()
+        super().connection_made(transport)
 
     def _awaiting_head(self) -> bool:
         return self._head_pending
@@ -171,23 +180,10 @@ class GuardedHttpToolsProtocol(ConnectionGuard, HttpToolsProtocol):
         self._head_pending = True  # what follows on this connection is the next request's head
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()  # may start a pipelined request whose head is complete
-        if not self.transport.is_closing() and self._head_pending:
-            self._arm_head_deadline()  # the next request's head has the same deadline as the first one's
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        super().connection_lost(exc)
-
 
 class GuardedH11Protocol(ConnectionGuard, H11Protocol):
     """uvicorn's h11 protocol with the limits; h11 itself refuses a head that grows past --max-header-bytes
     (h11_max_incomplete_event_size, set by guarded_config), with a plain 400."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # counts this connection in self.connections
-        self._guard_connection()
 
     def _awaiting_head(self) -> bool:
         return self.conn.their_state is h11.IDLE
@@ -196,15 +192,6 @@ class GuardedH11Protocol(ConnectionGuard, H11Protocol):
         super().data_received(data)
         if not self._awaiting_head():  # the head is parsed (or the connection failed): no deadline
             self._disarm_head_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()  # may start the next pipelined request at once
-        if not self.transport.is_closing() and self._awaiting_head():
-            self._arm_head_deadline()  # the next request's head has the same deadline as the first one's
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_deadline()
-        super().connection_lost(exc)
 
 
 PROTOCOLS: dict[str, type[ConnectionGuard]] = {"httptools": GuardedHttpToolsProtocol, "h11": GuardedH11Protocol}
