@@ -4,6 +4,10 @@ work around it) with the written-out forward on and off in turn, for routing off
 
     python bench/llama_decode.py                      # 16 rows, 5 rounds of 20 steps each way
     python bench/llama_decode.py --rows 1 --rounds 8
+    python bench/llama_decode.py --shape qwen2.5-0.5b --rounds 3 --steps 8   # random weights, routing off only
+
+`--shape` (bench/shapes.py: a Llama-family shape) runs random weights of that shape with no experts, so only routing
+off; the prompts are the demo's token ids.
 
 Each round runs `--steps` steps one way, then the other (the order alternates); the rows keep growing, so each way
 sees the same spread of KV columns. Printed: ms per step (median over rounds), written out / transformers, and whether
@@ -22,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.peer import demo_prompts  # noqa: E402
+from bench.shapes import SHAPES, build  # noqa: E402
 from bench.step_profile import load_model  # noqa: E402
 
 
@@ -34,26 +39,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", choices=[s for s in SHAPES if not s.startswith("gpt2")], help="random weights")
     args = parser.parse_args()
     args.router = "context"
 
     import torch
 
-    from moe import RoutingSpec
+    from moe import RoutedModel, RoutingSpec
     from moe.decode.prefill import prefill
     from moe.decode.static_decoder import StaticDecoder
 
-    model, tokenizer = load_model(args)  # in a thread that ends, as the server loads
+    model, tokenizer = load_model(args)  # in a thread that ends, as the server loads (the tokenizer: any shape's)
+    modes = ("off", "token")
+    if args.shape:  # that shape's random weights, no experts
+        model, modes = RoutedModel(build(args.shape)), ("off",)
+    name = args.shape or "demo model"
     if not model._llama_decode:
-        raise SystemExit(f"{args.model} is not a Llama backbone: every step runs transformers' forward")
+        raise SystemExit(f"{name} is not a Llama-family backbone: every step runs transformers' forward")
     torch.set_num_threads(args.threads)  # the pool size is per thread: this one runs the steps
     texts = demo_prompts(Path(args.model), args.rows, args.prompt_tokens)
     prompts = [tokenizer(text)["input_ids"][: args.prompt_tokens] for text in texts]
     longest = args.prompt_tokens + 2 * args.rounds * (args.steps + 2) + 8
-    print(f"demo model, {args.rows} rows, {args.rounds} rounds of {args.steps} steps each way, {args.threads} threads")
+    print(f"{name}, {args.rows} rows, {args.rounds} rounds of {args.steps} steps each way, {args.threads} threads")
     print("| routing | written out ms/step | transformers ms/step | ratio | last logits equal |")
     print("|---|---|---|---|---|")
-    for mode in ("off", "token"):
+    for mode in modes:
         spec = RoutingSpec("off") if mode == "off" else RoutingSpec()
         decoder = StaticDecoder(model, max_batch=args.rows, max_len=longest)
         pre = prefill(model, prompts, [spec] * args.rows)

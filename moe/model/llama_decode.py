@@ -1,6 +1,8 @@
 """A Llama backbone's decode step, written out: what transformers' LlamaForCausalLM computes for one new token per
 row over the decoder's slot cache, without its per-layer machinery (the decorators, keyword plumbing and
 attention-interface lookups around every layer, attention block and rotary call), on the backbone's own modules.
+Qwen2's and Mistral's decoders are Llama's but for Qwen2's q/k/v biases (computed here too) and a sliding window
+(refused here): they run it as well (FAMILIES).
 
     h = embed(ids)                                             [B, 1, H]
     cos, sin = rotary(positions)                               [B, 1, D], unsqueezed to [B, 1, 1, D] over heads
@@ -26,9 +28,9 @@ numbers:
     rotary       on q and k side by side (elementwise: the same numbers as on each).
     RMSNorm      torch's rms_norm for float32 (one op where transformers' module runs seven; the same reduction).
 
-RoutedModel takes it for eager CPU decode steps of a `llama` backbone over a SlotCache, while no plugged expert
-adapts attention (moe.model.routed.RoutedAttention decides those experts at the attention input); everything else
-(prefill, compiled or captured steps, other families) runs transformers' forward.
+RoutedModel takes it for eager CPU decode steps of a backbone of one of FAMILIES over a SlotCache, while no plugged
+expert adapts attention (moe.model.routed.RoutedAttention decides those experts at the attention input); everything
+else (prefill, compiled or captured steps, other families) runs transformers' forward.
 """
 
 from __future__ import annotations
@@ -39,19 +41,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from moe.model.kv_cache import DECODE_ATTENTION, SlotCache, cpu_decode_attention
 
+# the families whose decoder is Llama's: embedding, rotary angles, layers of RMSNorm, q/k/v/o attention and an MLP
+# block, a final RMSNorm and the head, each attention block computing LlamaAttention's maths without a sliding window
+FAMILIES = ("llama", "qwen2", "mistral")
+_RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)  # one forward, source for source
+
 
 def llama_decode_applies(backbone: nn.Module) -> bool:
-    """Whether `backbone` is a Llama model this forward reproduces: transformers' `llama` classes (one tensor-parallel
-    slice, the rotary module computing the positions' cos and sin, one set of q/k/v/o projections per layer)."""
+    """Whether `backbone` is a model this forward reproduces: transformers' classes of one of FAMILIES (one
+    tensor-parallel slice, the rotary module computing the positions' cos and sin, one set of q/k/v/o projections per
+    layer, no sliding window on any layer)."""
     config = backbone.config
-    if getattr(config, "model_type", None) != "llama" or getattr(config, "pretraining_tp", 1) != 1:
+    if getattr(config, "model_type", None) not in FAMILIES or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    if getattr(config, "sliding_window", None) is not None:  # Mistral's window (Qwen2's is None unless it is used)
         return False
     model = getattr(backbone, "model", None)
     needed = ("embed_tokens", "rotary_emb", "norm", "layers")
-    return model is not None and all(hasattr(model, name) for name in needed) and hasattr(backbone, "lm_head")
+    if model is None or not all(hasattr(model, name) for name in needed) or not hasattr(backbone, "lm_head"):
+        return False
+    return all(getattr(_unwrapped(layer.self_attn), "sliding_window", None) is None for layer in model.layers)
 
 
 def llama_decode_step_applies(
@@ -93,7 +107,7 @@ class FusedQKV:
 
 
 def fuse_qkv(backbone: nn.Module) -> list[FusedQKV | None]:
-    """Per layer of a Llama backbone (llama_decode_applies): its q, k and v weights (and biases) moved into one
+    """Per layer of a backbone llama_decode_applies to: its q, k and v weights (and biases) moved into one
     buffer, the projections' parameters made views of its rows; the values stay as they were. None for a layer whose
     projections are not three plain Linear layers on one input, dtype and device, frozen, biased alike."""
     fused: list[FusedQKV | None] = []
@@ -178,9 +192,9 @@ def llama_decode_forward(
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm of float32 `x` as torch's one rms_norm op (the same mean of squares, rsqrt and
-    scale); any other norm or dtype (a lower precision's casts) through the module."""
-    if x.dtype == torch.float32 and type(module) is LlamaRMSNorm:
+    """transformers' Llama RMSNorm (_RMS_NORMS) of float32 `x` as torch's one rms_norm op (the same mean of squares,
+    rsqrt and scale); any other norm or dtype (a lower precision's casts) through the module."""
+    if x.dtype == torch.float32 and type(module) in _RMS_NORMS:
         return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
     return module(x)
 

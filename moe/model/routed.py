@@ -393,8 +393,8 @@ class RoutedModel(nn.Module):
         # after wrapping (moe.model.backbone moves the backbone before)
         param = next(backbone.parameters())
         self.device: torch.device = param.device
-        # eager CPU decode steps of a Llama backbone run written out (moe.model.llama_decode); False: transformers'
-        # forward for every step (the reference the written-out step is checked against)
+        # eager CPU decode steps of a Llama-family backbone (llama, qwen2, mistral) run written out
+        # (moe.model.llama_decode); False: transformers' forward for every step (the reference it is checked against)
         self._llama_decode = llama_decode_applies(backbone)
         # its q, k and v weights in one buffer per layer (values unchanged): the written-out step's one matmul
         self._llama_fused = fuse_qkv(backbone) if self._llama_decode and self.device.type == "cpu" else None
@@ -512,7 +512,7 @@ class RoutedModel(nn.Module):
                 and step.capture_attention is None
                 and not (step.route and plugged.before_attention)  # experts decided at the attention input
                 and llama_decode_step_applies(self.backbone, input_ids, attention_mask, past_key_values, logits_to_keep)
-            ):  # an eager CPU decode step of a Llama backbone, written out (moe.model.llama_decode)
+            ):  # an eager CPU decode step of a Llama-family backbone, written out (moe.model.llama_decode)
                 assert attention_mask is not None and isinstance(past_key_values, SlotCache)
                 logits = llama_decode_forward(
                     self.backbone, input_ids, position_ids, attention_mask, past_key_values, self._llama_fused

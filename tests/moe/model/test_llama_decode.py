@@ -15,16 +15,16 @@ from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from moe.model import routed as routed_module
 from moe.model.backbone import FAMILIES
 from tests.tiny import FAMILIES as TINY_FAMILIES
-from tests.tiny import tiny_backbone, tiny_config, tiny_expert, tiny_lora_expert
+from tests.tiny import MORE_FAMILIES, tiny_backbone, tiny_config, tiny_expert, tiny_lora_expert
 
 SPECS = [RoutingSpec("token"), RoutingSpec("off"), RoutingSpec("pin", "b"), RoutingSpec("token", allow=("a",))]
 
 
-def _routed(seed: int = 0, **config: Any) -> RoutedModel:
-    """A float32 tiny Llama (GQA: 4 heads over 2 KV heads; `config` set on its config) with two bottleneck experts
-    that win tokens."""
+def _routed(seed: int = 0, family: str = "llama", **config: Any) -> RoutedModel:
+    """A float32 tiny Llama (or another of the written-out families; GQA: 4 heads over 2 KV heads; `config` set on
+    its config) with two bottleneck experts that win tokens."""
     torch.manual_seed(seed)
-    llama = tiny_config("llama")
+    llama = tiny_config(family)
     for name, value in config.items():
         setattr(llama, name, value)
     model = RoutedModel(AutoModelForCausalLM.from_config(llama).eval())
@@ -75,6 +75,8 @@ LLAMA3_ROPE = {
 }
 VARIANTS = {
     "as configured": {},
+    "qwen2 (q/k/v biases)": {"family": "qwen2"},
+    "mistral, no sliding window": {"family": "mistral", "sliding_window": None},
     # biased projections, a head size that is not hidden / heads, Llama 3's scaled rotary angles
     "biases, head_dim, llama3 rope": {
         "attention_bias": True,
@@ -121,9 +123,27 @@ def test_a_step_routing_an_attention_expert_runs_transformers_forward(monkeypatc
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_only_llama_backbones_are_written_out(family: str) -> None:
-    assert RoutedModel(tiny_backbone(family, seed=0))._llama_decode == (family == "llama")
+@pytest.mark.parametrize("family", TINY_FAMILIES + MORE_FAMILIES)
+def test_only_llama_family_backbones_are_written_out(family: str) -> None:
+    """llama, qwen2 and mistral without a sliding window; not Qwen3 (q/k norms), Gemma (its own norm and embedding
+    scale), Phi-3 (fused projections), OLMo, SmolLM3 (layers without rope), nor GPT-2 or GPT-NeoX."""
+    config = tiny_config(family)
+    if family == "mistral":
+        config.sliding_window = None
+    torch.manual_seed(0)
+    model = RoutedModel(AutoModelForCausalLM.from_config(config).eval())
+    assert model._llama_decode == (family in ("llama", "qwen2", "mistral"))
+
+
+def test_a_sliding_window_runs_transformers_forward() -> None:
+    """Mistral's window (4096 by default) and Qwen2's when it is used: the written-out attention has none."""
+    mistral = tiny_config("mistral")
+    assert mistral.sliding_window is not None
+    assert not RoutedModel(AutoModelForCausalLM.from_config(mistral).eval())._llama_decode
+    qwen2 = tiny_config("qwen2")
+    qwen2.use_sliding_window, qwen2.sliding_window, qwen2.max_window_layers = True, 16, 0
+    qwen2.layer_types = ["sliding_attention"] * qwen2.num_hidden_layers
+    assert not RoutedModel(AutoModelForCausalLM.from_config(qwen2).eval())._llama_decode
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
