@@ -8,8 +8,8 @@ Qwen2's and Mistral's decoders are Llama's but for Qwen2's q/k/v biases (compute
     cos, sin = rotary(positions)                               [B, 1, D], unsqueezed to [B, 1, 1, D] over heads
     per layer:
         x = input_norm(h)
-        q, k, v = qkv(x)                                       [B, heads or kv, 1, D]: one matmul (below)
-        q, k = q * cos + rotate_half(q) * sin, (same for k)    once over q and k side by side
+        q, k, v = q_proj(x), k_proj(x), v_proj(x)              [B, heads or kv, 1, D]
+        q, k = q * cos + rotate_half(q) * sin, (same for k)
         keys, values = cache.update(k, v)                      [B, kv, S, D]: the row's column written first
         h = h + o_proj(attention(q, keys, values, mask))       mask [B, 1, 1, S] additive
         h = h + mlp(post_attention_norm(h))                    the routed MLP block (moe.model.routed.RoutedMLP)
@@ -18,15 +18,8 @@ Qwen2's and Mistral's decoders are Llama's but for Qwen2's q/k/v biases (compute
 The same modules and the same arithmetic as transformers' path with the decoder's attention
 (moe.model.kv_cache.cpu_decode_attention), so the logits are bit for bit those of that path (tests/moe/model/
 test_llama_decode.py). It saves about 15% of an eager CPU decode forward on the demo model at 16 rows (`python
-bench/decode_ops.py`), where a step is bound by the dispatch of small ops, not by arithmetic. Fewer ops, the same
-numbers:
-
-    q, k, v      one matmul per layer over the three weights stacked: `fuse_qkv` moves each layer's q, k and v
-                 weights (and biases) into one buffer when RoutedModel wraps a CPU backbone, each projection's
-                 weight a view of its rows (their values and every other path unchanged; vLLM's QKVParallelLinear
-                 holds them so from the start). A layer whose projections were replaced since runs the three.
-    rotary       on q and k side by side (elementwise: the same numbers as on each).
-    RMSNorm      torch's rms_norm for float32 (one op where transformers' module runs seven; the same reduction).
+bench/decode_ops.py`), where a step is bound by the dispatch of small ops, not by arithmetic. RMSNorm of float32
+runs as torch's one rms_norm op (seven ops in transformers' module; the same reduction, the same numbers).
 
 RoutedModel takes it for eager CPU decode steps of a backbone of one of FAMILIES over a SlotCache, while no plugged
 expert adapts attention (moe.model.routed.RoutedAttention decides those experts at the attention input); everything
@@ -34,8 +27,6 @@ else (prefill, compiled or captured steps, other families) runs transformers' fo
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,79 +81,17 @@ def llama_decode_step_applies(
     )
 
 
-@dataclass(frozen=True)
-class FusedQKV:
-    """One layer's q, k and v projections as one matmul: `weight` [(heads + 2 kv) * D, H] (and `bias`) whose row
-    blocks are the projections' weights (and biases), each projection's a view of its rows."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    heads: int  # query heads: the first heads * D rows
-    kv_heads: int  # then the keys' and the values' kv_heads * D rows each
-    pointers: tuple[int, ...]  # where the projections' weights and biases start while they are those views
-
-    def holds(self, projections: tuple[nn.Module, ...]) -> bool:
-        """Whether these projections still compute from this buffer (nothing replaced or moved their tensors)."""
-        return _pointers(projections) == self.pointers
-
-
-def fuse_qkv(backbone: nn.Module) -> list[FusedQKV | None]:
-    """Per layer of a backbone llama_decode_applies to: its q, k and v weights (and biases) moved into one
-    buffer, the projections' parameters made views of its rows; the values stay as they were. None for a layer whose
-    projections are not three plain Linear layers on one input, dtype and device, frozen, biased alike."""
-    fused: list[FusedQKV | None] = []
-    for layer in backbone.model.layers:
-        attention = _unwrapped(layer.self_attn)
-        projections = tuple(_unwrapped(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj"))
-        if not _fusable(projections):
-            fused.append(None)
-            continue
-        with torch.no_grad():
-            weight = torch.cat([p.weight for p in projections])  # [(heads + 2 kv) * D, H]
-            biased = projections[0].bias is not None
-            bias = torch.cat([p.bias for p in projections]) if biased else None
-        start = 0
-        for p in projections:
-            rows = p.weight.shape[0]
-            p.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-            if bias is not None:
-                p.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-            start += rows
-        head_dim = attention.head_dim
-        heads, kv_heads = projections[0].weight.shape[0] // head_dim, projections[1].weight.shape[0] // head_dim
-        fused.append(FusedQKV(weight, bias, heads, kv_heads, _pointers(projections)))
-    return fused
-
-
-def _fusable(projections: tuple[nn.Module, ...]) -> bool:
-    if not all(type(p) is nn.Linear for p in projections):
-        return False
-    params = [t for p in projections for t in (p.weight, p.bias) if t is not None]
-    first = projections[0].weight
-    return (
-        len({p.in_features for p in projections}) == 1
-        and len({p.bias is None for p in projections}) == 1
-        and all(t.dtype == first.dtype and t.device == first.device and not t.requires_grad for t in params)
-    )
-
-
-def _pointers(projections: tuple[nn.Module, ...]) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for p in projections for t in (p.weight, p.bias) if t is not None)
-
-
 def llama_decode_forward(
     backbone: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     mask: torch.Tensor,
     cache: SlotCache,
-    fused: list[FusedQKV | None] | None = None,
 ) -> torch.Tensor:
-    """input_ids [B, 1], position_ids [B, 1], mask [B, 1, 1, S] additive, cache (written at each row's column),
-    fused: fuse_qkv's layers (None: three projections per layer) -> logits [B, 1, V]. The attention block and its
-    projections run unwrapped (RoutedAttention, and LoRA's RoutedProjection: their `base_layer`): the caller runs this
-    only while no expert adapts attention, when the wrappers pass through; the MLP block runs wrapped (RoutedMLP
-    routes it)."""
+    """input_ids [B, 1], position_ids [B, 1], mask [B, 1, 1, S] additive, cache (written at each row's column)
+    -> logits [B, 1, V]. The attention block and its projections run unwrapped (RoutedAttention, and LoRA's
+    RoutedProjection: their `base_layer`): the caller runs this only while no expert adapts attention, when the
+    wrappers pass through; the MLP block runs wrapped (RoutedMLP routes it)."""
     model = backbone.model
     batch = input_ids.shape[0]
     hidden = model.embed_tokens(input_ids)  # [B, 1, H]
@@ -172,18 +101,11 @@ def llama_decode_forward(
         attention = _unwrapped(layer.self_attn)
         x = _norm(layer.input_layernorm, hidden)
         shape = (batch, 1, -1, attention.head_dim)
-        projections = (_unwrapped(attention.q_proj), _unwrapped(attention.k_proj), _unwrapped(attention.v_proj))
-        qkv = fused[index] if fused is not None else None
-        if qkv is not None and qkv.holds(projections):
-            both = F.linear(x, qkv.weight, qkv.bias).view(shape).transpose(1, 2)  # [B, heads + 2 kv, 1, D]
-            rotated = qkv.heads + qkv.kv_heads
-            qk = both[:, :rotated]
-            qk = (qk * cos) + (rotate_half(qk) * sin)
-            q, k, v = qk[:, : qkv.heads], qk[:, qkv.heads :], both[:, rotated:]
-        else:
-            q, k, v = (p(x).view(shape).transpose(1, 2) for p in projections)  # [B, heads or kv, 1, D]
-            q = (q * cos) + (rotate_half(q) * sin)
-            k = (k * cos) + (rotate_half(k) * sin)
+        q = _unwrapped(attention.q_proj)(x).view(shape).transpose(1, 2)  # [B, heads, 1, D]
+        k = _unwrapped(attention.k_proj)(x).view(shape).transpose(1, 2)  # [B, kv, 1, D]
+        v = _unwrapped(attention.v_proj)(x).view(shape).transpose(1, 2)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
         keys, values = cache.layers[index].update(k, v)  # [B, kv, S, D]
         out = cpu_decode_attention(q, keys, values, mask, attention.scaling)  # [B, 1, heads, D]
         hidden = hidden + _unwrapped(attention.o_proj)(out.reshape(batch, 1, -1).contiguous())

@@ -63,7 +63,7 @@ from moe.model.backbone import (
     mlp_projection_shapes,
 )
 from moe.model.kv_cache import SlotCache, cache_kwarg
-from moe.model.llama_decode import fuse_qkv, llama_decode_applies, llama_decode_forward, llama_decode_step_applies
+from moe.model.llama_decode import llama_decode_applies, llama_decode_forward, llama_decode_step_applies
 from moe.model.trace import RoutingTrace, count_decisions
 from moe.routing.context import ContextRouter
 from moe.routing.router import RouterConfig, RoutingSpec, StepRouting, choose_experts, gate_scores, route_top1
@@ -396,8 +396,6 @@ class RoutedModel(nn.Module):
         # eager CPU decode steps of a Llama-family backbone (llama, qwen2, mistral) run written out
         # (moe.model.llama_decode); False: transformers' forward for every step (the reference it is checked against)
         self._llama_decode = llama_decode_applies(backbone)
-        # its q, k and v weights in one buffer per layer (values unchanged): the written-out step's one matmul
-        self._llama_fused = fuse_qkv(backbone) if self._llama_decode and self.device.type == "cpu" else None
         self.dtype: torch.dtype = param.dtype
         self.num_layers = len(self.mlps)
         self.hidden_size = int(backbone.config.hidden_size)
@@ -514,9 +512,7 @@ class RoutedModel(nn.Module):
                 and llama_decode_step_applies(self.backbone, input_ids, attention_mask, past_key_values, logits_to_keep)
             ):  # an eager CPU decode step of a Llama-family backbone, written out (moe.model.llama_decode)
                 assert attention_mask is not None and isinstance(past_key_values, SlotCache)
-                logits = llama_decode_forward(
-                    self.backbone, input_ids, position_ids, attention_mask, past_key_values, self._llama_fused
-                )
+                logits = llama_decode_forward(self.backbone, input_ids, position_ids, attention_mask, past_key_values)
             else:
                 logits = self.backbone(
                     input_ids=input_ids,

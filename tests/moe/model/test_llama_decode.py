@@ -15,7 +15,7 @@ from moe.decode.static_decoder import StaticDecoder, decode_one_token
 from moe.model import routed as routed_module
 from moe.model.backbone import FAMILIES
 from tests.tiny import FAMILIES as TINY_FAMILIES
-from tests.tiny import MORE_FAMILIES, tiny_backbone, tiny_config, tiny_expert, tiny_lora_expert
+from tests.tiny import MORE_FAMILIES, tiny_config, tiny_expert, tiny_lora_expert
 
 SPECS = [RoutingSpec("token"), RoutingSpec("off"), RoutingSpec("pin", "b"), RoutingSpec("token", allow=("a",))]
 
@@ -144,66 +144,3 @@ def test_a_sliding_window_runs_transformers_forward() -> None:
     qwen2.use_sliding_window, qwen2.sliding_window, qwen2.max_window_layers = True, 16, 0
     qwen2.layer_types = ["sliding_attention"] * qwen2.num_hidden_layers
     assert not RoutedModel(AutoModelForCausalLM.from_config(qwen2).eval())._llama_decode
-
-
-def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "base_layer", module)
-
-
-def _qkv(layer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
-    """A layer's q, k and v projections, under the routing wrappers."""
-    attention = _unwrapped(layer.self_attn)
-    return tuple(_unwrapped(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj"))
-
-
-def test_the_qkv_weights_share_one_buffer_per_layer_with_their_values_unchanged() -> None:
-    """fuse_qkv (RoutedModel wrapping a CPU Llama): each layer's q, k and v weights and biases are views of one
-    buffer's rows, holding exactly the values they were loaded with; every other path reads the same tensors."""
-    torch.manual_seed(0)
-    llama = tiny_config("llama")
-    llama.attention_bias = True
-    backbone = AutoModelForCausalLM.from_config(llama).eval()
-    names = ("q_proj", "k_proj", "v_proj")
-    before = [
-        [getattr(layer.self_attn, n).weight.detach().clone() for n in names]
-        + [getattr(layer.self_attn, n).bias.detach().clone() for n in names]
-        for layer in backbone.model.layers
-    ]
-    model = RoutedModel(backbone)
-    assert model._llama_fused is not None and len(model._llama_fused) == len(backbone.model.layers)
-    for layer, fused, want in zip(backbone.model.layers, model._llama_fused, before, strict=True):
-        assert fused is not None and fused.bias is not None
-        projections = _qkv(layer)
-        got = [p.weight for p in projections] + [p.bias for p in projections]
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        assert torch.equal(fused.weight, torch.cat(want[:3])) and torch.equal(fused.bias, torch.cat(want[3:]))
-        assert all(
-            p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in projections
-        )
-        assert fused.holds(projections)
-        assert (fused.heads, fused.kv_heads) == (llama.num_attention_heads, llama.num_key_value_heads)
-
-
-def test_a_layer_whose_projection_was_replaced_runs_its_three_projections(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A weight replaced after fusing (a copy, or new values) is not the buffer any more: that layer computes q, k and
-    v from its projections, so the step still equals transformers' forward bit for bit, new values included."""
-    written, reference = _routed(), _routed()
-    reference._llama_decode = False
-    for model in (written, reference):
-        q_proj = _qkv(model.backbone.model.layers[0])[0]
-        q_proj.weight = torch.nn.Parameter(q_proj.weight.detach() * 1.5, requires_grad=False)
-    projections = _qkv(written.backbone.model.layers[0])
-    assert written._llama_fused is not None and written._llama_fused[0] is not None
-    assert not written._llama_fused[0].holds(projections)
-    calls = _count_written_out(monkeypatch)
-    got, got_tokens = _decode(written, 6, SPECS)
-    assert len(calls) == 6
-    want, want_tokens = _decode(reference, 6, SPECS)
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and got_tokens == want_tokens
-    unchanged = _routed()
-    assert not torch.equal(_decode(unchanged, 1, SPECS)[0][0], got[0]), "the replaced weight changes the logits"
-
-
-def test_a_backbone_on_another_device_or_family_is_not_fused() -> None:
-    """Only a Llama backbone on the CPU (where the written-out step runs) has its projections moved."""
-    assert RoutedModel(tiny_backbone("gpt2", seed=0))._llama_fused is None
