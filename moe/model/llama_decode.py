@@ -18,8 +18,9 @@ Qwen2's and Mistral's decoders are Llama's but for Qwen2's q/k/v biases (compute
 The same modules and the same arithmetic as transformers' path with the decoder's attention
 (moe.model.kv_cache.cpu_decode_attention), so the logits are bit for bit those of that path (tests/moe/model/
 test_llama_decode.py). It saves about 15% of an eager CPU decode forward on the demo model at 16 rows (`python
-bench/decode_ops.py`), where a step is bound by the dispatch of small ops, not by arithmetic. RMSNorm of float32
-runs as torch's one rms_norm op (seven ops in transformers' module; the same reduction, the same numbers).
+bench/decode_ops.py`), where a step is bound by the dispatch of small ops, not by arithmetic. A float32 RMSNorm is
+one call of torch's rms_norm where transformers' module makes seven (torch's composite dispatches the same ops in the
+same order from C++: the same numbers, fewer Python-to-C++ crossings).
 
 RoutedModel takes it for eager CPU decode steps of a backbone of one of FAMILIES over a SlotCache, while no plugged
 expert adapts attention (moe.model.routed.RoutedAttention decides those experts at the attention input); everything
@@ -114,8 +115,8 @@ def llama_decode_forward(
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' Llama RMSNorm (_RMS_NORMS) of float32 `x` as torch's one rms_norm op (the same mean of squares,
-    rsqrt and scale); any other norm or dtype (a lower precision's casts) through the module."""
+    """transformers' Llama RMSNorm (_RMS_NORMS) of float32 `x` as one call of torch's rms_norm (the same mean of
+    squares, rsqrt and scale); any other norm or dtype (a lower precision's casts) through the module."""
     if x.dtype == torch.float32 and type(module) in _RMS_NORMS:
         return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
     return module(x)
