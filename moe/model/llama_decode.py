@@ -2,7 +2,7 @@
 row over the decoder's slot cache, without its per-layer machinery (the decorators, keyword plumbing and
 attention-interface lookups around every layer, attention block and rotary call), on the backbone's own modules.
 Qwen2's and Mistral's decoders are Llama's but for Qwen2's q/k/v biases (computed here too) and a sliding window
-(refused here): they run it as well (FAMILIES).
+(refused here): they run it as well (LLAMA_FAMILIES).
 
     h = embed(ids)                                             [B, 1, H]
     cos, sin = rotary(positions)                               [B, 1, D], unsqueezed to [B, 1, 1, D] over heads
@@ -22,7 +22,7 @@ bench/decode_ops.py`), where a step is bound by the dispatch of small ops, not b
 one call of torch's rms_norm where transformers' module makes seven (torch's composite dispatches the same ops in the
 same order from C++: the same numbers, fewer Python-to-C++ crossings).
 
-RoutedModel takes it for eager CPU decode steps of a backbone of one of FAMILIES over a SlotCache, while no plugged
+RoutedModel takes it for eager CPU decode steps of a backbone of LLAMA_FAMILIES over a SlotCache, while no plugged
 expert adapts attention (moe.model.routed.RoutedAttention decides those experts at the attention input); everything
 else (prefill, compiled or captured steps, other families) runs transformers' forward.
 """
@@ -40,16 +40,16 @@ from moe.model.kv_cache import DECODE_ATTENTION, SlotCache, cpu_decode_attention
 
 # the families whose decoder is Llama's: embedding, rotary angles, layers of RMSNorm, q/k/v/o attention and an MLP
 # block, a final RMSNorm and the head, each attention block computing LlamaAttention's maths without a sliding window
-FAMILIES = ("llama", "qwen2", "mistral")
+LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
 _RMS_NORMS = (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm)  # one forward, source for source
 
 
 def llama_decode_applies(backbone: nn.Module) -> bool:
-    """Whether `backbone` is a model this forward reproduces: transformers' classes of one of FAMILIES (one
+    """Whether `backbone` is a model this forward reproduces: transformers' classes of one of LLAMA_FAMILIES (one
     tensor-parallel slice, the rotary module computing the positions' cos and sin, one set of q/k/v/o projections per
     layer, no sliding window on any layer)."""
     config = backbone.config
-    if getattr(config, "model_type", None) not in FAMILIES or getattr(config, "pretraining_tp", 1) != 1:
+    if getattr(config, "model_type", None) not in LLAMA_FAMILIES or getattr(config, "pretraining_tp", 1) != 1:
         return False
     if getattr(config, "sliding_window", None) is not None:  # Mistral's window (Qwen2's is None unless it is used)
         return False
@@ -83,11 +83,7 @@ def llama_decode_step_applies(
 
 
 def llama_decode_forward(
-    backbone: nn.Module,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    mask: torch.Tensor,
-    cache: SlotCache,
+    backbone: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: SlotCache
 ) -> torch.Tensor:
     """input_ids [B, 1], position_ids [B, 1], mask [B, 1, 1, S] additive, cache (written at each row's column)
     -> logits [B, 1, V]. The attention block and its projections run unwrapped (RoutedAttention, and LoRA's
