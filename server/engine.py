@@ -121,7 +121,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         max_queue: int = 64,
-        max_prefill_tokens: int = 256,
+        max_prefill_tokens: int = 512,
         fair_share_ratio: int | None = None,
         context_limit: int | None = None,
         metrics: Metrics | None = None,
