@@ -86,9 +86,9 @@ class Settings(BaseSettings):
         ge=1,
         description="prompt tokens prefilled between two decode steps: waiting requests past it start at the next "
         "step, so running streams are not held behind a long burst of prompts (a longer prompt still starts, alone). "
-        "512 lets a burst of 16 short prompts (33 tokens) start in one prefill: 16 streaming clients on the demo "
-        "model (CPU) got 1.06x the tokens/s of 256 with TTFT p50 alike and p99 lower (bench/peer.py --baseline, 16 "
-        "rounds); a GPU's cheap prefill may take more",
+        "512 starts a burst of 16 short prompts (33 tokens) in one prefill after the first: 16 streaming clients on "
+        "the demo model (CPU) got 1.06x the tokens/s of 256 with TTFT p50 alike and p99 lower (bench/peer.py "
+        "--baseline, 16 rounds); a GPU's cheap prefill may take more",
     )
     max_new_tokens: int = Field(512, ge=1, description="cap on a request's max_new_tokens (over it: 400)")
     max_n: int = Field(8, ge=1, description="cap on a /v1 request's n, choices per prompt (over it: 400)")
